@@ -1,0 +1,350 @@
+"""N:M masks: the pure math of structured sparsity.
+
+Every function here maps an array to a boolean mask of the same shape. Groups
+are *aligned*: along the group axis, entries ``m*g .. m*g + m - 1`` form group
+``g``. A mask keeps the ``n`` entries of largest magnitude in each group.
+
+Tie rule (for every function in this module): when two entries of a group have
+equal magnitude, the one at the lower index along the group axis wins. NaN is
+treated as the largest magnitude (it is kept, so that it is not hidden); the
+pruning front end (:func:`jasp.prune`) rejects NaN and Inf before this point.
+
+No function here goes through a matmul: magnitudes are compared exactly in the
+input's own dtype (fp32, bf16, fp16 or an integer type), so the mask never
+depends on reduced-precision (TF32) matrix units.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Axis = int | Sequence[int]
+
+__all__ = [
+    "nm_mask",
+    "nm_mask_2d",
+    "is_nm",
+    "group_axes",
+    "magnitude",
+]
+
+
+def _check_nm(n: int, m: int) -> None:
+  if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer))):
+    raise TypeError(f"n and m must be integers, got n={n!r}, m={m!r}.")
+  if m < 2 or not 1 <= n < m:
+    raise ValueError(f"N:M sparsity needs 1 <= n < m and m >= 2, got n={n}, m={m}.")
+
+
+def group_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
+  """Normalises ``axis`` (an int or a run of consecutive ints) to sorted axes.
+
+  Several axes are flattened in row-major order into one group axis, as a
+  ``DenseGeneral`` kernel whose contracted axes are ``(heads, head_dim)`` is
+  seen by a matmul. The axes must be consecutive.
+
+  Raises:
+    ValueError: if an axis is out of range, repeated, or the run has gaps.
+  """
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  if not axes:
+    raise ValueError("axis must name at least one axis.")
+  out = []
+  for a in axes:
+    if not isinstance(a, (int, np.integer)):
+      raise TypeError(f"axis entries must be integers, got {a!r}.")
+    if not -ndim <= a < ndim:
+      raise ValueError(f"axis {a} is out of range for an array of rank {ndim}.")
+    out.append(int(a) % ndim)
+  out = sorted(out)
+  if len(set(out)) != len(out) or out != list(range(out[0], out[0] + len(out))):
+    raise ValueError(f"group axes must be distinct and consecutive, got {axes}.")
+  return tuple(out)
+
+
+def magnitude(w: jax.Array) -> jax.Array:
+  """The key the masks rank by: ``|w|`` in ``w``'s dtype, NaN mapped to +inf.
+
+  Args:
+    w: a real floating or integer array. Complex inputs use their modulus.
+
+  Returns:
+    An array of ``w``'s shape; floating for floating/complex input, the same
+    integer dtype for integer input (signed minimum values saturate).
+  """
+  w = jnp.asarray(w)
+  if w.dtype == jnp.bool_:
+    raise TypeError("N:M masks are defined for numeric arrays, got a bool array.")
+  if jnp.issubdtype(w.dtype, jnp.unsignedinteger):
+    return w
+  if jnp.issubdtype(w.dtype, jnp.integer):
+    # |INT_MIN| overflows; saturate so that it still ranks as the largest.
+    info = jnp.iinfo(w.dtype)
+    return jnp.where(w == info.min, info.max, jnp.abs(w))
+  a = jnp.abs(w)
+  return jnp.where(jnp.isnan(a), jnp.inf, a)
+
+
+def _grouped(shape: tuple[int, ...], axes: tuple[int, ...], m: int):
+  """Shape of the (pre, groups, m, post) view and the group axis position."""
+  a0, a1 = axes[0], axes[-1]
+  k = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+  if k % m:
+    sizes = "x".join(str(shape[a]) for a in axes)
+    raise ValueError(
+        f"the group axis {axes if len(axes) > 1 else a0} of an array of shape {shape} has "
+        f"size {sizes}={k}, which is not a multiple of m={m}.")
+  view = shape[:a0] + (k // m, m) + shape[a1 + 1:]
+  return view, a0 + 1
+
+
+def topn_mask(key: jax.Array, n: int, m: int, axis: Axis = 0) -> jax.Array:
+  """Keeps the ``n`` largest ``key`` entries per aligned group of ``m``.
+
+  The element-wise rank formulation: entry ``i`` of a group is kept when fewer
+  than ``n`` members beat it (``key_j > key_i``, or equal with ``j < i``).
+  ``m*(m-1)`` comparisons per entry, all element-wise, so XLA fuses the whole
+  computation into one pass over ``key``.
+
+  Args:
+    key: array of scores, any rank; larger is kept. Must not contain NaN.
+    n, m: keep ``n`` of every ``m``.
+    axis: group axis, or a run of consecutive axes flattened row-major.
+
+  Returns:
+    bool array of ``key``'s shape with exactly ``n`` True per group.
+  """
+  _check_nm(n, m)
+  key = jnp.asarray(key)
+  axes = group_axes(key.ndim, axis)
+  view, g = _grouped(key.shape, axes, m)
+  k = key.reshape(view)
+  members = [jax.lax.index_in_dim(k, i, axis=g, keepdims=False) for i in range(m)]
+  keeps = []
+  for i, ki in enumerate(members):
+    beaten = jnp.zeros(ki.shape, jnp.int32)
+    for j, kj in enumerate(members):
+      if j == i:
+        continue
+      beats = (kj >= ki) if j < i else (kj > ki)
+      beaten = beaten + beats.astype(jnp.int32)
+    keeps.append(beaten < n)
+  return jnp.stack(keeps, axis=g).reshape(key.shape)
+
+
+def nm_mask(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
+            impl: Literal["xla", "pallas"] | None = None) -> jax.Array:
+  """N:M magnitude mask: keep the ``n`` largest ``|w|`` in each group of ``m``.
+
+  Args:
+    w: weight of any rank >= 1 and any float (fp32, bf16, fp16, fp64) or
+      integer dtype.
+    n, m: keep ``n`` of every ``m`` consecutive entries (``1 <= n < m``).
+    axis: the group axis (the reduction / input-channel axis of the layer), or
+      a run of consecutive axes flattened in row-major order. Negative values
+      count from the end. A Flax ``Dense`` kernel ``(in, out)`` uses 0, a
+      ``Conv`` kernel ``(*spatial, in, out)`` uses -2.
+    impl: ``"xla"`` for the fused element-wise XLA computation, ``"pallas"``
+      for the Pallas GPU kernel, ``None`` to choose by backend and shape.
+
+  Returns:
+    bool array of ``w.shape``; exactly ``n`` True per group. Ties go to the
+    lower index along the group axis.
+
+  Raises:
+    ValueError: if the group axis' size is not a multiple of ``m``, or n/m are
+      invalid.
+
+  Example:
+    >>> w = jnp.array([[1., -4.], [3., 2.], [-2., 1.], [0., 3.]])
+    >>> nm_mask(w, 2, 4, axis=0).astype(int)
+    Array([[0, 1],
+           [1, 0],
+           [1, 0],
+           [0, 1]], dtype=int32)
+  """
+  w = jnp.asarray(w)
+  if w.ndim == 0:
+    raise ValueError("nm_mask needs an array of rank >= 1, got a scalar.")
+  if impl not in (None, "xla", "pallas"):
+    raise ValueError(f"impl must be None, 'xla' or 'pallas', got {impl!r}.")
+  if impl == "pallas" or impl is None:
+    from jasp import _dispatch  # pylint: disable=g-import-not-at-top
+    fn = _dispatch.pallas_nm_mask(w, n, m, axis, forced=impl == "pallas")
+    if fn is not None:
+      return fn()
+  return topn_mask(magnitude(w), n, m, axis)
+
+
+def is_nm(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0) -> jax.Array:
+  """True when every aligned group of ``m`` along ``axis`` has <= ``n`` non-zeros.
+
+  Args:
+    w: array of any rank; a bool array counts True as non-zero.
+    n, m, axis: as in :func:`nm_mask`.
+
+  Returns:
+    A scalar bool array (jittable). Raises ``ValueError`` as :func:`nm_mask`
+    when the group axis does not divide by ``m``.
+  """
+  _check_nm(n, m)
+  w = jnp.asarray(w)
+  axes = group_axes(w.ndim, axis)
+  view, g = _grouped(w.shape, axes, m)
+  nz = (w != 0).reshape(view).sum(axis=g)
+  return jnp.all(nz <= n)
+
+
+# ----------------------------------------------------------------------------
+# Transposable (2-D block) masks.
+
+
+@functools.lru_cache(maxsize=None)
+def block_patterns(n: int, m: int) -> np.ndarray:
+  """All ``m x m`` 0/1 blocks whose every row and column holds ``n`` ones.
+
+  Enumeration order (which defines the tie rule of ``method="best"``): each
+  *column* ``c`` (fixed out index) picks its ``n`` kept rows (group-axis
+  positions) as one of ``itertools.combinations(range(m), n)``; patterns are
+  ordered lexicographically by (choice of column 0, choice of column 1, ...).
+
+  Returns:
+    int array ``(P, m)``: for each pattern, the index of each column's choice
+    in ``itertools.combinations(range(m), n)``. For 2:4, ``P == 90``.
+  """
+  _check_nm(n, m)
+  choices = list(itertools.combinations(range(m), n))
+  if len(choices) ** m > 5_000_000:
+    raise ValueError(
+        f"method='best' enumerates the {n}:{m} transposable blocks and supports "
+        f"m <= 5 at most (here {len(choices)}^{m} candidates); use method='greedy'.")
+  counts = np.zeros((len(choices), m), np.int64)
+  for k, rows in enumerate(choices):
+    counts[k, list(rows)] = 1
+  out = []
+  def rec(col, acc, prefix):
+    if col == m:
+      if np.all(acc == n):
+        out.append(tuple(prefix))
+      return
+    for k in range(len(choices)):
+      nxt = acc + counts[k]
+      if np.all(nxt <= n) and np.all(nxt + n * (m - col - 1) >= n):
+        rec(col + 1, nxt, prefix + [k])
+  rec(0, np.zeros(m, np.int64), [])
+  return np.asarray(out, np.int32)
+
+
+def _blocks(w: jax.Array, m: int, axis: int, out_axis: int):
+  """(…, R/m, C/m, m[row along axis], m[col along out_axis]) view of ``w``."""
+  if w.ndim < 2:
+    raise ValueError(f"transposable masks need rank >= 2, got shape {w.shape}.")
+  a = group_axes(w.ndim, axis)[0]
+  b = group_axes(w.ndim, out_axis)[0]
+  if a == b:
+    raise ValueError(f"axis and out_axis must differ, both are {a}.")
+  r, c = w.shape[a], w.shape[b]
+  if r % m or c % m:
+    raise ValueError(
+        f"transposable {m}x{m} blocks need both axes to divide by m={m}; shape "
+        f"{w.shape} has size {r} on axis {a} and {c} on out_axis {b}.")
+  x = jnp.moveaxis(w, (a, b), (-2, -1))
+  lead = x.shape[:-2]
+  x = x.reshape(lead + (r // m, m, c // m, m))
+  x = jnp.swapaxes(x, -3, -2)  # (..., R/m, C/m, m, m)
+  def restore(blocks):
+    y = jnp.swapaxes(blocks, -3, -2).reshape(lead + (r, c))
+    return jnp.moveaxis(y, (-2, -1), (a, b))
+  return x, restore
+
+
+def _best_blocks(mag: jax.Array, n: int, m: int) -> jax.Array:
+  """Optimal transposable pattern for each block of ``mag (..., m, m)``."""
+  choices = np.asarray(list(itertools.combinations(range(m), n)), np.int32)
+  sel = np.zeros((len(choices), m), np.float32)
+  for k, rows in enumerate(choices):
+    sel[k, rows] = 1.0
+  pats = block_patterns(n, m)  # (P, m)
+  # Per column c: the kept magnitude of each row choice k, summed element-wise
+  # in float32 (exact order, no matmul unit): (..., m_cols, K).
+  per_choice = jnp.stack(
+      [sum(mag[..., int(r), :] for r in rows) for rows in choices], axis=-1)
+  # Pattern score: sum over columns of the chosen row set's magnitude.
+  score = per_choice[..., 0, :][..., pats[:, 0]]
+  for c in range(1, m):
+    score = score + per_choice[..., c, :][..., pats[:, c]]
+  best = jnp.argmax(score, axis=-1)  # first maximum: lowest pattern index
+  chosen = jnp.asarray(pats)[best]  # (..., m) choice per column
+  keep = jnp.asarray(sel)[chosen]  # (..., m_cols, m_rows)
+  return jnp.swapaxes(keep, -1, -2) > 0
+
+
+def _greedy_blocks(mag: jax.Array, n: int, m: int) -> jax.Array:
+  """apex-style greedy: largest first, keep while row and column have < n."""
+  lead = mag.shape[:-2]
+  flat = mag.reshape(lead + (m * m,))
+  idx = jnp.broadcast_to(jnp.arange(m * m, dtype=jnp.int32), flat.shape)
+  # Sort by (-magnitude, flat index): ties keep the lower (row-major) index.
+  _, order = jax.lax.sort((-flat, idx), dimension=flat.ndim - 1, num_keys=2)
+  rows = jnp.zeros(lead + (m,), jnp.int32)
+  cols = jnp.zeros(lead + (m,), jnp.int32)
+  keep = jnp.zeros(lead + (m * m,), bool)
+  eye = jnp.eye(m, dtype=jnp.int32)
+  for t in range(m * m):
+    o = order[..., t]
+    r_hot, c_hot = eye[o // m], eye[o % m]
+    ok = ((rows * r_hot).sum(-1) < n) & ((cols * c_hot).sum(-1) < n)
+    rows = rows + r_hot * ok[..., None]
+    cols = cols + c_hot * ok[..., None]
+    keep = keep | (jax.nn.one_hot(o, m * m, dtype=bool) & ok[..., None])
+  return keep.reshape(lead + (m, m))
+
+
+def nm_mask_2d(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0,
+               out_axis: int = -1, *,
+               method: Literal["best", "greedy"] = "best") -> jax.Array:
+  """Transposable N:M mask: N:M along ``axis`` *and* along ``out_axis``.
+
+  ``w`` is cut into ``m x m`` blocks over (``axis``, ``out_axis``); any other
+  axes (e.g. a conv kernel's spatial taps) are batch axes. In each block every
+  group along ``axis`` and every group along ``out_axis`` keeps at most ``n``,
+  so both ``w`` and its transpose (used by the backward pass) are N:M.
+
+  * ``method="best"`` (apex ``m4n2_2d_best``): per block, the pattern with
+    exactly ``n`` per row and column that keeps the most magnitude (90
+    candidates for 2:4). Sums are taken in float32 in a fixed order; among
+    equal scores the first pattern of :func:`block_patterns` wins. m <= 5.
+  * ``method="greedy"`` (apex ``m4n2_2d_greedy``): visit the block's entries
+    from largest to smallest magnitude (ties: lower row-major index), keep one
+    while its row and column hold fewer than ``n``. Fast, but may strand
+    entries: a row or column can end with fewer than ``n`` kept.
+
+  Args:
+    w: array of rank >= 2; float or integer.
+    n, m: keep ``n`` of every ``m``.
+    axis: the group (reduction) axis; 0 for a Dense kernel ``(in, out)``, -2 for
+      a conv kernel ``(*spatial, in, out)``.
+    out_axis: the other axis of the block (the output channels), default -1.
+    method: ``"best"`` or ``"greedy"``.
+
+  Returns:
+    bool array of ``w.shape``.
+  """
+  _check_nm(n, m)
+  w = jnp.asarray(w)
+  if method not in ("best", "greedy"):
+    raise ValueError(f"method must be 'best' or 'greedy', got {method!r}.")
+  blocks, restore = _blocks(w, m, axis, out_axis)
+  mag = magnitude(blocks)
+  if method == "best":
+    keep = _best_blocks(mag.astype(jnp.float32) if mag.dtype != jnp.float64 else mag, n, m)
+  else:
+    keep = _greedy_blocks(mag, n, m)
+  return restore(keep)

@@ -1,0 +1,25 @@
+"""Shared pytest set-up: the tests directory on sys.path, the gpu marker."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _has_gpu() -> bool:
+  import jax
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+  if _has_gpu():
+    return
+  skip = pytest.mark.skip(reason="needs a CUDA GPU; run `pytest -m gpu` on the device machine")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
