@@ -1,8 +1,6 @@
 """jasp: automatic N:M (2:4) structured sparsity for JAX, Flax and Optax."""
 
-from jasp.masks import is_nm
-from jasp.masks import nm_mask
-from jasp.masks import nm_mask_2d
+from jasp.masks import is_nm, nm_mask, nm_mask_2d
 
 __version__ = "0.1.0"
 
