@@ -1,11 +1,57 @@
-"""jasp: automatic N:M (2:4) structured sparsity for JAX, Flax and Optax."""
+"""jasp: automatic N:M (2:4) structured sparsity for JAX, Flax and Optax.
 
-from jasp.masks import is_nm, nm_mask, nm_mask_2d
+The pipeline, one module per idea: masks (pure math) -> layouts and policy
+(which leaf, which axis) -> pruning (trees) -> enforcement (optax) -> report.
+"""
+
+from jasp.enforcement import MaskState
+from jasp.enforcement import SparseState
+from jasp.enforcement import get_masks
+from jasp.enforcement import mask_gradients
+from jasp.enforcement import mask_updates
+from jasp.enforcement import sparse_optimizer
+from jasp.enforcement import update_masks
+from jasp.layouts import Layout
+from jasp.layouts import convention_layout
+from jasp.layouts import trace_layouts
+from jasp.masks import block_patterns
+from jasp.masks import is_nm
+from jasp.masks import nm_mask
+from jasp.masks import nm_mask_2d
+from jasp.policy import Decision
+from jasp.policy import Policy
+from jasp.policy import plan
+from jasp.pruning import apply_masks
+from jasp.pruning import compute_masks
+from jasp.pruning import prune
+from jasp.report import LeafReport
+from jasp.report import SparsityReport
+from jasp.report import sparsity_report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Decision",
+    "Layout",
+    "LeafReport",
+    "MaskState",
+    "Policy",
+    "SparseState",
+    "SparsityReport",
+    "apply_masks",
+    "block_patterns",
+    "compute_masks",
+    "convention_layout",
+    "get_masks",
     "is_nm",
+    "mask_gradients",
+    "mask_updates",
     "nm_mask",
     "nm_mask_2d",
+    "plan",
+    "prune",
+    "sparse_optimizer",
+    "sparsity_report",
+    "trace_layouts",
+    "update_masks",
 ]

@@ -1,0 +1,196 @@
+"""One-shot pruning of a whole params pytree: masks, application, both at once.
+
+``params`` is any pytree: a flax ``linen`` variables dict (``{"params": ...,
+"batch_stats": ...}``), an ``nnx.State`` (``nnx.state(model, nnx.Param)``) or a
+plain dict. ``masks`` mirrors it: a bool array of the leaf's shape where the
+leaf is pruned, ``None`` where it stays dense.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jasp import _tree
+from jasp import layouts as layouts_lib
+from jasp import masks as masks_lib
+from jasp import policy as policy_lib
+
+__all__ = ["compute_masks", "apply_masks", "prune", "check_finite"]
+
+PyTree = Any
+Pattern = Literal["nm", "2d_best", "2d_greedy"] | Callable[..., jax.Array]
+ScoreFn = Callable[[str, jax.Array], jax.Array]
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "impl"))
+def _nm(w, n, m, axis, impl):
+  return masks_lib.nm_mask(w, n, m, axis, impl=impl)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
+def _nm_scores(s, n, m, axis):
+  s = jnp.asarray(s)
+  return masks_lib.topn_mask(jnp.where(jnp.isnan(s), -jnp.inf, s), n, m, axis)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "out_axes", "method"))
+def _nm2d(w, n, m, axis, out_axes, method):
+  # View the weight as (..., K, ..., O, ...) with each run of axes merged by a
+  # free reshape, then cut m x m blocks over (K, O).
+  shape = w.shape
+  runs = sorted([axis, out_axes], key=lambda r: r[0])
+  new_shape, pos, i = [], {}, 0
+  while i < len(shape):
+    run = next((r for r in runs if r[0] == i), None)
+    if run is not None:
+      pos[run] = len(new_shape)
+      new_shape.append(int(np.prod([shape[a] for a in run])))
+      i = run[-1] + 1
+    else:
+      new_shape.append(shape[i])
+      i += 1
+  mask = masks_lib.nm_mask_2d(w.reshape(new_shape), n, m, pos[axis], pos[out_axes],
+                              method=method)
+  return mask.reshape(shape)
+
+
+def _is_traced(x) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def check_finite(params: PyTree, decisions: Mapping[str, policy_lib.Decision]) -> None:
+  """Raises ``ValueError`` naming the first leaf to be pruned that holds NaN/Inf.
+
+  One host synchronisation for the whole tree; skipped under ``jit``.
+  """
+  leaves = _tree.leaves_by_path(params)
+  todo = [(p, leaves[p]) for p, d in decisions.items() if d.prune and not _is_traced(leaves[p])]
+  if not todo:
+    return
+  flags = np.asarray(jax.device_get(jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in todo])))
+  for (p, x), ok in zip(todo, flags):
+    if not ok:
+      bad = int(jnp.sum(~jnp.isfinite(x)))
+      raise ValueError(f"the weight '{p}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
+                       "value(s); N:M pruning of non-finite weights is undefined.")
+
+
+def _leaf_mask(path: str, w: jax.Array, d: policy_lib.Decision, n: int, m: int,
+               pattern: Pattern, score_fn: ScoreFn | None, impl) -> jax.Array:
+  axis = d.axis
+  if callable(pattern):
+    mask = jnp.asarray(pattern(w, n, m, axis if len(axis) > 1 else axis[0]))
+    if mask.shape != w.shape:
+      raise ValueError(f"the custom pattern returned shape {mask.shape} for '{path}' "
+                       f"(shape {w.shape}).")
+    return mask.astype(bool)
+  if pattern == "nm":
+    if score_fn is not None:
+      s = jnp.asarray(score_fn(path, w))
+      if s.shape != w.shape:
+        raise ValueError(f"score_fn returned shape {s.shape} for '{path}' (shape {w.shape}).")
+      return _nm_scores(s, n, m, axis)
+    return _nm(w, n, m, axis, impl)
+  if pattern in ("2d_best", "2d_greedy"):
+    out = tuple(d.out_axes)
+    if not out or set(out) & set(axis) or out != tuple(range(out[0], out[0] + len(out))):
+      raise ValueError(f"'{path}' (shape {w.shape}) has no single run of output axes "
+                       f"({out}) to form {m}x{m} transposable blocks with axes {axis}.")
+    osize = int(np.prod([w.shape[a] for a in out]))
+    if osize % m:
+      raise ValueError(f"transposable masks need the output size of '{path}' (shape "
+                       f"{w.shape}, axes {out}) = {osize} to be a multiple of m={m}.")
+    return _nm2d(w, n, m, axis, out, pattern[3:])
+  raise ValueError(f"pattern must be 'nm', '2d_best', '2d_greedy' or a callable, got {pattern!r}.")
+
+
+def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
+                  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+                  policy: policy_lib.Policy | None = None,
+                  pattern: Pattern = "nm",
+                  score_fn: ScoreFn | None = None,
+                  impl: Literal["xla", "pallas"] | None = None) -> PyTree:
+  """N:M masks for every prunable leaf of ``params``.
+
+  Args:
+    params: params pytree (linen variables, ``nnx.State``, any pytree of arrays).
+    n, m: keep ``n`` of every ``m`` along each weight's reduction axis.
+    layouts: ``{path: Layout}`` from :func:`jasp.trace_layouts` (recommended:
+      exact for any module); None uses flax's naming conventions.
+    policy: which leaves to prune and along which axes (:class:`jasp.Policy`).
+    pattern: ``"nm"`` (magnitude, :func:`jasp.nm_mask`), ``"2d_best"`` /
+      ``"2d_greedy"`` (transposable, :func:`jasp.nm_mask_2d`), or a callable
+      ``pattern(w, n, m, axis) -> bool mask`` (apex's ``mask_calculator``).
+    score_fn: with ``pattern="nm"``: ``score_fn(path, w) -> scores`` of ``w``'s
+      shape; the ``n`` largest scores per group are kept (e.g. Wanda's
+      ``|W| * ||X||``). Default: ``|w|``.
+    impl: mask implementation for ``"nm"`` (see :func:`jasp.nm_mask`).
+
+  Returns:
+    A pytree with ``params``' structure: bool arrays (same shape as the leaf)
+    for pruned leaves, ``None`` for dense ones.
+
+  Raises:
+    ValueError: if a leaf to be pruned holds NaN or Inf (naming its path).
+  """
+  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
+  check_finite(params, decisions)
+  def one(path, w):
+    d = decisions[path]
+    if not d.prune:
+      return None
+    return _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
+  return _tree.map_with_path(one, params)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+  """Zeroes the pruned entries: ``where(mask, w, 0)`` on every masked leaf.
+
+  Kept entries are bit-identical to the input; dropped ones are exactly 0.
+  Leaves whose mask is None pass through untouched. Jittable.
+
+  Args:
+    params: params pytree.
+    masks: pytree mirroring ``params`` (bool arrays or None), matched by path,
+      so masks of an ``nnx.State`` apply to its pure form and back.
+
+  Raises:
+    ValueError: when the trees' paths or a leaf's shape disagree (naming it).
+  """
+  flat, treedef = jax.tree_util.tree_flatten(params)
+  aligned = _tree.align(masks, params)
+  out = [x if mk is None else jnp.where(mk, x, jnp.zeros((), x.dtype))
+         for x, mk in zip(flat, aligned)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyTree]:
+  """One-shot N:M magnitude pruning: ``compute_masks`` then ``apply_masks``.
+
+  Example::
+
+    variables = model.init(key, x)
+    layouts = jasp.trace_layouts(model.apply, variables, x)
+    variables, masks = jasp.prune(variables, layouts=layouts)
+
+  Args:
+    params: params pytree.
+    n, m: the N:M pattern (2:4 by default).
+    **kwargs: as :func:`compute_masks` (``layouts``, ``policy``, ``pattern``,
+      ``score_fn``, ``impl``).
+
+  Returns:
+    ``(pruned_params, masks)``. Idempotent: pruning the result again returns
+    the same params and masks.
+  """
+  masks = compute_masks(params, n, m, **kwargs)
+  return apply_masks(params, masks), masks

@@ -1,0 +1,208 @@
+"""The sparsity report: per leaf, pruned or dense and why, N:M validity, zeros.
+
+Returned as data (:class:`SparsityReport`, a tuple of :class:`LeafReport`) and
+printed readably (``print(report)`` or ``report.format(verbosity)``, after
+apex's verbosity levels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jasp import _tree
+from jasp import layouts as layouts_lib
+from jasp import masks as masks_lib
+from jasp import policy as policy_lib
+
+__all__ = ["LeafReport", "SparsityReport", "sparsity_report"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafReport:
+  """One leaf of the report.
+
+  Attributes:
+    path: the leaf's path string.
+    shape, dtype: the leaf's shape and dtype name.
+    status: ``"pruned"`` (has a mask), ``"dense"``, or, in a report made
+      without masks, ``"to prune"`` (what the policy would prune).
+    reason: why a leaf stays dense (or notes).
+    axis: the group axes (None if the leaf is not a matmul/conv weight).
+    valid: whether the leaf *is* N:M along ``axis`` (None when no axis).
+    zero_fraction: fraction of exactly-zero entries.
+    mask_bits_per_weight: memory of its mask per weight (0 when none).
+    tensor_core_ok: apex's size rule (``out % 8``, ``in % 16``) verdict.
+    source: where the axis came from (``trace``, ``convention``, ...).
+  """
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  status: str
+  reason: str
+  axis: tuple[int, ...] | None
+  valid: bool | None
+  zero_fraction: float
+  mask_bits_per_weight: float
+  tensor_core_ok: bool | None
+  source: str
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityReport:
+  """The whole tree's report; ``str()`` is a table, ``to_dict()`` plain data."""
+  entries: tuple[LeafReport, ...]
+  n: int
+  m: int
+
+  @property
+  def pruned(self) -> tuple[LeafReport, ...]:
+    return tuple(e for e in self.entries if e.status in ("pruned", "to prune"))
+
+  @property
+  def dense(self) -> tuple[LeafReport, ...]:
+    return tuple(e for e in self.entries if e.status == "dense")
+
+  @property
+  def all_valid(self) -> bool:
+    """Every pruned (or to-be-pruned) leaf is N:M along its axis."""
+    return all(e.valid for e in self.pruned)
+
+  @property
+  def total_params(self) -> int:
+    return sum(e.size for e in self.entries)
+
+  @property
+  def sparsity(self) -> float:
+    """Fraction of all params that are exactly zero."""
+    total = self.total_params
+    return sum(e.zero_fraction * e.size for e in self.entries) / total if total else 0.0
+
+  def to_dict(self) -> dict:
+    return {
+        "n": self.n, "m": self.m,
+        "total_params": self.total_params,
+        "pruned_params": sum(e.size for e in self.pruned),
+        "sparsity": self.sparsity,
+        "all_valid": self.all_valid,
+        "leaves": [dataclasses.asdict(e) for e in self.entries],
+    }
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1)
+
+  def summary(self) -> str:
+    pruned = sum(e.size for e in self.pruned)
+    planned = any(e.status == "to prune" for e in self.entries)
+    return (f"{self.n}:{self.m} sparsity: {len(self.pruned)} of {len(self.entries)} leaves "
+            f"{'to prune' if planned else 'pruned'} ({pruned:,} of {self.total_params:,} params, "
+            f"{100 * pruned / max(self.total_params, 1):.1f}%); overall zeros "
+            f"{100 * self.sparsity:.1f}%; " + (f"all {self.n}:{self.m}" if self.all_valid
+                                              else f"NOT all {self.n}:{self.m}"))
+
+  def format(self, verbosity: int = 2) -> str:
+    """The report as text.
+
+    Args:
+      verbosity: 0 nothing; 1 the summary line and invalid leaves; 2 also every
+        matmul/conv weight (pruned or dense, with the reason); 3 every leaf.
+    """
+    if verbosity <= 0:
+      return ""
+    rows = []
+    for e in self.entries:
+      show = (verbosity >= 3 or (verbosity >= 2 and (e.axis is not None or e.status == "pruned"))
+              or (e.status == "pruned" and not e.valid))
+      if not show:
+        continue
+      valid = "-" if e.valid is None else ("yes" if e.valid else "NO")
+      tc = "-" if e.tensor_core_ok is None else ("yes" if e.tensor_core_ok else "no")
+      axis = "-" if e.axis is None else ",".join(map(str, e.axis))
+      rows.append((e.path, "x".join(map(str, e.shape)) or "()", e.dtype, e.status, axis,
+                   valid, f"{100 * e.zero_fraction:.1f}%", tc,
+                   f"{e.mask_bits_per_weight:g}" if e.mask_bits_per_weight else "-", e.reason))
+    head = ("leaf", "shape", "dtype", "status", "axis", f"{self.n}:{self.m}", "zeros",
+            "tc-size", "mask b/w", "reason")
+    lines = [self.summary()]
+    if rows:
+      widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+      fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+      lines += [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+    return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.format(2)
+
+
+def _mask_bits(mask) -> float:
+  if mask is None:
+    return 0.0
+  bits = getattr(mask, "bits_per_weight", None)
+  if bits is not None:
+    return float(bits)
+  return 8.0 * np.dtype(mask.dtype).itemsize
+
+
+def sparsity_report(params: Any, masks: Any = None, n: int = 2, m: int = 4, *,
+                    layouts: Mapping[str, layouts_lib.Layout] | None = None,
+                    policy: policy_lib.Policy | None = None) -> SparsityReport:
+  """Reports the state of every leaf of ``params``.
+
+  Args:
+    params: params pytree (pruned or not).
+    masks: the masks pytree (from :func:`jasp.prune`); None to report what the
+      policy *would* prune and whether the params already are N:M.
+    n, m: the pattern to check.
+    layouts, policy: as given to :func:`jasp.compute_masks`, for the reasons.
+
+  Returns:
+    A :class:`SparsityReport` (one device synchronisation for the whole tree).
+  """
+  decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
+  leaves = _tree.leaves_by_path(params)
+  mask_by_path = _tree.leaves_by_path(masks, keep_none=True) if masks is not None else {}
+  if masks is not None:
+    _tree.align(masks, params)
+  checks = []
+  for path, leaf in leaves.items():
+    d = decisions[path]
+    mk = mask_by_path.get(path)
+    axis = d.axis
+    arr = jnp.asarray(leaf)
+    zeros = jnp.mean((arr == 0).astype(jnp.float32)) if arr.size else jnp.float32(0)
+    valid = jnp.bool_(False)
+    if axis is not None:
+      try:
+        valid = masks_lib.is_nm(arr, n, m, axis)
+      except ValueError:
+        valid = jnp.bool_(False)
+    checks.append((zeros, valid))
+  got = jax.device_get(checks)
+  entries = []
+  for (path, leaf), (zeros, valid) in zip(leaves.items(), got):
+    d = decisions[path]
+    mk = mask_by_path.get(path)
+    pruned = (mk is not None) if masks is not None else d.prune
+    reason = d.reason
+    if masks is not None and d.prune and mk is None:
+      reason = reason or "no mask given"
+    if masks is not None and mk is not None and not d.prune:
+      reason = f"masked, although the policy says: {d.reason}"
+    entries.append(LeafReport(
+        path=path, shape=tuple(np.shape(leaf)), dtype=str(np.dtype(leaf.dtype)) if hasattr(leaf, "dtype") else type(leaf).__name__,
+        status=("pruned" if masks is not None else "to prune") if pruned else "dense",
+        reason=reason,
+        axis=d.axis, valid=None if d.axis is None else bool(valid),
+        zero_fraction=float(zeros), mask_bits_per_weight=_mask_bits(mk),
+        tensor_core_ok=d.tensor_core_ok, source=d.source))
+  return SparsityReport(tuple(entries), n, m)

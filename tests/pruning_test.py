@@ -1,0 +1,180 @@
+"""jasp.pruning: compute_masks / apply_masks / prune on real linen and nnx models."""
+
+import jax
+import jax.numpy as jnp
+import models
+import numpy as np
+import pytest
+import reference as ref
+from flax import nnx
+
+import jasp
+from jasp import _tree
+
+
+def _check_pruned(params, pruned, masks, layouts):
+  before = _tree.leaves_by_path(params)
+  after = _tree.leaves_by_path(pruned)
+  mk = _tree.leaves_by_path(masks, keep_none=True)
+  assert set(mk) == set(before)
+  n_pruned = 0
+  for p, w in before.items():
+    if mk[p] is None:
+      np.testing.assert_array_equal(np.asarray(after[p]), np.asarray(w))
+      continue
+    n_pruned += 1
+    axis = layouts[p].axis if layouts else None
+    m, a = np.asarray(mk[p]), np.asarray(after[p])
+    assert m.dtype == bool and m.shape == w.shape
+    # Kept entries are bit-identical, dropped ones exactly 0.
+    np.testing.assert_array_equal(a[m].view(np.uint8), np.asarray(w)[m].view(np.uint8))
+    assert (a[~m] == 0).all()
+    if axis is not None:
+      np.testing.assert_array_equal(
+          m, ref.nm_mask_ref(np.asarray(w, np.float64), 2, 4, axis if len(axis) > 1 else axis[0]))
+      assert bool(jasp.is_nm(a, 2, 4, axis))
+  return n_pruned
+
+
+@pytest.mark.parametrize("which", ["cnn", "block"])
+def test_prune_linen(which):
+  model, variables, x = models.linen_cnn() if which == "cnn" else models.linen_block()
+  lay = jasp.trace_layouts(model.apply, variables, x)
+  pruned, masks = jasp.prune(variables, layouts=lay)
+  assert _check_pruned(variables, pruned, masks, lay) >= 4
+  # The pruned model still runs and the embedding stays dense.
+  model.apply(pruned, x)
+  if which == "block":
+    assert masks["params"]["Embed_0"]["embedding"] is None
+    assert masks["params"]["MultiHeadDotProductAttention_0"]["out"]["kernel"] is not None
+
+
+def test_prune_nnx_state_and_update_model():
+  model, tokens = models.nnx_block()
+  state = nnx.state(model, nnx.Param)
+  lay = jasp.trace_layouts(model, tokens)
+  pruned, masks = jasp.prune(state, layouts=lay)
+  assert isinstance(masks, nnx.State)
+  assert _check_pruned(state, pruned, masks, lay) == 8  # conv, q, k, v, out, up, down, head
+  nnx.update(model, pruned)
+  assert bool(jasp.is_nm(model.up.kernel[...], 2, 4, 0))
+  model(tokens)
+
+
+def test_prune_without_trace_uses_conventions():
+  _, variables, _ = models.linen_cnn()
+  pruned, masks = jasp.prune(variables)
+  assert masks["params"]["Dense_0"]["kernel"] is not None
+  assert masks["params"]["Conv_1"]["kernel"] is not None
+  assert masks["params"]["Conv_0"]["kernel"] is None  # in=1
+
+
+def test_idempotent():
+  model, variables, x = models.linen_block()
+  lay = jasp.trace_layouts(model.apply, variables, x)
+  p1, m1 = jasp.prune(variables, layouts=lay)
+  p2, m2 = jasp.prune(p1, layouts=lay)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_params(dtype):
+  model, variables, x = models.linen_cnn()
+  lay = jasp.trace_layouts(model.apply, variables, x)
+  low = jax.tree.map(lambda a: a.astype(dtype), variables)
+  pruned, masks = jasp.prune(low, layouts=lay)
+  _check_pruned(low, pruned, masks, lay)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_non_finite_raises_with_path(bad):
+  model, variables, x = models.linen_cnn()
+  variables = jax.tree.map(lambda a: a, variables)
+  k = variables["params"]["Dense_0"]["kernel"]
+  variables["params"]["Dense_0"]["kernel"] = k.at[3, 2].set(bad)
+  with pytest.raises(ValueError, match="params/Dense_0/kernel"):
+    jasp.prune(variables)
+  # A NaN in a leaf that stays dense is not an error.
+  variables["params"]["Dense_0"]["kernel"] = k
+  variables["params"]["Dense_0"]["bias"] = variables["params"]["Dense_0"]["bias"].at[0].set(bad)
+  jasp.prune(variables)
+
+
+def test_apply_masks_mismatch_errors():
+  _, variables, _ = models.linen_cnn()
+  masks = jasp.compute_masks(variables)
+  bad = jax.tree.map(lambda a: a, masks, is_leaf=lambda x: x is None)
+  del bad["params"]["Dense_1"]
+  with pytest.raises(ValueError, match="params/Dense_1/bias"):
+    jasp.apply_masks(variables, bad)
+  bad = jax.tree.map(lambda a: a, masks, is_leaf=lambda x: x is None)
+  bad["params"]["Dense_0"]["kernel"] = jnp.ones((4, 4), bool)
+  with pytest.raises(ValueError, match="params/Dense_0/kernel.*shape"):
+    jasp.apply_masks(variables, bad)
+  bad = jax.tree.map(lambda a: a, masks, is_leaf=lambda x: x is None)
+  bad["params"]["extra"] = None
+  with pytest.raises(ValueError, match="params/extra"):
+    jasp.apply_masks(variables, bad)
+
+
+def test_apply_masks_jit_and_masks_as_arguments():
+  _, variables, _ = models.linen_cnn()
+  masks = jasp.compute_masks(variables)
+  f = jax.jit(jasp.apply_masks)
+  out = f(variables, masks)
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(jasp.apply_masks(variables, masks))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  jaxpr = jax.make_jaxpr(jasp.apply_masks)(variables, masks)
+  assert not any(np.size(c) > 1 for c in jaxpr.consts)
+
+
+@pytest.mark.parametrize("pattern", ["2d_best", "2d_greedy"])
+def test_transposable_patterns(pattern):
+  model, variables, x = models.linen_block()
+  lay = jasp.trace_layouts(model.apply, variables, x)
+  pruned, masks = jasp.prune(variables, layouts=lay, pattern=pattern,
+                             policy=jasp.Policy(exclude=["Dense_0"]))  # 32 -> vocab 32 fine
+  att = masks["params"]["MultiHeadDotProductAttention_0"]
+  q = np.asarray(att["query"]["kernel"]).reshape(32, 32)
+  assert bool(jasp.is_nm(q, 2, 4, 0)) and bool(jasp.is_nm(q, 2, 4, 1))
+  o = np.asarray(att["out"]["kernel"]).reshape(32, 32)
+  assert bool(jasp.is_nm(o, 2, 4, 0)) and bool(jasp.is_nm(o, 2, 4, 1))
+  if pattern == "2d_best":
+    np.testing.assert_array_equal(
+        o, ref.nm_mask_2d_best_ref(np.asarray(variables["params"]["MultiHeadDotProductAttention_0"]
+                                              ["out"]["kernel"]).reshape(32, 32), 2, 4))
+
+
+def test_transposable_needs_divisible_out():
+  _, variables, _ = models.linen_cnn()
+  with pytest.raises(ValueError, match="Dense_1/kernel"):
+    jasp.compute_masks(variables, pattern="2d_best")  # Dense_1 has out=10
+
+
+def test_score_fn_and_custom_pattern():
+  _, variables, _ = models.linen_cnn()
+  k = variables["params"]["Dense_0"]["kernel"]
+  scale = jnp.linspace(0.1, 3.0, k.shape[0])[:, None]  # a per-input-channel statistic
+  masks = jasp.compute_masks(
+      variables, score_fn=lambda p, w: jnp.abs(w) * scale if "Dense_0" in p else jnp.abs(w))
+  np.testing.assert_array_equal(np.asarray(masks["params"]["Dense_0"]["kernel"]),
+                                ref.nm_mask_ref(np.abs(np.asarray(k)) * np.asarray(scale), 2, 4, 0))
+  calls = []
+  def first_two(w, n, m, axis):
+    calls.append(axis)
+    idx = jnp.arange(w.shape[axis]) % m < n
+    return jnp.broadcast_to(jnp.expand_dims(idx, [a for a in range(w.ndim) if a != axis]), w.shape)
+  masks = jasp.compute_masks(variables, pattern=first_two)
+  assert calls and bool(masks["params"]["Dense_0"]["kernel"][0, 0]) and not bool(
+      masks["params"]["Dense_0"]["kernel"][2, 0])
+
+
+def test_other_nm():
+  _, variables, _ = models.linen_cnn()
+  for n, m in [(1, 4), (4, 8), (2, 8)]:
+    pruned, masks = jasp.prune(variables, n, m)
+    k = pruned["params"]["Dense_0"]["kernel"]
+    assert bool(jasp.is_nm(k, n, m, 0)) and not bool(jasp.is_nm(k, n - 1 or 1, m, 0)) or n == 1
