@@ -1,0 +1,18 @@
+"""The digits example runs end to end (a quick run: few epochs)."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+import digits  # noqa: E402
+
+
+def test_digits_quick(tmp_path):
+  res = digits.main(["--quick", "--out", str(tmp_path)])
+  assert res["pattern_verified"] and res["pruned_leaves"] == 3
+  assert (tmp_path / "curves.png").stat().st_size > 10_000
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert len(saved["history"]) == 5
+  assert res["dense_acc"] > 50  # 3 epochs already learn the digits
