@@ -18,6 +18,11 @@ from jasp.masks import block_patterns
 from jasp.masks import is_nm
 from jasp.masks import nm_mask
 from jasp.masks import nm_mask_2d
+from jasp.packing import PackedMask
+from jasp.packing import pack
+from jasp.packing import pack_masks
+from jasp.packing import unpack
+from jasp.packing import unpack_masks
 from jasp.policy import Decision
 from jasp.policy import Policy
 from jasp.policy import plan
@@ -35,6 +40,7 @@ __all__ = [
     "Layout",
     "LeafReport",
     "MaskState",
+    "PackedMask",
     "Policy",
     "SparseState",
     "SparsityReport",
@@ -48,10 +54,14 @@ __all__ = [
     "mask_updates",
     "nm_mask",
     "nm_mask_2d",
+    "pack",
+    "pack_masks",
     "plan",
     "prune",
     "sparse_optimizer",
     "sparsity_report",
     "trace_layouts",
+    "unpack",
+    "unpack_masks",
     "update_masks",
 ]

@@ -44,9 +44,16 @@ def is_none(x) -> bool:
   return x is None
 
 
+def is_mask_leaf(x) -> bool:
+  """None or a :class:`jasp.PackedMask`: leaves of a masks pytree besides arrays."""
+  from jasp.packing import PackedMask  # pylint: disable=g-import-not-at-top
+  return x is None or isinstance(x, PackedMask)
+
+
 def leaves_by_path(tree: PyTree, *, keep_none: bool = False) -> dict[str, Any]:
   """Flattens ``tree`` to ``{path string: leaf}`` (None leaves kept when asked)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none if keep_none else None)
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=is_mask_leaf if keep_none else None)
   out = {}
   for path, leaf in flat:
     out[path_str(path)] = leaf
@@ -102,4 +109,4 @@ def unbox(tree: PyTree) -> PyTree:
     return tree
   return jax.tree_util.tree_map(
       lambda x: x.get_value() if isinstance(x, nnx.Variable) else x, tree,
-      is_leaf=lambda x: x is None or isinstance(x, nnx.Variable))
+      is_leaf=lambda x: is_mask_leaf(x) or isinstance(x, nnx.Variable))

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from jasp import _tree
+from jasp import packing
 
 __all__ = [
     "MaskState",
@@ -57,14 +58,17 @@ class SparseState(NamedTuple):
 
 def _pure_masks(masks: PyTree) -> PyTree:
   masks = _tree.unbox(masks)
-  return jax.tree_util.tree_map(lambda x: None if x is None else jnp.asarray(x, bool),
-                                masks, is_leaf=_tree.is_none)
+  def one(x):
+    if x is None or isinstance(x, packing.PackedMask):
+      return x
+    return jnp.asarray(x, bool)
+  return jax.tree_util.tree_map(one, masks, is_leaf=_tree.is_mask_leaf)
 
 
 def _mask_grads(grads, masks):
   flat, treedef = jax.tree_util.tree_flatten(grads)
   aligned = _tree.align(masks, grads, what="masks")
-  out = [g if mk is None else jnp.where(mk, g, jnp.zeros((), g.dtype))
+  out = [g if mk is None else jnp.where(packing.as_bool(mk), g, jnp.zeros((), g.dtype))
          for g, mk in zip(flat, aligned)]
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -83,7 +87,7 @@ def _mask_upd(updates, params, masks):
       # where(mask, u, -p) in the wider of the two dtypes, so that p + (-p) is
       # exactly 0 after apply_updates casts back to p's dtype.
       dt = jnp.promote_types(u.dtype, p.dtype)
-      out.append(jnp.where(mk, u.astype(dt), -p.astype(dt)))
+      out.append(jnp.where(packing.as_bool(mk), u.astype(dt), -p.astype(dt)))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -95,8 +99,8 @@ def mask_updates(masks: PyTree) -> optax.GradientTransformation:
     tx = optax.chain(optax.adamw(1e-3), jasp.mask_updates(masks))
 
   Args:
-    masks: pytree mirroring the params (bool arrays, None for dense leaves), as
-      :func:`jasp.prune` returns; matched to the updates by path, so masks of
+    masks: pytree mirroring the params (bool arrays or :class:`jasp.PackedMask`,
+      None for dense leaves), as :func:`jasp.prune` returns; matched to the updates by path, so masks of
       an ``nnx.State`` work with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
 
   Returns:

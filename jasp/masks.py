@@ -92,6 +92,20 @@ def magnitude(w: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(a), jnp.inf, a)
 
 
+def innermost_group_axes(shape: tuple[int, ...], axes: tuple[int, ...], m: int
+                         ) -> tuple[int, ...]:
+  """The same groups on fewer axes: only the innermost one when its size divides by m.
+
+  Groups of ``m`` consecutive entries of the row-major flattened run
+  ``axes`` lie inside the innermost axis when its size is a multiple of ``m``;
+  grouping along it alone avoids a reshape that merges axes, which a sharded
+  outer axis (e.g. attention heads over a mesh axis) does not allow.
+  """
+  if len(axes) > 1 and shape[axes[-1]] % m == 0:
+    return axes[-1:]
+  return axes
+
+
 def _grouped(shape: tuple[int, ...], axes: tuple[int, ...], m: int):
   """Shape of the (pre, groups, m, post) view and the group axis position."""
   a0, a1 = axes[0], axes[-1]
@@ -123,7 +137,7 @@ def topn_mask(key: jax.Array, n: int, m: int, axis: Axis = 0) -> jax.Array:
   """
   _check_nm(n, m)
   key = jnp.asarray(key)
-  axes = group_axes(key.ndim, axis)
+  axes = innermost_group_axes(key.shape, group_axes(key.ndim, axis), m)
   view, g = _grouped(key.shape, axes, m)
   k = key.reshape(view)
   members = [jax.lax.index_in_dim(k, i, axis=g, keepdims=False) for i in range(m)]
@@ -180,6 +194,12 @@ def nm_mask(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
     fn = _dispatch.pallas_nm_mask(w, n, m, axis, forced=impl == "pallas")
     if fn is not None:
       return fn()
+  _check_nm(n, m)
+  return _magnitude_mask(w, n, m, group_axes(w.ndim, axis))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
+def _magnitude_mask(w, n, m, axis):
   return topn_mask(magnitude(w), n, m, axis)
 
 
@@ -196,7 +216,7 @@ def is_nm(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0) -> jax.Array:
   """
   _check_nm(n, m)
   w = jnp.asarray(w)
-  axes = group_axes(w.ndim, axis)
+  axes = innermost_group_axes(w.shape, group_axes(w.ndim, axis), m)
   view, g = _grouped(w.shape, axes, m)
   nz = (w != 0).reshape(view).sum(axis=g)
   return jnp.all(nz <= n)
@@ -265,8 +285,58 @@ def _blocks(w: jax.Array, m: int, axis: int, out_axis: int):
   return x, restore
 
 
+# Up to this many candidate patterns, ``method="best"`` is unrolled into one
+# element-wise computation (2:4 has 90); beyond it, a gather per pattern.
+_BEST_UNROLL_MAX = 128
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _best_blocks(mag: jax.Array, n: int, m: int) -> jax.Array:
-  """Optimal transposable pattern for each block of ``mag (..., m, m)``."""
+  """Optimal transposable pattern for each block of ``mag (..., m, m)``.
+
+  Element-wise over the blocks: every candidate's score is a chain of adds of
+  per-column partial sums in a fixed order (column 0 first; within a column the
+  chosen rows in increasing order), shared between candidates with a common
+  prefix; a running strict maximum keeps the first best candidate and its
+  ``m*m``-bit pattern. XLA fuses all of it into one pass over ``mag`` (no
+  ``(..., P)`` score tensor, no gathers).
+  """
+  pats = block_patterns(n, m)  # (P, m): per column, the index of its row choice
+  if len(pats) > _BEST_UNROLL_MAX:
+    return _best_blocks_gather(mag, n, m)
+  choices = list(itertools.combinations(range(m), n))
+  per_choice = {}
+  for c in range(m):
+    for k, rows in enumerate(choices):
+      s = mag[..., rows[0], c]
+      for r in rows[1:]:
+        s = s + mag[..., r, c]
+      per_choice[c, k] = s
+  prefix: dict[tuple[int, ...], jax.Array] = {}
+
+  def score(pat: tuple[int, ...]) -> jax.Array:
+    if pat not in prefix:
+      c = len(pat) - 1
+      prefix[pat] = per_choice[0, pat[0]] if c == 0 else score(pat[:-1]) + per_choice[c, pat[c]]
+    return prefix[pat]
+
+  best = bits = None
+  for pat in pats:
+    pat = tuple(int(k) for k in pat)
+    pattern_bits = sum(1 << (r * m + c) for c in range(m) for r in choices[pat[c]])
+    s = score(pat)
+    if best is None:
+      best, bits = s, jnp.full(s.shape, pattern_bits, jnp.int32)
+    else:
+      better = s > best  # strict: the first best pattern wins ties
+      best = jnp.where(better, s, best)
+      bits = jnp.where(better, jnp.int32(pattern_bits), bits)
+  keep = [[(bits >> (r * m + c)) & 1 for c in range(m)] for r in range(m)]
+  return jnp.stack([jnp.stack(row, axis=-1) for row in keep], axis=-2) > 0
+
+
+def _best_blocks_gather(mag: jax.Array, n: int, m: int) -> jax.Array:
+  """:func:`_best_blocks` by gathers over all patterns (large pattern counts)."""
   choices = np.asarray(list(itertools.combinations(range(m), n)), np.int32)
   sel = np.zeros((len(choices), m), np.float32)
   for k, rows in enumerate(choices):
@@ -286,25 +356,30 @@ def _best_blocks(mag: jax.Array, n: int, m: int) -> jax.Array:
   return jnp.swapaxes(keep, -1, -2) > 0
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _greedy_blocks(mag: jax.Array, n: int, m: int) -> jax.Array:
-  """apex-style greedy: largest first, keep while row and column have < n."""
+  """apex-style greedy: largest first, keep while row and column have < n.
+
+  Sort-free: each entry's rank in the order (larger magnitude, then lower
+  row-major index) comes from pairwise comparisons within its block; then
+  ``m*m`` steps visit the entries by rank, updating per-row and per-column
+  counts. Every step is element-wise over the blocks.
+  """
   lead = mag.shape[:-2]
-  flat = mag.reshape(lead + (m * m,))
-  idx = jnp.broadcast_to(jnp.arange(m * m, dtype=jnp.int32), flat.shape)
-  # Sort by (-magnitude, flat index): ties keep the lower (row-major) index.
-  _, order = jax.lax.sort((-flat, idx), dimension=flat.ndim - 1, num_keys=2)
-  rows = jnp.zeros(lead + (m,), jnp.int32)
-  cols = jnp.zeros(lead + (m,), jnp.int32)
-  keep = jnp.zeros(lead + (m * m,), bool)
-  eye = jnp.eye(m, dtype=jnp.int32)
-  for t in range(m * m):
-    o = order[..., t]
-    r_hot, c_hot = eye[o // m], eye[o % m]
-    ok = ((rows * r_hot).sum(-1) < n) & ((cols * c_hot).sum(-1) < n)
-    rows = rows + r_hot * ok[..., None]
-    cols = cols + c_hot * ok[..., None]
-    keep = keep | (jax.nn.one_hot(o, m * m, dtype=bool) & ok[..., None])
-  return keep.reshape(lead + (m, m))
+  e_count = m * m
+  flat = mag.reshape(lead + (e_count,))
+  a, b = flat[..., :, None], flat[..., None, :]  # entry i (rows), entry j (cols)
+  lower = np.arange(e_count)[None, :] < np.arange(e_count)[:, None]  # j < i
+  rank = ((b > a) | ((b == a) & lower)).sum(-1, dtype=jnp.int32).reshape(lead + (m, m))
+  row_count = jnp.zeros(lead + (m, 1), jnp.int32)
+  col_count = jnp.zeros(lead + (1, m), jnp.int32)
+  keep = jnp.zeros(lead + (m, m), bool)
+  for t in range(e_count):
+    ok = (rank == t) & (row_count < n) & (col_count < n)
+    keep = keep | ok
+    row_count = row_count + ok.sum(-1, keepdims=True, dtype=jnp.int32)
+    col_count = col_count + ok.sum(-2, keepdims=True, dtype=jnp.int32)
+  return keep
 
 
 def nm_mask_2d(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0,
@@ -341,6 +416,13 @@ def nm_mask_2d(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0,
   w = jnp.asarray(w)
   if method not in ("best", "greedy"):
     raise ValueError(f"method must be 'best' or 'greedy', got {method!r}.")
+  if w.ndim < 2:
+    raise ValueError(f"transposable masks need rank >= 2, got shape {w.shape}.")
+  return _mask_2d(w, n, m, group_axes(w.ndim, axis)[0], group_axes(w.ndim, out_axis)[0], method)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "out_axis", "method"))
+def _mask_2d(w, n, m, axis, out_axis, method):
   blocks, restore = _blocks(w, m, axis, out_axis)
   mag = magnitude(blocks)
   if method == "best":

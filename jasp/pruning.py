@@ -21,6 +21,7 @@ import numpy as np
 from jasp import _tree
 from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
+from jasp import packing
 from jasp import policy as policy_lib
 
 __all__ = ["compute_masks", "apply_masks", "prune", "check_finite"]
@@ -60,6 +61,11 @@ def _nm2d(w, n, m, axis, out_axes, method):
   mask = masks_lib.nm_mask_2d(w.reshape(new_shape), n, m, pos[axis], pos[out_axes],
                               method=method)
   return mask.reshape(shape)
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _pack(mask, axis):
+  return packing.pack(mask, axis)
 
 
 def _is_traced(x) -> bool:
@@ -117,7 +123,8 @@ def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
                   policy: policy_lib.Policy | None = None,
                   pattern: Pattern = "nm",
                   score_fn: ScoreFn | None = None,
-                  impl: Literal["xla", "pallas"] | None = None) -> PyTree:
+                  impl: Literal["xla", "pallas"] | None = None,
+                  packed: bool = False) -> PyTree:
   """N:M masks for every prunable leaf of ``params``.
 
   Args:
@@ -133,10 +140,12 @@ def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
       shape; the ``n`` largest scores per group are kept (e.g. Wanda's
       ``|W| * ||X||``). Default: ``|w|``.
     impl: mask implementation for ``"nm"`` (see :func:`jasp.nm_mask`).
+    packed: return :class:`jasp.PackedMask` leaves (1 bit per weight, packed
+      along each leaf's group axis) instead of bool arrays (1 byte per weight).
 
   Returns:
     A pytree with ``params``' structure: bool arrays (same shape as the leaf)
-    for pruned leaves, ``None`` for dense ones.
+    or PackedMasks for pruned leaves, ``None`` for dense ones.
 
   Raises:
     ValueError: if a leaf to be pruned holds NaN or Inf (naming its path).
@@ -144,11 +153,14 @@ def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
   masks_lib._check_nm(n, m)  # pylint: disable=protected-access
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
   check_finite(params, decisions)
+  from jasp import sharding  # pylint: disable=g-import-not-at-top
   def one(path, w):
     d = decisions[path]
     if not d.prune:
       return None
-    return _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
+    sharding.check_groups_unsplit(w, d.axis, m, path=path)
+    mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
+    return _pack(mask, d.axis) if packed else mask
   return _tree.map_with_path(one, params)
 
 
@@ -160,7 +172,8 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
   Args:
     params: params pytree.
-    masks: pytree mirroring ``params`` (bool arrays or None), matched by path,
+    masks: pytree mirroring ``params`` (bool arrays, :class:`jasp.PackedMask`
+      or None), matched by path,
       so masks of an ``nnx.State`` apply to its pure form and back.
 
   Raises:
@@ -168,7 +181,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   """
   flat, treedef = jax.tree_util.tree_flatten(params)
   aligned = _tree.align(masks, params)
-  out = [x if mk is None else jnp.where(mk, x, jnp.zeros((), x.dtype))
+  out = [x if mk is None else jnp.where(packing.as_bool(mk), x, jnp.zeros((), x.dtype))
          for x, mk in zip(flat, aligned)]
   return jax.tree_util.tree_unflatten(treedef, out)
 
