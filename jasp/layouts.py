@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
@@ -303,7 +304,7 @@ def trace_layouts(fn: Callable[..., Any] | Any, params: Any = None, *args, **kwa
   out = {}
   for k, (p, leaf) in enumerate(zip(paths, leaves)):
     dt = getattr(leaf, "dtype", None)
-    if dt is None or not np.issubdtype(np.dtype(dt), np.inexact):
+    if dt is None or not jnp.issubdtype(dt, jnp.inexact):
       out[p] = Layout(None, reason="not a floating-point array")
       continue
     out[p] = _classify(tracer.uses[k], np.ndim(leaf))
@@ -334,7 +335,7 @@ def convention_layout(path: str, leaf: Any) -> Layout:
   parent = parts[-2] if len(parts) > 1 else ""
   nd = np.ndim(leaf)
   dt = getattr(leaf, "dtype", None)
-  if dt is None or not np.issubdtype(np.dtype(dt), np.inexact):
+  if dt is None or not jnp.issubdtype(dt, jnp.inexact):
     return Layout(None, reason="not a floating-point array", source="convention")
   if name == "embedding":
     return Layout(None, reason="an embedding table (a lookup, not a matmul)", source="convention")

@@ -117,3 +117,12 @@ def test_convention_agrees_with_trace_on_auto_named_modules():
   traced = jasp.trace_layouts(model.apply, variables, x)
   for path, leaf in models.kernels_of(variables).items():
     assert jasp.convention_layout(path, leaf).axis == traced[path].axis, path
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_params_are_traced(dtype):
+  model, variables, x = models.linen_cnn()
+  low = jax.tree.map(lambda a: a.astype(dtype), variables)
+  lay = jasp.trace_layouts(model.apply, low, x.astype(dtype))
+  assert lay["params/Dense_0/kernel"].axis == (0,)
+  assert jasp.convention_layout("params/Dense_0/kernel", low["params"]["Dense_0"]["kernel"]).axis == (0,)
