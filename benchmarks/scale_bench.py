@@ -110,7 +110,7 @@ def main():
   # One-shot prune time (second call, compiled), bool and packed.
   prune_t = {}
   for packed in (False, True):
-    for rep in range(2):
+    for _ in range(2):
       jax.block_until_ready(params)
       t = time.perf_counter()
       masks = jasp.compute_masks(params, layouts=layouts, packed=packed)
