@@ -40,6 +40,17 @@ def path_str(path) -> str:
   return "/".join(keys)
 
 
+try:
+  _Tracer = jax.core.Tracer
+except AttributeError:  # pragma: no cover - newer JAX
+  from jax._src.core import Tracer as _Tracer  # pylint: disable=g-import-not-at-top
+
+
+def is_tracer(x) -> bool:
+  """True for abstract values inside ``jit``/``grad`` traces."""
+  return isinstance(x, _Tracer)
+
+
 def is_none(x) -> bool:
   return x is None
 

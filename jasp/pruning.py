@@ -69,7 +69,7 @@ def _pack(mask, axis):
 
 
 def _is_traced(x) -> bool:
-  return isinstance(x, jax.core.Tracer)
+  return _tree.is_tracer(x)
 
 
 def check_finite(params: PyTree, decisions: Mapping[str, policy_lib.Decision]) -> None:

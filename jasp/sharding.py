@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import numpy as np
+from jasp import _tree
 
 __all__ = ["check_groups_unsplit", "shard_run"]
 
@@ -42,7 +41,7 @@ def check_groups_unsplit(w: Any, axis: tuple[int, ...], m: int, *, path: str = "
   concrete params).
   """
   sharding = getattr(w, "sharding", None)
-  if sharding is None or isinstance(w, jax.core.Tracer):
+  if sharding is None or _tree.is_tracer(w):
     return
   try:
     if sharding.is_fully_replicated:
