@@ -204,18 +204,24 @@ class _Tracer:
           if not isinstance(ov, jcore.Literal) and ov in sub_env and k < len(outs):
             outs[k] = sub_env[ov]
       elif prim == "scan":
-        sub = eqn.params["jaxpr"].jaxpr
-        nc, ncar = eqn.params["num_consts"], eqn.params["num_carry"]
+        sub = eqn.params["jaxpr"]
+        sub = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+        nc, ncar = eqn.params.get("num_consts"), eqn.params.get("num_carry")
         sub_env = {}
-        for k, (v, x) in enumerate(zip(sub.invars, ins)):
+        for k, (v, outer, x) in enumerate(zip(sub.invars, eqn.invars, ins)):
           if not x:
             continue
-          if k < nc:
-            sub_env[v] = x
-          elif k < nc + ncar:
+          if nc is not None and ncar is not None:
+            scanned, carried = k >= nc + ncar, nc <= k < nc + ncar
+          else:  # parameter names differ across JAX versions: read the shapes
+            oshape, ishape = tuple(outer.aval.shape), tuple(v.aval.shape)
+            scanned, carried = oshape[1:] == ishape and oshape != ishape, False
+          if carried:
             self.other(x, "a scan carry")
-          else:  # scanned over the leading axis
+          elif scanned:  # sliced along the leading axis
             sub_env[v] = [(leaf, amap[1:]) for leaf, amap in x]
+          else:
+            sub_env[v] = x
         self.run(sub, sub_env)
       elif prim == "cond":
         for br in eqn.params["branches"]:

@@ -24,7 +24,7 @@ from jasp import masks as masks_lib
 from jasp import packing
 from jasp import policy as policy_lib
 
-__all__ = ["compute_masks", "apply_masks", "prune", "check_finite"]
+__all__ = ["compute_masks", "apply_masks", "prune"]
 
 PyTree = Any
 Pattern = Literal["nm", "2d_best", "2d_greedy"] | Callable[..., jax.Array]
@@ -63,30 +63,8 @@ def _nm2d(w, n, m, axis, out_axes, method):
   return mask.reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
-def _pack(mask, axis):
-  return packing.pack(mask, axis)
-
-
 def _is_traced(x) -> bool:
   return _tree.is_tracer(x)
-
-
-def check_finite(params: PyTree, decisions: Mapping[str, policy_lib.Decision]) -> None:
-  """Raises ``ValueError`` naming the first leaf to be pruned that holds NaN/Inf.
-
-  One host synchronisation for the whole tree; skipped under ``jit``.
-  """
-  leaves = _tree.leaves_by_path(params)
-  todo = [(p, leaves[p]) for p, d in decisions.items() if d.prune and not _is_traced(leaves[p])]
-  if not todo:
-    return
-  flags = np.asarray(jax.device_get(jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in todo])))
-  for (p, x), ok in zip(todo, flags):
-    if not ok:
-      bad = int(jnp.sum(~jnp.isfinite(x)))
-      raise ValueError(f"the weight '{p}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
-                       "value(s); N:M pruning of non-finite weights is undefined.")
 
 
 def _leaf_mask(path: str, w: jax.Array, d: policy_lib.Decision, n: int, m: int,
@@ -150,18 +128,56 @@ def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
   Raises:
     ValueError: if a leaf to be pruned holds NaN or Inf (naming its path).
   """
+  masks, _ = _run(params, n, m, layouts=layouts, policy=policy, pattern=pattern,
+                  score_fn=score_fn, impl=impl, packed=packed, want_pruned=False)
+  return masks
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
+  """One XLA program for the whole tree: masks (and pruned weights) in one pass."""
+  masks, pruned, finite = [], [], []
+  for (path, d), w in zip(cfg, leaves):
+    mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
+    finite.append(jnp.all(jnp.isfinite(w)) if jnp.issubdtype(w.dtype, jnp.inexact)
+                  else jnp.bool_(True))
+    if want_pruned:
+      pruned.append(jnp.where(mask, w, jnp.zeros((), w.dtype)))
+    masks.append(packing.pack(mask, d.axis) if packed else mask)
+  return masks, pruned, finite
+
+
+def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
   masks_lib._check_nm(n, m)  # pylint: disable=protected-access
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
-  check_finite(params, decisions)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [_tree.path_str(p) for p, _ in flat]
+  leaves = [x for _, x in flat]
+  todo = [i for i, p in enumerate(paths) if decisions[p].prune]
   from jasp import sharding  # pylint: disable=g-import-not-at-top
-  def one(path, w):
-    d = decisions[path]
-    if not d.prune:
-      return None
-    sharding.check_groups_unsplit(w, d.axis, m, path=path)
-    mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
-    return _pack(mask, d.axis) if packed else mask
-  return _tree.map_with_path(one, params)
+  for i in todo:
+    sharding.check_groups_unsplit(leaves[i], decisions[paths[i]].axis, m, path=paths[i])
+  cfg = tuple((paths[i], decisions[paths[i]]) for i in todo)
+  sub = [leaves[i] for i in todo]
+  masks, pruned, finite = _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, sub)
+  if not any(_is_traced(x) for x in sub) and finite:
+    flags = np.asarray(jax.device_get(jnp.stack(finite)))
+    for i, ok in zip(todo, flags):
+      if not ok:
+        x = leaves[i]
+        bad = int(jnp.sum(~jnp.isfinite(x)))
+        raise ValueError(f"the weight '{paths[i]}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
+                         "value(s); N:M pruning of non-finite weights is undefined.")
+  mask_leaves = [None] * len(leaves)
+  for i, mk in zip(todo, masks):
+    mask_leaves[i] = mk
+  mask_tree = jax.tree_util.tree_unflatten(treedef, mask_leaves)
+  if not want_pruned:
+    return mask_tree, None
+  new_leaves = list(leaves)
+  for i, w in zip(todo, pruned):
+    new_leaves[i] = w
+  return mask_tree, jax.tree_util.tree_unflatten(treedef, new_leaves)
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -199,11 +215,23 @@ def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyT
     params: params pytree.
     n, m: the N:M pattern (2:4 by default).
     **kwargs: as :func:`compute_masks` (``layouts``, ``policy``, ``pattern``,
-      ``score_fn``, ``impl``).
+      ``score_fn``, ``impl``, ``packed``).
+
+  The whole tree is pruned by one jitted XLA program: each weight is read once
+  and its mask and pruned copy written in the same pass.
 
   Returns:
     ``(pruned_params, masks)``. Idempotent: pruning the result again returns
     the same params and masks.
   """
-  masks = compute_masks(params, n, m, **kwargs)
-  return apply_masks(params, masks), masks
+  masks, pruned = _run(params, n, m, want_pruned=True, **_defaults(kwargs))
+  return pruned, masks
+
+
+def _defaults(kwargs):
+  allowed = {"layouts": None, "policy": None, "pattern": "nm", "score_fn": None, "impl": None,
+             "packed": False}
+  extra = set(kwargs) - set(allowed)
+  if extra:
+    raise TypeError(f"prune() got unexpected keyword argument(s): {sorted(extra)}")
+  return {**allowed, **kwargs}
