@@ -1,14 +1,261 @@
-"""Choosing the mask implementation: XLA everywhere, Pallas on a GPU.
+"""Choosing the mask implementation: the Pallas kernels on a GPU, XLA elsewhere.
 
-Filled in by the kernel issue; until a kernel is registered this always
-answers "use XLA".
+Covers :func:`jasp.nm_mask` (and :func:`nm_prune_array`) and
+``jasp.nm_mask_2d(..., method="best")``.
+
+Every decision here is static (shapes, dtypes, backend, device count), so it is
+made once at trace time and composes with ``jax.jit``, ``vmap`` and ``grad``.
+
+Precedence, highest first:
+
+1. the ``impl=`` argument of :func:`jasp.nm_mask` / :func:`nm_prune_array`;
+2. the innermost :func:`mask_impl` context (``"xla"``, ``"pallas"`` or
+   ``"auto"``);
+3. the environment variable ``JASP_MASK_IMPL`` (same values), read at call time;
+4. ``"auto"``: Pallas when the backend is a GPU, the dtype is fp32/bf16/fp16,
+   ``m <= 8``, the weight has at least :data:`AUTO_MIN_ELEMENTS` elements and
+   a contiguous run of at least :data:`AUTO_MIN_CONTIG` elements per tile row,
+   and the weight is on one device (see below); XLA otherwise.
+
+Forcing ``"pallas"`` on a backend that is not a GPU runs the kernel in Pallas
+interpret mode (slow, exact: what the CPU tests do). An explicit
+``impl="pallas"`` for a dtype or group size the kernel does not support (fp64,
+integers, ``m > 8``) raises ``ValueError``; a ``"pallas"`` context or
+environment setting uses XLA for those instead.
+
+Sharding: a Pallas call has no partitioning rule, so under ``jit`` XLA would
+gather a sharded weight onto each device before calling it. ``"auto"`` therefore
+picks Pallas only for a concrete array on a single device, or for a traced value
+when the process sees one device; inside ``shard_map`` (per-shard values) force
+it with ``mask_impl("pallas")``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
+import os
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Impl = Literal["xla", "pallas", "auto"]
+Axis = int | Sequence[int]
+
+__all__ = [
+    "AUTO_MIN_CONTIG",
+    "AUTO_MIN_ELEMENTS",
+    "get_mask_impl",
+    "mask_impl",
+    "nm_prune_array",
+    "pallas_nm_mask",
+    "pallas_nm_mask_2d",
+    "use_pallas",
+]
+
+#: ``"auto"`` uses the kernel only from this many elements (launch overheads
+#: dominate below; both paths take a few microseconds there).
+AUTO_MIN_ELEMENTS = 1 << 18
+
+#: ``"auto"`` uses the kernel only when the tile rows it streams hold at least
+#: this many contiguous elements (a group axis with many trailing elements, or
+#: the last axis); narrow trailing sizes waste most of each memory transaction.
+AUTO_MIN_CONTIG = 32
+
+_IMPLS = ("xla", "pallas", "auto")
+_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jasp_mask_impl", default=None)
+
+
+def _check_impl(impl, allow_none: bool) -> None:
+  if impl is None and allow_none:
+    return
+  if impl not in _IMPLS:
+    raise ValueError(f"mask implementation must be one of {_IMPLS}, got {impl!r}.")
+
+
+@contextlib.contextmanager
+def mask_impl(impl: Impl) -> Iterator[None]:
+  """Context manager choosing how masks are computed inside its block.
+
+  Args:
+    impl: ``"xla"`` (the fused element-wise XLA computation), ``"pallas"``
+      (the one-pass kernel; interpret mode off GPUs) or ``"auto"``.
+
+  Example:
+    >>> with jasp.mask_impl("xla"):
+    ...   mask = jasp.nm_mask(w)  # XLA even on a GPU
+
+  An explicit ``impl=`` argument still wins. The setting is read when a mask
+  function is *traced*: a function jitted inside the block keeps its choice.
+  """
+  _check_impl(impl, allow_none=False)
+  token = _CONTEXT.set(impl)
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)
+
+
+def get_mask_impl() -> str:
+  """The implementation in force: the innermost context, ``JASP_MASK_IMPL`` or ``"auto"``."""
+  impl = _CONTEXT.get()
+  if impl is None:
+    impl = os.environ.get("JASP_MASK_IMPL", "auto").strip().lower() or "auto"
+    if impl not in _IMPLS:
+      raise ValueError(f"JASP_MASK_IMPL must be one of {_IMPLS}, got {impl!r}.")
+  return impl
+
+
+def _single_device(w) -> bool:
+  if isinstance(w, jax.core.Tracer):
+    return jax.device_count() == 1
+  sharding = getattr(w, "sharding", None)
+  return sharding is None or len(sharding.device_set) == 1
+
+
+def _backend(w) -> str:
+  if not isinstance(w, jax.core.Tracer) and hasattr(w, "devices"):
+    devices = w.devices()
+    if len(devices) == 1:
+      return next(iter(devices)).platform
+  return jax.default_backend()
+
+
+def _contig(shape: tuple[int, ...], m: int, axis: Axis) -> int:
+  """Contiguous elements per tile row of the kernel's view (see nm_pallas.plan)."""
+  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+
+  p = nm_pallas.plan(shape, m, axis)
+  if p.member_dim == 1:
+    return p.view[2]
+  return p.view[1] * m
+
+
+def _auto(w, n: int, m: int, axis: Axis) -> bool:
+  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+
+  if _backend(w) not in ("gpu", "cuda"):
+    return False
+  if not nm_pallas.supports(w.dtype, n, m):
+    return False
+  if math.prod(w.shape) < AUTO_MIN_ELEMENTS or not _single_device(w):
+    return False
+  return _contig(tuple(w.shape), m, axis) >= AUTO_MIN_CONTIG
+
+
+def use_pallas(w, n: int, m: int, axis: Axis, impl: Impl | None = None) -> bool:
+  """Whether the Pallas kernel computes the mask of ``w`` (static decision).
+
+  Args:
+    w: the weight (a concrete array or a tracer); only its shape, dtype,
+      placement and the backend are looked at.
+    n, m, axis: as in :func:`jasp.nm_mask`.
+    impl: the caller's explicit choice, or ``None`` for the context / default.
+
+  Raises:
+    ValueError: if ``impl="pallas"`` is passed for a dtype or ``m`` the kernel
+      does not support.
+  """
+  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+
+  _check_impl(impl, allow_none=True)
+  explicit = impl is not None
+  impl = impl or get_mask_impl()
+  if impl == "xla":
+    return False
+  if impl == "pallas":
+    if not nm_pallas.supports(w.dtype, n, m):
+      if not explicit:
+        return False  # a context / environment setting prefers, never breaks
+      raise ValueError(
+          f"impl='pallas' supports float32, bfloat16 and float16 weights with m <= "
+          f"{nm_pallas.MAX_M}; got dtype {w.dtype}, n={n}, m={m}. Use impl='xla'.")
+    return True
+  return _auto(w, n, m, axis)
+
+
+def _interpret(w) -> bool:
+  return _backend(w) not in ("gpu", "cuda")
+
 
 def pallas_nm_mask(w, n, m, axis, forced):
-  """Returns a thunk computing the mask with Pallas, or None for XLA."""
-  if forced:
-    raise NotImplementedError("the Pallas N:M kernel is not available in this build.")
-  return None
+  """Returns a thunk computing the mask with Pallas, or ``None`` for XLA.
+
+  Called by :func:`jasp.nm_mask` when its ``impl`` is ``"pallas"`` (``forced``)
+  or ``None`` (the context / automatic choice).
+  """
+  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+
+  if not use_pallas(w, n, m, axis, "pallas" if forced else None):
+    return None
+  interpret = _interpret(w)
+  return lambda: nm_pallas.nm_mask_pallas(w, n, m, axis, interpret=interpret)
+
+
+def pallas_nm_mask_2d(w, n, m, axis, out_axis):
+  """A thunk computing ``nm_mask_2d(..., method="best")`` with Pallas, or ``None``.
+
+  ``axis`` and ``out_axis`` are normalised (non-negative). There is no ``impl``
+  argument: the context, the environment or ``"auto"`` decide; a ``"pallas"``
+  setting uses the kernel wherever it applies (see
+  :func:`jasp.kernels.nm2d_pallas.supports_2d`) and XLA elsewhere.
+  """
+  from jasp.kernels import nm2d_pallas  # pylint: disable=g-import-not-at-top
+
+  impl = get_mask_impl()
+  if impl == "xla" or not nm2d_pallas.supports_2d(w.shape, w.dtype, n, m, axis, out_axis):
+    return None
+  if impl == "auto" and not (_backend(w) in ("gpu", "cuda") and _single_device(w)
+                             and math.prod(w.shape) >= AUTO_MIN_ELEMENTS):
+    return None
+  interpret = _interpret(w)
+  return lambda: nm2d_pallas.nm_mask_2d_pallas(w, n, m, axis, out_axis, interpret=interpret)
+
+
+def nm_prune_array(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
+                   impl: Impl | None = None, with_mask: bool = True
+                   ) -> tuple[jax.Array, jax.Array] | jax.Array:
+  """Prunes one array to N:M: the masked weight, and its mask, in one pass.
+
+  On a GPU the Pallas kernel reads ``w`` once and writes the pruned weight (and
+  the mask) once; elsewhere XLA fuses the same computation.
+
+  Args:
+    w: weight of rank >= 1 (fp32, bf16 or fp16 for the kernel; any float or
+      integer dtype for XLA).
+    n, m: keep the ``n`` largest ``|w|`` of every aligned group of ``m``.
+    axis: the group (input-channel) axis: 0 for a Flax ``Dense`` kernel
+      ``(in, out)``, -2 for a conv kernel ``(*spatial, in, out)``; or a run of
+      consecutive axes flattened row-major.
+    impl: ``"xla"``, ``"pallas"``, ``"auto"`` or ``None`` (the context's).
+    with_mask: also return the bool mask.
+
+  Returns:
+    ``(pruned, mask)``, or ``pruned`` when ``with_mask=False``: ``pruned`` has
+    ``w``'s shape and dtype, ``w`` where ``mask`` (= ``jasp.nm_mask(w, n, m,
+    axis)``) keeps and 0 elsewhere. Differentiable in ``w`` (the derivative is
+    the mask).
+
+  Example:
+    >>> pruned, mask = jasp.nm_prune_array(kernel, 2, 4, axis=0)
+    >>> bool(jasp.is_nm(pruned, 2, 4, axis=0))
+    True
+  """
+  from jasp import masks  # pylint: disable=g-import-not-at-top
+  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+
+  w = jnp.asarray(w)
+  if w.ndim == 0:
+    raise ValueError("nm_prune_array needs an array of rank >= 1, got a scalar.")
+  masks._check_nm(n, m)  # pylint: disable=protected-access
+  if use_pallas(w, n, m, axis, impl):
+    return nm_pallas.nm_prune_pallas(w, n, m, axis, with_mask=with_mask,
+                                     interpret=_interpret(w))
+  mask = masks.nm_mask(w, n, m, axis, impl="xla")
+  pruned = jnp.where(mask, w, jnp.zeros_like(w))
+  return (pruned, mask) if with_mask else pruned

@@ -418,7 +418,13 @@ def nm_mask_2d(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0,
     raise ValueError(f"method must be 'best' or 'greedy', got {method!r}.")
   if w.ndim < 2:
     raise ValueError(f"transposable masks need rank >= 2, got shape {w.shape}.")
-  return _mask_2d(w, n, m, group_axes(w.ndim, axis)[0], group_axes(w.ndim, out_axis)[0], method)
+  a, b = group_axes(w.ndim, axis)[0], group_axes(w.ndim, out_axis)[0]
+  if method == "best":  # the one-pass Pallas kernel where it applies (see jasp._dispatch)
+    from jasp import _dispatch  # pylint: disable=g-import-not-at-top
+    fn = _dispatch.pallas_nm_mask_2d(w, n, m, a, b)
+    if fn is not None:
+      return fn()
+  return _mask_2d(w, n, m, a, b, method)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis", "out_axis", "method"))

@@ -1,0 +1,20 @@
+"""Accelerator kernels for jasp (Pallas; the Triton backend on GPUs).
+
+Every kernel here has an exact XLA counterpart in :mod:`jasp.masks`; the choice
+between them is made by :mod:`jasp._dispatch`. The kernels run on any backend
+in Pallas interpret mode (slow; for tests).
+"""
+
+from jasp.kernels.nm_pallas import SUPPORTED_DTYPES
+from jasp.kernels.nm_pallas import nm_mask_pallas
+from jasp.kernels.nm_pallas import nm_prune_pallas
+from jasp.kernels.nm_pallas import supports
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "nm_mask_2d_pallas",
+    "nm_mask_pallas",
+    "nm_prune_pallas",
+    "supports",
+    "supports_2d",
+]
