@@ -1,0 +1,58 @@
+"""Export of sparse flax models, and a checker for the N:M pattern in files.
+
+* :func:`to_onnx`: ONNX through ``jax2onnx`` (``pip install 'jasp[onnx]'``);
+* :func:`to_saved_model`: TensorFlow SavedModel through ``jax2tf``
+  (``pip install 'jasp[tf]'``);
+* :func:`to_torch_state_dict` / :func:`save_safetensors`: PyTorch layouts
+  (``(out, in)``, ``KCRS``), optionally with apex ASP's mask buffers
+  (``pip install 'jasp[safetensors]'``; no PyTorch needed);
+* :func:`check_file`: which weights of an ``.onnx``, SavedModel,
+  ``.safetensors``, msgpack or orbax file are N:M along the axis their
+  consumer reduces over; also the ``jasp check FILE`` command.
+
+Importing this package imports none of the optional dependencies; each
+function imports what it needs and, when it is missing, raises
+:class:`MissingDependencyError` naming the extra to install.
+"""
+
+from jasp.export._check import FORMATS
+from jasp.export._check import CheckError
+from jasp.export._check import CheckReport
+from jasp.export._check import WeightCheck
+from jasp.export._check import check_file
+from jasp.export._check import check_onnx
+from jasp.export._check import check_params
+from jasp.export._deps import MissingDependencyError
+from jasp.export._onnx import run_onnx
+from jasp.export._onnx import to_onnx
+from jasp.export._saved_model import run_saved_model
+from jasp.export._saved_model import to_saved_model
+from jasp.export.torch_layout import flax_weight
+from jasp.export.torch_layout import from_torch_state_dict
+from jasp.export.torch_layout import load_safetensors
+from jasp.export.torch_layout import save_safetensors
+from jasp.export.torch_layout import to_torch_state_dict
+from jasp.export.torch_layout import torch_key
+from jasp.export.torch_layout import torch_weight
+
+__all__ = [
+    "FORMATS",
+    "CheckError",
+    "CheckReport",
+    "MissingDependencyError",
+    "WeightCheck",
+    "check_file",
+    "check_onnx",
+    "check_params",
+    "flax_weight",
+    "from_torch_state_dict",
+    "load_safetensors",
+    "run_onnx",
+    "run_saved_model",
+    "save_safetensors",
+    "to_onnx",
+    "to_saved_model",
+    "to_torch_state_dict",
+    "torch_key",
+    "torch_weight",
+]

@@ -1,0 +1,109 @@
+"""One calling convention for the exporters: a pure ``apply(params, *inputs)``.
+
+The exporters accept what :func:`jasp.trace_layouts` accepts:
+
+* linen or any function: ``(model.apply, variables, *inputs)`` (a linen
+  ``Module`` instance stands for its ``apply``);
+* nnx: ``(module, *inputs)``: the module is split into its graph and its state,
+  and the state (every variable, ``nnx.Param`` and the rest) becomes the params.
+
+Either way the result names each leaf by the path string that
+:func:`jasp.prune` and :func:`jasp.trace_layouts` use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from jasp import _tree
+from jasp import layouts as layouts_lib
+
+__all__ = ["Bound", "bind"]
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  """A model reduced to a pure function of (params, inputs).
+
+  Attributes:
+    apply: ``apply(params, *inputs) -> outputs`` (jittable, no side effects).
+    params: the params pytree (arrays only).
+    inputs: the example inputs.
+    layouts: ``{path: Layout}`` traced from the model (see
+      :func:`jasp.trace_layouts`); leaves outside the traced collection (an nnx
+      module's non-``Param`` state) are absent.
+  """
+  apply: Callable[..., Any]
+  params: PyTree
+  inputs: tuple
+  layouts: dict[str, layouts_lib.Layout]
+
+  def paths(self) -> list[str]:
+    return list(_tree.leaves_by_path(self.params))
+
+
+def _nnx():
+  try:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    return None
+  return nnx
+
+
+def bind(fn: Callable[..., Any] | Any, params: PyTree, args: tuple) -> Bound:
+  """Normalises the exporters' ``(fn, params, *args)`` call forms (see the module doc)."""
+  nnx = _nnx()
+  if nnx is not None and isinstance(fn, nnx.Module):
+    inputs = ((params,) if params is not None else ()) + tuple(args)
+    if not inputs:
+      raise TypeError("an nnx module needs example inputs: export(module, x).")
+    layouts = layouts_lib.trace_layouts(fn, *inputs)
+    graphdef, state = nnx.split(fn)
+    pure = _tree.unbox(state)
+
+    def apply_nnx(p, *xs):
+      return nnx.merge(graphdef, p)(*xs)
+    return Bound(apply_nnx, pure, inputs, layouts)
+  try:
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover
+    nn = None
+  if nn is not None and isinstance(fn, nn.Module):
+    fn = fn.apply
+  if params is None:
+    raise TypeError("export(fn, params, *inputs): params are missing.")
+  if not args:
+    raise TypeError("export(fn, params, *inputs): example inputs are missing.")
+  layouts = layouts_lib.trace_layouts(fn, params, *args)
+  return Bound(lambda p, *xs: fn(p, *xs), params, tuple(args), layouts)
+
+
+def pruned_paths(bound: Bound, masks: PyTree | None, n: int, m: int) -> dict[str, bool]:
+  """``{path: pruned}`` for the traced matmul/conv weights of ``bound``.
+
+  With ``masks``, a weight is pruned when its mask is not None (masks of an
+  ``nnx.State`` of ``Param`` match the module's paths). Without, when it *is*
+  N:M along its traced axes and holds zeros (what :func:`jasp.prune` left).
+  """
+  from jasp.export import _nm  # pylint: disable=g-import-not-at-top
+  leaves = _tree.leaves_by_path(bound.params)
+  by_mask = _tree.leaves_by_path(masks, keep_none=True) if masks is not None else None
+  out = {}
+  for path, layout in bound.layouts.items():
+    if layout.axis is None or path not in leaves:
+      continue
+    if by_mask is not None:
+      # Masks of the whole variables dict, or of its "params" collection only.
+      mk = by_mask.get(path, by_mask.get(path.split("/", 1)[-1]))
+      out[path] = mk is not None
+      continue
+    w = jax.device_get(leaves[path])
+    s = _nm.nm_stats(w, layout.axis, n, m)
+    out[path] = bool(s.applicable and s.nm and _nm.zero_fraction(w) > 0)
+  return out

@@ -1,0 +1,139 @@
+"""PyTorch layouts (numpy, no torch): every conversion both ways, safetensors files, apex masks."""
+
+import export_models as em
+import numpy as np
+import pytest
+
+import jasp
+from jasp import export
+
+DOT = jasp.Layout((0,), (1,), kind="dot")
+
+
+def _nm_along(shape, axis, seed=0):
+  a = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+  return a * np.asarray(jasp.nm_mask(a, 2, 4, axis=axis))
+
+
+def _check_both_ways(w, layout, want_shape, index_map):
+  """torch_weight moves every entry where ``index_map`` says, and flax_weight undoes it.
+
+  ``index_map(t_idx) -> w_idx`` maps a grid of PyTorch indices to flax
+  indices, written independently of the implementation.
+  """
+  t = export.torch_weight(w, layout)
+  assert t.shape == want_shape
+  idx = np.indices(t.shape)
+  np.testing.assert_array_equal(t, w[index_map(*idx)])
+  np.testing.assert_array_equal(export.flax_weight(t, w.shape, layout), w)
+  # The other way round: a PyTorch array to flax and back.
+  t2 = np.random.default_rng(1).normal(size=want_shape).astype(np.float32)
+  w2 = export.flax_weight(t2, w.shape, layout)
+  assert w2.shape == w.shape
+  np.testing.assert_array_equal(export.torch_weight(w2, layout), t2)
+  return t
+
+
+def test_dense_in_out_to_out_in():
+  w = _nm_along((48, 20), 0)  # flax (in, out), 2:4 along in
+  t = _check_both_ways(w, DOT, (20, 48), lambda o, i: (i, o))
+  assert bool(jasp.is_nm(t, 2, 4, axis=1)) and not bool(jasp.is_nm(t, 2, 4, axis=0))
+
+
+@pytest.mark.parametrize("spatial", [(3,), (3, 5), (2, 3, 5)])
+def test_conv_to_kcrs(spatial):
+  nd = len(spatial) + 2
+  w = _nm_along(spatial + (12, 20), nd - 2)  # (*spatial, in, out)
+  layout = jasp.Layout((nd - 2,), (nd - 1,), kind="conv")
+  t = _check_both_ways(w, layout, (20, 12) + spatial,
+                       lambda o, c, *s: tuple(s) + (c, o))
+  assert bool(jasp.is_nm(t, 2, 4, axis=1)) and not bool(jasp.is_nm(t, 2, 4, axis=0))
+
+
+def test_dense_general_and_attention_flatten_to_2d():
+  # DenseGeneral / attention query: (in, heads, head_dim) -> (heads*head_dim, in)
+  w = _nm_along((12, 2, 5), 0)
+  layout = jasp.Layout((0,), (1, 2), kind="dot")
+  t = _check_both_ways(w, layout, (10, 12), lambda o, i: (i, o // 5, o % 5))
+  assert bool(jasp.is_nm(t, 2, 4, axis=1))
+  # attention out / DenseGeneral(axis=(-2, -1)): (heads, head_dim, out) -> (out, heads*head_dim)
+  w = _nm_along((2, 8, 20), (0, 1))
+  layout = jasp.Layout((0, 1), (2,), kind="dot")
+  t = _check_both_ways(w, layout, (20, 16), lambda o, i: (i // 8, i % 8, o))
+  assert bool(jasp.is_nm(t, 2, 4, axis=1)) and not bool(jasp.is_nm(t, 2, 4, axis=0))
+
+
+def test_non_weights_are_unchanged_and_keys_follow_pytorch():
+  b = np.arange(5, dtype=np.float32)
+  np.testing.assert_array_equal(export.torch_weight(b, jasp.Layout(None)), b)
+  assert export.torch_key("params/Dense_0/kernel") == "Dense_0.weight"
+  assert export.torch_key("params/Dense_0/bias") == "Dense_0.bias"
+  assert export.torch_key("params/LayerNorm_0/scale") == "LayerNorm_0.weight"
+  assert export.torch_key("batch_stats/BatchNorm_0/mean") == "BatchNorm_0.running_mean"
+  assert export.torch_key("batch_stats/BatchNorm_0/var") == "BatchNorm_0.running_var"
+  assert export.torch_key("params/Embed_0/embedding") == "Embed_0.weight"
+  assert export.torch_key("attn/query/kernel") == "attn.query.weight"  # nnx
+
+
+def test_state_dict_round_trip_with_apex_masks():
+  _, variables, masks, layouts, _ = em.pruned_cnn()
+  state, info = export.to_torch_state_dict(variables, layouts=layouts, masks=masks,
+                                           apex_masks=True)
+  assert state["Dense_0.weight"].shape == (64, 2048)
+  assert state["Conv_1.weight"].shape == (32, 8, 3, 3)  # KCRS, grouped: C/groups = 8
+  assert state["Conv_2.weight"].shape == (32, 32, 3)
+  assert state["BatchNorm_0.running_var"].shape == (16,)
+  for p in em.PRUNED_CNN:
+    key = export.torch_key(p)
+    mkey = key.rpartition(".")[0] + ".__weight_mma_mask"
+    assert state[mkey].dtype == np.bool_ and state[mkey].shape == state[key].shape
+    np.testing.assert_array_equal(state[key] * state[mkey], state[key])
+    assert bool(jasp.is_nm(state[key], 2, 4, axis=1)) and info[key]["pruned"]
+  assert "Conv_0.__weight_mma_mask" not in state and not info["Conv_0.weight"]["pruned"]
+  back = export.from_torch_state_dict(state, variables, layouts=layouts)
+  for p, v in jasp._tree.leaves_by_path(variables).items():
+    np.testing.assert_array_equal(jasp._tree.leaves_by_path(back)[p], v)
+
+
+def test_safetensors_file_round_trip_and_check(tmp_path):
+  pytest.importorskip("safetensors", reason="needs the safetensors extra: "
+                      "pip install 'jasp[safetensors]'")
+  model, variables, masks, layouts, x = em.pruned_block()
+  path = tmp_path / "block.safetensors"
+  export.save_safetensors(path, variables, layouts=layouts, masks=masks)
+  raw = export.load_safetensors(path)
+  assert raw["MultiHeadDotProductAttention_0.out.weight"].shape == (32, 32)
+  assert raw["DenseGeneral_0.weight"].shape == (128, 32)
+  assert raw["DenseGeneral_0.weight_mask"].dtype == np.bool_
+  back = export.load_safetensors(path, like=variables)  # layouts come from the file
+  np.testing.assert_array_equal(np.asarray(model.apply(back, x)),
+                                np.asarray(model.apply(variables, x)))
+  report = export.check_file(path)
+  assert report.ok and report.format == "safetensors"
+  by_param = report.by_param()
+  for p in em.PRUNED_BLOCK:
+    assert by_param[p].nm and by_param[p].expected and by_param[p].axis == (1,), by_param[p]
+  for p in em.DENSE_BLOCK:
+    assert by_param[p].status == "dense", by_param[p]
+
+
+def test_plain_safetensors_swapped_axis_fails(tmp_path):
+  """A torch-layout file without jasp metadata, pruned along the wrong axis, fails the check."""
+  st = pytest.importorskip("safetensors.numpy", reason="needs the safetensors extra: "
+                           "pip install 'jasp[safetensors]'")
+  good = _nm_along((20, 48), 1)  # Linear (out, in), 2:4 along in
+  bad = _nm_along((20, 48), 0)   # 2:4 along out: the flax (in, out) rule left untransposed
+  mask = np.asarray(good != 0)
+  path = tmp_path / "plain.safetensors"
+  st.save_file({"fc1.weight": good, "fc2.weight": bad, "fc1.__weight_mma_mask": mask,
+                "fc1.bias": np.zeros(20, np.float32), "embed.weight": np.zeros((7, 3), np.float32)},
+               str(path))
+  r = export.check_file(path).by_name()
+  assert set(r) == {"fc1.weight", "fc2.weight"}
+  assert r["fc1.weight"].nm and r["fc1.weight"].expected_by == "mask"
+  assert r["fc2.weight"].status == "FAIL" and "along axis 0 instead" in r["fc2.weight"].note
+  # a weight that breaks its own mask fails too
+  st.save_file({"fc1.weight": np.ones((20, 48), np.float32) * mask + (~mask) * 0.5,
+                "fc1.__weight_mma_mask": mask}, str(path))
+  w = export.check_file(path).by_name()["fc1.weight"]
+  assert w.status == "FAIL" and "where its mask is False" in w.note
