@@ -1,0 +1,241 @@
+"""SparseGPT: N:M pruning with optimal-brain-surgeon updates (Frantar & Alistarh,
+"SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot", 2023).
+
+For a layer ``Y = X @ W`` (``W`` of shape ``(K, O)``, as a flax kernel) with
+calibration inputs ``X (T, K)``, SparseGPT approximately minimises
+``||X W - X W_hat||_F`` over N:M-sparse ``W_hat``. With the Hessian
+``H = X^T X`` (damped by ``damp`` times its mean diagonal) and ``U`` the upper
+Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), input features are visited in
+order, in blocks of ``blocksize``:
+
+* at the first feature of every aligned group of ``m``, each output column
+  keeps the ``n`` features with the largest ``w**2 / U_ii**2`` (the OBS saliency
+  of the *current*, already-updated weights);
+* a pruned weight's error ``(w - 0) / U_ii`` is spread over the features not yet
+  visited (``w_j -= err * U_ij``), within the block at once and to later blocks
+  by one matmul per block.
+
+Everything runs in float32 with ``Precision.HIGHEST`` matmuls (on GPUs JAX
+would otherwise use TF32 or bf16 passes), jitted, one ``fori_loop`` over blocks
+and one over groups; the output columns are independent, so a weight sharded
+along ``O`` stays sharded.
+
+Departure from the reference code: an input feature that is always zero in
+the calibration data keeps its diagonal at the damping value (the reference
+sets it to 1 and zeroes the weights); its weights are then the first pruned in
+their group, since pruning them costs nothing on the calibration data, and the
+weights kept there are not zeroed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jasp import layouts as layouts_lib
+from jasp import masks as masks_lib
+from jasp import policy as policy_lib
+from jasp.calibration import _driver
+
+__all__ = ["sparsegpt_layer", "sparsegpt_prune", "reconstruction_error", "inverse_hessian_factor"]
+
+PyTree = Any
+HIGHEST = lax.Precision.HIGHEST
+
+
+def inverse_hessian_factor(h: jax.Array, damp: float = 0.01) -> jax.Array:
+  """``U``, upper triangular with ``U^T U = (H + damp * mean(diag H) * I)^-1``.
+
+  Args:
+    h: ``(K, K)`` symmetric positive semi-definite float32 (``X^T X``).
+    damp: damping as a fraction of the mean diagonal (the paper's 1%). An
+      all-zero ``h`` (no calibration signal) is replaced by the identity.
+
+  Returns:
+    ``(K, K)`` float32, upper triangular (exact zeros below the diagonal).
+  """
+  h = h.astype(jnp.float32)
+  k = h.shape[-1]
+  eye = jnp.eye(k, dtype=jnp.float32)
+  mean = jnp.mean(jnp.diagonal(h))
+  h = jnp.where(mean > 0, h + (damp * mean) * eye, eye)
+  with jax.default_matmul_precision("highest"):
+    low = jnp.linalg.cholesky(h)
+    hinv = jax.scipy.linalg.cho_solve((low, True), eye)
+    return jnp.triu(jnp.linalg.cholesky(hinv, upper=True))
+
+
+def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: float):
+  """SparseGPT on ``w (O, K)`` float32 (rows = outputs) with ``h (K, K)``.
+
+  Returns ``(w_hat (O, K), keep (O, K) bool)``.
+  """
+  o, k = w.shape
+  bs = blocksize
+  kp = -(-k // bs) * bs
+  u = inverse_hessian_factor(h, damp)
+  if kp > k:  # pad with independent, zero-weight features: they change nothing
+    u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag(
+        jnp.concatenate([jnp.zeros(k), jnp.ones(kp - k)]).astype(jnp.float32))
+    w = jnp.pad(w, ((0, 0), (0, kp - k)))
+
+  def block(b, carry):
+    w, keep = carry
+    i1 = b * bs
+    w1 = lax.dynamic_slice_in_dim(w, i1, bs, axis=1)  # (O, bs)
+    u1 = lax.dynamic_slice(u, (i1, i1), (bs, bs))  # (bs, bs)
+    d1 = jnp.diagonal(u1)
+
+    def column(c, carry):
+      w1, q1, e1, k1 = carry
+      # At the first column of a group, choose the group's mask from the
+      # current (already updated) weights; later columns reuse it.
+      j0 = (c // m) * m
+      wg = lax.dynamic_slice_in_dim(w1, j0, m, axis=1)  # (O, m)
+      dg = lax.dynamic_slice_in_dim(d1, j0, m)
+      fresh = masks_lib.topn_mask(jnp.square(wg) / jnp.square(dg), n, m, axis=1)
+      k1 = jnp.where(c % m == 0, lax.dynamic_update_slice_in_dim(k1, fresh, j0, axis=1), k1)
+      keep = lax.dynamic_index_in_dim(k1, c, axis=1, keepdims=False)  # (O,)
+      wc = lax.dynamic_index_in_dim(w1, c, axis=1, keepdims=False)  # (O,)
+      qc = jnp.where(keep, wc, 0.0)
+      err = (wc - qc) / d1[c]
+      urow = lax.dynamic_index_in_dim(u1, c, axis=0, keepdims=False)  # (bs,)
+      w1 = w1 - err[:, None] * urow[None, :]
+      q1 = lax.dynamic_update_index_in_dim(q1, qc, c, axis=1)
+      e1 = lax.dynamic_update_index_in_dim(e1, err, c, axis=1)
+      return w1, q1, e1, k1
+
+    z = jnp.zeros_like(w1)
+    _, q1, e1, k1 = lax.fori_loop(0, bs, column, (w1, z, z, jnp.zeros(w1.shape, bool)))
+    # Later blocks: w[:, j] -= sum_i err_i * U[i, j]; U is upper triangular, so
+    # earlier blocks get exact zeros, and this block is overwritten by q1.
+    urows = lax.dynamic_slice_in_dim(u, i1, bs, axis=0)  # (bs, kp)
+    w = w - jnp.matmul(e1, urows, precision=HIGHEST)
+    w = lax.dynamic_update_slice_in_dim(w, q1, i1, axis=1)
+    keep = lax.dynamic_update_slice_in_dim(keep, k1, i1, axis=1)
+    return w, keep
+
+  w, keep = lax.fori_loop(0, kp // bs, block, (w, jnp.zeros(w.shape, bool)))
+  return w[:, :k], keep[:, :k]
+
+
+def _check(n, m, blocksize):
+  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  if blocksize < m or blocksize % m:
+    raise ValueError(f"blocksize must be a positive multiple of m={m}, got {blocksize}.")
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "blocksize", "damp"))
+def _layer(w, h, n, m, blocksize, damp):
+  q, keep = _obs(w.astype(jnp.float32).T, h, n=n, m=m, blocksize=blocksize, damp=damp)
+  return q.T.astype(w.dtype), keep.T
+
+
+def sparsegpt_layer(w: jax.Array, hessian: jax.Array, n: int = 2, m: int = 4, *,
+                    blocksize: int = 128, damp: float = 0.01) -> tuple[jax.Array, jax.Array]:
+  """SparseGPT on one weight matrix: N:M along its rows, with OBS updates.
+
+  Args:
+    w: ``(K, O)`` weight (a flax ``Dense`` kernel: ``y = x @ w``), any float
+      dtype; computed in float32.
+    hessian: ``(K, K)`` ``X^T X`` of the layer's inputs (any positive scale).
+    n, m: keep ``n`` of every aligned group of ``m`` rows (input features) in
+      each column.
+    blocksize: features per lazy-update block (the paper's 128; a multiple of
+      ``m``; ``K`` need not divide by it).
+    damp: Hessian damping, a fraction of its mean diagonal.
+
+  Returns:
+    ``(w_hat, mask)``: ``w_hat`` of ``w``'s shape and dtype, N:M along axis 0,
+    exactly 0 where ``mask`` (bool, ``(K, O)``) is False. With ``hessian``
+    proportional to the identity, ``w_hat`` is magnitude pruning
+    (``where(jasp.nm_mask(w, n, m, 0), w, 0)``).
+  """
+  _check(n, m, blocksize)
+  if w.ndim != 2 or hessian.shape != (w.shape[0], w.shape[0]):
+    raise ValueError(f"sparsegpt_layer needs w (K, O) and hessian (K, K), got {w.shape} and "
+                     f"{hessian.shape}.")
+  if w.shape[0] % m:
+    raise ValueError(f"K={w.shape[0]} (rows of w) is not a multiple of m={m}.")
+  return _layer(w, hessian, n, m, blocksize, float(damp))
+
+
+def reconstruction_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> jax.Array:
+  """``||X w - X w_hat||_F**2`` from ``hessian = X^T X``, for ``(K, O)`` weights."""
+  d = (w.astype(jnp.float32) - w_hat.astype(jnp.float32))
+  return jnp.sum(jnp.matmul(hessian, d, precision=HIGHEST) * d)
+
+
+@functools.partial(jax.jit, static_argnames=("site", "n", "m", "blocksize", "damp"))
+def _sparsegpt_leaf(w, hessian, count, site, n, m, blocksize, damp):
+  wg = _driver.leaf_matrix_groups(w, site)  # (G, K, O/G)
+  h = hessian / jnp.maximum(count, 1.0)
+  obs = functools.partial(_obs, n=n, m=m, blocksize=blocksize, damp=damp)
+  if site.groups == 1:  # no vmap: a smaller program to compile
+    q, keep = obs(wg[0].T, h[0])
+    q, keep = q[None], keep[None]
+  else:
+    q, keep = jax.vmap(lambda a, b: obs(a.T, b))(wg, h)  # (G, O/G, K)
+  q, keep = q.transpose(0, 2, 1), keep.transpose(0, 2, 1)
+  d = wg - q
+  err = jnp.sum(jnp.einsum("gkl,glo->gko", h, d, precision=HIGHEST) * d)
+  new = _driver.leaf_from_groups(q, site).astype(w.dtype)
+  mask = _driver.leaf_from_groups(keep, site)
+  err = jnp.where(jnp.all(jnp.isfinite(q)), err, jnp.nan)  # NaN: the factorisation failed
+  return jnp.where(mask, new, jnp.zeros((), w.dtype)), mask, err
+
+
+def sparsegpt_prune(fn: Callable[..., Any] | Any, params: PyTree = None,
+                    batches: Iterable[Any] | None = None, *, n: int = 2, m: int = 4,
+                    blocksize: int = 128, damp: float = 0.01,
+                    layouts: Mapping[str, layouts_lib.Layout] | None = None,
+                    policy: policy_lib.Policy | None = None, sequential: bool = True,
+                    layers_per_pass: int | None = None, missing: _driver.Missing = "error",
+                    progress: bool = True,
+                    callback: Callable[[_driver.LayerResult], Any] | None = None
+                    ) -> tuple[PyTree, PyTree]:
+  """One-shot N:M pruning with SparseGPT from calibration batches.
+
+  Two call forms::
+
+    variables, masks = jasp.sparsegpt_prune(model.apply, variables, batches)   # linen / any fn
+    state, masks = jasp.sparsegpt_prune(nnx_model, batches)                    # nnx
+    nnx.update(nnx_model, state)
+
+  Every weight the policy selects (matmul and convolution kernels, found by
+  :func:`jasp.trace_layouts`) is pruned with :func:`sparsegpt_layer` on the
+  Hessian of its own inputs; a convolution's inputs are its im2col patches
+  (one Hessian per feature group).
+
+  Args:
+    fn, params, batches, n, m, layouts, policy, missing, progress, callback:
+      as :func:`jasp.wanda_prune`.
+    blocksize: features per lazy-update block (128, as the paper).
+    damp: Hessian damping, a fraction of its mean diagonal (1%, as the paper).
+    sequential: True (the paper's): the layers are pruned in stages, each
+      calibrated on the outputs of the layers already pruned (the layers
+      whose inputs do not depend on each other, such as q/k/v, share a stage
+      and one pass over the batches). False: one pass over the dense model
+      gives every layer's Hessian (all in memory at once).
+    layers_per_pass: at most this many layers (Hessians) per pass; 1 keeps one
+      layer's ``(K, K)`` Hessian in memory at a time.
+
+  Returns:
+    ``(params, masks)`` as :func:`jasp.prune`; each :class:`LayerResult`
+    carries the layer's calibration error ``||X W - X W_hat||**2 / rows``.
+  """
+  _check(n, m, blocksize)
+
+  def leaf(w, site, acc, n, m):
+    return _sparsegpt_leaf(w, acc["hessian"], acc["count"], site, n, m, blocksize, float(damp))
+
+  return _driver.run("sparsegpt", leaf, fn, params, batches, n, m, layouts=layouts,
+                     policy=policy, sequential=sequential, layers_per_pass=layers_per_pass,
+                     hessian=True, missing=missing, progress=progress, callback=callback)

@@ -1,0 +1,157 @@
+"""jasp.calibration.stats: the jaxpr tap that collects each weight's input statistics."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import models
+import numpy as np
+import pytest
+
+import jasp
+from jasp import calibration as cal
+from jasp.calibration import stats as stats_lib
+
+HI = jax.lax.Precision.HIGHEST
+
+
+def _x(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def test_dot_stats_match_numpy_for_every_layout():
+  """Dense, a transposed (out, in) weight and a 3-D kernel contracted on two axes."""
+  def f(p, x):  # x (B, S, 8)
+    h = x @ p["dense"]  # (B, S, 12)
+    h = jnp.tanh(h) @ p["torch_style"].T  # weight stored (out=16, in=12)
+    h = h.reshape(h.shape[:-1] + (2, 8))
+    return jnp.einsum("bshd,hdo->bso", h, p["general"])
+
+  p = {"dense": _x(0, (8, 12)), "torch_style": _x(1, (16, 12)), "general": _x(2, (2, 8, 4))}
+  xs = [_x(10 + i, (3, 5, 8)) for i in range(3)]
+  st = cal.collect_stats(f, p, xs, hessian=True)
+  assert set(st) == {"dense", "torch_style", "general"}
+  assert st["torch_style"].site.group_axes == (1,)
+  assert st["general"].site.group_axes == (0, 1)
+
+  x = np.concatenate([np.asarray(b).reshape(-1, 8) for b in xs]).astype(np.float64)
+  h1 = np.tanh(x @ np.asarray(p["dense"], np.float64))
+  h2 = h1 @ np.asarray(p["torch_style"], np.float64).T
+  for name, xin in [("dense", x), ("torch_style", h1), ("general", h2)]:
+    s = st[name]
+    assert float(s.count) == xin.shape[0]
+    np.testing.assert_allclose(np.asarray(s.sumsq)[0], (xin ** 2).sum(0), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(s.hessian)[0], xin.T @ xin, rtol=1e-4, atol=1e-3)
+    # The matrix view reproduces the layer: y = X @ to_matrix(w).
+    w = cal.to_matrix(p[name], s.site)
+    assert w.shape == (s.site.k, s.site.o)
+    np.testing.assert_array_equal(np.asarray(cal.from_matrix(w, s.site)), np.asarray(p[name]))
+  np.testing.assert_allclose(np.asarray(cal.to_matrix(p["torch_style"], st["torch_style"].site)),
+                             np.asarray(p["torch_style"]).T)
+
+
+@pytest.mark.parametrize("feats,kernel,groups,strides,dilation", [
+    (32, (3, 3), 2, (1, 1), (1, 1)),
+    (8, (3,), 4, (2,), (2,)),
+])
+def test_conv_patches_reproduce_the_convolution(feats, kernel, groups, strides, dilation):
+  conv = nn.Conv(feats, kernel, feature_group_count=groups, strides=strides,
+                 kernel_dilation=dilation, use_bias=False, padding="SAME")
+  x = _x(0, (2,) + (7,) * len(kernel) + (8,))
+  v = {"params": {"kernel": _x(1, kernel + (8 // groups, feats))}}
+  tap = stats_lib.discover(stats_lib.Model(conv.apply, v), x, [0])
+  (site,) = tap.sites[0]
+  assert site.kind == "conv" and site.groups == groups and site.group_axes == (len(kernel),)
+
+  eqn = next(e for e in jax.make_jaxpr(conv.apply)(v, x).jaxpr.eqns
+             if e.primitive.name == "conv_general_dilated")
+  patches = jax.jit(lambda a: stats_lib.conv_patches(a, site, eqn.params))(x)
+  patches = patches.reshape(-1, groups, site.k)
+  wm = cal.to_matrix(v["params"]["kernel"], site).reshape(site.k, groups, -1)
+  y = jnp.einsum("tgk,kgo->tgo", patches, wm, precision=HI).reshape(patches.shape[0], -1)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(conv.apply(v, x)).reshape(-1, feats),
+                             atol=1e-5)
+
+
+def test_streaming_equals_one_big_batch_and_models_need_no_change():
+  model = models.LinenCNN()
+  xs = [_x(i, (4, 8, 8, 1)) for i in range(3)]
+  variables = jax.jit(model.init)(jax.random.key(0), xs[0])
+  a = cal.collect_stats(model.apply, variables, xs, hessian=True)
+  b = cal.collect_stats(model.apply, variables, [jnp.concatenate(xs)], hessian=True)
+  assert set(a) == {f"params/{n}/kernel" for n in ("Conv_0", "Conv_1", "Conv_2", "Dense_0",
+                                                   "Dense_1")}
+  assert a["params/Conv_1/kernel"].sumsq.shape == (2, 72)  # 2 groups of 3*3*4 patches
+  for p in a:
+    assert float(a[p].count) == float(b[p].count)
+    np.testing.assert_allclose(np.asarray(a[p].hessian), np.asarray(b[p].hessian), rtol=1e-4,
+                               atol=1e-3)
+
+
+def test_nnx_module():
+  model, tokens = models.nnx_block()
+  st = cal.collect_stats(model, batches=[tokens, tokens])
+  assert set(st) == {"conv/kernel", "attn/query/kernel", "attn/key/kernel", "attn/value/kernel",
+                     "attn/out/kernel", "up/kernel", "down/kernel", "head/kernel"}
+  assert float(st["up/kernel"].count) == 2 * tokens.size
+  assert st["up/kernel"].hessian is None
+
+
+def test_weights_inside_scan_are_named_not_silently_skipped():
+  def f(p, x):
+    x = x @ p["first"]
+    x, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["stack"])
+    return x
+
+  p = {"first": _x(0, (8, 8)), "stack": _x(1, (3, 8, 8))}
+  xs = [_x(2, (4, 8))]
+  lay = jasp.trace_layouts(f, p, xs[0])
+  with pytest.raises(ValueError, match=r"stack.*scan"):
+    cal.wanda_prune(f, p, xs, layouts=lay, progress=False)
+  pruned, masks = cal.wanda_prune(f, p, xs, layouts=lay, missing="magnitude", progress=False)
+  np.testing.assert_array_equal(np.asarray(masks["stack"]),
+                                np.asarray(jasp.nm_mask(p["stack"], 2, 4, lay["stack"].axis)))
+  _, masks = cal.wanda_prune(f, p, xs, layouts=lay, missing="dense", progress=False)
+  assert masks["stack"] is None and masks["first"] is not None
+
+
+_SHARDED = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jasp import calibration as cal
+    assert len(jax.devices()) == 8
+    f = lambda p, x: x @ p["w"]
+    p = {"w": jax.random.normal(jax.random.key(0), (32, 64))}
+    xs = [jax.random.normal(jax.random.key(i), (16, 4, 32)) * jnp.exp(jnp.linspace(-2, 2, 32))
+          for i in range(2)]
+    ref = cal.sparsegpt_prune(f, p, xs, blocksize=16)
+    # Auto mesh: batch over 'data', the weight's outputs over 'model'.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    ps = {"w": jax.device_put(p["w"], NamedSharding(mesh, P(None, "model")))}
+    xss = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in xs]
+    got = cal.sparsegpt_prune(f, ps, xss, blocksize=16)
+    assert got[0]["w"].sharding.spec == P(None, "model"), got[0]["w"].sharding
+    np.testing.assert_array_equal(np.asarray(got[1]["w"]), np.asarray(ref[1]["w"]))
+    np.testing.assert_allclose(np.asarray(got[0]["w"]), np.asarray(ref[0]["w"]), atol=1e-4)
+    # Explicit-axes mesh (jax.set_mesh): the Hessian contracts sharded rows.
+    emesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(emesh):
+      xss = [jax.device_put(x, NamedSharding(emesh, P("data"))) for x in xs]
+      got = cal.sparsegpt_prune(f, p, xss, blocksize=16)
+    np.testing.assert_array_equal(np.asarray(got[1]["w"]), np.asarray(ref[1]["w"]))
+    print("ok")
+""")
+
+
+def test_sharded_calibration_matches_single_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  r = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
