@@ -197,9 +197,17 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   """
   flat, treedef = jax.tree_util.tree_flatten(params)
   aligned = _tree.align(masks, params)
-  out = [x if mk is None else jnp.where(packing.as_bool(mk), x, jnp.zeros((), x.dtype))
-         for x, mk in zip(flat, aligned)]
+  todo = [i for i, mk in enumerate(aligned) if mk is not None]
+  out = list(flat)
+  for i, w in zip(todo, _apply_program([flat[i] for i in todo], [aligned[i] for i in todo])):
+    out[i] = w
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@jax.jit
+def _apply_program(leaves, masks):
+  return [jnp.where(packing.as_bool(mk), x, jnp.zeros((), x.dtype))
+          for x, mk in zip(leaves, masks)]
 
 
 def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyTree]:

@@ -53,13 +53,20 @@ def test_packed_masks_through_the_api(tmp_path):
   for mk in (bool_masks["params"], packed["params"]):
     tx = jasp.sparse_optimizer(optax.adamw(1e-2, weight_decay=0.1), mk)
     p, s = params, tx.init(params)
-    step = jax.jit(lambda p, s: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
-        tx.update(jax.grad(loss)(p), s, p)))
+    def step(p, s, tx=tx):
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      return optax.apply_updates(p, u), s
+    step = jax.jit(step)
     for _ in range(2):
       p, s = step(p, s)
     results.append((p, s))
   for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_array_equal(a == 0, b == 0)
+    if jax.default_backend() == "cpu":  # GPU fusions may reassociate differently
+      np.testing.assert_array_equal(a, b)
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   # the packed state checkpoints through orbax
   with ocp.StandardCheckpointer() as cp:
     cp.save(tmp_path / "c", {"state": results[1][1]})
