@@ -176,6 +176,8 @@ def test_unsupported_inputs_raise():
     nm_pallas.nm_mask_pallas(jnp.float32(1.0), interpret=True)
   with pytest.raises(ValueError):
     nm_pallas.nm_mask_pallas(jnp.ones((8, 4)), 4, 4, interpret=True)
+  assert nm_pallas.nm_mask_pallas(jnp.ones((0, 4)), interpret=True).shape == (0, 4)
+  assert nm_pallas.nm_prune_pallas(jnp.ones((8, 0)), interpret=True)[1].shape == (8, 0)
   assert not nm_pallas.supports(jnp.float64, 2, 4)
   assert nm_pallas.supports(jnp.bfloat16, 7, 8)
 

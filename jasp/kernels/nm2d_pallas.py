@@ -100,7 +100,7 @@ def plan_2d(shape: Sequence[int], m: int, axis: int, out_axis: int, *,
 
 def supports_2d(shape: Sequence[int], dtype, n: int, m: int, axis: int, out_axis: int) -> bool:
   """Whether the kernel handles this weight and block layout (see module doc)."""
-  if not nm_pallas.supports(dtype, n, m) or len(shape) < 2:
+  if not nm_pallas.supports(dtype, n, m) or len(shape) < 2 or math.prod(shape) == 0:
     return False
   try:
     if len(_patterns(n, m)) > MAX_PATTERNS:

@@ -18,8 +18,11 @@ the weight is viewed for free (a reshape) as one of two 3-D arrays:
   program loads ``m`` tiles ``(b0, b1)``, one per group member, each contiguous
   along ``post``: coalesced loads, no transpose.
 * ``post == 1`` ("cols", groups along the last axis, e.g. PyTorch ``(out,
-  in)``): ``(rows, q, m)`` with ``q * m`` consecutive elements per row; member
-  ``i`` of every group in a tile is the strided tile ``[:, :, i]``.
+  in)``): ``(rows, q, m)`` with ``q * m`` consecutive elements per row. For
+  ``m`` a power of 2 each program loads its ``(b0, b1, m)`` block whole
+  (contiguous, wide loads), splits the members apart in registers and
+  interleaves the results back before one contiguous store; otherwise member
+  ``i`` is the strided tile ``[:, :, i]``.
 
 Shapes that do not tile evenly are handled with masked loads and stores on the
 edge blocks (the bounds are static, so evenly tiled shapes carry no masks).
@@ -27,7 +30,8 @@ edge blocks (the bounds are static, so evenly tiled shapes carry no masks).
 Ranking. The key of an entry is the bit pattern of ``|w|`` read as an integer,
 with NaN clamped to the bit pattern of +inf: for non-negative floats the integer
 order *is* the float order, so the comparison is exact (denormals included) and
-matches :func:`jasp.masks.magnitude`. Entry ``i`` is kept when fewer than ``n``
+matches :func:`jasp.masks.magnitude` (XLA on CPU flushes subnormals to zero
+in comparisons; the kernel, like the float64 reference, does not). Entry ``i`` is kept when fewer than ``n``
 group members beat it (larger key, or equal key at a lower index): the same
 rank rule as :func:`jasp.masks.topn_mask`, so results are identical bit for bit.
 """
@@ -338,6 +342,8 @@ def nm_mask_pallas(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
   w = jnp.asarray(w)
   _check(w, n, m)
   p = plan(w.shape, m, axis, **tuning)
+  if w.size == 0:
+    return jnp.zeros(w.shape, jnp.bool_)
   (mask,) = _run(lax.stop_gradient(w), n=n, p=p, outputs=("mask",),
                  interpret=_use_interpret(interpret))
   return mask
@@ -377,5 +383,7 @@ def nm_prune_pallas(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
   w = jnp.asarray(w)
   _check(w, n, m)
   p = plan(w.shape, m, axis, **tuning)
+  if w.size == 0:
+    return (w, jnp.zeros(w.shape, jnp.bool_)) if with_mask else w
   out = _prune(w, n, p, bool(with_mask), _use_interpret(interpret))
   return out if with_mask else out[0]
