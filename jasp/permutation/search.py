@@ -1,0 +1,779 @@
+"""Searching for a channel permutation that helps N:M sparsity keep magnitude.
+
+Permuting the channels along a weight's group axis changes which entries share
+a group of ``m``, and so how much magnitude the N:M mask keeps. Only the
+*partition* of the channels into groups matters (the order inside a group and
+the order of the groups do not), so the search works on partitions: a
+permutation is read as ``C // m`` *stripes*, stripe ``s`` holding the channels
+``perm[s*m:(s+1)*m]``.
+
+The objective is a sum over stripes of the stripe's *score*: over every other
+position of the weight ("rows"), the sum of the ``n`` largest magnitudes among
+the stripe's ``m`` channels. Every strategy here only accepts changes that raise
+it, so the result never keeps less than the identity.
+
+Strategies (after Pool & Yu, "Channel Permutations for N:M Sparsity", NeurIPS
+2021, which apex ASP implements):
+
+* ``"windows"`` (optimize stripe groups): take ``k`` stripes (a window of
+  ``k*m`` channels) and try every partition of their channels into ``k``
+  stripes (35 for 8 channels, 5,775 for 12), keeping the best. Each *round*
+  cuts all stripes into disjoint windows and solves every window at once
+  (batched), so one round can improve ``C // (k*m)`` windows. For ``k = 2`` the
+  rounds of a *sweep* follow a round-robin schedule that pairs every two
+  stripes exactly once, so a sweep without improvement is a proven local
+  optimum over all pairs of stripes; for ``k >= 3`` the windows are drawn at
+  random. At a local optimum an *escape* perturbs the best partition found so
+  far (random channel swaps across stripes) and the search goes on.
+* ``"swap"`` (channel swaps): evaluate the gain of every swap of two channels in
+  different stripes (a ``C x C`` table, batched) and apply the best; escapes as
+  above. Needs ``O(C^2 * rows)`` work per step: meant for small layers.
+
+Everything runs as jitted XLA on the default backend (CPU or GPU). For a seed,
+the sequence of states is fixed; ``time_limit`` only decides where it stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from typing import Literal
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jasp import masks as masks_lib
+
+__all__ = [
+    "search_permutation",
+    "permutation_score",
+    "PermutationScore",
+    "SearchInfo",
+    "permute_axis",
+]
+
+Axis = int | Sequence[int]
+Strategy = Literal["auto", "windows", "swap"]
+
+# A window is solved exhaustively only while it has at most this many candidate
+# stripes (C(k*m, m) channel subsets are scored per window).
+_MAX_SUBSETS = 20_000
+# Elements (windows x subsets x m x rows) gathered per batch of a round.
+_BATCH_ELEMS = 1 << 23
+# Windows of 3+ stripes are all solved in every pass: at most this many.
+_MAX_WINDOWS = 200_000
+
+
+# ----------------------------------------------------------------------------
+# Views and scores.
+
+
+def _matrix(w: jax.Array, axis: Axis) -> jax.Array:
+  """``|w|`` as float32 ``(C, R)``: the (flattened) group axes first."""
+  w = jnp.asarray(w)
+  axes = masks_lib.group_axes(w.ndim, axis)
+  mag = masks_lib.magnitude(w)
+  mag = jnp.where(jnp.isinf(mag), jnp.finfo(jnp.float32).max / 2**20, mag)
+  mag = mag.astype(jnp.float32) if mag.dtype != jnp.float64 else mag
+  mag = jnp.moveaxis(mag, axes, tuple(range(len(axes))))
+  c = int(np.prod(mag.shape[:len(axes)], dtype=np.int64))
+  return mag.reshape(c, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "rows"))
+def _padded_matrix(w: jax.Array, axes: tuple[int, ...], rows: int) -> jax.Array:
+  """:func:`_matrix`, zero-padded to ``rows`` rows (one compiled call)."""
+  mag = _matrix(w, axes)
+  return jnp.pad(mag, ((0, 0), (0, rows - mag.shape[1])))
+
+
+def permute_axis(w: jax.Array, perm: jax.Array, axis: Axis = 0) -> jax.Array:
+  """``w`` with its (flattened) group axes reordered by ``perm``.
+
+  For a single axis this is ``jnp.take(w, perm, axis=axis)``. For a run of
+  consecutive axes (a ``DenseGeneral`` kernel contracted over ``(heads,
+  head_dim)``), ``perm`` indexes their row-major flattening.
+
+  Args:
+    w: array of any rank.
+    perm: int array ``(C,)``, ``C`` the product of the sizes of ``axis``.
+    axis: an int or a run of consecutive ints.
+
+  Returns:
+    an array of ``w``'s shape and dtype.
+  """
+  w = jnp.asarray(w)
+  axes = masks_lib.group_axes(w.ndim, axis)
+  if len(axes) == 1:
+    return jnp.take(w, perm, axis=axes[0])
+  a0, a1 = axes[0], axes[-1]
+  flat = w.reshape(w.shape[:a0] + (-1,) + w.shape[a1 + 1:])
+  return jnp.take(flat, perm, axis=a0).reshape(w.shape)
+
+
+def _topn_sum(rows: list[jax.Array], n: int) -> jax.Array:
+  """Sum of the ``n`` largest of ``m`` equally shaped arrays (element-wise).
+
+  A compare-exchange network (min/max only), so XLA fuses it with the gather
+  that produces ``rows`` and the reduction that consumes it.
+  """
+  m = len(rows)
+  rows = list(rows)
+  if n > m // 2:  # sum of all minus the (m - n) smallest
+    k, largest = m - n, False
+  else:
+    k, largest = n, True
+  # k passes of a bubble network move the k extreme values to the end.
+  for i in range(k):
+    for j in range(m - 1 - i):
+      a, b = rows[j], rows[j + 1]
+      lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
+      rows[j], rows[j + 1] = (lo, hi) if largest else (hi, lo)
+  ext = sum(rows[m - k:])
+  return ext if largest else sum(rows) - ext
+
+
+def _stripe_scores(mag: jax.Array, cols: jax.Array, n: int) -> jax.Array:
+  """Scores of stripes: ``cols (..., m)`` channel ids -> ``(...)`` float32."""
+  m = cols.shape[-1]
+  g = mag[cols]  # (..., m, R)
+  return _topn_sum([g[..., i, :] for i in range(m)], n).sum(-1)
+
+
+class PermutationScore(NamedTuple):
+  """How much magnitude an N:M mask keeps, with and without a permutation.
+
+  Attributes:
+    kept: ``sum |w|`` kept by the N:M mask of the permuted weight.
+    kept_identity: the same without permutation.
+    bound: ``sum |w|`` kept by the best *unstructured* choice of ``n/m`` of
+      each row (apex's "50% rows" for 2:4): no permutation can beat it.
+    total: ``sum |w|`` of the dense weight.
+    fraction: ``kept / total``.
+    efficacy: apex's metric, in percent: ``100 * (kept - kept_identity) /
+      (bound - kept_identity)`` (0 when the identity is already optimal).
+  """
+  kept: float
+  kept_identity: float
+  bound: float
+  total: float
+  fraction: float
+  efficacy: float
+
+
+def permutation_score(w: jax.Array, perm: jax.Array | None = None, n: int = 2, m: int = 4,
+                      axis: Axis = 0) -> PermutationScore:
+  """Scores a permutation of ``w``'s group axis against the identity and the bound.
+
+  Sums are taken in float64 on the host, so scores of different permutations
+  compare exactly.
+
+  Args:
+    w: weight of any rank (float or integer).
+    perm: int ``(C,)`` along the (flattened) group axis; None for the identity.
+    n, m: N:M.
+    axis: the group axis (or a run of consecutive axes).
+
+  Returns:
+    a :class:`PermutationScore`.
+  """
+  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  w = np.asarray(jax.device_get(w))
+  axes = masks_lib.group_axes(w.ndim, axis)
+  mag = np.abs(w.astype(np.float64))
+  mag = np.where(np.isnan(mag), np.inf, mag)
+  c = int(np.prod([w.shape[a] for a in axes], dtype=np.int64))
+  mag = np.moveaxis(mag, axes, tuple(range(len(axes)))).reshape(c, -1)
+  r = mag.shape[1]
+  if c % m:
+    raise ValueError(f"the group axis has {c} channels, not a multiple of m={m}.")
+  def kept_of(p):
+    s = np.sort(mag[np.asarray(p)].reshape(c // m, m, r), axis=1)
+    return float(s[:, m - n:, :].sum())
+  ident = kept_of(np.arange(c))
+  kept = ident if perm is None else kept_of(_check_perm(perm, c))
+  keep_row = (c * n) // m
+  bound = float(np.sort(mag, axis=0)[c - keep_row:, :].sum())
+  total = float(mag.sum())
+  gap = bound - ident
+  eff = 100.0 * (kept - ident) / gap if gap > 0 else 0.0
+  return PermutationScore(kept, ident, bound, total, kept / total if total else 1.0, eff)
+
+
+def _check_perm(perm, c: int) -> np.ndarray:
+  p = np.asarray(jax.device_get(perm))
+  if p.shape != (c,) or not np.issubdtype(p.dtype, np.integer) or not np.array_equal(
+      np.sort(p), np.arange(c)):
+    raise ValueError(f"perm must be a permutation of range({c}), got shape {p.shape}.")
+  return p
+
+
+# ----------------------------------------------------------------------------
+# Window tables.
+
+
+@functools.lru_cache(maxsize=None)
+def window_tables(k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+  """Canonical partitions of ``k*m`` channels into ``k`` stripes of ``m``.
+
+  Returns:
+    ``subsets``: int32 ``(Ns, m)``, every ``m``-subset of ``range(k*m)`` in
+    lexicographic order; ``parts``: int32 ``(Np, k)``, each partition as the
+    indices of its ``k`` blocks in ``subsets``, the first block holding the
+    smallest channel, then the smallest channel left, and so on. ``parts[0]``
+    is the identity (blocks ``0..m-1``, ``m..2m-1``, ...). ``Np`` is
+    ``(k*m)! / (m!^k k!)``: 35 for 2x4, 5,775 for 3x4.
+  """
+  subsets = list(itertools.combinations(range(k * m), m))
+  if len(subsets) > _MAX_SUBSETS:
+    raise ValueError(
+        f"a window of {k} stripes of {m} channels has {len(subsets)} candidate stripes "
+        f"(more than {_MAX_SUBSETS}); use a smaller window or strategy='swap'.")
+  index = {s: i for i, s in enumerate(subsets)}
+  parts: list[tuple[int, ...]] = []
+
+  def rec(rest: tuple[int, ...], acc: tuple[int, ...]):
+    if not rest:
+      parts.append(acc)
+      return
+    first, others = rest[0], rest[1:]
+    for comb in itertools.combinations(others, m - 1):
+      left = tuple(x for x in others if x not in comb)
+      rec(left, acc + (index[(first,) + comb],))
+
+  rec(tuple(range(k * m)), ())
+  return np.asarray(subsets, np.int32), np.asarray(parts, np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _round_robin(s: int) -> np.ndarray:
+  """Rounds pairing every two of ``s`` stripes once: int32 ``(rounds, s'/2, 2)``.
+
+  The circle method; for odd ``s`` a dummy stripe ``s`` joins (its pair is
+  skipped).
+  """
+  t = s + (s % 2)
+  ids = list(range(t))
+  rounds = []
+  for _ in range(t - 1):
+    rounds.append([(ids[i], ids[t - 1 - i]) for i in range(t // 2)])
+    ids = [ids[0], ids[-1]] + ids[1:-1]
+  return np.asarray(rounds, np.int32)
+
+
+# ----------------------------------------------------------------------------
+# The window search.
+
+
+class _State(NamedTuple):
+  perm: jax.Array  # (C,) current partition
+  scores: jax.Array  # (S,) stripe scores of perm
+  best: jax.Array  # (C,) best partition found
+  best_total: jax.Array  # () its objective
+  dirty: jax.Array  # (S,) bool: stripes whose windows need a (re)check
+  relabel: jax.Array  # (S,) stripe relabeling of the current sweep
+  phase: jax.Array  # () 0: round-robin pair sweeps, 1: focused rounds
+  pos: jax.Array  # () round within the sweep
+  improved: jax.Array  # () bool: the sweep improved something
+  sweeps: jax.Array  # () sweeps started
+  escapes: jax.Array  # () escapes done
+  rounds: jax.Array  # () rounds done
+  done: jax.Array  # () bool: local optimum after the last escape
+
+
+def _tol(x):
+  # float32 sums of R terms: relative rounding far below 1e-6.
+  return 1e-6 * jnp.abs(x) + 1e-30
+
+
+def _hash(seed, *words):
+  """A uint32 hash of ``seed`` and integer ``words`` (arrays broadcast).
+
+  Counter-based randomness (murmur3's finaliser after each word) for the
+  search's random choices: a few integer ops, cheap to compile, unlike
+  threefry inside a loop.
+  """
+  x = jnp.asarray(seed, jnp.uint32) ^ jnp.uint32(0x9E3779B9)
+  for wd in words:
+    x = x ^ jnp.asarray(wd).astype(jnp.uint32)
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    x = x ^ (x >> 16)
+  return x
+
+
+def _rand_order(seed, tag, count, s):
+  """A random permutation of ``range(s)`` drawn from ``(seed, tag, count)``."""
+  bits = _hash(seed, tag, count, jnp.arange(s, dtype=jnp.uint32))
+  return jnp.argsort(bits).astype(jnp.int32)
+
+
+def _randint(seed, tag, count, idx, hi):
+  """Uniform-ish ints in ``[0, hi)`` (``hi`` < 2**16, modulo bias < 2**-16)."""
+  return (_hash(seed, tag, count, idx) % jnp.uint32(hi)).astype(jnp.int32)
+
+
+def _solve_windows(mag, perm, wins, valid, n, m, k, batch):
+  """Best partition of each window of stripes.
+
+  Args:
+    mag: ``(C, R)``; perm: ``(C,)``; wins: int ``(W, k)`` stripe ids (may hold
+      ``S`` for a dummy); valid: bool ``(W,)``.
+
+  Returns:
+    gain ``(W,)`` (0 where not improving), new channels ``(W, k*m)``, new
+    stripe scores ``(W, k)``.
+  """
+  subsets, parts = window_tables(k, m)
+  subsets, parts = jnp.asarray(subsets), jnp.asarray(parts)
+  s = perm.shape[0] // m
+  stripes = perm.reshape(s, m)
+  cols = stripes[jnp.minimum(wins, s - 1)].reshape(wins.shape[0], k * m)
+
+  def one(wc):
+    sub = _stripe_scores(mag, wc[subsets], n)  # (Ns,)
+    tot = sub[parts].sum(-1)  # (Np,)
+    b = jnp.argmax(tot)  # first maximum: the identity (index 0) wins ties
+    gain = tot[b] - tot[0]
+    ok = gain > _tol(tot[0])
+    b = jnp.where(ok, b, 0)
+    blocks = parts[b]
+    return jnp.where(ok, gain, 0.0), wc[subsets[blocks]].reshape(k * m), sub[blocks]
+
+  if batch >= wins.shape[0]:
+    gain, new, new_scores = jax.vmap(one)(cols)
+  else:
+    gain, new, new_scores = jax.lax.map(one, cols, batch_size=batch)
+  gain = jnp.where(valid, gain, 0.0)
+  return gain, new, new_scores
+
+
+def _apply_windows(perm, scores, wins, take, new, new_scores, m, k):
+  """Writes the windows where ``take`` (disjoint) into the partition."""
+  s = scores.shape[0]
+  c = perm.shape[0]
+  pos = (wins[:, :, None] * m + jnp.arange(m, dtype=wins.dtype)).reshape(wins.shape[0], k * m)
+  pos = jnp.where(take[:, None], pos, c)
+  perm = perm.at[pos].set(new, mode="drop")
+  spos = jnp.where(take[:, None], wins, s)
+  scores = scores.at[spos].set(new_scores, mode="drop")
+  return perm, scores
+
+
+def _perturb(perm, seed, count, m, swaps):
+  """Swaps ``swaps`` random pairs of channels that sit in different stripes.
+
+  Returns the new partition and the bool ``(S,)`` of the stripes it touched.
+  """
+  c = perm.shape[0]
+
+  def body(i, carry):
+    perm, touched = carry
+    a = _randint(seed, 7, count, 2 * i, c)
+    # b: uniform over the channels outside a's stripe.
+    b = ((a // m) * m + m + _randint(seed, 7, count, 2 * i + 1, c - m)) % c
+    pa, pb = perm[a], perm[b]
+    perm = perm.at[a].set(pb).at[b].set(pa)
+    return perm, touched.at[a // m].set(True).at[b // m].set(True)
+
+  return jax.lax.fori_loop(0, swaps, body, (perm, jnp.zeros(c // m, bool)))
+
+
+@functools.lru_cache(maxsize=None)
+def _all_windows(s: int, k: int) -> np.ndarray:
+  """``(C(s, k), k)`` int32: every window of ``k`` of ``s`` stripes."""
+  return np.asarray(list(itertools.combinations(range(s), k)), np.int32).reshape(-1, k)
+
+
+def _independent(wins, gain, s):
+  """Improving windows that beat every window they overlap (hence disjoint).
+
+  A window is taken when, on each of its stripes, it has the largest gain
+  (ties: the lowest window index). The best window overall is always taken.
+  """
+  w = wins.shape[0]
+  idx = jnp.arange(w, dtype=jnp.int32)
+  flat = wins.reshape(-1)
+  g = jnp.repeat(gain, wins.shape[1])
+  top = jnp.full(s, -jnp.inf, gain.dtype).at[flat].max(g)
+  is_top = gain[:, None] == top[wins]
+  cand = jnp.where(is_top.reshape(-1), jnp.repeat(idx, wins.shape[1]), w)
+  first = jnp.full(s, w, jnp.int32).at[flat].min(cand)
+  return (gain > 0) & jnp.all(first[wins] == idx[:, None], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "k", "batch", "all_batch"))
+def _windows_chunk(mag, state: _State, seed, *, n, m, k, batch, all_batch, escape_swaps,
+                   max_escapes, chunk):
+  """Runs up to ``chunk`` rounds of the window search (a pure state machine).
+
+  Phases: 0 sweeps pairs of stripes in round-robin rounds (a round solves
+  ``S // 2`` disjoint windows and applies every improvement) until a whole
+  sweep improves nothing, which proves a local optimum over all pairs. 1 takes
+  the first dirty stripe ``d`` (in a random order), solves the pairs ``(d,
+  x)`` for half of the other stripes ``x`` at a time and applies the best; ``d``
+  turns clean when neither half improves (the cheap way back to a local
+  optimum after an escape). 3 (windows of ``k >= 3`` stripes, after 0 or 1)
+  solves every window of ``k`` stripes at once and applies the best disjoint
+  improvements, until none is left. 2 is a local optimum: keep the best
+  partition so far, then escape (perturb the best with random channel swaps,
+  mark the touched stripes dirty, go to 1) or stop. Phases 0 and 1 share one
+  batch shape, so one compiled window solver serves both.
+  """
+  c = mag.shape[0]
+  s = c // m
+  rr = jnp.asarray(_round_robin(s))
+  w = rr.shape[1]
+  n_half = -(-(s - 1) // w)
+  after_pairs = 3 if k > 2 else 2
+  slots = jnp.arange(n_half * w, dtype=jnp.int32)
+
+  def local_opt(st: _State, fresh):
+    total = st.scores.sum()
+    better = total > st.best_total + _tol(st.best_total)
+    best = jnp.where(better, st.perm, st.best)
+    best_total = jnp.where(better, total, st.best_total)
+    done = st.escapes >= max_escapes
+    kicked, touched = _perturb(best, seed, st.escapes, m, escape_swaps)
+    perm = jnp.where(done, best, kicked)
+    scores = _stripe_scores(mag, perm.reshape(s, m), n)
+    return st._replace(perm=perm, scores=scores, best=best, best_total=best_total,
+                       dirty=touched & ~done, relabel=fresh, phase=jnp.where(done, 2, 1),
+                       escapes=st.escapes + (~done).astype(jnp.int32), done=done, pos=0)
+
+  def pair_or_star(st: _State, fresh):
+    star = st.phase == 1
+    # Pair round: the round-robin round ``pos`` under the sweep's relabeling.
+    relab = jnp.concatenate([st.relabel, jnp.array([s], st.relabel.dtype)])
+    pw = relab[rr[st.pos]]
+    # Star round: the first dirty stripe d against half ``pos`` of the others.
+    any_dirty = jnp.any(st.dirty)
+    d = st.relabel[jnp.argmax(st.dirty[st.relabel])]
+    others = jax.lax.dynamic_slice(slots, (jnp.minimum(st.pos, n_half - 1) * w,), (w,))
+    sw = jnp.stack([jnp.full(w, d, jnp.int32), jnp.where(others >= d, others + 1, others)], 1)
+    wins = jnp.where(star, sw, pw)
+    valid = jnp.where(star, (sw[:, 1] < s) & any_dirty, jnp.all(pw < s, axis=-1))
+    wins = jnp.minimum(wins, s)
+    gain, new, new_scores = _solve_windows(mag, st.perm, wins, valid, n, m, 2, batch)
+    b = jnp.argmax(gain)
+    improved_any = gain[b] > 0
+    take = jnp.where(star, (jnp.arange(w) == b) & improved_any, gain > 0)
+    perm, scores = _apply_windows(st.perm, st.scores, wins, take, new, new_scores, m, 2)
+    # Pair bookkeeping.
+    improved = st.improved | improved_any
+    pos = st.pos + 1
+    end = pos >= rr.shape[0]
+    converged = end & ~improved
+    pair_st = st._replace(perm=perm, scores=scores, relabel=jnp.where(end, fresh, st.relabel),
+                          phase=jnp.where(converged, after_pairs, 0), pos=jnp.where(end, 0, pos),
+                          improved=improved & ~end, sweeps=st.sweeps + end.astype(jnp.int32))
+    # Star bookkeeping.
+    last_half = st.pos >= n_half - 1
+    dirty = jnp.where(improved_any, st.dirty.at[wins[b]].set(True),
+                      jnp.where(last_half, st.dirty.at[d].set(False), st.dirty))
+    star_pos = jnp.where(improved_any | last_half, 0, st.pos + 1)
+    star_st = st._replace(perm=perm, scores=scores, dirty=dirty, pos=star_pos,
+                          phase=jnp.where(any_dirty, 1, after_pairs))
+    return jax.tree_util.tree_map(lambda a, b_: jnp.where(star, a, b_), star_st, pair_st)
+
+  def all_pass(st: _State):
+    wins = jnp.asarray(_all_windows(s, k))
+    valid = jnp.ones(wins.shape[0], bool)
+    gain, new, new_scores = _solve_windows(mag, st.perm, wins, valid, n, m, k, all_batch)
+    take = _independent(wins, gain, s)
+    perm, scores = _apply_windows(st.perm, st.scores, wins, take, new, new_scores, m, k)
+    return st._replace(perm=perm, scores=scores, phase=jnp.where(jnp.any(take), 3, 2))
+
+  def round_(st: _State) -> _State:
+    fresh = _rand_order(seed, 1, st.rounds + 1, s)
+    st = jax.lax.cond(st.phase == 2, local_opt, lambda x, f: x, st, fresh)
+    if k > 2:
+      st = jax.lax.cond(st.done | (st.phase == 2), lambda x, f: x,
+                        lambda x, f: jax.lax.cond(x.phase == 3, lambda y, g: all_pass(y),
+                                                  pair_or_star, x, f), st, fresh)
+    else:
+      st = jax.lax.cond(st.done | (st.phase == 2), lambda x, f: x, pair_or_star, st, fresh)
+    return st._replace(rounds=st.rounds + 1)
+
+  def cond(carry):
+    st, i = carry
+    return (i < chunk) & ~st.done
+
+  st, _ = jax.lax.while_loop(cond, lambda cr: (round_(cr[0]), cr[1] + 1), (state, 0))
+  return st
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "k", "batch", "all_batch"))
+def _windows_chunks(mag, state: _State, seeds, *, chunk, **static):
+  """:func:`_windows_chunk` for a batch of chains (one per seed)."""
+  return jax.vmap(lambda st, sd: _windows_chunk(mag, st, sd, chunk=chunk, **static))(
+      state, seeds)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "n"))
+def _vmapped_init(mag, m, seeds, n):
+  return jax.vmap(lambda sd: _init_state(mag, m, sd, n))(seeds)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "n"))
+def _init_state(mag, m, seed, n) -> _State:
+  c = mag.shape[0]
+  s = c // m
+  perm = jnp.arange(c, dtype=jnp.int32)
+  scores = _stripe_scores(mag, perm.reshape(s, m), n)
+  relabel = _rand_order(seed, 1, 0, s)
+  z = jnp.zeros((), jnp.int32)
+  f = jnp.zeros((), bool)
+  return _State(perm, scores, perm, scores.sum(), jnp.zeros(s, bool), relabel, z, z, f, z, z, z,
+                f)
+
+
+# ----------------------------------------------------------------------------
+# The swap search.
+
+
+class _SwapState(NamedTuple):
+  perm: jax.Array
+  repl: jax.Array  # (S, m, C): score of stripe s with member p replaced by channel j
+  scores: jax.Array  # (S,)
+  best: jax.Array
+  best_total: jax.Array
+  escapes: jax.Array
+  rounds: jax.Array
+  done: jax.Array
+
+
+def _replacement(mag, stripes, n):
+  """``(S', m, C)``: score of each stripe with member ``p`` replaced by channel ``j``."""
+  sp, m = stripes.shape
+  c = mag.shape[0]
+  cand = jnp.broadcast_to(stripes[:, None, None, :], (sp, m, c, m))
+  cand = jnp.where(jnp.eye(m, dtype=bool)[None, :, None, :],
+                   jnp.arange(c, dtype=stripes.dtype)[None, None, :, None], cand)
+  return _stripe_scores(mag, cand, n)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m"))
+def _swap_chunk(mag, st: _SwapState, seed, *, n, m, escape_swaps, max_escapes, chunk):
+  c = mag.shape[0]
+  s = c // m
+
+  def step(st: _SwapState) -> _SwapState:
+    perm = st.perm
+    where = jnp.zeros(c, jnp.int32).at[perm].set(jnp.arange(c, dtype=jnp.int32))
+    stripe_of, slot_of = where // m, where % m
+    # delta[i, j] for channels i, j (ids): swap their places.
+    r_ij = st.repl[stripe_of[:, None], slot_of[:, None], jnp.arange(c)[None, :]]
+    delta = (r_ij + r_ij.T - st.scores[stripe_of][:, None] - st.scores[stripe_of][None, :])
+    same = stripe_of[:, None] == stripe_of[None, :]
+    delta = jnp.where(same, -jnp.inf, delta)
+    flat = jnp.argmax(delta)
+    i, j = flat // c, flat % c
+    ok = delta[i, j] > _tol(st.scores.sum() / s)
+    a, b = where[i], where[j]
+    swapped = perm.at[a].set(perm[b]).at[b].set(perm[a])
+    local_opt = ~ok
+    total = st.scores.sum()
+    better = local_opt & (total > st.best_total + _tol(st.best_total))
+    best = jnp.where(better, perm, st.best)
+    best_total = jnp.where(better, total, st.best_total)
+    done = local_opt & (st.escapes >= max_escapes)
+    escape = local_opt & ~done
+    kicked, _ = _perturb(best, seed, st.escapes, m, escape_swaps)
+    perm = jnp.where(ok, swapped, jnp.where(escape, kicked, perm))
+    stripes = perm.reshape(s, m)
+    # Refresh the two touched stripes after a swap; all of them after an escape.
+    sa, sb = stripe_of[i], stripe_of[j]
+    two = jnp.stack([sa, sb])
+    repl2 = _replacement(mag, stripes[two], n)
+    repl = jnp.where(ok, st.repl.at[two].set(repl2), st.repl)
+    repl = jax.lax.cond(escape, lambda: _replacement(mag, stripes, n), lambda: repl)
+    scores = _stripe_scores(mag, stripes, n)
+    return _SwapState(perm, repl, scores, best, best_total,
+                      st.escapes + escape.astype(jnp.int32), st.rounds + 1, done)
+
+  def cond(carry):
+    st, i = carry
+    return (i < chunk) & ~st.done
+
+  st, _ = jax.lax.while_loop(cond, lambda cr: (step(cr[0]), cr[1] + 1), (st, 0))
+  return st
+
+
+# ----------------------------------------------------------------------------
+# Public entry point.
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchInfo:
+  """What a search did.
+
+  Attributes:
+    strategy: the strategy that ran (``"windows"`` or ``"swap"``).
+    window: channels per window (``k*m``), 0 for ``"swap"``.
+    rounds: rounds (window strategy) or swap steps run.
+    escapes: escapes taken.
+    converged: True when the last local optimum was reached after the last
+      escape (False when a budget stopped the search first).
+    seconds: wall-clock time, compilation included.
+    score: the :class:`PermutationScore` of the result.
+  """
+  strategy: str
+  window: int
+  rounds: int
+  escapes: int
+  converged: bool
+  seconds: float
+  score: PermutationScore
+
+
+def search_permutation(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
+                       strategy: Strategy = "auto", window: int | None = None,
+                       escapes: int = 100, escape_swaps: int = 8,
+                       time_limit: float | None = None, max_rounds: int | None = None,
+                       seed: int = 0, chains: int = 1, return_info: bool = False
+                       ) -> jax.Array | tuple[jax.Array, SearchInfo]:
+  """A permutation of ``w``'s group axis under which N:M keeps more magnitude.
+
+  Args:
+    w: a weight of any rank; float (any precision) or integer. Magnitudes are
+      compared in float32.
+    n, m: N:M (keep ``n`` of every ``m``).
+    axis: the group axis (for a flax ``Dense`` kernel ``(in, out)``: 0; for a
+      ``Conv`` kernel ``(*spatial, in, out)``: -2), or a run of consecutive
+      axes flattened row-major. Every other axis is a "row".
+    strategy: ``"windows"`` (optimize stripe groups, see the module docstring),
+      ``"swap"`` (greedy channel swaps) or ``"auto"`` (windows).
+    window: stripes per window for ``"windows"``: 2 (the default; 8 channels for
+      2:4) or 3 (12 channels: stronger local optima, ~15x the work per window
+      and a slower compilation).
+    escapes: local optima to escape from (perturb the best and search on).
+    escape_swaps: random channel swaps per escape.
+    time_limit: seconds (wall clock, compilation included); None for none. The
+      search stops at the first check after the limit (checks run every few
+      milliseconds to a second, depending on the layer's size).
+    max_rounds: a deterministic budget: at most this many rounds (or swap
+      steps); None for none.
+    seed: the seed of every random choice (window draws, escapes).
+    chains: independent searches run side by side (vectorised with ``vmap``;
+      the best one wins). Nearly free on a GPU for small layers; costs
+      ``chains`` times the work on a CPU. ``"windows"`` only.
+    return_info: also return a :class:`SearchInfo`.
+
+  Returns:
+    ``perm``: int32 ``(C,)``, ``C`` the size of the group axis (the product of
+    the sizes for several axes), such that ``jnp.take(w, perm, axis=axis)`` (or
+    :func:`permute_axis`) is the permuted weight; with ``return_info``, ``(perm,
+    info)``. The permuted weight never keeps less magnitude than ``w`` under
+    N:M. Deterministic for a given seed when no ``time_limit`` stops it.
+
+  Raises:
+    ValueError: if the group axis' size is not a multiple of ``m``.
+
+  Example:
+    >>> w = jax.random.uniform(jax.random.PRNGKey(0), (64, 128))
+    >>> perm = search_permutation(w, 2, 4, axis=0, seed=0)
+    >>> pruned = nm_mask(jnp.take(w, perm, axis=0)) * jnp.take(w, perm, axis=0)
+  """
+  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  if strategy not in ("auto", "windows", "swap"):
+    raise ValueError(f"strategy must be 'auto', 'windows' or 'swap', got {strategy!r}.")
+  t0 = time.perf_counter()
+  w = jnp.asarray(w)
+  axes = masks_lib.group_axes(w.ndim, axis)
+  c = int(np.prod([w.shape[a] for a in axes], dtype=np.int64))
+  r = w.size // max(c, 1)
+  if c % m:
+    raise ValueError(
+        f"the group axis {axis} of an array of shape {tuple(w.shape)} has {c} channels, "
+        f"not a multiple of m={m}.")
+  s = c // m
+  # Zero rows change no score: pad the rows to a bucket so that layers of
+  # similar sizes share one compiled search.
+  bucket = max(256, 1 << max(0, (r - 1).bit_length())) if r <= 4096 else -(-r // 4096) * 4096
+  mag = _padded_matrix(w, axes, bucket)
+  r = bucket
+  strategy = "windows" if strategy == "auto" else strategy
+  k = 0
+  if strategy == "windows":
+    k = window if window is not None else 2
+    if k < 2:
+      raise ValueError(f"window must be >= 2 stripes, got {k}.")
+    k = min(k, s)
+  budget = max_rounds if max_rounds is not None else np.iinfo(np.int32).max
+  escape_swaps = max(1, min(int(escape_swaps), s // 2))
+  seed = int(seed) & 0x7FFFFFFF
+  if s < 2:
+    perm = jnp.arange(c, dtype=jnp.int32)
+    info = SearchInfo(strategy, k * m, 0, 0, True, time.perf_counter() - t0,
+                      permutation_score(w, perm, n, m, axis))
+    return (perm, info) if return_info else perm
+
+  if strategy == "windows":
+    n_sub = len(window_tables(k, m)[0])
+    pair = len(window_tables(2, m)[0]) * m * r
+    batch = max(1, min(s // 2 + s % 2, _BATCH_ELEMS // pair))
+    n_all = math.comb(s, k) if k > 2 else 1
+    if k > 2 and n_all > _MAX_WINDOWS:
+      raise ValueError(
+          f"window={k} on {s} stripes means {n_all} windows per pass (more than "
+          f"{_MAX_WINDOWS}); use window=2 for a layer this wide.")
+    all_batch = max(1, min(n_all, _BATCH_ELEMS // (n_sub * m * r)))
+    static = dict(n=n, m=m, k=k, batch=batch, all_batch=all_batch,
+                  escape_swaps=jnp.int32(escape_swaps), max_escapes=jnp.int32(escapes))
+    run = functools.partial(_windows_chunk, **static)
+    if chains > 1:
+      seeds = _hash(jnp.uint32(seed), 99, jnp.arange(chains, dtype=jnp.uint32))
+      st = _vmapped_init(mag, m, seeds, n)
+      run = functools.partial(_windows_chunks, **static)
+    else:
+      seeds = jnp.uint32(seed)
+      st = _init_state(mag, m, seeds, n)
+    cost = max(s // 2 * pair, n_all * n_sub * m * r if k > 2 else 0)
+  else:
+    stripes = jnp.arange(c, dtype=jnp.int32).reshape(s, m)
+    repl = _replacement(mag, stripes, n)
+    scores = _stripe_scores(mag, stripes, n)
+    z = jnp.zeros((), jnp.int32)
+    st = _SwapState(stripes.reshape(-1), repl, scores, stripes.reshape(-1), scores.sum(), z, z,
+                    jnp.zeros((), bool))
+    run = functools.partial(_swap_chunk, n=n, m=m, escape_swaps=jnp.int32(escape_swaps),
+                            max_escapes=jnp.int32(escapes))
+    seeds = jnp.uint32(seed)
+    cost = max(1, 2 * m * c * r + c * c)
+  # Chunks of rounds between host checks: about 1e8 elements of work, so a
+  # check comes every few ms on a GPU and well under a second on a CPU.
+  chunk = int(min(4096, max(1, 1e8 // cost)))
+  done_rounds = 0
+  while True:
+    this = int(min(chunk, budget - done_rounds))
+    if this <= 0:
+      break
+    st = run(mag, st, seeds, chunk=jnp.int32(this))
+    done, rounds = jax.device_get((jnp.all(st.done), jnp.max(st.rounds)))
+    done_rounds = int(rounds)
+    if bool(done):
+      break
+    if time_limit is not None and time.perf_counter() - t0 >= time_limit:
+      break
+  # The best of the current and the best-so-far partition (of the best chain).
+  cur_total = st.scores.sum(-1)
+  perm = jnp.where((cur_total > st.best_total)[..., None], st.perm, st.best)
+  escapes_done, all_done = int(jnp.max(st.escapes)), bool(jnp.all(st.done))
+  if chains > 1:
+    perm = perm[jnp.argmax(jnp.maximum(cur_total, st.best_total))]
+  perm = jax.block_until_ready(perm)
+  seconds = time.perf_counter() - t0
+  if not return_info:
+    return perm
+  info = SearchInfo(strategy, k * m, done_rounds, escapes_done, all_done, seconds,
+                    permutation_score(w, perm, n, m, axis))
+  return perm, info

@@ -1,0 +1,145 @@
+"""Tests of model-level channel permutation: same function, more magnitude kept."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import permutation_models as pm
+from flax import nnx
+
+import jasp
+from jasp.permutation.apply import permute
+
+KW = dict(escapes=3, time_limit=None)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
+
+
+def kept_by_mask(tree, layers, n=2, m=4):
+  """{path: sum |w| kept by nm_mask} using the library's own mask."""
+  leaves = jasp._tree.leaves_by_path(tree)
+  out = {}
+  for lr in layers:
+    w = leaves[lr.path]
+    mask = jasp.nm_mask(w, n, m, lr.axis)
+    out[lr.path] = float(jnp.sum(jnp.abs(w) * mask))
+  return out
+
+
+def check(report, before_tree, after_tree, expect_permuted):
+  assert report.max_rel_error is not None and report.max_rel_error <= 1e-5
+  permuted = [lr for lr in report.layers if lr.permuted]
+  assert {lr.path for lr in permuted} >= set(expect_permuted)
+  k0 = kept_by_mask(before_tree, report.layers)
+  k1 = kept_by_mask(after_tree, report.layers)
+  for lr in report.layers:
+    if lr.permuted:
+      assert k1[lr.path] > k0[lr.path], lr.path  # strictly more on every permuted layer
+      assert lr.kept_after > lr.kept_before
+    else:
+      assert np.isclose(k1[lr.path], k0[lr.path], rtol=1e-6), lr.path
+
+
+def test_linen_cnn_batchnorm_residual_flatten():
+  model, v, x = pm.linen_cnn()
+  new, rep = permute(model.apply, v, x, **KW)
+  assert rel_err(model.apply(v, x), model.apply(new, x)) <= 1e-5
+  check(rep, v, new, ["params/Conv_1/kernel", "params/Conv_2/kernel", "params/Conv_3/kernel",
+                      "params/Dense_0/kernel", "params/Dense_1/kernel"])
+  # BatchNorm statistics moved with their channels.
+  (res,) = [c for c in rep.classes if ("batch_stats/BatchNorm_0/mean", 0) in c.members]
+  assert res.status == "permuted"
+  assert ("batch_stats/BatchNorm_1/var", 0) in res.members
+  assert ("params/Dense_0/kernel", 0) in res.members  # the flatten
+  assert not np.array_equal(np.asarray(new["batch_stats"]["BatchNorm_0"]["mean"]),
+                            np.asarray(v["batch_stats"]["BatchNorm_0"]["mean"]))
+  assert any("input" in c.reason for c in rep.classes)
+  assert "permuted" in str(rep)
+
+
+def test_nnx_cnn():
+  model, x = pm.nnx_cnn()
+  y0 = model(x)
+  new, rep = permute(model, x, **KW)
+  assert rel_err(y0, new(x)) <= 1e-5
+  assert rel_err(y0, model(x)) == 0.0  # the argument is untouched
+  before = jasp._tree.unbox(nnx.state(model))
+  after = jasp._tree.unbox(nnx.state(new))
+  check(rep, before, after, ["c1/kernel", "c2/kernel", "c3/kernel", "fc/kernel", "head/kernel"])
+
+
+def test_linen_transformer_block():
+  model, v, x = pm.linen_block()
+  new, rep = permute(model.apply, v, x, **KW)
+  assert rel_err(model.apply(v, x), model.apply(new, x)) <= 1e-5
+  att = "params/MultiHeadDotProductAttention_0/"
+  check(rep, v, new, ["params/Dense_2/kernel", att + "out/kernel", att + "query/kernel"])
+
+
+def test_nnx_transformer_block():
+  model, x = pm.nnx_block()
+  y0 = model(x)
+  new, rep = permute(model, x, **KW)
+  assert rel_err(y0, new(x)) <= 1e-5
+  before = jasp._tree.unbox(nnx.state(model))
+  after = jasp._tree.unbox(nnx.state(new))
+  check(rep, before, after, ["down/kernel", "attn/out/kernel"])
+
+
+def test_order_dependent_op_leaves_layers_unpermuted():
+  model, v, x = pm.linen_block()
+
+  def apply(variables, x):  # reverses the hidden channels of the MLP: order matters
+    p = variables["params"]
+    h = jax.nn.gelu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    h = jnp.flip(h, axis=-1)
+    return h @ p["Dense_3"]["kernel"]
+
+  new, rep = permute(apply, v, x, **KW)
+  assert rel_err(apply(v, x), apply(new, x)) <= 1e-5
+  (c,) = [c for c in rep.classes if ("params/Dense_0/kernel", 1) in c.members]
+  assert c.status == "skipped" and "rev" in c.reason
+  assert not rep.permuted
+
+
+def test_plan_permutes_optimizer_state_and_prune_follows():
+  model, v, x = pm.linen_cnn()
+  tx = optax.adam(1e-3)
+  opt_state = tx.init(v["params"])
+  grads = jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, x) ** 2))(v["params"])
+  _, opt_state = tx.update(grads, opt_state, v["params"])
+  new, rep = permute(model.apply, v, x, **KW)
+  moved = rep.plan.apply(opt_state)
+  mu0 = opt_state[0].mu["Conv_1"]["kernel"]
+  mu1 = moved[0].mu["Conv_1"]["kernel"]
+  perms = rep.plan.leaves["params/Conv_1/kernel"]
+  expect = mu0
+  for ax, p in enumerate(perms):
+    if p is not None:
+      expect = jnp.take(expect, jnp.asarray(p), axis=ax)
+  assert np.array_equal(np.asarray(mu1), np.asarray(expect))
+  # The inverse plan restores the variables.
+  back = rep.plan.inverse().apply(new)
+  for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(v)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  # Pruning the permuted variables keeps more than pruning the original.
+  layouts = jasp.trace_layouts(model.apply, v, x)
+  s0, _ = jasp.prune(v, 2, 4, layouts=layouts)
+  s1, _ = jasp.prune(new, 2, 4, layouts=layouts)
+  mag = lambda t: sum(float(jnp.abs(t["params"][k]["kernel"]).sum())
+                      for k in ("Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"))
+  assert mag(s1) > mag(s0)
+
+
+def test_shared_cnn_grouped_and_1d_convs_keep_function():
+  """The shared test CNN (grouped conv, 1-D conv over a reshape) keeps its function."""
+  import models as shared  # pylint: disable=g-import-not-at-top
+  model, v, x = shared.linen_cnn()
+  v = pm.randomise(v, 5)
+  new, rep = permute(model.apply, v, x, **KW)
+  assert rel_err(model.apply(v, x), model.apply(new, x)) <= 1e-5
+  for lr in rep.layers:
+    assert lr.kept_after >= lr.kept_before - 1e-9
