@@ -4,6 +4,9 @@ The pipeline, one module per idea: masks (pure math) -> layouts and policy
 (which leaf, which axis) -> pruning (trees) -> enforcement (optax) -> report.
 """
 
+from jasp._dispatch import get_mask_impl
+from jasp._dispatch import mask_impl
+from jasp._dispatch import nm_prune_array
 from jasp.enforcement import MaskState
 from jasp.enforcement import SparseState
 from jasp.enforcement import get_masks
@@ -48,12 +51,15 @@ __all__ = [
     "block_patterns",
     "compute_masks",
     "convention_layout",
+    "get_mask_impl",
     "get_masks",
     "is_nm",
     "mask_gradients",
+    "mask_impl",
     "mask_updates",
     "nm_mask",
     "nm_mask_2d",
+    "nm_prune_array",
     "pack",
     "pack_masks",
     "plan",

@@ -200,7 +200,24 @@ def nm_mask(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
 def _magnitude_mask(w, n, m, axis):
-  return topn_mask(magnitude(w), n, m, axis)
+  return topn_mask(rank_key(w), n, m, axis)
+
+
+_UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def rank_key(w: jax.Array) -> jax.Array:
+  """An integer key that orders entries exactly as :func:`magnitude` does.
+
+  For floats, the bit pattern of ``|w|`` read as an unsigned integer is
+  monotonic in the magnitude (NaN mapped to +inf first). Comparing integers
+  instead of floats keeps subnormal magnitudes apart on backends that flush
+  them to zero in float comparisons (XLA on CPU does).
+  """
+  mag = magnitude(w)
+  if jnp.issubdtype(mag.dtype, jnp.floating) and mag.dtype.itemsize in _UINT:
+    return jax.lax.bitcast_convert_type(mag, _UINT[mag.dtype.itemsize])
+  return mag
 
 
 def is_nm(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0) -> jax.Array:

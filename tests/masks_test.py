@@ -177,3 +177,10 @@ def test_nm_mask_2d_bad_inputs():
     jasp.nm_mask_2d(jnp.ones((8, 8)), axis=0, out_axis=-2)
   with pytest.raises(ValueError, match="method"):
     jasp.nm_mask_2d(jnp.ones((8, 8)), method="fast")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_magnitudes_are_ranked(dtype):
+  tiny = float(jnp.finfo(dtype).smallest_subnormal)
+  w = jnp.asarray(np.array([[1.0], [3.0], [2.0], [0.0]]) * tiny, dtype)
+  assert np.asarray(jasp.nm_mask(w))[:, 0].tolist() == [False, True, True, False]
