@@ -150,3 +150,23 @@ def test_report_table_and_json_shapes():
   assert "weight" in text.splitlines()[2] and "status" in text.splitlines()[2]
   data = json.loads(report.to_json())
   assert data["weights"][0]["status"] == "N:M" and data["weights"][0]["axis"] == [0]
+
+
+def test_orbax_checkpoint_manager_layout(tmp_path, capsys):
+  ocp = pytest.importorskip("orbax.checkpoint", reason="needs the checkpoint extra: "
+                            "pip install 'jasp[checkpoint]'")
+  _, variables, _, _, _ = em.pruned_cnn()
+  tree = {"params": jax_to_numpy(variables["params"])}
+  with ocp.CheckpointManager(str(tmp_path / "run")) as mgr:
+    mgr.save(1, args=ocp.args.StandardSave(tree))
+    mgr.save(2, args=ocp.args.StandardSave(tree))
+    mgr.wait_until_finished()
+  report = export.check_file(tmp_path / "run")  # the latest step, its single item
+  assert report.ok and report.path.endswith("(2/default)")
+  with ocp.CheckpointManager(str(tmp_path / "two"), item_names=("a", "b")) as mgr:
+    mgr.save(1, args=ocp.args.Composite(a=ocp.args.StandardSave(tree),
+                                        b=ocp.args.StandardSave(tree)))
+    mgr.wait_until_finished()
+  assert cli.main(["check", str(tmp_path / "two")]) == 2
+  assert "pass the item's directory" in capsys.readouterr().err
+  assert export.check_file(tmp_path / "two" / "1" / "a").ok

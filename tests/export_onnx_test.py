@@ -6,6 +6,7 @@ pytest.importorskip("jax2onnx", reason="ONNX export needs the onnx extra: pip in
 pytest.importorskip("onnxruntime", reason="running ONNX needs the onnx extra: pip install 'jasp[onnx]'")
 
 import export_models as em  # noqa: E402
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import helper  # noqa: E402
@@ -215,3 +216,35 @@ def test_conv_kcrs_grouped_and_depthwise():
   assert r["wg"].nm and r["wg"].consumer == "Conv(group=2)"
   assert r["wdw"].status == "n/a" and "depthwise" in r["wdw"].consumer
   assert r["wrong"].status == "FAIL" and "along axis 0 instead" in r["wrong"].note
+
+
+def test_positional_pooling_args_get_a_clear_error_or_export(tmp_path):
+  """jax2onnx 0.17's pooling converters take keywords only; jasp's error says what to write."""
+  import flax.linen as nn
+
+  class Pool(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4)(nn.avg_pool(x, (2, 2), (2, 2)).reshape(x.shape[0], -1))
+
+  x = np.ones((2, 4, 4, 3), np.float32)
+  variables = Pool().init(jax.random.key(0), x)
+  try:
+    export.to_onnx(Pool().apply, variables, x, path=tmp_path / "pool.onnx")
+  except TypeError as e:
+    assert "window_shape=(2, 2), strides=(2, 2)" in str(e)
+  else:  # a later jax2onnx that accepts positional arguments
+    (y,) = export.run_onnx(tmp_path / "pool.onnx", x)
+    assert em.rel_err(y, Pool().apply(variables, x)) <= TOL
+
+
+def test_weights_used_inside_control_flow_subgraphs():
+  inits = {"sub_w": _nm_along((48, 20), 0), "cond": np.asarray(True)}
+  then = helper.make_graph([helper.make_node("MatMul", ["x", "sub_w"], ["t"])], "then", [],
+                           [_vi("t", [3, 20])])
+  other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                            [_vi("e", [3, 48])])
+  node = helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)
+  model = _graph_model([node], inits, [_vi("x", [3, 48])], [_vi("y", None)])
+  (w,) = export.check_onnx(model).weights
+  assert w.name == "sub_w" and w.axis == (0,) and w.nm and w.consumer == "MatMul[B]"

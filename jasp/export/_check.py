@@ -296,10 +296,10 @@ def _reshape_target(shape, target, allowzero: bool):
 class _OnnxTracer:
   """Follows one initializer to the MatMul/Gemm/Conv ops that consume it."""
 
-  def __init__(self, graph, consts):
+  def __init__(self, graphs, consts):
     self.consts = consts
     self.uses: dict[str, list] = {}
-    for node in graph.node:
+    for node in (nd for g in graphs for nd in g.node):
       for i, name in enumerate(node.input):
         if name:
           self.uses.setdefault(name, []).append((node, i))
@@ -376,11 +376,24 @@ class _OnnxTracer:
     return tuple(1 if i in axes else next(it) for i in range(nd))
 
 
+def _graphs(graph):
+  """``graph`` and every subgraph of its control-flow nodes (If/Loop/Scan bodies)."""
+  from onnx import AttributeProto  # pylint: disable=g-import-not-at-top
+  yield graph
+  for node in graph.node:
+    for a in node.attribute:
+      if a.type == AttributeProto.GRAPH:
+        yield from _graphs(a.g)
+      elif a.type == AttributeProto.GRAPHS:
+        for g in a.graphs:
+          yield from _graphs(g)
+
+
 def _onnx_candidates(model) -> tuple[list[_Candidate], dict]:
   from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
-  graph = model.graph
-  consts = {t.name: t for t in graph.initializer}
-  for node in graph.node:
+  graphs = list(_graphs(model.graph))
+  consts = {t.name: t for g in graphs for t in g.initializer}
+  for node in (nd for g in graphs for nd in g.node):
     if node.op_type == "Constant" and node.output:
       val = _attr(node, "value", None)
       if val is not None and hasattr(val, "dims"):
@@ -393,7 +406,7 @@ def _onnx_candidates(model) -> tuple[list[_Candidate], dict]:
       except ValueError:
         meta = {}
   recorded = meta.get("weights", {}) if isinstance(meta, dict) else {}
-  tracer = _OnnxTracer(graph, consts)
+  tracer = _OnnxTracer(graphs, consts)
   cands = []
   for name, t in consts.items():
     if name not in tracer.uses or len(t.dims) < 1:
@@ -510,9 +523,10 @@ def _safetensors_candidates(path: str, layout: str | None):
     mm = re.fullmatch(r"__(.+)_mma_mask", leaf) or re.fullmatch(r"(.+)_mask", leaf)
     if mm:
       masks[f"{mod}.{mm.group(1)}" if mod else mm.group(1)] = v
+  mask_keys = {k for k in tensors if k.endswith("_mask")}
   cands = []
   for k, v in tensors.items():
-    if k in {mk for mk in tensors if mk.endswith("_mask")}:
+    if k in mask_keys:
       continue
     arr = np.asarray(v)
     rec = info.get(k)
@@ -615,6 +629,10 @@ def _read_orbax(path: str):
                      "_METADATA or step sub-directories).")
   import jax  # pylint: disable=g-import-not-at-top
   d = os.path.abspath(d)
+  if not any(os.path.exists(os.path.join(d, mk)) for mk in _ORBAX_MARKERS[1:]):
+    items = sorted(x for x in os.listdir(d) if os.path.isdir(os.path.join(d, x)))
+    raise CheckError(f"{d}: an orbax step directory without one tree item to read "
+                     f"(items: {', '.join(items) or 'none'}); pass the item's directory.")
   with ocp.PyTreeCheckpointer() as ckptr:
     try:  # restore as host numpy arrays: no devices, no sharding needed
       meta = ckptr.metadata(d)
@@ -624,8 +642,8 @@ def _read_orbax(path: str):
       tree = ckptr.restore(d, restore_args=args)
     except Exception:  # pylint: disable=broad-except
       tree = ckptr.restore(d)
-  return {p: np.asarray(x) for p, x in _tree.leaves_by_path(tree).items()
-          if hasattr(x, "dtype")}
+  flat = {p: np.asarray(x) for p, x in _tree.leaves_by_path(tree).items() if hasattr(x, "dtype")}
+  return flat, d
 
 
 def detect_format(path: str) -> str:
@@ -717,7 +735,10 @@ def check_file(path: str | os.PathLike, *, n: int | None = None, m: int | None =
     elif fmt == "msgpack":
       cands = _tree_candidates(_read_msgpack(path))
     else:
-      cands = _tree_candidates(_read_orbax(path))
+      flat, resolved = _read_orbax(path)
+      cands = _tree_candidates(flat)
+      if resolved != os.path.abspath(path):
+        path = f"{path} ({os.path.relpath(resolved, path)})"
   except (CheckError, MissingDependencyError):
     raise
   except Exception as e:  # pylint: disable=broad-except

@@ -28,6 +28,12 @@ included: 19 s of CPU here. jasp imports only the ``plugins/jax`` and
 ``plugins/flax`` subtrees (1.6 s), which hold every converter a flax model
 needs; if that internal layout ever changes, it falls back to the full import.
 
+Known limitation (jax2onnx 0.17.1): while tracing, it swaps
+``flax.linen.avg_pool``/``max_pool`` for converters that accept only keyword
+arguments, so ``nn.avg_pool(x, (2, 2), (2, 2))`` fails to export (it runs in
+JAX); ``nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))`` exports. The
+error raised says so.
+
 Initializers get the exporter's names (``const_10``, ``kernel2d_3``); jasp
 records, in the model's ``metadata_props["jasp"]`` (JSON), the flax path of
 every weight initializer (matched by value, so transposes and reshapes are
@@ -174,7 +180,16 @@ def to_onnx(fn: Callable[..., Any] | Any, params: PyTree = None, *args: Any,
   kwargs = {"model_name": model_name}
   if opset is not None:
     kwargs["opset"] = opset
-  model = j2o.to_onnx(forward, _input_specs(bound.inputs, dynamic_batch), **kwargs)
+  try:
+    model = j2o.to_onnx(forward, _input_specs(bound.inputs, dynamic_batch), **kwargs)
+  except TypeError as e:
+    if "positional argument" in str(e) and "patch" in str(e):
+      raise TypeError(
+          f"jax2onnx could not convert the model ({e}). jax2onnx replaces flax's pooling "
+          "functions while it traces, and its replacements take only keyword arguments: call "
+          "them as nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2)) (and likewise "
+          "nn.max_pool).") from e
+    raise
   pruned = _model.pruned_paths(bound, masks, n, m)
   names = _initializer_paths(model, p, list(pruned))
   meta = {

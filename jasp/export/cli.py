@@ -11,6 +11,7 @@ message names the pip extra), or the arguments are wrong.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -68,12 +69,21 @@ def _check(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``jasp`` console script; returns the exit status."""
+  # TensorFlow (imported to read a SavedModel's variables, never to compute) logs its
+  # start-up to stderr; the oneDNN notice goes only when oneDNN is off.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   parser = build_parser()
   args = parser.parse_args(argv)
-  if args.command == "check":
+  if args.command != "check":
+    parser.print_help(sys.stderr)
+    return EXIT_ERROR
+  try:
     return _check(args)
-  parser.print_help(sys.stderr)
-  return EXIT_ERROR
+  except BrokenPipeError:  # `jasp check FILE | head`
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_OK
 
 
 if __name__ == "__main__":
