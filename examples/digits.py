@@ -2,8 +2,8 @@
 
 train dense -> evaluate -> prune 2:4 -> evaluate -> fine-tune with the masks
 enforced -> evaluate -> save the sparse checkpoint -> reload it and verify the
-2:4 pattern. Prints a table of the three accuracies and writes a PNG of the
-loss/accuracy curves.
+2:4 pattern -> export to ONNX and check the pattern in the file. Prints a
+table of the three accuracies and writes a PNG of the loss/accuracy curves.
 
     python examples/digits.py                 # the full run (about a minute on 2 CPU cores)
     python examples/digits.py --quick         # a smoke run
@@ -35,7 +35,7 @@ class CNN(nn.Module):
   def __call__(self, x):
     x = nn.relu(nn.Conv(32, (3, 3))(x))   # in=1: stays dense (1 is not a multiple of 4)
     x = nn.relu(nn.Conv(64, (3, 3))(x))   # pruned 2:4 along its 32 input channels
-    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)         # 4 * 4 * 64 = 1024 features
     x = nn.relu(nn.Dense(128)(x))
     return nn.Dense(self.classes)(x)
@@ -127,6 +127,7 @@ def main(argv=None) -> dict:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=Path, default=Path("runs/digits"))
   p.add_argument("--quick", action="store_true", help="few epochs: a smoke test of the pipeline")
+  p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (needs jasp[onnx])")
   args = p.parse_args(argv)
   if args.quick:
     args.epochs, args.finetune_epochs = 3, 2
@@ -181,10 +182,27 @@ def main(argv=None) -> dict:
   print(f"reloaded {ckpt_dir}: {len(check.pruned)} weights verified "
         f"{args.n}:{args.m} along their input axis; accuracy {reloaded_acc:.2f}%")
 
+  # 5. Export to ONNX with the pattern intact, and check the file itself.
+  onnx_ok = None
+  if not args.no_onnx:
+    from jasp import export
+    onnx_path = args.out / "model.onnx"
+    export.to_onnx(model.apply, {"params": params}, xte[:1], path=onnx_path,
+                   masks={"params": masks}, dynamic_batch=True)
+    onnx_logits = export.run_onnx(onnx_path, xte)[0]
+    jax_logits = np.asarray(jax.jit(model.apply)({"params": params}, xte))
+    rel = float(np.linalg.norm(onnx_logits - jax_logits) / np.linalg.norm(jax_logits))
+    check_onnx = export.check_file(onnx_path, n=args.n, m=args.m)
+    print(f"\nwrote {onnx_path}: onnxruntime vs JAX relative error {rel:.1e}")
+    print(check_onnx)
+    onnx_ok = bool(check_onnx.ok) and rel <= 1e-5
+    assert onnx_ok, "the ONNX file lost the pattern or computes something else"
+
   plot(history, pruned_acc, args.out / "curves.png")
   results = {"dense_acc": dense_acc, "pruned_acc": pruned_acc, "sparse_finetuned_acc": sparse_acc,
              "gap_points": dense_acc - sparse_acc, "seconds": time.time() - t0,
-             "pruned_leaves": len(report.pruned), "pattern_verified": bool(check.all_valid)}
+             "pruned_leaves": len(report.pruned), "pattern_verified": bool(check.all_valid),
+             "onnx_verified": onnx_ok}
   (args.out / "results.json").write_text(json.dumps({"results": results, "history": history},
                                                     indent=1))
   rows = [("dense", dense_acc), (f"{args.n}:{args.m} one-shot (no fine-tune)", pruned_acc),

@@ -4,6 +4,7 @@ The pipeline, one module per idea: masks (pure math) -> layouts and policy
 (which leaf, which axis) -> pruning (trees) -> enforcement (optax) -> report.
 """
 
+from jasp import export
 from jasp._dispatch import get_mask_impl
 from jasp._dispatch import mask_impl
 from jasp._dispatch import nm_prune_array
@@ -51,6 +52,7 @@ __all__ = [
     "block_patterns",
     "compute_masks",
     "convention_layout",
+    "export",
     "get_mask_impl",
     "get_masks",
     "is_nm",

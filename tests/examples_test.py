@@ -12,6 +12,7 @@ import digits  # noqa: E402
 def test_digits_quick(tmp_path):
   res = digits.main(["--quick", "--out", str(tmp_path)])
   assert res["pattern_verified"] and res["pruned_leaves"] == 3
+  assert res["onnx_verified"] and (tmp_path / "model.onnx").exists()
   assert (tmp_path / "curves.png").stat().st_size > 10_000
   saved = json.loads((tmp_path / "results.json").read_text())
   assert len(saved["history"]) == 5
