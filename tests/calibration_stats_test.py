@@ -25,11 +25,11 @@ def _x(seed, shape):
 
 def test_dot_stats_match_numpy_for_every_layout():
   """Dense, a transposed (out, in) weight and a 3-D kernel contracted on two axes."""
-  def f(p, x):  # x (B, S, 8)
-    h = x @ p["dense"]  # (B, S, 12)
-    h = jnp.tanh(h) @ p["torch_style"].T  # weight stored (out=16, in=12)
+  def f(p, x):  # x (B, S, 8); HIGHEST so that a GPU's TF32 does not blur the reference
+    h = jnp.matmul(x, p["dense"], precision=HI)  # (B, S, 12)
+    h = jnp.matmul(jnp.tanh(h), p["torch_style"].T, precision=HI)  # stored (out=16, in=12)
     h = h.reshape(h.shape[:-1] + (2, 8))
-    return jnp.einsum("bshd,hdo->bso", h, p["general"])
+    return jnp.einsum("bshd,hdo->bso", h, p["general"], precision=HI)
 
   p = {"dense": _x(0, (8, 12)), "torch_style": _x(1, (16, 12)), "general": _x(2, (2, 8, 4))}
   xs = [_x(10 + i, (3, 5, 8)) for i in range(3)]

@@ -57,6 +57,7 @@ def test_equal_input_norms_give_magnitude_pruning():
 
 def test_nnx_module_sequential():
   model, tokens = models.nnx_block()
+  before = np.asarray(model.up.kernel[...])
   stages = {}
   state, masks = cal.wanda_prune(model, [tokens], sequential=True, progress=False,
                                  callback=lambda r: stages.__setitem__(r.path, r.stage))
@@ -65,6 +66,7 @@ def test_nnx_module_sequential():
   assert stages["conv/kernel"] == 0
   assert stages["attn/query/kernel"] == stages["attn/key/kernel"] == stages["attn/value/kernel"] == 1
   assert [stages[f"{k}/kernel"] for k in ("attn/out", "up", "down", "head")] == [2, 3, 4, 5]
+  np.testing.assert_array_equal(np.asarray(model.up.kernel[...]), before)  # pure: no mutation
   nnx.update(model, state)
   assert bool(jasp.is_nm(model.up.kernel[...], 2, 4, 0))
   assert bool(jasp.is_nm(model.conv.kernel[...], 2, 4, 1))

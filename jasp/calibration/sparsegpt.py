@@ -50,6 +50,12 @@ PyTree = Any
 HIGHEST = lax.Precision.HIGHEST
 
 
+def _unroll() -> int:
+  """Columns per inner-loop step: 4 on accelerators (measured on an H200: the
+  4096x4096 OBS loop 56 -> 42 ms), 1 on CPU (smaller programs, faster compiles)."""
+  return 1 if jax.default_backend() == "cpu" else 4
+
+
 def inverse_hessian_factor(h: jax.Array, damp: float = 0.01) -> jax.Array:
   """``U``, upper triangular with ``U^T U = (H + damp * mean(diag H) * I)^-1``.
 
@@ -72,8 +78,12 @@ def inverse_hessian_factor(h: jax.Array, damp: float = 0.01) -> jax.Array:
     return jnp.triu(jnp.linalg.cholesky(hinv, upper=True))
 
 
-def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: float):
+def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: float,
+         unroll: int = 1):
   """SparseGPT on ``w (O, K)`` float32 (rows = outputs) with ``h (K, K)``.
+
+  ``unroll``: columns per iteration of the inner loop (fewer, larger loop
+  steps on GPUs; a larger program to compile).
 
   Returns ``(w_hat (O, K), keep (O, K) bool)``.
   """
@@ -113,7 +123,8 @@ def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: fl
       return w1, q1, e1, k1
 
     z = jnp.zeros_like(w1)
-    _, q1, e1, k1 = lax.fori_loop(0, bs, column, (w1, z, z, jnp.zeros(w1.shape, bool)))
+    _, q1, e1, k1 = lax.fori_loop(0, bs, column, (w1, z, z, jnp.zeros(w1.shape, bool)),
+                                  unroll=unroll)
     # Later blocks: w[:, j] -= sum_i err_i * U[i, j]; U is upper triangular, so
     # earlier blocks get exact zeros, and this block is overwritten by q1.
     urows = lax.dynamic_slice_in_dim(u, i1, bs, axis=0)  # (bs, kp)
@@ -132,9 +143,10 @@ def _check(n, m, blocksize):
     raise ValueError(f"blocksize must be a positive multiple of m={m}, got {blocksize}.")
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "blocksize", "damp"))
-def _layer(w, h, n, m, blocksize, damp):
-  q, keep = _obs(w.astype(jnp.float32).T, h, n=n, m=m, blocksize=blocksize, damp=damp)
+@functools.partial(jax.jit, static_argnames=("n", "m", "blocksize", "damp", "unroll"))
+def _layer(w, h, n, m, blocksize, damp, unroll=1):
+  q, keep = _obs(w.astype(jnp.float32).T, h, n=n, m=m, blocksize=blocksize, damp=damp,
+                 unroll=unroll)
   return q.T.astype(w.dtype), keep.T
 
 
@@ -164,7 +176,7 @@ def sparsegpt_layer(w: jax.Array, hessian: jax.Array, n: int = 2, m: int = 4, *,
                      f"{hessian.shape}.")
   if w.shape[0] % m:
     raise ValueError(f"K={w.shape[0]} (rows of w) is not a multiple of m={m}.")
-  return _layer(w, hessian, n, m, blocksize, float(damp))
+  return _layer(w, hessian, n, m, blocksize, float(damp), _unroll())
 
 
 def reconstruction_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> jax.Array:
@@ -173,11 +185,11 @@ def reconstruction_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> 
   return jnp.sum(jnp.matmul(hessian, d, precision=HIGHEST) * d)
 
 
-@functools.partial(jax.jit, static_argnames=("site", "n", "m", "blocksize", "damp"))
-def _sparsegpt_leaf(w, hessian, count, site, n, m, blocksize, damp):
+@functools.partial(jax.jit, static_argnames=("site", "n", "m", "blocksize", "damp", "unroll"))
+def _sparsegpt_leaf(w, hessian, count, site, n, m, blocksize, damp, unroll):
   wg = _driver.leaf_matrix_groups(w, site)  # (G, K, O/G)
   h = hessian / jnp.maximum(count, 1.0)
-  obs = functools.partial(_obs, n=n, m=m, blocksize=blocksize, damp=damp)
+  obs = functools.partial(_obs, n=n, m=m, blocksize=blocksize, damp=damp, unroll=unroll)
   if site.groups == 1:  # no vmap: a smaller program to compile
     q, keep = obs(wg[0].T, h[0])
     q, keep = q[None], keep[None]
@@ -234,7 +246,8 @@ def sparsegpt_prune(fn: Callable[..., Any] | Any, params: PyTree = None,
   _check(n, m, blocksize)
 
   def leaf(w, site, acc, n, m):
-    return _sparsegpt_leaf(w, acc["hessian"], acc["count"], site, n, m, blocksize, float(damp))
+    return _sparsegpt_leaf(w, acc["hessian"], acc["count"], site, n, m, blocksize, float(damp),
+                           _unroll())
 
   return _driver.run("sparsegpt", leaf, fn, params, batches, n, m, layouts=layouts,
                      policy=policy, sequential=sequential, layers_per_pass=layers_per_pass,
