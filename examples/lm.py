@@ -2,8 +2,10 @@
 
 The corpus is the Python standard library's own source files, read as bytes
 (every machine with Python has them; nothing is downloaded). Prints validation
-loss and perplexity for the dense model, right after one-shot 2:4 pruning, and
-after fine-tuning with the masks enforced; writes a PNG of the curves.
+loss and perplexity for the dense model, right after one-shot 2:4 pruning by
+magnitude, Wanda and SparseGPT (with the time each took), and after
+fine-tuning the best of them with the masks enforced; writes a PNG of the
+curves.
 
     python examples/lm.py            # ~5 minutes on 2 CPU cores
     python examples/lm.py --quick    # a smoke run
@@ -165,10 +167,14 @@ def main(argv=None) -> dict:
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=Path, default=Path("runs/lm"))
+  p.add_argument("--methods", default="magnitude,wanda,sparsegpt",
+                  help="one-shot 2:4 methods to compare; the best is fine-tuned")
+  p.add_argument("--calib-batches", type=int, default=8, help="calibration batches (Wanda, SparseGPT)")
   p.add_argument("--quick", action="store_true")
   args = p.parse_args(argv)
   if args.quick:
     args.steps, args.finetune_steps, args.eval_every, args.val_batches = 30, 20, 10, 2
+    args.calib_batches = 2
     args.corpus_bytes, args.dim, args.depth, args.context = 300_000, 64, 2, 64
   try:
     from tqdm import tqdm
@@ -193,12 +199,36 @@ def main(argv=None) -> dict:
             history, val_set, tqdm, args.seed)
   dense_loss = validate(model, *val_set)
 
+  # One-shot 2:4 by three methods, each from the same dense weights.
   layouts = jasp.trace_layouts(model, val_set[0][0])
-  params, masks = jasp.prune(nnx.state(model, nnx.Param), layouts=layouts)
+  dense_state = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  crng = np.random.default_rng(args.seed + 7)
+  calib = [jnp.asarray(next(batches(train, args.batch, args.context, crng))[0])
+           for _ in range(args.calib_batches)]
+  pruners = {
+      "magnitude": lambda: jasp.prune(dense_state, layouts=layouts),
+      "wanda": lambda: jasp.wanda_prune(model, calib, layouts=layouts, progress=False),
+      "sparsegpt": lambda: jasp.sparsegpt_prune(model, calib, layouts=layouts, progress=False),
+  }
+  one_shot = {}
+  for name in args.methods.split(","):
+    nnx.update(model, dense_state)
+    t = time.perf_counter()
+    params, masks = pruners[name]()
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - t
+    nnx.update(model, params)
+    one_shot[name] = {"val_loss": validate(model, *val_set), "seconds": seconds,
+                      "params": params, "masks": masks}
+    print(f"one-shot 2:4 {name:<10}: val loss {one_shot[name]['val_loss']:.4f} "
+          f"(ppl {math.exp(one_shot[name]['val_loss']):.3f}) in {seconds:.2f} s")
+  best = min(one_shot, key=lambda k: one_shot[k]["val_loss"])
+  params, masks = one_shot[best]["params"], one_shot[best]["masks"]
+  pruned_loss = one_shot[best]["val_loss"]
   nnx.update(model, params)
-  pruned_loss = validate(model, *val_set)
   report = jasp.sparsity_report(params, masks, layouts=layouts)
   print(report.format(1))
+  print(f"fine-tuning the best one-shot model: {best}")
 
   tx = jasp.sparse_optimizer(optax.adamw(args.lr / 4, weight_decay=0.01), masks)
   run_phase(model, tx, train, args.finetune_steps, args, "2:4 fine-tune", history, val_set,
@@ -208,14 +238,18 @@ def main(argv=None) -> dict:
   assert final.all_valid, "the fine-tuned model lost its 2:4 pattern"
 
   plot(history, pruned_loss, args.out / "curves.png")
-  res = {"dense_val_loss": dense_loss, "pruned_val_loss": pruned_loss,
+  res = {"dense_val_loss": dense_loss, "pruned_val_loss": pruned_loss, "best_method": best,
+         "one_shot": {k: {"val_loss": v["val_loss"], "seconds": v["seconds"]}
+                      for k, v in one_shot.items()},
          "finetuned_val_loss": sparse_loss, "pruned_leaves": len(final.pruned),
          "seconds": time.time() - t0}
   (args.out / "results.json").write_text(json.dumps({"results": res, "history": history}, indent=1))
   print("\n  model                      val loss   perplexity (per byte)")
   print("  -------------------------  --------   ---------------------")
-  for name, v in (("dense", dense_loss), ("2:4 one-shot (magnitude)", pruned_loss),
-                  ("2:4 fine-tuned", sparse_loss)):
+  rows = [("dense", dense_loss)]
+  rows += [(f"2:4 one-shot ({k})", v["val_loss"]) for k, v in one_shot.items()]
+  rows += [(f"2:4 {best} + fine-tuned", sparse_loss)]
+  for name, v in rows:
     print(f"  {name:<25}  {v:8.4f}   {math.exp(v):10.3f}")
   print(f"\n{len(final.pruned)} weights 2:4; curves: {args.out / 'curves.png'}; "
         f"{time.time() - t0:.0f} s")

@@ -4,10 +4,13 @@ The pipeline, one module per idea: masks (pure math) -> layouts and policy
 (which leaf, which axis) -> pruning (trees) -> enforcement (optax) -> report.
 """
 
+from jasp import calibration
 from jasp import export
 from jasp._dispatch import get_mask_impl
 from jasp._dispatch import mask_impl
 from jasp._dispatch import nm_prune_array
+from jasp.calibration import sparsegpt_prune
+from jasp.calibration import wanda_prune
 from jasp.enforcement import MaskState
 from jasp.enforcement import SparseState
 from jasp.enforcement import get_masks
@@ -50,6 +53,7 @@ __all__ = [
     "SparsityReport",
     "apply_masks",
     "block_patterns",
+    "calibration",
     "compute_masks",
     "convention_layout",
     "export",
@@ -67,9 +71,11 @@ __all__ = [
     "plan",
     "prune",
     "sparse_optimizer",
+    "sparsegpt_prune",
     "sparsity_report",
     "trace_layouts",
     "unpack",
     "unpack_masks",
     "update_masks",
+    "wanda_prune",
 ]

@@ -17,3 +17,12 @@ def test_digits_quick(tmp_path):
   saved = json.loads((tmp_path / "results.json").read_text())
   assert len(saved["history"]) == 5
   assert res["dense_acc"] > 50  # 3 epochs already learn the digits
+
+
+def test_lm_quick(tmp_path):
+  import lm  # noqa: E402
+  res = lm.main(["--quick", "--out", str(tmp_path)])
+  assert set(res["one_shot"]) == {"magnitude", "wanda", "sparsegpt"}
+  assert res["best_method"] == min(res["one_shot"], key=lambda k: res["one_shot"][k]["val_loss"])
+  assert res["pruned_leaves"] == 13  # q, k, v, out, up, down per block (2 blocks) + head
+  assert (tmp_path / "curves.png").exists()
