@@ -93,6 +93,18 @@ def train(model, params, tx, data, epochs, batch, seed, desc, history, tqdm):
   return params
 
 
+def kept_magnitude(dense, pruned, masks) -> float:
+  """Sum |w| kept over sum |w| of the dense weights, over the pruned leaves."""
+  kept = total = 0.0
+  for d, p, mk in zip(jax.tree.leaves(dense), jax.tree.leaves(pruned),
+                      jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
+    if mk is None:
+      continue
+    kept += float(jnp.abs(p).sum())
+    total += float(jnp.abs(d).sum())
+  return kept / total
+
+
 def plot(history, pruned_acc, path: Path):
   import matplotlib
   matplotlib.use("Agg")
@@ -128,6 +140,9 @@ def main(argv=None) -> dict:
   p.add_argument("--out", type=Path, default=Path("runs/digits"))
   p.add_argument("--quick", action="store_true", help="few epochs: a smoke test of the pipeline")
   p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (needs jasp[onnx])")
+  p.add_argument("--permute", action="store_true",
+                 help="permute channels before pruning (apex's channel permutation) and compare")
+  p.add_argument("--permute-time", type=float, default=5.0, help="search time limit per channel group (s)")
   args = p.parse_args(argv)
   if args.quick:
     args.epochs, args.finetune_epochs = 3, 2
@@ -154,9 +169,34 @@ def main(argv=None) -> dict:
 
   # 2. One-shot 2:4 pruning, with the layouts traced from the model itself.
   layouts = jasp.trace_layouts(model.apply, {"params": params}, xtr[:1])
+  dense_params = params
   sparse = jasp.prune({"params": params}, args.n, args.m, layouts=layouts)
   params, masks = sparse[0]["params"], sparse[1]["params"]
   pruned_acc, _ = evaluate(model, params, xte, yte)
+  permutation = None
+  if args.permute:
+    # Permute channels first (the dense model computes the same function), then prune.
+    kept_plain = kept_magnitude(dense_params, params, masks)
+    t = time.time()
+    permuted, preport = jasp.permute(model.apply, {"params": dense_params}, xtr[:1],
+                                     n=args.n, m=args.m, layouts=layouts,
+                                     time_limit=args.permute_time)
+    print(preport)
+    perm_dense = permuted["params"]
+    perm_dense_acc, _ = evaluate(model, perm_dense, xte, yte)
+    sparse_p = jasp.prune({"params": perm_dense}, args.n, args.m, layouts=layouts)
+    p_params, p_masks = sparse_p[0]["params"], sparse_p[1]["params"]
+    perm_acc, _ = evaluate(model, p_params, xte, yte)
+    kept_perm = kept_magnitude(perm_dense, p_params, p_masks)
+    permutation = {"seconds": time.time() - t, "dense_acc_after_permute": perm_dense_acc,
+                   "one_shot_acc_without": pruned_acc, "one_shot_acc_with": perm_acc,
+                   "kept_without": kept_plain, "kept_with": kept_perm}
+    print(f"\n  one-shot {args.n}:{args.m} (before fine-tuning)   accuracy   kept |w| of pruned layers")
+    print(f"  without permutation               {pruned_acc:7.2f}%   {100 * kept_plain:7.3f}%")
+    print(f"  with permutation                  {perm_acc:7.2f}%   {100 * kept_perm:7.3f}%")
+    print(f"  (dense accuracy after permuting: {perm_dense_acc:.2f}%, unchanged function; "
+          f"{permutation['seconds']:.1f} s)")
+    params, masks, pruned_acc = p_params, p_masks, perm_acc
   report = jasp.sparsity_report({"params": params}, {"params": masks}, args.n, args.m,
                                 layouts=layouts)
   print(report)
@@ -202,7 +242,7 @@ def main(argv=None) -> dict:
   results = {"dense_acc": dense_acc, "pruned_acc": pruned_acc, "sparse_finetuned_acc": sparse_acc,
              "gap_points": dense_acc - sparse_acc, "seconds": time.time() - t0,
              "pruned_leaves": len(report.pruned), "pattern_verified": bool(check.all_valid),
-             "onnx_verified": onnx_ok}
+             "onnx_verified": onnx_ok, "permutation": permutation}
   (args.out / "results.json").write_text(json.dumps({"results": results, "history": history},
                                                     indent=1))
   rows = [("dense", dense_acc), (f"{args.n}:{args.m} one-shot (no fine-tune)", pruned_acc),

@@ -6,6 +6,7 @@ The pipeline, one module per idea: masks (pure math) -> layouts and policy
 
 from jasp import calibration
 from jasp import export
+from jasp import permutation
 from jasp._dispatch import get_mask_impl
 from jasp._dispatch import mask_impl
 from jasp._dispatch import nm_prune_array
@@ -30,6 +31,12 @@ from jasp.packing import pack
 from jasp.packing import pack_masks
 from jasp.packing import unpack
 from jasp.packing import unpack_masks
+from jasp.permutation import PermutationPlan
+from jasp.permutation import PermutationReport
+from jasp.permutation import permutation_score
+from jasp.permutation import permute
+from jasp.permutation import search_permutation
+from jasp.permutation import trace_channels
 from jasp.policy import Decision
 from jasp.policy import Policy
 from jasp.policy import plan
@@ -48,6 +55,8 @@ __all__ = [
     "LeafReport",
     "MaskState",
     "PackedMask",
+    "PermutationPlan",
+    "PermutationReport",
     "Policy",
     "SparseState",
     "SparsityReport",
@@ -68,11 +77,16 @@ __all__ = [
     "nm_prune_array",
     "pack",
     "pack_masks",
+    "permutation",
+    "permutation_score",
+    "permute",
     "plan",
     "prune",
     "sparse_optimizer",
     "sparsegpt_prune",
+    "search_permutation",
     "sparsity_report",
+    "trace_channels",
     "trace_layouts",
     "unpack",
     "unpack_masks",

@@ -26,3 +26,11 @@ def test_lm_quick(tmp_path):
   assert res["best_method"] == min(res["one_shot"], key=lambda k: res["one_shot"][k]["val_loss"])
   assert res["pruned_leaves"] == 13  # q, k, v, out, up, down per block (2 blocks) + head
   assert (tmp_path / "curves.png").exists()
+
+
+def test_digits_permute_quick(tmp_path):
+  res = digits.main(["--quick", "--permute", "--permute-time", "1", "--no-onnx",
+                     "--out", str(tmp_path)])
+  p = res["permutation"]
+  assert p["kept_with"] > p["kept_without"]  # permutation keeps more magnitude
+  assert abs(p["dense_acc_after_permute"] - res["dense_acc"]) < 1e-6  # same function
