@@ -88,7 +88,7 @@ def test_training_step_sharded_no_collectives():
     tx = jasp.sparse_optimizer(optax.adamw(1e-2, weight_decay=0.1), masks)
     state = tx.init(params)
 
-    def step(p, s, g):
+    def step(p, s, g, tx=tx):
       u, s = tx.update(g, s, p)
       return optax.apply_updates(p, u), s
 
