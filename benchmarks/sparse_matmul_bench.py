@@ -1,0 +1,363 @@
+"""2:4 sparse matmul (jasp.sparse, cuSPARSELt through jax.ffi) vs XLA's dense jnp.dot.
+
+Run on the device machine::
+
+    python3 benchmarks/sparse_matmul_bench.py                 # everything (JSON under $OUT)
+    python3 benchmarks/sparse_matmul_bench.py --quick         # two shapes, a smoke test
+    python3 benchmarks/sparse_matmul_bench.py --budget-s 300  # stop starting new rows after 300 s
+
+``y = x @ W`` with a Flax kernel ``W (in, out)`` 2:4 along ``in``, ``x (tokens, in)``.
+Timing: each function is jitted and warmed up (the sparse plan search
+included); where PyTorch is importable its CUPTI profiler records every kernel
+the process runs, JAX's and cuSPARSELt's included, and the figure is the sum of
+kernel durations per call over back-to-back calls on 2 rotating inputs
+("device"); else the host wall time per call. The policy column is what
+:class:`jasp.sparse.MatmulPolicy` decides from its own host-timed measurement
+(the same code path as at trace time) and the resulting time relative to dense.
+Per-call overhead: host time per call for small problems (back-to-back and
+one synchronous call), jasp sparse vs jnp.dot vs PyTorch's ``_cslt_sparse_mm``
+(which builds its cuSPARSELt plan on every call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jasp  # noqa: E402
+from jasp import sparse  # noqa: E402
+from jasp.sparse import _compress as compress_lib  # noqa: E402
+from jasp.sparse import policy as policy_lib  # noqa: E402
+
+try:
+  import torch  # noqa: E402
+except Exception:  # pylint: disable=broad-except
+  torch = None
+
+# (in, out) of the Flax kernel; the issue names them as PyTorch's (out x in).
+SHAPES = {
+    "8192x8192": (8192, 8192),
+    "14336x4096 (up)": (4096, 14336),
+    "4096x14336 (down)": (14336, 4096),
+    "7B attn 4096x4096": (4096, 4096),
+    "7B mlp 11008x4096 (up)": (4096, 11008),
+    "7B mlp 4096x11008 (down)": (11008, 4096),
+    "16384x16384": (16384, 16384),
+}
+TOKENS = [16, 64, 256, 1024, 2048, 4096, 8192, 16384]
+
+
+class DeviceClock:
+  """GPU kernel time per call from PyTorch's CUPTI profiler (None without PyTorch)."""
+
+  def __init__(self):
+    self.ok = torch is not None and torch.cuda.is_available()
+
+  def per_call(self, run, calls: int) -> float | None:
+    if not self.ok:
+      return None
+    try:
+      from torch.profiler import ProfilerActivity  # pylint: disable=g-import-not-at-top
+      from torch.profiler import profile  # pylint: disable=g-import-not-at-top
+      with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+      total = 0.0
+      for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+          t = getattr(ev, "self_cuda_time_total", 0.0)
+        total += t
+      return total * 1e-6 / calls if total > 0 else None
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"device clock unavailable: {type(e).__name__}: {e}", flush=True)
+      self.ok = False
+      return None
+
+
+CLOCK = DeviceClock()
+
+
+def w24(k: int, n: int, dtype, seed: int = 0) -> jax.Array:
+  w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
+  return jnp.where(jasp.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
+
+
+def rand(shape, dtype, seed):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def host_per_call(fn, argsets, n: int) -> float:
+  t0 = time.perf_counter()
+  out = None
+  for i in range(n):
+    out = fn(*argsets[i % len(argsets)])
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / n
+
+
+def device_per_call(fn, argsets, reps: int) -> float | None:
+  def run():
+    out = None
+    for i in range(reps):
+      out = fn(*argsets[i % len(argsets)])
+    jax.block_until_ready(out)
+  return CLOCK.per_call(run, reps)
+
+
+def time_fn(fn, argsets, est_s: float) -> dict:
+  reps = int(min(50, max(6, 0.05 / max(est_s, 1e-6))))
+  host = statistics.median(host_per_call(fn, argsets, reps) for _ in range(3))
+  dev = device_per_call(fn, argsets, reps)
+  return {"host_ms": host * 1e3, "device_ms": None if dev is None else dev * 1e3}
+
+
+def best(t: dict) -> float:
+  return t["device_ms"] if t["device_ms"] is not None else t["host_ms"]
+
+
+DENSE = jax.jit(lambda x, w: jnp.dot(x, w))
+
+
+SPARSE = jax.jit(lambda x, s: sparse.sparse_matmul(x, s))
+
+
+def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order=sparse.A_ROW):
+  w = w24(k, n, dtype)
+  t0 = time.perf_counter()
+  sw = sparse.compress(w, dtype=dtype, a_order=a_order)
+  jax.block_until_ready(sw.compressed)
+  compress_ms = (time.perf_counter() - t0) * 1e3
+  rows = []
+  for t in tokens:
+    if time.perf_counter() > deadline:
+      rows.append({"shape": name, "tokens": t, "skipped": "time budget"})
+      continue
+    xs = [(rand((t, k), dtype, 10 + i),) for i in range(2)]
+    d_args = [(x, sw.dense) for (x,) in xs]
+    s_args = [(x, sw) for (x,) in xs]
+    ts = time.perf_counter()
+    jax.block_until_ready(SPARSE(*s_args[0]))  # compile + plan search
+    first_ms = (time.perf_counter() - ts) * 1e3
+    jax.block_until_ready(DENSE(*d_args[0]))
+    y = SPARSE(*s_args[1])
+    ref = jnp.dot(xs[1][0].astype(jnp.float32), w.astype(jnp.float32),
+                  precision=jax.lax.Precision.HIGHEST)
+    err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    est = 2.0 * t * k * n / 5e14
+    td = time_fn(DENSE, d_args, est)
+    tsp = time_fn(SPARSE, s_args, est / 1.5)
+    # The policy's own decision, from its host-timed measurement of these calls.
+    inner = min(500, max(3, int(2e-3 / max(est, 1e-6))))
+    hd = statistics.median(host_per_call(DENSE, d_args, inner) for _ in range(5))
+    hs = statistics.median(host_per_call(SPARSE, s_args, inner) for _ in range(5))
+    pol = sparse.MatmulPolicy(measure=lambda *a, hd=hd, hs=hs: (hd, hs), cache_file="")
+    choice = policy_lib.choose(pol, k=k, n=n, t=t, dtype=jnp.dtype(dtype).name, compressed=True,
+                               has_dense=True)
+    sp = best(td) / best(tsp)
+    row = {"shape": name, "in": k, "out": n, "tokens": t, "dtype": jnp.dtype(dtype).name,
+           "a_order": "row" if a_order == sparse.A_ROW else "col",
+           "dense": td, "sparse": tsp, "speedup": sp, "rel_err": err,
+           "first_call_ms": first_ms, "compress_ms": compress_ms,
+           "policy": "sparse" if choice.sparse else "dense",
+           "policy_vs_dense": sp if choice.sparse else 1.0,
+           "policy_host_speedup": hd / hs}
+    rows.append(row)
+    print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()
+                      if k2 not in ("dense", "sparse")} | {"dense_ms": round(best(td), 4),
+                                                             "sparse_ms": round(best(tsp), 4)}),
+          flush=True)
+  out.setdefault("rows", []).extend(rows)
+  del sw, w
+
+
+def overhead(out):
+  """Per-call cost of small problems: jasp sparse vs jnp.dot vs torch _cslt_sparse_mm."""
+  res = {}
+  for (k, n, t) in [(4096, 4096, 16), (4096, 4096, 256), (8192, 8192, 16)]:
+    dtype = jnp.bfloat16
+    w = w24(k, n, dtype)
+    sw = sparse.compress(w)
+    xs = [(rand((t, k), dtype, 20 + i),) for i in range(2)]
+    d_args = [(x, sw.dense) for (x,) in xs]
+    s_args = [(x, sw) for (x,) in xs]
+    r = {}
+    for name, fn, args in (("jnp.dot", DENSE, d_args), ("jasp sparse", SPARSE, s_args)):
+      jax.block_until_ready(fn(*args[0]))
+      b2b = statistics.median(host_per_call(fn, args, 200) for _ in range(5))
+      lat = []
+      for i in range(50):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args[i % 2]))
+        lat.append(time.perf_counter() - t0)
+      dev = device_per_call(fn, args, 50)
+      r[name] = {"back_to_back_ms": b2b * 1e3, "sync_latency_ms": statistics.median(lat) * 1e3,
+                 "device_ms": None if dev is None else dev * 1e3}
+    if torch is not None and torch.cuda.is_available():
+      try:
+        wt = torch.from_numpy(np.asarray(jax.device_get(w.T.astype(jnp.float32)))).to(
+            "cuda", torch.bfloat16).contiguous()
+        wc = torch._cslt_compress(wt)  # pylint: disable=protected-access
+        xt = torch.randn(k, t, device="cuda", dtype=torch.bfloat16)
+        torch._cslt_sparse_mm(wc, xt)  # pylint: disable=protected-access
+        torch.cuda.synchronize()
+        b2b = []
+        for _ in range(5):
+          t0 = time.perf_counter()
+          for _ in range(200):
+            torch._cslt_sparse_mm(wc, xt)  # pylint: disable=protected-access
+          torch.cuda.synchronize()
+          b2b.append((time.perf_counter() - t0) / 200)
+        r["torch _cslt_sparse_mm"] = {"back_to_back_ms": statistics.median(b2b) * 1e3}
+      except Exception as e:  # pylint: disable=broad-except
+        r["torch _cslt_sparse_mm"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    res[f"{k}x{n} t={t}"] = r
+    print(json.dumps({f"{k}x{n} t={t}": r}), flush=True)
+  out["overhead"] = res
+
+
+def end_to_end(out, batch: int, context: int, dim: int, depth: int):
+  """The examples/lm.py decoder (nnx), bf16, dense masked vs jasp.sparse (policy auto)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+  from lm import DecoderLM  # pylint: disable=g-import-not-at-top
+  model = DecoderLM(vocab=256, dim=dim, heads=dim // 128, depth=depth, context=context,
+                    rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params))
+  for _, node in list(nnx.iter_graph(model)):
+    if isinstance(node, nnx.Linear) and node is not model.head:
+      in_axes = 1
+    elif isinstance(node, nnx.LinearGeneral):
+      in_axes = len(node.in_features)
+    else:
+      continue
+    wk = node.kernel.get_value()
+    w2 = wk.reshape(int(np.prod(wk.shape[:in_axes])), -1)
+    node.kernel.set_value(jnp.where(jasp.nm_mask(w2, 2, 4, 0), w2, 0).reshape(wk.shape))
+  tokens = jax.random.randint(jax.random.key(1), (batch, context), 0, 256)
+
+  def fwd_fn(m):
+    g, s = nnx.split(m)
+    return jax.jit(lambda s, t: nnx.merge(g, s)(t)), s
+
+  dense_f, dense_s = fwd_fn(model)
+  ref = jax.block_until_ready(dense_f(dense_s, tokens))
+  t0 = time.perf_counter()
+  report = sparse.sparsify_nnx(model, dtype=jnp.bfloat16)
+  sparsify_s = time.perf_counter() - t0
+  sparse_f, sparse_s = fwd_fn(model)
+  t0 = time.perf_counter()
+  y = jax.block_until_ready(sparse_f(sparse_s, tokens))  # traces: policy measurements
+  first_s = time.perf_counter() - t0
+  err = float(jnp.linalg.norm((y - ref).astype(jnp.float32)) /
+              jnp.linalg.norm(ref.astype(jnp.float32)))
+  td = time_fn(dense_f, [(dense_s, tokens)], 0.01)
+  ts = time_fn(sparse_f, [(sparse_s, tokens)], 0.01)
+  res = {"batch": batch, "context": context, "dim": dim, "depth": depth,
+         "tokens": batch * context, "dense": td, "sparse": ts, "speedup": best(td) / best(ts),
+         "rel_err_logits": err, "sparsify_s": sparsify_s, "first_call_s": first_s,
+         "report": report}
+  out["end_to_end"] = res
+  print(json.dumps({k: v for k, v in res.items() if k != "report"}), flush=True)
+
+
+def fmt_rows(rows) -> str:
+  lines = ["| shape (out x in) | tokens | dtype | A | dense ms | jasp sparse ms | speedup | policy |"
+           " policy/dense |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "skipped" in r:
+      lines.append(f"| {r['shape']} | {r['tokens']} | – | – | skipped ({r['skipped']}) |||||")
+      continue
+    lines.append(f"| {r['shape']} | {r['tokens']} | {r['dtype']} | {r['a_order']} | "
+                 f"{best(r['dense']):.4f} | {best(r['sparse']):.4f} | {r['speedup']:.2f}x | "
+                 f"{r['policy']} | {r['policy_vs_dense']:.2f}x |")
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--budget-s", type=float, default=1e9)
+  ap.add_argument("--no-e2e", action="store_true")
+  ap.add_argument("--shapes", default="")
+  ap.add_argument("--tokens", default="")
+  ap.add_argument("--no-overhead", action="store_true")
+  ap.add_argument("--no-extra", action="store_true", help="skip the fp16 and A_COL rows")
+  args = ap.parse_args()
+  start = time.perf_counter()
+  deadline = start + args.budget_s
+  dev = jax.devices()[0]
+  ok, why = sparse.status()
+  out = {"device": dev.device_kind, "jax": jax.__version__, "status": why,
+         "torch": None if torch is None else torch.__version__,
+         "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:],
+         "timing": "CUPTI kernel sums" if CLOCK.ok else "host"}
+  print(json.dumps(out), flush=True)
+  if not ok:
+    return
+  path = os.path.join(os.environ.get("OUT", "/tmp"), "sparse_matmul_bench.json")
+
+  def save():
+    with open(path, "w") as f:
+      json.dump(out, f, indent=1, default=str)
+
+  def stage(fn, *a):
+    try:
+      return fn(*a)
+    except Exception as e:  # pylint: disable=broad-except
+      import traceback  # pylint: disable=g-import-not-at-top
+      traceback.print_exc()
+      out.setdefault("errors", []).append(f"{fn.__name__}: {type(e).__name__}: {e}"[:2000])
+      return None
+    finally:
+      save()
+
+  tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
+  if not args.no_overhead:
+    stage(overhead, out)
+  names = list(SHAPES)
+  if args.shapes:
+    names = [n for n in names if any(s in n for s in args.shapes.split(","))]
+  if args.quick:
+    names = names[:2]
+  for name in names:
+    if name == "16384x16384" and not args.no_e2e and time.perf_counter() < deadline:
+      stage(end_to_end, out, 4, 2048, 4096, 2)
+    k, n = SHAPES[name]
+    stage(bench_shape, name, k, n, jnp.bfloat16, tokens, out, deadline)
+    if (name == "8192x8192" and not args.no_extra and compress_lib.experimental()
+        and time.perf_counter() < deadline):
+      # fp16, and the column-major (no transpose at compression) layout: experimental.
+      stage(bench_shape, name, k, n, jnp.float16, [2048, 8192], out, deadline)
+      stage(bench_shape, name, k, n, jnp.bfloat16, [2048, 8192], out, deadline, sparse.A_COL)
+  if not args.no_e2e and "end_to_end" not in out and time.perf_counter() < deadline:
+    stage(end_to_end, out, 4, 2048, 4096, 2)
+  out["wall_s"] = time.perf_counter() - start
+  save()
+  print(f"\n{out['device']}, jax {out['jax']}, {out['date']}, timing: {out['timing']}; "
+        f"{out['status']}")
+  print(fmt_rows(out.get("rows", [])))
+  for k, v in out.get("overhead", {}).items():
+    print(k, json.dumps(v))
+  if "end_to_end" in out:
+    e = out["end_to_end"]
+    print(f"end-to-end lm.py decoder dim {e['dim']} depth {e['depth']}, {e['tokens']} tokens: "
+          f"dense {best(e['dense']):.3f} ms, sparse {best(e['sparse']):.3f} ms, "
+          f"{e['speedup']:.2f}x, rel err {e['rel_err_logits']:.2e}")
+  if out.get("errors"):
+    print("errors:", out["errors"])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,50 @@
+"""jasp.sparse: 2:4 weights on the sparse tensor cores (cuSPARSELt through ``jax.ffi``).
+
+The pipeline: compress a pruned 2:4 kernel once (:func:`compress`, or a whole
+tree with :func:`sparsify` / :func:`sparsify_nnx`), then multiply with
+:func:`matmul`, which takes the sparse kernel where the policy measured it
+faster on this GPU and the dense dot elsewhere. On CPU, or a GPU without 2:4
+tensor cores, everything runs dense and a warning says why.
+
+The C++ extension (``_ffi.cc``, host code only) is compiled on first use with
+the system C++ compiler against XLA's FFI headers and the cuSPARSELt wheel
+(``pip install nvidia-cusparselt-cu13``); see :mod:`jasp.sparse.build`.
+"""
+
+from jasp.sparse._compress import A_COL
+from jasp.sparse._compress import A_ROW
+from jasp.sparse._compress import SparseWeight
+from jasp.sparse._compress import compress
+from jasp.sparse._matmul import dense_matmul
+from jasp.sparse._matmul import matmul
+from jasp.sparse._matmul import sparse_matmul
+from jasp.sparse._runtime import SparseUnavailable
+from jasp.sparse._runtime import status
+from jasp.sparse.flax import SparseLinear
+from jasp.sparse.flax import apply
+from jasp.sparse.flax import intercept
+from jasp.sparse.flax import sparsify
+from jasp.sparse.flax import sparsify_nnx
+from jasp.sparse.policy import Choice
+from jasp.sparse.policy import MatmulPolicy
+from jasp.sparse.policy import tune
+
+__all__ = [
+    "A_COL",
+    "A_ROW",
+    "Choice",
+    "MatmulPolicy",
+    "SparseLinear",
+    "SparseUnavailable",
+    "SparseWeight",
+    "apply",
+    "compress",
+    "dense_matmul",
+    "intercept",
+    "matmul",
+    "sparse_matmul",
+    "sparsify",
+    "sparsify_nnx",
+    "status",
+    "tune",
+]

@@ -1,0 +1,309 @@
+"""Flax drop-ins: run a pruned linen or nnx model with compressed 2:4 weights.
+
+linen (a params transform plus a method interceptor; the model code is
+unchanged)::
+
+    pruned, masks = jasp.prune(variables, layouts=layouts)
+    sparse_vars, report = jasp.sparse.sparsify(pruned, layouts=layouts, dtype=jnp.bfloat16)
+    y = jasp.sparse.apply(model, sparse_vars, x)   # model.apply, Dense/DenseGeneral sparse
+
+nnx (modules swapped in place)::
+
+    report = jasp.sparse.sparsify_nnx(model, dtype=jnp.bfloat16)
+    y = model(x)
+
+Every ``Dense``/``DenseGeneral`` (linen) or ``Linear``/``LinearGeneral`` (nnx)
+whose kernel is 2:4 along its input axes is compressed
+(:func:`jasp.sparse.compress`); the others, and every other leaf, stay as
+they are, and the report says why. Attention projections are
+``DenseGeneral``/``LinearGeneral`` layers, so they are covered. Each call then
+goes through :func:`jasp.sparse.matmul`: the sparse tensor cores where the
+policy measured them faster, the dense dot on the kept masked weight
+otherwise, and on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jasp import _tree
+from jasp import layouts as layouts_lib
+from jasp import masks as masks_lib
+from jasp.sparse import _compress as compress_lib
+from jasp.sparse import _matmul as matmul_lib
+from jasp.sparse import policy as policy_lib
+
+__all__ = ["sparsify", "apply", "intercept", "SparseLinear", "sparsify_nnx"]
+
+PyTree = Any
+_SIXTEEN = ("bfloat16", "float16")
+
+
+def _is_24(w: jax.Array, in_axes: int) -> bool:
+  k = math.prod(w.shape[:in_axes])
+  if k % 4:
+    return False
+  return bool(masks_lib.is_nm(w.reshape(k, -1), 2, 4, axis=0))
+
+
+def _matches(path: str, include: Sequence[str] | None, exclude: Sequence[str] | None
+             ) -> str | None:
+  if include and not any(re.search(p, path) for p in include):
+    return "not matched by include"
+  if exclude and any(re.search(p, path) for p in exclude):
+    return "matched by exclude"
+  return None
+
+
+def _compress_leaf(path: str, w: jax.Array, in_axes: int, dtype, keep_dense: bool, a_order: int
+                   ) -> tuple[Any, str]:
+  """(new leaf, report line) for one candidate kernel."""
+  if not _is_24(w, in_axes):
+    return w, "kept: not 2:4 along its input axes (prune it first, or it is meant dense)"
+  if dtype is None and jnp.dtype(w.dtype).name not in _SIXTEEN:
+    return w, (f"kept: a {jnp.dtype(w.dtype).name} kernel; pass dtype=jnp.bfloat16 (or float16) "
+               "to run it on the 16-bit sparse tensor cores")
+  sw = compress_lib.compress(w, in_axes=in_axes, dtype=dtype, keep_dense=keep_dense,
+                             a_order=a_order, check=False, path=path)
+  if sw.is_compressed:
+    return sw, f"compressed ({sw.k} in x {sw.n} out, {sw.dtype})"
+  ok, why = compress_lib.sparse_shape_ok(sw.k, sw.n)
+  return sw, ("dense path: " + (why if not ok else "no sparse runtime here"))
+
+
+def sparsify(params: PyTree, *, layouts: Mapping[str, layouts_lib.Layout] | None = None,
+             dtype: Any = None, keep_dense: bool = True, include: Sequence[str] | None = None,
+             exclude: Sequence[str] | None = None, a_order: int = compress_lib.A_ROW
+             ) -> tuple[PyTree, dict[str, str]]:
+  """Replaces the 2:4 Dense/DenseGeneral kernels of a params tree by SparseWeights.
+
+  Args:
+    params: a linen variables dict (or any pytree of arrays), already pruned.
+    layouts: ``{path: Layout}`` from :func:`jasp.trace_layouts` (exact); None
+      uses flax's naming conventions.
+    dtype: the compute dtype of the compressed layers (``jnp.bfloat16`` or
+      ``jnp.float16``); None keeps each kernel's dtype, which must be 16-bit.
+    keep_dense: keep the masked dense weight too, so the policy can take the
+      dense path where it is faster (few tokens). False halves the memory of
+      those layers but forces the sparse kernel at every token count.
+    include, exclude: regular expressions on leaf paths.
+    a_order: the compressed layout (:data:`jasp.sparse.A_ROW` or ``A_COL``).
+
+  Returns:
+    ``(params with SparseWeight leaves, {path: what happened})``: one report
+    line per ``kernel`` leaf that is a matmul weight.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  out, report = [], {}
+  for p, leaf in flat:
+    path = _tree.path_str(p)
+    if not path.endswith("kernel") or not hasattr(leaf, "shape"):
+      out.append(leaf)
+      continue
+    lay = layouts_lib.resolve(path, leaf, layouts)
+    nd = leaf.ndim
+    if lay.kind != "dot" or lay.axis is None:
+      out.append(leaf)
+      continue
+    a = len(lay.axis)
+    if tuple(lay.axis) != tuple(range(a)) or tuple(lay.out_axes) != tuple(range(a, nd)):
+      report[path] = (f"kept: contracted axes {lay.axis} are not the leading axes of the kernel "
+                      f"{tuple(leaf.shape)} (not a Dense/DenseGeneral kernel layout)")
+      out.append(leaf)
+      continue
+    skip = _matches(path, include, exclude)
+    if skip:
+      report[path] = f"kept: {skip}"
+      out.append(leaf)
+      continue
+    new, line = _compress_leaf(path, leaf, a, dtype, keep_dense, a_order)
+    report[path] = line
+    out.append(new)
+  return jax.tree_util.tree_unflatten(treedef, out), report
+
+
+# ----------------------------------------------------------------------------
+# linen: an interceptor for Dense / DenseGeneral.
+
+
+def _norm_axes(axis, ndim: int) -> tuple[int, ...]:
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  return tuple(sorted(a % ndim for a in axes))
+
+
+def _contract(x: jax.Array, w: compress_lib.SparseWeight, axes: tuple[int, ...], bias,
+              out_dtype, policy, bias_epilogue) -> jax.Array:
+  """``x`` contracted over ``axes`` with the kernel; output ``(*rest, *out_shape)``."""
+  in_sizes = tuple(x.shape[a] for a in axes)
+  if in_sizes != w.in_shape:
+    raise ValueError(f"x of shape {tuple(x.shape)} contracts axes {axes} of sizes {in_sizes}, "
+                     f"but the compressed kernel {w.shape} expects {w.in_shape}.")
+  trailing = tuple(range(x.ndim - len(axes), x.ndim))
+  if axes != trailing:
+    x = jnp.moveaxis(x, axes, trailing)
+  lead = x.shape[:x.ndim - len(axes)]
+  y = matmul_lib.matmul(x.reshape(*lead, w.k), w, bias, policy=policy,
+                        bias_epilogue=bias_epilogue)
+  return y.reshape(*lead, *w.out_shape).astype(out_dtype)
+
+
+def _linen_out_dtype(mod, x) -> Any:
+  return mod.dtype if mod.dtype is not None else jnp.result_type(x.dtype, mod.param_dtype)
+
+
+def _interceptor(policy, bias_epilogue):
+  def intercept_fn(next_fun, args, kwargs, context):
+    mod = context.module
+    if (context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.DenseGeneral))
+        or not mod.has_variable("params", "kernel")):
+      return next_fun(*args, **kwargs)
+    kernel = mod.get_variable("params", "kernel")
+    if not isinstance(kernel, compress_lib.SparseWeight):
+      return next_fun(*args, **kwargs)
+    x = jnp.asarray(args[0] if args else kwargs["inputs"])
+    bias = mod.get_variable("params", "bias") if mod.use_bias else None
+    if isinstance(mod, nn.Dense):
+      axes = (x.ndim - 1,)
+    else:
+      if mod.batch_dims:
+        raise ValueError(f"{mod.name}: DenseGeneral with batch_dims={mod.batch_dims} has no "
+                         "sparse form; keep it dense (sparsify(..., exclude=[...])).")
+      axes = _norm_axes(mod.axis, x.ndim)
+    return _contract(x, kernel, axes, bias, _linen_out_dtype(mod, x), policy, bias_epilogue)
+  return intercept_fn
+
+
+@contextlib.contextmanager
+def intercept(*, policy: policy_lib.MatmulPolicy | None = None, bias_epilogue: bool = False):
+  """Within this context, linen ``Dense``/``DenseGeneral`` layers whose kernel is a
+  :class:`jasp.sparse.SparseWeight` run :func:`jasp.sparse.matmul`.
+
+  Layers with array kernels run unchanged. Usable around ``model.apply`` and
+  inside ``jax.jit``.
+  """
+  with nn.intercept_methods(_interceptor(policy, bias_epilogue)):
+    yield
+
+
+def apply(model: nn.Module, variables: PyTree, *args, policy: policy_lib.MatmulPolicy | None = None,
+          bias_epilogue: bool = False, **kwargs):
+  """``model.apply(variables, *args, **kwargs)`` with the sparse Dense layers.
+
+  ``variables`` comes from :func:`sparsify`. Returns what ``model.apply`` returns.
+  """
+  with intercept(policy=policy, bias_epilogue=bias_epilogue):
+    return model.apply(variables, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# nnx: a module that replaces Linear / LinearGeneral.
+
+
+class SparseLinear(nnx.Module):
+  """An nnx ``Linear``/``LinearGeneral`` whose kernel is a :class:`jasp.sparse.SparseWeight`.
+
+  Contracts ``axis`` of the input (sizes ``kernel.in_shape``) and returns
+  ``(*other axes, *kernel.out_shape)``. Built by :func:`sparsify_nnx`.
+
+  Attributes:
+    kernel: ``nnx.Param`` holding the SparseWeight.
+    bias: ``nnx.Param`` of shape ``out_shape``, or None.
+    axis: the contracted input axes (negative: from the end).
+    dtype: the output dtype (None: promote the input with ``param_dtype``).
+    param_dtype: the original layer's parameter dtype.
+    policy, bias_epilogue: as :func:`jasp.sparse.matmul`.
+  """
+
+  def __init__(self, kernel: compress_lib.SparseWeight, bias: jax.Array | None, *,
+               axis: Sequence[int] = (-1,), dtype: Any = None, param_dtype: Any = jnp.float32,
+               policy: policy_lib.MatmulPolicy | None = None, bias_epilogue: bool = False):
+    self.kernel = nnx.Param(kernel)
+    self.bias = nnx.Param(bias) if bias is not None else None
+    self.axis = tuple(int(a) for a in axis)
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.policy = policy
+    self.bias_epilogue = bias_epilogue
+
+  def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+    """``x`` contracted over ``axis``; ``out_sharding`` as in ``nnx.Linear`` (a constraint)."""
+    x = jnp.asarray(x)
+    w = self.kernel.get_value()
+    bias = self.bias.get_value() if self.bias is not None else None
+    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype,
+                                                                          self.param_dtype)
+    y = _contract(x, w, _norm_axes(self.axis, x.ndim), bias, out_dtype, self.policy,
+                  self.bias_epilogue)
+    if out_sharding is not None:
+      y = jax.lax.with_sharding_constraint(y, out_sharding)
+    return y
+
+
+def _nnx_parent(root, path: tuple) -> Any:
+  node = root
+  for key in path:
+    node = getattr(node, key) if isinstance(key, str) else node[key]
+  return node
+
+
+def _nnx_set(parent, key, value) -> None:
+  if isinstance(key, str):
+    setattr(parent, key, value)
+  else:
+    parent[key] = value
+
+
+def sparsify_nnx(model: nnx.Module, *, dtype: Any = None, keep_dense: bool = True,
+                 include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                 policy: policy_lib.MatmulPolicy | None = None, bias_epilogue: bool = False,
+                 a_order: int = compress_lib.A_ROW) -> dict[str, str]:
+  """Replaces, in place, every 2:4 ``nnx.Linear``/``LinearGeneral`` by a :class:`SparseLinear`.
+
+  Args:
+    model: an nnx module, already pruned (its kernels 2:4 along the input axes).
+    dtype, keep_dense, include, exclude, a_order: as :func:`sparsify`.
+    policy, bias_epilogue: stored on each SparseLinear (see :func:`jasp.sparse.matmul`).
+
+  Returns:
+    ``{kernel path: what happened}`` for every Linear/LinearGeneral.
+  """
+  found, seen = [], set()
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, (nnx.Linear, nnx.LinearGeneral)) and id(node) not in seen and path:
+      seen.add(id(node))
+      found.append((tuple(path), node))
+  report = {}
+  for path, node in found:
+    name = "/".join(str(p) for p in path) + "/kernel"
+    skip = _matches(name, include, exclude)
+    if skip:
+      report[name] = f"kept: {skip}"
+      continue
+    w = node.kernel.get_value()
+    if isinstance(node, nnx.Linear):
+      in_axes, axis = 1, (-1,)
+    else:
+      if node.batch_axis:
+        report[name] = "kept: LinearGeneral with batch_axis has no sparse form"
+        continue
+      in_axes = len(node.in_features)
+      axis = tuple(node.axis)
+    new, line = _compress_leaf(name, w, in_axes, dtype, keep_dense, a_order)
+    report[name] = line
+    if not isinstance(new, compress_lib.SparseWeight):
+      continue
+    bias = node.bias.get_value() if node.use_bias and node.bias is not None else None
+    layer = SparseLinear(new, bias, axis=axis, dtype=node.dtype, param_dtype=node.param_dtype,
+                         policy=policy, bias_epilogue=bias_epilogue)
+    _nnx_set(_nnx_parent(model, path[:-1]), path[-1], layer)
+  return report

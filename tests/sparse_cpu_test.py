@@ -1,0 +1,295 @@
+"""jasp.sparse without a GPU: the policy's logic, the dense fallback, errors, pytrees, the build's messages."""
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jasp
+from jasp import _tree
+from jasp import sparse
+from jasp.sparse import _runtime
+from jasp.sparse import build
+from jasp.sparse import policy as policy_lib
+
+needs_cpu = pytest.mark.skipif(sparse.status()[0], reason="checks the fallback without a GPU")
+
+
+def _w24(k=64, n=32, seed=0, dtype=jnp.bfloat16):
+  w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
+  return jnp.where(jasp.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
+
+
+def _fake(speedup, calls=None):
+  def measure(k, n, t, dtype):
+    if calls is not None:
+      calls.append((k, n, t, dtype))
+    return 1e-3 * speedup, 1e-3
+  return measure
+
+
+# ----------------------------------------------------------------------------
+# Policy.
+
+
+@pytest.mark.parametrize("speedup,sparse_path", [(1.6, True), (1.05, True), (1.04, False),
+                                                 (0.3, False)])
+def test_auto_uses_sparse_only_when_faster(speedup, sparse_path):
+  pol = sparse.MatmulPolicy(measure=_fake(speedup), cache_file="")
+  c = policy_lib.choose(pol, k=64, n=32, t=128 + int(speedup * 100), dtype="bfloat16",
+                        compressed=True, has_dense=True)
+  assert c.sparse is sparse_path
+  assert c.speedup == pytest.approx(speedup)
+  assert ("sparse measured" in c.reason) and (f"{speedup:.2f}x" in c.reason)
+
+
+def test_modes_and_missing_pieces():
+  meas = _fake(0.1)
+  c = policy_lib.choose(sparse.MatmulPolicy(mode="sparse", measure=meas, cache_file=""),
+                        k=64, n=32, t=8, dtype="bfloat16", compressed=True, has_dense=True)
+  assert c.sparse and "mode 'sparse'" in c.reason
+  c = policy_lib.choose(sparse.MatmulPolicy(mode="dense"), k=64, n=32, t=8, dtype="bfloat16",
+                        compressed=True, has_dense=True)
+  assert not c.sparse
+  with pytest.raises(ValueError, match="keep_dense=False"):
+    policy_lib.choose(sparse.MatmulPolicy(mode="dense"), k=64, n=32, t=8, dtype="bfloat16",
+                      compressed=True, has_dense=False)
+  c = policy_lib.choose(None, k=64, n=32, t=8, dtype="bfloat16", compressed=False,
+                        has_dense=True)
+  assert not c.sparse and "unavailable" in c.reason
+  c = policy_lib.choose(sparse.MatmulPolicy(measure=meas, cache_file=""), k=64, n=32, t=8,
+                        dtype="bfloat16", compressed=True, has_dense=False)
+  assert c.sparse and "keep_dense=False" in c.reason
+  with pytest.raises(ValueError, match="mode"):
+    sparse.MatmulPolicy(mode="fast")
+  with pytest.raises(ValueError, match="min_speedup"):
+    sparse.MatmulPolicy(min_speedup=0)
+
+
+def test_measurements_are_cached_in_a_file(tmp_path):
+  path = str(tmp_path / "timings.json")
+  calls = []
+  pol = sparse.MatmulPolicy(measure=_fake(2.0, calls), cache_file=path)
+  for _ in range(3):
+    assert policy_lib.choose(pol, k=128, n=64, t=4096, dtype="bfloat16", compressed=True,
+                             has_dense=True).sparse
+  assert len(calls) == 1 and os.path.exists(path)
+  # A fresh cache object (another process) reads the file: no new measurement.
+  policy_lib._CACHES.clear()  # pylint: disable=protected-access
+  calls2 = []
+  pol2 = sparse.MatmulPolicy(measure=_fake(0.5, calls2), cache_file=path)
+  c = policy_lib.choose(pol2, k=128, n=64, t=4096, dtype="bfloat16", compressed=True,
+                        has_dense=True)
+  assert c.sparse and calls2 == []
+  # Another shape is measured once.
+  policy_lib.choose(pol2, k=128, n=64, t=16, dtype="bfloat16", compressed=True, has_dense=True)
+  assert calls2 == [(128, 64, 16, "bfloat16")]
+
+
+def test_measure_runs_outside_an_enclosing_jit():
+  seen = []
+
+  def measure(k, n, t, dtype):
+    a = jnp.ones((4,)) * 2  # would be a tracer if it ran inside the jit trace
+    seen.append(_tree.is_tracer(a))
+    return 2e-3, 1e-3
+
+  pol = sparse.MatmulPolicy(measure=measure, cache_file="")
+
+  @jax.jit
+  def f(x):
+    c = policy_lib.choose(pol, k=16, n=16, t=x.shape[0], dtype="bfloat16", compressed=True,
+                          has_dense=True)
+    return x * (2.0 if c.sparse else 1.0)
+
+  assert float(f(jnp.ones((3,)))[0]) == 2.0
+  assert seen == [False]
+
+
+# ----------------------------------------------------------------------------
+# CPU fallback.
+
+
+@needs_cpu
+def test_status_and_dense_fallback(caplog):
+  ok, why = sparse.status()
+  assert not ok and "no CUDA GPU" in why and "dense path" in why
+  _runtime.note_dense_fallback.cache_clear()
+  w = _w24()
+  with caplog.at_level(logging.WARNING, logger="jasp.sparse"):
+    sw = sparse.compress(w)
+    sparse.compress(w)
+  assert [r.getMessage() for r in caplog.records].count(why) == 1  # once per process
+  assert not sw.is_compressed and sw.dense is not None
+  x = jax.random.normal(jax.random.key(1), (3, 5, 64), jnp.bfloat16)
+  y = jax.jit(sparse.matmul)(x, sw)
+  ref = jnp.dot(x, w)
+  assert y.shape == (3, 5, 32) and y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
+  b = jnp.arange(32, dtype=jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(sparse.matmul(x, sw, b), np.float32),
+                             np.asarray(ref + b, np.float32), rtol=1e-2, atol=1e-2)
+  # vmap over activations.
+  yv = jax.vmap(lambda xi: sparse.matmul(xi, sw))(x)
+  np.testing.assert_array_equal(np.asarray(yv, np.float32), np.asarray(y, np.float32))
+
+
+@needs_cpu
+def test_compressed_weight_without_dense_on_cpu_says_why():
+  sw = sparse.SparseWeight(jnp.zeros((64,), jnp.uint8), None, in_shape=(64,), out_shape=(32,),
+                           dtype=jnp.bfloat16, fmt="cusparselt1000:sm90:row")
+  with pytest.raises(sparse.SparseUnavailable, match="kept no dense weight"):
+    sparse.matmul(jnp.ones((2, 64), jnp.bfloat16), sw)
+  with pytest.raises(sparse.SparseUnavailable, match="no CUDA GPU"):
+    sparse.sparse_matmul(jnp.ones((2, 64), jnp.bfloat16), sw)
+
+
+# ----------------------------------------------------------------------------
+# Errors.
+
+
+def test_compress_rejects_dense_weights_naming_the_leaf():
+  w = jax.random.normal(jax.random.key(0), (64, 32), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"'params/Dense_0/kernel' of shape \(64, 32\) is not 2:4.*"
+                     r"512 of 512 groups"):
+    sparse.compress(w, path="params/Dense_0/kernel")
+
+
+def test_compress_dtype_and_shape_errors():
+  w32 = _w24(dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r"dtype=jnp.bfloat16"):
+    sparse.compress(w32)
+  assert sparse.compress(w32, dtype=jnp.float16).dtype == "float16"
+  with pytest.raises(ValueError, match="in_axes"):
+    sparse.compress(_w24(), in_axes=2)
+  with pytest.raises(ValueError, match="not a multiple of 4"):
+    sparse.compress(jnp.zeros((6, 16), jnp.bfloat16))
+  with pytest.raises(ValueError, match="a_order"):
+    sparse.compress(_w24(), a_order=3)
+
+
+def test_matmul_shape_errors():
+  sw = sparse.compress(_w24())
+  with pytest.raises(ValueError, match="reduction size K=64"):
+    sparse.matmul(jnp.ones((2, 32), jnp.bfloat16), sw)
+  with pytest.raises(ValueError, match="32 outputs"):
+    sparse.matmul(jnp.ones((2, 64), jnp.bfloat16), sw, jnp.ones((31,)))
+  with pytest.raises(ValueError, match="needs a compressed weight"):
+    sparse.sparse_matmul(jnp.ones((2, 64), jnp.bfloat16), sw)
+
+
+def test_size_rule():
+  assert sparse.SparseWeight  # re-exported
+  from jasp.sparse import _compress  # pylint: disable=g-import-not-at-top
+  assert _compress.sparse_shape_ok(4096, 11008) == (True, "")
+  ok, why = _compress.sparse_shape_ok(64, 10)
+  assert not ok and "multiples of 16" in why
+
+
+# ----------------------------------------------------------------------------
+# Pytree handling.
+
+
+def test_sparse_weight_is_a_pytree_with_named_children():
+  sw = sparse.compress(_w24().reshape(4, 16, 32), in_axes=2)
+  assert sw.shape == (4, 16, 32) and (sw.k, sw.n) == (64, 32)
+  flat, treedef = jax.tree_util.tree_flatten_with_path({"kernel": sw})
+  names = [jax.tree_util.keystr(p) for p, _ in flat]
+  assert names == ["['kernel'].dense"] or names == ["['kernel'].compressed", "['kernel'].dense"]
+  back = jax.tree_util.tree_unflatten(treedef, [x for _, x in flat])["kernel"]
+  assert isinstance(back, sparse.SparseWeight)
+  assert (back.in_shape, back.out_shape, back.dtype, back.fmt) == (sw.in_shape, sw.out_shape,
+                                                                   sw.dtype, sw.fmt)
+  # Through jit as an argument and as a result.
+  out = jax.jit(lambda s: s)(sw)
+  assert isinstance(out, sparse.SparseWeight) and out.shape == sw.shape
+  assert "SparseWeight(kernel (4, 16, 32)" in repr(sw)
+
+
+def test_sparse_weight_checkpoints(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  params = {"Dense_0": {"kernel": sparse.compress(_w24()), "bias": jnp.ones((32,))}}
+  path = tmp_path / "ckpt"
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, params)
+    ckptr.wait_until_finished()
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    restored = ckptr.restore(path, abstract)
+  sw = restored["Dense_0"]["kernel"]
+  assert isinstance(sw, sparse.SparseWeight)
+  np.testing.assert_array_equal(np.asarray(sw.dense, np.float32),
+                                np.asarray(params["Dense_0"]["kernel"].dense, np.float32))
+
+
+# ----------------------------------------------------------------------------
+# Build messages (no compiler run here).
+
+
+def test_build_names_what_is_missing(monkeypatch):
+  monkeypatch.setattr(build, "_candidates", lambda filename, sub: [])
+  with pytest.raises(build.BuildError) as e:
+    build.find_toolchain()
+  msg = str(e.value)
+  for piece in ("cusparseLt.h", "nvidia-cusparselt-cu13", "libcusparseLt.so.0",
+                "driver_types.h"):
+    assert piece in msg
+
+
+def test_build_cache_dir_and_stub(monkeypatch, tmp_path):
+  monkeypatch.setenv("JASP_CACHE_DIR", str(tmp_path))
+  assert build.cache_dir() == str(tmp_path)
+  hdir = tmp_path / "inc"
+  hdir.mkdir()
+  (hdir / "cusparseLt.h").write_text("")
+  tc = build.Toolchain("c++", (str(hdir),), str(tmp_path), "libcusparseLt.so.0",
+                       str(hdir / "cusparseLt.h"))
+  assert build._needs_stub(tc)  # pylint: disable=protected-access
+  (hdir / "cusparseLt_cusparse_stub.h").write_text("")
+  assert not build._needs_stub(tc)  # pylint: disable=protected-access
+  assert os.path.exists(build.SOURCE) and build.SOURCE.endswith("_ffi.cc")
+
+
+# ----------------------------------------------------------------------------
+# Batching: vmap folds into the token axis (the kernel sees one 2-D call).
+
+
+def test_batched_call_folds_vmap_into_tokens():
+  from jasp.sparse import _matmul  # pylint: disable=g-import-not-at-top
+  k, n = 64, 32
+  w = _w24(k, n, dtype=jnp.float32)
+  b = jnp.arange(n, dtype=jnp.float32)
+  seen = []
+
+  def fn2d(x2, c, bias):
+    seen.append((x2.shape, c.shape))
+    return x2 @ c
+
+  meta = (k, n, "float32", 0, False, True)
+  f = lambda x: _matmul.batched_call(fn2d, meta, x, w, b, True)
+  x = jax.random.normal(jax.random.key(2), (3, 5, 7, k))
+  ref = x @ w + b
+  np.testing.assert_allclose(f(x), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(jax.vmap(f))(x), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.vmap(jax.vmap(f))(x), ref, rtol=1e-5, atol=1e-5)
+  # Every kernel call saw a 2-D (t, K) activation with t a multiple of 16 and the
+  # unbatched weight.
+  assert seen and all(len(xs) == 2 and xs[0] % 16 == 0 and xs[1] == k and cs == (k, n)
+                      for xs, cs in seen), seen
+  assert ((112, k), (k, n)) in seen  # 3*5*7 = 105 tokens, padded to 112
+  g = lambda c: _matmul.batched_call(fn2d, meta, x[0], c, b, True)
+  with pytest.raises(ValueError, match="vmap over the compressed weight"):
+    jax.vmap(g)(jnp.stack([w, w]))
+
+
+def test_experimental_paths_are_opt_in(monkeypatch):
+  monkeypatch.delenv("JASP_SPARSE_EXPERIMENTAL", raising=False)
+  with pytest.raises(ValueError, match="JASP_SPARSE_EXPERIMENTAL=1"):
+    sparse.compress(_w24(), a_order=sparse.A_COL)
+  sw = sparse.SparseWeight(jnp.zeros((64,), jnp.uint8), None, in_shape=(64,), out_shape=(32,),
+                           dtype=jnp.bfloat16, fmt="cusparselt1000:sm90:row")
+  with pytest.raises(ValueError, match="bias_epilogue=True is experimental"):
+    sparse.sparse_matmul(jnp.ones((2, 64), jnp.bfloat16), sw, jnp.ones((32,)), bias_epilogue=True)

@@ -1,0 +1,158 @@
+"""jasp.sparse on a CUDA GPU: the built extension, compression and the cuSPARSELt matmul.
+
+Run on the device machine: ``python3 -m pytest -m gpu tests/sparse_gpu_test.py``.
+Every check compares with a float32 product of the same bf16/fp16 operands on
+fresh random inputs (relative Frobenius error; bf16 operands land near 1e-3).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jasp
+from jasp import sparse
+
+pytestmark = pytest.mark.gpu
+# fp16, A_COL and the bias epilogue failed or were unverified on an H100 with
+# cuSPARSELt 0.8.0 (see jasp/sparse/_compress.py); their tests run only with
+# JASP_SPARSE_EXPERIMENTAL=1, in a process of their own (a failure there has
+# killed the CUDA context).
+experimental = pytest.mark.skipif(os.environ.get("JASP_SPARSE_EXPERIMENTAL") != "1",
+                                  reason="experimental path; set JASP_SPARSE_EXPERIMENTAL=1")
+
+
+def _w24(k, n, dtype, seed=0):
+  w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
+  return jnp.where(jasp.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
+
+
+def _x(shape, dtype, seed=1):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def _err(y, ref):
+  y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+  assert np.all(np.isfinite(y))
+  return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+def _ref(x, w, b=None):
+  y = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32),
+              precision=jax.lax.Precision.HIGHEST)
+  return y if b is None else y + b.astype(jnp.float32)
+
+
+def test_runtime_available():
+  ok, why = sparse.status()
+  assert ok, why
+
+
+def test_fp16_takes_the_dense_path_by_default():
+  # cuSPARSELt 0.8.0's fp16 search crashed the CUDA context on an H100 (see _compress.py).
+  w = _w24(64, 64, jnp.float16)
+  sw = sparse.compress(w)
+  assert not sw.is_compressed and sw.dense is not None
+  x = _x((16, 64), jnp.float16)
+  assert _err(sparse.matmul(x, sw), _ref(x, w)) < 1e-2
+
+
+def _check_matmul(dtype, a_order):
+  k, n = 256, 384
+  w = _w24(k, n, dtype)
+  sw = sparse.compress(w, a_order=a_order)
+  assert sw.is_compressed and sw.compressed.dtype == jnp.uint8
+  assert sw.compressed.size < w.size * 2  # fewer bytes than the dense weight
+  f = jax.jit(lambda x, s: sparse.sparse_matmul(x, s))
+  for t in (16, 7, 33, 512):  # 7 and 33 are padded to 16 multiples
+    x = _x((t, k), dtype, seed=t)
+    y = f(x, sw)
+    assert y.shape == (t, n) and y.dtype == dtype
+    assert _err(y, _ref(x, w)) < 1e-2, (t, _err(y, _ref(x, w)))
+
+
+def test_matmul_matches_reference():
+  _check_matmul(jnp.bfloat16, sparse.A_ROW)
+
+
+@experimental
+@pytest.mark.parametrize("dtype,a_order", [(jnp.float16, sparse.A_ROW),
+                                           (jnp.bfloat16, sparse.A_COL)])
+def test_matmul_experimental(dtype, a_order):
+  _check_matmul(dtype, a_order)
+
+
+def test_bias_leading_dims_vmap():
+  k, n, dtype = 128, 256, jnp.bfloat16
+  w = _w24(k, n, dtype, seed=3)
+  b = _x((n,), dtype, seed=4)
+  sw = sparse.compress(w)
+  x = _x((3, 5, k), dtype, seed=5)
+  f = jax.jit(lambda x, s, b: sparse.sparse_matmul(x, s, b))
+  y = f(x, sw, b)
+  assert y.shape == (3, 5, n)
+  assert _err(y, _ref(x, w, b)) < 1e-2
+  # vmap over the activations: one call with the batch folded into the tokens.
+  yv = jax.jit(jax.vmap(lambda xi: sparse.sparse_matmul(xi, sw, b)))(x)
+  assert _err(yv, _ref(x, w, b)) < 1e-2
+
+
+@experimental
+def test_bias_epilogue():
+  k, n, dtype = 128, 256, jnp.bfloat16
+  w = _w24(k, n, dtype, seed=3)
+  sw = sparse.compress(w)
+  x = _x((3, 5, k), dtype, seed=5)
+  f = jax.jit(lambda x, s, b: sparse.sparse_matmul(x, s, b, bias_epilogue=True))
+  for seed in (4, 6):  # a second bias buffer: the epilogue re-plans for a new pointer
+    b = _x((n,), dtype, seed=seed)
+    assert _err(f(x, sw, b), _ref(x, w, b)) < 1e-2
+
+
+def test_vmap_over_weights_is_refused():
+  sw = sparse.compress(_w24(64, 64, jnp.bfloat16))
+  both = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), sw)
+  with pytest.raises(ValueError, match="vmap over the compressed weight"):
+    jax.vmap(lambda s: sparse.sparse_matmul(jnp.ones((16, 64), jnp.bfloat16), s))(both)
+
+
+def test_foreign_format_is_refused():
+  sw = sparse.compress(_w24(64, 64, jnp.bfloat16))
+  bad = sparse.SparseWeight(sw.compressed, sw.dense, in_shape=sw.in_shape, out_shape=sw.out_shape,
+                            dtype=sw.dtype, fmt="cusparselt1:sm00:row")
+  with pytest.raises(ValueError, match="Recompress"):
+    sparse.sparse_matmul(jnp.ones((16, 64), jnp.bfloat16), bad)
+  # matmul's policy path hits the same check only when it goes sparse.
+  y = sparse.matmul(jnp.ones((16, 64), jnp.bfloat16), bad, policy=sparse.MatmulPolicy(mode="dense"))
+  assert y.shape == (16, 64)
+
+
+def test_rejects_non_24_before_compressing():
+  w = _x((64, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="not 2:4"):
+    sparse.compress(w, path="w")
+
+
+def test_policy_measures_and_caches(tmp_path):
+  pol = sparse.MatmulPolicy(cache_file=str(tmp_path / "t.json"))
+  choices = sparse.tune(1024, 1024, [16, 4096], policy=pol)
+  for c in choices.values():
+    assert c.dense_s > 0 and c.sparse_s > 0
+  w = _w24(1024, 1024, jnp.bfloat16)
+  sw = sparse.compress(w)
+  for t in (16, 4096):
+    x = _x((t, 1024), jnp.bfloat16, seed=t)
+    y = jax.jit(lambda x, s: sparse.matmul(x, s, policy=pol))(x, sw)
+    assert _err(y, _ref(x, w)) < 1e-2
+
+
+def test_compressed_weight_roundtrips_through_host():
+  w = _w24(128, 128, jnp.bfloat16)
+  sw = sparse.compress(w)
+  host = jax.device_get(sw)
+  back = jax.device_put(host)
+  x = _x((32, 128), jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(sparse.sparse_matmul(x, back), np.float32),
+                                np.asarray(sparse.sparse_matmul(x, sw), np.float32))
