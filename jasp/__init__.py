@@ -7,6 +7,7 @@ The pipeline, one module per idea: masks (pure math) -> layouts and policy
 from jasp import calibration
 from jasp import export
 from jasp import permutation
+from jasp import sparse
 from jasp._dispatch import get_mask_impl
 from jasp._dispatch import mask_impl
 from jasp._dispatch import nm_prune_array
@@ -82,6 +83,7 @@ __all__ = [
     "permute",
     "plan",
     "prune",
+    "sparse",
     "sparse_optimizer",
     "sparsegpt_prune",
     "search_permutation",
