@@ -54,12 +54,16 @@ def configs(rows: int, cols: int, budget: float):
   if cols <= 64:
     return [
         ("windows 8, 0 escapes", dict(window=2, escapes=0)),
+        ("windows 8, 3 escapes", dict(window=2, escapes=3)),
+        ("windows 8, 6 escapes", dict(window=2, escapes=6)),
+        ("windows 8, 10 escapes", dict(window=2, escapes=10)),
         ("windows 8, 20 escapes", dict(window=2, escapes=20)),
         ("windows 8, 100 escapes (default)", dict()),
         ("windows 12, 0 escapes", dict(window=3, escapes=0)),
         ("swap, 100 escapes", dict(strategy="swap", escapes=100)),
         ("windows 8, 8 chains x 20 escapes", dict(chains=8, escapes=20)),
         ("windows 8, 8 chains x 5 escapes", dict(chains=8, escapes=5)),
+        ("windows 8, 8 chains x 3 escapes", dict(chains=8, escapes=3)),
     ] + ([("windows 12, 4 chains x 0 escapes", dict(window=3, chains=4, escapes=0))]
          if jax.default_backend() != "cpu" else [])  # vmapped, every phase runs: GPU only
   if cols <= 256:
