@@ -137,12 +137,18 @@ def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
 def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
   """One XLA program for the whole tree: masks (and pruned weights) in one pass."""
   masks, pruned, finite = [], [], []
+  from jasp import _dispatch  # pylint: disable=g-import-not-at-top
   for (path, d), w in zip(cfg, leaves):
-    mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
     finite.append(jnp.all(jnp.isfinite(w)) if jnp.issubdtype(w.dtype, jnp.inexact)
                   else jnp.bool_(True))
-    if want_pruned:
-      pruned.append(jnp.where(mask, w, jnp.zeros((), w.dtype)))
+    if want_pruned and pattern == "nm" and score_fn is None:
+      # One pass: the pruned weight and its mask together (the Pallas kernel on a GPU).
+      pw, mask = _dispatch.nm_prune_array(w, n, m, d.axis, impl=impl, with_mask=True)
+      pruned.append(pw)
+    else:
+      mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
+      if want_pruned:
+        pruned.append(jnp.where(mask, w, jnp.zeros((), w.dtype)))
     masks.append(packing.pack(mask, d.axis) if packed else mask)
   return masks, pruned, finite
 
