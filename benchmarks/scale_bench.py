@@ -97,6 +97,7 @@ def main():
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
   ap.add_argument("--json", type=str, default="")
+  ap.add_argument("--prune-only", action="store_true", help="time jasp.prune only (no training steps)")
   args = ap.parse_args()
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({dev.platform}), JAX {jax.__version__}")
@@ -124,6 +125,11 @@ def main():
   floor_bool = n_pruned * (2 + 2 + 1) / (bw * 1e9)
   floor_packed = n_pruned * (2 + 2 + 0.125) / (bw * 1e9)
 
+  if args.prune_only:
+    print(f"jasp.prune ({n_pruned / 1e9:.3f} B weights, bf16): bool masks {prune_t[False]:.4f} s "
+          f"(floor {floor_bool:.4f} s at {bw:.0f} GB/s copy), packed {prune_t[True]:.4f} s "
+          f"(floor {floor_packed:.4f} s)")
+    return
   # 2:4-sparse weights draw less power than dense ones, so a GPU may clock
   # higher on them: "all kept" masks keep the data dense and isolate the
   # transformation's own cost.
