@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from jasp import _shapes
 from jasp import _tree
 
 __all__ = ["Layout", "trace_layouts", "convention_layout"]
@@ -87,39 +88,17 @@ def _sub_jaxprs(eqn):
 
 def _reshape_map(amap: AxisMap, old: Sequence[int], new: Sequence[int]):
   """Maps axes through a reshape that splits/merges; None if a traced axis splits."""
+  runs = _shapes.reshape_runs(old, new)
+  if runs is None:
+    return None
   out: list = [None] * len(new)
-  i = j = 0
-  while i < len(old) or j < len(new):
-    if i < len(old) and old[i] == 1 and (j >= len(new) or new[j] != 1 or amap[i] is None):
-      i += 1
-      continue
-    if j < len(new) and new[j] == 1 and (i >= len(old) or old[i] != 1):
-      j += 1
-      continue
-    if i >= len(old) or j >= len(new):
+  for ins, outs in runs:
+    srcs = [amap[k] for k in ins if amap[k] is not None]
+    if len(outs) == 1:  # merge (or identity); a new size-1 axis holds nothing
+      merged = tuple(ax for s in srcs for ax in s)
+      out[outs[0]] = merged or None
+    elif len(outs) > 1 and srcs:  # a traced axis split in several
       return None
-    # Grow runs on both sides until their sizes match.
-    i1, j1 = i + 1, j + 1
-    a, b = old[i], new[j]
-    while a != b:
-      if a < b:
-        if i1 >= len(old):
-          return None
-        a *= old[i1]
-        i1 += 1
-      else:
-        if j1 >= len(new):
-          return None
-        b *= new[j1]
-        j1 += 1
-    srcs = [amap[k] for k in range(i, i1)]
-    if j1 - j == 1:  # merge (or identity)
-      merged = tuple(ax for s in srcs if s is not None for ax in s)
-      out[j] = merged or None
-    else:  # split: fine only for untraced axes
-      if any(s is not None for s in srcs):
-        return None
-    i, j = i1, j1
   return tuple(out)
 
 
