@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _bench_util import DeviceClock  # noqa: E402
+from _bench_util import Recorder  # noqa: E402
 
 from jasp import _dispatch  # noqa: E402
 from jasp import masks  # noqa: E402
@@ -55,38 +57,6 @@ except Exception:  # pylint: disable=broad-except
 
 # ----------------------------------------------------------------------------
 # Timing.
-
-
-class DeviceClock:
-  """Sum of GPU kernel durations in a window (PyTorch's CUPTI profiler)."""
-
-  def __init__(self):
-    self.ok = torch is not None and torch.cuda.is_available()
-
-  def measure(self, run, calls: int, breakdown: bool = False) -> float | None:
-    if not self.ok:
-      return None
-    try:
-      from torch.profiler import ProfilerActivity  # pylint: disable=g-import-not-at-top
-      from torch.profiler import profile  # pylint: disable=g-import-not-at-top
-      with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-      total = 0.0
-      parts = []
-      for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", None)
-        if t is None:
-          t = getattr(ev, "self_cuda_time_total", 0.0)
-        total += t
-        parts.append((t / calls, ev.key[:60]))
-      if breakdown:
-        for t, k in sorted(parts, reverse=True)[:6]:
-          print(f"    {t:9.1f} us/call  {k}", flush=True)
-      return total * 1e-6 / calls if total > 0 else None
-    except Exception as e:  # pylint: disable=broad-except
-      print(f"device clock unavailable: {type(e).__name__}: {e}", flush=True)
-      self.ok = False
-      return None
 
 
 CLOCK = None
@@ -468,20 +438,8 @@ def main():
   print(json.dumps(out), flush=True)
   path = os.path.join(os.environ.get("OUT", "/tmp"), "mask_bench.json")
 
-  def save():
-    with open(path, "w") as f:
-      json.dump(out, f, indent=1, default=str)
-
-  def stage(fn, *a):
-    try:
-      return fn(*a)
-    except Exception as e:  # pylint: disable=broad-except
-      import traceback  # pylint: disable=g-import-not-at-top
-      traceback.print_exc()
-      out.setdefault("errors", []).append(f"{fn.__name__}: {type(e).__name__}: {e}"[:2000])
-      return None
-    finally:
-      save()
+  rec = Recorder(out, path)
+  stage = rec.stage
 
   tuning = stage(sweep, out) if args.sweep else None
   rows = []

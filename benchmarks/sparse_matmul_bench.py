@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _bench_util import DeviceClock  # noqa: E402
+from _bench_util import Recorder  # noqa: E402
 
 import jasp  # noqa: E402
 from jasp import sparse  # noqa: E402
@@ -56,33 +58,6 @@ SHAPES = {
     "16384x16384": (16384, 16384),
 }
 TOKENS = [16, 64, 256, 1024, 2048, 4096, 8192, 16384]
-
-
-class DeviceClock:
-  """GPU kernel time per call from PyTorch's CUPTI profiler (None without PyTorch)."""
-
-  def __init__(self):
-    self.ok = torch is not None and torch.cuda.is_available()
-
-  def per_call(self, run, calls: int) -> float | None:
-    if not self.ok:
-      return None
-    try:
-      from torch.profiler import ProfilerActivity  # pylint: disable=g-import-not-at-top
-      from torch.profiler import profile  # pylint: disable=g-import-not-at-top
-      with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-      total = 0.0
-      for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", None)
-        if t is None:
-          t = getattr(ev, "self_cuda_time_total", 0.0)
-        total += t
-      return total * 1e-6 / calls if total > 0 else None
-    except Exception as e:  # pylint: disable=broad-except
-      print(f"device clock unavailable: {type(e).__name__}: {e}", flush=True)
-      self.ok = False
-      return None
 
 
 CLOCK = DeviceClock()
@@ -112,7 +87,7 @@ def device_per_call(fn, argsets, reps: int) -> float | None:
     for i in range(reps):
       out = fn(*argsets[i % len(argsets)])
     jax.block_until_ready(out)
-  return CLOCK.per_call(run, reps)
+  return CLOCK.measure(run, reps)
 
 
 def time_fn(fn, argsets, est_s: float) -> dict:
@@ -308,20 +283,8 @@ def main():
     return
   path = os.path.join(os.environ.get("OUT", "/tmp"), "sparse_matmul_bench.json")
 
-  def save():
-    with open(path, "w") as f:
-      json.dump(out, f, indent=1, default=str)
-
-  def stage(fn, *a):
-    try:
-      return fn(*a)
-    except Exception as e:  # pylint: disable=broad-except
-      import traceback  # pylint: disable=g-import-not-at-top
-      traceback.print_exc()
-      out.setdefault("errors", []).append(f"{fn.__name__}: {type(e).__name__}: {e}"[:2000])
-      return None
-    finally:
-      save()
+  rec = Recorder(out, path)
+  stage, save = rec.stage, rec.save
 
   tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
   if not args.no_overhead:

@@ -1,0 +1,68 @@
+"""Helpers shared by the GPU benchmarks: device timing and crash-safe result files."""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+try:
+  import torch
+except ImportError:  # pragma: no cover - CPU-only machines
+  torch = None
+
+
+class DeviceClock:
+  """Sum of GPU kernel durations in a window (PyTorch's CUPTI profiler); None without it."""
+
+  def __init__(self):
+    self.ok = torch is not None and torch.cuda.is_available()
+
+  def measure(self, run: Callable[[], Any], calls: int, breakdown: bool = False) -> float | None:
+    """Seconds of GPU kernel time per call while ``run()`` makes ``calls`` calls."""
+    if not self.ok:
+      return None
+    try:
+      from torch.profiler import ProfilerActivity  # pylint: disable=g-import-not-at-top
+      from torch.profiler import profile  # pylint: disable=g-import-not-at-top
+      with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+      total = 0.0
+      parts = []
+      for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+          t = getattr(ev, "self_cuda_time_total", 0.0)
+        total += t
+        parts.append((t / calls, ev.key[:60]))
+      if breakdown:
+        for t, k in sorted(parts, reverse=True)[:6]:
+          print(f"    {t:9.1f} us/call  {k}", flush=True)
+      return total * 1e-6 / calls if total > 0 else None
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"device clock unavailable: {type(e).__name__}: {e}", flush=True)
+      self.ok = False
+      return None
+
+
+class Recorder:
+  """Keeps a results dict on disk after every stage, so a crash loses nothing."""
+
+  def __init__(self, out: dict, path: str):
+    self.out, self.path = out, path
+
+  def save(self) -> None:
+    with open(self.path, "w") as f:
+      json.dump(self.out, f, indent=1, default=str)
+
+  def stage(self, fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs ``fn(*args)``; an exception is printed and recorded under ``errors``."""
+    try:
+      return fn(*args)
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      self.out.setdefault("errors", []).append(f"{fn.__name__}: {type(e).__name__}: {e}"[:2000])
+      return None
+    finally:
+      self.save()
