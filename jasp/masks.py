@@ -302,6 +302,50 @@ def _blocks(w: jax.Array, m: int, axis: int, out_axis: int):
   return x, restore
 
 
+def best_pattern_bits(cell, n: int, m: int) -> jax.Array:
+  """The ``m*m``-bit pattern of the first best transposable block, element-wise.
+
+  ``cell(r, c)`` gives the float32 magnitudes of block entry (row ``r`` along
+  the group axis, column ``c``) for every block at once (any shape). Every
+  candidate of :func:`block_patterns` is scored as a chain of adds of
+  per-column partial sums in a fixed order (column 0 first; within a column the
+  chosen rows in increasing order), shared between candidates with a common
+  prefix; a running strict maximum keeps the first best candidate. Used by the
+  XLA path and by the Pallas kernel alike, so both sum in the same order.
+
+  Returns:
+    int32 array of ``cell``'s shape; bit ``r * m + c`` set when kept.
+  """
+  choices = list(itertools.combinations(range(m), n))
+  per_choice = {}
+  for c in range(m):
+    for k, rows in enumerate(choices):
+      s = cell(rows[0], c)
+      for r in rows[1:]:
+        s = s + cell(r, c)
+      per_choice[c, k] = s
+  prefix: dict[tuple[int, ...], jax.Array] = {}
+
+  def score(pat: tuple[int, ...]) -> jax.Array:
+    if pat not in prefix:
+      c = len(pat) - 1
+      prefix[pat] = per_choice[0, pat[0]] if c == 0 else score(pat[:-1]) + per_choice[c, pat[c]]
+    return prefix[pat]
+
+  best = bits = None
+  for pat in block_patterns(n, m):
+    pat = tuple(int(k) for k in pat)
+    pattern_bits = sum(1 << (r * m + c) for c in range(m) for r in choices[pat[c]])
+    s = score(pat)
+    if best is None:
+      best, bits = s, jnp.full(s.shape, pattern_bits, jnp.int32)
+    else:
+      better = s > best  # strict: the first best pattern wins ties
+      best = jnp.where(better, s, best)
+      bits = jnp.where(better, pattern_bits, bits)
+  return bits
+
+
 # Up to this many candidate patterns, ``method="best"`` is unrolled into one
 # element-wise computation (2:4 has 90); beyond it, a gather per pattern.
 _BEST_UNROLL_MAX = 128
@@ -321,33 +365,7 @@ def _best_blocks(mag: jax.Array, n: int, m: int) -> jax.Array:
   pats = block_patterns(n, m)  # (P, m): per column, the index of its row choice
   if len(pats) > _BEST_UNROLL_MAX:
     return _best_blocks_gather(mag, n, m)
-  choices = list(itertools.combinations(range(m), n))
-  per_choice = {}
-  for c in range(m):
-    for k, rows in enumerate(choices):
-      s = mag[..., rows[0], c]
-      for r in rows[1:]:
-        s = s + mag[..., r, c]
-      per_choice[c, k] = s
-  prefix: dict[tuple[int, ...], jax.Array] = {}
-
-  def score(pat: tuple[int, ...]) -> jax.Array:
-    if pat not in prefix:
-      c = len(pat) - 1
-      prefix[pat] = per_choice[0, pat[0]] if c == 0 else score(pat[:-1]) + per_choice[c, pat[c]]
-    return prefix[pat]
-
-  best = bits = None
-  for pat in pats:
-    pat = tuple(int(k) for k in pat)
-    pattern_bits = sum(1 << (r * m + c) for c in range(m) for r in choices[pat[c]])
-    s = score(pat)
-    if best is None:
-      best, bits = s, jnp.full(s.shape, pattern_bits, jnp.int32)
-    else:
-      better = s > best  # strict: the first best pattern wins ties
-      best = jnp.where(better, s, best)
-      bits = jnp.where(better, jnp.int32(pattern_bits), bits)
+  bits = best_pattern_bits(lambda r, c: mag[..., r, c], n, m)
   keep = [[(bits >> (r * m + c)) & 1 for c in range(m)] for r in range(m)]
   return jnp.stack([jnp.stack(row, axis=-1) for row in keep], axis=-2) > 0
 

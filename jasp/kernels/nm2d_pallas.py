@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -33,6 +32,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jasp import masks
 from jasp.kernels import nm_pallas
 
 __all__ = ["Plan2D", "nm_mask_2d_pallas", "plan_2d", "supports_2d"]
@@ -115,38 +115,6 @@ def _mag32(x: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(nm_pallas._keys(x), x.dtype).astype(jnp.float32)  # pylint: disable=protected-access
 
 
-def _best_bits(cell, n: int, m: int) -> jax.Array:
-  """``m*m``-bit pattern of the first best candidate; ``cell(r, c)`` float32 tiles."""
-  choices = list(itertools.combinations(range(m), n))
-  per_choice = {}
-  for c in range(m):
-    for k, rows in enumerate(choices):
-      s = cell(rows[0], c)
-      for r in rows[1:]:
-        s = s + cell(r, c)
-      per_choice[c, k] = s
-  prefix = {}
-
-  def score(pat):
-    if pat not in prefix:
-      c = len(pat) - 1
-      prefix[pat] = per_choice[0, pat[0]] if c == 0 else score(pat[:-1]) + per_choice[c, pat[c]]
-    return prefix[pat]
-
-  best = bits = None
-  for pat in _patterns(n, m):
-    pat = tuple(int(k) for k in pat)
-    pattern_bits = sum(1 << (r * m + c) for c in range(m) for r in choices[pat[c]])
-    s = score(pat)
-    if best is None:
-      best, bits = s, jnp.full(s.shape, pattern_bits, jnp.int32)
-    else:
-      better = s > best  # strict: the first best pattern wins ties
-      best = jnp.where(better, s, best)
-      bits = jnp.where(better, pattern_bits, bits)
-  return bits
-
-
 def _kernel(x_ref, o_ref, *, n: int, p: Plan2D):
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
 
@@ -175,7 +143,7 @@ def _kernel(x_ref, o_ref, *, n: int, p: Plan2D):
       tiles.append(row)
   mags = [[_mag32(t) for t in row] for row in tiles]
   group_first = p.group_first
-  bits = _best_bits(lambda r, c: mags[r][c] if group_first else mags[c][r], n, m)
+  bits = masks.best_pattern_bits(lambda r, c: mags[r][c] if group_first else mags[c][r], n, m)
 
   def keep(i1, i3):
     r, c = (i1, i3) if group_first else (i3, i1)
