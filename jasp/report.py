@@ -175,9 +175,7 @@ def sparsity_report(params: Any, masks: Any = None, n: int = 2, m: int = 4, *,
     _tree.align(masks, params)
   checks = []
   for path, leaf in leaves.items():
-    d = decisions[path]
-    mk = mask_by_path.get(path)
-    axis = d.axis
+    axis = decisions[path].axis
     arr = jnp.asarray(leaf)
     zeros = jnp.mean((arr == 0).astype(jnp.float32)) if arr.size else jnp.float32(0)
     valid = jnp.bool_(False)
