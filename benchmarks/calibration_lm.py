@@ -61,24 +61,16 @@ def main(argv=None) -> dict:
                                              args.steps)
   opt = nnx.Optimizer(model, optax.adamw(sched, weight_decay=0.01), wrt=nnx.Param)
 
-  @nnx.jit
-  def step(model, opt, x, y):
-    loss, grads = nnx.value_and_grad(lm.loss_fn)(model, x, y)
-    opt.update(model, grads)
-    return loss
+  val_x, val_y = [x for x, _ in val_set], [y for _, y in val_set]
 
-  @nnx.jit
-  def eval_loss(model, x, y):
-    return lm.loss_fn(model, x, y)
-
-  def validate():
-    return float(np.mean([float(eval_loss(model, x, y)) for x, y in val_set]))
+  def validate():  # the example's own jitted steps: the same model, loss and evaluation
+    return lm.validate(model, val_x, val_y)
 
   t0 = time.perf_counter()
   it = lm.batches(train, args.batch, args.context, np.random.default_rng(args.seed))
   for _ in range(args.steps):
     x, y = next(it)
-    step(model, opt, jnp.asarray(x), jnp.asarray(y))
+    lm.train_step(model, opt, jnp.asarray(x), jnp.asarray(y))
   train_s = time.perf_counter() - t0
   dense = jax.tree.map(lambda v: jnp.array(v, copy=True), nnx.state(model, nnx.Param))
   crng = np.random.default_rng(args.seed + 7)
