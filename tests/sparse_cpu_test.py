@@ -285,11 +285,23 @@ def test_batched_call_folds_vmap_into_tokens():
     jax.vmap(g)(jnp.stack([w, w]))
 
 
-def test_experimental_paths_are_opt_in(monkeypatch):
+def test_layouts_on_cpu_keep_the_dense_path():
+  w = _w24()
+  for order in (sparse.A_ROW, sparse.A_COL):
+    sw = sparse.compress(w, a_order=order)
+    assert not sw.is_compressed
+    np.testing.assert_array_equal(np.asarray(sw.dense, np.float32), np.asarray(w, np.float32))
+  with pytest.raises(ValueError, match="a_order must be A_ROW"):
+    sparse.compress(w, a_order=2)
+
+
+def test_fp16_version_gate(monkeypatch):
+  from jasp.sparse import _compress  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv("JASP_SPARSE_EXPERIMENTAL", raising=False)
-  with pytest.raises(ValueError, match="JASP_SPARSE_EXPERIMENTAL=1"):
-    sparse.compress(_w24(), a_order=sparse.A_COL)
-  sw = sparse.SparseWeight(jnp.zeros((64,), jnp.uint8), None, in_shape=(64,), out_shape=(32,),
-                           dtype=jnp.bfloat16, fmt="cusparselt1000:sm90:row")
-  with pytest.raises(ValueError, match="bias_epilogue=True is experimental"):
-    sparse.sparse_matmul(jnp.ones((2, 64), jnp.bfloat16), sw, jnp.ones((32,)), bias_epilogue=True)
+  assert _compress.fp16_enabled(800) and _compress.fp16_enabled(803, sparse.A_ROW)
+  assert not _compress.fp16_enabled(800, sparse.A_COL)
+  assert not _compress.fp16_enabled(1000) and not _compress.fp16_enabled(701)
+  monkeypatch.setenv("JASP_SPARSE_EXPERIMENTAL", "1")
+  assert _compress.fp16_enabled(1000) and _compress.fp16_enabled(800, sparse.A_COL)
+  msg = _compress.FP16_UNVERIFIED.format(version="0.10.0", layout="A_ROW")
+  assert "0.10.0" in msg and "JASP_SPARSE_EXPERIMENTAL=1" in msg

@@ -41,25 +41,39 @@ __all__ = ["SparseWeight", "compress", "sparse_shape_ok", "A_ROW", "A_COL"]
 # uses) or column-major (W as Flax stores it, no transpose at all).
 A_ROW = 0
 A_COL = 1
+DEFAULT_A_ORDER = A_ROW
 
 _DTYPE_CODES = {"bfloat16": 0, "float16": 1}
-# Paths that failed or were never verified on a GPU stay off unless
-# JASP_SPARSE_EXPERIMENTAL=1: with cuSPARSELt 0.8.0 on an H100 (2026-11-26)
-# the algorithm search of an fp16 plan failed (CUSPARSE_STATUS_INTERNAL_ERROR)
-# and left the CUDA context dead (CUDA_ERROR_ILLEGAL_INSTRUCTION); the
-# column-major (A_COL) layout and the bias epilogue never completed a test.
-# bfloat16 with A_ROW and the bias added by XLA ran and matched the reference.
-EXPERIMENTAL_MSG = (
-    "jasp.sparse: {what} is experimental (it failed or was not verified on an H100 with "
-    "cuSPARSELt 0.8.0); set JASP_SPARSE_EXPERIMENTAL=1 to use it anyway.")
-FP16_DISABLED = (
-    "jasp.sparse: float16 weights take the dense path: cuSPARSELt 0.8.0's fp16 kernels crashed "
-    "the CUDA context on an H100 in our tests (bfloat16 works). Set JASP_SPARSE_EXPERIMENTAL=1 "
-    "to try them anyway.")
+# float16 was verified (algorithm search, products against the reference) on
+# cuSPARSELt 0.8.x with the A_ROW layout only; there the extension skips the
+# fp16 algorithm configurations that trap (see Fp16ConfigCap in _ffi.cc). With
+# A_COL, other fp16 configurations trapped too (H200, 2026-11-26). Other
+# versions and A_COL take the dense path for fp16 unless
+# JASP_SPARSE_EXPERIMENTAL=1.
+FP16_VERIFIED_MINOR = {8}
+FP16_UNVERIFIED = (
+    "jasp.sparse: float16 weights take the dense path here: fp16 sparse kernels were verified "
+    "with cuSPARSELt 0.8.x and the A_ROW layout only (this process: cuSPARSELt {version}, "
+    "{layout}; some fp16 kernels of 0.8.0 crash the CUDA context). bfloat16 works; set "
+    "JASP_SPARSE_EXPERIMENTAL=1 to try fp16 anyway.")
+
+
+def fp16_enabled(cusparselt_version: int, a_order: int | None = None) -> bool:
+  """Whether fp16 weights get compressed with this cuSPARSELt and layout.
+
+  Args:
+    cusparselt_version: ``major*10000 + minor*100 + patch``.
+    a_order: :data:`A_ROW` (default) or :data:`A_COL`.
+  """
+  if experimental():
+    return True
+  major, minor = divmod(cusparselt_version // 100, 100)
+  layout_ok = (DEFAULT_A_ORDER if a_order is None else a_order) == A_ROW
+  return major == 0 and minor in FP16_VERIFIED_MINOR and layout_ok
 
 
 def experimental() -> bool:
-  """Whether ``JASP_SPARSE_EXPERIMENTAL=1`` enables the unverified paths (fp16, A_COL, epilogue)."""
+  """Whether ``JASP_SPARSE_EXPERIMENTAL=1`` enables fp16 on an unverified cuSPARSELt version."""
   return os.environ.get("JASP_SPARSE_EXPERIMENTAL", "") == "1"
 
 
@@ -165,14 +179,13 @@ def _ffi_compress(wt: jax.Array, m: int, k: int, a_order: int, rt: _runtime.Runt
   size, buf = rt.compressed_size(m, k, _DTYPE_CODES[jnp.dtype(wt.dtype).name], a_order)
   call = jax.ffi.ffi_call(
       _runtime.COMPRESS_TARGET,
-      (jax.ShapeDtypeStruct((size,), jnp.uint8), jax.ShapeDtypeStruct((1,), jnp.int32),
-       jax.ShapeDtypeStruct((max(buf, 1),), jnp.uint8)))
-  comp, invalid, _ = call(wt, m=np.int64(m), k=np.int64(k), a_order=np.int64(a_order))
-  return comp, invalid
+      (jax.ShapeDtypeStruct((size,), jnp.uint8), jax.ShapeDtypeStruct((max(buf, 1),), jnp.uint8)))
+  comp, _ = call(wt, m=np.int64(m), k=np.int64(k), a_order=np.int64(a_order))
+  return comp
 
 
 def compress(w: jax.Array, *, in_axes: int = 1, dtype: Any = None, keep_dense: bool = True,
-             a_order: int = A_ROW, check: bool = True, path: str = "") -> SparseWeight:
+             a_order: int = DEFAULT_A_ORDER, check: bool = True, path: str = "") -> SparseWeight:
   """Compresses a 2:4 kernel once for the sparse tensor cores.
 
   Args:
@@ -210,8 +223,6 @@ def compress(w: jax.Array, *, in_axes: int = 1, dtype: Any = None, keep_dense: b
                      f"{w.ndim}, got in_axes={in_axes}.")
   if a_order not in (A_ROW, A_COL):
     raise ValueError(f"a_order must be A_ROW (0) or A_COL (1), got {a_order!r}.")
-  if a_order == A_COL and not experimental():
-    raise ValueError(EXPERIMENTAL_MSG.format(what="a_order=A_COL"))
   in_shape, out_shape = tuple(w.shape[:in_axes]), tuple(w.shape[in_axes:])
   k, n = math.prod(in_shape), math.prod(out_shape)
   if k % 4:
@@ -238,16 +249,15 @@ def compress(w: jax.Array, *, in_axes: int = 1, dtype: Any = None, keep_dense: b
   if not shape_ok:
     _runtime.note_dense_fallback(f"jasp.sparse: {where}kept dense: {why}.")
     return SparseWeight(None, w2, **kw)
-  if dt.name == "float16" and not experimental():
-    _runtime.note_dense_fallback(FP16_DISABLED)
+  if dt.name == "float16" and not fp16_enabled(rt.cusparselt_version, a_order):
+    v = rt.cusparselt_version
+    _runtime.note_dense_fallback(FP16_UNVERIFIED.format(
+        version=f"{v // 10000}.{v // 100 % 100}.{v % 100}",
+        layout="A_COL" if a_order == A_COL else "A_ROW"))
     return SparseWeight(None, w2, **kw)
-  # The 2:4 check above (exact, in jasp.masks) is the authority. The flag of
-  # cusparseLtSpMMAPruneCheck2 that the call also returns read non-zero for
-  # valid weights with cuSPARSELt 0.8.0 on an H100 (whose products were
-  # right), so it is not used.
-  if a_order == A_ROW:
-    comp, _ = _ffi_compress(w2.T, n, k, a_order, rt)
-  else:
-    comp, _ = _ffi_compress(w2, n, k, a_order, rt)
+  # The 2:4 check above (exact, in jasp.masks) is the authority: cuSPARSELt's
+  # cusparseLtSpMMAPruneCheck left its flag unwritten for valid weights (H200,
+  # 0.8.0), so it is not called.
+  comp = _ffi_compress(w2.T if a_order == A_ROW else w2, n, k, a_order, rt)
   fmt = rt.format_tag + (":col" if a_order == A_COL else ":row")
   return SparseWeight(comp, w2 if keep_dense else None, fmt=fmt, **kw)

@@ -2,7 +2,7 @@
 //
 // Two XLA FFI handlers (CUDA platform) and two plain C functions for ctypes:
 //
-//   jasp_cslt_compress  (w) -> (compressed uint8[bytes], invalid int32[1], scratch)
+//   jasp_cslt_compress  (w) -> (compressed uint8[bytes], scratch)
 //   jasp_cslt_matmul    (compressed, x, bias) -> (y, fallback workspace)
 //   jasp_cslt_compressed_size(m, k, dtype, a_order, &bytes, &buffer_bytes, err, errlen)
 //   jasp_cslt_version()
@@ -16,13 +16,23 @@
 // path uses) or column-major (a_order=1: W (k, m) as Flax stores it).
 //
 // Plans (descriptors, algorithm selection, workspace size) are cached per
-// (device, m, k, t, dtype, a_order, bias); the first call of a shape runs
-// cusparseLtMatmulSearch on the real buffers and keeps the fastest algorithm.
-// The matmul workspace comes from XLA's scratch allocator; the compression
-// buffer is an extra (discarded) output of the compress call.
-// No CUDA device code and no CUDA runtime calls of our own: cuSPARSELt
-// launches everything on the stream that XLA hands over.
+// (device, m, k, t, dtype, a_order, bias); the first call of a shape times
+// every algorithm configuration cuSPARSELt offers for it, on the real
+// buffers, each with the workspace its own plan reports, and keeps the fastest
+// (see Search below; cusparseLtMatmulSearch is not used: it takes no workspace
+// size, while configurations report different workspace sizes). The matmul
+// workspace comes from XLA's scratch allocator;
+// compression goes through a plan (cusparseLtSpMMACompress) and its buffer is
+// an extra (discarded) output of the compress call.
+// No CUDA device code of our own: cuSPARSELt launches everything on the stream
+// that XLA hands over; the search times candidates with CUDA driver events,
+// resolved at run time from libcuda (no link-time CUDA dependency).
 
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -30,6 +40,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <driver_types.h>
 #include <library_types.h>
@@ -42,11 +53,62 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr uint32_t kAlignment = 16;
+constexpr uintptr_t kWorkspaceAlignment = 256;
+// The token count of the plan that compression goes through (the compressed
+// form depends only on the structured operand).
+constexpr int64_t kCompressTokens = 16;
 
 std::string StatusText(cusparseStatus_t s) {
   const char* name = cusparseLtGetErrorName(s);
   const char* text = cusparseLtGetErrorString(s);
   return std::string(name ? name : "?") + " (" + (text ? text : "") + ")";
+}
+
+// JASP_SPARSE_DEBUG=1 traces the plan search on stderr.
+bool Debug() {
+  static const bool on = [] {
+    const char* v = std::getenv("JASP_SPARSE_DEBUG");
+    return v && v[0] == '1';
+  }();
+  return on;
+}
+#define JASP_TRACE(...)                           \
+  do {                                            \
+    if (Debug()) {                                \
+      std::fprintf(stderr, "[jasp.sparse] " __VA_ARGS__); \
+      std::fflush(stderr);                        \
+    }                                             \
+  } while (0)
+
+// CUDA driver events for the algorithm search, looked up in libcuda.so.1 at
+// run time (the driver is loaded in every process that runs on a GPU).
+struct DriverEvents {
+  using Event = void*;
+  int (*create)(Event*, unsigned int) = nullptr;
+  int (*record)(Event, cudaStream_t) = nullptr;
+  int (*synchronize)(Event) = nullptr;
+  int (*elapsed)(float*, Event, Event) = nullptr;
+  int (*destroy)(Event) = nullptr;
+  bool ok = false;
+};
+
+const DriverEvents& Events() {
+  static const DriverEvents ev = [] {
+    DriverEvents e;
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!lib) lib = dlopen("libcuda.so.1", RTLD_NOW);
+    if (!lib) return e;
+    e.create = reinterpret_cast<decltype(e.create)>(dlsym(lib, "cuEventCreate"));
+    e.record = reinterpret_cast<decltype(e.record)>(dlsym(lib, "cuEventRecord"));
+    e.synchronize = reinterpret_cast<decltype(e.synchronize)>(dlsym(lib, "cuEventSynchronize"));
+    void* el = dlsym(lib, "cuEventElapsedTime_v2");
+    if (!el) el = dlsym(lib, "cuEventElapsedTime");
+    e.elapsed = reinterpret_cast<decltype(e.elapsed)>(el);
+    e.destroy = reinterpret_cast<decltype(e.destroy)>(dlsym(lib, "cuEventDestroy_v2"));
+    e.ok = e.create && e.record && e.synchronize && e.elapsed && e.destroy;
+    return e;
+  }();
+  return ev;
 }
 
 #define JASP_CSLT(expr)                                                      \
@@ -109,6 +171,9 @@ struct Plan {
   bool has_a = false, has_b = false, has_c = false, has_alg = false, has_plan = false;
   size_t workspace = 0;
   bool searched = false;
+  cudaDataType type = CUDA_R_16BF;
+  int alg_id = 0;         // the configuration in use
+  float search_ms = -1;   // its per-call time in the search (-1: not searched)
   const void* bias = nullptr;
 
   ~Plan() {
@@ -118,6 +183,36 @@ struct Plan {
     if (has_b) cusparseLtMatDescriptorDestroy(&b);
     if (has_a) cusparseLtMatDescriptorDestroy(&a);
   }
+
+  // (Re)builds the matmul descriptor, the algorithm selection (configuration
+  // `id`) and the execution plan, all fresh: re-initialising a plan over a
+  // destroyed one crashed cuSPARSELt 0.8.0 (H200), so nothing is reused.
+  cusparseStatus_t Select(int id) {
+    if (has_plan) cusparseLtMatmulPlanDestroy(&plan);
+    if (has_alg) cusparseLtMatmulAlgSelectionDestroy(&alg);
+    has_plan = has_alg = false;
+    cusparseStatus_t s = cusparseLtMatmulDescriptorInit(
+        handle, &mm, CUSPARSE_OPERATION_NON_TRANSPOSE, CUSPARSE_OPERATION_TRANSPOSE, &a, &b, &c,
+        &c, CUSPARSE_COMPUTE_32F);
+    if (s != CUSPARSE_STATUS_SUCCESS) return s;
+    if (bias != nullptr) {
+      void* ptr = const_cast<void*>(bias);
+      s = cusparseLtMatmulDescSetAttribute(handle, &mm, CUSPARSELT_MATMUL_BIAS_POINTER, &ptr,
+                                           sizeof(ptr));
+      if (s != CUSPARSE_STATUS_SUCCESS) return s;
+    }
+    s = cusparseLtMatmulAlgSelectionInit(handle, &alg, &mm, CUSPARSELT_MATMUL_ALG_DEFAULT);
+    if (s != CUSPARSE_STATUS_SUCCESS) return s;
+    has_alg = true;
+    s = cusparseLtMatmulAlgSetAttribute(handle, &alg, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &id,
+                                        sizeof(id));
+    if (s != CUSPARSE_STATUS_SUCCESS) return s;
+    s = cusparseLtMatmulPlanInit(handle, &plan, &mm, &alg);
+    if (s != CUSPARSE_STATUS_SUCCESS) return s;
+    has_plan = true;
+    alg_id = id;
+    return cusparseLtMatmulGetWorkspace(handle, &plan, &workspace);
+  }
 };
 
 using PlanKey = std::tuple<int32_t, int64_t, int64_t, int64_t, int, int64_t, int64_t>;
@@ -126,6 +221,7 @@ std::map<PlanKey, std::unique_ptr<Plan>> g_plans;
 ffi::Error MakePlan(const cusparseLtHandle_t* h, int64_t m, int64_t k, int64_t t,
                     cudaDataType type, int64_t a_order, Plan* p) {
   p->handle = h;
+  p->type = type;
   JASP_CSLT(InitA(h, &p->a, m, k, type, a_order));
   p->has_a = true;
   // B: x (t, k) row-major, used transposed (k x t).
@@ -136,14 +232,7 @@ ffi::Error MakePlan(const cusparseLtHandle_t* h, int64_t m, int64_t k, int64_t t
   JASP_CSLT(cusparseLtDenseDescriptorInit(h, &p->c, m, t, m, kAlignment, type,
                                           CUSPARSE_ORDER_COL));
   p->has_c = true;
-  JASP_CSLT(cusparseLtMatmulDescriptorInit(h, &p->mm, CUSPARSE_OPERATION_NON_TRANSPOSE,
-                                           CUSPARSE_OPERATION_TRANSPOSE, &p->a, &p->b, &p->c,
-                                           &p->c, CUSPARSE_COMPUTE_32F));
-  JASP_CSLT(cusparseLtMatmulAlgSelectionInit(h, &p->alg, &p->mm, CUSPARSELT_MATMUL_ALG_DEFAULT));
-  p->has_alg = true;
-  JASP_CSLT(cusparseLtMatmulPlanInit(h, &p->plan, &p->mm, &p->alg));
-  p->has_plan = true;
-  JASP_CSLT(cusparseLtMatmulGetWorkspace(h, &p->plan, &p->workspace));
+  JASP_CSLT(p->Select(0));
   return ffi::Error::Success();
 }
 
@@ -151,17 +240,120 @@ ffi::Error MakePlan(const cusparseLtHandle_t* h, int64_t m, int64_t k, int64_t t
 // it changes (a parameter's buffer normally keeps its address across calls).
 ffi::Error SetBias(Plan* p, const void* bias) {
   if (p->bias == bias) return ffi::Error::Success();
-  void* ptr = const_cast<void*>(bias);
-  JASP_CSLT(cusparseLtMatmulDescSetAttribute(p->handle, &p->mm, CUSPARSELT_MATMUL_BIAS_POINTER,
-                                             &ptr, sizeof(ptr)));
-  if (p->has_plan) {
-    cusparseLtMatmulPlanDestroy(&p->plan);
-    p->has_plan = false;
-  }
-  JASP_CSLT(cusparseLtMatmulPlanInit(p->handle, &p->plan, &p->mm, &p->alg));
-  p->has_plan = true;
-  JASP_CSLT(cusparseLtMatmulGetWorkspace(p->handle, &p->plan, &p->workspace));
   p->bias = bias;
+  JASP_CSLT(p->Select(p->alg_id));
+  return ffi::Error::Success();
+}
+
+// cuSPARSELt 0.8.x on Hopper (seen on an H200, 2026-11-26): every fp16
+// algorithm configuration from 36 on stopped the kernel with
+// CUDA_ERROR_ILLEGAL_INSTRUCTION inside a JAX process, leaving the CUDA context
+// unusable (the same configurations ran correctly in a plain C++ process and
+// under PyTorch; the cause was not found). Configurations 0-35 ran and matched
+// the reference, so the search stops at 35 for fp16 on 0.8.x; -1: no cap.
+int Fp16ConfigCap() {
+  int major = 0, minor = 0;
+  cusparseLtGetProperty(MAJOR_VERSION, &major);
+  cusparseLtGetProperty(MINOR_VERSION, &minor);
+  return (major == 0 && minor == 8) ? 35 : -1;
+}
+
+// Times every algorithm configuration of the plan (CONFIG_ID 0..MAX_ID) on the
+// call's real buffers and keeps the fastest. Each candidate runs with a
+// workspace of the size its own plan reports (one buffer of the largest size
+// is allocated from XLA's scratch); a configuration that cuSPARSELt refuses,
+// or that needs more workspace than XLA could give, is skipped. Per-call time:
+// the median of 3 timed repetitions of L back-to-back calls (L chosen so a
+// repetition lasts >= ~0.2 ms) after one warm-up call, on XLA's stream
+// (which the search synchronises: it runs once per shape).
+template <typename AllocFn>
+ffi::Error Search(Plan* p, cudaStream_t stream, const void* a, const void* b, void* d,
+                  AllocFn&& alloc) {
+  const DriverEvents& ev = Events();
+  JASP_TRACE("search: driver events %s\n", ev.ok ? "found" : "missing");
+  if (!ev.ok) {
+    return ffi::Error::Internal(
+        "jasp.sparse: the algorithm search needs the CUDA driver's event API (libcuda.so.1)");
+  }
+  int max_id = 0;
+  JASP_CSLT(cusparseLtMatmulAlgGetAttribute(p->handle, &p->alg,
+                                            CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID, &max_id,
+                                            sizeof(max_id)));
+  if (p->type == CUDA_R_16F && Fp16ConfigCap() >= 0 && max_id > Fp16ConfigCap()) {
+    JASP_TRACE("search: fp16 configurations > %d skipped (they trap with this cuSPARSELt)\n",
+               Fp16ConfigCap());
+    max_id = Fp16ConfigCap();
+  }
+  JASP_TRACE("search: max config id %d\n", max_id);
+  std::vector<std::pair<int, size_t>> cands;
+  size_t need = 0;
+  for (int id = 0; id <= max_id; ++id) {
+    cusparseStatus_t st = p->Select(id);
+    JASP_TRACE("search: config %d -> status %d, workspace %zu\n", id, static_cast<int>(st),
+               p->workspace);
+    if (st != CUSPARSE_STATUS_SUCCESS) continue;
+    cands.emplace_back(id, p->workspace);
+    need = std::max(need, p->workspace);
+  }
+  void* ws = nullptr;
+  size_t have = 0;
+  alloc(need, &ws, &have);
+  JASP_TRACE("search: %zu candidates, workspace %zu of %zu bytes at %p\n", cands.size(), have,
+             need, ws);
+  DriverEvents::Event e0 = nullptr, e1 = nullptr;
+  if (ev.create(&e0, 0) != 0 || ev.create(&e1, 0) != 0) {
+    if (e0) ev.destroy(e0);
+    return ffi::Error::Internal("jasp.sparse: cuEventCreate failed in the algorithm search");
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  cudaStream_t streams[1] = {stream};
+  int best_id = -1;
+  float best_ms = 0;
+  size_t best_ws = 0;
+  auto timed = [&](int calls, float* ms) -> bool {
+    if (ev.record(e0, stream) != 0) return false;
+    for (int i = 0; i < calls; ++i) {
+      if (cusparseLtMatmul(p->handle, &p->plan, &alpha, a, b, &beta, d, d, ws, streams, 1) !=
+          CUSPARSE_STATUS_SUCCESS) {
+        return false;
+      }
+    }
+    if (ev.record(e1, stream) != 0 || ev.synchronize(e1) != 0) return false;
+    return ev.elapsed(ms, e0, e1) == 0;
+  };
+  for (auto [id, size] : cands) {
+    if (size > have) continue;
+    if (p->Select(id) != CUSPARSE_STATUS_SUCCESS) continue;
+    float one = 0;
+    JASP_TRACE("search: timing config %d\n", id);
+    if (!timed(1, &one)) continue;  // warm-up (and a first estimate)
+    int calls = std::clamp(static_cast<int>(0.2f / std::max(one, 1e-3f)), 1, 64);
+    float reps[3];
+    bool ok = true;
+    for (float& r : reps) {
+      float ms = 0;
+      ok = ok && timed(calls, &ms);
+      r = ms / calls;
+    }
+    if (!ok) continue;
+    std::sort(reps, reps + 3);
+    JASP_TRACE("search: config %d: %.4f ms per call\n", id, reps[1]);
+    if (best_id < 0 || reps[1] < best_ms) {
+      best_id = id;
+      best_ms = reps[1];
+      best_ws = size;
+    }
+  }
+  ev.destroy(e0);
+  ev.destroy(e1);
+  JASP_TRACE("search: chose config %d (%.4f ms)\n", best_id, best_ms);
+  if (best_id < 0) {
+    return ffi::Error::Internal("jasp.sparse: no cuSPARSELt algorithm ran for this shape");
+  }
+  JASP_CSLT(p->Select(best_id));
+  p->workspace = std::max(p->workspace, best_ws);
+  p->search_ms = best_ms;
+  p->searched = true;
   return ffi::Error::Success();
 }
 
@@ -217,50 +409,59 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_
     it = g_plans.emplace(key, std::move(p)).first;
   }
   Plan* p = it->second.get();
+  JASP_TRACE("matmul m=%lld k=%lld t=%lld a_order=%lld bias=%lld search=%lld\n",
+             static_cast<long long>(m), static_cast<long long>(k), static_cast<long long>(t),
+             static_cast<long long>(a_order), static_cast<long long>(has_bias),
+             static_cast<long long>(search));
   if (has_bias) {
     if (auto err = SetBias(p, bias.untyped_data()); err.failure()) return err;
   }
   // Workspace: XLA's scratch allocator, else the fixed-size workspace output.
-  auto workspace = [&](size_t need, void** out) -> ffi::Error {
+  // 256-byte aligned (like cudaMalloc's): XLA's scratch allocator takes at
+  // most 16-byte alignment, so over-allocate and round up.
+  auto alloc = [&](size_t need, void** out, size_t* got) {
     *out = nullptr;
-    if (need == 0) return ffi::Error::Success();
-    auto mem = scratch.Allocate(need, 16);
+    *got = 0;
+    if (need == 0) return;
+    const uintptr_t align = kWorkspaceAlignment;
+    auto mem = scratch.Allocate(need + align, 16);
     if (mem.has_value()) {
-      *out = *mem;
-    } else if (need <= ws_out->size_bytes()) {
-      *out = ws_out->untyped_data();
+      uintptr_t p = reinterpret_cast<uintptr_t>(*mem);
+      *out = reinterpret_cast<void*>((p + align - 1) / align * align);
+      *got = need;
     } else {
-      return ffi::Error::Internal("jasp.sparse: could not allocate the matmul workspace (" +
-                                  std::to_string(need) + " bytes) from XLA");
+      *out = ws_out->untyped_data();
+      *got = ws_out->size_bytes();
     }
-    return ffi::Error::Success();
+    JASP_TRACE("workspace: %zu bytes at %p from %s\n", need, *out,
+               mem.has_value() ? "XLA's scratch allocator" : "the fallback output");
   };
-  void* ws = nullptr;
-  if (auto err = workspace(p->workspace, &ws); err.failure()) return err;
-  const float alpha = 1.0f, beta = 0.0f;
   void* out = y->untyped_data();
-  cudaStream_t streams[1] = {stream};
   if (search && !p->searched) {
-    JASP_CSLT(cusparseLtMatmulSearch(h, &p->plan, &alpha, compressed.untyped_data(),
-                                     x.untyped_data(), &beta, out, out, ws, streams, 1));
-    p->searched = true;
-    size_t need = 0;
-    JASP_CSLT(cusparseLtMatmulGetWorkspace(h, &p->plan, &need));
-    if (need > p->workspace) {
-      // The search's last run may not be the chosen algorithm: run it again
-      // with the workspace it needs.
-      p->workspace = need;
-      if (auto err = workspace(need, &ws); err.failure()) return err;
+    if (auto err = Search(p, stream, compressed.untyped_data(), x.untyped_data(), out, alloc);
+        err.failure()) {
+      return err;
     }
   }
+  if (!p->has_plan) {
+    JASP_CSLT(p->Select(p->alg_id));
+  }
+  void* ws = nullptr;
+  size_t got = 0;
+  alloc(p->workspace, &ws, &got);
+  if (got < p->workspace) {
+    return ffi::Error::Internal("jasp.sparse: could not allocate the matmul workspace (" +
+                                std::to_string(p->workspace) + " bytes) from XLA");
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  cudaStream_t streams[1] = {stream};
   JASP_CSLT(cusparseLtMatmul(h, &p->plan, &alpha, compressed.untyped_data(), x.untyped_data(),
                              &beta, out, out, ws, streams, 1));
   return ffi::Error::Success();
 }
 
 ffi::Error CompressImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer w,
-                        ffi::Result<ffi::AnyBuffer> compressed,
-                        ffi::Result<ffi::AnyBuffer> invalid, ffi::Result<ffi::AnyBuffer> buffer,
+                        ffi::Result<ffi::AnyBuffer> compressed, ffi::Result<ffi::AnyBuffer> buffer,
                         int64_t m, int64_t k, int64_t a_order) {
   cudaDataType type;
   if (!CudaType(w.element_type(), &type)) {
@@ -272,25 +473,22 @@ ffi::Error CompressImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer w,
   std::lock_guard<std::mutex> lock(g_mu);
   cusparseLtHandle_t* h = nullptr;
   if (auto err = GetHandle(device, &h); err.failure()) return err;
-  cusparseLtMatDescriptor_t a;
-  JASP_CSLT(InitA(h, &a, m, k, type, a_order));
-  struct Guard {
-    cusparseLtMatDescriptor_t* d;
-    ~Guard() { cusparseLtMatDescriptorDestroy(d); }
-  } guard{&a};
+  // The plan-based helpers (not the deprecated descriptor-based *2 ones): with
+  // cuSPARSELt 0.8.0 on an H200, fp16 data compressed by SpMMACompress2 made
+  // some algorithm configurations trap (CUDA_ERROR_ILLEGAL_INSTRUCTION) while
+  // the same configurations ran correctly on data compressed through a plan.
+  Plan cp;
+  if (auto err = MakePlan(h, m, k, kCompressTokens, type, a_order, &cp); err.failure()) return err;
   size_t size = 0, buf_size = 0;
-  JASP_CSLT(cusparseLtSpMMACompressedSize2(h, &a, &size, &buf_size));
+  JASP_CSLT(cusparseLtSpMMACompressedSize(h, &cp.plan, &size, &buf_size));
   if (compressed->size_bytes() < size || buffer->size_bytes() < buf_size) {
     return ffi::Error::InvalidArgument(
         "jasp.sparse: the compressed buffers are too small (" +
         std::to_string(compressed->size_bytes()) + " < " + std::to_string(size) + " or " +
         std::to_string(buffer->size_bytes()) + " < " + std::to_string(buf_size) + " bytes)");
   }
-  JASP_CSLT(cusparseLtSpMMAPruneCheck2(h, &a, 1, CUSPARSE_OPERATION_NON_TRANSPOSE,
-                                       w.untyped_data(),
-                                       reinterpret_cast<int*>(invalid->untyped_data()), stream));
-  JASP_CSLT(cusparseLtSpMMACompress2(h, &a, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, w.untyped_data(),
-                                     compressed->untyped_data(), buffer->untyped_data(), stream));
+  JASP_CSLT(cusparseLtSpMMACompress(h, &cp.plan, w.untyped_data(), compressed->untyped_data(),
+                                    buffer->untyped_data(), stream));
   return ffi::Error::Success();
 }
 
@@ -318,7 +516,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaspCsltCompress, CompressImpl,
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()  // dense 2:4 weight
                                   .Ret<ffi::AnyBuffer>()  // compressed (bytes,) uint8
-                                  .Ret<ffi::AnyBuffer>()  // invalid flag (1,) int32
                                   .Ret<ffi::AnyBuffer>()  // compression scratch (bytes,)
                                   .Attr<int64_t>("m")
                                   .Attr<int64_t>("k")
@@ -340,21 +537,42 @@ int jasp_cslt_compressed_size(int64_t m, int64_t k, int32_t dtype, int32_t a_ord
   std::lock_guard<std::mutex> lock(g_mu);
   cusparseLtHandle_t* h = nullptr;
   if (auto e = GetHandle(-1, &h); e.failure()) return fail(e.message());
-  cusparseLtMatDescriptor_t a;
-  cusparseStatus_t s = InitA(h, &a, m, k, CodeType(dtype), a_order);
-  if (s != CUSPARSE_STATUS_SUCCESS) {
-    return fail("cusparseLtStructuredDescriptorInit(" + std::to_string(m) + "x" +
-                std::to_string(k) + ") failed: " + StatusText(s));
+  Plan cp;
+  if (auto e = MakePlan(h, m, k, kCompressTokens, CodeType(dtype), a_order, &cp); e.failure()) {
+    return fail("jasp.sparse: a " + std::to_string(m) + "x" + std::to_string(k) +
+                " operand: " + std::string(e.message()));
   }
   size_t size = 0, buffer = 0;
-  s = cusparseLtSpMMACompressedSize2(h, &a, &size, &buffer);
-  cusparseLtMatDescriptorDestroy(&a);
+  cusparseStatus_t s = cusparseLtSpMMACompressedSize(h, &cp.plan, &size, &buffer);
   if (s != CUSPARSE_STATUS_SUCCESS) {
-    return fail("cusparseLtSpMMACompressedSize2 failed: " + StatusText(s));
+    return fail("cusparseLtSpMMACompressedSize failed: " + StatusText(s));
   }
   *bytes = static_cast<int64_t>(size);
   *buffer_bytes = static_cast<int64_t>(buffer);
   return 0;
+}
+
+// The cached plans, one line each: "device m k t dtype a_order bias alg_id
+// search_ms workspace" (dtype 0 = bf16, 1 = fp16; search_ms -1 if not searched).
+// Writes at most len-1 bytes into buf; returns the length the full text needs.
+int jasp_cslt_plans(char* buf, int len) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::string out;
+  for (const auto& [key, p] : g_plans) {
+    auto [device, m, k, t, type, a_order, bias] = key;
+    char line[256];
+    std::snprintf(line, sizeof(line), "%d %lld %lld %lld %d %lld %lld %d %.6f %zu\n", device,
+                  static_cast<long long>(m), static_cast<long long>(k),
+                  static_cast<long long>(t), type == CUDA_R_16F ? 1 : 0,
+                  static_cast<long long>(a_order), static_cast<long long>(bias), p->alg_id,
+                  p->search_ms, p->workspace);
+    out += line;
+  }
+  if (buf && len > 0) {
+    std::strncpy(buf, out.c_str(), len - 1);
+    buf[len - 1] = 0;
+  }
+  return static_cast<int>(out.size()) + 1;
 }
 
 // cuSPARSELt's version as major*10000 + minor*100 + patch.

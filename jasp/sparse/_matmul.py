@@ -63,8 +63,10 @@ def sparse_matmul(x: jax.Array, w: compress_lib.SparseWeight, bias: jax.Array | 
     bias: ``(N,)`` (any shape of N elements) or None.
     bias_epilogue: add the bias inside cuSPARSELt's epilogue instead of a
       (fused) XLA add after the call.
-    search: search the fastest algorithm on the first call of each shape
-      (cached per process); False uses cuSPARSELt's default.
+    search: on the first call of each shape, time every cuSPARSELt
+      algorithm configuration on the real buffers and keep the fastest
+      (cached per process; the first call blocks until the search ends).
+      False uses cuSPARSELt's default configuration.
 
   Returns:
     ``(..., N)`` in ``w.dtype``.
@@ -76,8 +78,6 @@ def sparse_matmul(x: jax.Array, w: compress_lib.SparseWeight, bias: jax.Array | 
   if not w.is_compressed:
     raise ValueError(f"sparse_matmul needs a compressed weight; this one ({w.shape}) holds only "
                      "its dense form (compressed where the sparse path was unavailable?).")
-  if bias_epilogue and not compress_lib.experimental():
-    raise ValueError(compress_lib.EXPERIMENTAL_MSG.format(what="bias_epilogue=True"))
   rt = _runtime.runtime()
   _check_format(w, rt)
   x = jnp.asarray(x)

@@ -64,6 +64,21 @@ class Runtime:
     return int(size.value), int(buf.value)
 
 
+  def plans(self) -> list[dict]:
+    """The cached cuSPARSELt plans of this process: shape, chosen algorithm, search time."""
+    need = int(self.lib.jasp_cslt_plans(None, ctypes.c_int(0)))
+    buf = ctypes.create_string_buffer(need)
+    self.lib.jasp_cslt_plans(buf, ctypes.c_int(need))
+    rows = []
+    for line in buf.value.decode().splitlines():
+      dev, m, k, t, dt, order, bias, alg, ms, ws = line.split()
+      rows.append({"device": int(dev), "out": int(m), "in": int(k), "tokens": int(t),
+                   "dtype": "float16" if dt == "1" else "bfloat16", "a_order": int(order),
+                   "bias_epilogue": bias == "1", "alg_id": int(alg),
+                   "search_ms": None if float(ms) < 0 else float(ms), "workspace": int(ws)})
+    return rows
+
+
 def _gpu_device():
   try:
     devs = jax.devices("gpu")
@@ -105,6 +120,8 @@ def _load() -> Runtime:
                             ) from e
   lib.jasp_cslt_version.restype = ctypes.c_int
   lib.jasp_cslt_compressed_size.restype = ctypes.c_int
+  lib.jasp_cslt_plans.restype = ctypes.c_int
+  lib.jasp_cslt_plans.argtypes = [ctypes.c_char_p, ctypes.c_int]
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JaspCsltMatmul),
                               platform="CUDA")
   jax.ffi.register_ffi_target(COMPRESS_TARGET, jax.ffi.pycapsule(lib.JaspCsltCompress),

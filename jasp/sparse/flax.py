@@ -83,7 +83,7 @@ def _compress_leaf(path: str, w: jax.Array, in_axes: int, dtype, keep_dense: boo
 
 def sparsify(params: PyTree, *, layouts: Mapping[str, layouts_lib.Layout] | None = None,
              dtype: Any = None, keep_dense: bool = True, include: Sequence[str] | None = None,
-             exclude: Sequence[str] | None = None, a_order: int = compress_lib.A_ROW
+             exclude: Sequence[str] | None = None, a_order: int = compress_lib.DEFAULT_A_ORDER
              ) -> tuple[PyTree, dict[str, str]]:
   """Replaces the 2:4 Dense/DenseGeneral kernels of a params tree by SparseWeights.
 
@@ -266,7 +266,7 @@ def _nnx_set(parent, key, value) -> None:
 def sparsify_nnx(model: nnx.Module, *, dtype: Any = None, keep_dense: bool = True,
                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
                  policy: policy_lib.MatmulPolicy | None = None, bias_epilogue: bool = False,
-                 a_order: int = compress_lib.A_ROW) -> dict[str, str]:
+                 a_order: int = compress_lib.DEFAULT_A_ORDER) -> dict[str, str]:
   """Replaces, in place, every 2:4 ``nnx.Linear``/``LinearGeneral`` by a :class:`SparseLinear`.
 
   Args:
