@@ -36,10 +36,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from _bench_util import DeviceClock  # noqa: E402
 from _bench_util import Recorder  # noqa: E402
+from jax.extend import core as jex_core  # noqa: E402
 
 import jasp  # noqa: E402
 from jasp import sparse  # noqa: E402
 from jasp.sparse import _compress as compress_lib  # noqa: E402
+from jasp.sparse import _runtime  # noqa: E402
 from jasp.sparse import policy as policy_lib  # noqa: E402
 
 try:
@@ -107,10 +109,15 @@ DENSE = jax.jit(lambda x, w: jnp.dot(x, w))
 SPARSE = jax.jit(lambda x, s: sparse.sparse_matmul(x, s))
 
 
-def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order=sparse.A_ROW):
+def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order):
   w = w24(k, n, dtype)
   t0 = time.perf_counter()
   sw = sparse.compress(w, dtype=dtype, a_order=a_order)
+  if not sw.is_compressed:  # e.g. fp16 where it is not verified: the dense path
+    out.setdefault("rows", []).append({"shape": name, "tokens": tokens[0],
+                                       "skipped": f"{jnp.dtype(dtype).name} a_order={a_order} "
+                                                  "not compressed (dense path)"})
+    return
   jax.block_until_ready(sw.compressed)
   compress_ms = (time.perf_counter() - t0) * 1e3
   rows = []
@@ -140,13 +147,18 @@ def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order=sparse.A_ROW):
     choice = policy_lib.choose(pol, k=k, n=n, t=t, dtype=jnp.dtype(dtype).name, compressed=True,
                                has_dense=True)
     sp = best(td) / best(tsp)
+    plan = next((p for p in _runtime.runtime().plans()
+                 if (p["out"], p["in"], p["dtype"], p["a_order"], p["bias_epilogue"])
+                 == (n, k, jnp.dtype(dtype).name, a_order, False)
+                 and p["tokens"] == -(-t // 16) * 16), {})
     row = {"shape": name, "in": k, "out": n, "tokens": t, "dtype": jnp.dtype(dtype).name,
            "a_order": "row" if a_order == sparse.A_ROW else "col",
            "dense": td, "sparse": tsp, "speedup": sp, "rel_err": err,
            "first_call_ms": first_ms, "compress_ms": compress_ms,
            "policy": "sparse" if choice.sparse else "dense",
            "policy_vs_dense": sp if choice.sparse else 1.0,
-           "policy_host_speedup": hd / hs}
+           "policy_host_speedup": hd / hs, "alg_id": plan.get("alg_id"),
+           "search_ms": plan.get("search_ms")}
     rows.append(row)
     print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()
                       if k2 not in ("dense", "sparse")} | {"dense_ms": round(best(td), 4),
@@ -201,15 +213,20 @@ def overhead(out):
   out["overhead"] = res
 
 
+def _eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jex_core.jaxprs_in_params(eqn.params):
+      yield from _eqns(sub)
+
+
 def end_to_end(out, batch: int, context: int, dim: int, depth: int):
   """The examples/lm.py decoder (nnx), bf16, dense masked vs jasp.sparse (policy auto)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
   from lm import DecoderLM  # pylint: disable=g-import-not-at-top
   model = DecoderLM(vocab=256, dim=dim, heads=dim // 128, depth=depth, context=context,
-                    rngs=nnx.Rngs(0))
-  params = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params))
+                    dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   for _, node in list(nnx.iter_graph(model)):
     if isinstance(node, nnx.Linear) and node is not model.head:
       in_axes = 1
@@ -228,6 +245,12 @@ def end_to_end(out, batch: int, context: int, dim: int, depth: int):
 
   dense_f, dense_s = fwd_fn(model)
   ref = jax.block_until_ready(dense_f(dense_s, tokens))
+  # Like for like: every dot of the dense model must run in bf16.
+  dots = {}
+  for eqn in _eqns(jax.make_jaxpr(dense_f)(dense_s, tokens).jaxpr):
+    if eqn.primitive.name == "dot_general":
+      key = "x".join(str(v.aval.dtype) for v in eqn.invars)
+      dots[key] = dots.get(key, 0) + 1
   t0 = time.perf_counter()
   report = sparse.sparsify_nnx(model, dtype=jnp.bfloat16)
   sparsify_s = time.perf_counter() - t0
@@ -241,7 +264,7 @@ def end_to_end(out, batch: int, context: int, dim: int, depth: int):
   ts = time_fn(sparse_f, [(sparse_s, tokens)], 0.01)
   res = {"batch": batch, "context": context, "dim": dim, "depth": depth,
          "tokens": batch * context, "dense": td, "sparse": ts, "speedup": best(td) / best(ts),
-         "rel_err_logits": err, "sparsify_s": sparsify_s, "first_call_s": first_s,
+         "rel_err_logits": err, "dense_dot_dtypes": dots, "sparsify_s": sparsify_s, "first_call_s": first_s,
          "report": report}
   out["end_to_end"] = res
   print(json.dumps({k: v for k, v in res.items() if k != "report"}), flush=True)
@@ -268,7 +291,11 @@ def main():
   ap.add_argument("--shapes", default="")
   ap.add_argument("--tokens", default="")
   ap.add_argument("--no-overhead", action="store_true")
-  ap.add_argument("--no-extra", action="store_true", help="skip the fp16 and A_COL rows")
+  ap.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float16")
+  ap.add_argument("--layouts", default="", help="comma-separated A layouts: row,col "
+                  "(default: the library's default)")
+  ap.add_argument("--extra-tokens", default="2048,8192,16384",
+                  help="token counts of the rows beyond the first dtype and layout")
   args = ap.parse_args()
   start = time.perf_counter()
   deadline = start + args.budget_s
@@ -287,6 +314,9 @@ def main():
   stage, save = rec.stage, rec.save
 
   tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
+  orders = {"row": sparse.A_ROW, "col": sparse.A_COL}
+  layouts = ([orders[v] for v in args.layouts.split(",")] if args.layouts
+             else [compress_lib.DEFAULT_A_ORDER])
   if not args.no_overhead:
     stage(overhead, out)
   names = list(SHAPES)
@@ -298,12 +328,12 @@ def main():
     if name == "16384x16384" and not args.no_e2e and time.perf_counter() < deadline:
       stage(end_to_end, out, 4, 2048, 4096, 2)
     k, n = SHAPES[name]
-    stage(bench_shape, name, k, n, jnp.bfloat16, tokens, out, deadline)
-    if (name == "8192x8192" and not args.no_extra and compress_lib.experimental()
-        and time.perf_counter() < deadline):
-      # fp16, and the column-major (no transpose at compression) layout: experimental.
-      stage(bench_shape, name, k, n, jnp.float16, [2048, 8192], out, deadline)
-      stage(bench_shape, name, k, n, jnp.bfloat16, [2048, 8192], out, deadline, sparse.A_COL)
+    first = True
+    for dt in args.dtypes.split(","):
+      for lay in layouts:
+        toks = tokens if first else [int(t) for t in args.extra_tokens.split(",")]
+        stage(bench_shape, name, k, n, jnp.dtype(dt), toks, out, deadline, lay)
+        first = False
   if not args.no_e2e and "end_to_end" not in out and time.perf_counter() < deadline:
     stage(end_to_end, out, 4, 2048, 4096, 2)
   out["wall_s"] = time.perf_counter() - start
