@@ -239,6 +239,19 @@ def test_build_names_what_is_missing(monkeypatch):
     assert piece in msg
 
 
+def test_build_prefers_an_explicit_cusparselt_home(monkeypatch, tmp_path):
+  for sub in ("include", "lib"):
+    (tmp_path / sub).mkdir()
+  (tmp_path / "include" / "cusparseLt.h").write_text("")
+  (tmp_path / "lib" / "libcusparseLt.so.0").write_text("")
+  monkeypatch.setenv("CUSPARSELT_HOME", str(tmp_path))
+  # Before any wheel's copy (the nvidia wheels may be installed here too).
+  assert build._candidates("cusparseLt.h", "include")[0] == str(  # pylint: disable=protected-access
+      tmp_path / "include" / "cusparseLt.h")
+  assert build._candidates("libcusparseLt.so.0", "lib")[0] == str(  # pylint: disable=protected-access
+      tmp_path / "lib" / "libcusparseLt.so.0")
+
+
 def test_build_cache_dir_and_stub(monkeypatch, tmp_path):
   monkeypatch.setenv("JASP_CACHE_DIR", str(tmp_path))
   assert build.cache_dir() == str(tmp_path)

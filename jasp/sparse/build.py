@@ -4,9 +4,9 @@ No CUDA device code is compiled: ``_ffi.cc`` is host C++ that calls
 cuSPARSELt's C API, so the system C++ compiler suffices. What it needs:
 
 * XLA's FFI headers: ``jax.ffi.include_dir()``;
-* ``cusparseLt.h`` and ``libcusparseLt.so.0``: the ``nvidia-cusparselt-cu12``
-  / ``-cu13`` wheel (``pip install nvidia-cusparselt-cu13``), or a system
-  install (``$CUSPARSELT_HOME``, ``/usr``);
+* ``cusparseLt.h`` and ``libcusparseLt.so.0``: ``$CUSPARSELT_HOME`` if set,
+  else the ``nvidia-cusparselt-cu12`` / ``-cu13`` wheel (``pip install
+  nvidia-cusparselt-cu13``), else a system install (``/usr``);
 * the CUDA runtime's type headers (``driver_types.h``, ``library_types.h``):
   the ``nvidia-cuda-runtime`` wheel, ``$CUDA_HOME`` or ``/usr/local/cuda``.
 
@@ -90,14 +90,23 @@ def _find(patterns: list[str]) -> list[str]:
 
 
 def _candidates(filename: str, sub: str) -> list[str]:
-  """``<root>/**/<sub>/<filename>`` under the wheels, the env roots and system paths."""
-  roots = _nvidia_roots()
-  pats = []
-  for r in roots:
+  """``<root>/**/<sub>/<filename>``, in order of preference.
+
+  ``$CUSPARSELT_HOME`` / ``$CUSPARSELT_PATH`` first (an explicit choice, e.g.
+  another cuSPARSELt version than the wheel's), then the ``nvidia`` wheels,
+  then ``$CUDA_HOME`` / ``$CUDA_PATH`` and the system paths.
+  """
+  def env(*names):
+    out = []
+    for r in _env_roots(*names):
+      out += [os.path.join(r, sub, filename), os.path.join(r, sub, "x86_64-linux-gnu", filename),
+              os.path.join(r, sub + "64", filename)]
+    return out
+
+  pats = env("CUSPARSELT_HOME", "CUSPARSELT_PATH")
+  for r in _nvidia_roots():
     pats += [os.path.join(r, "*", sub, filename), os.path.join(r, sub, filename)]
-  for r in _env_roots("CUSPARSELT_HOME", "CUSPARSELT_PATH", "CUDA_HOME", "CUDA_PATH"):
-    pats += [os.path.join(r, sub, filename), os.path.join(r, sub, "x86_64-linux-gnu", filename),
-             os.path.join(r, sub + "64", filename)]
+  pats += env("CUDA_HOME", "CUDA_PATH")
   pats += [os.path.join("/usr/local/cuda", sub, filename),
            os.path.join("/usr/local/cuda", sub + "64", filename),
            os.path.join("/usr/local/cuda-*", sub, filename),
