@@ -63,7 +63,6 @@ class Runtime:
                               f"{err.value.decode(errors='replace')}")
     return int(size.value), int(buf.value)
 
-
   def plans(self) -> list[dict]:
     """The cached cuSPARSELt plans of this process: shape, chosen algorithm, search time."""
     need = int(self.lib.jasp_cslt_plans(None, ctypes.c_int(0)))
