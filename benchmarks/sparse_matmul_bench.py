@@ -227,17 +227,11 @@ def end_to_end(out, batch: int, context: int, dim: int, depth: int):
   from lm import DecoderLM  # pylint: disable=g-import-not-at-top
   model = DecoderLM(vocab=256, dim=dim, heads=dim // 128, depth=depth, context=context,
                     dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-  for _, node in list(nnx.iter_graph(model)):
-    if isinstance(node, nnx.Linear) and node is not model.head:
-      in_axes = 1
-    elif isinstance(node, nnx.LinearGeneral):
-      in_axes = len(node.in_features)
-    else:
-      continue
-    wk = node.kernel.get_value()
-    w2 = wk.reshape(int(np.prod(wk.shape[:in_axes])), -1)
-    node.kernel.set_value(jnp.where(jasp.nm_mask(w2, 2, 4, 0), w2, 0).reshape(wk.shape))
   tokens = jax.random.randint(jax.random.key(1), (batch, context), 0, 256)
+  # 2:4 by magnitude along each kernel's traced reduction axes; the head stays dense.
+  pruned, _ = jasp.prune(nnx.state(model, nnx.Param), layouts=jasp.trace_layouts(model, tokens),
+                         policy=jasp.Policy(exclude=(r"^head/",)))
+  nnx.update(model, pruned)
 
   def fwd_fn(m):
     g, s = nnx.split(m)

@@ -83,17 +83,10 @@ def test_linen_sparsify_and_apply():
 
 def _nnx(policy):
   model = NNXNet(rngs=nnx.Rngs(0))
-  for _, node in list(nnx.iter_graph(model)):
-    if isinstance(node, nnx.Linear) and node is not model.head:
-      in_axes = 1
-    elif isinstance(node, nnx.LinearGeneral):
-      in_axes = len(node.in_features)
-    else:
-      continue
-    w = node.kernel.get_value()
-    w2 = w.reshape(int(np.prod(w.shape[:in_axes])), -1)
-    node.kernel.set_value(jnp.where(jasp.nm_mask(w2, 2, 4, 0), w2, 0).reshape(w.shape))
   x = jax.random.normal(jax.random.key(1), (2, 8, 32))
+  pruned, _ = jasp.prune(nnx.state(model, nnx.Param), layouts=jasp.trace_layouts(model, x),
+                         policy=jasp.Policy(exclude=(r"^head/",)))
+  nnx.update(model, pruned)
   ref = model(x)
   report = sparse.sparsify_nnx(model, dtype=BF16, policy=policy)
   y = nnx.jit(lambda m, x: m(x))(model, x)
