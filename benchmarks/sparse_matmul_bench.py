@@ -147,10 +147,10 @@ def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order):
     choice = policy_lib.choose(pol, k=k, n=n, t=t, dtype=jnp.dtype(dtype).name, compressed=True,
                                has_dense=True)
     sp = best(td) / best(tsp)
+    t_pad = -(-t // compress_lib.SIZE_MULTIPLE) * compress_lib.SIZE_MULTIPLE
     plan = next((p for p in _runtime.runtime().plans()
-                 if (p["out"], p["in"], p["dtype"], p["a_order"], p["bias_epilogue"])
-                 == (n, k, jnp.dtype(dtype).name, a_order, False)
-                 and p["tokens"] == -(-t // 16) * 16), {})
+                 if (p["out"], p["in"], p["tokens"], p["dtype"], p["a_order"], p["bias_epilogue"])
+                 == (n, k, t_pad, jnp.dtype(dtype).name, a_order, False)), {})
     row = {"shape": name, "in": k, "out": n, "tokens": t, "dtype": jnp.dtype(dtype).name,
            "a_order": "row" if a_order == sparse.A_ROW else "col",
            "dense": td, "sparse": tsp, "speedup": sp, "rel_err": err,
