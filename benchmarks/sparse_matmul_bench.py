@@ -34,8 +34,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _bench_util import DeviceClock  # noqa: E402
-from _bench_util import Recorder  # noqa: E402
 from jax.extend import core as jex_core  # noqa: E402
 
 import jasp  # noqa: E402
@@ -43,6 +41,13 @@ from jasp import sparse  # noqa: E402
 from jasp.sparse import _compress as compress_lib  # noqa: E402
 from jasp.sparse import _runtime  # noqa: E402
 from jasp.sparse import policy as policy_lib  # noqa: E402
+
+# Load the extension (and its cuSPARSELt, e.g. $CUSPARSELT_HOME's) before
+# PyTorch, which preloads the libcusparseLt.so.0 of its own wheel.
+sparse.status()
+
+from _bench_util import DeviceClock  # noqa: E402
+from _bench_util import Recorder  # noqa: E402
 
 try:
   import torch  # noqa: E402
@@ -277,6 +282,13 @@ def fmt_rows(rows) -> str:
   return "\n".join(lines)
 
 
+def _torch_cusparselt():
+  try:
+    return torch.backends.cusparselt.version()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
@@ -297,6 +309,7 @@ def main():
   ok, why = sparse.status()
   out = {"device": dev.device_kind, "jax": jax.__version__, "status": why,
          "torch": None if torch is None else torch.__version__,
+         "torch_cusparselt": _torch_cusparselt(),
          "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:],
          "timing": "CUPTI kernel sums" if CLOCK.ok else "host"}
   print(json.dumps(out), flush=True)

@@ -252,6 +252,18 @@ def test_build_prefers_an_explicit_cusparselt_home(monkeypatch, tmp_path):
       tmp_path / "lib" / "libcusparseLt.so.0")
 
 
+def test_loaded_cusparselt_must_match_the_header():
+  # Same major.minor: accepted (patch levels may differ); no version macros: unchecked.
+  _runtime.check_versions(800, 802, "/x/libcusparseLt.so.0")
+  _runtime.check_versions(-1, 1000, "")
+  with pytest.raises(_runtime.SparseUnavailable) as e:
+    _runtime.check_versions(1000, 800, "/torch/nvidia/cusparselt/lib/libcusparseLt.so.0")
+  msg = str(e.value)
+  for piece in ("0.10.0", "0.8.0", "/torch/nvidia/cusparselt/lib/libcusparseLt.so.0",
+                "CUSPARSELT_HOME", "dense path"):
+    assert piece in msg
+
+
 def test_build_cache_dir_and_stub(monkeypatch, tmp_path):
   monkeypatch.setenv("JASP_CACHE_DIR", str(tmp_path))
   assert build.cache_dir() == str(tmp_path)
@@ -313,8 +325,11 @@ def test_fp16_version_gate(monkeypatch):
   monkeypatch.delenv("JASP_SPARSE_EXPERIMENTAL", raising=False)
   assert _compress.fp16_enabled(800) and _compress.fp16_enabled(803, sparse.A_ROW)
   assert not _compress.fp16_enabled(800, sparse.A_COL)
-  assert not _compress.fp16_enabled(1000) and not _compress.fp16_enabled(701)
+  for order in (None, sparse.A_ROW, sparse.A_COL):
+    assert _compress.fp16_enabled(1000, order) and _compress.fp16_enabled(1002, order)
+    for version in (701, 900, 1100, 10800):  # unverified minors; major 1
+      assert not _compress.fp16_enabled(version, order)
   monkeypatch.setenv("JASP_SPARSE_EXPERIMENTAL", "1")
-  assert _compress.fp16_enabled(1000) and _compress.fp16_enabled(800, sparse.A_COL)
-  msg = _compress.FP16_UNVERIFIED.format(version="0.10.0", layout="A_ROW")
-  assert "0.10.0" in msg and "JASP_SPARSE_EXPERIMENTAL=1" in msg
+  assert _compress.fp16_enabled(1100) and _compress.fp16_enabled(800, sparse.A_COL)
+  msg = _compress.FP16_UNVERIFIED.format(version="0.11.0", layout="A_ROW")
+  assert "0.11.0" in msg and "JASP_SPARSE_EXPERIMENTAL=1" in msg

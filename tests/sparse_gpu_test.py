@@ -5,6 +5,7 @@ Every check compares with a float32 product of the same bf16/fp16 operands on
 fresh random inputs (relative Frobenius error; bf16 operands land near 1e-3).
 """
 
+import os
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,15 @@ def _ref(x, w, b=None):
 def test_runtime_available():
   ok, why = sparse.status()
   assert ok, why
+
+
+def test_runtime_is_bound_to_the_cusparselt_it_was_built_against():
+  from jasp.sparse import _runtime  # pylint: disable=g-import-not-at-top
+  rt = _runtime.runtime()
+  assert os.path.isfile(rt.library_path), rt.library_path
+  assert os.path.basename(rt.library_path).startswith("libcusparseLt.so")
+  header = int(rt.lib.jasp_cslt_header_version())
+  assert header // 100 == rt.cusparselt_version // 100, (header, rt.cusparselt_version)
 
 
 def _fp16_on(a_order=sparse.A_ROW) -> bool:

@@ -44,18 +44,20 @@ A_COL = 1
 DEFAULT_A_ORDER = A_ROW
 
 _DTYPE_CODES = {"bfloat16": 0, "float16": 1}
-# float16 was verified (algorithm search, products against the reference) on
-# cuSPARSELt 0.8.x with the A_ROW layout only; there the extension skips the
-# fp16 algorithm configurations that trap (see Fp16ConfigCap in _ffi.cc). With
-# A_COL, other fp16 configurations trapped too (H200, 2026-11-26). Other
-# versions and A_COL take the dense path for fp16 unless
+# float16 per cuSPARSELt (major, minor): the A layouts it was verified with
+# (algorithm search over every configuration offered, products against the
+# reference). 0.8.x: A_ROW only, with the extension skipping the fp16
+# configurations that trap there (see Fp16ConfigCap in _ffi.cc); with A_COL
+# other fp16 configurations trapped too (H200, 2026-11-26). 0.10.x: both
+# layouts, every configuration (H100, 2026-11-26; not run on an H200). Other
+# versions and layouts take the dense path for fp16 unless
 # JASP_SPARSE_EXPERIMENTAL=1.
-FP16_VERIFIED_MINOR = {8}
+FP16_VERIFIED = {(0, 8): (A_ROW,), (0, 10): (A_ROW, A_COL)}
 FP16_UNVERIFIED = (
     "jasp.sparse: float16 weights take the dense path here: fp16 sparse kernels were verified "
-    "with cuSPARSELt 0.8.x and the A_ROW layout only (this process: cuSPARSELt {version}, "
-    "{layout}; some fp16 kernels of 0.8.0 crash the CUDA context). bfloat16 works; set "
-    "JASP_SPARSE_EXPERIMENTAL=1 to try fp16 anyway.")
+    "with cuSPARSELt 0.8.x (A_ROW layout; some fp16 kernels of 0.8.0 crash the CUDA context) "
+    "and 0.10.x (A_ROW and A_COL); this process: cuSPARSELt {version}, {layout}. bfloat16 "
+    "works; set JASP_SPARSE_EXPERIMENTAL=1 to try fp16 anyway.")
 
 
 def fp16_enabled(cusparselt_version: int, a_order: int | None = None) -> bool:
@@ -63,13 +65,13 @@ def fp16_enabled(cusparselt_version: int, a_order: int | None = None) -> bool:
 
   Args:
     cusparselt_version: ``major*10000 + minor*100 + patch``.
-    a_order: :data:`A_ROW` (default) or :data:`A_COL`.
+    a_order: :data:`A_ROW` or :data:`A_COL` (default: :data:`DEFAULT_A_ORDER`).
   """
   if experimental():
     return True
   major, minor = divmod(cusparselt_version // 100, 100)
-  layout_ok = (DEFAULT_A_ORDER if a_order is None else a_order) == A_ROW
-  return major == 0 and minor in FP16_VERIFIED_MINOR and layout_ok
+  order = DEFAULT_A_ORDER if a_order is None else a_order
+  return order in FP16_VERIFIED.get((major, minor), ())
 
 
 def experimental() -> bool:

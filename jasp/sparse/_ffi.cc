@@ -5,7 +5,7 @@
 //   jasp_cslt_compress  (w) -> (compressed uint8[bytes], scratch)
 //   jasp_cslt_matmul    (compressed, x, bias) -> (y, fallback workspace)
 //   jasp_cslt_compressed_size(m, k, dtype, a_order, &bytes, &buffer_bytes, err, errlen)
-//   jasp_cslt_version()
+//   jasp_cslt_version(), jasp_cslt_header_version(), jasp_cslt_library_path(buf, len)
 //
 // The matmul computes y = x . W (+ bias) for a Flax kernel W (in=k, out=m) that
 // is 2:4 along `in`. cuSPARSELt's sparse operand is A, so the handler computes
@@ -31,6 +31,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
@@ -72,12 +73,18 @@ bool Debug() {
   }();
   return on;
 }
-#define JASP_TRACE(...)                           \
-  do {                                            \
-    if (Debug()) {                                \
-      std::fprintf(stderr, "[jasp.sparse] " __VA_ARGS__); \
-      std::fflush(stderr);                        \
-    }                                             \
+// Seconds since the first trace line (the trace's time stamps).
+double TraceClock() {
+  static const auto t0 = std::chrono::steady_clock::now();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+#define JASP_TRACE(...)                                           \
+  do {                                                            \
+    if (Debug()) {                                                \
+      std::fprintf(stderr, "[jasp.sparse %9.3fs] ", TraceClock()); \
+      std::fprintf(stderr, __VA_ARGS__);                          \
+      std::fflush(stderr);                                        \
+    }                                                             \
   } while (0)
 
 // CUDA driver events for the algorithm search, looked up in libcuda.so.1 at
@@ -162,62 +169,96 @@ cusparseStatus_t InitA(const cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* d
                                             CUSPARSELT_SPARSITY_50_PERCENT);
 }
 
-struct Plan {
-  const cusparseLtHandle_t* handle = nullptr;
-  cusparseLtMatDescriptor_t a, b, c;
+// One algorithm configuration: its matmul descriptor, algorithm selection and
+// execution plan, built fresh and never re-initialised (re-initialising a plan
+// over a destroyed one crashed cuSPARSELt 0.8.0 on an H200).
+struct Config {
   cusparseLtMatmulDescriptor_t mm;
   cusparseLtMatmulAlgSelection_t alg;
   cusparseLtMatmulPlan_t plan;
-  bool has_a = false, has_b = false, has_c = false, has_alg = false, has_plan = false;
+  bool has_alg = false, has_plan = false;
+  int id = 0;
   size_t workspace = 0;
+
+  Config() = default;
+  Config(const Config&) = delete;
+  Config& operator=(const Config&) = delete;
+  ~Config() {
+    if (has_plan) cusparseLtMatmulPlanDestroy(&plan);
+    if (has_alg) cusparseLtMatmulAlgSelectionDestroy(&alg);
+  }
+};
+
+// The operand descriptors of one (m, k, t, dtype, layout) problem, and the
+// configuration in use.
+struct Plan {
+  const cusparseLtHandle_t* handle = nullptr;
+  cusparseLtMatDescriptor_t a, b, c;
+  bool has_a = false, has_b = false, has_c = false;
+  std::unique_ptr<Config> cfg;  // null until built (or after a failed rebuild)
   bool searched = false;
   cudaDataType type = CUDA_R_16BF;
-  int alg_id = 0;         // the configuration in use
+  int alg_id = 0;         // the configuration chosen
   float search_ms = -1;   // its per-call time in the search (-1: not searched)
   const void* bias = nullptr;
 
+  Plan() = default;
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
   ~Plan() {
-    if (has_plan) cusparseLtMatmulPlanDestroy(&plan);
-    if (has_alg) cusparseLtMatmulAlgSelectionDestroy(&alg);
+    cfg.reset();
     if (has_c) cusparseLtMatDescriptorDestroy(&c);
     if (has_b) cusparseLtMatDescriptorDestroy(&b);
     if (has_a) cusparseLtMatDescriptorDestroy(&a);
   }
 
-  // (Re)builds the matmul descriptor, the algorithm selection (configuration
-  // `id`) and the execution plan, all fresh: re-initialising a plan over a
-  // destroyed one crashed cuSPARSELt 0.8.0 (H200), so nothing is reused.
-  cusparseStatus_t Select(int id) {
-    if (has_plan) cusparseLtMatmulPlanDestroy(&plan);
-    if (has_alg) cusparseLtMatmulAlgSelectionDestroy(&alg);
-    has_plan = has_alg = false;
+  size_t workspace() const { return cfg ? cfg->workspace : 0; }
+
+  // Builds configuration `id` over these descriptors (and the bias pointer).
+  // Plan initialisation is host work that takes up to ~0.3 s per fp16
+  // configuration (cuSPARSELt 0.8.0 and 0.10.0, H100), so the search builds
+  // each candidate once.
+  cusparseStatus_t Build(int id, std::unique_ptr<Config>* out) const {
+    auto cf = std::make_unique<Config>();
+    cf->id = id;
     cusparseStatus_t s = cusparseLtMatmulDescriptorInit(
-        handle, &mm, CUSPARSE_OPERATION_NON_TRANSPOSE, CUSPARSE_OPERATION_TRANSPOSE, &a, &b, &c,
-        &c, CUSPARSE_COMPUTE_32F);
+        handle, &cf->mm, CUSPARSE_OPERATION_NON_TRANSPOSE, CUSPARSE_OPERATION_TRANSPOSE, &a, &b,
+        &c, &c, CUSPARSE_COMPUTE_32F);
     if (s != CUSPARSE_STATUS_SUCCESS) return s;
     if (bias != nullptr) {
       void* ptr = const_cast<void*>(bias);
-      s = cusparseLtMatmulDescSetAttribute(handle, &mm, CUSPARSELT_MATMUL_BIAS_POINTER, &ptr,
+      s = cusparseLtMatmulDescSetAttribute(handle, &cf->mm, CUSPARSELT_MATMUL_BIAS_POINTER, &ptr,
                                            sizeof(ptr));
       if (s != CUSPARSE_STATUS_SUCCESS) return s;
     }
-    s = cusparseLtMatmulAlgSelectionInit(handle, &alg, &mm, CUSPARSELT_MATMUL_ALG_DEFAULT);
+    s = cusparseLtMatmulAlgSelectionInit(handle, &cf->alg, &cf->mm, CUSPARSELT_MATMUL_ALG_DEFAULT);
     if (s != CUSPARSE_STATUS_SUCCESS) return s;
-    has_alg = true;
-    s = cusparseLtMatmulAlgSetAttribute(handle, &alg, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &id,
+    cf->has_alg = true;
+    s = cusparseLtMatmulAlgSetAttribute(handle, &cf->alg, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &id,
                                         sizeof(id));
     if (s != CUSPARSE_STATUS_SUCCESS) return s;
-    s = cusparseLtMatmulPlanInit(handle, &plan, &mm, &alg);
+    s = cusparseLtMatmulPlanInit(handle, &cf->plan, &cf->mm, &cf->alg);
     if (s != CUSPARSE_STATUS_SUCCESS) return s;
-    has_plan = true;
-    alg_id = id;
-    return cusparseLtMatmulGetWorkspace(handle, &plan, &workspace);
+    cf->has_plan = true;
+    s = cusparseLtMatmulGetWorkspace(handle, &cf->plan, &cf->workspace);
+    if (s != CUSPARSE_STATUS_SUCCESS) return s;
+    *out = std::move(cf);
+    return CUSPARSE_STATUS_SUCCESS;
+  }
+
+  // Makes configuration `id` the one in use (none on failure).
+  cusparseStatus_t Select(int id) {
+    cfg.reset();
+    cusparseStatus_t s = Build(id, &cfg);
+    if (s == CUSPARSE_STATUS_SUCCESS) alg_id = id;
+    return s;
   }
 };
 
 using PlanKey = std::tuple<int32_t, int64_t, int64_t, int64_t, int, int64_t, int64_t>;
 std::map<PlanKey, std::unique_ptr<Plan>> g_plans;
 
+// The descriptors only; a configuration is built by Select or the search.
 ffi::Error MakePlan(const cusparseLtHandle_t* h, int64_t m, int64_t k, int64_t t,
                     cudaDataType type, int64_t a_order, Plan* p) {
   p->handle = h;
@@ -232,7 +273,6 @@ ffi::Error MakePlan(const cusparseLtHandle_t* h, int64_t m, int64_t k, int64_t t
   JASP_CSLT(cusparseLtDenseDescriptorInit(h, &p->c, m, t, m, kAlignment, type,
                                           CUSPARSE_ORDER_COL));
   p->has_c = true;
-  JASP_CSLT(p->Select(0));
   return ffi::Error::Success();
 }
 
@@ -275,8 +315,12 @@ ffi::Error Search(Plan* p, cudaStream_t stream, const void* a, const void* b, vo
     return ffi::Error::Internal(
         "jasp.sparse: the algorithm search needs the CUDA driver's event API (libcuda.so.1)");
   }
+  // Configuration 0 (cuSPARSELt's default) is a candidate too; its algorithm
+  // selection tells how many configurations there are.
+  std::vector<std::unique_ptr<Config>> cands(1);
+  JASP_CSLT(p->Build(0, &cands[0]));
   int max_id = 0;
-  JASP_CSLT(cusparseLtMatmulAlgGetAttribute(p->handle, &p->alg,
+  JASP_CSLT(cusparseLtMatmulAlgGetAttribute(p->handle, &cands[0]->alg,
                                             CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID, &max_id,
                                             sizeof(max_id)));
   if (p->type == CUDA_R_16F && Fp16ConfigCap() >= 0 && max_id > Fp16ConfigCap()) {
@@ -285,15 +329,15 @@ ffi::Error Search(Plan* p, cudaStream_t stream, const void* a, const void* b, vo
     max_id = Fp16ConfigCap();
   }
   JASP_TRACE("search: max config id %d\n", max_id);
-  std::vector<std::pair<int, size_t>> cands;
-  size_t need = 0;
-  for (int id = 0; id <= max_id; ++id) {
-    cusparseStatus_t st = p->Select(id);
+  size_t need = cands[0]->workspace;
+  for (int id = 1; id <= max_id; ++id) {
+    std::unique_ptr<Config> cf;
+    cusparseStatus_t st = p->Build(id, &cf);
     JASP_TRACE("search: config %d -> status %d, workspace %zu\n", id, static_cast<int>(st),
-               p->workspace);
+               cf ? cf->workspace : 0);
     if (st != CUSPARSE_STATUS_SUCCESS) continue;
-    cands.emplace_back(id, p->workspace);
-    need = std::max(need, p->workspace);
+    need = std::max(need, cf->workspace);
+    cands.push_back(std::move(cf));
   }
   void* ws = nullptr;
   size_t have = 0;
@@ -307,13 +351,12 @@ ffi::Error Search(Plan* p, cudaStream_t stream, const void* a, const void* b, vo
   }
   const float alpha = 1.0f, beta = 0.0f;
   cudaStream_t streams[1] = {stream};
-  int best_id = -1;
+  int best = -1;
   float best_ms = 0;
-  size_t best_ws = 0;
-  auto timed = [&](int calls, float* ms) -> bool {
+  auto timed = [&](const Config& cf, int calls, float* ms) -> bool {
     if (ev.record(e0, stream) != 0) return false;
     for (int i = 0; i < calls; ++i) {
-      if (cusparseLtMatmul(p->handle, &p->plan, &alpha, a, b, &beta, d, d, ws, streams, 1) !=
+      if (cusparseLtMatmul(p->handle, &cf.plan, &alpha, a, b, &beta, d, d, ws, streams, 1) !=
           CUSPARSE_STATUS_SUCCESS) {
         return false;
       }
@@ -321,37 +364,37 @@ ffi::Error Search(Plan* p, cudaStream_t stream, const void* a, const void* b, vo
     if (ev.record(e1, stream) != 0 || ev.synchronize(e1) != 0) return false;
     return ev.elapsed(ms, e0, e1) == 0;
   };
-  for (auto [id, size] : cands) {
-    if (size > have) continue;
-    if (p->Select(id) != CUSPARSE_STATUS_SUCCESS) continue;
+  for (size_t i = 0; i < cands.size(); ++i) {
+    const Config& cf = *cands[i];
+    if (cf.workspace > have) continue;
     float one = 0;
-    JASP_TRACE("search: timing config %d\n", id);
-    if (!timed(1, &one)) continue;  // warm-up (and a first estimate)
+    JASP_TRACE("search: timing config %d\n", cf.id);
+    if (!timed(cf, 1, &one)) continue;  // warm-up (and a first estimate)
     int calls = std::clamp(static_cast<int>(0.2f / std::max(one, 1e-3f)), 1, 64);
     float reps[3];
     bool ok = true;
     for (float& r : reps) {
       float ms = 0;
-      ok = ok && timed(calls, &ms);
+      ok = ok && timed(cf, calls, &ms);
       r = ms / calls;
     }
     if (!ok) continue;
     std::sort(reps, reps + 3);
-    JASP_TRACE("search: config %d: %.4f ms per call\n", id, reps[1]);
-    if (best_id < 0 || reps[1] < best_ms) {
-      best_id = id;
+    JASP_TRACE("search: config %d: %.4f ms per call\n", cf.id, reps[1]);
+    if (best < 0 || reps[1] < best_ms) {
+      best = static_cast<int>(i);
       best_ms = reps[1];
-      best_ws = size;
     }
   }
   ev.destroy(e0);
   ev.destroy(e1);
-  JASP_TRACE("search: chose config %d (%.4f ms)\n", best_id, best_ms);
-  if (best_id < 0) {
+  if (best < 0) {
     return ffi::Error::Internal("jasp.sparse: no cuSPARSELt algorithm ran for this shape");
   }
-  JASP_CSLT(p->Select(best_id));
-  p->workspace = std::max(p->workspace, best_ws);
+  JASP_TRACE("search: chose config %d (%.4f ms)\n", cands[best]->id, best_ms);
+  // The winner's plan is kept as it is (no rebuild).
+  p->cfg = std::move(cands[best]);
+  p->alg_id = p->cfg->id;
   p->search_ms = best_ms;
   p->searched = true;
   return ffi::Error::Success();
@@ -443,19 +486,19 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_
       return err;
     }
   }
-  if (!p->has_plan) {
+  if (!p->cfg) {
     JASP_CSLT(p->Select(p->alg_id));
   }
   void* ws = nullptr;
   size_t got = 0;
-  alloc(p->workspace, &ws, &got);
-  if (got < p->workspace) {
+  alloc(p->workspace(), &ws, &got);
+  if (got < p->workspace()) {
     return ffi::Error::Internal("jasp.sparse: could not allocate the matmul workspace (" +
-                                std::to_string(p->workspace) + " bytes) from XLA");
+                                std::to_string(p->workspace()) + " bytes) from XLA");
   }
   const float alpha = 1.0f, beta = 0.0f;
   cudaStream_t streams[1] = {stream};
-  JASP_CSLT(cusparseLtMatmul(h, &p->plan, &alpha, compressed.untyped_data(), x.untyped_data(),
+  JASP_CSLT(cusparseLtMatmul(h, &p->cfg->plan, &alpha, compressed.untyped_data(), x.untyped_data(),
                              &beta, out, out, ws, streams, 1));
   return ffi::Error::Success();
 }
@@ -479,15 +522,16 @@ ffi::Error CompressImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer w,
   // the same configurations ran correctly on data compressed through a plan.
   Plan cp;
   if (auto err = MakePlan(h, m, k, kCompressTokens, type, a_order, &cp); err.failure()) return err;
+  JASP_CSLT(cp.Select(0));
   size_t size = 0, buf_size = 0;
-  JASP_CSLT(cusparseLtSpMMACompressedSize(h, &cp.plan, &size, &buf_size));
+  JASP_CSLT(cusparseLtSpMMACompressedSize(h, &cp.cfg->plan, &size, &buf_size));
   if (compressed->size_bytes() < size || buffer->size_bytes() < buf_size) {
     return ffi::Error::InvalidArgument(
         "jasp.sparse: the compressed buffers are too small (" +
         std::to_string(compressed->size_bytes()) + " < " + std::to_string(size) + " or " +
         std::to_string(buffer->size_bytes()) + " < " + std::to_string(buf_size) + " bytes)");
   }
-  JASP_CSLT(cusparseLtSpMMACompress(h, &cp.plan, w.untyped_data(), compressed->untyped_data(),
+  JASP_CSLT(cusparseLtSpMMACompress(h, &cp.cfg->plan, w.untyped_data(), compressed->untyped_data(),
                                     buffer->untyped_data(), stream));
   return ffi::Error::Success();
 }
@@ -542,8 +586,13 @@ int jasp_cslt_compressed_size(int64_t m, int64_t k, int32_t dtype, int32_t a_ord
     return fail("jasp.sparse: a " + std::to_string(m) + "x" + std::to_string(k) +
                 " operand: " + std::string(e.message()));
   }
+  cusparseStatus_t s = cp.Select(0);
+  if (s != CUSPARSE_STATUS_SUCCESS) {
+    return fail("jasp.sparse: a " + std::to_string(m) + "x" + std::to_string(k) +
+                " operand: building its plan failed: " + StatusText(s));
+  }
   size_t size = 0, buffer = 0;
-  cusparseStatus_t s = cusparseLtSpMMACompressedSize(h, &cp.plan, &size, &buffer);
+  s = cusparseLtSpMMACompressedSize(h, &cp.cfg->plan, &size, &buffer);
   if (s != CUSPARSE_STATUS_SUCCESS) {
     return fail("cusparseLtSpMMACompressedSize failed: " + StatusText(s));
   }
@@ -565,7 +614,7 @@ int jasp_cslt_plans(char* buf, int len) {
                   static_cast<long long>(m), static_cast<long long>(k),
                   static_cast<long long>(t), type == CUDA_R_16F ? 1 : 0,
                   static_cast<long long>(a_order), static_cast<long long>(bias), p->alg_id,
-                  p->search_ms, p->workspace);
+                  p->search_ms, p->workspace());
     out += line;
   }
   if (buf && len > 0) {
@@ -582,6 +631,31 @@ int jasp_cslt_version() {
   cusparseLtGetProperty(MINOR_VERSION, &minor);
   cusparseLtGetProperty(PATCH_LEVEL, &patch);
   return major * 10000 + minor * 100 + patch;
+}
+
+// The version of the cusparseLt.h this file was compiled against, in the same
+// encoding (-1 if the header defines no version macros).
+int jasp_cslt_header_version() {
+#ifdef CUSPARSELT_VER_MAJOR
+  return CUSPARSELT_VER_MAJOR * 10000 + CUSPARSELT_VER_MINOR * 100 + CUSPARSELT_VER_PATCH;
+#else
+  return -1;
+#endif
+}
+
+// The file of the libcusparseLt that this extension's calls are bound to:
+// another library (PyTorch preloads its own libcusparseLt.so.0) may have put
+// a different copy in the process first. Writes at most len bytes (with the
+// terminating 0) and returns the length needed; 0 if it cannot be told.
+int jasp_cslt_library_path(char* buf, int len) {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&cusparseLtInit), &info) == 0 || !info.dli_fname) return 0;
+  std::string out(info.dli_fname);
+  if (buf && len > 0) {
+    std::strncpy(buf, out.c_str(), len - 1);
+    buf[len - 1] = 0;
+  }
+  return static_cast<int>(out.size()) + 1;
 }
 
 }  // extern "C"

@@ -35,15 +35,18 @@ class Runtime:
   Attributes:
     lib: the ``ctypes`` handle of the built library.
     path: its file path.
-    cusparselt_version: ``major*10000 + minor*100 + patch``.
+    cusparselt_version: ``major*10000 + minor*100 + patch`` of the library the
+      calls are bound to.
     device_kind: ``jax.devices()[0].device_kind`` (e.g. ``NVIDIA H100 80GB HBM3``).
     compute_capability: e.g. ``"9.0"``.
+    library_path: the ``libcusparseLt.so.0`` file the calls are bound to.
   """
   lib: ctypes.CDLL
   path: str
   cusparselt_version: int
   device_kind: str
   compute_capability: str
+  library_path: str = ""
 
   @property
   def format_tag(self) -> str:
@@ -106,6 +109,39 @@ def _check_device() -> tuple[str, str]:
   return kind, cc
 
 
+def check_versions(header: int, loaded: int, library_path: str) -> None:
+  """Refuses a cuSPARSELt whose ``major.minor`` differs from the header compiled against.
+
+  Both versions are ``major*10000 + minor*100 + patch``; ``header`` is -1 when
+  the header has no version macros (then nothing is checked). Such a mismatch
+  happens when another library put its own ``libcusparseLt.so.0`` into the
+  process first (PyTorch preloads the one of its wheel): the extension then
+  binds to that copy, whose enums and structures may differ.
+
+  Raises:
+    SparseUnavailable: naming both versions, the file loaded and the fixes.
+  """
+  if header < 0 or header // 100 == loaded // 100:
+    return
+  def fmt(v):
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+  raise SparseUnavailable(
+      f"jasp.sparse: the extension was compiled against cuSPARSELt {fmt(header)}, but the "
+      f"process has cuSPARSELt {fmt(loaded)} loaded from {library_path or 'an unknown file'} "
+      "(another library, e.g. PyTorch, loaded its own libcusparseLt.so.0 first). Use "
+      "jasp.sparse before importing that library, or point $CUSPARSELT_HOME at the same "
+      "cuSPARSELt version. The dense path is used.")
+
+
+def _library_path(lib: ctypes.CDLL) -> str:
+  need = int(lib.jasp_cslt_library_path(None, ctypes.c_int(0)))
+  if need <= 0:
+    return ""
+  buf = ctypes.create_string_buffer(need)
+  lib.jasp_cslt_library_path(buf, ctypes.c_int(need))
+  return buf.value.decode(errors="replace")
+
+
 def _load() -> Runtime:
   kind, cc = _check_device()
   try:
@@ -121,12 +157,18 @@ def _load() -> Runtime:
   lib.jasp_cslt_compressed_size.restype = ctypes.c_int
   lib.jasp_cslt_plans.restype = ctypes.c_int
   lib.jasp_cslt_plans.argtypes = [ctypes.c_char_p, ctypes.c_int]
+  lib.jasp_cslt_header_version.restype = ctypes.c_int
+  lib.jasp_cslt_library_path.restype = ctypes.c_int
+  lib.jasp_cslt_library_path.argtypes = [ctypes.c_char_p, ctypes.c_int]
+  version = int(lib.jasp_cslt_version())
+  library_path = _library_path(lib)
+  check_versions(int(lib.jasp_cslt_header_version()), version, library_path)
   jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JaspCsltMatmul),
                               platform="CUDA")
   jax.ffi.register_ffi_target(COMPRESS_TARGET, jax.ffi.pycapsule(lib.JaspCsltCompress),
                               platform="CUDA")
-  return Runtime(lib=lib, path=path, cusparselt_version=int(lib.jasp_cslt_version()),
-                 device_kind=kind, compute_capability=cc)
+  return Runtime(lib=lib, path=path, cusparselt_version=version, device_kind=kind,
+                 compute_capability=cc, library_path=library_path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,7 +202,7 @@ def status() -> tuple[bool, str]:
     rt = runtime()
   except SparseUnavailable as e:
     return False, str(e)
-  return True, (f"cuSPARSELt {rt.cusparselt_version} on {rt.device_kind} "
+  return True, (f"cuSPARSELt {rt.cusparselt_version} ({rt.library_path}) on {rt.device_kind} "
                 f"(sm {rt.compute_capability}), extension {rt.path}")
 
 

@@ -263,7 +263,11 @@ def build(*, force: bool = False, verbose: bool = False) -> str:
     cmd = ([tc.compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
            + [f"-I{d}" for d in incs]
            + [SOURCE, "-o", so, f"-L{tc.lib_dir}", f"-l:{tc.lib_name}",
-              f"-Wl,-rpath,{tc.lib_dir}"])
+              f"-Wl,-rpath,{tc.lib_dir}",
+              # Bind every cuSPARSELt symbol when the library loads, so a copy
+              # that another library loads later (RTLD_GLOBAL) cannot take over
+              # some calls through lazy binding.
+              "-Wl,-z,now"])
     if verbose:
       print(" ".join(cmd), flush=True)
     try:
