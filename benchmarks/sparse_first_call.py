@@ -10,8 +10,10 @@ Arguments: dtype, ``in``, ``out``, tokens (``y = x @ W`` with ``W (in, out)``
 2:4 along ``in``). Prints one ``RESULT`` line: start-up (imports, GPU and
 extension load), compression, the first jitted call (compilation, plan
 building and the algorithm search), a second call, and the configuration the
-search chose. ``JASP_SPARSE_DEBUG=1`` time-stamps every step of the search on
-stderr. Timings are host wall time; this measures one-off costs, not speed.
+search chose (or the search cache held: run it twice with the same
+``$JASP_SPARSE_SEARCH_CACHE`` file to see a later process's first call).
+``JASP_SPARSE_DEBUG=1`` time-stamps every step of the search on stderr. Timings
+are host wall time; this measures one-off costs, not speed.
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ def main():
   t3 = time.perf_counter()
   jax.block_until_ready(f(x, sw))
   t4 = time.perf_counter()
-  plans = [(p["alg_id"], p["search_ms"]) for p in _runtime.runtime().plans()]
+  plans = [(p["alg_id"], p["search_ms"], "cache" if p["from_cache"] else "searched")
+           for p in _runtime.runtime().plans()]
   print(f"RESULT {dt.name} {k}x{n} t={t} start-up {t0 - T_START:.2f}s compress {t2 - t1:.2f}s "
-        f"first_call {t3 - t2:.2f}s second {1e3 * (t4 - t3):.2f}ms plans(alg_id, search_ms)={plans}",
+        f"first_call {t3 - t2:.2f}s second {1e3 * (t4 - t3):.2f}ms plans(alg_id, search_ms, origin)={plans}",
         flush=True)
 
 

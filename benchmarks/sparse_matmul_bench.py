@@ -29,6 +29,8 @@ import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Search every shape afresh (the first-call and alg_id columns report the search).
+os.environ.setdefault("JASP_SPARSE_SEARCH_CACHE", "0")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402

@@ -7,6 +7,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Every test process searches cuSPARSELt's configurations itself (a search
+# cache file left by an earlier run would skip them); the cache has its own
+# tests, which set the variable where they need it.
+os.environ.setdefault("JASP_SPARSE_SEARCH_CACHE", "0")
+
 
 def _has_gpu() -> bool:
   import jax

@@ -5,7 +5,10 @@ Every check compares with a float32 product of the same bf16/fp16 operands on
 fresh random inputs (relative Frobenius error; bf16 operands land near 1e-3).
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -180,3 +183,49 @@ def test_compressed_weight_roundtrips_through_host():
   x = _x((32, 128), jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(sparse.sparse_matmul(x, back), np.float32),
                                 np.asarray(sparse.sparse_matmul(x, sw), np.float32))
+
+
+_CHILD = """
+import json
+import jax
+import jax.numpy as jnp
+import numpy as np
+import jasp
+from jasp import sparse
+from jasp.sparse import _runtime
+w = jax.random.normal(jax.random.key(0), (256, 384), jnp.float32)
+w = jnp.where(jasp.nm_mask(w, 2, 4, 0), w, 0).astype(jnp.bfloat16)
+x = jax.random.normal(jax.random.key(1), (512, 256), jnp.float32).astype(jnp.bfloat16)
+y = np.asarray(jax.jit(sparse.sparse_matmul)(x, sparse.compress(w)), np.float64)
+ref = np.asarray(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST), np.float64)
+err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+print("RESULT " + json.dumps({"plans": _runtime.runtime().plans(), "err": err}))
+"""
+
+
+def test_search_choice_is_reused_by_the_next_process(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cache = tmp_path / "search.json"
+  env = dict(os.environ, JASP_SPARSE_SEARCH_CACHE=str(cache),
+             PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+             XLA_PYTHON_CLIENT_PREALLOCATE="false")
+
+  def child():
+    r = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(v for v in r.stdout.splitlines() if v.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+  first = child()
+  (p1,) = first["plans"]
+  assert not p1["from_cache"] and p1["search_ms"] is not None and first["err"] < 1e-2
+  stored = json.loads(cache.read_text())
+  (rows,) = stored.values()
+  assert [(r["out"], r["in"], r["tokens"], r["alg_id"]) for r in rows] == [
+      (384, 256, 512, p1["alg_id"])]
+  second = child()
+  (p2,) = second["plans"]
+  assert p2["from_cache"] and p2["alg_id"] == p1["alg_id"] and second["err"] < 1e-2
+  assert json.loads(cache.read_text()) == stored  # nothing new to add

@@ -6,6 +6,7 @@
 //   jasp_cslt_matmul    (compressed, x, bias) -> (y, fallback workspace)
 //   jasp_cslt_compressed_size(m, k, dtype, a_order, &bytes, &buffer_bytes, err, errlen)
 //   jasp_cslt_version(), jasp_cslt_header_version(), jasp_cslt_library_path(buf, len)
+//   jasp_cslt_plans(buf, len), jasp_cslt_preset(m, k, t, dtype, a_order, bias, alg_id, ms)
 //
 // The matmul computes y = x . W (+ bias) for a Flax kernel W (in=k, out=m) that
 // is 2:4 along `in`. cuSPARSELt's sparse operand is A, so the handler computes
@@ -197,6 +198,7 @@ struct Plan {
   bool has_a = false, has_b = false, has_c = false;
   std::unique_ptr<Config> cfg;  // null until built (or after a failed rebuild)
   bool searched = false;
+  bool from_cache = false;  // the configuration came from jasp_cslt_preset, not a search
   cudaDataType type = CUDA_R_16BF;
   int alg_id = 0;         // the configuration chosen
   float search_ms = -1;   // its per-call time in the search (-1: not searched)
@@ -258,6 +260,12 @@ struct Plan {
 using PlanKey = std::tuple<int32_t, int64_t, int64_t, int64_t, int, int64_t, int64_t>;
 std::map<PlanKey, std::unique_ptr<Plan>> g_plans;
 
+// Search results of earlier processes (jasp_cslt_preset, from jasp's search
+// cache file): (m, k, t, dtype, a_order, bias) -> (configuration, its time).
+// A plan whose key is here builds that configuration instead of searching.
+using PresetKey = std::tuple<int64_t, int64_t, int64_t, int, int64_t, int64_t>;
+std::map<PresetKey, std::pair<int, float>> g_presets;
+
 // The descriptors only; a configuration is built by Select or the search.
 ffi::Error MakePlan(const cusparseLtHandle_t* h, int64_t m, int64_t k, int64_t t,
                     cudaDataType type, int64_t a_order, Plan* p) {
@@ -278,10 +286,12 @@ ffi::Error MakePlan(const cusparseLtHandle_t* h, int64_t m, int64_t k, int64_t t
 
 // The bias pointer lives in the matmul descriptor: re-initialise the plan when
 // it changes (a parameter's buffer normally keeps its address across calls).
+// A plan without a configuration yet only records the pointer: the search or
+// the first Select builds with it.
 ffi::Error SetBias(Plan* p, const void* bias) {
   if (p->bias == bias) return ffi::Error::Success();
   p->bias = bias;
-  JASP_CSLT(p->Select(p->alg_id));
+  if (p->cfg) JASP_CSLT(p->Select(p->alg_id));
   return ffi::Error::Success();
 }
 
@@ -481,6 +491,15 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, int32_
   };
   void* out = y->untyped_data();
   if (search && !p->searched) {
+    auto pre = g_presets.find(PresetKey{m, k, t, static_cast<int>(type), a_order, has_bias});
+    if (pre != g_presets.end() && p->Select(pre->second.first) == CUSPARSE_STATUS_SUCCESS) {
+      p->searched = true;
+      p->from_cache = true;
+      p->search_ms = pre->second.second;
+      JASP_TRACE("search: config %d from the search cache\n", p->alg_id);
+    }
+  }
+  if (search && !p->searched) {
     if (auto err = Search(p, stream, compressed.untyped_data(), x.untyped_data(), out, alloc);
         err.failure()) {
       return err;
@@ -602,7 +621,8 @@ int jasp_cslt_compressed_size(int64_t m, int64_t k, int32_t dtype, int32_t a_ord
 }
 
 // The cached plans, one line each: "device m k t dtype a_order bias alg_id
-// search_ms workspace" (dtype 0 = bf16, 1 = fp16; search_ms -1 if not searched).
+// search_ms workspace from_cache" (dtype 0 = bf16, 1 = fp16; search_ms -1 if
+// not searched; from_cache 1 if the configuration came from jasp_cslt_preset).
 // Writes at most len-1 bytes into buf; returns the length the full text needs.
 int jasp_cslt_plans(char* buf, int len) {
   std::lock_guard<std::mutex> lock(g_mu);
@@ -610,11 +630,11 @@ int jasp_cslt_plans(char* buf, int len) {
   for (const auto& [key, p] : g_plans) {
     auto [device, m, k, t, type, a_order, bias] = key;
     char line[256];
-    std::snprintf(line, sizeof(line), "%d %lld %lld %lld %d %lld %lld %d %.6f %zu\n", device,
+    std::snprintf(line, sizeof(line), "%d %lld %lld %lld %d %lld %lld %d %.6f %zu %d\n", device,
                   static_cast<long long>(m), static_cast<long long>(k),
                   static_cast<long long>(t), type == CUDA_R_16F ? 1 : 0,
                   static_cast<long long>(a_order), static_cast<long long>(bias), p->alg_id,
-                  p->search_ms, p->workspace());
+                  p->search_ms, p->workspace(), p->from_cache ? 1 : 0);
     out += line;
   }
   if (buf && len > 0) {
@@ -622,6 +642,17 @@ int jasp_cslt_plans(char* buf, int len) {
     buf[len - 1] = 0;
   }
   return static_cast<int>(out.size()) + 1;
+}
+
+// Records the configuration an earlier search chose for (m, k, t, dtype,
+// a_order, bias) (dtype 0 = bf16, 1 = fp16): plans of that key made from now on
+// build it instead of searching (a configuration that no longer builds is
+// searched for as usual). search_ms is reported back by jasp_cslt_plans.
+void jasp_cslt_preset(int64_t m, int64_t k, int64_t t, int32_t dtype, int64_t a_order,
+                      int64_t bias, int32_t alg_id, float search_ms) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_presets[PresetKey{m, k, t, static_cast<int>(CodeType(dtype)), a_order, bias ? 1 : 0}] = {
+      alg_id, search_ms};
 }
 
 // cuSPARSELt's version as major*10000 + minor*100 + patch.

@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import functools
 import logging
+import os
 
 import jax
 
@@ -66,18 +67,37 @@ class Runtime:
                               f"{err.value.decode(errors='replace')}")
     return int(size.value), int(buf.value)
 
+  @property
+  def identity(self) -> str:
+    """What a search result depends on: GPU model, cuSPARSELt version, extension build."""
+    return (f"{self.device_kind}|sm{self.compute_capability}|cslt{self.cusparselt_version}|"
+            f"{os.path.basename(self.path)}")
+
+  def preset(self, out: int, in_: int, tokens: int, dtype: str, a_order: int, bias: bool,
+             alg_id: int, search_ms: float) -> None:
+    """Makes plans of this problem build configuration ``alg_id`` instead of searching."""
+    self.lib.jasp_cslt_preset(
+        ctypes.c_int64(out), ctypes.c_int64(in_), ctypes.c_int64(tokens),
+        ctypes.c_int32(1 if dtype == "float16" else 0), ctypes.c_int64(a_order),
+        ctypes.c_int64(1 if bias else 0), ctypes.c_int32(alg_id), ctypes.c_float(search_ms))
+
   def plans(self) -> list[dict]:
-    """The cached cuSPARSELt plans of this process: shape, chosen algorithm, search time."""
+    """The cached cuSPARSELt plans of this process: shape, chosen algorithm, search time.
+
+    ``from_cache``: the configuration came from the search cache file (an
+    earlier process's search), not a search in this process.
+    """
     need = int(self.lib.jasp_cslt_plans(None, ctypes.c_int(0)))
     buf = ctypes.create_string_buffer(need)
     self.lib.jasp_cslt_plans(buf, ctypes.c_int(need))
     rows = []
     for line in buf.value.decode().splitlines():
-      dev, m, k, t, dt, order, bias, alg, ms, ws = line.split()
+      dev, m, k, t, dt, order, bias, alg, ms, ws, cached = line.split()
       rows.append({"device": int(dev), "out": int(m), "in": int(k), "tokens": int(t),
                    "dtype": "float16" if dt == "1" else "bfloat16", "a_order": int(order),
                    "bias_epilogue": bias == "1", "alg_id": int(alg),
-                   "search_ms": None if float(ms) < 0 else float(ms), "workspace": int(ws)})
+                   "search_ms": None if float(ms) < 0 else float(ms), "workspace": int(ws),
+                   "from_cache": cached == "1"})
     return rows
 
 
@@ -157,6 +177,7 @@ def _load() -> Runtime:
   lib.jasp_cslt_compressed_size.restype = ctypes.c_int
   lib.jasp_cslt_plans.restype = ctypes.c_int
   lib.jasp_cslt_plans.argtypes = [ctypes.c_char_p, ctypes.c_int]
+  lib.jasp_cslt_preset.restype = None
   lib.jasp_cslt_header_version.restype = ctypes.c_int
   lib.jasp_cslt_library_path.restype = ctypes.c_int
   lib.jasp_cslt_library_path.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -167,8 +188,11 @@ def _load() -> Runtime:
                               platform="CUDA")
   jax.ffi.register_ffi_target(COMPRESS_TARGET, jax.ffi.pycapsule(lib.JaspCsltCompress),
                               platform="CUDA")
-  return Runtime(lib=lib, path=path, cusparselt_version=version, device_kind=kind,
-                 compute_capability=cc, library_path=library_path)
+  rt = Runtime(lib=lib, path=path, cusparselt_version=version, device_kind=kind,
+               compute_capability=cc, library_path=library_path)
+  from jasp.sparse import _search_cache  # pylint: disable=g-import-not-at-top
+  _search_cache.install(rt)
+  return rt
 
 
 @functools.lru_cache(maxsize=None)
