@@ -40,15 +40,8 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--steps", type=int, default=400)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--context", type=int, default=128)
-  p.add_argument("--dim", type=int, default=128)
-  p.add_argument("--depth", type=int, default=3)
-  p.add_argument("--lr", type=float, default=2e-3)
-  p.add_argument("--corpus-bytes", type=int, default=4_000_000)
-  p.add_argument("--val-batches", type=int, default=8)
+  lm.add_model_args(p)
   p.add_argument("--calib", type=int, default=8, help="calibration batches")
-  p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
 
   train, val = lm.stdlib_corpus(args.corpus_bytes)

@@ -160,10 +160,8 @@ def plot(history, pruned_loss, path):
   plt.close(fig)
 
 
-def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--steps", type=int, default=800)
-  p.add_argument("--finetune-steps", type=int, default=300)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+  """The model, corpus and optimiser flags (shared with benchmarks/calibration_lm.py)."""
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--context", type=int, default=128)
   p.add_argument("--dim", type=int, default=128)
@@ -171,8 +169,15 @@ def main(argv=None) -> dict:
   p.add_argument("--lr", type=float, default=2e-3)
   p.add_argument("--corpus-bytes", type=int, default=4_000_000)
   p.add_argument("--val-batches", type=int, default=8)
-  p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--steps", type=int, default=800)
+  p.add_argument("--finetune-steps", type=int, default=300)
+  add_model_args(p)
+  p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--out", type=Path, default=Path("runs/lm"))
   p.add_argument("--methods", default="magnitude,wanda,sparsegpt",
                   help="one-shot 2:4 methods to compare; the best is fine-tuned")
