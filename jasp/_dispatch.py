@@ -17,6 +17,10 @@ Precedence, highest first:
    a contiguous run of at least :data:`AUTO_MIN_CONTIG` elements per tile row,
    and the weight is on one device (see below); XLA otherwise.
 
+The kernels use the Pallas Triton backend, which JAX 0.11 deprecates: where a
+JAX no longer has it, ``"auto"`` and a ``"pallas"`` context or environment
+setting use XLA, and an explicit ``impl="pallas"`` raises ``RuntimeError``.
+
 Forcing ``"pallas"`` on a backend that is not a GPU runs the kernel in Pallas
 interpret mode (slow, exact: what the CPU tests do). An explicit
 ``impl="pallas"`` for a dtype or group size the kernel does not support (fp64,
@@ -141,7 +145,7 @@ def _auto(w, n: int, m: int, axis: Axis) -> bool:
 
   if _backend(w) not in ("gpu", "cuda"):
     return False
-  if not nm_pallas.supports(w.dtype, n, m):
+  if not nm_pallas.supports(w.dtype, n, m) or not nm_pallas.backend_available():
     return False
   if math.prod(w.shape) < AUTO_MIN_ELEMENTS or not _single_device(w):
     return False
@@ -169,6 +173,13 @@ def use_pallas(w, n: int, m: int, axis: Axis, impl: Impl | None = None) -> bool:
   if impl == "xla":
     return False
   if impl == "pallas":
+    if not nm_pallas.backend_available():
+      if not explicit:
+        return False
+      raise RuntimeError(
+          "impl='pallas': this JAX has no Pallas Triton backend "
+          "(jax.experimental.pallas.triton), which jasp's mask kernels are written for. "
+          "Use impl='xla'.")
     if not nm_pallas.supports(w.dtype, n, m):
       if not explicit:
         return False  # a context / environment setting prefers, never breaks
@@ -206,9 +217,11 @@ def pallas_nm_mask_2d(w, n, m, axis, out_axis):
   :func:`jasp.kernels.nm2d_pallas.supports_2d`) and XLA elsewhere.
   """
   from jasp.kernels import nm2d_pallas  # pylint: disable=g-import-not-at-top
+  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
 
   impl = get_mask_impl()
-  if impl == "xla" or not nm2d_pallas.supports_2d(w.shape, w.dtype, n, m, axis, out_axis):
+  if (impl == "xla" or not nm_pallas.backend_available()
+      or not nm2d_pallas.supports_2d(w.shape, w.dtype, n, m, axis, out_axis)):
     return None
   if impl == "auto" and not (_backend(w) in ("gpu", "cuda") and _single_device(w)
                              and math.prod(w.shape) >= AUTO_MIN_ELEMENTS):

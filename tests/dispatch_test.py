@@ -134,6 +134,28 @@ def test_auto_rules(monkeypatch):
   assert not _dispatch.use_pallas(big, 2, 4, 0)
 
 
+def test_without_the_triton_backend_masks_use_xla(calls, monkeypatch):
+  monkeypatch.setattr(nm_pallas, "backend_available", lambda: False)
+  monkeypatch.setattr(_dispatch, "_backend", lambda w: "gpu")
+  big = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)
+  assert not _dispatch.use_pallas(big, 2, 4, 0)  # auto
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)), jnp.float32)
+  with jasp.mask_impl("pallas"):  # a preference: XLA, no error
+    assert not _dispatch.use_pallas(w, 2, 4, 0)
+    np.testing.assert_array_equal(jasp.nm_mask(w), jasp.nm_mask(w, impl="xla"))
+    got = jasp.nm_mask_2d(w, 2, 4, method="best")
+  assert calls == {"mask": 0, "prune": 0, "mask2d": 0}
+  with jasp.mask_impl("xla"):
+    np.testing.assert_array_equal(got, jasp.nm_mask_2d(w, 2, 4, method="best"))
+  with pytest.raises(RuntimeError, match="no Pallas Triton backend"):
+    jasp.nm_mask(w, impl="pallas")
+
+
+def test_triton_backend_is_found_in_this_jax():
+  # Whether the kernels (and their interpret-mode tests) can run at all here.
+  assert nm_pallas.backend_available()
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_nm_prune_array(impl):
   rng, seed = fresh_rng()

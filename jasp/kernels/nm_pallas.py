@@ -81,6 +81,20 @@ _NUM_WARPS = 8
 _SPLIT = True
 
 
+@functools.lru_cache(maxsize=None)
+def backend_available() -> bool:
+  """Whether this JAX still has the Pallas Triton backend the kernels are written for.
+
+  JAX 0.11 deprecates it (in favour of Mosaic GPU) and will remove it; without
+  it the dispatcher computes masks with XLA.
+  """
+  try:
+    from jax.experimental.pallas import triton  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
 def supports(dtype, n: int, m: int) -> bool:
   """Whether the kernels handle weights of ``dtype`` with ``n:m`` groups."""
   try:
