@@ -43,6 +43,14 @@ def _blocks_ref(w, m, axis, out_axis):
   return x, a, b
 
 
+def _each_block(shape, m):
+  """Index tuples of every m x m block of the last two axes (leading axes looped)."""
+  for lead in np.ndindex(*shape[:-2]):
+    for i in range(0, shape[-2], m):
+      for j in range(0, shape[-1], m):
+        yield lead + (slice(i, i + m), slice(j, j + m))
+
+
 def nm_mask_2d_best_ref(w, n: int, m: int, axis=0, out_axis=-1) -> np.ndarray:
   """Exhaustive: every m x m 0/1 block with n per row and column; first best wins."""
   choices = list(itertools.combinations(range(m), n))
@@ -56,12 +64,9 @@ def nm_mask_2d_best_ref(w, n: int, m: int, axis=0, out_axis=-1) -> np.ndarray:
   x, a, b = _blocks_ref(w, m, axis, out_axis)
   mag = magnitude64(x)
   out = np.zeros(x.shape, bool)
-  for lead in np.ndindex(*x.shape[:-2]):
-    for i in range(0, x.shape[-2], m):
-      for j in range(0, x.shape[-1], m):
-        blk = mag[lead + (slice(i, i + m), slice(j, j + m))]
-        scores = [blk[p].sum() for p in pats]
-        out[lead + (slice(i, i + m), slice(j, j + m))] = pats[int(np.argmax(scores))]
+  for idx in _each_block(x.shape, m):
+    blk = mag[idx]
+    out[idx] = pats[int(np.argmax([blk[p].sum() for p in pats]))]
   return np.moveaxis(out, (-2, -1), (a, b))
 
 
@@ -69,18 +74,17 @@ def nm_mask_2d_greedy_ref(w, n: int, m: int, axis=0, out_axis=-1) -> np.ndarray:
   x, a, b = _blocks_ref(w, m, axis, out_axis)
   mag = magnitude64(x)
   out = np.zeros(x.shape, bool)
-  for lead in np.ndindex(*x.shape[:-2]):
-    for i in range(0, x.shape[-2], m):
-      for j in range(0, x.shape[-1], m):
-        blk = mag[lead + (slice(i, i + m), slice(j, j + m))]
-        order = sorted(range(m * m), key=lambda t: -blk.flat[t])
-        rows, cols = np.zeros(m, int), np.zeros(m, int)
-        for t in order:
-          r, c = divmod(t, m)
-          if rows[r] < n and cols[c] < n:
-            rows[r] += 1
-            cols[c] += 1
-            out[lead + (i + r, j + c)] = True
+  for idx in _each_block(x.shape, m):
+    blk = mag[idx]
+    keep = np.zeros((m, m), bool)
+    rows, cols = np.zeros(m, int), np.zeros(m, int)
+    for t in sorted(range(m * m), key=lambda t: -blk.flat[t]):
+      r, c = divmod(t, m)
+      if rows[r] < n and cols[c] < n:
+        rows[r] += 1
+        cols[c] += 1
+        keep[r, c] = True
+    out[idx] = keep
   return np.moveaxis(out, (-2, -1), (a, b))
 
 
