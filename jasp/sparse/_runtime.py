@@ -15,6 +15,7 @@ import os
 
 import jax
 
+from jasp.sparse import _search_cache as search_cache_lib
 from jasp.sparse import build as build_lib
 
 __all__ = ["Runtime", "SparseUnavailable", "status", "runtime", "note_dense_fallback"]
@@ -190,8 +191,7 @@ def _load() -> Runtime:
                               platform="CUDA")
   rt = Runtime(lib=lib, path=path, cusparselt_version=version, device_kind=kind,
                compute_capability=cc, library_path=library_path)
-  from jasp.sparse import _search_cache  # pylint: disable=g-import-not-at-top
-  _search_cache.install(rt)
+  search_cache_lib.install(rt)
   return rt
 
 
