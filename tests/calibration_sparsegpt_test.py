@@ -65,6 +65,179 @@ def test_identity_hessian_is_magnitude_pruning():
   np.testing.assert_array_equal(np.asarray(got), np.where(mask, w, 0))
 
 
+def authors_sparsegpt(w, h, n, m, blocksize=128, damp=0.01, dead="authors"):
+  """The authors' N:M SparseGPT (``fasterprune``) in float64, as a test oracle.
+
+  ``w (K, O)``, ``h (K, K)`` at any scale (the authors use ``2 X^T X /
+  n_sequences``). ``dead="authors"``: features with ``h_ii == 0`` get
+  ``h_ii = 1`` and zero weights before the damping (the damping mean then
+  includes those 1's, as in the authors' code); ``dead="old"``: nothing special
+  (their diagonal is the damping alone, their weights are kept: jasp's former
+  behaviour). Blocks of ``blocksize`` columns, the last one shorter when ``K``
+  does not divide; the mask of each aligned group of ``m`` is chosen at its
+  first column from the current weights' ``w**2 / U_ii**2`` (the ``m - n``
+  smallest pruned; exact ties go to the lower index, which the data avoid);
+  each column's error is spread over the block's later columns at once and
+  over later blocks after the block. Returns ``(w_hat (K, O), keep (K, O))``.
+  """
+  wt = np.array(w, np.float64).T  # (O, K): rows are outputs, as the authors'
+  h = np.array(h, np.float64)
+  k = h.shape[0]
+  if dead == "authors":
+    is_dead = np.diag(h) == 0
+    h[is_dead, is_dead] = 1.0
+    wt[:, is_dead] = 0.0
+  h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+  low_inv = np.linalg.inv(np.linalg.cholesky(h))
+  u = np.linalg.cholesky(low_inv.T @ low_inv).T  # upper; u.T @ u = inv(h)
+  pruned = np.zeros(wt.shape, bool)
+  for b0 in range(0, k, blocksize):
+    b1 = min(b0 + blocksize, k)
+    blk = wt[:, b0:b1].copy()
+    ub = u[b0:b1, b0:b1]
+    errs = np.zeros_like(blk)
+    for i in range(b1 - b0):
+      if i % m == 0:
+        sal = blk[:, i:i + m] ** 2 / np.diag(ub)[i:i + m] ** 2
+        drop = np.argsort(sal, axis=1, kind="stable")[:, :m - n]
+        np.put_along_axis(pruned[:, b0 + i:b0 + i + m], drop, True, axis=1)
+      q = np.where(pruned[:, b0 + i], 0.0, blk[:, i])
+      errs[:, i] = (blk[:, i] - q) / ub[i, i]
+      blk[:, i:] -= np.outer(errs[:, i], ub[i, i:])
+      blk[:, i] = q
+    wt[:, b0:b1] = blk
+    wt[:, b1:] -= errs @ u[b0:b1, b1:]
+  return wt.T, ~pruned.T
+
+
+def _dead_problem(k, o, n, m, seed, nseq=8, seqlen=128):
+  """Heavy-tailed inputs (Student-t, 3 degrees of freedom, times log-normal
+  per-feature scales, half the features correlated with a neighbour) with dead
+  features: about half of the groups of ``m`` hold 1 to ``m - n`` of them (never
+  more, so that no exact tie among dead features decides a mask).
+
+  Returns ``x (nseq * seqlen, K)``, ``w (K, O)`` (float32) and ``dead (K,)``.
+  """
+  rng = np.random.default_rng(seed)
+  x = rng.standard_t(3, (nseq * seqlen, k)) * np.exp(rng.normal(0.0, 1.5, k))
+  x[:, 1::2] += 0.5 * x[:, ::2]
+  dead = np.zeros(k, bool)
+  for g in range(0, k, m):
+    if rng.random() < 0.5:
+      dead[g + rng.choice(m, rng.integers(1, m - n + 1), replace=False)] = True
+  x[:, dead] = 0.0
+  return x.astype(np.float32), rng.standard_normal((k, o)).astype(np.float32), dead
+
+
+def _sq_error(x, w, w_hat):
+  x = np.asarray(x, np.float64)
+  return float(np.sum((x @ (np.asarray(w, np.float64) - np.asarray(w_hat, np.float64))) ** 2))
+
+
+@pytest.mark.parametrize("n,m,k,blocksize", [
+    (2, 4, 256, 128),  # two full blocks
+    (1, 4, 128, 128),
+    (2, 8, 128, 64),
+    (2, 4, 200, 128),  # K not a multiple of the block size: a short last block
+    (2, 4, 72, 32),
+])
+def test_dead_features_match_the_authors_code(n, m, k, blocksize):
+  nseq = 8
+  x, w, dead = _dead_problem(k, 24, n, m, seed=k + m, nseq=nseq)
+  x64 = x.astype(np.float64)
+  h = (x64.T @ x64 / x.shape[0]).astype(np.float32)  # jasp's scale: X^T X / rows
+  h_authors = 2.0 * x64.T @ x64 / nseq  # the authors' scale: 2 X^T X / n_sequences
+  got, keep = cal.sparsegpt_layer(jnp.asarray(w), jnp.asarray(h), n, m, blocksize=blocksize)
+  got, keep = np.asarray(got), np.asarray(keep)
+  want, want_keep = authors_sparsegpt(w, h_authors, n, m, blocksize)
+  old, old_keep = authors_sparsegpt(w, h_authors, n, m, blocksize, dead="old")
+  # The same mask on every group, the same weights; dead rows are zero.
+  np.testing.assert_array_equal(keep, want_keep)
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * scale)
+  assert (got[dead] == 0).all() and (got[~keep] == 0).all()
+  assert bool(jasp.is_nm(got, n, m, 0))
+  # The data exercise the defect: the old rule keeps dead weights in some groups
+  # (at live weights' expense) and reconstructs X W strictly worse.
+  assert (old_keep[dead] & (old[dead] != 0)).any()
+  e_new, e_old, e_jasp = _sq_error(x, w, want), _sq_error(x, w, old), _sq_error(x, w, got)
+  assert e_old > e_new * (1 + 1e-4), (e_old, e_new)
+  assert e_jasp <= e_old and e_jasp == pytest.approx(e_new, rel=1e-4), (e_jasp, e_new, e_old)
+
+
+def test_all_zero_hessian_zeroes_the_layer():
+  w = np.random.default_rng(3).standard_normal((40, 12)).astype(np.float32)
+  h = jnp.zeros((40, 40), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(cal.inverse_hessian_factor(h)), np.eye(40))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    got, keep = cal.sparsegpt_layer(jnp.asarray(w, dtype), h, 2, 4, blocksize=16)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.zeros_like(w))
+    # All scores equal: the tie rule keeps the first n of every group.
+    np.testing.assert_array_equal(np.asarray(keep), np.tile([[1], [1], [0], [0]], (10, 12)) > 0)
+    assert bool(jasp.is_nm(keep, 2, 4, 0)) and bool(jasp.is_nm(got, 2, 4, 0))
+  want, _ = authors_sparsegpt(w, np.zeros((40, 40)), 2, 4, 16)
+  np.testing.assert_array_equal(want, 0.0)
+
+
+def test_inverse_hessian_factor_with_dead_features():
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((64, 12)) * np.exp(rng.uniform(-1, 1, 12))
+  dead = np.isin(np.arange(12), [0, 5, 6, 11])
+  x[:, dead] = 0.0
+  h = x.T @ x / 64
+  u = np.asarray(cal.inverse_hessian_factor(jnp.asarray(h, jnp.float32), 0.01), np.float64)
+  assert (np.tril(u, -1) == 0).all()
+  h1 = h.copy()
+  h1[dead, dead] = 1.0
+  h1 += 0.01 * np.mean(np.diag(h)) * np.eye(12)  # dead features count 0 in the mean
+  np.testing.assert_allclose(u.T @ u, np.linalg.inv(h1), rtol=1e-4, atol=1e-6)
+  off = u - np.diag(np.diag(u))
+  assert (off[dead] == 0).all() and (off[:, dead] == 0).all()
+
+
+def test_dead_features_do_not_depend_on_the_hessian_scale():
+  """The damping mean leaves the dead features out, so scaling H changes nothing
+  (counting the inserted 1's would make the damping depend on the scale)."""
+  x, w, dead = _dead_problem(64, 16, 2, 4, seed=6)
+  x64 = x.astype(np.float64)
+  base = None
+  for s in (1e-6, 1.0, 1e4):
+    h = jnp.asarray(s * x64.T @ x64 / x.shape[0], jnp.float32)
+    got, keep = cal.sparsegpt_layer(jnp.asarray(w), h, 2, 4, blocksize=32)
+    if base is None:
+      base = (np.asarray(got), np.asarray(keep))
+      continue
+    np.testing.assert_array_equal(np.asarray(keep), base[1])
+    np.testing.assert_allclose(np.asarray(got), base[0], rtol=1e-4, atol=1e-5)
+  assert (base[0][dead] == 0).all()
+
+
+def test_a_live_weight_always_beats_a_dead_one():
+  """A live weight whose saliency w**2 / U_ii**2 underflows to 0 in float32 is
+  still kept over the dead (zero) weights before it in its group."""
+  w = np.array([[5.0], [-3.0], [1e-30], [2.0], [1.0], [1.0], [1.0], [1.0]], np.float32)
+  h = np.diag(np.array([0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 3.0, 4.0], np.float32))
+  got, keep = cal.sparsegpt_layer(jnp.asarray(w), jnp.asarray(h), 2, 4, blocksize=8)
+  np.testing.assert_array_equal(np.asarray(keep)[:4, 0], [False, False, True, True])
+  np.testing.assert_array_equal(np.asarray(got)[:4, 0], np.float32([0.0, 0.0, 1e-30, 2.0]))
+
+
+def test_pipeline_zeroes_dead_input_features():
+  """sparsegpt_prune: a layer with always-zero input features gives the same
+  result as sparsegpt_layer on its X^T X, dead rows zero."""
+  x, w, dead = _dead_problem(32, 8, 2, 4, seed=7, nseq=2, seqlen=64)
+  xs = [jnp.asarray(x[:64]), jnp.asarray(x[64:])]
+  pruned, masks = cal.sparsegpt_prune(lambda p, b: b @ p["w"], {"w": jnp.asarray(w)}, xs,
+                                      blocksize=16, progress=False)
+  x64 = x.astype(np.float64)
+  want, want_keep = authors_sparsegpt(w, 2.0 * x64.T @ x64 / 2, 2, 4, 16)
+  np.testing.assert_array_equal(np.asarray(masks["w"]), want_keep)
+  np.testing.assert_allclose(np.asarray(pruned["w"]), want, rtol=1e-3,
+                             atol=1e-4 * np.abs(want).max())
+  assert (np.asarray(pruned["w"])[dead] == 0).all()
+
+
 def _hadamard(k):
   h = np.ones((1, 1))
   while h.shape[0] < k:
@@ -176,3 +349,48 @@ def test_sequential_stages_and_one_layer_per_pass():
   h = np.tanh(h)
   err = ((h @ (np.asarray(p["c"], np.float64) - np.asarray(seq["c"], np.float64))) ** 2).sum()
   np.testing.assert_allclose(seen[2].error, err / 64, rtol=1e-3)
+
+
+def _stacked_block(h, w):
+  return h + jax.nn.gelu(h @ w["up"]) @ w["down"]
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_scan_stacked_layers_prune_like_the_unrolled_model(method):
+  """Layer l+1 of a scan is calibrated on the output of pruned layer l, as when unrolled."""
+  depth = 3
+
+  def scanned(p, x):
+    x = x @ p["emb"]
+    x, _ = jax.lax.scan(lambda h, w: (jax.checkpoint(_stacked_block)(h, w), None), x,
+                        p["blocks"])
+    return x @ p["head"]
+
+  def unrolled(p, x):
+    x = x @ p["emb"]
+    for w in p["blocks"]:
+      x = _stacked_block(x, w)
+    return x @ p["head"]
+
+  rng = np.random.default_rng(0)
+
+  def r(*s):
+    return jnp.asarray(rng.standard_normal(s) / np.sqrt(s[-2]), jnp.float32)
+
+  ps = {"emb": r(8, 16), "blocks": {"up": r(depth, 16, 32), "down": r(depth, 32, 16)},
+        "head": r(16, 8)}
+  pu = {"emb": ps["emb"], "head": ps["head"],
+        "blocks": [{k: ps["blocks"][k][i] for k in ("up", "down")} for i in range(depth)]}
+  xs = [jnp.asarray(rng.standard_normal((16, 8)), jnp.float32) for _ in range(3)]
+  prune = cal.sparsegpt_prune if method == "sparsegpt" else cal.wanda_prune
+  kw = {"blocksize": 16} if method == "sparsegpt" else {}
+  seen = []
+  a, ma = prune(scanned, ps, xs, progress=False, sequential=True,
+                callback=lambda res: seen.append((res.path, res.layer)), **kw)
+  b, mb = prune(unrolled, pu, xs, progress=False, sequential=True, **kw)
+  assert seen[1:-1] == [("blocks/" + k, (i,)) for i in range(depth) for k in ("up", "down")]
+  for i in range(depth):
+    for k in ("up", "down"):
+      np.testing.assert_array_equal(np.asarray(ma["blocks"][k][i]), np.asarray(mb["blocks"][i][k]))
+      np.testing.assert_allclose(np.asarray(a["blocks"][k][i]), np.asarray(b["blocks"][i][k]),
+                                 rtol=1e-5, atol=1e-6)

@@ -63,13 +63,13 @@ def test_conv_patches_reproduce_the_convolution(feats, kernel, groups, strides, 
                  kernel_dilation=dilation, use_bias=False, padding="SAME")
   x = _x(0, (2,) + (7,) * len(kernel) + (8,))
   v = {"params": {"kernel": _x(1, kernel + (8 // groups, feats))}}
-  tap = stats_lib.discover(stats_lib.Model(conv.apply, v), x, [0])
-  (site,) = tap.sites[0]
+  (st,) = cal.collect_stats(conv.apply, v, [x]).values()
+  site = st.site
   assert site.kind == "conv" and site.groups == groups and site.group_axes == (len(kernel),)
 
   eqn = next(e for e in jax.make_jaxpr(conv.apply)(v, x).jaxpr.eqns
              if e.primitive.name == "conv_general_dilated")
-  patches = jax.jit(lambda a: stats_lib.conv_patches(a, site, eqn.params))(x)
+  patches = jax.jit(lambda a: stats_lib.conv_patches(a, eqn.params, site.shape))(x)
   patches = patches.reshape(-1, groups, site.k)
   wm = cal.to_matrix(v["params"]["kernel"], site).reshape(site.k, groups, -1)
   y = jnp.einsum("tgk,kgo->tgo", patches, wm, precision=HI).reshape(patches.shape[0], -1)
@@ -101,22 +101,56 @@ def test_nnx_module():
   assert st["up/kernel"].hessian is None
 
 
-def test_weights_inside_scan_are_named_not_silently_skipped():
+def _np(x):
+  return np.asarray(x, np.float64)
+
+
+def test_scan_stacked_weights_get_per_layer_statistics():
+  """A user's lax.scan over stacked layers (remat inside), reversed too: each layer's own inputs."""
   def f(p, x):
     x = x @ p["first"]
-    x, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["stack"])
+
+    @jax.checkpoint
+    def layer(h, w):
+      return jnp.tanh(h @ w), None
+    x, _ = jax.lax.scan(layer, x, p["stack"])
+    x, _ = jax.lax.scan(layer, x, p["back"], reverse=True)
     return x
 
-  p = {"first": _x(0, (8, 8)), "stack": _x(1, (3, 8, 8))}
-  xs = [_x(2, (4, 8))]
-  lay = jasp.trace_layouts(f, p, xs[0])
-  with pytest.raises(ValueError, match=r"stack.*scan"):
-    cal.wanda_prune(f, p, xs, layouts=lay, progress=False)
-  pruned, masks = cal.wanda_prune(f, p, xs, layouts=lay, missing="magnitude", progress=False)
-  np.testing.assert_array_equal(np.asarray(masks["stack"]),
-                                np.asarray(jasp.nm_mask(p["stack"], 2, 4, lay["stack"].axis)))
-  _, masks = cal.wanda_prune(f, p, xs, layouts=lay, missing="dense", progress=False)
-  assert masks["stack"] is None and masks["first"] is not None
+  p = {"first": _x(0, (8, 8)), "stack": _x(1, (3, 8, 8)), "back": _x(5, (2, 8, 8))}
+  xs = [_x(2, (4, 8)), _x(3, (4, 8))]
+  st = cal.collect_stats(f, p, xs, hessian=True)
+  assert st["stack"].stack == (0,) and st["stack"].hessian.shape == (3, 1, 8, 8)
+  assert st["stack"].site.shape == (8, 8) and st["stack"].site.group_axes == (0,)
+  # Oracle: the unrolled model in float64.
+  x = np.concatenate([_np(b) for b in xs]) @ _np(p["first"])
+  ins = {}
+  for name, order in (("stack", range(3)), ("back", reversed(range(2)))):
+    for i in order:
+      ins[(name, i)] = x
+      x = np.tanh(x @ _np(p[name][i]))
+  for (name, i), xin in ins.items():
+    np.testing.assert_allclose(_np(st[name].hessian[i, 0]), xin.T @ xin, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_np(st[name].sumsq[i, 0]), (xin ** 2).sum(0), rtol=1e-4)
+    assert float(st[name].count[i]) == 8
+
+
+def test_flipped_and_jitted_weights_map_statistics_to_their_rows():
+  """A weight read through a nested jit that flips it: row k of the leaf meets feature K-1-k."""
+  def f(p, x):
+    w = jax.jit(lambda a: jnp.flip(a.astype(jnp.bfloat16), 0).astype(jnp.float32))(p["w"])
+    return x @ w
+
+  p = {"w": _x(0, (8, 4))}
+  xs = [_x(1, (5, 8)) * jnp.arange(1.0, 9.0)]
+  assert jasp.trace_layouts(f, p, xs[0])["w"].axis == (0,)
+  st = cal.collect_stats(f, p, xs, hessian=True)["w"]
+  assert st.site.flip == (0,)
+  x = _np(xs[0])
+  np.testing.assert_allclose(_np(st.sumsq[0]), (x ** 2).sum(0), rtol=1e-5)
+  # The matrix view reads the leaf flipped, so X @ to_matrix(w) is the layer.
+  y = x @ _np(cal.to_matrix(p["w"], st.site))
+  np.testing.assert_allclose(y, _np(f(p, xs[0])), rtol=1e-2, atol=1e-2)
 
 
 _SHARDED = textwrap.dedent("""

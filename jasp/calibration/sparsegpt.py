@@ -20,11 +20,27 @@ would otherwise use TF32 or bf16 passes), jitted, one ``fori_loop`` over blocks
 and one over groups; the output columns are independent, so a weight sharded
 along ``O`` stays sharded.
 
-Departure from the reference code: an input feature that is always zero in
-the calibration data keeps its diagonal at the damping value (the reference
-sets it to 1 and zeroes the weights); its weights are then the first pruned in
-their group, since pruning them costs nothing on the calibration data, and the
-weights kept there are not zeroed.
+Dead input features, as the reference code (``fasterprune``) handles them: a
+feature whose diagonal ``H_ii`` is exactly 0 (always zero in the calibration
+data) gets ``H_ii = 1`` (its row and column of ``H`` are otherwise zero) and
+its weights are set to 0 before the loop. It is then independent of every other
+feature, its zero weights are never changed by the updates, and they are the
+first pruned in their group (a live weight is always kept over a dead one; when
+a group has more than ``m - n`` dead features, the lowest-indexed of them fill
+the remaining kept slots with zeros). An all-zero ``H`` (every feature dead)
+thus gives an all-zero weight, with a valid N:M mask (the first ``n`` of each
+group).
+
+The damping is ``damp`` times the mean of the *original* diagonal (dead
+features count 0 there, not 1). The reference accumulates
+``H = 2 X^T X / n_sequences``, whose live diagonal entries are of order
+``2 * seq_len * E[x^2]`` (thousands), so the 1's it inserts move the mean by a
+negligible fraction; jasp's ``H = X^T X / rows`` has entries of order
+``E[x^2]``, where inserted 1's could dominate the mean (and the damping) for
+small activations. Leaving them out is the reference's behaviour in the limit
+of its scale, and keeps the result independent of the scale of ``H``. The value
+that the dead diagonal gets does not reach the output: the dead weights are zero
+and independent of the rest.
 """
 
 from __future__ import annotations
@@ -57,21 +73,33 @@ def _unroll() -> int:
 
 
 def inverse_hessian_factor(h: jax.Array, damp: float = 0.01) -> jax.Array:
-  """``U``, upper triangular with ``U^T U = (H + damp * mean(diag H) * I)^-1``.
+  """``U``, upper triangular with ``U^T U = (H' + damp * mean(diag H) * I)^-1``.
+
+  ``H'`` is ``H`` with every dead feature (``H_ii == 0`` exactly) made
+  independent with unit diagonal: its row and column are set to zero (they
+  already are for a positive semi-definite ``H``) and ``H'_ii = 1``, as in the
+  reference code. The damping mean is over ``H``'s own diagonal, dead features
+  counting 0 (see the module docstring for why). An all-zero ``h`` therefore
+  gives ``U = I`` (no damping, every feature dead).
 
   Args:
-    h: ``(K, K)`` symmetric positive semi-definite float32 (``X^T X``).
-    damp: damping as a fraction of the mean diagonal (the paper's 1%). An
-      all-zero ``h`` (no calibration signal) is replaced by the identity.
+    h: ``(K, K)`` symmetric positive semi-definite float32 (``X^T X`` at any
+      positive scale).
+    damp: damping as a fraction of the mean diagonal (the paper's 1%).
 
   Returns:
-    ``(K, K)`` float32, upper triangular (exact zeros below the diagonal).
+    ``(K, K)`` float32, upper triangular (exact zeros below the diagonal); for a
+    dead feature ``i``, row and column ``i`` are zero off the diagonal and
+    ``U_ii = (1 + damp * mean(diag H))^-1/2``.
   """
   h = h.astype(jnp.float32)
   k = h.shape[-1]
   eye = jnp.eye(k, dtype=jnp.float32)
-  mean = jnp.mean(jnp.diagonal(h))
-  h = jnp.where(mean > 0, h + (damp * mean) * eye, eye)
+  diag = jnp.diagonal(h)
+  dead = diag == 0
+  mean = jnp.mean(diag)  # dead features count 0
+  h = jnp.where(dead[:, None] | dead[None, :], 0.0, h)
+  h = h + jnp.diag(jnp.where(dead, 1.0, 0.0) + damp * mean)
   with jax.default_matmul_precision("highest"):
     low = jnp.linalg.cholesky(h)
     hinv = jax.scipy.linalg.cho_solve((low, True), eye)
@@ -82,6 +110,10 @@ def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: fl
          unroll: int = 1):
   """SparseGPT on ``w (O, K)`` float32 (rows = outputs) with ``h (K, K)``.
 
+  Dead features (``h_ii == 0``) have their weights zeroed first and score -1
+  (below every live weight's ``w**2 / U_ii**2 >= 0``) when a group's mask is
+  chosen; :func:`inverse_hessian_factor` makes them independent of the rest.
+
   ``unroll``: columns per iteration of the inner loop (fewer, larger loop
   steps on GPUs; a larger program to compile).
 
@@ -91,10 +123,13 @@ def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: fl
   bs = blocksize
   kp = -(-k // bs) * bs
   u = inverse_hessian_factor(h, damp)
-  if kp > k:  # pad with independent, zero-weight features: they change nothing
+  dead = jnp.diagonal(h) == 0  # (K,)
+  w = jnp.where(dead[None, :], 0.0, w)
+  if kp > k:  # pad with independent, zero-weight (dead) features: they change nothing
     u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag(
         jnp.concatenate([jnp.zeros(k), jnp.ones(kp - k)]).astype(jnp.float32))
     w = jnp.pad(w, ((0, 0), (0, kp - k)))
+    dead = jnp.pad(dead, (0, kp - k), constant_values=True)
 
   def block(b, carry):
     w, keep = carry
@@ -102,6 +137,7 @@ def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: fl
     w1 = lax.dynamic_slice_in_dim(w, i1, bs, axis=1)  # (O, bs)
     u1 = lax.dynamic_slice(u, (i1, i1), (bs, bs))  # (bs, bs)
     d1 = jnp.diagonal(u1)
+    dead1 = lax.dynamic_slice_in_dim(dead, i1, bs)  # (bs,)
 
     def column(c, carry):
       w1, q1, e1, k1 = carry
@@ -110,7 +146,11 @@ def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: fl
       j0 = (c // m) * m
       wg = lax.dynamic_slice_in_dim(w1, j0, m, axis=1)  # (O, m)
       dg = lax.dynamic_slice_in_dim(d1, j0, m)
-      fresh = masks_lib.topn_mask(jnp.square(wg) / jnp.square(dg), n, m, axis=1)
+      # Dead features score -1: pruned first, even against a live weight whose
+      # saliency underflows to 0.
+      deadg = lax.dynamic_slice_in_dim(dead1, j0, m)
+      score = jnp.where(deadg[None, :], -1.0, jnp.square(wg) / jnp.square(dg))
+      fresh = masks_lib.topn_mask(score, n, m, axis=1)
       k1 = jnp.where(c % m == 0, lax.dynamic_update_slice_in_dim(k1, fresh, j0, axis=1), k1)
       keep = lax.dynamic_index_in_dim(k1, c, axis=1, keepdims=False)  # (O,)
       wc = lax.dynamic_index_in_dim(w1, c, axis=1, keepdims=False)  # (O,)
@@ -157,18 +197,34 @@ def sparsegpt_layer(w: jax.Array, hessian: jax.Array, n: int = 2, m: int = 4, *,
   Args:
     w: ``(K, O)`` weight (a flax ``Dense`` kernel: ``y = x @ w``), any float
       dtype; computed in float32.
-    hessian: ``(K, K)`` ``X^T X`` of the layer's inputs (any positive scale).
+    hessian: ``(K, K)`` ``X^T X`` of the layer's inputs (any positive scale:
+      the result does not depend on it).
     n, m: keep ``n`` of every aligned group of ``m`` rows (input features) in
       each column.
     blocksize: features per lazy-update block (the paper's 128; a multiple of
       ``m``; ``K`` need not divide by it).
-    damp: Hessian damping, a fraction of its mean diagonal.
+    damp: Hessian damping, a fraction of its mean diagonal (dead features
+      counting 0 in the mean).
 
   Returns:
     ``(w_hat, mask)``: ``w_hat`` of ``w``'s shape and dtype, N:M along axis 0,
     exactly 0 where ``mask`` (bool, ``(K, O)``) is False. With ``hessian``
     proportional to the identity, ``w_hat`` is magnitude pruning
     (``where(jasp.nm_mask(w, n, m, 0), w, 0)``).
+
+    Dead input features (``hessian[i, i] == 0``: always zero in the
+    calibration data) are treated as in the reference code: row ``i`` of
+    ``w_hat`` is all zeros, and in every column those features are pruned
+    before any live one; a group with more than ``m - n`` dead features keeps
+    its lowest-indexed dead ones (as zeros) in the remaining slots. The live
+    features are pruned as if the dead ones were absent. An all-zero
+    ``hessian`` gives an all-zero ``w_hat`` and the mask that keeps the first
+    ``n`` features of every group (finite, still exactly N:M).
+
+  Raises:
+    ValueError: ``n``/``m`` invalid, ``blocksize`` not a positive multiple of
+      ``m``, shapes other than ``(K, O)`` and ``(K, K)``, or ``K`` not a
+      multiple of ``m``.
   """
   _check(n, m, blocksize)
   if w.ndim != 2 or hessian.shape != (w.shape[0], w.shape[0]):

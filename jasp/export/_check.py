@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from jasp import weights
 from jasp.export import _nm
 from jasp.export._deps import MissingDependencyError
 from jasp.export._deps import require
@@ -306,7 +307,6 @@ class _OnnxTracer:
 
   def follow(self, name: str, amap: tuple, shape: tuple, depth: int = 0):
     """Yields ``(consumer label, reduction axes of the initializer)`` or ``(other op, None)``."""
-    from jasp.layouts import _reshape_map  # pylint: disable=g-import-not-at-top
     if depth > 32:
       yield ("a chain too long to follow", None)
       return
@@ -321,7 +321,7 @@ class _OnnxTracer:
                                depth + 1)
       elif op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten") and idx == 0:
         new = self._new_shape(node, op, shape)
-        nm = None if new is None else _reshape_map(amap, shape, new)
+        nm = None if new is None else weights.reshape_axis_map(amap, shape, new)
         if nm is None:
           yield (f"{op} (not followed)", None)
         else:

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from jasp import _model as model_lib
 from jasp import _tree
 from jasp import layouts as layouts_lib
 
@@ -48,40 +49,14 @@ class Bound:
     return list(_tree.leaves_by_path(self.params))
 
 
-def _nnx():
-  try:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
-    return None
-  return nnx
-
-
 def bind(fn: Callable[..., Any] | Any, params: PyTree, args: tuple) -> Bound:
   """Normalises the exporters' ``(fn, params, *args)`` call forms (see the module doc)."""
-  nnx = _nnx()
-  if nnx is not None and isinstance(fn, nnx.Module):
-    inputs = ((params,) if params is not None else ()) + tuple(args)
-    if not inputs:
-      raise TypeError("an nnx module needs example inputs: export(module, x).")
-    layouts = layouts_lib.trace_layouts(fn, *inputs)
-    graphdef, state = nnx.split(fn)
-    pure = _tree.unbox(state)
-
-    def apply_nnx(p, *xs):
-      return nnx.merge(graphdef, p)(*xs)
-    return Bound(apply_nnx, pure, inputs, layouts)
-  try:
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
-    nn = None
-  if nn is not None and isinstance(fn, nn.Module):
-    fn = fn.apply
-  if params is None:
-    raise TypeError("export(fn, params, *inputs): params are missing.")
-  if not args:
-    raise TypeError("export(fn, params, *inputs): example inputs are missing.")
+  model, inputs = model_lib.adapt(fn, params, args, state=True, what="export")
+  if not inputs:
+    raise TypeError("export needs example inputs: export(fn, params, *inputs) or "
+                    "export(nnx_module, *inputs).")
   layouts = layouts_lib.trace_layouts(fn, params, *args)
-  return Bound(lambda p, *xs: fn(p, *xs), params, tuple(args), layouts)
+  return Bound(lambda p, *xs: model.apply(p, *xs), _tree.unbox(model.tree), inputs, layouts)
 
 
 def pruned_paths(bound: Bound, masks: PyTree | None, n: int, m: int) -> dict[str, bool]:
