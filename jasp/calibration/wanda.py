@@ -93,12 +93,16 @@ def wanda_prune(fn: Callable[..., Any] | Any, params: PyTree = None,
     sequential: False (Wanda's cheap default here): one pass over the batches
       collects every layer's input norms from the dense model. True: layer
       after layer, each on the outputs of the already-pruned layers before it
-      (as Wanda's reference code does per transformer block).
-    layers_per_pass: with ``sequential``, at most this many layers per pass.
+      (as Wanda's reference code does per transformer block); layer ``l + 1``
+      of a stacked ``scan`` after layer ``l``.
+    layers_per_pass: with ``sequential``, at most this many layers (or layers
+      of a stacked kernel) per pass.
     missing: what to do with a weight the policy selects but whose inputs are
-      not tapped (consumed inside a ``scan``/``while``/``cond``, or with a
-      layout the tap does not follow): ``"error"`` (default, listing them),
-      ``"magnitude"`` (magnitude N:M, logged) or ``"dense"`` (left dense).
+      not tapped (a policy axis override that no matmul contracts, matmuls of
+      different layouts sharing one weight): ``"error"`` (default, listing
+      them), ``"magnitude"`` (magnitude N:M, logged) or ``"dense"`` (left
+      dense). Weights inside ``scan``/``cond``/``while`` are tapped; a kernel
+      stacked for a ``scan`` over layers is pruned layer by layer.
     progress: a tqdm bar over layers when tqdm is installed and stderr is a
       terminal.
     callback: called with a :class:`LayerResult` after each layer.
