@@ -148,3 +148,57 @@ def test_multi_dim_layernorm_maps_the_right_axis():
   assert ("params/LayerNorm_0/scale", 1) in ch.members
   assert ("params/LayerNorm_0/scale", 0) not in ch.members
   assert by[("params/LayerNorm_0/scale", 0)][0].pinned  # W comes from the input
+
+
+def test_cond_ties_the_branches_outputs():
+  """Each branch is walked on the same operands; the outputs of all branches are one value."""
+  wa, wb, w2 = params((8, 16), (8, 16), (16, 4))
+
+  def f(p, x):
+    h = jax.lax.cond(x.sum() > 0, lambda x: x @ p["wa"], lambda x: jnp.tanh(x @ p["wb"]), x)
+    return h @ p["w2"]
+
+  g = trace_channels(f, {"wa": wa, "wb": wb, "w2": w2}, jnp.ones((2, 8)))
+  (hidden,) = classes_by_member(g)[("wa", 1)]
+  assert set(hidden.members) == {("wa", 1), ("wb", 1), ("w2", 0)}
+  assert hidden.pinned == ""
+
+  def g_rev(p, x):  # one branch reverses the channels: the tied class is pinned
+    h = jax.lax.cond(x.sum() > 0, lambda x: x @ p["wa"], lambda x: (x @ p["wb"])[:, ::-1], x)
+    return h @ p["w2"]
+
+  g = trace_channels(g_rev, {"wa": wa, "wb": wb, "w2": w2}, jnp.ones((2, 8)))
+  (hidden,) = classes_by_member(g)[("wa", 1)]
+  assert "rev" in hidden.pinned
+
+
+def test_while_loop_ties_its_carry_in_and_out():
+  """A while loop's carry is one class in every iteration: w's input and output axes tie."""
+  w0, w, w2 = params((8, 16), (16, 16), (16, 4))
+
+  def f(p, x):
+    h = x @ p["w0"]
+    h, _ = jax.lax.while_loop(lambda s: s[1] < 3, lambda s: (jnp.tanh(s[0] @ p["w"]), s[1] + 1),
+                              (h, 0))
+    return h @ p["w2"]
+
+  g = trace_channels(f, {"w0": w0, "w": w, "w2": w2}, jnp.ones((2, 8)))
+  (c,) = classes_by_member(g)[("w0", 1)]
+  assert {("w", 0), ("w", 1), ("w2", 0)} <= set(c.members) and c.pinned == ""
+
+
+def test_scan_over_time_shares_one_class_and_pins_time():
+  """A scan over a sequence (kernels as constants): one class for all steps, time pinned."""
+  wx, wh, w2 = params((8, 16), (16, 16), (16, 4))
+
+  def f(p, xs):  # xs (T, B, 8)
+    def step(h, x):
+      h = jnp.tanh(x @ p["wx"] + h @ p["wh"])
+      return h, h
+    _, hs = jax.lax.scan(step, jnp.zeros((xs.shape[1], 16)), xs)
+    return hs.sum(0) @ p["w2"]
+
+  g = trace_channels(f, {"wx": wx, "wh": wh, "w2": w2}, jnp.ones((50, 2, 8)))
+  (c,) = classes_by_member(g)[("wh", 0)]
+  assert {("wx", 1), ("wh", 1), ("w2", 0)} <= set(c.members)
+  assert c.pinned == "" and c.layers == (None,) * len(c.members)

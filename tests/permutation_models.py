@@ -1,5 +1,9 @@
 """Small flax models for the channel-permutation tests (linen and nnx).
 
+Besides CNNs and a transformer block: blocks stacked along a layer axis and run
+by ``lax.scan``, ``nn.scan`` and ``nnx.scan`` (with the same blocks unrolled as
+a reference), and an LSTM scanned over time.
+
 Every parameter and batch statistic is randomised after init (BatchNorm and
 LayerNorm start as ones and zeros, which any permutation leaves unchanged), so
 that a wrongly permuted leaf changes the model's output.
@@ -136,3 +140,160 @@ def nnx_block(seed: int = 0):
   model = _nnx_randomise(NNXBlock(nnx.Rngs(seed)), seed + 2)
   x = jax.random.normal(jax.random.key(seed + 1), (2, 5, 8))
   return model, x
+
+
+# ----------------------------------------------------------------------------
+# Stacked decoder-like blocks run by a scan, and the same blocks unrolled.
+#
+# Every form has the same parameters: ``proj (DIN, C)``, ``blocks/norm/scale
+# (L, C)``, ``blocks/up/{kernel (L, C, C), bias (L, C)}``, ``blocks/down/{kernel
+# (L, C, C), bias (L, C)}``, ``final_norm/scale (C,)``, ``head (C, 10)``; each
+# block is ``x + down(gelu(up(rmsnorm(x))))``, the residual stream carried.
+
+LAYERS, DIN = 4, 8
+
+
+def _rms(x, scale, eps=1e-6):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _block(p, x):
+  h = _rms(x, p["norm"]["scale"])
+  h = jax.nn.gelu(h @ p["up"]["kernel"] + p["up"]["bias"])
+  return x + h @ p["down"]["kernel"] + p["down"]["bias"]
+
+
+def scan_apply(params, x):
+  """``lax.scan`` over the stacked ``params["blocks"]``, ``jax.checkpoint`` inside."""
+  x = x @ params["proj"]["kernel"]
+
+  def body(x, p):
+    return jax.checkpoint(_block)(p, x), None
+
+  x, _ = jax.lax.scan(body, x, params["blocks"])
+  return _rms(x, params["final_norm"]["scale"]) @ params["head"]["kernel"]
+
+
+def unrolled_apply(params, x):
+  """The same model with one leaf per layer: ``params["blocks_0"]``, ... (a Python loop)."""
+  x = x @ params["proj"]["kernel"]
+  for i in range(LAYERS):
+    x = _block(params[f"blocks_{i}"], x)
+  return _rms(x, params["final_norm"]["scale"]) @ params["head"]["kernel"]
+
+
+def unstack(params):
+  """The unrolled params of stacked ones (``blocks`` -> ``blocks_0``, ...)."""
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(LAYERS):
+    out[f"blocks_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], params["blocks"])
+  return out
+
+
+def scan_params(seed: int = 0):
+  ks = jax.random.split(jax.random.key(seed), 8)
+  n = lambda k, s: 0.3 * jax.random.normal(k, s)
+  return {
+      "proj": {"kernel": n(ks[0], (DIN, C))},
+      "blocks": {
+          "norm": {"scale": 1.0 + n(ks[1], (LAYERS, C))},
+          "up": {"kernel": n(ks[2], (LAYERS, C, C)), "bias": n(ks[3], (LAYERS, C))},
+          "down": {"kernel": n(ks[4], (LAYERS, C, C)), "bias": n(ks[5], (LAYERS, C))},
+      },
+      "final_norm": {"scale": 1.0 + n(ks[6], (C,))},
+      "head": {"kernel": n(ks[7], (C, 10))},
+  }
+
+
+class LinenScanBlock(nn.Module):
+  """One block as the body of ``nn.scan``: ``(x, _) -> (x, None)``."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.RMSNorm(name="norm")(x)
+    h = nn.gelu(nn.Dense(C, name="up")(h))
+    return x + nn.Dense(C, name="down")(h), None
+
+
+class LinenScanModel(nn.Module):
+  """``nn.scan(nn.remat(block), variable_axes={"params": 0})`` over ``LAYERS`` blocks."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(C, use_bias=False, name="proj")(x)
+    blocks = nn.scan(nn.remat(LinenScanBlock), variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=LAYERS)
+    x, _ = blocks(name="blocks")(x, None)
+    return nn.Dense(10, use_bias=False, name="head")(nn.RMSNorm(name="final_norm")(x))
+
+
+class NNXScanBlock(nnx.Module):
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.norm = nnx.RMSNorm(C, rngs=rngs)
+    self.up = nnx.Linear(C, C, rngs=rngs)
+    self.down = nnx.Linear(C, C, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.down(nnx.gelu(self.up(self.norm(x))))
+
+
+class NNXScanModel(nnx.Module):
+  """Blocks created stacked by ``nnx.vmap``, run by ``nnx.scan``."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.proj = nnx.Linear(DIN, C, use_bias=False, rngs=rngs)
+
+    @nnx.split_rngs(splits=LAYERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return NNXScanBlock(rngs)
+
+    self.blocks = make(rngs)
+    self.final_norm = nnx.RMSNorm(C, rngs=rngs)
+    self.head = nnx.Linear(C, 10, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.proj(x)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, block):
+      return block(x)
+
+    return self.head(self.final_norm(run(x, self.blocks)))
+
+
+def scan_input(seed: int = 1):
+  return jax.random.normal(jax.random.key(seed), (2, 5, DIN))
+
+
+def linen_scan(seed: int = 0):
+  model = LinenScanModel()
+  x = scan_input(seed + 1)
+  variables = randomise(model.init(jax.random.key(seed), x), seed + 2)
+  return model, variables, x
+
+
+def nnx_scan(seed: int = 0):
+  model = _nnx_randomise(NNXScanModel(nnx.Rngs(seed)), seed + 2)
+  return model, scan_input(seed + 1)
+
+
+class LinenLSTM(nn.Module):
+  """``nn.scan(nn.OptimizedLSTMCell)`` over time (kernels broadcast: scan constants), a head."""
+  hidden: int = C
+
+  @nn.compact
+  def __call__(self, x):  # (B, T, DIN)
+    cell = nn.scan(nn.OptimizedLSTMCell, variable_broadcast="params",
+                   split_rngs={"params": False}, in_axes=1, out_axes=1)(self.hidden)
+    carry = cell.initialize_carry(jax.random.key(0), x[:, 0].shape)
+    _, ys = cell(carry, x)
+    return nn.Dense(10)(ys[:, -1])
+
+
+def linen_lstm(steps: int = 200, seed: int = 0):
+  model = LinenLSTM()
+  x = jax.random.normal(jax.random.key(seed + 1), (2, steps, DIN))
+  variables = randomise(model.init(jax.random.key(seed), x), seed + 2)
+  return model, variables, x

@@ -3,7 +3,8 @@
 * :func:`search_permutation`: a permutation of one weight's group axis under
   which N:M keeps more magnitude (jitted window and swap searches).
 * :func:`trace_channels`: which parameter axes of a model carry the same
-  channels (a jaxpr analysis).
+  channels (a jaxpr analysis; the layers of a stacked, scanned block each
+  have their own classes).
 * :func:`permute`: both, for a whole flax linen or nnx model, keeping its
   function; returns the permuted model and a :class:`PermutationReport`.
 """

@@ -8,6 +8,13 @@ magnitudes) and applies it to every parameter axis that carries the dimension.
 The permuted model computes the same function (checked on the sample inputs);
 prune it afterwards with :func:`jasp.prune` and the same layouts.
 
+Layers stacked along a leading axis and run by a scan (``nn.scan``,
+``nnx.scan``, ``lax.scan``) are permuted per layer: each layer's internal
+channels get their own permutation, searched on that layer's slice of the
+stacked weights, exactly as if the layers were separate weights; a stacked
+kernel ``(L, in, out)`` is a consumer (and a reported, checked layer) once per
+layer.
+
 Apply the permutation *before* creating the optimizer; for an optimizer state
 that already exists, ``report.plan.apply(opt_state)`` permutes its moments the
 same way.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -26,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jasp import _tree
+from jasp import _model
 from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
 from jasp import policy as policy_lib
@@ -36,6 +44,7 @@ from jasp.permutation.report import ClassReport
 from jasp.permutation.report import LayerReport
 from jasp.permutation.report import PermutationPlan
 from jasp.permutation.report import PermutationReport
+from jasp.permutation.report import permute_array
 
 __all__ = ["permute", "apply_permutation"]
 
@@ -45,6 +54,36 @@ PyTree = Any
 def apply_permutation(tree: PyTree, plan: PermutationPlan) -> PyTree:
   """Permutes the leaves of ``tree`` by ``plan`` (see :meth:`PermutationPlan.apply`)."""
   return plan.apply(tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+  """One N:M-pruned weight matrix: a leaf, or one layer of a stacked leaf."""
+  path: str
+  axes: tuple[int, ...]  # group axes of the leaf
+  stack: tuple[int, ...] = ()  # the leaf's stacked axes (sorted), indexed by ``layer``
+  layer: tuple[int, ...] = ()
+
+  @property
+  def where(self) -> dict[int, int]:
+    return dict(zip(self.stack, self.layer))
+
+  @property
+  def local_axes(self) -> tuple[int, ...]:
+    """``axes`` in the layer's slice (the stacked axes removed)."""
+    return tuple(a - sum(s < a for s in self.stack) for a in self.axes)
+
+  @property
+  def name(self) -> str:
+    if not self.layer:
+      return self.path
+    lay = self.layer[0] if len(self.layer) == 1 else self.layer
+    return f"{self.path}@{lay}"
+
+  def take(self, w: np.ndarray) -> np.ndarray:
+    """The layer's slice of the leaf ``w``."""
+    where = self.where
+    return w[tuple(where.get(a, slice(None)) for a in range(np.ndim(w)))]
 
 
 def _kept(w: np.ndarray, axis: tuple[int, ...], n: int, m: int) -> float:
@@ -58,13 +97,6 @@ def _kept(w: np.ndarray, axis: tuple[int, ...], n: int, m: int) -> float:
   x = np.moveaxis(w.reshape(w.shape[:a0] + (k,) + w.shape[a1 + 1:]), a0, 0)
   x = np.sort(x.reshape(k // m, m, -1), axis=1)[:, m - n:]
   return float(x.sum() / total)
-
-
-def _take(x, perms):
-  for ax, p in enumerate(perms):
-    if p is not None:
-      x = jnp.take(x, jnp.asarray(p), axis=ax)
-  return x
 
 
 def _consumer_matrix(w, axes: tuple[int, ...], pos: np.ndarray) -> np.ndarray:
@@ -98,26 +130,6 @@ def _whole_groups(pos: np.ndarray, m: int) -> bool:
   return all(len(set(row.tolist())) == len(row) for row in g)
 
 
-def _split_model(fn, variables, args):
-  """(pure function, variables tree, call args, rebuild) for linen or nnx."""
-  try:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
-    nnx = None
-  if nnx is not None and isinstance(fn, nnx.Module):
-    call_args = ((variables,) if variables is not None else ()) + tuple(args)
-    graphdef, state = nnx.split(fn)
-    tree = _tree.unbox(state)
-
-    def run(t, *a, **k):
-      return nnx.merge(graphdef, t)(*a, **k)
-
-    return run, tree, call_args, lambda t: nnx.merge(graphdef, t), True
-  if variables is None:
-    raise TypeError("permute(apply_fn, variables, *args): variables are missing.")
-  return fn, variables, tuple(args), lambda t: t, False
-
-
 def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
             n: int = 2, m: int = 4,
             layouts: Mapping[str, layouts_lib.Layout] | None = None,
@@ -136,17 +148,23 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
     ``fn(variables, *args, **model_kwargs)`` runs the model in inference mode;
     returns permuted ``variables`` (every collection: ``params``,
     ``batch_stats``, ...);
-  * nnx: ``permute(module, x)``: returns a permuted copy of the module (the
-    argument is left untouched; ``nnx.update(module, nnx.state(new))`` updates
-    it in place).
+  * nnx: ``permute(module, x)``: returns a permuted copy of the module, all of
+    its state (the argument is left untouched; ``nnx.update(module,
+    nnx.state(new))`` updates it in place).
+
+  Blocks stacked along a layer axis and run by a scan are permuted per layer
+  (see :mod:`jasp.permutation.graph` for the scan semantics): each layer's
+  internal channels get their own permutation, channels carried across layers
+  (the residual stream) one shared by all.
 
   A channel dimension stays as it is, with the reason in the report, when the
   trace shows an operation whose result depends on its order (the model's
-  inputs and outputs, slicing, gathers, reversal, convolution taps, anything
-  unknown), when no N:M-pruned weight groups along it, or when its size does not
-  divide into groups of ``m``. Unless ``allow_layer_loss``, no pruned weight
-  keeps less magnitude than before: a dimension whose permutation would lower
-  one is left alone.
+  inputs and outputs, slicing, gathers, reversal, convolution taps, a scan's
+  layer axis, anything unknown), when no N:M-pruned weight groups along it, or
+  when its size does not divide into groups of ``m``. Unless
+  ``allow_layer_loss``, no pruned weight (no layer of a stacked one) keeps less
+  magnitude than before: a dimension whose permutation would lower one is left
+  alone.
   With ``verify`` the permuted model is run on the sample inputs and compared
   with the original; on a mismatch the original is returned and the report
   says so.
@@ -184,34 +202,53 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
   masks_lib._check_nm(n, m)  # pylint: disable=protected-access
   t0 = time.perf_counter()
   kwargs = dict(model_kwargs or {})
-  run, tree, call_args, rebuild, is_nnx = _split_model(fn, variables, args)
-  graph = graph_lib.trace_channels(run, tree, *call_args, **kwargs)
+  model, inputs = _model.adapt(fn, variables, args, state=True, what="permute")
+  graph = graph_lib.trace_model(model, model.trace(inputs, kwargs))
   if layouts is None:
-    if is_nnx:
-      layouts = layouts_lib.trace_layouts(fn, *call_args, **kwargs)
-    else:
-      layouts = layouts_lib.trace_layouts(fn, variables, *call_args, **kwargs)
+    layouts = layouts_lib.trace_layouts(fn, variables, *args, **kwargs)
+  tree = model.tree
   decisions = policy_lib.plan(tree, m, layouts=layouts, policy=policy)
-  leaves = _tree.leaves_by_path(tree)
+  leaves = dict(zip(model.paths, model.leaves))
   pruned = {p: tuple(d.axis) for p, d in decisions.items() if d.prune and d.axis}
+
+  # The pruned matrices: every pruned leaf, or every layer of a stacked one.
+  host: dict[str, np.ndarray] = {}
+
+  def host_leaf(p: str) -> np.ndarray:
+    if p not in host:
+      host[p] = np.asarray(jax.device_get(leaves[p]))
+    return host[p]
+
+  units: list[_Unit] = []
+  for p, axes in pruned.items():
+    lay_stack = getattr(layouts.get(p), "stack", ()) if isinstance(layouts, Mapping) else ()
+    stack = tuple(sorted((set(graph.stack_axes(p)) | set(lay_stack or ())) - set(axes)))
+    shape = np.shape(leaves[p])
+    for lay in itertools.product(*[range(shape[s]) for s in stack]):
+      units.append(_Unit(p, axes, stack, tuple(lay)))
+  unit_atoms = {u: graph.axis_atoms(u.path, u.axes, u.where) for u in units}
+  readers: dict[int, list[_Unit]] = {}
+  for u in units:
+    for cid in unit_atoms[u]:
+      readers.setdefault(cid, []).append(u)
 
   # Consumers of every free channel class.
   classes = graph.classes()
   reports: dict[int, ClassReport] = {}
   todo = []
   for cls in classes:
-    base = ClassReport(cls.id, cls.size, cls.members, (), "skipped")
+    base = ClassReport(cls.id, cls.size, cls.members, (), "skipped", layers=cls.layers)
     if cls.pinned:
       reports[cls.id] = dataclasses.replace(base, reason=f"its order matters: {cls.pinned}")
       continue
     cons, other = [], []
-    for path, axes in pruned.items():
-      pos = graph.positions(path, axes, cls.id)
+    for u in readers.get(cls.id, ()):
+      pos = graph.positions(u.path, u.axes, cls.id, u.where)
       if pos is None:
         continue
-      (cons if _aligned(pos, m) else other).append((path, axes, pos))
+      (cons if _aligned(pos, m) else other).append((u, pos))
     if not cons:
-      whole = [p for p, _, pos in other if _whole_groups(pos, m)]
+      whole = [u.name for u, pos in other if _whole_groups(pos, m)]
       if not other:
         why = "no N:M-pruned weight groups along these channels"
       elif len(whole) == len(other):
@@ -219,12 +256,13 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
                f"them in one group of {m}: a permutation only moves whole groups")
       else:
         why = ("the pruned weights that read them do not hold them in aligned runs of "
-               f"{m} ({', '.join(p for p, _, _ in other if p not in whole)})")
+               f"{m} ({', '.join(u.name for u, _ in other if u.name not in whole)})")
       reports[cls.id] = dataclasses.replace(base, reason=why)
       continue
     if cls.size < 2 * m:
       reports[cls.id] = dataclasses.replace(
-          base, consumers=tuple(p for p, _, _ in cons),
+          base, consumers=tuple(u.path for u, _ in cons),
+          consumer_layers=tuple(u.layer for u, _ in cons),
           reason=f"{cls.size} channels: fewer than two groups of {m}")
       continue
     todo.append((cls, cons))
@@ -239,7 +277,7 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
                              return_info=True)
   # Layers with the same number of channels share one compiled search: their
   # (small) matrices are padded with zero rows, which change no score.
-  all_mats = [[_consumer_matrix(leaves[p], axes, pos) for p, axes, pos in cons]
+  all_mats = [[_consumer_matrix(u.take(host_leaf(u.path)), u.local_axes, pos) for u, pos in cons]
               for _, cons in todo]
   rows: dict[int, int] = {}
   for (cls, _), mats in zip(todo, all_mats):
@@ -247,7 +285,8 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
     if r <= 4096:
       rows[cls.size] = max(rows.get(cls.size, 0), r)
   for (cls, cons), mats in zip(todo, all_mats):
-    names = tuple(p for p, _, _ in cons)
+    names = tuple(u.path for u, _ in cons)
+    name_layers = tuple(u.layer for u, _ in cons)
     pad = rows.get(cls.size, 0) - sum(mt.shape[1] for mt in mats)
     ident = np.arange(cls.size)
     base = [_group_kept(mt, ident, n, m) for mt in mats]
@@ -271,43 +310,52 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
       reports[cls.id] = ClassReport(
           cls.id, cls.size, cls.members, names, "identity",
           "no permutation found keeps more without lowering a consumer", sum(base), sum(base),
-          0.0, seconds)
+          0.0, seconds, cls.layers, name_layers)
       continue
     perms[cls.id] = best
     reports[cls.id] = ClassReport(cls.id, cls.size, cls.members, names, "permuted", "",
-                                  sum(base), sum(base) + best_gain, eff, seconds)
+                                  sum(base), sum(base) + best_gain, eff, seconds, cls.layers,
+                                  name_layers)
 
-  # No pruned weight may lose: undo the classes of any weight that would.
-  before = {p: _kept(jax.device_get(leaves[p]), axes, n, m) for p, axes in pruned.items()}
+  # No pruned weight (no layer of a stacked one) may lose: undo the classes of
+  # any that would.
+  before = {u: _kept(u.take(host_leaf(u.path)), u.local_axes, n, m) for u in units}
   while True:
     leaf_perms = graph.leaf_perms(perms)
+    moved: dict[str, np.ndarray] = {}
     after = {}
     worse = None
-    for p, axes in pruned.items():
-      if p not in leaf_perms:
-        after[p] = before[p]
+    for u in units:
+      if u.path not in leaf_perms:
+        after[u] = before[u]
         continue
-      after[p] = _kept(_take(np.asarray(jax.device_get(leaves[p])), leaf_perms[p]), axes, n, m)
-      if after[p] < before[p] - 1e-7 and worse is None and not allow_layer_loss:
-        worse = p
+      if u.path not in moved:
+        moved[u.path] = permute_array(host_leaf(u.path), leaf_perms[u.path],
+                                      graph.stack_axes(u.path), xp=np)
+      after[u] = _kept(u.take(moved[u.path]), u.local_axes, n, m)
+      if after[u] < before[u] - 1e-7 and worse is None and not allow_layer_loss:
+        worse = u
     if worse is None:
       break
-    for cid in graph.axis_atoms(worse, pruned[worse]):
-      if cid in perms:
-        del perms[cid]
-        r = reports[cid]
-        reports[cid] = dataclasses.replace(
-            r, status="identity", kept_after=r.kept_before,
-            reason=f"its best permutation lowers what {worse} keeps")
+    undone = [cid for cid in unit_atoms[worse] if cid in perms]
+    if not undone:  # pragma: no cover - a loss no class of its own explains
+      undone = list(perms)
+    for cid in undone:
+      del perms[cid]
+      r = reports[cid]
+      reports[cid] = dataclasses.replace(
+          r, status="identity", kept_after=r.kept_before,
+          reason=f"its best permutation lowers what {worse.name} keeps")
 
-  plan = PermutationPlan({p: tuple(v) for p, v in leaf_perms.items()})
+  plan = PermutationPlan({p: tuple(v) for p, v in leaf_perms.items()},
+                         {p: graph.stack_axes(p) for p in leaf_perms if graph.stack_axes(p)})
   new_tree = plan.apply(tree, exact=True) if perms else tree
 
   # Check: same outputs.
   abs_err = rel_err = None
   if verify and perms:
-    y0 = run(tree, *call_args, **kwargs)
-    y1 = run(new_tree, *call_args, **kwargs)
+    y0 = model.apply(tree, *inputs, **kwargs)
+    y1 = model.apply(new_tree, *inputs, **kwargs)
     d = [np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)
          for a, b in zip(jax.tree_util.tree_leaves(y0), jax.tree_util.tree_leaves(y1))]
     s = [np.max(np.abs(np.asarray(a, np.float64)), initial=0.0)
@@ -326,13 +374,18 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
       new_tree = tree
       after = dict(before)
 
-  permuted_leaves = set(plan.leaves)
-  layers = tuple(LayerReport(p, axes, before[p], after[p],
-                             p in permuted_leaves and any(
-                                 c in perms for c in graph.axis_atoms(p, axes)))
-                 for p, axes in pruned.items())
-  ordered = tuple(sorted(reports.values(), key=lambda r: (r.status != "permuted", -r.size,
-                                                          r.members[:1])))
+  layers = tuple(LayerReport(u.path, u.axes, before[u], after[u],
+                             u.path in plan.leaves and any(c in perms for c in unit_atoms[u]),
+                             u.layer, u.stack)
+                 for u in units)
+
+  def order(r: ClassReport):
+    first = tuple(() if x is None else x for x in r.layers[:1])
+    return (r.status != "permuted", -r.size, r.members[:1], first)
+
+  ordered = tuple(sorted(reports.values(), key=order))
   report = PermutationReport(ordered, layers, plan, abs_err, rel_err, n, m,
                              time.perf_counter() - t0)
-  return rebuild(new_tree), report
+  if model.module is not None:
+    return model.to_module(new_tree), report
+  return new_tree, report

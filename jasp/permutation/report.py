@@ -1,6 +1,8 @@
 """What a model-level permutation did: per channel class and per pruned layer.
 
 Returned as data by :func:`jasp.permute` and printed readably (``print(report)``).
+A member or consumer that is one layer of a stacked leaf (a kernel ``(L, in,
+out)`` run by a scan) prints as ``path[axis]@layer`` (``path@layer``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import numpy as np
 
 from jasp import _tree
 
-__all__ = ["ClassReport", "LayerReport", "PermutationPlan", "PermutationReport"]
+__all__ = ["ClassReport", "LayerReport", "PermutationPlan", "PermutationReport",
+           "permute_array"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +30,8 @@ class ClassReport:
     members: ``(path, axis)`` of every parameter axis that carries the channels
       (directly, or as a factor of a flattened or grouped axis).
     consumers: paths of the N:M-pruned weights whose groups run along these
-      channels (what the search optimises).
+      channels (what the search optimises); a stacked weight (one matrix per
+      layer of a scan) is listed once per layer that reads them.
     status: ``"permuted"``, ``"identity"`` (searched, nothing better found) or
       ``"skipped"``.
     reason: why it was skipped (or kept as it was).
@@ -36,6 +40,11 @@ class ClassReport:
       the search).
     efficacy: apex's efficacy of the search on the joint matrix, in percent.
     seconds: search time.
+    layers: for each member, the layer of a stacked leaf that carries the
+      channels (indices along the leaf's stacked axes), or None when every
+      layer does (and for unstacked leaves): the hidden channels of layer 3 of
+      a scanned MLP are ``(".../up/kernel", 2)`` with layer ``(3,)``.
+    consumer_layers: for each consumer, its layer (``()`` when unstacked).
   """
   id: int
   size: int
@@ -47,11 +56,33 @@ class ClassReport:
   kept_after: float = 0.0
   efficacy: float = 0.0
   seconds: float = 0.0
+  layers: tuple[tuple[int, ...] | None, ...] = ()
+  consumer_layers: tuple[tuple[int, ...], ...] = ()
+
+  def member_names(self) -> list[str]:
+    """``path[axis]`` per member, ``path[axis]@layer`` for one layer of a stacked leaf."""
+    out = []
+    for k, (p, a) in enumerate(self.members):
+      lay = self.layers[k] if k < len(self.layers) else None
+      out.append(f"{p}[{a}]" + ("" if lay is None else f"@{_layer_str(lay)}"))
+    return out
+
+  def consumer_names(self) -> list[str]:
+    """``path`` per consumer, ``path@layer`` for one layer of a stacked weight."""
+    out = []
+    for k, p in enumerate(self.consumers):
+      lay = self.consumer_layers[k] if k < len(self.consumer_layers) else ()
+      out.append(p + (f"@{_layer_str(lay)}" if lay else ""))
+    return out
+
+
+def _layer_str(layer) -> str:
+  return str(layer[0]) if len(layer) == 1 else "(" + ",".join(str(i) for i in layer) + ")"
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerReport:
-  """One N:M-pruned weight: the fraction of ``sum |w|`` its mask keeps.
+  """One N:M-pruned weight (one layer of a stacked one): the fraction of ``sum |w|`` kept.
 
   Attributes:
     path: the leaf's path.
@@ -59,19 +90,68 @@ class LayerReport:
     kept_before: fraction kept by N:M without permutation.
     kept_after: fraction kept after the permutation.
     permuted: True when its group axis was permuted.
+    layer: for a weight stacked along layer axes (a kernel ``(L, in, out)``
+      run by a scan), the layer: its indices along those axes; ``()`` for the
+      whole leaf.
+    stack: the leaf's stacked axes that ``layer`` indexes (``()`` if none).
   """
   path: str
   axis: tuple[int, ...]
   kept_before: float
   kept_after: float
   permuted: bool
+  layer: tuple[int, ...] = ()
+  stack: tuple[int, ...] = ()
+
+  @property
+  def name(self) -> str:
+    """``path``, or ``path@layer`` for one layer of a stacked weight."""
+    return self.path + (f"@{_layer_str(self.layer)}" if self.layer else "")
 
 
-def _take_all(x, perms):
+def permute_array(x, perms, stack: tuple[int, ...] = (), xp=jnp):
+  """``x`` with each axis ``ax`` permuted by ``perms[ax]`` (exact: a gather).
+
+  Args:
+    x: an array.
+    perms: per axis of ``x``, None or an int permutation: ``(size,)`` for the
+      whole axis (``take``), or ``(*[x.shape[s] for s in stack], size)``: one
+      permutation per layer along the axes ``stack`` (``take_along_axis``).
+    stack: the stacked axes that multi-dimensional permutations index, sorted.
+    xp: ``jax.numpy`` or ``numpy``.
+
+  Returns:
+    an array of ``x``'s shape and dtype.
+  """
   for ax, p in enumerate(perms):
-    if p is not None:
-      x = jnp.take(x, jnp.asarray(p), axis=ax)
+    if p is None:
+      continue
+    p = np.asarray(p)
+    if p.ndim == 1:
+      x = xp.take(x, xp.asarray(p), axis=ax)
+      continue
+    order = list(stack) + [ax]
+    q = np.transpose(p, np.argsort(order))
+    shape = [1] * np.ndim(x)
+    for a in order:
+      shape[a] = np.shape(x)[a]
+    x = xp.take_along_axis(x, xp.asarray(q.reshape(shape)), axis=ax)
   return x
+
+
+def _fits(x, perms, stack) -> bool:
+  shape = np.shape(x)
+  if len(shape) != len(perms):
+    return False
+  for ax, p in enumerate(perms):
+    if p is None:
+      continue
+    p = np.asarray(p)
+    if p.shape[-1] != shape[ax]:
+      return False
+    if p.ndim > 1 and tuple(p.shape[:-1]) != tuple(shape[s] for s in stack):
+      return False
+  return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +159,19 @@ class PermutationPlan:
   """The permutation of every leaf axis: ``{path: (perm or None per axis)}``.
 
   ``perm[j]`` is the old index that moves to position ``j`` (``jnp.take(leaf,
-  perm, axis)``). Apply it to any tree whose leaves mirror the permuted ones,
-  such as an optimizer state created before the permutation.
+  perm, axis)``). For a leaf stacked along layer axes (a kernel ``(L, in,
+  out)`` run by a scan) whose layers are permuted differently, ``perm`` is
+  ``(L, size)``: row ``l`` permutes layer ``l`` (``jnp.take_along_axis``), the
+  leading dimensions indexed by the axes ``stacks[path]``. Apply it to any tree
+  whose leaves mirror the permuted ones, such as an optimizer state created
+  before the permutation.
+
+  Attributes:
+    leaves: ``{path: (perm or None per axis)}``.
+    stacks: ``{path: stacked axes}`` for leaves with per-layer permutations.
   """
   leaves: Mapping[str, tuple[np.ndarray | None, ...]]
+  stacks: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
   def apply(self, tree: Any, *, exact: bool = False) -> Any:
     """Permutes every leaf of ``tree`` whose path ends with a planned path.
@@ -110,23 +199,25 @@ class PermutationPlan:
 
     def one(path: str, x):
       if exact:
-        return _take_all(x, self.leaves[path]) if path in self.leaves else x
+        if path not in self.leaves:
+          return x
+        return permute_array(x, self.leaves[path], tuple(self.stacks.get(path, ())))
       for k in keys:
         if path == k or path.endswith("/" + k):
           perms = self.leaves[alias[k]]
-          if np.ndim(x) != len(perms) or any(
-              p is not None and np.shape(x)[ax] != len(p) for ax, p in enumerate(perms)):
+          stack = tuple(self.stacks.get(alias[k], ()))
+          if not _fits(x, perms, stack):
             continue
-          return _take_all(x, perms)
+          return permute_array(x, perms, stack)
       return x
 
     return _tree.map_with_path(one, tree)
 
   def inverse(self) -> PermutationPlan:
     """The plan that undoes this one."""
-    inv = {k: tuple(None if p is None else np.argsort(p) for p in v)
+    inv = {k: tuple(None if p is None else np.argsort(p, axis=-1) for p in v)
            for k, v in self.leaves.items()}
-    return PermutationPlan(inv)
+    return PermutationPlan(inv, dict(self.stacks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +227,8 @@ class PermutationReport:
   Attributes:
     classes: one :class:`ClassReport` per channel dimension that holds a
       parameter axis.
-    layers: one :class:`LayerReport` per N:M-pruned weight.
+    layers: one :class:`LayerReport` per N:M-pruned weight (per layer of a
+      stacked one).
     plan: the :class:`PermutationPlan` that was applied.
     max_abs_error, max_rel_error: largest difference between the permuted and
       the original model's outputs on the sample inputs (absolute, and relative
@@ -172,17 +264,18 @@ class PermutationReport:
                    f"{after / len(self.layers):.4f}")
     if verbosity >= 2:
       for c in self.classes:
-        members = ", ".join(f"{p}[{a}]" for p, a in c.members[:6])
-        more = f" (+{len(c.members) - 6})" if len(c.members) > 6 else ""
+        names = c.member_names()
+        members = ", ".join(names[:6])
+        more = f" (+{len(names) - 6})" if len(names) > 6 else ""
         if c.status == "skipped":
           lines.append(f"  [{c.size:>5}] skipped: {c.reason}: {members}{more}")
         else:
           lines.append(f"  [{c.size:>5}] {c.status}: efficacy {c.efficacy:.1f}%, "
-                       f"{c.seconds:.2f} s; consumers {', '.join(c.consumers)}; members "
+                       f"{c.seconds:.2f} s; consumers {', '.join(c.consumer_names())}; members "
                        f"{members}{more}" + (f" ({c.reason})" if c.reason else ""))
     if verbosity >= 3:
       for lr in self.layers:
-        lines.append(f"  {lr.path}: kept {lr.kept_before:.4f} -> {lr.kept_after:.4f}"
+        lines.append(f"  {lr.name}: kept {lr.kept_before:.4f} -> {lr.kept_after:.4f}"
                      + (" (permuted)" if lr.permuted else ""))
     return "\n".join(lines)
 
