@@ -59,13 +59,13 @@ def test_cnn_checker_finds_pattern_on_every_pruned_weight(cnn_onnx):
   assert report.ok and report.format == "onnx" and (report.n, report.m) == (2, 4)
   _pruned_axis_ok(report, em.PRUNED_CNN, em.DENSE_CNN)
   by_param = report.by_param()
-  # The exporter stored the conv kernels as KCRS and the Dense kernels as Gemm B (in, out).
+  # The exporter stored the conv kernels as KCRS and the Dense kernels as MatMul B (in, out).
   assert by_param["params/Conv_1/kernel"].shape == (32, 8, 3, 3)
   assert by_param["params/Conv_1/kernel"].consumer == "Conv(group=2)"
   assert by_param["params/Conv_1/kernel"].axis == (1,)
   assert by_param["params/Conv_2/kernel"].shape == (32, 32, 3)
   assert by_param["params/Dense_0/kernel"].axis == (0,)
-  assert by_param["params/Dense_0/kernel"].consumer.startswith("Gemm")
+  assert by_param["params/Dense_0/kernel"].consumer == "MatMul[B]"
   table = str(report)
   assert "params/Dense_0/kernel" in table and "N:M" in table
 
@@ -119,7 +119,7 @@ def _corrupt(src, dst, param, fn):
 def test_checker_fails_on_a_corrupted_pattern(cnn_onnx, tmp_path, capsys):
   bad = tmp_path / "bad.onnx"
 
-  def fill_group(a):  # Gemm B (in, out): make one group of 4 inputs dense
+  def fill_group(a):  # MatMul B (in, out): make one group of 4 inputs dense
     a[0:4, 0] = 1.0
     return a
   name = _corrupt(cnn_onnx, bad, "params/Dense_0/kernel", fill_group)
@@ -138,7 +138,7 @@ def test_checker_names_the_wrong_axis(cnn_onnx, tmp_path):
   """2:4 along the output axis (jaxpruner's default) fails, and the note says so."""
   bad = tmp_path / "wrong_axis.onnx"
 
-  def out_axis(a):  # Gemm B (in, out) = (2048, 64): 2:4 along out instead of in
+  def out_axis(a):  # MatMul B (in, out) = (2048, 64): 2:4 along out instead of in
     return _nm_along(a.shape, 1)
   _corrupt(cnn_onnx, bad, "params/Dense_0/kernel", out_axis)
   w = export.check_file(bad).by_param()["params/Dense_0/kernel"]

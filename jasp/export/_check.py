@@ -50,8 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from jasp import weights
 from jasp.export import _nm
+from jasp.export import _onnx_graph
 from jasp.export._deps import MissingDependencyError
 from jasp.export._deps import require
 
@@ -260,144 +260,19 @@ def _report(path: str, fmt: str, cands: list[_Candidate], n: int, m: int,
 # ----------------------------------------------------------------------------
 # ONNX.
 
-_PASS_OPS = {"Identity", "Cast", "CastLike", "DequantizeLinear"}
-
-
-def _onnx_int_list(consts, node, idx: int, attr: str):
-  """An int list given as input ``idx`` (a constant) or as attribute ``attr``."""
-  from onnx import helper  # pylint: disable=g-import-not-at-top
-  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
-  if len(node.input) > idx and node.input[idx]:
-    t = consts.get(node.input[idx])
-    return None if t is None else [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
-  for a in node.attribute:
-    if a.name == attr:
-      return [int(v) for v in helper.get_attribute_value(a)]
-  return []
-
-
-def _attr(node, name: str, default=None):
-  from onnx import helper  # pylint: disable=g-import-not-at-top
-  for a in node.attribute:
-    if a.name == name:
-      return helper.get_attribute_value(a)
-  return default
-
-
-def _reshape_target(shape, target, allowzero: bool):
-  out = [shape[i] if (d == 0 and not allowzero and i < len(shape)) else d
-         for i, d in enumerate(target)]
-  if -1 in out:
-    known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
-    total = int(np.prod(shape, dtype=np.int64))
-    out[out.index(-1)] = total // known if known else 0
-  return tuple(int(d) for d in out)
-
-
-class _OnnxTracer:
-  """Follows one initializer to the MatMul/Gemm/Conv ops that consume it."""
-
-  def __init__(self, graphs, consts):
-    self.consts = consts
-    self.uses: dict[str, list] = {}
-    for node in (nd for g in graphs for nd in g.node):
-      for i, name in enumerate(node.input):
-        if name:
-          self.uses.setdefault(name, []).append((node, i))
-
-  def follow(self, name: str, amap: tuple, shape: tuple, depth: int = 0):
-    """Yields ``(consumer label, reduction axes of the initializer)`` or ``(other op, None)``."""
-    if depth > 32:
-      yield ("a chain too long to follow", None)
-      return
-    for node, idx in self.uses.get(name, []):
-      op = node.op_type
-      out = node.output[0] if node.output else ""
-      if op in _PASS_OPS and idx == 0:
-        yield from self.follow(out, amap, shape, depth + 1)
-      elif op == "Transpose" and idx == 0:
-        perm = list(_attr(node, "perm", None) or reversed(range(len(shape))))
-        yield from self.follow(out, tuple(amap[p] for p in perm), tuple(shape[p] for p in perm),
-                               depth + 1)
-      elif op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten") and idx == 0:
-        new = self._new_shape(node, op, shape)
-        nm = None if new is None else weights.reshape_axis_map(amap, shape, new)
-        if nm is None:
-          yield (f"{op} (not followed)", None)
-        else:
-          yield from self.follow(out, nm, new, depth + 1)
-      elif op == "MatMul" and idx in (0, 1):
-        nd = len(shape)
-        if idx == 1:
-          dim, label = (0 if nd == 1 else nd - 2), "MatMul[B]"
-        else:
-          dim, label = nd - 1, "MatMul[A]"
-        yield (label, amap[dim])
-      elif op == "Gemm" and idx in (0, 1):
-        if idx == 1:
-          t = int(_attr(node, "transB", 0))
-          yield (f"Gemm(transB={t})", amap[1 if t else 0])
-        else:
-          t = int(_attr(node, "transA", 0))
-          yield (f"Gemm[A](transA={t})", amap[0 if t else 1])
-      elif op == "Conv" and idx == 1:
-        g = int(_attr(node, "group", 1))
-        cg = shape[1] if len(shape) > 1 else 0
-        label = f"Conv(group={g})" if g > 1 else "Conv"
-        if g > 1 and cg == 1:
-          yield (label + " depthwise", ())
-        else:
-          yield (label, amap[1])
-      elif op == "ConvTranspose" and idx == 1:
-        yield ("ConvTranspose", amap[0])
-      elif op in ("Gemm", "Conv", "ConvTranspose") and idx == 2:
-        continue  # a bias
-      else:
-        yield (op, None)
-
-  def _new_shape(self, node, op, shape):
-    if op == "Reshape":
-      target = _onnx_int_list(self.consts, node, 1, "shape")
-      if target is None:
-        return None
-      return _reshape_target(shape, target, bool(_attr(node, "allowzero", 0)))
-    if op == "Flatten":
-      ax = int(_attr(node, "axis", 1)) % (len(shape) + 1)
-      return (int(np.prod(shape[:ax], dtype=np.int64)), int(np.prod(shape[ax:], dtype=np.int64)))
-    axes = _onnx_int_list(self.consts, node, 1, "axes")
-    if axes is None:
-      return None
-    if op == "Squeeze":
-      axes = [a % len(shape) for a in axes] if axes else [i for i, d in enumerate(shape) if d == 1]
-      return tuple(d for i, d in enumerate(shape) if i not in axes)
-    nd = len(shape) + len(axes)
-    axes = sorted(a % nd for a in axes)
-    it = iter(shape)
-    return tuple(1 if i in axes else next(it) for i in range(nd))
-
-
-def _graphs(graph):
-  """``graph`` and every subgraph of its control-flow nodes (If/Loop/Scan bodies)."""
-  from onnx import AttributeProto  # pylint: disable=g-import-not-at-top
-  yield graph
-  for node in graph.node:
-    for a in node.attribute:
-      if a.type == AttributeProto.GRAPH:
-        yield from _graphs(a.g)
-      elif a.type == AttributeProto.GRAPHS:
-        for g in a.graphs:
-          yield from _graphs(g)
-
-
 def _onnx_candidates(model) -> tuple[list[_Candidate], dict]:
   from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
-  graphs = list(_graphs(model.graph))
-  consts = {t.name: t for g in graphs for t in g.initializer}
-  for node in (nd for g in graphs for nd in g.node):
-    if node.op_type == "Constant" and node.output:
-      val = _attr(node, "value", None)
-      if val is not None and hasattr(val, "dims"):
-        consts[node.output[0]] = val
+  from onnx import shape_inference  # pylint: disable=g-import-not-at-top
+  shapes = {}
+  try:
+    inferred = shape_inference.infer_shapes(model).graph
+    for g in _onnx_graph.all_graphs(inferred):
+      for vi in list(g.value_info) + list(g.output) + list(g.input):
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in vi.type.tensor_type.shape.dim]
+        shapes.setdefault(vi.name, dims)
+  except Exception:  # pylint: disable=broad-except
+    pass  # shapes of intermediate values stay unknown: a Concat of them is not followed
   meta = {}
   for e in model.metadata_props:
     if e.key == "jasp":
@@ -406,14 +281,13 @@ def _onnx_candidates(model) -> tuple[list[_Candidate], dict]:
       except ValueError:
         meta = {}
   recorded = meta.get("weights", {}) if isinstance(meta, dict) else {}
-  tracer = _OnnxTracer(graphs, consts)
+  walker = _onnx_graph.WeightUses(model.graph, shapes)
   cands = []
-  for name, t in consts.items():
-    if name not in tracer.uses or len(t.dims) < 1:
+  for graph, name, t in walker.constants():
+    if len(t.dims) < 1:
       continue
     shape = tuple(int(d) for d in t.dims)
-    amap = tuple((a,) for a in range(len(shape)))
-    uses = list(tracer.follow(name, amap, shape))
+    uses = walker.follow(graph, name, shape)
     mm = [(lbl, ax) for lbl, ax in uses if ax is not None]
     if not mm:
       continue
@@ -422,10 +296,13 @@ def _onnx_candidates(model) -> tuple[list[_Candidate], dict]:
     axes = [tuple(sorted(ax)) for _, ax in mm if ax]
     labels = list(dict.fromkeys(lbl for lbl, _ in mm))
     rec = recorded.get(name, {})
+    param = rec.get("path")
+    if param is not None and rec.get("layer"):
+      param = f"{param}[{','.join(str(i) for i in rec['layer'])}]"
     note = ("also used by " + ", ".join(others)) if others else ""
     if any(not ax for _, ax in mm):
       note = "; ".join(x for x in (note, "depthwise: no channel groups") if x)
-    cands.append(_Candidate(name, arr, ", ".join(labels), axes, rec.get("path"),
+    cands.append(_Candidate(name, arr, ", ".join(labels), axes, param,
                             "metadata" if rec.get("pruned") else "", note))
   return cands, meta
 

@@ -9,13 +9,11 @@ The exporter is `jax2onnx <https://pypi.org/project/jax2onnx/>`_, chosen over
   fails on it ("Could not infer the attribute type ..."). The old graph mode
   (``enable_xla=False``) is gone from JAX, so that route no longer exists.
 * ``jax2onnx`` converts the jaxpr directly, primitive by primitive, into plain
-  ONNX ops (``Conv``, ``Gemm``, ``MatMul``, ``Softmax``, ``LayerNorm`` as
-  elementwise ops ...), so the weights land as initializers in the layout of
-  the op that consumes them (``Conv`` kernels as ``KCRS``; ``DenseGeneral``
-  kernels flattened to 2-D). It ran the digits-style CNN, the linen and the nnx
-  transformer blocks of ``tests/models.py`` in onnxruntime with a relative
-  error below 1e-6, exports symbolic batch sizes, and is actively released
-  (49 versions on PyPI, 0.3.1 to 0.17.1, when this was written).
+  ONNX ops (``Conv``, ``MatMul``, ``Softmax``, norms as elementwise ops ...).
+  It ran the digits-style CNN, the linen and the nnx transformer blocks of
+  ``tests/models.py`` in onnxruntime with a relative error below 1e-6,
+  exports symbolic batch sizes, and is actively released (49 versions on
+  PyPI, 0.3.1 to 0.17.1, when this was written).
 
 Its cost, worth knowing: it depends on ``orbax-checkpoint<0.11.37`` (so an
 environment with jasp's ``onnx`` extra resolves orbax to 0.11.x; jasp's own
@@ -28,17 +26,21 @@ included: 19 s of CPU here. jasp imports only the ``plugins/jax`` and
 ``plugins/flax`` subtrees (1.6 s), which hold every converter a flax model
 needs; if that internal layout ever changes, it falls back to the full import.
 
-Known limitation (jax2onnx 0.17.1): while tracing, it swaps
-``flax.linen.avg_pool``/``max_pool`` for converters that accept only keyword
-arguments, so ``nn.avg_pool(x, (2, 2), (2, 2))`` fails to export (it runs in
-JAX); ``nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))`` exports. The
-error raised says so.
+jax2onnx is given the model's own jaxpr, re-evaluated by
+:mod:`jasp.export._lower` rather than the model's Python code, which works
+around what jax2onnx 0.17.1 cannot take (positional ``nn.max_pool`` windows,
+linen ``nn.scan``, reverse scans) and writes each weight as its consumer reads
+it: a 2-D ``(K, O)`` initializer for ``MatMul``, ``KCRS`` for ``Conv``, and one
+initializer per layer for blocks stacked under a ``scan``. A scan over
+anything else (an RNN over time) stays an ONNX ``Loop``, its kernels passed in
+as loop operands.
 
 Initializers get the exporter's names (``const_10``, ``kernel2d_3``); jasp
 records, in the model's ``metadata_props["jasp"]`` (JSON), the flax path of
 every weight initializer (matched by value, so transposes and reshapes are
-seen through) and whether it was pruned, which :func:`jasp.export.check_file`
-reads to know which weights must carry the pattern.
+seen through; ``"layer"`` names one layer of a stacked kernel) and whether it
+was pruned, which :func:`jasp.export.check_file` reads to know which weights
+must carry the pattern.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import jax
 import numpy as np
 
 from jasp import _tree
+from jasp.export import _lower
 from jasp.export import _model
 from jasp.export._deps import require
 
@@ -73,18 +76,30 @@ def _fingerprint(a: np.ndarray) -> tuple:
   return (a.size, str(a.dtype), digest)
 
 
-def _initializer_paths(model, params: PyTree, weight_paths: Sequence[str]) -> dict[str, str]:
-  """``{initializer name: params path}`` for the weights found by value."""
+def _initializer_paths(model, params: PyTree, weight_paths: Sequence[str],
+                       layouts: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """``{initializer name: (params path, layer)}`` for the weights found by value.
+
+  A weight stacked for a scan over layers (``Layout.stack``) is exported one
+  initializer per layer; ``layer`` is its index (``()`` for a whole leaf).
+  """
   from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
   leaves = _tree.leaves_by_path(params)
-  by_key: dict[tuple, list[str]] = {}
+  by_key: dict[tuple, list] = {}
   sizes = set()
   for p in weight_paths:
     w = np.asarray(jax.device_get(leaves[p]))
-    if w.ndim < 2:
-      continue
-    by_key.setdefault(_fingerprint(w), []).append(p)
-    sizes.add(w.size)
+    stack = tuple(layouts[p].stack)
+    parts = [((), w)]
+    if stack:
+      shape = [w.shape[a] for a in stack]
+      moved = np.moveaxis(w, stack, range(len(stack)))
+      parts += [(tuple(int(i) for i in idx), moved[idx]) for idx in np.ndindex(*shape)]
+    for layer, part in parts:
+      if part.ndim < 2:
+        continue
+      by_key.setdefault(_fingerprint(part), []).append((p, layer))
+      sizes.add(part.size)
   out, used = {}, set()
   for init in model.graph.initializer:
     n_el = int(np.prod(init.dims, dtype=np.int64)) if len(init.dims) else 1
@@ -96,6 +111,17 @@ def _initializer_paths(model, params: PyTree, weight_paths: Sequence[str]) -> di
       out[init.name] = fresh[0]
       used.add(fresh[0])
   return out
+
+
+def _weight_entry(path: str, layer: tuple[int, ...], pruned: bool, layout) -> dict:
+  """The metadata of one weight initializer (a whole leaf, or one layer of a stacked one)."""
+  stack = tuple(layout.stack)
+  axis = [a - sum(1 for s in stack if s < a) for a in layout.axis] if layer else list(
+      layout.axis)
+  entry = {"path": path, "pruned": pruned, "axis": axis}
+  if layer:
+    entry["layer"] = list(layer)
+  return entry
 
 
 def _import_plugins() -> None:
@@ -173,31 +199,27 @@ def to_onnx(fn: Callable[..., Any] | Any, params: PyTree = None, *args: Any,
   _import_plugins()
   bound = _model.bind(fn, params, args)
   p = bound.params
+  specs = _input_specs(bound.inputs, dynamic_batch)
+  closed, out_tree = jax.make_jaxpr(lambda p, *xs: bound.apply(p, *xs), return_shape=True)(
+      p, *specs)
+  out_tree = jax.tree_util.tree_structure(out_tree)
+  p_leaves = jax.tree_util.tree_leaves(p)
 
   def forward(*xs):
-    return bound.apply(p, *xs)
+    outs = _lower.Lowering().run(closed.jaxpr, closed.consts, p_leaves + list(xs))
+    return jax.tree_util.tree_unflatten(out_tree, outs)
 
   kwargs = {"model_name": model_name}
   if opset is not None:
     kwargs["opset"] = opset
-  try:
-    model = j2o.to_onnx(forward, _input_specs(bound.inputs, dynamic_batch), **kwargs)
-  except TypeError as e:
-    if "positional argument" in str(e) and "patch" in str(e):
-      raise TypeError(
-          f"jax2onnx could not convert the model ({e}). jax2onnx replaces flax's pooling "
-          "functions while it traces, and its replacements take only keyword arguments: call "
-          "them as nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2)) (and likewise "
-          "nn.max_pool).") from e
-    raise
+  model = j2o.to_onnx(forward, specs, **kwargs)
   pruned = _model.pruned_paths(bound, masks, n, m)
-  names = _initializer_paths(model, p, list(pruned))
+  names = _initializer_paths(model, p, list(pruned), bound.layouts)
   meta = {
       "producer": "jasp.export.to_onnx",
       "n": n, "m": m,
-      "weights": {name: {"path": pth, "pruned": pruned[pth],
-                         "axis": list(bound.layouts[pth].axis)}
-                  for name, pth in names.items()},
+      "weights": {name: _weight_entry(pth, layer, pruned[pth], bound.layouts[pth])
+                  for name, (pth, layer) in names.items()},
   }
   entry = next((e for e in model.metadata_props if e.key == METADATA_KEY), None)
   if entry is None:
