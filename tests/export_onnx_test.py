@@ -248,3 +248,63 @@ def test_weights_used_inside_control_flow_subgraphs():
   model = _graph_model([node], inits, [_vi("x", [3, 48])], [_vi("y", None)])
   (w,) = export.check_onnx(model).weights
   assert w.name == "sub_w" and w.axis == (0,) and w.nm and w.consumer == "MatMul[B]"
+
+
+def test_einsum_concat_and_visit_once():
+  """Einsum drops its reduced letters; Concat along another axis is followed; a graph whose
+  Identity nodes fan out exponentially is walked once per name."""
+  inits = {
+      "ein": _nm_along((48, 4, 5), 0),         # 'btk,khd->bthd': reduces k (axis 0)
+      "cat_a": _nm_along((48, 8), 0),          # Concat along axis 1, then MatMul B
+      "cat_b": _nm_along((48, 12), 0),
+      "cat_k": _nm_along((24, 20), 0),         # Concat along axis 0 = the reduction axis
+      "fan": _nm_along((48, 20), 0),
+  }
+  nodes = [
+      helper.make_node("Einsum", ["x3", "ein"], ["y1"], equation="btk,khd->bthd"),
+      helper.make_node("Concat", ["cat_a", "cat_b"], ["cat"], axis=1),
+      helper.make_node("MatMul", ["x", "cat"], ["y2"]),
+      helper.make_node("Concat", ["cat_k", "cat_k"], ["catk"], axis=0),
+      helper.make_node("MatMul", ["x", "catk"], ["y3"]),
+  ]
+  prev = "fan"
+  for i in range(40):  # each level doubles the paths: 2**40 without visit-once
+    nodes += [helper.make_node("Identity", [prev], [f"f{i}"]),
+              helper.make_node("Identity", [prev], [f"f{i}"])]
+    prev = f"f{i}"
+  nodes.append(helper.make_node("MatMul", ["x", prev], ["y4"]))
+  model = _graph_model(nodes, inits, [_vi("x", [3, 48]), _vi("x3", [2, 3, 48])],
+                       [_vi(f"y{i}", None) for i in range(1, 5)])
+  r = export.check_onnx(model).by_name()
+  assert r["ein"].axis == (0,) and r["ein"].nm and r["ein"].consumer.startswith("Einsum")
+  assert r["cat_a"].axis == (0,) and r["cat_a"].nm and r["cat_b"].nm
+  assert "cat_k" not in r  # concatenated along its reduction axis: not a plain weight
+  assert r["fan"].axis == (0,) and r["fan"].nm
+
+
+def test_loop_operands_and_outer_reads_are_followed_into_the_body():
+  """An initializer passed into a Loop (jax2onnx's scan constants) or read from the enclosing
+  graph by the body; two bodies reuse the same input names."""
+  def body(name):
+    b_in = [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+            helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+            _vi("w_in", None), _vi("h", [3, 48])]
+    b_nodes = [helper.make_node("Identity", ["c"], ["c_out"]),
+               helper.make_node("Identity", ["w_in"], ["w_out"]),
+               helper.make_node("MatMul", ["h", "w_in"], ["h1"]),
+               helper.make_node("MatMul", ["h1", "outer"], ["h_out"])]
+    b_out = [helper.make_tensor_value_info("c_out", onnx.TensorProto.BOOL, []),
+             _vi("w_out", None), _vi("h_out", [3, 48])]
+    return helper.make_graph(b_nodes, name, b_in, b_out)
+
+  inits = {"carried": _nm_along((48, 48), 0), "carried2": _nm_along((48, 48), 0, seed=1),
+           "outer": _nm_along((48, 48), 0, seed=2),
+           "trip": np.asarray(2, np.int64), "cond": np.asarray(True)}
+  nodes = [
+      helper.make_node("Loop", ["trip", "cond", "carried", "x"], ["w1", "y1"], body=body("b1")),
+      helper.make_node("Loop", ["trip", "cond", "carried2", "y1"], ["w2", "y2"], body=body("b2")),
+  ]
+  model = _graph_model(nodes, inits, [_vi("x", [3, 48])], [_vi("y2", None)])
+  r = export.check_onnx(model).by_name()
+  for name in ("carried", "carried2", "outer"):
+    assert r[name].axis == (0,) and r[name].nm and r[name].consumer == "MatMul[B]", r[name]

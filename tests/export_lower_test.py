@@ -1,0 +1,104 @@
+"""jasp.export._lower: what jax2onnx is given (the model's jaxpr, re-evaluated)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jasp
+from jasp import export
+
+pytest.importorskip("jax2onnx")
+
+
+def _x(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _rel(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+class _Pools(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.max_pool(x, (3, 3), strides=(1, 1), padding="SAME")  # positional window
+    x = nn.max_pool(x, (2, 2), (2, 2), ((0, 1), (0, 1)))  # explicit, uneven padding
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+def test_positional_pooling_exports_and_runs_like_jax():
+  x = _x((2, 9, 9, 3))
+  model = _Pools()
+  v = model.init(jax.random.key(0), x)
+  onx = export.to_onnx(model.apply, v, x)
+  assert _rel(export.run_onnx(onx, x)[0], model.apply(v, x)) < 1e-5
+  ops = {n.op_type for n in onx.graph.node}
+  assert "MaxPool" in ops and "Conv" in ops
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    y = nn.Dense(16, use_bias=False, name="up")(nn.RMSNorm()(h))
+    return h + nn.Dense(8, use_bias=False, name="down")(nn.gelu(y)), None
+
+
+class _Stacked(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    blocks = nn.scan(nn.remat(_Block), variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=3)
+    x, _ = blocks(name="blocks")(nn.Dense(8)(x), None)
+    return nn.Dense(4)(x)
+
+
+def test_linen_scan_blocks_become_one_initializer_per_layer():
+  x = _x((2, 5, 8))
+  model = _Stacked()
+  v = model.init(jax.random.key(0), x)
+  layouts = jasp.trace_layouts(model.apply, v, x)
+  assert layouts["params/blocks/up/kernel"].stack == (0,)
+  pruned, masks = jasp.prune(v, layouts=layouts)
+  onx = export.to_onnx(model.apply, pruned, x, masks=masks)
+  assert "Loop" not in {n.op_type for n in onx.graph.node}
+  assert _rel(export.run_onnx(onx, x)[0], model.apply(pruned, x)) < 1e-5
+  by = export.check_onnx(onx).by_param()
+  for name in ("up", "down"):
+    for layer in range(3):
+      w = by[f"params/blocks/{name}/kernel[{layer}]"]
+      assert w.nm and w.expected_by == "metadata" and w.consumer == "MatMul[B]", w
+
+
+def test_reverse_scan_with_constant_kernels_exports():
+  """A backward RNN: jax2onnx does not convert a reverse scan; jasp runs it forward on
+  reversed inputs. Its kernels stay loop operands, followed into the Loop body."""
+  def rnn(p, xs):  # xs (T, B, 8)
+    def cell(h, x):
+      h = jnp.tanh(x @ p["wx"] + h @ p["wh"])
+      return h, h
+    h, ys = jax.lax.scan(cell, jnp.zeros((xs.shape[1], 8)), xs, reverse=True)
+    return ys.sum(0) + h
+
+  p = {"wx": _x((8, 8), 1), "wh": _x((8, 8), 2)}
+  lay = jasp.trace_layouts(rnn, p, _x((6, 2, 8)))
+  pruned, masks = jasp.prune(p, layouts=lay)
+  xs = _x((6, 2, 8), 3)
+  onx = export.to_onnx(rnn, pruned, xs, masks=masks)
+  assert _rel(export.run_onnx(onx, xs)[0], rnn(pruned, xs)) < 1e-5
+  by = export.check_onnx(onx).by_param()
+  assert by["wx"].nm and by["wh"].nm and by["wh"].expected_by == "metadata"
+
+
+def test_dense_general_kernel_is_a_2d_matmul_weight():
+  model = nn.DenseGeneral((4, 6), axis=(-2, -1))
+  x = _x((3, 2, 8))
+  v = model.init(jax.random.key(0), x)
+  onx = export.to_onnx(model.apply, v, x)
+  (w,) = [c for c in export.check_onnx(onx).weights if c.param == "params/kernel"]
+  assert w.shape == (16, 24) and w.consumer == "MatMul[B]" and w.axis == (0,)
+  assert _rel(export.run_onnx(onx, x)[0], model.apply(v, x)) < 1e-5
