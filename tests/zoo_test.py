@@ -379,6 +379,7 @@ def step_permute(ctx):
     pmodel, report = jasp.permute(model, *c.sample)
     before, after = nnx.state(model), nnx.state(pmodel)
     y0, y1 = model(*c.other), pmodel(*c.other)
+  ctx.perm_report = report
   errors = []
   err = rel_error(y1, y0)
   if not err <= RTOL:
