@@ -79,6 +79,17 @@ def run_case(case, tmp: str) -> dict:
           "seconds": round(time.perf_counter() - t0, 2), "summary": _summary(ctx)}
 
 
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def _commit() -> str:
   try:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -92,16 +103,17 @@ def main() -> None:
   ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
   ap.add_argument("--json", default="", help="write the results to this file")
   args = ap.parse_args()
+  import importlib.metadata
+
   import flax
-  import jax2onnx
   import optax
   want = [c for c in args.cases.split(",") if c]
   cases = [c for c in zoo.all_cases() if not want or c.name in want]
   out = {"commit": _commit(), "date": time.strftime("%Y-%m-%d"),
-         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-                   f"({jax.default_backend()})",
+         "device": f"{_cpu_name()}, {os.cpu_count()} cores ({jax.default_backend()})",
          "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-                      "jax2onnx": getattr(jax2onnx, "__version__", "?"),
+                      "jax2onnx": importlib.metadata.version("jax2onnx"),
+                      "onnxruntime": importlib.metadata.version("onnxruntime"),
                       "python": platform.python_version()},
          "command": "python benchmarks/zoo_steps.py " + " ".join(sys.argv[1:]), "cases": []}
   with tempfile.TemporaryDirectory() as tmp:

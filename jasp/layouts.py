@@ -66,7 +66,12 @@ def classify(uses: list[weights.Use]) -> Layout:
     return Layout(None, reason="not used by the traced function")
   others = sorted({u.what for u in uses if u.kind == "other"})
   if others:
-    return Layout(None, reason="used by " + "; ".join(others))
+    reason = "used by " + "; ".join(others)
+    contracted = sorted({u.axes for u in uses if u.kind != "other"})
+    if contracted:  # e.g. an embedding also used as the output projection (attend)
+      reason += (f"; also the weight of a matmul along axes {contracted[0]} (tied: pruning it "
+                 "would change its other uses too; force it with Policy(axes=...))")
+    return Layout(None, reason=reason)
   kinds = {u.kind for u in uses}
   axes = {u.axes for u in uses}
   if len(axes) > 1 or len(kinds) > 1:
