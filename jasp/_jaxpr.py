@@ -105,8 +105,12 @@ class Scan:
   @classmethod
   def of(cls, eqn: jcore.JaxprEqn) -> Scan:
     p = eqn.params
-    return cls(_body(p["jaxpr"]), int(p["num_consts"]), int(p["num_carry"]), int(p["length"]),
-               bool(p.get("reverse", False)))
+    if "num_consts" in p:  # jax <= 0.10
+      nc, nk = int(p["num_consts"]), int(p["num_carry"])
+    else:  # jax 0.11: the operands' grouping is a flat tree (consts, carry, xs)
+      groups = p["ft_in"].update(list(range(len(eqn.invars)))).unpack()
+      nc, nk = len(groups[0]), len(groups[1])
+    return cls(_body(p["jaxpr"]), nc, nk, int(p["length"]), bool(p.get("reverse", False)))
 
   def split_in(self, seq: Sequence[V]) -> tuple[list[V], list[V], list[V]]:
     """``(consts, carry, xs)`` of the operands (or of the body's inputs)."""
