@@ -198,6 +198,10 @@ class Interpreter(Generic[V]):
     finally:
       self.context = saved
 
+  def walk_branches(self, eqn: jcore.JaxprEqn, cond: Cond, ops: Sequence[V]) -> list[list[V]]:
+    """Runs every branch of a ``cond`` on its operands; one list of outputs per branch."""
+    return [self.walk(eqn, i, br, ops) for i, br in enumerate(cond.branches)]
+
   def key(self, eqn: jcore.JaxprEqn) -> Context:
     """A name for ``eqn`` that is unique across call sites of shared bodies."""
     return self.context + ((id(eqn), None),)

@@ -330,12 +330,8 @@ class WeightFlow(_jaxpr.Interpreter[Val]):
     index, ops = ins[0], ins[1:]
     if index.origins:
       self.other(eqn, [index], "a branch index")
-    outs = None
-    for i, br in enumerate(cond.branches):
-      got = self.walk(eqn, i, br, ops)
-      if outs is None:
-        outs = got
-        continue
+    outs, *rest = self.walk_branches(eqn, cond, ops)
+    for got in rest:
       outs = [Val(a.origins + tuple(o for o in b.origins if o not in a.origins),
                   a.tainted or b.tainted, a.deps | b.deps) for a, b in zip(outs, got)]
     return [Val(v.origins, v.tainted or index.tainted, v.deps | index.deps) for v in outs]

@@ -774,12 +774,8 @@ class _Channels(_jaxpr.Interpreter[list]):
   def cond(self, eqn, cond, ins):
     index, ops = ins[0], ins[1:]
     self.pin_all([index], "a branch index")
-    outs = None
-    for i, br in enumerate(cond.branches):
-      got = self.walk(eqn, i, br, ops)
-      if outs is None:
-        outs = got
-        continue
+    outs, *rest = self.walk_branches(eqn, cond, ops)
+    for got in rest:
       for a, b in zip(outs, got):
         for x, y in zip(a, b):
           self.uf.union(x, y)

@@ -179,6 +179,46 @@ def xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def image_data(batch: int, classes: int) -> dict:
+  """The inputs of an image-classifier case (``Case`` fields): the sample, another input,
+  calibration and held-out batches, and four training batches labelled by a fixed teacher."""
+  def train_batches():
+    out = []
+    for s in range(4):
+      x = images(100 + s, batch)
+      out.append(((x,), teacher_labels(x, classes)))
+    return out
+  return {"sample": (images(10, batch),), "other": (images(11, batch),),
+          "calib_batches": lambda: [(images(20 + s, batch),) for s in range(4)],
+          "heldout": (images(30, batch),), "train_batches": train_batches}
+
+
+def lm_data(tokens: Callable[[int], jax.Array]) -> dict:
+  """The inputs of a language-model case (``Case`` fields) from ``tokens(seed)``; the
+  training labels are the next tokens."""
+  def train_batches():
+    out = []
+    for s in range(4):
+      t = tokens(100 + s)
+      out.append(((t,), t[:, 1:]))
+    return out
+  return {"sample": (tokens(10),), "other": (tokens(11),),
+          "calib_batches": lambda: [(tokens(20 + s),) for s in range(4)],
+          "heldout": (tokens(30),), "train_batches": train_batches}
+
+
+def eval_apply(model) -> Callable[..., Any]:
+  """A linen model with a ``train`` flag, in inference mode: ``fn(variables, x)``."""
+  return lambda variables, x: model.apply(variables, x, train=False)
+
+
+def batchnorm_loss(model, variables, inputs, labels, rng):
+  """Cross-entropy of a linen classifier trained with BatchNorm batch statistics."""
+  del rng
+  logits, updates = model.apply(variables, *inputs, train=True, mutable=["batch_stats"])
+  return xent(logits, labels), updates
+
+
 def randomise(tree: Any, seed: int, patterns: Sequence[str]) -> Any:
   """Replaces leaves whose path matches a pattern with random, non-trivial values.
 

@@ -51,15 +51,6 @@ def loss(model, inputs, labels):
   return zoo.xent(model(*inputs), labels)
 
 
-def _train_batches():
-  """Four ``(inputs, labels)`` batches, cycled by the fine-tuning steps."""
-  out = []
-  for s in range(4):
-    x = zoo.images(100 + s, BATCH)
-    out.append(((x,), zoo.teacher_labels(x, CLASSES)))
-  return out
-
-
 expected_axis = zoo.rules(
     (r"conv[12]/kernel", zoo.conv_in),
     (r"fc[12]/kernel", zoo.dense_in),
@@ -73,9 +64,7 @@ def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
       name="cnn_nnx", framework="nnx", build=build, apply=None,
-      sample=(zoo.images(10, BATCH),), other=(zoo.images(11, BATCH),),
-      calib_batches=lambda: [(zoo.images(20 + s, BATCH),) for s in range(4)],
-      heldout=(zoo.images(30, BATCH),), train_batches=_train_batches, loss=loss,
+      loss=loss, **zoo.image_data(BATCH, CLASSES),
       expected_axis=expected_axis,
       permuted_class=(r"conv2/kernel", 2),
       permute_note="conv1's output channels (conv1 -> bn1 -> relu -> pool -> conv2)")

@@ -135,15 +135,6 @@ def loss(model, inputs, labels):
   return zoo.xent(model(toks)[:, :-1], labels)
 
 
-def _train_batches():
-  """Four ``(inputs, labels)`` batches, cycled by the fine-tuning steps."""
-  out = []
-  for s in range(4):
-    t = tokens(100 + s)
-    out.append(((t,), t[:, 1:]))
-  return out
-
-
 expected_axis = zoo.rules(
     (r"embed/embedding", zoo.dense),
     (r"blocks/(attn_norm|mlp_norm)/scale", zoo.dense),
@@ -158,9 +149,7 @@ def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
       name="decoder_nnx", framework="nnx", build=build, apply=None,
-      sample=(tokens(10),), other=(tokens(11),),
-      calib_batches=lambda: [(tokens(20 + s),) for s in range(4)],
-      heldout=(tokens(30),), train_batches=_train_batches, loss=loss,
+      loss=loss, **zoo.lm_data(tokens),
       expected_axis=expected_axis,
       permuted_class=(r"blocks/mlp/down/kernel", 1),
       permute_note="the gated MLP's hidden channels (gate/up outputs -> down input)")

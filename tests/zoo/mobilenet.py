@@ -59,27 +59,6 @@ def build():
   return model, variables
 
 
-def apply(model):
-  """The inference call: ``fn(variables, *inputs)``."""
-  return lambda variables, x: model.apply(variables, x, train=False)
-
-
-def loss(model, variables, inputs, labels, rng):
-  """The training loss (see :class:`zoo.Case`)."""
-  del rng
-  logits, updates = model.apply(variables, *inputs, train=True, mutable=["batch_stats"])
-  return zoo.xent(logits, labels), updates
-
-
-def _train_batches():
-  """Four ``(inputs, labels)`` batches, cycled by the fine-tuning steps."""
-  out = []
-  for s in range(4):
-    x = zoo.images(100 + s, BATCH)
-    out.append(((x,), zoo.teacher_labels(x, CLASSES)))
-  return out
-
-
 expected_axis = zoo.rules(
     # Depthwise kernels (3, 3, 1, C): the layout is axis 2 (size 1, so the policy keeps it dense).
     (r"params/(stem|grouped|block\d/(depthwise|pointwise))/kernel", zoo.conv_in),
@@ -93,10 +72,8 @@ expected_axis = zoo.rules(
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="mobilenet", framework="linen", build=build, apply=apply,
-      sample=(zoo.images(10, BATCH),), other=(zoo.images(11, BATCH),),
-      calib_batches=lambda: [(zoo.images(20 + s, BATCH),) for s in range(4)],
-      heldout=(zoo.images(30, BATCH),), train_batches=_train_batches, loss=loss,
+      name="mobilenet", framework="linen", build=build, apply=zoo.eval_apply,
+      loss=zoo.batchnorm_loss, **zoo.image_data(BATCH, CLASSES),
       expected_axis=expected_axis,
       permuted_class=(r"params/block1/pointwise/kernel", 2),
       permute_note="the stem's output channels (stem -> BN -> depthwise -> BN -> pointwise)")

@@ -65,27 +65,6 @@ def build():
   return model, variables
 
 
-def apply(model):
-  """The inference call: ``fn(variables, *inputs)``."""
-  return lambda variables, x: model.apply(variables, x, train=False)
-
-
-def loss(model, variables, inputs, labels, rng):
-  """The training loss (see :class:`zoo.Case`)."""
-  del rng
-  logits, updates = model.apply(variables, *inputs, train=True, mutable=["batch_stats"])
-  return zoo.xent(logits, labels), updates
-
-
-def _train_batches():
-  """Four ``(inputs, labels)`` batches, cycled by the fine-tuning steps."""
-  out = []
-  for s in range(4):
-    x = zoo.images(100 + s, BATCH)
-    out.append(((x,), zoo.teacher_labels(x, CLASSES)))
-  return out
-
-
 expected_axis = zoo.rules(
     (r"params/.*(stem|conv1|conv2|proj)/kernel", zoo.conv_in),
     (r"params/head/kernel", zoo.dense_in),
@@ -98,10 +77,8 @@ expected_axis = zoo.rules(
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="resnet", framework="linen", build=build, apply=apply,
-      sample=(zoo.images(10, BATCH),), other=(zoo.images(11, BATCH),),
-      calib_batches=lambda: [(zoo.images(20 + s, BATCH),) for s in range(4)],
-      heldout=(zoo.images(30, BATCH),), train_batches=_train_batches, loss=loss,
+      name="resnet", framework="linen", build=build, apply=zoo.eval_apply,
+      loss=zoo.batchnorm_loss, **zoo.image_data(BATCH, CLASSES),
       expected_axis=expected_axis,
       permuted_class=(r"params/block1/conv1/kernel", 3),
       permute_note="the internal channels of a residual block (conv1 -> bn1 -> conv2)")
