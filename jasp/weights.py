@@ -50,6 +50,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jasp import _jaxpr
@@ -160,7 +161,6 @@ class Site:
 
 def to_matrix(w: jax.Array, site: Site) -> jax.Array:
   """The ``(K, O)`` matrix view of a weight (one layer) of shape ``site.shape``."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   if site.flip:
     w = jnp.flip(w, site.flip)
   return jnp.transpose(w, site.perm).reshape(site.k, site.o)
@@ -168,7 +168,6 @@ def to_matrix(w: jax.Array, site: Site) -> jax.Array:
 
 def from_matrix(wm: jax.Array, site: Site) -> jax.Array:
   """Inverse of :func:`to_matrix`: a ``(K, O)`` array back to ``site.shape``."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   y = wm.reshape([site.shape[a] for a in site.perm])
   y = jnp.transpose(y, np.argsort(site.perm))
   return jnp.flip(y, site.flip) if site.flip else y

@@ -1,5 +1,6 @@
 """jasp.calibration.wanda: |W| * ||X|| scores, N:M masks, the magnitude limit."""
 
+import jax
 import jax.numpy as jnp
 import models
 import numpy as np
@@ -71,3 +72,20 @@ def test_nnx_module_sequential():
   assert bool(jasp.is_nm(model.up.kernel[...], 2, 4, 0))
   assert bool(jasp.is_nm(model.conv.kernel[...], 2, 4, 1))
   nnx.jit(lambda mdl, t: mdl(t))(model, tokens)
+
+
+def test_wanda_scores_of_a_stacked_weight_use_each_layers_statistics():
+  def f(p, x):
+    x, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["stack"])
+    return x
+
+  rng = np.random.default_rng(3)
+  p = {"stack": jnp.asarray(rng.standard_normal((3, 8, 8)), jnp.float32)}
+  xs = [jnp.asarray(rng.standard_normal((16, 8)) * np.arange(1, 9), jnp.float32)]
+  st = cal.collect_stats(f, p, xs)["stack"]
+  scores = np.asarray(cal.wanda_scores(p["stack"], st))
+  x = np.asarray(xs[0], np.float64)
+  for layer in range(3):  # oracle: |W| * ||X||_2 per input feature of this layer's own inputs
+    want = np.abs(np.asarray(p["stack"][layer], np.float64)) * np.linalg.norm(x, axis=0)[:, None]
+    np.testing.assert_allclose(scores[layer], want, rtol=1e-4)
+    x = np.tanh(x @ np.asarray(p["stack"][layer], np.float64))

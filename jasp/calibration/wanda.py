@@ -36,21 +36,33 @@ def _scores(w: jax.Array, sumsq: jax.Array, site: stats_lib.Site) -> jax.Array:
   return _driver.leaf_from_groups(wg * norm[:, :, None], site)
 
 
-_scores_jit = jax.jit(_scores, static_argnums=2)
+@functools.partial(jax.jit, static_argnames=("site", "stack"))
+def _scores_jit(w, sumsq, site, stack):
+  if not stack:
+    return _scores(w, sumsq, site)
+  lead = tuple(range(len(stack)))
+  moved = jnp.moveaxis(w, stack, lead)
+  layers = moved.shape[:len(stack)]
+  flat = moved.reshape((-1,) + site.shape)
+  out = jax.vmap(lambda a, b: _scores(a, b, site))(flat, sumsq.reshape((-1,) + sumsq.shape[-2:]))
+  return jnp.moveaxis(out.reshape(layers + site.shape), lead, stack)
 
 
 def wanda_scores(w: jax.Array, stats: stats_lib.LayerStats) -> jax.Array:
   """Wanda's score ``|W_kj| * ||X_k||_2`` for every entry of a weight.
 
   Args:
-    w: the weight, shape ``stats.site.shape``, any float dtype.
+    w: the weight, any float dtype: shape ``stats.site.shape``, or for a weight
+      stacked for a scan over layers (``stats.stack``) the whole stacked leaf,
+      each layer scored with its own statistics.
     stats: its input statistics (:func:`jasp.calibration.collect_stats`).
 
   Returns:
     float32 scores of ``w``'s shape; pass them to :func:`jasp.compute_masks`
-    (``score_fn``) or :func:`jasp.masks.topn_mask` along ``stats.site.group_axes``.
+    (``score_fn``) or :func:`jasp.masks.topn_mask` along the weight's group
+    axes (``stats.site.group_axes`` within one layer).
   """
-  return _scores_jit(w, stats.sumsq, stats.site)
+  return _scores_jit(w, stats.sumsq, stats.site, tuple(stats.stack))
 
 
 @functools.partial(jax.jit, static_argnames=("site", "n", "m"))
