@@ -24,6 +24,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import nnx
@@ -161,12 +162,8 @@ def adapt(fn: Callable[..., Any] | Any, params: PyTree, inputs: Sequence[Any], *
     def call_params(p, extra, *xs, **kw):
       return nnx.merge(graphdef, p, extra)(*xs, **kw)
     return Model(call_params, tree, _tree.unbox(rest), graphdef, fn), inputs
-  try:
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    if isinstance(fn, nn.Module):
-      fn = fn.apply
-  except ImportError:  # pragma: no cover
-    pass
+  if isinstance(fn, nn.Module):
+    fn = fn.apply
   if params is None:
     raise TypeError(f"{what}(fn, params, ...): the params (variables) of fn are missing.")
 
