@@ -32,6 +32,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import onnxruntime
 import optax
 import pytest
@@ -447,6 +448,7 @@ def step_export(ctx, tmp_path):
   else:
     jasp.export.to_onnx(ctx.tuned_model, *c.sample, path=path, masks=ctx.masks)
     y = ctx.tuned_model(*c.sample)
+  onnx.checker.check_model(str(path), full_check=True)  # the format's own checker
   opts = onnxruntime.SessionOptions()
   opts.log_severity_level = 3
   sess = onnxruntime.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
