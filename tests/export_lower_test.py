@@ -102,3 +102,91 @@ def test_dense_general_kernel_is_a_2d_matmul_weight():
   (w,) = [c for c in export.check_onnx(onx).weights if c.param == "params/kernel"]
   assert w.shape == (16, 24) and w.consumer == "MatMul[B]" and w.axis == (0,)
   assert _rel(export.run_onnx(onx, x)[0], model.apply(v, x)) < 1e-5
+
+
+class _ResBlock(nn.Module):
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)
+    y = nn.relu(nn.BatchNorm(use_running_average=True)(y))
+    y = nn.BatchNorm(use_running_average=True)(nn.Conv(self.features, (3, 3), use_bias=False)(y))
+    if x.shape != y.shape:
+      x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=True)(x)
+    return nn.relu(x + y)
+
+
+class _ResNet18Shape(nn.Module):
+  """ResNet-18's layout with 8 filters: 7x7/2 stem, keyword max_pool, four stages of two blocks."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True)(x))
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
+    for i, f in enumerate((8, 16, 32, 64)):
+      for j in range(2):
+        x = _ResBlock(f, 2 if i and not j else 1)(x)
+    return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_resnet18_shaped_model_exports_a_file_onnx_accepts():
+  x = _x((2, 32, 32, 3))
+  model = _ResNet18Shape()
+  v = model.init(jax.random.key(0), x)
+  lay = jasp.trace_layouts(model.apply, v, x)
+  pruned, masks = jasp.prune(v, layouts=lay)
+  onx = export.to_onnx(model.apply, pruned, x, masks=masks)  # validates: checker, run, pattern
+  import onnx
+  onnx.checker.check_model(onx, full_check=True)
+  assert export.check_onnx(onx).ok
+
+
+def test_nnx_idioms_export():
+  """Gemma-style calls with out_sharding; Dropout(rngs=...) at call time in eval mode;
+  Dropout rng streams inside nnx.scan over nnx.vmap-made blocks."""
+  from flax import nnx
+
+  class Gemma(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(32, 16, rngs=rngs)
+      self.proj = nnx.Linear(16, 16, rngs=rngs)
+      self.ein = nnx.Einsum("btd,dh->bth", (16, 16), rngs=rngs)
+      self.drop = nnx.Dropout(0.2)
+      self.rngs = rngs
+
+    def __call__(self, tokens):
+      x = self.embed(tokens)
+      x = self.drop(self.proj(x, out_sharding=None), rngs=self.rngs)
+      return self.embed.attend(self.ein(x, out_sharding=None))
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(16, 16, rngs=rngs)
+      self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+    def __call__(self, x):
+      return x + self.drop(nnx.relu(self.lin(x)))
+
+  class Stack(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=3)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(rngs):
+        return Block(rngs)
+      self.blocks = make(rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def body(x, blk):
+        return blk(x)
+      return body(x, self.blocks)
+
+  for module, x in ((Gemma(nnx.Rngs(0)), jnp.zeros((2, 5), jnp.int32)),
+                    (Stack(nnx.Rngs(0)), _x((2, 16)))):
+    module.eval()
+    onx = export.to_onnx(module, x)
+    assert _rel(export.run_onnx(onx, x)[0], module(x)) < 1e-5

@@ -3,6 +3,9 @@
 * :func:`to_onnx`: ONNX through ``jax2onnx`` (``pip install 'jasp[onnx]'``);
 * :func:`to_saved_model`: TensorFlow SavedModel through ``jax2tf``
   (``pip install 'jasp[tf]'``);
+  both check what they wrote (the format's checker, a run against JAX, the
+  N:M pattern read back) before moving it into place, else raise
+  :class:`ExportError` and leave nothing behind;
 * :func:`to_torch_state_dict` / :func:`save_safetensors`: PyTorch layouts
   (``(out, in)``, ``KCRS``), optionally with apex ASP's mask buffers
   (``pip install 'jasp[safetensors]'``; no PyTorch needed);
@@ -27,6 +30,7 @@ from jasp.export._onnx import run_onnx
 from jasp.export._onnx import to_onnx
 from jasp.export._saved_model import run_saved_model
 from jasp.export._saved_model import to_saved_model
+from jasp.export._validate import ExportError
 from jasp.export.torch_layout import flax_weight
 from jasp.export.torch_layout import from_torch_state_dict
 from jasp.export.torch_layout import load_safetensors
@@ -39,6 +43,7 @@ __all__ = [
     "FORMATS",
     "CheckError",
     "CheckReport",
+    "ExportError",
     "MissingDependencyError",
     "WeightCheck",
     "check_file",

@@ -18,10 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from jasp import _model as model_lib
 from jasp import _tree
 from jasp import layouts as layouts_lib
+from jasp.export import _nm
 
 __all__ = ["Bound", "bind"]
 
@@ -62,19 +64,24 @@ def bind(fn: Callable[..., Any] | Any, params: PyTree, args: tuple) -> Bound:
 def pruned_paths(bound: Bound, masks: PyTree | None, n: int, m: int) -> dict[str, bool]:
   """``{path: pruned}`` for the traced matmul/conv weights of ``bound``.
 
-  With ``masks``, a weight is pruned when its mask is not None (masks of an
+  With ``masks``, a weight is pruned when its mask is not None (masks of the
+  whole variables dict or of its ``params`` collection; masks of an
   ``nnx.State`` of ``Param`` match the module's paths). Without, when it *is*
   N:M along its traced axes and holds zeros (what :func:`jasp.prune` left).
+
+  Raises:
+    ValueError: a mask whose shape differs from its weight's, or masks none of
+      whose paths name a leaf of the model.
   """
-  from jasp.export import _nm  # pylint: disable=g-import-not-at-top
   leaves = _tree.leaves_by_path(bound.params)
   by_mask = _tree.leaves_by_path(masks, keep_none=True) if masks is not None else None
+  if by_mask is not None:
+    _check_masks(by_mask, leaves)
   out = {}
   for path, layout in bound.layouts.items():
     if layout.axis is None or path not in leaves:
       continue
     if by_mask is not None:
-      # Masks of the whole variables dict, or of its "params" collection only.
       mk = by_mask.get(path, by_mask.get(path.split("/", 1)[-1]))
       out[path] = mk is not None
       continue
@@ -82,3 +89,26 @@ def pruned_paths(bound: Bound, masks: PyTree | None, n: int, m: int) -> dict[str
     s = _nm.nm_stats(w, layout.axis, n, m)
     out[path] = bool(s.applicable and s.nm and _nm.zero_fraction(w) > 0)
   return out
+
+
+def _check_masks(by_mask: dict, leaves: dict) -> None:
+  """Masks must name the model's leaves (whole tree or ``params`` collection), shapes equal."""
+  def leaf_of(path):
+    if path in leaves:
+      return leaves[path]
+    return leaves.get("params/" + path)
+
+  matched = 0
+  for path, mk in by_mask.items():
+    leaf = leaf_of(path)
+    if leaf is None:
+      continue
+    matched += 1
+    if mk is not None and tuple(np.shape(mk)) != tuple(np.shape(leaf)):
+      raise ValueError(f"the mask for '{path}' has shape {tuple(np.shape(mk))} but the weight "
+                       f"has shape {tuple(np.shape(leaf))}: pass the masks that jasp.prune "
+                       "returned for these params.")
+  if by_mask and not matched:
+    some = ", ".join(list(by_mask)[:3])
+    raise ValueError(f"none of the masks' paths ({some}, ...) names a leaf of the exported "
+                     f"model (e.g. {next(iter(leaves), '-')}): pass the masks of these params.")

@@ -56,8 +56,11 @@ import jax
 import numpy as np
 
 from jasp import _tree
+from jasp.export import _check
 from jasp.export import _lower
 from jasp.export import _model
+from jasp.export import _validate
+from jasp.export._deps import MissingDependencyError
 from jasp.export._deps import require
 
 __all__ = ["to_onnx", "run_onnx", "METADATA_KEY"]
@@ -157,7 +160,8 @@ def _input_specs(inputs: Sequence[Any], dynamic_batch: bool) -> list:
 def to_onnx(fn: Callable[..., Any] | Any, params: PyTree = None, *args: Any,
             path: str | os.PathLike | None = None, masks: PyTree | None = None,
             n: int = 2, m: int = 4, dynamic_batch: bool = False,
-            opset: int | None = None, model_name: str = "jasp_model"):
+            opset: int | None = None, model_name: str = "jasp_model",
+            validate: bool = True, rtol: float | None = None):
   """Exports a flax model (with sparse params baked in as initializers) to ONNX.
 
   Call forms, as :func:`jasp.trace_layouts`:
@@ -186,12 +190,24 @@ def to_onnx(fn: Callable[..., Any] | Any, params: PyTree = None, *args: Any,
     dynamic_batch: make the leading axis of every input symbolic (``B``).
     opset: ONNX opset (default: the exporter's, 23 for jax2onnx 0.17).
     model_name: the ONNX graph's name.
+    validate: check the file before handing it over (default): ``onnx.checker``
+      (full check), a run in onnxruntime on the example inputs against the JAX
+      model at full precision, and the N:M pattern of every pruned weight read
+      back by :func:`jasp.export.check_file` (see :mod:`jasp.export._validate`).
+      With ``path``, the file is written aside and moved into place only when
+      it passes: a failed export leaves no file behind.
+    rtol: largest accepted ``max |y_onnx - y_jax| / max |y_jax|`` (default 1e-4
+      for float32 outputs, 2e-2 for 16-bit ones).
 
   Returns:
     The ``onnx.ModelProto`` (also written to ``path`` when given).
 
   Raises:
-    MissingDependencyError: without ``jax2onnx``/``onnx``
+    ExportError: the file failed a check (the message names which); nothing
+      was written at ``path``.
+    ValueError: ``masks`` that do not mirror the params (a shape differs, or no
+      path matches).
+    MissingDependencyError: without ``jax2onnx``/``onnx``/``onnxruntime``
       (``pip install 'jasp[onnx]'``).
   """
   j2o = require("jax2onnx")
@@ -226,9 +242,41 @@ def to_onnx(fn: Callable[..., Any] | Any, params: PyTree = None, *args: Any,
     entry = model.metadata_props.add()
     entry.key = METADATA_KEY
   entry.value = json.dumps(meta, sort_keys=True)
-  if path is not None:
-    _save(model, os.fspath(path))
+  if not validate:
+    if path is not None:
+      _save(model, os.fspath(path))
+    return model
+  want = _validate.reference(bound.apply, p, bound.inputs)
+  rtol = _validate.default_rtol(want) if rtol is None else rtol
+  if path is None:
+    _validated(model, model, bound.inputs, want, rtol, pruned)
+    return model
+  with _validate.staged(path) as tmp:
+    _save(model, tmp)
+    _validated(tmp, model, bound.inputs, want, rtol, pruned)
   return model
+
+
+def _validated(src, model, inputs, want, rtol: float, pruned: dict) -> None:
+  """The checks of :mod:`jasp.export._validate` on an ONNX model (a proto or a file path)."""
+  onnx = require("onnx")
+  try:
+    onnx.checker.check_model(src, full_check=True)
+  except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+    raise _validate.ExportError(f"onnx.checker rejects the exported model: {e}") from None
+  try:
+    got = run_onnx(src, *inputs)
+  except Exception as e:  # noqa: BLE001 - onnxruntime raises its own error classes
+    if isinstance(e, MissingDependencyError):
+      raise
+    raise _validate.ExportError(
+        f"onnxruntime cannot run the exported model: {type(e).__name__}: {e}") from None
+  _validate.compare_outputs("onnxruntime", got, want, rtol)
+  if isinstance(src, str):  # the written file (its weights may live in external data)
+    report = _check.check_file(src, format="onnx")
+  else:
+    report = _check.check_onnx(model)
+  _validate.check_pruned(report, pruned)
 
 
 def _save(model, path: str) -> None:

@@ -27,7 +27,9 @@ import jax
 import numpy as np
 
 from jasp import _tree
+from jasp.export import _check
 from jasp.export import _model
+from jasp.export import _validate
 from jasp.export._deps import require
 
 __all__ = ["to_saved_model", "run_saved_model", "JASP_JSON", "VAR_PREFIX"]
@@ -43,7 +45,8 @@ def _var_name(path: str) -> str:
 
 def to_saved_model(fn: Callable[..., Any] | Any, params: PyTree = None, *args: Any,
                    path: str | os.PathLike, masks: PyTree | None = None,
-                   n: int = 2, m: int = 4, dynamic_batch: bool = False) -> str:
+                   n: int = 2, m: int = 4, dynamic_batch: bool = False,
+                   validate: bool = True, rtol: float | None = None) -> str:
   """Exports a flax model to a TensorFlow SavedModel with its (sparse) params as variables.
 
   Call forms as :func:`jasp.export.to_onnx` (``(model.apply, variables, x)``
@@ -58,11 +61,22 @@ def to_saved_model(fn: Callable[..., Any] | Any, params: PyTree = None, *args: A
       checker's metadata); None: weights that are N:M and hold zeros.
     n, m: the pattern recorded in the metadata.
     dynamic_batch: accept any leading (batch) size.
+    validate: check the SavedModel before handing it over (default): TensorFlow
+      loads it and runs it on the example inputs, compared with the JAX model
+      at full precision, and :func:`jasp.export.check_file` finds every pruned
+      weight N:M. It is written aside and moved into place only when it passes
+      (always whole: an existing directory at ``path`` is replaced, or left as
+      it was).
+    rtol: largest accepted ``max |y_tf - y_jax| / max |y_jax|`` (default 1e-4
+      for float32 outputs, 2e-2 for 16-bit ones).
 
   Returns:
     ``path`` as a string.
 
   Raises:
+    ExportError: the SavedModel failed a check (the message names which);
+      nothing was written at ``path``.
+    ValueError: ``masks`` that do not mirror the params.
     MissingDependencyError: without TensorFlow (``pip install 'jasp[tf]'``).
   """
   tf = require("tensorflow")
@@ -103,7 +117,6 @@ def to_saved_model(fn: Callable[..., Any] | Any, params: PyTree = None, *args: A
     return converted(tf_vars, *xs)
 
   module.serve = serve
-  tf.saved_model.save(module, path, signatures={"serving_default": serve})
   pruned = _model.pruned_paths(bound, masks, n, m)
   meta = {
       "producer": "jasp.export.to_saved_model",
@@ -111,9 +124,21 @@ def to_saved_model(fn: Callable[..., Any] | Any, params: PyTree = None, *args: A
       "weights": {p: {"pruned": pruned[p], "axis": list(bound.layouts[p].axis),
                       "kind": bound.layouts[p].kind} for p in pruned},
   }
-  os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
-  with open(os.path.join(path, JASP_JSON), "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
+  want = _validate.reference(bound.apply, bound.params, bound.inputs) if validate else None
+  with _validate.staged(path) as tmp:
+    tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
+    os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+    with open(os.path.join(tmp, JASP_JSON), "w") as f:
+      json.dump(meta, f, indent=1, sort_keys=True)
+    if validate:
+      try:
+        got = run_saved_model(tmp, *bound.inputs)
+      except Exception as e:  # noqa: BLE001 - TensorFlow raises many error classes
+        raise _validate.ExportError(
+            f"TensorFlow cannot load or run the SavedModel: {type(e).__name__}: {e}") from None
+      _validate.compare_outputs("TensorFlow", got, want,
+                                _validate.default_rtol(want) if rtol is None else rtol)
+      _validate.check_pruned(_check.check_file(tmp, format="savedmodel"), pruned)
   return path
 
 
