@@ -15,9 +15,12 @@ from jasp.calibration import sparsegpt_prune
 from jasp.calibration import wanda_prune
 from jasp.enforcement import MaskState
 from jasp.enforcement import SparseState
+from jasp.enforcement import assert_masked
+from jasp.enforcement import count_unmasked
 from jasp.enforcement import get_masks
 from jasp.enforcement import mask_gradients
 from jasp.enforcement import mask_updates
+from jasp.enforcement import schedule_free_eval_params
 from jasp.enforcement import sparse_optimizer
 from jasp.enforcement import update_masks
 from jasp.layouts import Layout
@@ -62,9 +65,11 @@ __all__ = [
     "SparseState",
     "SparsityReport",
     "apply_masks",
+    "assert_masked",
     "block_patterns",
     "calibration",
     "compute_masks",
+    "count_unmasked",
     "convention_layout",
     "export",
     "get_mask_impl",
@@ -86,6 +91,7 @@ __all__ = [
     "sparse",
     "sparse_optimizer",
     "sparsegpt_prune",
+    "schedule_free_eval_params",
     "search_permutation",
     "sparsity_report",
     "trace_channels",
