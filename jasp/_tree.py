@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax.tree_util import DictKey
 from jax.tree_util import FlattenedIndexKey
 from jax.tree_util import GetAttrKey
@@ -55,6 +56,16 @@ def is_none(x) -> bool:
   return x is None
 
 
+def is_bool_dtype(dtype) -> bool:
+  """Whether ``dtype`` is bool (False for None and for extended dtypes such as PRNG keys)."""
+  if dtype is None:
+    return False
+  try:
+    return np.dtype(dtype) == np.dtype(np.bool_)
+  except TypeError:
+    return False
+
+
 def is_mask_leaf(x) -> bool:
   """None or a :class:`jasp.PackedMask`: leaves of a masks pytree besides arrays."""
   from jasp.packing import PackedMask  # pylint: disable=g-import-not-at-top
@@ -86,7 +97,10 @@ def align(masks: PyTree, target: PyTree, *, what: str = "masks") -> list:
   Raises:
     ValueError: naming the first path that is missing on either side, or whose
       shapes differ.
+    TypeError: naming the path of a mask that is not a bool array or a
+      :class:`jasp.PackedMask`, or of a masked leaf that is not an array.
   """
+  from jasp.packing import PackedMask  # pylint: disable=g-import-not-at-top
   by_path = leaves_by_path(masks, keep_none=True)
   flat = jax.tree_util.tree_flatten_with_path(target)[0]
   seen = set()
@@ -99,6 +113,16 @@ def align(masks: PyTree, target: PyTree, *, what: str = "masks") -> list:
           f"the {what} tree must mirror the params tree (None for dense leaves).")
     mask = by_path[p]
     seen.add(p)
+    if mask is not None and not isinstance(mask, PackedMask):
+      dtype = getattr(mask, "dtype", None)
+      if dtype is None or not hasattr(mask, "shape"):
+        raise TypeError(f"the mask for '{p}' is a {type(mask).__name__}, not an array; a mask is "
+                        "a bool array, a jasp.PackedMask or None (dense).")
+      if not is_bool_dtype(dtype):
+        raise TypeError(f"the mask for '{p}' has dtype {dtype}; masks are bool arrays (True = "
+                        "kept): pass mask.astype(bool), or the masks from jasp.compute_masks.")
+    if mask is not None and not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+      raise TypeError(f"the leaf '{p}' has a mask but is a {type(leaf).__name__}, not an array.")
     if mask is not None and tuple(mask.shape) != tuple(getattr(leaf, "shape", ())):
       raise ValueError(
           f"the mask for '{p}' has shape {tuple(mask.shape)} but the leaf has shape "

@@ -7,7 +7,8 @@ are *aligned*: along the group axis, entries ``m*g .. m*g + m - 1`` form group
 Tie rule (for every function in this module): when two entries of a group have
 equal magnitude, the one at the lower index along the group axis wins. NaN is
 treated as the largest magnitude (it is kept, so that it is not hidden); the
-pruning front end (:func:`jasp.prune`) rejects NaN and Inf before this point.
+pruning front end (:func:`jasp.prune`) rejects NaN and Inf in concrete weights
+before this point (under ``jit`` it cannot, and these rules apply).
 
 No function here goes through a matmul: magnitudes are compared exactly in the
 input's own dtype (fp32, bf16, fp16 or an integer type), so the mask never
@@ -37,8 +38,10 @@ __all__ = [
 
 
 def _check_nm(n: int, m: int) -> None:
-  if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer))):
-    raise TypeError(f"n and m must be integers, got n={n!r}, m={m!r}.")
+  """Raises ``TypeError`` unless n and m are ints, ``ValueError`` unless ``1 <= n < m``."""
+  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (n, m)):
+    raise TypeError(f"n and m must be integers, got n={n!r} ({type(n).__name__}), "
+                    f"m={m!r} ({type(m).__name__}).")
   if m < 2 or not 1 <= n < m:
     raise ValueError(f"N:M sparsity needs 1 <= n < m and m >= 2, got n={n}, m={m}.")
 
@@ -52,13 +55,23 @@ def group_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
 
   Raises:
     ValueError: if an axis is out of range, repeated, or the run has gaps.
+    TypeError: if ``axis`` is not an int or a sequence of ints.
   """
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+    axes = (axis,)
+  else:
+    try:
+      axes = tuple(axis) if not isinstance(axis, (str, bytes)) else None
+    except TypeError:
+      axes = None
+    if axes is None:
+      raise TypeError(f"axis must be an int or a sequence of ints, got {type(axis).__name__} "
+                      f"{axis!r}.")
   if not axes:
     raise ValueError("axis must name at least one axis.")
   out = []
   for a in axes:
-    if not isinstance(a, (int, np.integer)):
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
       raise TypeError(f"axis entries must be integers, got {a!r}.")
     if not -ndim <= a < ndim:
       raise ValueError(f"axis {a} is out of range for an array of rank {ndim}.")
@@ -279,12 +292,30 @@ def block_patterns(n: int, m: int) -> np.ndarray:
   return np.asarray(out, np.int32)
 
 
+def _single_axis(shape: tuple[int, ...], axis: Axis, name: str) -> int:
+  """One axis of ``shape`` (an int, or a run of length 1), normalised to be non-negative.
+
+  Raises:
+    ValueError: ``axis`` names several axes (naming the argument and the fix) or is
+      out of range.
+    TypeError: ``axis`` is not an int or a sequence of ints.
+  """
+  axes = group_axes(len(shape), axis)
+  if len(axes) > 1:
+    raise ValueError(
+        f"nm_mask_2d takes one {name} (a transposable block has one group axis and one "
+        f"output axis), got {name}={axis!r} for shape {tuple(shape)}. Merge the axes first "
+        "(e.g. w.reshape(-1, w.shape[-1]) for a kernel (heads, head_dim, out)), or use "
+        "jasp.prune(..., pattern='2d_best'), which merges runs of axes itself.")
+  return axes[0]
+
+
 def _blocks(w: jax.Array, m: int, axis: int, out_axis: int):
   """(…, R/m, C/m, m[row along axis], m[col along out_axis]) view of ``w``."""
   if w.ndim < 2:
     raise ValueError(f"transposable masks need rank >= 2, got shape {w.shape}.")
-  a = group_axes(w.ndim, axis)[0]
-  b = group_axes(w.ndim, out_axis)[0]
+  a = _single_axis(w.shape, axis, "axis")
+  b = _single_axis(w.shape, out_axis, "out_axis")
   if a == b:
     raise ValueError(f"axis and out_axis must differ, both are {a}.")
   r, c = w.shape[a], w.shape[b]
@@ -436,16 +467,30 @@ def nm_mask_2d(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0,
     while its row and column hold fewer than ``n``. Fast, but may strand
     entries: a row or column can end with fewer than ``n`` kept.
 
+  Magnitudes are ranked exactly, subnormals included, on every backend (XLA on
+  CPU flushes subnormals to zero in float arithmetic): ``greedy`` compares the
+  integer keys of :func:`rank_key`, as :func:`nm_mask` does; ``best`` scales
+  each block whose largest magnitude is below 1 by a power of two (exactly, on
+  the bit patterns) before summing, which changes no comparison on a backend
+  that keeps subnormals and keeps them apart on one that flushes them.
+
   Args:
     w: array of rank >= 2; float or integer.
     n, m: keep ``n`` of every ``m``.
-    axis: the group (reduction) axis; 0 for a Dense kernel ``(in, out)``, -2 for
-      a conv kernel ``(*spatial, in, out)``.
-    out_axis: the other axis of the block (the output channels), default -1.
+    axis: the group (reduction) axis, one axis; 0 for a Dense kernel
+      ``(in, out)``, -2 for a conv kernel ``(*spatial, in, out)``.
+    out_axis: the other axis of the block (the output channels), one axis,
+      default -1.
     method: ``"best"`` or ``"greedy"``.
 
   Returns:
     bool array of ``w.shape``.
+
+  Raises:
+    ValueError: ``axis`` or ``out_axis`` names several axes (merge them with a
+      reshape first, or use ``jasp.prune(pattern="2d_best")``) or is out of
+      range; the two are equal; a block axis does not divide by ``m``; invalid
+      ``n``/``m`` or ``method``.
   """
   _check_nm(n, m)
   w = jnp.asarray(w)
@@ -453,7 +498,7 @@ def nm_mask_2d(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0,
     raise ValueError(f"method must be 'best' or 'greedy', got {method!r}.")
   if w.ndim < 2:
     raise ValueError(f"transposable masks need rank >= 2, got shape {w.shape}.")
-  a, b = group_axes(w.ndim, axis)[0], group_axes(w.ndim, out_axis)[0]
+  a, b = _single_axis(w.shape, axis, "axis"), _single_axis(w.shape, out_axis, "out_axis")
   if method == "best":  # the one-pass Pallas kernel where it applies (see jasp._dispatch)
     from jasp import _dispatch  # pylint: disable=g-import-not-at-top
     fn = _dispatch.pallas_nm_mask_2d(w, n, m, a, b)
@@ -465,9 +510,46 @@ def nm_mask_2d(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0,
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis", "out_axis", "method"))
 def _mask_2d(w, n, m, axis, out_axis, method):
   blocks, restore = _blocks(w, m, axis, out_axis)
-  mag = magnitude(blocks)
   if method == "best":
-    keep = _best_blocks(mag.astype(jnp.float32) if mag.dtype != jnp.float64 else mag, n, m)
+    keep = _best_blocks(_block_scores_input(magnitude(blocks)), n, m)
   else:
-    keep = _greedy_blocks(mag, n, m)
+    keep = _greedy_blocks(rank_key(blocks), n, m)
   return restore(keep)
+
+
+# (unsigned type, mantissa bits, exponent bias) of the float types the scores are summed in.
+_FLOAT_BITS = {4: (jnp.uint32, 23, 127), 8: (jnp.uint64, 52, 1023)}
+
+
+def _block_scores_input(mag: jax.Array) -> jax.Array:
+  """The magnitudes ``(..., m, m)`` that ``method="best"`` sums: float32 (float64 kept).
+
+  Each block whose largest magnitude is below 1 is multiplied by ``2**s`` so that
+  its largest magnitude lands in [1, 2): exactly (exponent arithmetic on the bit
+  patterns, so a backend that flushes subnormals cannot read them as 0), and
+  without changing any comparison of the block's sums (scaling by a power of two
+  commutes with rounding while nothing under- or overflows). Entries that stay
+  below the normal range after scaling are under ``2**-(bias-1)`` of the block's
+  largest and read as 0; they cannot change a sum that includes the largest
+  entry. Blocks whose largest magnitude is >= 1 (or Inf) are left as they are.
+  """
+  if jnp.issubdtype(mag.dtype, jnp.integer):
+    return mag.astype(jnp.float32)
+  if mag.dtype == jnp.bfloat16:  # the upper half of a float32, widened on the bits
+    bits = jax.lax.bitcast_convert_type(mag, jnp.uint16).astype(jnp.uint32) << 16
+    mag = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  elif mag.dtype != jnp.float64:
+    mag = mag.astype(jnp.float32)  # float16 subnormals are float32 normals: exact
+  utype, mbits, bias = _FLOAT_BITS[mag.dtype.itemsize]
+  u = jax.lax.bitcast_convert_type(mag, utype)
+  one = utype(1)
+  exp = u >> mbits
+  frac = u & ((one << mbits) - one)
+  top = jnp.max(exp, axis=(-2, -1), keepdims=True)  # the block's largest biased exponent
+  shift = jnp.where(top >= bias, utype(0), utype(bias) - jnp.maximum(top, one))
+  normal = jax.lax.bitcast_convert_type(((exp + shift) << mbits) | frac, mag.dtype)
+  # A subnormal is frac * 2**(1 - bias - mbits); times 2**shift it is exact and normal when
+  # shift >= mbits (the power of two is then a normal number, built from its bits).
+  scale = jax.lax.bitcast_convert_type((shift + one - mbits) << mbits, mag.dtype)
+  sub = jnp.where(shift >= mbits, frac.astype(mag.dtype) * scale, jnp.zeros((), mag.dtype))
+  return jnp.where(exp == 0, sub, normal)

@@ -35,12 +35,20 @@ class PackedMask:
       ``j`` of byte ``b`` is entry ``8 * b + j`` of the flattened group axis.
     shape: the mask's (and weight's) shape.
     axis: the group axes (consecutive).
+
+  Raises:
+    ValueError: ``axis`` is not a run of consecutive axes of ``shape``.
   """
 
   def __init__(self, bits: jax.Array, shape: tuple[int, ...], axis: tuple[int, ...]):
+    from jasp.masks import group_axes  # pylint: disable=g-import-not-at-top
     self.bits = bits
     self.shape = tuple(int(s) for s in shape)
-    self.axis = tuple(int(a) for a in axis)
+    try:
+      self.axis = group_axes(len(self.shape), axis)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"PackedMask of shape {self.shape}: axis {axis!r} is not a run of its "
+                       f"axes ({e})") from None
 
   def tree_flatten(self):
     return (self.bits,), (self.shape, self.axis)
@@ -81,10 +89,20 @@ def pack(mask: jax.Array, axis: int | tuple[int, ...] = 0) -> PackedMask:
 
   Jittable; under ``jit`` the packed bits keep the mask's sharding on the other
   axes (and on the group axis when each shard holds a multiple of 8 entries).
+
+  Raises:
+    TypeError: ``mask`` is not a bool array.
+    ValueError: ``axis`` is out of range or not a run of consecutive axes.
   """
+  from jasp import _tree  # pylint: disable=g-import-not-at-top
   from jasp.masks import group_axes  # pylint: disable=g-import-not-at-top
   from jasp.masks import innermost_group_axes  # pylint: disable=g-import-not-at-top
+  if not _tree.is_bool_dtype(getattr(mask, "dtype", None)):
+    raise TypeError(f"pack() takes a bool mask, got {type(mask).__name__} of dtype "
+                    f"{getattr(mask, 'dtype', None)}; pass mask.astype(bool).")
   mask = jnp.asarray(mask)
+  if mask.ndim == 0:
+    raise ValueError("pack() needs a mask of rank >= 1, got a scalar.")
   axes = innermost_group_axes(mask.shape, group_axes(mask.ndim, axis), 8)
   a0, a1 = axes[0], axes[-1]
   k = _k(mask.shape, axes)
@@ -139,13 +157,25 @@ def pack_masks(masks: Any, axes: Any = None) -> Any:
 
   Returns:
     The same structure with :class:`PackedMask` leaves.
+
+  Raises:
+    TypeError: ``axes`` is not a mapping, or a leaf is not a bool mask (naming its path).
+    ValueError: a leaf's axis does not fit its shape (naming its path).
   """
+  from collections.abc import Mapping  # pylint: disable=g-import-not-at-top
+
   from jasp import _tree  # pylint: disable=g-import-not-at-top
-  axes = axes or {}
+  axes = {} if axes is None else axes
+  if not isinstance(axes, Mapping):
+    raise TypeError(f"axes must be a {{path: group axes}} mapping, got {type(axes).__name__}; "
+                    "e.g. {p: d.axis for p, d in jasp.plan(params).items() if d.prune}.")
   def one(path, x):
     if x is None or isinstance(x, PackedMask):
       return x
-    return pack(x, axes.get(path, 0))
+    try:
+      return pack(x, axes.get(path, 0))
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"the mask for '{path}' (shape {getattr(x, 'shape', None)}): {e}") from None
   return jax.tree_util.tree_map_with_path(lambda p, x: one(_tree.path_str(p), x), masks,
                                           is_leaf=is_mask_leaf)
 

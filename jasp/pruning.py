@@ -38,8 +38,10 @@ def _nm(w, n, m, axis, impl):
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
 def _nm_scores(s, n, m, axis):
+  # A NaN score ranks as the largest (kept), as a NaN weight does in jasp.nm_mask: a
+  # non-finite weight that reaches this point (under jit) stays visible in the pruned params.
   s = jnp.asarray(s)
-  return masks_lib.topn_mask(jnp.where(jnp.isnan(s), -jnp.inf, s), n, m, axis)
+  return masks_lib.topn_mask(jnp.where(jnp.isnan(s), jnp.inf, s), n, m, axis)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis", "out_axes", "method"))
@@ -109,7 +111,10 @@ def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
     params: params pytree (linen variables, ``nnx.State``, any pytree of arrays).
     n, m: keep ``n`` of every ``m`` along each weight's reduction axis.
     layouts: ``{path: Layout}`` from :func:`jasp.trace_layouts` (recommended:
-      exact for any module); None uses flax's naming conventions.
+      exact for any module) of this very tree, matched by path: layouts that
+      match no leaf are an error, leaves absent from them stay dense (with a
+      warning when they look like weights; see :func:`jasp.plan`). None uses
+      flax's naming conventions.
     policy: which leaves to prune and along which axes (:class:`jasp.Policy`).
     pattern: ``"nm"`` (magnitude, :func:`jasp.nm_mask`), ``"2d_best"`` /
       ``"2d_greedy"`` (transposable, :func:`jasp.nm_mask_2d`), or a callable
@@ -125,8 +130,24 @@ def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
     A pytree with ``params``' structure: bool arrays (same shape as the leaf)
     or PackedMasks for pruned leaves, ``None`` for dense ones.
 
+  Non-finite weights. Called on concrete arrays, a leaf to be pruned that
+  holds NaN or Inf is an error (its values are read back to the host once,
+  for the whole tree). Under ``jax.jit`` (or any trace) the values cannot be
+  read, so there is no check and no error; the masks are then defined by the
+  ranking rules of :mod:`jasp.masks`: NaN and +-Inf rank as the largest
+  magnitudes and are kept (ties go to the lower index), and with
+  ``score_fn`` a NaN score ranks largest too. A non-finite weight therefore
+  stays in the pruned params, where it is visible, instead of being zeroed.
+  The transposable patterns rank NaN as Inf, and blocks holding Inf keep the
+  first candidate pattern that includes one.
+
   Raises:
-    ValueError: if a leaf to be pruned holds NaN or Inf (naming its path).
+    ValueError: a leaf to be pruned holds NaN or Inf (naming its path; concrete
+      inputs only); no weight can be pruned because none has an input size
+      that is a multiple of ``m`` (naming how many were skipped); invalid
+      ``n``/``m`` or ``pattern``; a mismatch between ``layouts`` and
+      ``params`` (see :func:`jasp.plan`).
+    TypeError: ``n``/``m`` are not ints; see :func:`jasp.plan`.
   """
   masks, _ = _run(params, n, m, layouts=layouts, policy=policy, pattern=pattern,
                   score_fn=score_fn, impl=impl, packed=packed, want_pruned=False)
@@ -153,13 +174,50 @@ def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
   return masks, pruned, finite
 
 
+def _check_some_pruned(decisions: Mapping[str, policy_lib.Decision], shapes: Mapping[str, tuple],
+                       n: int, m: int) -> None:
+  """Raises when nothing is pruned and some weights were skipped for their input size.
+
+  A policy that keeps every weight dense on purpose (``include``/``exclude``,
+  the tensor-core rule, a rule) is not an error.
+  """
+  if any(d.prune for d in decisions.values()):
+    return
+  skipped = []
+  for path, d in decisions.items():
+    if policy_lib.skipped_for_size(d, shapes[path], m):
+      k = int(np.prod([shapes[path][a] for a in d.axis], dtype=np.int64))
+      skipped.append(f"'{path}' (shape {shapes[path]}, input size {k})")
+  if skipped:
+    shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+    raise ValueError(
+        f"nothing can be pruned {n}:{m}: {len(skipped)} matmul/conv weight(s) were skipped "
+        f"because their input size is not a multiple of m={m}, and no other leaf is pruned: "
+        f"{shown}. Choose an m that divides their input sizes (2:4 for sparse tensor cores).")
+
+
 def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
   masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  if not (callable(pattern) or pattern in ("nm", "2d_best", "2d_greedy")):
+    raise ValueError(f"pattern must be 'nm', '2d_best', '2d_greedy' or a callable, got "
+                     f"{pattern!r}.")
+  if score_fn is not None and not callable(score_fn):
+    raise TypeError(f"score_fn must be a callable score_fn(path, w) -> scores, got "
+                    f"{type(score_fn).__name__} {score_fn!r}.")
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [_tree.path_str(p) for p, _ in flat]
   leaves = [x for _, x in flat]
+  _check_some_pruned(decisions, {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}, n, m)
   todo = [i for i, p in enumerate(paths) if decisions[p].prune]
+  for i in todo:
+    if not hasattr(leaves[i], "shape") or not hasattr(leaves[i], "dtype"):
+      raise TypeError(f"the leaf '{paths[i]}' is to be pruned but is a {type(leaves[i]).__name__}, "
+                      "not an array; N:M masks need a jax or numpy array.")
+    if not jnp.issubdtype(leaves[i].dtype, jnp.number) or jnp.issubdtype(leaves[i].dtype,
+                                                                          jnp.complexfloating):
+      raise TypeError(f"the leaf '{paths[i]}' (shape {tuple(leaves[i].shape)}) is to be pruned but "
+                      f"has dtype {leaves[i].dtype}; N:M masks rank real numbers.")
   from jasp import sharding  # pylint: disable=g-import-not-at-top
   for i in todo:
     sharding.check_groups_unsplit(leaves[i], decisions[paths[i]].axis, m, path=paths[i])
@@ -173,7 +231,8 @@ def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want
         x = leaves[i]
         bad = int(jnp.sum(~jnp.isfinite(x)))
         raise ValueError(f"the weight '{paths[i]}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
-                         "value(s); N:M pruning of non-finite weights is undefined.")
+                         "value(s); fix or exclude it before pruning (under jax.jit, where values cannot be "
+                         "checked, non-finite entries are kept as the largest magnitudes).")
   mask_leaves = [None] * len(leaves)
   for i, mk in zip(todo, masks):
     mask_leaves[i] = mk
@@ -237,6 +296,11 @@ def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyT
   Returns:
     ``(pruned_params, masks)``. Idempotent: pruning the result again returns
     the same params and masks.
+
+  Raises:
+    ValueError, TypeError: as :func:`compute_masks`. A NaN/Inf in a weight to
+      prune is an error on concrete inputs only; under ``jax.jit`` the
+      non-finite entries are kept (see :func:`compute_masks`).
   """
   masks, pruned = _run(params, n, m, want_pruned=True, **_defaults(kwargs))
   return pruned, masks

@@ -40,6 +40,8 @@ class LeafReport:
     mask_bits_per_weight: memory of its mask per weight (0 when none).
     tensor_core_ok: apex's size rule (``out % 8``, ``in % 16``) verdict.
     source: where the axis came from (``trace``, ``convention``, ...).
+    numeric: False for a leaf that holds no numbers (a PRNG key, a string):
+      it is reported as dense, not a weight, and counts in no total.
   """
   path: str
   shape: tuple[int, ...]
@@ -52,10 +54,12 @@ class LeafReport:
   mask_bits_per_weight: float
   tensor_core_ok: bool | None
   source: str
+  numeric: bool = True
 
   @property
   def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
+    """The number of entries; 0 for a leaf that holds no numbers (a PRNG key)."""
+    return int(np.prod(self.shape, dtype=np.int64)) if self.numeric else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +106,24 @@ class SparsityReport:
     return json.dumps(self.to_dict(), indent=1)
 
   def summary(self) -> str:
+    """The header line: how much is pruned, and whether every pruned leaf is N:M.
+
+    When no leaf is pruned it says so (never "all N:M"), with the number of
+    weights skipped because their input size is not a multiple of ``m``.
+    """
     pruned = sum(e.size for e in self.pruned)
     planned = any(e.status == "to prune" for e in self.entries)
-    return (f"{self.n}:{self.m} sparsity: {len(self.pruned)} of {len(self.entries)} leaves "
+    head = (f"{self.n}:{self.m} sparsity: {len(self.pruned)} of {len(self.entries)} leaves "
             f"{'to prune' if planned else 'pruned'} ({pruned:,} of {self.total_params:,} params, "
             f"{100 * pruned / max(self.total_params, 1):.1f}%); overall zeros "
-            f"{100 * self.sparsity:.1f}%; " + (f"all {self.n}:{self.m}" if self.all_valid
-                                              else f"NOT all {self.n}:{self.m}"))
+            f"{100 * self.sparsity:.1f}%; ")
+    if not self.pruned:
+      skipped = sum(1 for e in self.dense if e.axis is not None
+                    and e.reason == policy_lib.size_reason(e.shape, e.axis, self.m))
+      return head + f"no leaf is pruned {self.n}:{self.m}" + (
+          f" ({skipped} weight(s) skipped: input size not a multiple of m={self.m})"
+          if skipped else "")
+    return head + (f"all {self.n}:{self.m}" if self.all_valid else f"NOT all {self.n}:{self.m}")
 
   def format(self, verbosity: int = 2) -> str:
     """The report as text.
@@ -116,7 +131,13 @@ class SparsityReport:
     Args:
       verbosity: 0 nothing; 1 the summary line and invalid leaves; 2 also every
         matmul/conv weight (pruned or dense, with the reason); 3 every leaf.
+
+    Raises:
+      TypeError: ``verbosity`` is not an int.
     """
+    if isinstance(verbosity, bool) or not isinstance(verbosity, (int, np.integer)):
+      raise TypeError(f"verbosity must be an int from 0 to 3, got {verbosity!r} "
+                      f"({type(verbosity).__name__}).")
     if verbosity <= 0:
       return ""
     rows = []
@@ -153,13 +174,43 @@ def _mask_bits(mask) -> float:
   return 8.0 * np.dtype(mask.dtype).itemsize
 
 
+def _is_numeric(leaf: Any) -> bool:
+  """Whether ``leaf`` holds numbers (not a PRNG key array, a string or another object)."""
+  dt = getattr(leaf, "dtype", None)
+  if dt is None:
+    return isinstance(leaf, (bool, int, float, np.number))
+  try:
+    return bool(jnp.issubdtype(dt, jnp.number) or jnp.issubdtype(dt, jnp.bool_))
+  except TypeError:
+    return False
+
+
+def _dtype_name(leaf: Any) -> str:
+  dt = getattr(leaf, "dtype", None)
+  if dt is None:
+    return type(leaf).__name__
+  try:
+    return str(np.dtype(dt))
+  except TypeError:  # extended dtypes (PRNG keys)
+    return str(dt)
+
+
+def _not_numeric_reason(leaf: Any) -> str:
+  dt = getattr(leaf, "dtype", None)
+  if dt is not None and jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
+    return "a PRNG key, not a weight"
+  return f"a {type(leaf).__name__} holding no numbers, not a weight"
+
+
 def sparsity_report(params: Any, masks: Any = None, n: int = 2, m: int = 4, *,
                     layouts: Mapping[str, layouts_lib.Layout] | None = None,
                     policy: policy_lib.Policy | None = None) -> SparsityReport:
   """Reports the state of every leaf of ``params``.
 
   Args:
-    params: params pytree (pruned or not).
+    params: params pytree (pruned or not): linen variables, an ``nnx.State``
+      (RNG key leaves, e.g. of ``nnx.Dropout``, are reported as not weights),
+      any pytree.
     masks: the masks pytree (from :func:`jasp.prune`); None to report what the
       policy *would* prune and whether the params already are N:M.
     n, m: the pattern to check.
@@ -167,7 +218,15 @@ def sparsity_report(params: Any, masks: Any = None, n: int = 2, m: int = 4, *,
 
   Returns:
     A :class:`SparsityReport` (one device synchronisation for the whole tree).
+
+  Raises:
+    ValueError: invalid ``n``/``m``; ``masks`` does not mirror ``params``
+      (naming the path); ``layouts`` does not describe ``params`` (see
+      :func:`jasp.plan`).
+    TypeError: ``n``/``m`` are not ints; a mask leaf is not a bool array or
+      :class:`jasp.PackedMask` (naming the path).
   """
+  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
   leaves = _tree.leaves_by_path(params)
   mask_by_path = _tree.leaves_by_path(masks, keep_none=True) if masks is not None else {}
@@ -175,6 +234,9 @@ def sparsity_report(params: Any, masks: Any = None, n: int = 2, m: int = 4, *,
     _tree.align(masks, params)
   checks = []
   for path, leaf in leaves.items():
+    if not _is_numeric(leaf):
+      checks.append((jnp.float32(0), jnp.bool_(False)))
+      continue
     axis = decisions[path].axis
     arr = jnp.asarray(leaf)
     zeros = jnp.mean((arr == 0).astype(jnp.float32)) if arr.size else jnp.float32(0)
@@ -189,18 +251,19 @@ def sparsity_report(params: Any, masks: Any = None, n: int = 2, m: int = 4, *,
   entries = []
   for (path, leaf), (zeros, valid) in zip(leaves.items(), got):
     d = decisions[path]
+    numeric = _is_numeric(leaf)
     mk = mask_by_path.get(path)
     pruned = (mk is not None) if masks is not None else d.prune
-    reason = d.reason
+    reason = d.reason if numeric or d.axis is not None else _not_numeric_reason(leaf)
     if masks is not None and d.prune and mk is None:
       reason = reason or "no mask given"
     if masks is not None and mk is not None and not d.prune:
       reason = f"masked, although the policy says: {d.reason}"
     entries.append(LeafReport(
-        path=path, shape=tuple(np.shape(leaf)), dtype=str(np.dtype(leaf.dtype)) if hasattr(leaf, "dtype") else type(leaf).__name__,
+        path=path, shape=tuple(np.shape(leaf)), dtype=_dtype_name(leaf),
         status=("pruned" if masks is not None else "to prune") if pruned else "dense",
         reason=reason,
         axis=d.axis, valid=None if d.axis is None else bool(valid),
         zero_fraction=float(zeros), mask_bits_per_weight=_mask_bits(mk),
-        tensor_core_ok=d.tensor_core_ok, source=d.source))
+        tensor_core_ok=d.tensor_core_ok, source=d.source, numeric=numeric))
   return SparsityReport(tuple(entries), n, m)

@@ -1,6 +1,7 @@
 """PyTorch layouts (numpy, no torch): every conversion both ways, safetensors files, apex masks."""
 
 import export_models as em
+import jax
 import numpy as np
 import pytest
 
@@ -137,3 +138,61 @@ def test_plain_safetensors_swapped_axis_fails(tmp_path):
                 "fc1.__weight_mma_mask": mask}, str(path))
   w = export.check_file(path).by_name()["fc1.weight"]
   assert w.status == "FAIL" and "where its mask is False" in w.note
+
+
+def test_masks_of_the_params_collection_or_the_whole_dict():
+  _, variables, masks, layouts, _ = em.pruned_cnn()
+  want, _ = export.to_torch_state_dict(variables, layouts=layouts, masks=masks)
+  assert "Dense_0.weight_mask" in want
+  # masks["params"] with the variables dict, and the whole masks with variables["params"].
+  params_layouts = {p[len("params/"):]: v for p, v in layouts.items() if p.startswith("params/")}
+  for params, lay, mk in [(variables, layouts, masks["params"]),
+                          (variables["params"], params_layouts, masks)]:
+    state, info = export.to_torch_state_dict(params, layouts=lay, masks=mk)
+    for key in ("Dense_0.weight_mask", "Conv_1.weight_mask"):
+      np.testing.assert_array_equal(state[key], want[key])
+    assert info["Dense_0.weight"]["pruned"] and not info["Conv_0.weight"]["pruned"]
+  # Packed masks are unpacked.
+  packed = jasp.pack_masks(masks, {p: layouts[p].axis for p in em.PRUNED_CNN})
+  state, _ = export.to_torch_state_dict(variables, layouts=layouts, masks=packed)
+  np.testing.assert_array_equal(state["Dense_0.weight_mask"], want["Dense_0.weight_mask"])
+
+
+def test_masks_that_match_no_param_are_an_error(tmp_path):
+  pytest.importorskip("safetensors", reason="needs the safetensors extra: "
+                      "pip install 'jasp[safetensors]'")
+  _, variables, masks, layouts, _ = em.pruned_cnn()
+  # Masks of another tree (paths under "encoder/"): without the check no mask is written
+  # and every weight is marked unpruned in the file.
+  other = {"encoder": masks["params"]}
+  with pytest.raises(ValueError, match=r"4 mask\(s\) match no leaf of the params: "
+                     r"'encoder/Conv_1/kernel', 'encoder/Conv_2/kernel', 'encoder/Dense_0/kernel'"
+                     r" and 1 more"):
+    export.save_safetensors(tmp_path / "m.safetensors", variables, layouts=layouts, masks=other)
+  bad = jax.tree.map(lambda a: a, masks, is_leaf=lambda x: x is None)
+  bad["params"]["Dense_0"]["kernel"] = bad["params"]["Dense_0"]["kernel"].T
+  with pytest.raises(ValueError, match=r"mask for 'params/Dense_0/kernel' has shape \(64, 2048\)"):
+    export.to_torch_state_dict(variables, layouts=layouts, masks=bad)
+  bad["params"]["Dense_0"]["kernel"] = masks["params"]["Dense_0"]["kernel"].astype(np.uint8)
+  with pytest.raises(TypeError, match=r"mask for 'params/Dense_0/kernel' has dtype uint8"):
+    export.to_torch_state_dict(variables, layouts=layouts, masks=bad)
+
+
+def test_malformed_layouts_and_info_are_named():
+  _, variables, _, layouts, _ = em.pruned_cnn()
+  with pytest.raises(ValueError, match="start with 'params/' and the tree's do not"):
+    export.to_torch_state_dict(variables["params"], layouts=layouts)
+  with pytest.raises(TypeError, match=r"layouts\['params/Dense_0/kernel'\] is 0"):
+    export.to_torch_state_dict(variables, layouts={**layouts, "params/Dense_0/kernel": 0})
+  wrong = jasp.Layout((2,), (1,), kind="dot")
+  with pytest.raises(ValueError, match=r"layout of 'params/Dense_0/kernel' \(axis \(2,\), "
+                     r"out_axes \(1,\)\) does not fit its shape \(2048, 64\)"):
+    export.to_torch_state_dict(variables, layouts={**layouts, "params/Dense_0/kernel": wrong})
+  with pytest.raises(ValueError, match="must be distinct"):
+    export.torch_weight(np.ones((8, 4)), jasp.Layout((0,), (0,), kind="dot"))
+  state, info = export.to_torch_state_dict(variables, layouts=layouts)
+  info = {**info, "Dense_0.weight": {"kind": "dot"}}
+  with pytest.raises(ValueError, match=r"info of 'Dense_0.weight' .* lacks a list 'axis'"):
+    export.from_torch_state_dict(state, variables, info=info)
+  with pytest.raises(TypeError, match="torch_key takes a path string"):
+    export.torch_key(("params", "Dense_0", "kernel"))

@@ -184,3 +184,52 @@ def test_subnormal_magnitudes_are_ranked(dtype):
   tiny = float(jnp.finfo(dtype).smallest_subnormal)
   w = jnp.asarray(np.array([[1.0], [3.0], [2.0], [0.0]]) * tiny, dtype)
   assert np.asarray(jasp.nm_mask(w))[:, 0].tolist() == [False, True, True, False]
+
+
+def test_nm_mask_2d_takes_one_axis_each():
+  w = jnp.ones((8, 8, 4))
+  with pytest.raises(ValueError, match=r"one axis .*got axis=\(0, 1\) for shape \(8, 8, 4\)"):
+    jasp.nm_mask_2d(w, axis=(0, 1))
+  with pytest.raises(ValueError, match=r"one out_axis .*got out_axis=\(1, 2\)"):
+    jasp.nm_mask_2d(w, axis=0, out_axis=(1, 2))
+  # A run of one axis is that axis.
+  np.testing.assert_array_equal(np.asarray(jasp.nm_mask_2d(w, axis=(0,), out_axis=(2,))),
+                                np.asarray(jasp.nm_mask_2d(w, axis=0, out_axis=2)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["best", "greedy"])
+def test_nm_mask_2d_subnormals_match_reference(dtype, method):
+  """Subnormal magnitudes are ranked exactly (XLA on CPU flushes them in float arithmetic)."""
+  rng, seed = fresh_rng()
+  tiny = float(jnp.finfo(dtype).smallest_subnormal)
+  want = ref.nm_mask_2d_best_ref if method == "best" else ref.nm_mask_2d_greedy_ref
+  for shape, axis, out_axis in [((16, 24), 0, 1), ((3, 8, 12), 1, 2), ((12, 8), 1, 0)]:
+    # Small multiples of the smallest subnormal: every sum is exact in float32.
+    w = jnp.asarray(rng.integers(-20, 21, shape) * tiny, dtype)
+    got = np.asarray(jasp.nm_mask_2d(w, 2, 4, axis, out_axis, method=method))
+    np.testing.assert_array_equal(got, want(as_np64(w), 2, 4, axis, out_axis),
+                                  err_msg=f"seed={seed} {shape} {dtype.__name__}")
+
+
+@pytest.mark.parametrize("method", ["best", "greedy"])
+def test_nm_mask_2d_is_scale_invariant_below_the_normal_range(method):
+  """The same weight scaled by a power of two (exactly, in NumPy) gets the same mask."""
+  rng, seed = fresh_rng()
+  mant = rng.standard_normal((32, 32))
+  w = (mant * np.exp2(rng.integers(-150, -110, (32, 32)))).astype(np.float32)  # many subnormal
+  normal = (w.astype(np.float64) * 2.0 ** 100).astype(np.float32)  # all normal, exact
+  np.testing.assert_array_equal(np.asarray(jasp.nm_mask_2d(w, method=method)),
+                                np.asarray(jasp.nm_mask_2d(normal, method=method)),
+                                err_msg=f"seed={seed}")
+
+
+def test_axis_arguments_of_the_wrong_type():
+  w = jnp.ones((8, 4))
+  for axis in (1.0, None, "0"):
+    with pytest.raises(TypeError, match="axis"):
+      jasp.nm_mask(w, axis=axis)
+  with pytest.raises(TypeError, match=r"axis must be an int or a sequence of ints, got float"):
+    jasp.is_nm(w, axis=0.0)
+  with pytest.raises(TypeError, match=r"n=True \(bool\)"):
+    jasp.nm_mask(w, True, 4)

@@ -93,3 +93,21 @@ def test_update_step_never_materialises_a_bool_mask():
   if mem is None:
     pytest.skip("this backend reports no memory analysis")
   assert mem.temp_size_in_bytes < k * n // 4, mem
+
+
+def test_malformed_masks_are_named():
+  # A float mask would be packed as its integer part (0.5 -> dropped) without the check.
+  with pytest.raises(TypeError, match=r"pack\(\) takes a bool mask, got ArrayImpl of dtype float32"):
+    jasp.pack(jnp.full((8, 4), 0.5))
+  with pytest.raises(ValueError, match="out of range"):
+    jasp.pack(jnp.ones((8, 4), bool), 2)
+  # A PackedMask whose axis its shape does not have fails when made, not later in unpack.
+  with pytest.raises(ValueError, match=r"PackedMask of shape \(8, 4\): axis \(5,\)"):
+    jasp.PackedMask(jnp.zeros((1, 4), jnp.uint8), (8, 4), (5,))
+  masks = {"a": jnp.ones((8, 4), bool), "b": None, "c": jnp.ones((8, 4), jnp.int32)}
+  with pytest.raises(TypeError, match="axes must be a"):
+    jasp.pack_masks(masks, [0])
+  with pytest.raises(TypeError, match=r"the mask for 'c' \(shape \(8, 4\)\): pack\(\) takes a bool"):
+    jasp.pack_masks(masks)
+  with pytest.raises(ValueError, match=r"the mask for 'a' \(shape \(8, 4\)\): axis 3 is out of range"):
+    jasp.pack_masks({"a": masks["a"]}, {"a": 3})

@@ -1,12 +1,15 @@
 """jasp.policy: which leaves are pruned and why, on real flax models."""
 
 import dataclasses
+import re
+import warnings
 
 import jax.numpy as jnp
 import models
 import pytest
 
 import jasp
+from jasp import sparse
 
 
 def _plan(**kw):
@@ -64,3 +67,113 @@ def test_bad_override_names_path():
 def test_integer_leaves_stay_dense():
   d = jasp.plan({"kernel": jnp.ones((8, 8), jnp.int32)}, 4)
   assert not d["kernel"].prune
+
+
+# ----------------------------------------------------------------------------
+# Misuse that must be an error (or a warning), naming the field, path or fix.
+
+
+def test_a_string_pattern_is_one_pattern():
+  # A str is a sequence of characters; read as such, "Dense_1" would include every
+  # path holding a 'D' or an 'e'.
+  d = _plan(include="Dense_1")
+  assert [p for p, x in d.items() if x.prune] == ["params/Dense_1/kernel"]
+  d = _plan(exclude="Dense_1")
+  assert d["params/Dense_0/kernel"].prune and not d["params/Dense_1/kernel"].prune
+  assert jasp.Policy(include="Dense_1").include == ("Dense_1",)
+  assert jasp.Policy(exclude=re.compile("Conv")).exclude == (re.compile("Conv"),)
+  assert jasp.Policy(exclude=None).exclude == ()
+
+
+def test_sparsify_string_pattern_is_one_pattern():
+  model, variables, x = models.linen_cnn()
+  lay = jasp.trace_layouts(model.apply, variables, x)
+  pruned, _ = jasp.prune(variables, layouts=lay)
+  _, report = sparse.sparsify(pruned, layouts=lay, dtype=jnp.bfloat16, include="Dense_1")
+  assert report["params/Dense_0/kernel"] == "kept: not matched by include"
+  assert report["params/Dense_1/kernel"] != "kept: not matched by include"
+  _, report = sparse.sparsify(pruned, layouts=lay, dtype=jnp.bfloat16, exclude="Dense_1")
+  assert report["params/Dense_1/kernel"] == "kept: matched by exclude"
+  assert report["params/Dense_0/kernel"] != "kept: matched by exclude"
+  with pytest.raises(ValueError, match=r"exclude holds '\['"):
+    sparse.sparsify(pruned, layouts=lay, exclude=["["])
+
+
+@pytest.mark.parametrize("field", ["include", "exclude", "axes"])
+def test_invalid_regex_is_named_when_the_policy_is_made(field):
+  value = {"Dense(": 0} if field == "axes" else ["Dense_0", "Dense("]
+  with pytest.raises(ValueError, match=rf"Policy\.{field} holds 'Dense\('.*regular expression"):
+    jasp.Policy(**{field: value})
+
+
+def test_policy_field_types():
+  with pytest.raises(TypeError, match=r"Policy\.axes must be a mapping"):
+    jasp.Policy(axes=[("kernel", 0)])
+  with pytest.raises(TypeError, match=r"Policy\.rule must be a callable"):
+    jasp.Policy(rule=3)
+  with pytest.raises(TypeError, match=r"Policy\.include holds 3"):
+    jasp.Policy(include=["Dense", 3])
+  _, variables, _ = models.linen_cnn()
+  with pytest.raises(TypeError, match="policy must be a jasp.Policy"):
+    jasp.plan(variables, policy={"exclude": ["Dense"]})
+  with pytest.raises(ValueError, match="m >= 2"):
+    jasp.plan(variables, 0)
+  with pytest.raises(TypeError, match="m must be an int"):
+    jasp.plan(variables, 4.0)
+
+
+def test_rule_results_that_do_not_fit_name_the_leaf():
+  rule = lambda path, leaf, dec: 5 if path.endswith("Dense_1/kernel") else dec  # noqa: E731
+  with pytest.raises(ValueError, match=r"policy\.rule returned the axis 5 for 'params/Dense_1/kernel'"):
+    _plan(rule=rule)
+  rule = lambda path, leaf, dec: "in" if path.endswith("Dense_1/kernel") else dec  # noqa: E731
+  with pytest.raises(TypeError, match=r"policy\.rule returned 'in' \(str\) for 'params/Dense_1/kernel'"):
+    _plan(rule=rule)
+
+
+def _cnn_and_layouts():
+  model, variables, x = models.linen_cnn()
+  return variables, jasp.trace_layouts(model.apply, variables, x)
+
+
+@pytest.mark.parametrize("fn", ["plan", "compute_masks", "prune", "sparsity_report"])
+def test_layouts_of_another_tree_are_an_error(fn):
+  variables, lay = _cnn_and_layouts()
+  call = lambda tree, layouts: getattr(jasp, fn)(tree, layouts=layouts)  # noqa: E731
+  # Traced on the variables dict, applied to its "params" collection: no path matches,
+  # and without the check nothing would be pruned while the report says "all 2:4".
+  with pytest.raises(ValueError, match="start with 'params/' and the tree's do not"):
+    call(variables["params"], lay)
+  # The other way round: layouts of the "params" collection, the whole dict pruned.
+  sub = {p.split("/", 1)[1]: v for p, v in lay.items() if p.startswith("params/")}
+  with pytest.raises(ValueError, match="tree's paths start with 'params/'"):
+    call(variables, sub)
+  with pytest.raises(ValueError, match="layouts is empty"):
+    call(variables, {})
+  with pytest.raises(ValueError, match="another model"):
+    call(variables, {"encoder/kernel": lay["params/Dense_0/kernel"]})
+  with pytest.raises(TypeError, match="layouts must be a"):
+    call(variables, list(lay.values()))
+
+
+def test_partial_layouts_warn_only_for_weights():
+  variables, lay = _cnn_and_layouts()
+  part = {p: v for p, v in lay.items() if p != "params/Dense_1/kernel"}
+  with pytest.warns(UserWarning, match="'params/Dense_1/kernel'"):
+    d = jasp.plan(variables, layouts=part)
+  assert not d["params/Dense_1/kernel"].prune and d["params/Dense_0/kernel"].prune
+  # Leaves outside the traced collection that are no weights (BatchNorm statistics
+  # here) stay dense quietly.
+  part = {p: v for p, v in lay.items() if not p.startswith("batch_stats/")}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jasp.plan(variables, layouts=part)
+
+
+def test_bad_layout_entries_name_the_leaf():
+  variables, lay = _cnn_and_layouts()
+  with pytest.raises(TypeError, match=r"layouts\['params/Dense_0/kernel'\] is 0"):
+    jasp.plan(variables, layouts={**lay, "params/Dense_0/kernel": 0})
+  wrong = dataclasses.replace(lay["params/Dense_0/kernel"], axis=(2,))
+  with pytest.raises(ValueError, match=r"layout of 'params/Dense_0/kernel'.*does not fit"):
+    jasp.plan(variables, layouts={**lay, "params/Dense_0/kernel": wrong})

@@ -182,3 +182,73 @@ def test_other_nm():
       assert not bool(jasp.is_nm(k, n - 1, m, 0))
     else:  # 1:m keeps a single non-zero per group, so it is not sparser than that
       assert bool((np.asarray(k).reshape(-1, m, k.shape[1]) != 0).sum(1).max() == 1)
+
+
+# ----------------------------------------------------------------------------
+# Misuse that must be an error, naming the leaf, the argument and the fix.
+
+
+@pytest.mark.parametrize("fn", [jasp.prune, jasp.compute_masks])
+def test_nothing_prunable_for_this_m_is_an_error(fn):
+  # No input size of the CNN (1, 8, 32, 2048, 64) is a multiple of 3: every weight would
+  # be skipped and the params returned unchanged.
+  model, variables, x = models.linen_cnn()
+  lay = jasp.trace_layouts(model.apply, variables, x)
+  with pytest.raises(ValueError, match=r"nothing can be pruned 2:3: 5 matmul/conv weight\(s\) "
+                     r"were skipped because their input size is not a multiple of m=3"):
+    fn(variables, 2, 3, layouts=lay)
+  with pytest.raises(ValueError, match="'params/Conv_0/kernel' \\(shape \\(3, 3, 1, 16\\)"):
+    fn(variables, 1, 3)
+  # Some weights skipped and others pruned is the normal case (the 1-channel stem conv).
+  _, masks = jasp.prune(variables, 2, 8, layouts=lay)
+  assert masks["params"]["Conv_0"]["kernel"] is None and masks["params"]["Conv_2"]["kernel"] is not None
+  # A policy that keeps every weight dense on purpose is no error.
+  jasp.compute_masks(variables, 2, 3, policy=jasp.Policy(include=["nothing"]))
+
+
+def test_under_jit_non_finite_weights_are_kept_not_checked():
+  # On concrete arrays a NaN/Inf weight is an error; under jit its value cannot be read
+  # back, and the masks rank it as the largest magnitude (kept), with or without a
+  # score_fn, so it stays visible in the pruned params.
+  _, variables, _ = models.linen_cnn()
+  k = variables["params"]["Dense_0"]["kernel"]
+  k = k.at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf).at[2, 2].set(-jnp.inf)
+  variables["params"]["Dense_0"]["kernel"] = k
+  want = np.asarray(jasp.nm_mask(k, 2, 4, 0))
+  assert want[0, 0] and want[1, 1] and want[2, 2]
+  for kw in ({}, {"score_fn": lambda p, w: jnp.abs(w)}):
+    with pytest.raises(ValueError, match="params/Dense_0/kernel"):
+      jasp.prune(variables, **kw)
+    pruned, masks = jax.jit(lambda v, kw=kw: jasp.prune(v, **kw))(variables)
+    np.testing.assert_array_equal(np.asarray(masks["params"]["Dense_0"]["kernel"]), want)
+    got = np.asarray(pruned["params"]["Dense_0"]["kernel"])
+    assert np.isnan(got[0, 0]) and got[1, 1] == np.inf and got[2, 2] == -np.inf
+
+
+def test_malformed_arguments_are_named():
+  _, variables, _ = models.linen_cnn()
+  with pytest.raises(TypeError, match=r"n=True \(bool\)"):
+    jasp.prune(variables, True, 4)
+  with pytest.raises(ValueError, match="1 <= n < m"):
+    jasp.compute_masks(variables, -1, 4)
+  with pytest.raises(TypeError, match="score_fn must be a callable"):
+    jasp.compute_masks(variables, score_fn=3)
+  with pytest.raises(ValueError, match="pattern must be"):
+    jasp.compute_masks({"bias": jnp.ones(4)}, pattern="2d")
+  # A leaf that the layouts make a weight but that holds no real numbers.
+  lay = {"flags": jasp.Layout((0,), (1,), kind="dot")}
+  with pytest.raises(TypeError, match=r"'flags' \(shape \(8, 4\)\) is to be pruned but has dtype bool"):
+    jasp.prune({"flags": jnp.ones((8, 4), bool)}, layouts=lay)
+
+
+def test_apply_masks_bad_mask_leaves_name_the_path():
+  _, variables, _ = models.linen_cnn()
+  masks = jasp.compute_masks(variables)
+  bad = jax.tree.map(lambda a: a, masks, is_leaf=lambda x: x is None)
+  bad["params"]["Dense_0"]["kernel"] = "keep"
+  with pytest.raises(TypeError, match=r"mask for 'params/Dense_0/kernel' is a str"):
+    jasp.apply_masks(variables, bad)
+  # A float mask is not silently read as "non-zero = kept".
+  bad["params"]["Dense_0"]["kernel"] = masks["params"]["Dense_0"]["kernel"] * 0.5
+  with pytest.raises(TypeError, match=r"mask for 'params/Dense_0/kernel' has dtype float32"):
+    jasp.apply_masks(variables, bad)

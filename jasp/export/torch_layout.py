@@ -37,6 +37,7 @@ import numpy as np
 
 from jasp import _tree
 from jasp import layouts as layouts_lib
+from jasp import packing
 
 __all__ = [
     "torch_weight",
@@ -66,15 +67,22 @@ class _Plan:
 
 def _plan(shape: tuple[int, ...], layout: layouts_lib.Layout | None, path: str = "") -> _Plan:
   nd = len(shape)
+  what = f"'{path}'" if path else "the weight"
   if layout is None or layout.axis is None or layout.kind not in ("dot", "conv"):
     return _Plan("none", tuple(range(nd)), tuple(shape))
   axis, out = tuple(layout.axis), tuple(layout.out_axes)
+  bad = [a for a in axis + out if not isinstance(a, (int, np.integer)) or not -nd <= a < nd]
+  if bad or len(set(a % nd for a in axis + out)) != len(axis + out):
+    raise ValueError(f"the layout of {what} (axis {axis}, out_axes {out}) does not fit its "
+                     f"shape {shape}: the axes must be distinct axes of a rank-{nd} array. Pass "
+                     "the layouts traced on these params (jasp.trace_layouts).")
+  axis, out = tuple(a % nd for a in axis), tuple(a % nd for a in out)
   if not out:
-    raise ValueError(f"the {layout.kind} weight '{path}' (shape {shape}) has no output axes "
+    raise ValueError(f"the {layout.kind} weight {what} (shape {shape}) has no output axes "
                      "in its layout; PyTorch's (out, in) layout needs them.")
   rest = tuple(a for a in range(nd) if a not in axis and a not in out)
   if layout.kind == "dot" and rest:
-    raise ValueError(f"the dot weight '{path}' (shape {shape}) has batch axes {rest} besides "
+    raise ValueError(f"the dot weight {what} (shape {shape}) has batch axes {rest} besides "
                      f"its input axes {axis} and output axes {out}; it has no PyTorch layout.")
   size = lambda axes: int(np.prod([shape[a] for a in axes], dtype=np.int64))
   perm = out + axis + rest
@@ -114,7 +122,14 @@ def flax_weight(t: np.ndarray, shape: tuple[int, ...],
 
 
 def torch_key(path: str) -> str:
-  """The PyTorch state-dict key of a flax path (``params/Dense_0/kernel`` -> ``Dense_0.weight``)."""
+  """The PyTorch state-dict key of a flax path (``params/Dense_0/kernel`` -> ``Dense_0.weight``).
+
+  Raises:
+    TypeError: ``path`` is not a string.
+  """
+  if not isinstance(path, str):
+    raise TypeError(f"torch_key takes a path string such as 'params/Dense_0/kernel', got "
+                    f"{type(path).__name__} {path!r}.")
   parts = path.split("/")
   stats = False
   if len(parts) > 1 and parts[0] in _COLLECTIONS:
@@ -136,8 +151,67 @@ def _mask_key(key: str, apex: bool) -> str:
 
 def _layout(path: str, leaf: Any, layouts: Mapping[str, layouts_lib.Layout] | None):
   if layouts is not None and path in layouts:
-    return layouts[path]
+    layout = layouts[path]
+    if not isinstance(layout, layouts_lib.Layout):
+      raise TypeError(f"layouts['{path}'] is {layout!r} ({type(layout).__name__}), not a "
+                      "jasp.Layout; pass layouts=jasp.trace_layouts(...).")
+    return layout
   return layouts_lib.convention_layout(path, leaf)
+
+
+_PARAMS = "params/"
+
+
+def _match_masks(masks: PyTree | None, paths: list[str]) -> dict[str, Any]:
+  """``{param path: mask}`` for ``paths``, from masks of the same tree or of its ``params``.
+
+  Masks of a linen variables dict match params that are its ``params``
+  collection, and the other way round (the paths differ by ``params/``).
+
+  Raises:
+    ValueError: a mask (not None) matches no leaf of the params, naming the
+      unmatched mask paths.
+  """
+  if masks is None:
+    return {}
+  by_path = _tree.leaves_by_path(masks, keep_none=True)
+  out, used = {}, set()
+  for path in paths:
+    cands = [path, _PARAMS + path]
+    if path.startswith(_PARAMS):
+      cands.append(path[len(_PARAMS):])
+    key = next((c for c in cands if c in by_path), None)
+    if key is not None:
+      used.add(key)
+      out[path] = by_path[key]
+  unmatched = [p for p, mk in by_path.items() if mk is not None and p not in used]
+  if unmatched:
+    shown = ", ".join(f"'{p}'" for p in unmatched[:3])
+    more = f" and {len(unmatched) - 3} more" if len(unmatched) > 3 else ""
+    raise ValueError(
+        f"{len(unmatched)} mask(s) match no leaf of the params: {shown}{more} (the params have "
+        f"e.g. {', '.join(repr(p) for p in paths[:2]) or 'no leaves'}). Pass the masks that "
+        "jasp.prune returned for these params (of the whole variables dict or of its 'params' "
+        "collection).")
+  return out
+
+
+def _host_mask(path: str, mask: Any, shape: tuple[int, ...]) -> np.ndarray:
+  """A mask leaf as a numpy bool array of ``shape``, checked."""
+  if isinstance(mask, packing.PackedMask):
+    mask = packing.unpack(mask)
+  dtype = getattr(mask, "dtype", None)
+  if dtype is None:
+    raise TypeError(f"the mask for '{path}' is a {type(mask).__name__}, not an array; a mask is "
+                    "a bool array, a jasp.PackedMask or None (dense).")
+  if not _tree.is_bool_dtype(dtype):
+    raise TypeError(f"the mask for '{path}' has dtype {dtype}; masks are bool arrays (True = "
+                    "kept): pass mask.astype(bool), or the masks from jasp.prune.")
+  mw = np.asarray(jax.device_get(mask))
+  if mw.shape != tuple(shape):
+    raise ValueError(f"the mask for '{path}' has shape {mw.shape} but the leaf has shape "
+                     f"{tuple(shape)}.")
+  return mw
 
 
 def _numeric(leaf) -> bool:
@@ -161,7 +235,10 @@ def to_torch_state_dict(params: PyTree, *, layouts: Mapping[str, layouts_lib.Lay
       are left out.
     layouts: ``{path: Layout}`` (from :func:`jasp.trace_layouts`); leaves not in
       it use flax's conventions (:func:`jasp.convention_layout`).
-    masks: the masks pytree from :func:`jasp.prune` (None: no masks written).
+    masks: the masks pytree from :func:`jasp.prune` (None: no masks written),
+      of ``params`` itself or, when ``params`` is a linen variables dict, of its
+      ``params`` collection (or the other way round); bool arrays or
+      :class:`jasp.PackedMask` leaves.
     apex_masks: name masks ``<module>.__weight_mma_mask`` (apex ASP) instead of
       ``<module>.weight_mask``.
 
@@ -171,11 +248,17 @@ def to_torch_state_dict(params: PyTree, *, layouts: Mapping[str, layouts_lib.Lay
     "pruned"}}`` describing each converted leaf (``shape`` is the flax shape).
 
   Raises:
-    ValueError: if two leaves map to the same key, or a weight has no PyTorch
-      layout (naming the path and shape).
+    ValueError: if two leaves map to the same key, a weight has no PyTorch
+      layout or its layout does not fit it (naming the path and shape), a mask
+      matches no leaf (naming the mask paths) or has another shape than its
+      leaf, or ``layouts`` matches no leaf (see :func:`jasp.plan`).
+    TypeError: ``layouts`` is not a mapping of Layouts, or a mask is not a
+      bool array or PackedMask (naming the path).
   """
+  from jasp import policy as policy_lib  # pylint: disable=g-import-not-at-top
   leaves = _tree.leaves_by_path(params)
-  mask_by_path = _tree.leaves_by_path(masks, keep_none=True) if masks is not None else {}
+  policy_lib.check_layouts(leaves, layouts, warn=False)
+  mask_by_path = _match_masks(masks, list(leaves))
   state: dict[str, np.ndarray] = {}
   info: dict[str, dict] = {}
   origin: dict[str, str] = {}
@@ -202,15 +285,23 @@ def to_torch_state_dict(params: PyTree, *, layouts: Mapping[str, layouts_lib.Lay
         raise ValueError(f"the mask of '{path}' maps to '{mkey}', which is taken by "
                          f"'{origin[mkey]}'.")
       origin[mkey] = path
-      mw = np.asarray(jax.device_get(mk)).astype(bool)
+      mw = _host_mask(path, mk, w.shape)
       state[mkey] = np.ascontiguousarray(np.transpose(mw, p.perm).reshape(p.shape))
   return state, info
 
 
-def _layout_of(entry: Mapping[str, Any]) -> layouts_lib.Layout | None:
+def _layout_of(key: str, entry: Mapping[str, Any]) -> layouts_lib.Layout | None:
+  if not isinstance(entry, Mapping):
+    raise ValueError(f"the info of '{key}' is {entry!r}, not a mapping with 'kind', 'axis' and "
+                     "'out_axes' (as to_torch_state_dict returns).")
   if entry.get("kind", "none") == "none":
     return None
-  return layouts_lib.Layout(tuple(entry["axis"]), tuple(entry["out_axes"]), kind=entry["kind"])
+  try:
+    return layouts_lib.Layout(tuple(entry["axis"]), tuple(entry["out_axes"]), kind=entry["kind"])
+  except (KeyError, TypeError):
+    raise ValueError(f"the info of '{key}' ({dict(entry)}) lacks a list 'axis' or 'out_axes' for "
+                     f"its kind '{entry['kind']}'; pass the info that to_torch_state_dict "
+                     "returned (or the file's metadata).") from None
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], like: PyTree, *,
@@ -242,7 +333,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], like: PyTree, *,
       raise KeyError(f"the state dict has no '{key}' (for the leaf '{path}', shape "
                      f"{tuple(leaf.shape)}).")
     if info is not None and key in info:
-      layout = _layout_of(info[key])
+      layout = _layout_of(key, info[key])
     else:
       layout = _layout(path, leaf, layouts)
     w = flax_weight(np.asarray(state_dict[key]), tuple(leaf.shape), layout)
@@ -266,8 +357,12 @@ def save_safetensors(path: str | os.PathLike, params: PyTree, *,
 
   Raises:
     MissingDependencyError: without ``safetensors`` (``pip install 'jasp[safetensors]'``).
+    ValueError, TypeError: as :func:`to_torch_state_dict` (masks that match no
+      leaf, a mismatch between ``layouts`` and ``params``), or invalid ``n``/``m``.
   """
+  from jasp import masks as masks_lib  # pylint: disable=g-import-not-at-top
   from jasp.export._deps import require  # pylint: disable=g-import-not-at-top
+  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
   st = require("safetensors.numpy")
   state, info = to_torch_state_dict(params, layouts=layouts, masks=masks, apex_masks=apex_masks)
   meta = {"format": "pt",

@@ -39,6 +39,7 @@ from flax import nnx
 from jasp import _tree
 from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
+from jasp import policy as pruning_policy
 from jasp.sparse import _compress as compress_lib
 from jasp.sparse import _matmul as matmul_lib
 from jasp.sparse import policy as policy_lib
@@ -96,13 +97,21 @@ def sparsify(params: PyTree, *, layouts: Mapping[str, layouts_lib.Layout] | None
     keep_dense: keep the masked dense weight too, so the policy can take the
       dense path where it is faster (few tokens). False halves the memory of
       those layers but forces the sparse kernel at every token count.
-    include, exclude: regular expressions on leaf paths.
+    include, exclude: regular expressions on leaf paths (``re.search``); a
+      single string is one pattern.
     a_order: the compressed layout (:data:`jasp.sparse.A_ROW` or ``A_COL``).
 
   Returns:
     ``(params with SparseWeight leaves, {path: what happened})``: one report
     line per ``kernel`` leaf that is a matmul weight.
+
+  Raises:
+    ValueError: a pattern of ``include``/``exclude`` is not a valid regular
+      expression (naming the argument and the pattern).
+    TypeError: a pattern is neither a string nor an ``re.Pattern``.
   """
+  include = pruning_policy.as_patterns(include, "include")
+  exclude = pruning_policy.as_patterns(exclude, "exclude")
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   out, report = [], {}
   for p, leaf in flat:
@@ -276,7 +285,12 @@ def sparsify_nnx(model: nnx.Module, *, dtype: Any = None, keep_dense: bool = Tru
 
   Returns:
     ``{kernel path: what happened}`` for every Linear/LinearGeneral.
+
+  Raises:
+    ValueError, TypeError: for ``include``/``exclude`` as :func:`sparsify`.
   """
+  include = pruning_policy.as_patterns(include, "include")
+  exclude = pruning_policy.as_patterns(exclude, "exclude")
   found, seen = [], set()
   for path, node in nnx.iter_graph(model):
     if isinstance(node, (nnx.Linear, nnx.LinearGeneral)) and id(node) not in seen and path:
