@@ -17,38 +17,112 @@ consumes it:
 
 Names are resolved per graph (bodies of different loops reuse input names), and
 each ``(graph, name)`` is visited once per initializer, so a graph whose nodes
-share outputs cannot make the walk explode.
+share outputs cannot make the walk explode; the walk as a whole stops with a
+:class:`~jasp.export.CheckError` after :data:`MAX_VISITS` steps (a name reached, or
+one use of it followed). The graph is
+untrusted input: an attribute of the wrong type or out of range (a ``perm``
+that is no permutation, an axis past the rank, a reshape whose sizes do not
+match) ends the walk along that path as "not followed", never with an error.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from jasp import weights
+from jasp.export._safe_read import CheckError
 
-__all__ = ["WeightUses", "all_graphs", "attr", "int_list", "subgraphs"]
+__all__ = ["WeightUses", "all_graphs", "attr", "int_list", "non_text_name", "subgraphs", "tensors",
+           "MAX_VISITS"]
 
 _PASS_OPS = {"Identity", "Cast", "CastLike", "DequantizeLinear"}
 _MAX_DEPTH = 64
+MAX_VISITS = 1_000_000  # names and uses followed, over all initializers of one model
+
+
+class _Malformed(Exception):
+  """An attribute of the wrong type or value: the walk does not follow that node."""
 
 
 def attr(node, name: str, default=None):
-  """The value of a node's attribute ``name`` (``default`` when absent)."""
+  """The value of a node's attribute ``name`` (``default`` when absent).
+
+  Raises:
+    _Malformed: the attribute's type is not one ONNX defines.
+  """
   from onnx import helper  # pylint: disable=g-import-not-at-top
   for a in node.attribute:
     if a.name == name:
-      return helper.get_attribute_value(a)
+      try:
+        return helper.get_attribute_value(a)
+      except ValueError:
+        raise _Malformed(name) from None
   return default
 
 
+def _int_attr(node, name: str, default: int) -> int:
+  v = attr(node, name, default)
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+    raise _Malformed(name)
+  return int(v)
+
+
+def _ints_attr(node, name: str) -> list[int] | None:
+  v = attr(node, name, None)
+  if v is None:
+    return None
+  if not isinstance(v, (list, tuple)) or not all(isinstance(x, (int, np.integer)) for x in v):
+    raise _Malformed(name)
+  return [int(x) for x in v]
+
+
 def int_list(consts, node, idx: int, name: str):
-  """An int list given as input ``idx`` (a constant) or as attribute ``name``; None if dynamic."""
+  """An int list given as input ``idx`` (a constant) or as attribute ``name``; None if dynamic.
+
+  Raises:
+    _Malformed: the attribute is not a list of integers.
+  """
+  from onnx import TensorProto  # pylint: disable=g-import-not-at-top
   from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
   if len(node.input) > idx and node.input[idx]:
     t = consts.get(node.input[idx])
-    return None if t is None else [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
-  v = attr(node, name, None)
-  return [] if v is None else [int(x) for x in v]
+    if t is None or t.data_type not in (TensorProto.INT64, TensorProto.INT32) or len(t.dims) > 1:
+      return None
+    return [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+  v = _ints_attr(node, name)
+  return [] if v is None else v
+
+
+def non_text_name(graph) -> bytes | None:
+  """The first name or op type of ``graph`` (nested graphs included) that is not UTF-8 text.
+
+  protobuf hands a ``string`` field holding invalid UTF-8 back as ``bytes``; ONNX requires
+  text. None when every one is text.
+  """
+  for g in all_graphs(graph):
+    names = [vi.name for vi in (*g.input, *g.output, *g.value_info)]
+    names += [t.name for t in g.initializer]
+    for node in g.node:
+      names += [node.op_type, *node.input, *node.output, *(a.name for a in node.attribute)]
+    for x in names:
+      if not isinstance(x, str):
+        return x
+  return None
+
+
+def tensors(graph):
+  """Every ``TensorProto`` of ``graph`` and its nested graphs: initializers, tensor attributes."""
+  from onnx import AttributeProto  # pylint: disable=g-import-not-at-top
+  for g in all_graphs(graph):
+    yield from g.initializer
+    for node in g.node:
+      for a in node.attribute:
+        if a.type == AttributeProto.TENSOR:
+          yield a.t
+        elif a.type == AttributeProto.TENSORS:
+          yield from a.tensors
 
 
 def subgraphs(node) -> list:
@@ -73,12 +147,20 @@ def all_graphs(graph) -> list:
 
 
 def _reshape_target(shape, target, allowzero: bool):
-  out = [shape[i] if (d == 0 and not allowzero and i < len(shape)) else d
-         for i, d in enumerate(target)]
+  """The shape a ``Reshape`` to ``target`` gives; None if the sizes do not match."""
+  if any(d == 0 and not allowzero and i >= len(shape) for i, d in enumerate(target)):
+    return None
+  out = [shape[i] if (d == 0 and not allowzero) else d for i, d in enumerate(target)]
+  if out.count(-1) > 1 or any(d < -1 for d in out):
+    return None
+  total = math.prod(shape)
   if -1 in out:
-    known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
-    total = int(np.prod(shape, dtype=np.int64))
-    out[out.index(-1)] = total // known if known else 0
+    known = math.prod(d for d in out if d != -1)
+    if not known or total % known:
+      return None
+    out[out.index(-1)] = total // known
+  if math.prod(out) != total:
+    return None
   return tuple(int(d) for d in out)
 
 
@@ -93,7 +175,11 @@ def _einsum_reduced(equation: str, idx: int, ndim: int) -> list[int] | None:
     return None
   term = terms[idx]
   if "..." in term:
+    if term.count("...") > 1:
+      return None
     left, right = term.split("...")
+    if len(left) + len(right) > ndim:
+      return None
     letters = {i: c for i, c in enumerate(left)}
     letters.update({ndim - len(right) + i: c for i, c in enumerate(right)})
   else:
@@ -134,6 +220,14 @@ class _Graph:
       for i, name in enumerate(node.input):
         if name:
           self.uses.setdefault(name, []).append((node, i))
+    # Names read here or in nested graphs without being defined here (read from the
+    # enclosing scope), and for each name the subgraphs of this graph's nodes that read it so.
+    self.inner: dict[str, list] = {}
+    for node in self.nodes:
+      for g in node.graphs:
+        for name in g.free:
+          self.inner.setdefault(name, []).append(g)
+    self.free = (set(self.uses) | set(self.inner)) - self.defined
 
   def walk(self):
     yield self
@@ -154,6 +248,8 @@ class WeightUses:
     self.root = _Graph(root)
     self.shapes = shapes or {}
     self.consts = {name: t for _, name, t in self.constants()}
+    self.visits = 0
+    self._concat: dict = {}
     self._carry_shapes(self.root)
 
   def _shape(self, graph, name):
@@ -180,22 +276,10 @@ class WeightUses:
         yield g, t.name, t
       for node in g.nodes:
         if node.op_type == "Constant" and node.output:
-          val = attr(node.proto, "value", None)
-          if val is not None and hasattr(val, "dims"):
-            yield g, node.output[0], val
-
-  def _outer_reads(self, graph, name: str):
-    """Subgraphs of ``graph``'s nodes that read ``name`` from the enclosing scope."""
-    for node in graph.nodes:
-      for g in node.graphs:
-        if name not in g.defined and self._reads(g, name):
-          yield g
-
-  def _reads(self, graph, name: str) -> bool:
-    if name in graph.uses:
-      return True
-    return any(name not in g.defined and self._reads(g, name)
-               for node in graph.nodes for g in node.graphs)
+          for a in node.proto.attribute:
+            if a.name == "value" and a.HasField("t"):
+              yield g, node.output[0], a.t
+              break
 
   def follow(self, graph, name: str, shape: tuple) -> list[tuple[str, tuple | None]]:
     """``[(consumer label, reduction axes of the initializer or None)]`` of one initializer."""
@@ -209,13 +293,21 @@ class WeightUses:
     if key in seen:
       return
     seen.add(key)
+    # One step per name and per use of it followed, over all initializers: bounds the work.
+    self.visits += 1 + len(graph.inner.get(name, ())) + len(graph.uses.get(name, ()))
+    if self.visits > MAX_VISITS:
+      raise CheckError(f"the graph takes more than {MAX_VISITS} steps to follow its weights to "
+                       "their consumers; refusing to check it.")
     if depth > _MAX_DEPTH:
       out.append(("a chain too long to follow", None))
       return
-    for g in self._outer_reads(graph, name):
+    for g in graph.inner.get(name, ()):  # subgraphs reading it from this scope
       self._follow(g, name, amap, shape, parts, seen, out, depth + 1)
     for node, idx in graph.uses.get(name, []):
-      self._node(graph, node, idx, amap, shape, parts, seen, out, depth)
+      try:
+        self._node(graph, node, idx, amap, shape, parts, seen, out, depth)
+      except _Malformed as e:
+        out.append((f"{node.op_type} (attribute {e} malformed)", None))
 
   def _node(self, graph, wrapped, idx, amap, shape, parts, seen, out, depth) -> None:
     node = wrapped.proto
@@ -227,6 +319,9 @@ class WeightUses:
       self._follow(graph, name, amap, shape, parts, seen, out, depth + 1)
 
     def reduce(label, dims):
+      if any(not 0 <= d < nd for d in dims):
+        out.append((f"{label} ({nd}-D operand: not understood)", None))
+        return
       if any(d in parts for d in dims):
         out.append((f"{label} (concatenated along its reduction axis)", None))
         return
@@ -236,7 +331,10 @@ class WeightUses:
     if op in _PASS_OPS and idx == 0:
       go(res, amap, shape)
     elif op == "Transpose" and idx == 0:
-      perm = list(attr(node, "perm", None) or reversed(range(nd)))
+      perm = _ints_attr(node, "perm") or list(reversed(range(nd)))
+      if sorted(perm) != list(range(nd)):
+        out.append(("Transpose (perm is not a permutation of the axes)", None))
+        return
       inv = {p: i for i, p in enumerate(perm)}
       go(res, tuple(amap[p] for p in perm), tuple(shape[p] for p in perm),
          frozenset(inv[p] for p in parts))
@@ -248,8 +346,12 @@ class WeightUses:
       else:
         go(res, nm, new)
     elif op == "Concat":
-      ax = int(attr(node, "axis", 0)) % max(nd, 1)
-      total = self._concat_size(graph, node, ax)
+      ax = _int_attr(node, "axis", 0)
+      if not -nd <= ax < nd:
+        out.append(("Concat (axis out of range)", None))
+        return
+      ax %= nd
+      total = self._concat_size(graph, wrapped, ax)
       if total is None:
         out.append(("Concat (sizes unknown)", None))
         return
@@ -260,30 +362,38 @@ class WeightUses:
       else:
         reduce("MatMul[A]", [nd - 1])
     elif op == "Gemm" and idx in (0, 1):
-      if idx == 1:
-        t = int(attr(node, "transB", 0))
+      key = "transB" if idx == 1 else "transA"
+      t = _int_attr(node, key, 0)
+      if nd != 2 or t not in (0, 1):
+        out.append((f"Gemm ({nd}-D operand, {key}={t}: not understood)", None))
+      elif idx == 1:
         reduce(f"Gemm(transB={t})", [1 if t else 0])
       else:
-        t = int(attr(node, "transA", 0))
         reduce(f"Gemm[A](transA={t})", [0 if t else 1])
     elif op == "Conv" and idx == 1:
-      g = int(attr(node, "group", 1))
-      cg = shape[1] if nd > 1 else 0
+      g = _int_attr(node, "group", 1)
       label = f"Conv(group={g})" if g > 1 else "Conv"
-      if g > 1 and cg == 1:
+      if nd < 3 or g < 1:
+        out.append((f"{label} ({nd}-D weight: not understood)", None))
+      elif g > 1 and shape[1] == 1:
         out.append((label + " depthwise", ()))
       else:
         reduce(label, [1])
     elif op == "ConvTranspose" and idx == 1:
-      reduce("ConvTranspose", [0])
+      if nd < 3:
+        out.append((f"ConvTranspose ({nd}-D weight: not understood)", None))
+      else:
+        reduce("ConvTranspose", [0])
     elif op in ("Gemm", "Conv", "ConvTranspose") and idx == 2:
       return  # a bias
     elif op == "Einsum":
       eq = attr(node, "equation", b"")
-      eq = eq.decode() if isinstance(eq, bytes) else str(eq)
+      if not isinstance(eq, (bytes, str)):
+        raise _Malformed("equation")
+      eq = eq.decode("utf-8", "replace") if isinstance(eq, bytes) else eq
       dims = _einsum_reduced(eq, idx, nd)
       if dims is None:
-        out.append((f"Einsum({eq}) (not understood)", None))
+        out.append((f"Einsum({eq[:40]}) (not understood)", None))
       else:
         reduce(f"Einsum({eq})", dims)
     elif op == "Loop" and idx >= 2:
@@ -292,13 +402,17 @@ class WeightUses:
         go(body.input[idx], amap, shape, graph=body)
     elif op == "Scan":
       body = wrapped.body
-      n_scan = int(attr(node, "num_scan_inputs", 0))
-      if body is None or idx >= len(body.input):
+      n_scan = _int_attr(node, "num_scan_inputs", 0)
+      if body is None or idx >= len(body.input) or not 0 <= n_scan <= len(node.input):
         out.append(("Scan", None))
         return
       if idx >= len(node.input) - n_scan:  # a scanned input: one slice per step
-        axes = list(attr(node, "scan_input_axes", None) or [0] * n_scan)
-        ax = axes[idx - (len(node.input) - n_scan)] % max(nd, 1)
+        axes = _ints_attr(node, "scan_input_axes") or [0] * n_scan
+        pos = idx - (len(node.input) - n_scan)
+        if nd == 0 or pos >= len(axes) or not -nd <= axes[pos] < nd:
+          out.append(("Scan (scan_input_axes not understood)", None))
+          return
+        ax = axes[pos] % nd
         if ax in parts or (amap[ax] is not None and shape[ax] > 1):
           out.append(("Scan over a weight axis", None))
           return
@@ -310,31 +424,48 @@ class WeightUses:
     else:
       out.append((op, None))
 
-  def _concat_size(self, graph, node, ax: int) -> int | None:
-    total = 0
-    for name in node.input:
-      dims = self._shape(graph, name)
-      if dims is None or ax >= len(dims) or dims[ax] < 0:
-        return None
-      total += int(dims[ax])
-    return total
+  def _concat_size(self, graph, wrapped, ax: int) -> int | None:
+    key = (id(wrapped), ax)  # a Concat of many weights is sized once
+    if key not in self._concat:
+      total = 0
+      for name in wrapped.input:
+        dims = self._shape(graph, name)
+        if dims is None or ax >= len(dims) or dims[ax] < 0:
+          total = None
+          break
+        total += int(dims[ax])
+      self._concat[key] = total
+    return self._concat[key]
 
   def _new_shape(self, node, op, shape):
+    """The result shape of a Reshape/Squeeze/Unsqueeze/Flatten; None if not understood."""
+    nd = len(shape)
     if op == "Reshape":
       target = int_list(self.consts, node, 1, "shape")
       if target is None:
         return None
-      return _reshape_target(shape, target, bool(attr(node, "allowzero", 0)))
+      return _reshape_target(shape, target, bool(_int_attr(node, "allowzero", 0)))
     if op == "Flatten":
-      ax = int(attr(node, "axis", 1)) % (len(shape) + 1)
-      return (int(np.prod(shape[:ax], dtype=np.int64)), int(np.prod(shape[ax:], dtype=np.int64)))
+      ax = _int_attr(node, "axis", 1)
+      if not -nd <= ax <= nd:
+        return None
+      ax %= nd + 1
+      return (math.prod(shape[:ax]), math.prod(shape[ax:]))
     axes = int_list(self.consts, node, 1, "axes")
     if axes is None:
       return None
     if op == "Squeeze":
-      axes = [a % len(shape) for a in axes] if axes else [i for i, d in enumerate(shape) if d == 1]
+      if not axes:
+        axes = [i for i, d in enumerate(shape) if d == 1]
+      if any(not -nd <= a < nd for a in axes):
+        return None
+      axes = {a % nd for a in axes}
+      if any(shape[a] != 1 for a in axes):
+        return None
       return tuple(d for i, d in enumerate(shape) if i not in axes)
-    nd = len(shape) + len(axes)
-    axes = sorted(a % nd for a in axes)
+    out_nd = nd + len(axes)
+    if any(not -out_nd <= a < out_nd for a in axes) or len({a % out_nd for a in axes}) != len(axes):
+      return None
+    axes = {a % out_nd for a in axes}
     it = iter(shape)
-    return tuple(1 if i in axes else next(it) for i in range(nd))
+    return tuple(1 if i in axes else next(it) for i in range(out_nd))
