@@ -24,8 +24,9 @@ class DeviceClock:
     if not self.ok:
       return None
     try:
-      from torch.profiler import ProfilerActivity  # pylint: disable=g-import-not-at-top
-      from torch.profiler import profile  # pylint: disable=g-import-not-at-top
+      from torch.profiler import ProfilerActivity
+      from torch.profiler import profile
+
       with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
       total = 0.0
@@ -40,7 +41,7 @@ class DeviceClock:
         for t, k in sorted(parts, reverse=True)[:6]:
           print(f"    {t:9.1f} us/call  {k}", flush=True)
       return total * 1e-6 / calls if total > 0 else None
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       print(f"device clock unavailable: {type(e).__name__}: {e}", flush=True)
       self.ok = False
       return None
@@ -60,7 +61,7 @@ class Recorder:
     """Runs ``fn(*args)``; an exception is printed and recorded under ``errors``."""
     try:
       return fn(*args)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       traceback.print_exc()
       self.out.setdefault("errors", []).append(f"{fn.__name__}: {type(e).__name__}: {e}"[:2000])
       return None

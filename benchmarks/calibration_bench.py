@@ -82,8 +82,7 @@ def hessian(x):
 
 @functools.partial(jax.jit, static_argnames=("blocksize",))
 def sparsegpt(w, x, blocksize=128):
-  return sgpt._layer(w, hessian(x), 2, 4, blocksize, 0.01,  # pylint: disable=protected-access
-                     sgpt._unroll())[0]  # pylint: disable=protected-access
+  return sgpt._layer(w, hessian(x), 2, 4, blocksize, 0.01, sgpt._unroll())[0]
 
 
 @jax.jit
@@ -93,9 +92,8 @@ def factor(h):
 
 @functools.partial(jax.jit, static_argnames=("unroll",))
 def obs_loop(w, h, unroll=None):
-  unroll = sgpt._unroll() if unroll is None else unroll  # pylint: disable=protected-access
-  return sgpt._obs(w.T, h, n=2, m=4, blocksize=128, damp=0.01,  # pylint: disable=protected-access
-                   unroll=unroll)[0]
+  unroll = sgpt._unroll() if unroll is None else unroll
+  return sgpt._obs(w.T, h, n=2, m=4, blocksize=128, damp=0.01, unroll=unroll)[0]
 
 
 @jax.jit
@@ -109,8 +107,7 @@ def layer_rows(shapes, tokens, reps, unrolls=(), seed=0):
   for k, o in shapes:
     rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.standard_normal((k, o)) / np.sqrt(k), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((tokens, k)) * np.exp(rng.uniform(-2, 2, k)),
-                    jnp.float32)
+    x = jnp.asarray(rng.standard_normal((tokens, k)) * np.exp(rng.uniform(-2, 2, k)), jnp.float32)
     h = hessian(x)
     row = {"K": k, "O": o, "T": tokens}
     for name, fn in (("magnitude", magnitude), ("wanda", wanda), ("sparsegpt", sparsegpt)):
@@ -122,8 +119,9 @@ def layer_rows(shapes, tokens, reps, unrolls=(), seed=0):
     row["sgpt_obs_ms"] = 1e3 * timed(obs_loop, w, h, reps=reps)
     if unrolls and (k, o) == shapes[0]:
       for u in unrolls:
-        row[f"sgpt_obs_unroll{u}_ms"] = 1e3 * timed(functools.partial(obs_loop, unroll=u), w, h,
-                                                    reps=reps)
+        row[f"sgpt_obs_unroll{u}_ms"] = 1e3 * timed(
+          functools.partial(obs_loop, unroll=u), w, h, reps=reps
+        )
     rows.append(row)
     print(json.dumps(row), flush=True)
   return rows
@@ -131,45 +129,65 @@ def layer_rows(shapes, tokens, reps, unrolls=(), seed=0):
 
 def pipeline_rows(width, depth, tokens, batches):
   rng = np.random.default_rng(1)
-  params = {f"layer{i}": {"kernel": jnp.asarray(rng.standard_normal((width, width)) /
-                                                np.sqrt(width), jnp.float32)}
-            for i in range(depth)}
+  params = {
+    f"layer{i}": {
+      "kernel": jnp.asarray(rng.standard_normal((width, width)) / np.sqrt(width), jnp.float32)
+    }
+    for i in range(depth)
+  }
 
   def mlp(p, x):
     for i in range(depth):
       x = jax.nn.gelu(x @ p[f"layer{i}"]["kernel"])
     return x
 
-  xs = [jnp.asarray(rng.standard_normal((tokens // batches, width)) *
-                    np.exp(rng.uniform(-2, 2, width)), jnp.float32) for _ in range(batches)]
+  xs = [
+    jnp.asarray(
+      rng.standard_normal((tokens // batches, width)) * np.exp(rng.uniform(-2, 2, width)),
+      jnp.float32,
+    )
+    for _ in range(batches)
+  ]
   layouts = jasp.trace_layouts(mlp, params, xs[0])
   out = []
-  for name, fn in (("magnitude", lambda: jasp.prune(params, layouts=layouts)),
-                   ("wanda", lambda: cal.wanda_prune(mlp, params, xs, layouts=layouts,
-                                                     progress=False)),
-                   ("sparsegpt", lambda: cal.sparsegpt_prune(mlp, params, xs, layouts=layouts,
-                                                             progress=False))):
+  for name, fn in (
+    ("magnitude", lambda: jasp.prune(params, layouts=layouts)),
+    ("wanda", lambda: cal.wanda_prune(mlp, params, xs, layouts=layouts, progress=False)),
+    ("sparsegpt", lambda: cal.sparsegpt_prune(mlp, params, xs, layouts=layouts, progress=False)),
+  ):
     times = []
     for _ in range(2):
       t0 = time.perf_counter()
       jax.block_until_ready(fn())
       times.append(time.perf_counter() - t0)
-    row = {"pipeline": name, "width": width, "depth": depth, "tokens": tokens,
-           "first_s": times[0], "second_s": times[1]}
+    row = {
+      "pipeline": name,
+      "width": width,
+      "depth": depth,
+      "tokens": tokens,
+      "first_s": times[0],
+      "second_s": times[1],
+    }
     out.append(row)
     print(json.dumps(row), flush=True)
   return out
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--quick", action="store_true")
   p.add_argument("--tokens", type=int, default=None)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--pipeline", action="store_true")
-  p.add_argument("--unroll", type=int, nargs="*", default=[],
-                 help="also time the OBS loop unrolled by these factors (first shape)")
+  p.add_argument(
+    "--unroll",
+    type=int,
+    nargs="*",
+    default=[],
+    help="also time the OBS loop unrolled by these factors (first shape)",
+  )
   args = p.parse_args(argv)
   shapes = QUICK if args.quick else SHAPES
   tokens = args.tokens or (256 if args.quick else 2048)
@@ -180,22 +198,36 @@ def main(argv=None):
   if args.pipeline:
     pipe = pipeline_rows(512 if args.quick else 4096, 4, tokens, 4)
 
-  print("\n| K x O | tokens | magnitude | Wanda | SparseGPT (Hessian; factor; factor + OBS) | "
-        "rel. error mag / Wanda / SparseGPT |")
+  print(
+    "\n| K x O | tokens | magnitude | Wanda | SparseGPT (Hessian; factor; factor + OBS) | "
+    "rel. error mag / Wanda / SparseGPT |"
+  )
   print("| --- | --- | --- | --- | --- | --- |")
   for r in rows:
-    print(f"| {r['K']}x{r['O']} | {r['T']} | {r['magnitude_ms']:.2f} ms | {r['wanda_ms']:.2f} ms "
-          f"| {r['sparsegpt_ms']:.1f} ms ({r['sgpt_hessian_ms']:.1f}; {r['sgpt_factor_ms']:.1f}; "
-          f"{r['sgpt_obs_ms']:.1f}) | {r['magnitude_rel_err']:.4f} / {r['wanda_rel_err']:.4f} / "
-          f"{r['sparsegpt_rel_err']:.4f} |")
+    print(
+      f"| {r['K']}x{r['O']} | {r['T']} | {r['magnitude_ms']:.2f} ms | {r['wanda_ms']:.2f} ms "
+      f"| {r['sparsegpt_ms']:.1f} ms ({r['sgpt_hessian_ms']:.1f}; {r['sgpt_factor_ms']:.1f}; "
+      f"{r['sgpt_obs_ms']:.1f}) | {r['magnitude_rel_err']:.4f} / {r['wanda_rel_err']:.4f} / "
+      f"{r['sparsegpt_rel_err']:.4f} |"
+    )
   for r in pipe:
-    print(f"pipeline {r['pipeline']}: {r['depth']} layers {r['width']}^2, {r['tokens']} tokens: "
-          f"{r['first_s']:.2f} s first call, {r['second_s']:.2f} s second")
+    print(
+      f"pipeline {r['pipeline']}: {r['depth']} layers {r['width']}^2, {r['tokens']} tokens: "
+      f"{r['first_s']:.2f} s first call, {r['second_s']:.2f} s second"
+    )
   out = os.environ.get("OUT")
   if out:
     with open(os.path.join(out, "calibration_bench.json"), "w") as f:
-      json.dump({"device": str(dev.device_kind if hasattr(dev, "device_kind") else dev),
-                 "jax": jax.__version__, "layers": rows, "pipeline": pipe}, f, indent=1)
+      json.dump(
+        {
+          "device": str(dev.device_kind if hasattr(dev, "device_kind") else dev),
+          "jax": jax.__version__,
+          "layers": rows,
+          "pipeline": pipe,
+        },
+        f,
+        indent=1,
+      )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ from jasp import calibration as cal  # noqa: E402
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--steps", type=int, default=400)
   lm.add_model_args(p)
   p.add_argument("--calib", type=int, default=8, help="calibration batches")
@@ -48,10 +49,12 @@ def main(argv=None) -> dict:
   vrng = np.random.default_rng(12345)
   val_set = [next(lm.batches(val, args.batch, args.context, vrng)) for _ in range(args.val_batches)]
   val_set = [(jnp.asarray(x), jnp.asarray(y)) for x, y in val_set]
-  model = lm.DecoderLM(dim=args.dim, depth=args.depth, context=args.context,
-                       rngs=nnx.Rngs(args.seed))
-  sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 10 + 1),
-                                             args.steps)
+  model = lm.DecoderLM(
+    dim=args.dim, depth=args.depth, context=args.context, rngs=nnx.Rngs(args.seed)
+  )
+  sched = optax.warmup_cosine_decay_schedule(
+    0.0, args.lr, min(100, args.steps // 10 + 1), args.steps
+  )
   opt = nnx.Optimizer(model, optax.adamw(sched, weight_decay=0.01), wrt=nnx.Param)
 
   val_x, val_y = [x for x, _ in val_set], [y for _, y in val_set]
@@ -67,15 +70,17 @@ def main(argv=None) -> dict:
   train_s = time.perf_counter() - t0
   dense = jax.tree.map(lambda v: jnp.array(v, copy=True), nnx.state(model, nnx.Param))
   crng = np.random.default_rng(args.seed + 7)
-  calib = [jnp.asarray(next(lm.batches(train, args.batch, args.context, crng))[0])
-           for _ in range(args.calib)]
+  calib = [
+    jnp.asarray(next(lm.batches(train, args.batch, args.context, crng))[0])
+    for _ in range(args.calib)
+  ]
   layouts = jasp.trace_layouts(model, calib[0])
 
   res = {"dense": {"val_loss": validate(), "seconds": 0.0}}
   methods = {
-      "magnitude": lambda: jasp.prune(nnx.state(model, nnx.Param), layouts=layouts),
-      "wanda": lambda: cal.wanda_prune(model, calib, layouts=layouts, progress=False),
-      "sparsegpt": lambda: cal.sparsegpt_prune(model, calib, layouts=layouts, progress=False),
+    "magnitude": lambda: jasp.prune(nnx.state(model, nnx.Param), layouts=layouts),
+    "wanda": lambda: cal.wanda_prune(model, calib, layouts=layouts, progress=False),
+    "sparsegpt": lambda: cal.sparsegpt_prune(model, calib, layouts=layouts, progress=False),
   }
   for name, fn in methods.items():
     nnx.update(model, dense)
@@ -89,9 +94,11 @@ def main(argv=None) -> dict:
     res[name] = {"val_loss": validate(), "seconds": secs, "pruned_leaves": len(report.pruned)}
 
   dev = jax.devices()[0]
-  print(f"jax {jax.__version__} on {dev.platform} ({getattr(dev, 'device_kind', '')}); model "
-        f"{args.depth} blocks x {args.dim}, {args.steps} dense steps ({train_s:.0f} s); "
-        f"{args.calib} x {args.batch} x {args.context} calibration bytes")
+  print(
+    f"jax {jax.__version__} on {dev.platform} ({getattr(dev, 'device_kind', '')}); model "
+    f"{args.depth} blocks x {args.dim}, {args.steps} dense steps ({train_s:.0f} s); "
+    f"{args.calib} x {args.batch} x {args.context} calibration bytes"
+  )
   print("\n| model | val loss | perplexity / byte | pruning time |")
   print("| --- | --- | --- | --- |")
   for name, r in res.items():

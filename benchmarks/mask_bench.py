@@ -51,7 +51,7 @@ L2_BYTES = 50 << 20
 
 try:
   import torch  # noqa: E402
-except Exception:  # pylint: disable=broad-except
+except Exception:
   torch = None
 
 
@@ -96,10 +96,12 @@ def time_torch(fn, iters=20, warmup=3):
     fn()
   torch.cuda.synchronize()
   if CLOCK is not None and CLOCK.ok:
+
     def run():
       for _ in range(iters):
         fn()
       torch.cuda.synchronize()
+
     dev = CLOCK.measure(run, iters)
     if dev is not None:
       return dev
@@ -117,8 +119,9 @@ def time_torch(fn, iters=20, warmup=3):
 # ----------------------------------------------------------------------------
 # The formulations.
 
-PATTERNS = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1],
-                     [0, 0, 1, 1]], np.float32)
+PATTERNS = np.array(
+  [[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]], np.float32
+)
 
 
 def xla_rank(w):
@@ -147,8 +150,12 @@ def xla_pattern_highest(w):
   return _xla_pattern(w, jax.lax.Precision.HIGHEST)
 
 
-XLA_MASKS = {"rank": xla_rank, "top_k": xla_topk, "pattern_mm": xla_pattern_default,
-             "pattern_mm_fp32": xla_pattern_highest}
+XLA_MASKS = {
+  "rank": xla_rank,
+  "top_k": xla_topk,
+  "pattern_mm": xla_pattern_default,
+  "pattern_mm_fp32": xla_pattern_highest,
+}
 
 
 def pallas_mask(axis=0, **tuning):
@@ -200,10 +207,15 @@ def sweep(out):
   res = []
   shape = (8192, 8192)
   grids = {
-      0: [dict(tile_elems=t, max_contig=c, num_warps=w)
-          for t, c, w in itertools.product([256, 512, 1024], [256, 512], [4, 8, 16]) if c <= t],
-      -1: [dict(tile_elems=t, max_contig=c, num_warps=8, split=sp)
-           for sp, t, c in itertools.product([True, False], [512, 1024, 2048], [128, 256])],
+    0: [
+      dict(tile_elems=t, max_contig=c, num_warps=w)
+      for t, c, w in itertools.product([256, 512, 1024], [256, 512], [4, 8, 16])
+      if c <= t
+    ],
+    -1: [
+      dict(tile_elems=t, max_contig=c, num_warps=8, split=sp)
+      for sp, t, c in itertools.product([True, False], [512, 1024, 2048], [128, 256])
+    ],
   }
   best = {}
   for dtype, axis in itertools.product(DTYPES, [0, -1]):
@@ -214,10 +226,18 @@ def sweep(out):
         fn = pallas_mask(axis, **cfg)
         ok = bool((np.asarray(fn(xs[0])) == ref).all())
         t = time_jax(fn, xs, iters=5)
-        res.append({"dtype": dtype, "axis": axis, **cfg, "ok": ok, "host_us": t[0] * 1e6,
-                    "dev_us": None if t[1] is None else t[1] * 1e6})
+        res.append(
+          {
+            "dtype": dtype,
+            "axis": axis,
+            **cfg,
+            "ok": ok,
+            "host_us": t[0] * 1e6,
+            "dev_us": None if t[1] is None else t[1] * 1e6,
+          }
+        )
         print(json.dumps(res[-1]), flush=True)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         print(f"sweep {dtype} axis={axis} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     rows = [r for r in res if r["dtype"] == dtype and r["axis"] == axis and r["ok"]]
     rows.sort(key=lambda r: r["dev_us"] if r["dev_us"] is not None else r["host_us"])
@@ -248,8 +268,9 @@ def main_table(out, shapes, dtypes, tuning=None):
     r["pallas_host_s"], r["pallas_dev_s"] = t
     r["pallas_s"] = best_time(t)
     # The masked weight (+ mask) in one pass, and the XLA equivalent.
-    t = time_jax(lambda w, tune0=tune0: nm_pallas.nm_prune_pallas(w, 2, 4, 0, interpret=False,
-                                                                   **tune0), xs)
+    t = time_jax(
+      lambda w, tune0=tune0: nm_pallas.nm_prune_pallas(w, 2, 4, 0, interpret=False, **tune0), xs
+    )
     r["prune_pallas_s"] = best_time(t)
     t = time_jax(lambda w: _dispatch.nm_prune_array(w, 2, 4, 0, impl="xla"), xs)
     r["prune_xla_s"] = best_time(t)
@@ -258,7 +279,7 @@ def main_table(out, shapes, dtypes, tuning=None):
       try:
         exact = bool((np.asarray(fn(xs[0])) == want).all())
         r["xla"][name] = {"s": best_time(time_jax(fn, xs, iters=10)), "exact": exact}
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         r["xla"][name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     exact_xla = [v["s"] for v in r["xla"].values() if v.get("exact")]
     r["best_xla_s"] = min(exact_xla) if exact_xla else None
@@ -282,9 +303,11 @@ def main_table(out, shapes, dtypes, tuning=None):
 
 
 def fmt_table(rows):
-  lines = ["| weight | dtype | Pallas mask | GB/s | % of copy | best exact XLA | vs XLA | "
-           "apex alg. (torch) | vs apex | masked w + mask: Pallas / XLA | axis -1: Pallas / XLA |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = [
+    "| weight | dtype | Pallas mask | GB/s | % of copy | best exact XLA | vs XLA | "
+    "apex alg. (torch) | vs apex | masked w + mask: Pallas / XLA | axis -1: Pallas / XLA |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
   for r in rows:
     t = r["pallas_s"]
     gbs = r["bytes"] / t / 1e9
@@ -293,12 +316,13 @@ def fmt_table(rows):
     best_name = min((v["s"], k) for k, v in r["xla"].items() if v.get("exact"))[1] if bx else "-"
     apex = r.get("apex_s")
     lines.append(
-        f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {t * 1e3:.3f} ms | {gbs:.0f} | {pc} | "
-        f"{bx * 1e3:.3f} ms ({best_name}) | {bx / t:.2f}x | "
-        f"{'-' if apex is None else f'{apex * 1e3:.2f} ms'} | "
-        f"{'-' if apex is None else f'{apex / t:.0f}x'} | "
-        f"{r['prune_pallas_s'] * 1e3:.3f} / {r['prune_xla_s'] * 1e3:.3f} ms | "
-        f"{r['pallas_cols_s'] * 1e3:.3f} / {r['xla_cols_s'] * 1e3:.3f} ms |")
+      f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {t * 1e3:.3f} ms | {gbs:.0f} | {pc} | "
+      f"{bx * 1e3:.3f} ms ({best_name}) | {bx / t:.2f}x | "
+      f"{'-' if apex is None else f'{apex * 1e3:.2f} ms'} | "
+      f"{'-' if apex is None else f'{apex / t:.0f}x'} | "
+      f"{r['prune_pallas_s'] * 1e3:.3f} / {r['prune_xla_s'] * 1e3:.3f} ms | "
+      f"{r['pallas_cols_s'] * 1e3:.3f} / {r['xla_cols_s'] * 1e3:.3f} ms |"
+    )
   return "\n".join(lines)
 
 
@@ -308,7 +332,7 @@ def fmt_table(rows):
 
 def greedy_sort_v1(w):
   """The first greedy (jasp 0.1.0 masks.py): sort each block, then 16 one-hot steps."""
-  blocks, restore = masks._blocks(w, 4, 0, 1)  # pylint: disable=protected-access
+  blocks, restore = masks._blocks(w, 4, 0, 1)
   mag = masks.magnitude(blocks)
   lead, n, m = mag.shape[:-2], 2, 4
   flat = mag.reshape(lead + (m * m,))
@@ -351,7 +375,7 @@ def sweep_2d(out):
         t = time_jax(fn, xs, iters=5)
         res.append({"dtype": dtype, **cfg, "ok": ok, "us": best_time(t) * 1e6})
         print(json.dumps(res[-1]), flush=True)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         print(f"sweep_2d {dtype} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     rows = sorted([r for r in res if r["dtype"] == dtype and r["ok"]], key=lambda r: r["us"])
     for r in rows[:3]:
@@ -369,8 +393,11 @@ def transposable(out, dtypes):
   shape = (8192, 8192)
   for dtype in dtypes:
     xs = make_inputs(shape, dtype, k=2)
-    fns = {"best_pallas": best_pallas(), "best_xla": best_xla,
-           "greedy_xla": lambda w: masks.nm_mask_2d(w, 2, 4, 0, 1, method="greedy")}
+    fns = {
+      "best_pallas": best_pallas(),
+      "best_xla": best_xla,
+      "greedy_xla": lambda w: masks.nm_mask_2d(w, 2, 4, 0, 1, method="greedy"),
+    }
     want = np.asarray(best_xla(xs[0]))
     nbytes = math.prod(shape) * (jnp.dtype(dtype).itemsize + 1)
     for name, fn in fns.items():
@@ -381,7 +408,7 @@ def transposable(out, dtypes):
         r["GB/s"] = nbytes / r["s"] / 1e9
         if name == "best_pallas":
           r["exact"] = bool((np.asarray(fn(xs[0])) == want).all())
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         res[f"{name}_{dtype}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
       print(name, dtype, res[f"{name}_{dtype}"], flush=True)
   out["transposable"] = res
@@ -393,17 +420,18 @@ LLAMA7B_LAYER = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
 
 def llama7b(out):
   """Prunes the 32 x 7 linear weights of a LLaMA-7B shape (6.5e9 params), bf16."""
-  ws = [jax.random.normal(jax.random.PRNGKey(i), s, jnp.float32).astype(jnp.bfloat16)
-        for i, s in enumerate(LLAMA7B_LAYER)]
+  ws = [
+    jax.random.normal(jax.random.PRNGKey(i), s, jnp.float32).astype(jnp.bfloat16)
+    for i, s in enumerate(LLAMA7B_LAYER)
+  ]
   params = 32 * sum(math.prod(s) for s in LLAMA7B_LAYER)
   fns = {
-      "nm_prune_array (auto)": jax.jit(lambda w: _dispatch.nm_prune_array(w, 2, 4, 0)),
-      "nm_mask (auto)": jax.jit(lambda w: masks.nm_mask(w, 2, 4, 0)),
-      "nm_mask (xla)": jax.jit(lambda w: masks.nm_mask(w, 2, 4, 0, impl="xla")),
-      "nm_mask_2d best (auto)": jax.jit(
-          lambda w: masks.nm_mask_2d(w, 2, 4, 0, 1, method="best")),
-      "nm_mask_2d best (xla)": jax.jit(best_xla),
-      "nm_mask_2d greedy": jax.jit(lambda w: masks.nm_mask_2d(w, 2, 4, 0, 1, method="greedy")),
+    "nm_prune_array (auto)": jax.jit(lambda w: _dispatch.nm_prune_array(w, 2, 4, 0)),
+    "nm_mask (auto)": jax.jit(lambda w: masks.nm_mask(w, 2, 4, 0)),
+    "nm_mask (xla)": jax.jit(lambda w: masks.nm_mask(w, 2, 4, 0, impl="xla")),
+    "nm_mask_2d best (auto)": jax.jit(lambda w: masks.nm_mask_2d(w, 2, 4, 0, 1, method="best")),
+    "nm_mask_2d best (xla)": jax.jit(best_xla),
+    "nm_mask_2d greedy": jax.jit(lambda w: masks.nm_mask_2d(w, 2, 4, 0, 1, method="greedy")),
   }
   res = {"params": params}
   for name, f in fns.items():
@@ -414,7 +442,7 @@ def llama7b(out):
         outs = [f(w) for w in ws]
       jax.block_until_ready(outs)
       res[name] = time.perf_counter() - t0
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       res[name] = f"{type(e).__name__}: {str(e)[:300]}"
     print("llama7b", name, res[name], flush=True)
   out["llama7b"] = res
@@ -432,9 +460,13 @@ def main():
   args = ap.parse_args()
   CLOCK = DeviceClock()
   dev = jax.devices()[0]
-  out = {"device": dev.device_kind, "jax": jax.__version__,
-         "torch": None if torch is None else torch.__version__,
-         "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:]}
+  out = {
+    "device": dev.device_kind,
+    "jax": jax.__version__,
+    "torch": None if torch is None else torch.__version__,
+    "date": time.strftime("%Y-%m-%d"),
+    "argv": sys.argv[1:],
+  }
   print(json.dumps(out), flush=True)
   path = os.path.join(os.environ.get("OUT", "/tmp"), "mask_bench.json")
 
@@ -450,8 +482,10 @@ def main():
   if not args.no_2d:
     stage(transposable, out, DTYPES)
     stage(llama7b, out)
-  print(f"\n{dev.device_kind}, jax {jax.__version__}, {out['date']}, "
-        f"device timing: {'CUPTI kernel sums' if CLOCK.ok else 'host'}")
+  print(
+    f"\n{dev.device_kind}, jax {jax.__version__}, {out['date']}, "
+    f"device timing: {'CUPTI kernel sums' if CLOCK.ok else 'host'}"
+  )
   if rows:
     print(fmt_table(rows))
   for k, v in out.get("transposable", {}).items():

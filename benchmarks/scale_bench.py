@@ -28,16 +28,26 @@ import jasp
 
 def init_params(key, layers, dim, vocab, dtype):
   ks = iter(jax.random.split(key, 6 * layers + 4))
+
   def w(shape, scale):
     return (jax.random.normal(next(ks), shape, jnp.float32) * scale).astype(dtype)
-  p = {"embed": w((vocab, dim), 0.02), "head": w((dim, vocab), dim ** -0.5),
-       "ln_f": jnp.ones((dim,), dtype)}
+
+  p = {
+    "embed": w((vocab, dim), 0.02),
+    "head": w((dim, vocab), dim**-0.5),
+    "ln_f": jnp.ones((dim,), dtype),
+  }
   for i in range(layers):
     p[f"layer{i}"] = {
-        "ln1": jnp.ones((dim,), dtype), "ln2": jnp.ones((dim,), dtype),
-        "wq": w((dim, dim), dim ** -0.5), "wk": w((dim, dim), dim ** -0.5),
-        "wv": w((dim, dim), dim ** -0.5), "wo": w((dim, dim), dim ** -0.5),
-        "up": w((dim, 4 * dim), dim ** -0.5), "down": w((4 * dim, dim), (4 * dim) ** -0.5)}
+      "ln1": jnp.ones((dim,), dtype),
+      "ln2": jnp.ones((dim,), dtype),
+      "wq": w((dim, dim), dim**-0.5),
+      "wk": w((dim, dim), dim**-0.5),
+      "wv": w((dim, dim), dim**-0.5),
+      "wo": w((dim, dim), dim**-0.5),
+      "up": w((dim, 4 * dim), dim**-0.5),
+      "down": w((4 * dim, dim), (4 * dim) ** -0.5),
+    }
   return p
 
 
@@ -66,10 +76,12 @@ def make_step(tx, heads):
   def loss(p, x, y):
     logits = forward(p, x, heads).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
   def step(p, s, x, y):
     l, g = jax.value_and_grad(loss)(p, x, y)
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, l
+
   return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -97,7 +109,9 @@ def main():
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
   ap.add_argument("--json", type=str, default="")
-  ap.add_argument("--prune-only", action="store_true", help="time jasp.prune only (no training steps)")
+  ap.add_argument(
+    "--prune-only", action="store_true", help="time jasp.prune only (no training steps)"
+  )
   args = ap.parse_args()
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({dev.platform}), JAX {jax.__version__}")
@@ -126,25 +140,31 @@ def main():
   floor_packed = n_pruned * (2 + 2 + 0.125) / (bw * 1e9)
 
   if args.prune_only:
-    print(f"jasp.prune ({n_pruned / 1e9:.3f} B weights, bf16): bool masks {prune_t[False]:.4f} s "
-          f"(floor {floor_bool:.4f} s at {bw:.0f} GB/s copy), packed {prune_t[True]:.4f} s "
-          f"(floor {floor_packed:.4f} s)")
+    print(
+      f"jasp.prune ({n_pruned / 1e9:.3f} B weights, bf16): bool masks {prune_t[False]:.4f} s "
+      f"(floor {floor_bool:.4f} s at {bw:.0f} GB/s copy), packed {prune_t[True]:.4f} s "
+      f"(floor {floor_packed:.4f} s)"
+    )
     return
   # 2:4-sparse weights draw less power than dense ones, so a GPU may clock
   # higher on them: "all kept" masks keep the data dense and isolate the
   # transformation's own cost.
-  all_kept = jax.tree.map(lambda m: None if m is None else jnp.ones_like(m), bool_masks,
-                          is_leaf=lambda m: m is None)
+  all_kept = jax.tree.map(
+    lambda m: None if m is None else jnp.ones_like(m), bool_masks, is_leaf=lambda m: m is None
+  )
   del bool_masks  # four optimizer states of a 1 B model must fit an 80 GB card
   variants = {
-      "adamw": optax.adamw(1e-4, weight_decay=0.1),
-      # bool masks (8 bits/weight); all kept, so the weights stay dense
-      "adamw + mask_updates (bool, all kept)": optax.chain(optax.adamw(1e-4, weight_decay=0.1),
-                                                           jasp.mask_updates(all_kept)),
-      "adamw + mask_updates (packed)": optax.chain(optax.adamw(1e-4, weight_decay=0.1),
-                                                   jasp.mask_updates(packed_masks)),
-      "sparse_optimizer(adamw) (packed)": jasp.sparse_optimizer(
-          optax.adamw(1e-4, weight_decay=0.1), packed_masks),
+    "adamw": optax.adamw(1e-4, weight_decay=0.1),
+    # bool masks (8 bits/weight); all kept, so the weights stay dense
+    "adamw + mask_updates (bool, all kept)": optax.chain(
+      optax.adamw(1e-4, weight_decay=0.1), jasp.mask_updates(all_kept)
+    ),
+    "adamw + mask_updates (packed)": optax.chain(
+      optax.adamw(1e-4, weight_decay=0.1), jasp.mask_updates(packed_masks)
+    ),
+    "sparse_optimizer(adamw) (packed)": jasp.sparse_optimizer(
+      optax.adamw(1e-4, weight_decay=0.1), packed_masks
+    ),
   }
   state = {}
   mem = {}
@@ -154,9 +174,15 @@ def main():
     step = make_step(tx, args.heads)
     c = step.lower(p, s, x, y).compile()
     ma = c.memory_analysis()
-    mem[name] = None if ma is None else {"argument_bytes": ma.argument_size_in_bytes,
-                                         "temp_bytes": ma.temp_size_in_bytes,
-                                         "output_bytes": ma.output_size_in_bytes}
+    mem[name] = (
+      None
+      if ma is None
+      else {
+        "argument_bytes": ma.argument_size_in_bytes,
+        "temp_bytes": ma.temp_size_in_bytes,
+        "output_bytes": ma.output_size_in_bytes,
+      }
+    )
     p, s, _ = step(p, s, x, y)  # warm-up
     p, s, l = step(p, s, x, y)
     l.block_until_ready()
@@ -172,26 +198,40 @@ def main():
         times[name].append(time.perf_counter() - t)
       state[name] = (step, p, s)
   base = np.median(times["adamw"])
-  print(f"\nmodel: {args.layers} layers, width {args.dim}, vocab {args.vocab}: {n / 1e9:.3f} B params "
-        f"(bf16), {n_pruned / 1e9:.3f} B pruned 2:4; batch {args.batch} x {args.seq} tokens")
+  print(
+    f"\nmodel: {args.layers} layers, width {args.dim}, vocab {args.vocab}: {n / 1e9:.3f} B params "
+    f"(bf16), {n_pruned / 1e9:.3f} B pruned 2:4; batch {args.batch} x {args.seq} tokens"
+  )
   print(f"{'variant':<36} {'median step':>12} {'vs adamw':>9} {'args GiB':>9} {'temp GiB':>9}")
   for name in variants:
     med = np.median(times[name])
     m = mem[name] or {}
-    print(f"{name:<36} {med * 1e3:10.2f}ms {100 * (med / base - 1):+8.2f}% "
-          f"{m.get('argument_bytes', 0) / 2**30:9.3f} {m.get('temp_bytes', 0) / 2**30:9.3f}")
+    print(
+      f"{name:<36} {med * 1e3:10.2f}ms {100 * (med / base - 1):+8.2f}% "
+      f"{m.get('argument_bytes', 0) / 2**30:9.3f} {m.get('temp_bytes', 0) / 2**30:9.3f}"
+    )
   if mem["adamw"]:
     for name in list(variants)[1:]:
       extra = mem[name]["argument_bytes"] - mem["adamw"]["argument_bytes"]
-      print(f"extra argument memory of '{name}': {extra / 2**20:.1f} MiB = "
-            f"{8 * extra / n_pruned:.3f} bits per pruned weight")
-  print(f"\njasp.prune ({n_pruned / 1e9:.3f} B weights, bf16): bool masks {prune_t[False]:.3f} s "
-        f"(floor {floor_bool:.4f} s = read w + write w + 1 B mask at {bw:.0f} GB/s copy), "
-        f"packed {prune_t[True]:.3f} s (floor {floor_packed:.4f} s)")
-  out = {"device": dev.device_kind, "params": n, "pruned": n_pruned,
-         "step_ms": {k: 1e3 * float(np.median(v)) for k, v in times.items()},
-         "memory": mem, "prune_s": {"bool": prune_t[False], "packed": prune_t[True]},
-         "floor_s": {"bool": floor_bool, "packed": floor_packed}, "copy_GBps": bw}
+      print(
+        f"extra argument memory of '{name}': {extra / 2**20:.1f} MiB = "
+        f"{8 * extra / n_pruned:.3f} bits per pruned weight"
+      )
+  print(
+    f"\njasp.prune ({n_pruned / 1e9:.3f} B weights, bf16): bool masks {prune_t[False]:.3f} s "
+    f"(floor {floor_bool:.4f} s = read w + write w + 1 B mask at {bw:.0f} GB/s copy), "
+    f"packed {prune_t[True]:.3f} s (floor {floor_packed:.4f} s)"
+  )
+  out = {
+    "device": dev.device_kind,
+    "params": n,
+    "pruned": n_pruned,
+    "step_ms": {k: 1e3 * float(np.median(v)) for k, v in times.items()},
+    "memory": mem,
+    "prune_s": {"bool": prune_t[False], "packed": prune_t[True]},
+    "floor_s": {"bool": floor_bool, "packed": floor_packed},
+    "copy_GBps": bw,
+  }
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

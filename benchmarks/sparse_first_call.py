@@ -61,11 +61,15 @@ def main():
   t3 = time.perf_counter()
   jax.block_until_ready(f(x, sw))
   t4 = time.perf_counter()
-  plans = [(p["alg_id"], p["search_ms"], "cache" if p["from_cache"] else "searched")
-           for p in _runtime.runtime().plans()]
-  print(f"RESULT {dt.name} {k}x{n} t={t} start-up {t0 - T_START:.2f}s compress {t2 - t1:.2f}s "
-        f"first_call {t3 - t2:.2f}s second {1e3 * (t4 - t3):.2f}ms plans(alg_id, search_ms, origin)={plans}",
-        flush=True)
+  plans = [
+    (p["alg_id"], p["search_ms"], "cache" if p["from_cache"] else "searched")
+    for p in _runtime.runtime().plans()
+  ]
+  print(
+    f"RESULT {dt.name} {k}x{n} t={t} start-up {t0 - T_START:.2f}s compress {t2 - t1:.2f}s "
+    f"first_call {t3 - t2:.2f}s second {1e3 * (t4 - t3):.2f}ms plans(alg_id, search_ms, origin)={plans}",
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

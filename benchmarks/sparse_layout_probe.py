@@ -25,18 +25,22 @@ from jasp.sparse import build as build_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = ("a_row", "a_col", "a_row_bn", "b_row", "b_t")
-PROBLEMS = ("8192,8192,2048 8192,8192,8192 8192,8192,16384 "
-            "14336,4096,2048 14336,4096,8192 14336,4096,16384 "
-            "4096,14336,2048 4096,14336,8192 4096,14336,16384 "
-            "16384,16384,2048 16384,16384,8192")
+PROBLEMS = (
+  "8192,8192,2048 8192,8192,8192 8192,8192,16384 "
+  "14336,4096,2048 14336,4096,8192 14336,4096,16384 "
+  "4096,14336,2048 4096,14336,8192 4096,14336,16384 "
+  "16384,16384,2048 16384,16384,8192"
+)
 
 
 def _cublas() -> tuple[list[str], list[str]]:
   """Include and link flags for cuBLAS: the toolkit's, else the nvidia-cublas wheel's."""
-  incs = build_lib._candidates("cublas_v2.h", "include")  # pylint: disable=protected-access
-  libs = (build_lib._candidates("libcublas.so", "lib")  # pylint: disable=protected-access
-          + build_lib._candidates("libcublas.so.*", "lib")  # pylint: disable=protected-access
-          + build_lib._candidates("libcublas.so", "lib64"))  # pylint: disable=protected-access
+  incs = build_lib._candidates("cublas_v2.h", "include")
+  libs = (
+    build_lib._candidates("libcublas.so", "lib")
+    + build_lib._candidates("libcublas.so.*", "lib")
+    + build_lib._candidates("libcublas.so", "lib64")
+  )
   libs = [p for p in libs if "Lt" not in os.path.basename(p)]
   if not incs or not libs:
     raise SystemExit(f"cuBLAS not found (headers {incs}, libraries {libs})")
@@ -49,10 +53,22 @@ def compile_probe(out_dir: str) -> str:
   nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
   exe = os.path.join(out_dir, "sparse_layout_probe")
   cb_inc, cb_link = _cublas()
-  cmd = [nvcc, "-O2", "-std=c++17", "-arch=native", "-w",
-         f"-I{os.path.dirname(tc.cusparselt_header)}", *cb_inc,
-         os.path.join(HERE, "sparse_layout_probe.cu"), "-o", exe,
-         f"-L{tc.lib_dir}", f"-l:{tc.lib_name}", f"-Xlinker=-rpath,{tc.lib_dir}", *cb_link]
+  cmd = [
+    nvcc,
+    "-O2",
+    "-std=c++17",
+    "-arch=native",
+    "-w",
+    f"-I{os.path.dirname(tc.cusparselt_header)}",
+    *cb_inc,
+    os.path.join(HERE, "sparse_layout_probe.cu"),
+    "-o",
+    exe,
+    f"-L{tc.lib_dir}",
+    f"-l:{tc.lib_name}",
+    f"-Xlinker=-rpath,{tc.lib_dir}",
+    *cb_link,
+  ]
   print(" ".join(cmd), flush=True)
   subprocess.run(cmd, check=True)
   return exe
@@ -66,17 +82,17 @@ def _torch_one(torch, do_bench, dt, n: int, k: int, t: int) -> dict:
   w = (w.reshape(-1, 4) * m).reshape(n, k)
   x = torch.randn(k, t, device="cuda", dtype=dt, generator=g)
   dense = do_bench(lambda: torch.mm(w, x), return_mode="median")
-  wc = torch._cslt_compress(w)  # pylint: disable=protected-access
-  alg = torch._cslt_sparse_mm_search(wc, x)  # pylint: disable=protected-access
-  sp = do_bench(lambda: torch._cslt_sparse_mm(wc, x, alg_id=alg),  # pylint: disable=protected-access
-                return_mode="median")
+  wc = torch._cslt_compress(w)
+  alg = torch._cslt_sparse_mm_search(wc, x)
+  sp = do_bench(lambda: torch._cslt_sparse_mm(wc, x, alg_id=alg), return_mode="median")
   return {"dense_ms": dense, "sparse_ms": sp, "speedup": dense / sp, "alg_id": int(alg)}
 
 
 def torch_reference(problems: list[str], dtypes: list[str]) -> list[dict]:
   """The issue's method on this card: torch.mm vs ``_cslt_sparse_mm`` (searched), do_bench medians."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from triton.testing import do_bench  # pylint: disable=g-import-not-at-top
+  import torch
+  from triton.testing import do_bench
+
   rows = []
   for dt_name in dtypes:
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt_name]
@@ -85,7 +101,7 @@ def torch_reference(problems: list[str], dtypes: list[str]) -> list[dict]:
       row = {"torch": True, "dtype": dt_name, "N": n, "K": k, "T": t}
       try:
         row.update(_torch_one(torch, do_bench, dt, n, k, t))
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"[:300]
       print(json.dumps(row), flush=True)
       rows.append(row)
@@ -98,8 +114,11 @@ def main():
   ap.add_argument("--dtypes", default="bf16,fp16")
   ap.add_argument("--problems", default=PROBLEMS, help="space-separated N,K,T")
   ap.add_argument("--timeout-s", type=float, default=240)
-  ap.add_argument("--torch", action="store_true",
-                  help="also time torch.mm vs torch._cslt_sparse_mm (the issue's method)")
+  ap.add_argument(
+    "--torch",
+    action="store_true",
+    help="also time torch.mm vs torch._cslt_sparse_mm (the issue's method)",
+  )
   ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "layout_probe.json"))
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as tmp:

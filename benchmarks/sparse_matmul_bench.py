@@ -53,18 +53,18 @@ from _bench_util import Recorder  # noqa: E402
 
 try:
   import torch  # noqa: E402
-except Exception:  # pylint: disable=broad-except
+except Exception:
   torch = None
 
 # (in, out) of the Flax kernel; the issue names them as PyTorch's (out x in).
 SHAPES = {
-    "8192x8192": (8192, 8192),
-    "14336x4096 (up)": (4096, 14336),
-    "4096x14336 (down)": (14336, 4096),
-    "7B attn 4096x4096": (4096, 4096),
-    "7B mlp 11008x4096 (up)": (4096, 11008),
-    "7B mlp 4096x11008 (down)": (11008, 4096),
-    "16384x16384": (16384, 16384),
+  "8192x8192": (8192, 8192),
+  "14336x4096 (up)": (4096, 14336),
+  "4096x14336 (down)": (14336, 4096),
+  "7B attn 4096x4096": (4096, 4096),
+  "7B mlp 11008x4096 (up)": (4096, 11008),
+  "7B mlp 4096x11008 (down)": (11008, 4096),
+  "16384x16384": (16384, 16384),
 }
 TOKENS = [16, 64, 256, 1024, 2048, 4096, 8192, 16384]
 
@@ -96,6 +96,7 @@ def device_per_call(fn, argsets, reps: int) -> float | None:
     for i in range(reps):
       out = fn(*argsets[i % len(argsets)])
     jax.block_until_ready(out)
+
   return CLOCK.measure(run, reps)
 
 
@@ -121,9 +122,13 @@ def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order):
   t0 = time.perf_counter()
   sw = sparse.compress(w, dtype=dtype, a_order=a_order)
   if not sw.is_compressed:  # e.g. fp16 where it is not verified: the dense path
-    out.setdefault("rows", []).append({"shape": name, "tokens": tokens[0],
-                                       "skipped": f"{jnp.dtype(dtype).name} a_order={a_order} "
-                                                  "not compressed (dense path)"})
+    out.setdefault("rows", []).append(
+      {
+        "shape": name,
+        "tokens": tokens[0],
+        "skipped": f"{jnp.dtype(dtype).name} a_order={a_order} not compressed (dense path)",
+      }
+    )
     return
   jax.block_until_ready(sw.compressed)
   compress_ms = (time.perf_counter() - t0) * 1e3
@@ -140,8 +145,9 @@ def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order):
     first_ms = (time.perf_counter() - ts) * 1e3
     jax.block_until_ready(DENSE(*d_args[0]))
     y = SPARSE(*s_args[1])
-    ref = jnp.dot(xs[1][0].astype(jnp.float32), w.astype(jnp.float32),
-                  precision=jax.lax.Precision.HIGHEST)
+    ref = jnp.dot(
+      xs[1][0].astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
     est = 2.0 * t * k * n / 5e14
     td = time_fn(DENSE, d_args, est)
@@ -151,26 +157,51 @@ def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order):
     hd = statistics.median(host_per_call(DENSE, d_args, inner) for _ in range(5))
     hs = statistics.median(host_per_call(SPARSE, s_args, inner) for _ in range(5))
     pol = sparse.MatmulPolicy(measure=lambda *a, hd=hd, hs=hs: (hd, hs), cache_file="")
-    choice = policy_lib.choose(pol, k=k, n=n, t=t, dtype=jnp.dtype(dtype).name, compressed=True,
-                               has_dense=True)
+    choice = policy_lib.choose(
+      pol, k=k, n=n, t=t, dtype=jnp.dtype(dtype).name, compressed=True, has_dense=True
+    )
     sp = best(td) / best(tsp)
     t_pad = -(-t // compress_lib.SIZE_MULTIPLE) * compress_lib.SIZE_MULTIPLE
-    plan = next((p for p in _runtime.runtime().plans()
-                 if (p["out"], p["in"], p["tokens"], p["dtype"], p["a_order"], p["bias_epilogue"])
-                 == (n, k, t_pad, jnp.dtype(dtype).name, a_order, False)), {})
-    row = {"shape": name, "in": k, "out": n, "tokens": t, "dtype": jnp.dtype(dtype).name,
-           "a_order": "row" if a_order == sparse.A_ROW else "col",
-           "dense": td, "sparse": tsp, "speedup": sp, "rel_err": err,
-           "first_call_ms": first_ms, "compress_ms": compress_ms,
-           "policy": "sparse" if choice.sparse else "dense",
-           "policy_vs_dense": sp if choice.sparse else 1.0,
-           "policy_host_speedup": hd / hs, "alg_id": plan.get("alg_id"),
-           "search_ms": plan.get("search_ms")}
+    plan = next(
+      (
+        p
+        for p in _runtime.runtime().plans()
+        if (p["out"], p["in"], p["tokens"], p["dtype"], p["a_order"], p["bias_epilogue"])
+        == (n, k, t_pad, jnp.dtype(dtype).name, a_order, False)
+      ),
+      {},
+    )
+    row = {
+      "shape": name,
+      "in": k,
+      "out": n,
+      "tokens": t,
+      "dtype": jnp.dtype(dtype).name,
+      "a_order": "row" if a_order == sparse.A_ROW else "col",
+      "dense": td,
+      "sparse": tsp,
+      "speedup": sp,
+      "rel_err": err,
+      "first_call_ms": first_ms,
+      "compress_ms": compress_ms,
+      "policy": "sparse" if choice.sparse else "dense",
+      "policy_vs_dense": sp if choice.sparse else 1.0,
+      "policy_host_speedup": hd / hs,
+      "alg_id": plan.get("alg_id"),
+      "search_ms": plan.get("search_ms"),
+    }
     rows.append(row)
-    print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()
-                      if k2 not in ("dense", "sparse")} | {"dense_ms": round(best(td), 4),
-                                                             "sparse_ms": round(best(tsp), 4)}),
-          flush=True)
+    print(
+      json.dumps(
+        {
+          k2: (round(v, 4) if isinstance(v, float) else v)
+          for k2, v in row.items()
+          if k2 not in ("dense", "sparse")
+        }
+        | {"dense_ms": round(best(td), 4), "sparse_ms": round(best(tsp), 4)}
+      ),
+      flush=True,
+    )
   out.setdefault("rows", []).extend(rows)
   del sw, w
 
@@ -178,7 +209,7 @@ def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order):
 def overhead(out):
   """Per-call cost of small problems: jasp sparse vs jnp.dot vs torch _cslt_sparse_mm."""
   res = {}
-  for (k, n, t) in [(4096, 4096, 16), (4096, 4096, 256), (8192, 8192, 16)]:
+  for k, n, t in [(4096, 4096, 16), (4096, 4096, 256), (8192, 8192, 16)]:
     dtype = jnp.bfloat16
     w = w24(k, n, dtype)
     sw = sparse.compress(w)
@@ -195,25 +226,31 @@ def overhead(out):
         jax.block_until_ready(fn(*args[i % 2]))
         lat.append(time.perf_counter() - t0)
       dev = device_per_call(fn, args, 50)
-      r[name] = {"back_to_back_ms": b2b * 1e3, "sync_latency_ms": statistics.median(lat) * 1e3,
-                 "device_ms": None if dev is None else dev * 1e3}
+      r[name] = {
+        "back_to_back_ms": b2b * 1e3,
+        "sync_latency_ms": statistics.median(lat) * 1e3,
+        "device_ms": None if dev is None else dev * 1e3,
+      }
     if torch is not None and torch.cuda.is_available():
       try:
-        wt = torch.from_numpy(np.asarray(jax.device_get(w.T.astype(jnp.float32)))).to(
-            "cuda", torch.bfloat16).contiguous()
-        wc = torch._cslt_compress(wt)  # pylint: disable=protected-access
+        wt = (
+          torch.from_numpy(np.asarray(jax.device_get(w.T.astype(jnp.float32))))
+          .to("cuda", torch.bfloat16)
+          .contiguous()
+        )
+        wc = torch._cslt_compress(wt)
         xt = torch.randn(k, t, device="cuda", dtype=torch.bfloat16)
-        torch._cslt_sparse_mm(wc, xt)  # pylint: disable=protected-access
+        torch._cslt_sparse_mm(wc, xt)
         torch.cuda.synchronize()
         b2b = []
         for _ in range(5):
           t0 = time.perf_counter()
           for _ in range(200):
-            torch._cslt_sparse_mm(wc, xt)  # pylint: disable=protected-access
+            torch._cslt_sparse_mm(wc, xt)
           torch.cuda.synchronize()
           b2b.append((time.perf_counter() - t0) / 200)
         r["torch _cslt_sparse_mm"] = {"back_to_back_ms": statistics.median(b2b) * 1e3}
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         r["torch _cslt_sparse_mm"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     res[f"{k}x{n} t={t}"] = r
     print(json.dumps({f"{k}x{n} t={t}": r}), flush=True)
@@ -229,15 +266,28 @@ def _eqns(jaxpr):
 
 def end_to_end(out, batch: int, context: int, dim: int, depth: int):
   """The examples/lm.py decoder (nnx), bf16, dense masked vs jasp.sparse (policy auto)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from flax import nnx
+
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-  from lm import DecoderLM  # pylint: disable=g-import-not-at-top
-  model = DecoderLM(vocab=256, dim=dim, heads=dim // 128, depth=depth, context=context,
-                    dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  from lm import DecoderLM
+
+  model = DecoderLM(
+    vocab=256,
+    dim=dim,
+    heads=dim // 128,
+    depth=depth,
+    context=context,
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.bfloat16,
+    rngs=nnx.Rngs(0),
+  )
   tokens = jax.random.randint(jax.random.key(1), (batch, context), 0, 256)
   # 2:4 by magnitude along each kernel's traced reduction axes; the head stays dense.
-  pruned, _ = jasp.prune(nnx.state(model, nnx.Param), layouts=jasp.trace_layouts(model, tokens),
-                         policy=jasp.Policy(exclude=(r"^head/",)))
+  pruned, _ = jasp.prune(
+    nnx.state(model, nnx.Param),
+    layouts=jasp.trace_layouts(model, tokens),
+    policy=jasp.Policy(exclude=(r"^head/",)),
+  )
   nnx.update(model, pruned)
 
   def fwd_fn(m):
@@ -259,35 +309,52 @@ def end_to_end(out, batch: int, context: int, dim: int, depth: int):
   t0 = time.perf_counter()
   y = jax.block_until_ready(sparse_f(sparse_s, tokens))  # traces: policy measurements
   first_s = time.perf_counter() - t0
-  err = float(jnp.linalg.norm((y - ref).astype(jnp.float32)) /
-              jnp.linalg.norm(ref.astype(jnp.float32)))
+  err = float(
+    jnp.linalg.norm((y - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32))
+  )
   td = time_fn(dense_f, [(dense_s, tokens)], 0.01)
   ts = time_fn(sparse_f, [(sparse_s, tokens)], 0.01)
-  res = {"batch": batch, "context": context, "dim": dim, "depth": depth,
-         "tokens": batch * context, "dense": td, "sparse": ts, "speedup": best(td) / best(ts),
-         "rel_err_logits": err, "dense_dot_dtypes": dots, "sparsify_s": sparsify_s, "first_call_s": first_s,
-         "report": report}
+  res = {
+    "batch": batch,
+    "context": context,
+    "dim": dim,
+    "depth": depth,
+    "tokens": batch * context,
+    "dense": td,
+    "sparse": ts,
+    "speedup": best(td) / best(ts),
+    "rel_err_logits": err,
+    "dense_dot_dtypes": dots,
+    "sparsify_s": sparsify_s,
+    "first_call_s": first_s,
+    "report": report,
+  }
   out["end_to_end"] = res
   print(json.dumps({k: v for k, v in res.items() if k != "report"}), flush=True)
 
 
 def fmt_rows(rows) -> str:
-  lines = ["| shape (out x in) | tokens | dtype | A | dense ms | jasp sparse ms | speedup | policy |"
-           " policy/dense |", "|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| shape (out x in) | tokens | dtype | A | dense ms | jasp sparse ms | speedup | policy |"
+    " policy/dense |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     if "skipped" in r:
       lines.append(f"| {r['shape']} | {r['tokens']} | – | – | skipped ({r['skipped']}) |||||")
       continue
-    lines.append(f"| {r['shape']} | {r['tokens']} | {r['dtype']} | {r['a_order']} | "
-                 f"{best(r['dense']):.4f} | {best(r['sparse']):.4f} | {r['speedup']:.2f}x | "
-                 f"{r['policy']} | {r['policy_vs_dense']:.2f}x |")
+    lines.append(
+      f"| {r['shape']} | {r['tokens']} | {r['dtype']} | {r['a_order']} | "
+      f"{best(r['dense']):.4f} | {best(r['sparse']):.4f} | {r['speedup']:.2f}x | "
+      f"{r['policy']} | {r['policy_vs_dense']:.2f}x |"
+    )
   return "\n".join(lines)
 
 
 def _torch_cusparselt():
   try:
     return torch.backends.cusparselt.version()
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
 
 
@@ -300,20 +367,31 @@ def main():
   ap.add_argument("--tokens", default="")
   ap.add_argument("--no-overhead", action="store_true")
   ap.add_argument("--dtypes", default="bfloat16", help="comma-separated: bfloat16,float16")
-  ap.add_argument("--layouts", default="", help="comma-separated A layouts: row,col "
-                  "(default: the library's default)")
-  ap.add_argument("--extra-tokens", default="2048,8192,16384",
-                  help="token counts of the rows beyond the first dtype and layout")
+  ap.add_argument(
+    "--layouts",
+    default="",
+    help="comma-separated A layouts: row,col (default: the library's default)",
+  )
+  ap.add_argument(
+    "--extra-tokens",
+    default="2048,8192,16384",
+    help="token counts of the rows beyond the first dtype and layout",
+  )
   args = ap.parse_args()
   start = time.perf_counter()
   deadline = start + args.budget_s
   dev = jax.devices()[0]
   ok, why = sparse.status()
-  out = {"device": dev.device_kind, "jax": jax.__version__, "status": why,
-         "torch": None if torch is None else torch.__version__,
-         "torch_cusparselt": _torch_cusparselt(),
-         "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:],
-         "timing": "CUPTI kernel sums" if CLOCK.ok else "host"}
+  out = {
+    "device": dev.device_kind,
+    "jax": jax.__version__,
+    "status": why,
+    "torch": None if torch is None else torch.__version__,
+    "torch_cusparselt": _torch_cusparselt(),
+    "date": time.strftime("%Y-%m-%d"),
+    "argv": sys.argv[1:],
+    "timing": "CUPTI kernel sums" if CLOCK.ok else "host",
+  }
   print(json.dumps(out), flush=True)
   if not ok:
     return
@@ -324,8 +402,9 @@ def main():
 
   tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
   orders = {"row": sparse.A_ROW, "col": sparse.A_COL}
-  layouts = ([orders[v] for v in args.layouts.split(",")] if args.layouts
-             else [compress_lib.DEFAULT_A_ORDER])
+  layouts = (
+    [orders[v] for v in args.layouts.split(",")] if args.layouts else [compress_lib.DEFAULT_A_ORDER]
+  )
   if not args.no_overhead:
     stage(overhead, out)
   names = list(SHAPES)
@@ -347,16 +426,19 @@ def main():
     stage(end_to_end, out, 4, 2048, 4096, 2)
   out["wall_s"] = time.perf_counter() - start
   save()
-  print(f"\n{out['device']}, jax {out['jax']}, {out['date']}, timing: {out['timing']}; "
-        f"{out['status']}")
+  print(
+    f"\n{out['device']}, jax {out['jax']}, {out['date']}, timing: {out['timing']}; {out['status']}"
+  )
   print(fmt_rows(out.get("rows", [])))
   for k, v in out.get("overhead", {}).items():
     print(k, json.dumps(v))
   if "end_to_end" in out:
     e = out["end_to_end"]
-    print(f"end-to-end lm.py decoder dim {e['dim']} depth {e['depth']}, {e['tokens']} tokens: "
-          f"dense {best(e['dense']):.3f} ms, sparse {best(e['sparse']):.3f} ms, "
-          f"{e['speedup']:.2f}x, rel err {e['rel_err_logits']:.2e}")
+    print(
+      f"end-to-end lm.py decoder dim {e['dim']} depth {e['depth']}, {e['tokens']} tokens: "
+      f"dense {best(e['dense']):.3f} ms, sparse {best(e['sparse']):.3f} ms, "
+      f"{e['speedup']:.2f}x, rel err {e['rel_err_logits']:.2e}"
+    )
   if out.get("errors"):
     print("errors:", out["errors"])
 

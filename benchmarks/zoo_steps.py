@@ -75,8 +75,13 @@ def run_case(case, tmp: str) -> dict:
       traceback.print_exc()
     steps[name] = {"status": status, "seconds": round(time.perf_counter() - t1, 2), "msg": msg}
     print(f"  {case.name:14s} {name:12s} {status} {steps[name]['seconds']:7.2f} s", flush=True)
-  return {"case": case.name, "framework": case.framework, "steps": steps,
-          "seconds": round(time.perf_counter() - t0, 2), "summary": _summary(ctx)}
+  return {
+    "case": case.name,
+    "framework": case.framework,
+    "steps": steps,
+    "seconds": round(time.perf_counter() - t0, 2),
+    "summary": _summary(ctx),
+  }
 
 
 def _cpu_name() -> str:
@@ -92,8 +97,9 @@ def _cpu_name() -> str:
 
 def _commit() -> str:
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 
@@ -107,15 +113,24 @@ def main() -> None:
 
   import flax
   import optax
+
   want = [c for c in args.cases.split(",") if c]
   cases = [c for c in zoo.all_cases() if not want or c.name in want]
-  out = {"commit": _commit(), "date": time.strftime("%Y-%m-%d"),
-         "device": f"{_cpu_name()}, {os.cpu_count()} cores ({jax.default_backend()})",
-         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-                      "jax2onnx": importlib.metadata.version("jax2onnx"),
-                      "onnxruntime": importlib.metadata.version("onnxruntime"),
-                      "python": platform.python_version()},
-         "command": "python benchmarks/zoo_steps.py " + " ".join(sys.argv[1:]), "cases": []}
+  out = {
+    "commit": _commit(),
+    "date": time.strftime("%Y-%m-%d"),
+    "device": f"{_cpu_name()}, {os.cpu_count()} cores ({jax.default_backend()})",
+    "versions": {
+      "jax": jax.__version__,
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "jax2onnx": importlib.metadata.version("jax2onnx"),
+      "onnxruntime": importlib.metadata.version("onnxruntime"),
+      "python": platform.python_version(),
+    },
+    "command": "python benchmarks/zoo_steps.py " + " ".join(sys.argv[1:]),
+    "cases": [],
+  }
   with tempfile.TemporaryDirectory() as tmp:
     for case in cases:
       out["cases"].append(run_case(case, tmp))
@@ -123,8 +138,10 @@ def main() -> None:
   print("\n| model | " + " | ".join(names) + " | total |")
   print("| --- |" + " --- |" * (len(names) + 1))
   for r in out["cases"]:
-    cells = [f"{r['steps'][n]['seconds']:.1f} s" + ("" if r["steps"][n]["status"] == "PASS"
-                                                    else " (FAIL)") for n in names]
+    cells = [
+      f"{r['steps'][n]['seconds']:.1f} s" + ("" if r["steps"][n]["status"] == "PASS" else " (FAIL)")
+      for n in names
+    ]
     print(f"| {r['case']} | " + " | ".join(cells) + f" | {r['seconds']:.1f} s |")
   for r in out["cases"]:
     print(r["case"], json.dumps(r["summary"]))

@@ -29,14 +29,15 @@ import jasp
 
 class CNN(nn.Module):
   """A small CNN for 8x8x1 digits: two convs, a flatten, two dense layers."""
+
   classes: int = 10
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Conv(32, (3, 3))(x))   # in=1: stays dense (1 is not a multiple of 4)
-    x = nn.relu(nn.Conv(64, (3, 3))(x))   # pruned 2:4 along its 32 input channels
+    x = nn.relu(nn.Conv(32, (3, 3))(x))  # in=1: stays dense (1 is not a multiple of 4)
+    x = nn.relu(nn.Conv(64, (3, 3))(x))  # pruned 2:4 along its 32 input channels
     x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-    x = x.reshape(x.shape[0], -1)         # 4 * 4 * 64 = 1024 features
+    x = x.reshape(x.shape[0], -1)  # 4 * 4 * 64 = 1024 features
     x = nn.relu(nn.Dense(128)(x))
     return nn.Dense(self.classes)(x)
 
@@ -45,6 +46,7 @@ def load_digits(seed: int):
   """Digits as (x_train, y_train, x_test, y_test); x in [0, 1], shape (N, 8, 8, 1)."""
   from sklearn.datasets import load_digits as sk_digits
   from sklearn.model_selection import train_test_split
+
   data = sk_digits()
   x = (data.images / 16.0).astype(np.float32)[..., None]
   y = data.target.astype(np.int32)
@@ -83,12 +85,18 @@ def train(model, params, tx, data, epochs, batch, seed, desc, history, tqdm):
     perm = rng.permutation(len(xtr))
     losses = []
     for i in range(0, len(xtr) - batch + 1, batch):
-      idx = perm[i:i + batch]
+      idx = perm[i : i + batch]
       params, opt_state, loss = step(params, opt_state, xtr[idx], ytr[idx])
       losses.append(loss)
     acc, test_loss = evaluate(model, params, xte, yte)
-    history.append({"phase": desc, "train_loss": float(np.mean(jax.device_get(losses))),
-                    "test_loss": test_loss, "test_acc": acc})
+    history.append(
+      {
+        "phase": desc,
+        "train_loss": float(np.mean(jax.device_get(losses))),
+        "test_loss": test_loss,
+        "test_acc": acc,
+      }
+    )
     bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", acc=f"{acc:.2f}%")
   return params
 
@@ -96,8 +104,11 @@ def train(model, params, tx, data, epochs, batch, seed, desc, history, tqdm):
 def kept_magnitude(dense, pruned, masks) -> float:
   """Sum |w| kept over sum |w| of the dense weights, over the pruned leaves."""
   kept = total = 0.0
-  for d, p, mk in zip(jax.tree.leaves(dense), jax.tree.leaves(pruned),
-                      jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
+  for d, p, mk in zip(
+    jax.tree.leaves(dense),
+    jax.tree.leaves(pruned),
+    jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+  ):
     if mk is None:
       continue
     kept += float(jnp.abs(p).sum())
@@ -107,8 +118,10 @@ def kept_magnitude(dense, pruned, masks) -> float:
 
 def plot(history, pruned_acc, path: Path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
   epochs = np.arange(1, len(history) + 1)
   dense_n = sum(h["phase"] == "dense" for h in history)
@@ -129,7 +142,9 @@ def plot(history, pruned_acc, path: Path):
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--epochs", type=int, default=40, help="dense training epochs")
   p.add_argument("--finetune-epochs", type=int, default=20, help="sparse fine-tuning epochs")
   p.add_argument("--batch", type=int, default=32)
@@ -140,9 +155,14 @@ def main(argv=None) -> dict:
   p.add_argument("--out", type=Path, default=Path("runs/digits"))
   p.add_argument("--quick", action="store_true", help="few epochs: a smoke test of the pipeline")
   p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (needs jasp[onnx])")
-  p.add_argument("--permute", action="store_true",
-                 help="permute channels before pruning (apex's channel permutation) and compare")
-  p.add_argument("--permute-time", type=float, default=5.0, help="search time limit per channel group (s)")
+  p.add_argument(
+    "--permute",
+    action="store_true",
+    help="permute channels before pruning (apex's channel permutation) and compare",
+  )
+  p.add_argument(
+    "--permute-time", type=float, default=5.0, help="search time limit per channel group (s)"
+  )
   args = p.parse_args(argv)
   if args.quick:
     args.epochs, args.finetune_epochs = 3, 2
@@ -156,15 +176,27 @@ def main(argv=None) -> dict:
   t0 = time.time()
   data = load_digits(args.seed)
   xtr, ytr, xte, yte = data
-  print(f"digits: {len(xtr)} train / {len(xte)} test images, 8x8x1, 10 classes "
-        f"(scikit-learn's bundled copy); JAX {jax.__version__} on {jax.devices()[0].platform}")
+  print(
+    f"digits: {len(xtr)} train / {len(xte)} test images, 8x8x1, 10 classes "
+    f"(scikit-learn's bundled copy); JAX {jax.__version__} on {jax.devices()[0].platform}"
+  )
   model = CNN()
   params = model.init(jax.random.key(args.seed), xtr[:1])["params"]
   history: list[dict] = []
 
   # 1. Dense training.
-  params = train(model, params, optax.adam(args.lr), data, args.epochs, args.batch,
-                 args.seed, "dense", history, tqdm)
+  params = train(
+    model,
+    params,
+    optax.adam(args.lr),
+    data,
+    args.epochs,
+    args.batch,
+    args.seed,
+    "dense",
+    history,
+    tqdm,
+  )
   dense_acc, _ = evaluate(model, params, xte, yte)
 
   # 2. One-shot 2:4 pruning, with the layouts traced from the model itself.
@@ -178,9 +210,15 @@ def main(argv=None) -> dict:
     # Permute channels first (the dense model computes the same function), then prune.
     kept_plain = kept_magnitude(dense_params, params, masks)
     t = time.time()
-    permuted, preport = jasp.permute(model.apply, {"params": dense_params}, xtr[:1],
-                                     n=args.n, m=args.m, layouts=layouts,
-                                     time_limit=args.permute_time)
+    permuted, preport = jasp.permute(
+      model.apply,
+      {"params": dense_params},
+      xtr[:1],
+      n=args.n,
+      m=args.m,
+      layouts=layouts,
+      time_limit=args.permute_time,
+    )
     print(preport)
     perm_dense = permuted["params"]
     perm_dense_acc, _ = evaluate(model, perm_dense, xte, yte)
@@ -188,23 +226,43 @@ def main(argv=None) -> dict:
     p_params, p_masks = sparse_p[0]["params"], sparse_p[1]["params"]
     perm_acc, _ = evaluate(model, p_params, xte, yte)
     kept_perm = kept_magnitude(perm_dense, p_params, p_masks)
-    permutation = {"seconds": time.time() - t, "dense_acc_after_permute": perm_dense_acc,
-                   "one_shot_acc_without": pruned_acc, "one_shot_acc_with": perm_acc,
-                   "kept_without": kept_plain, "kept_with": kept_perm}
-    print(f"\n  one-shot {args.n}:{args.m} (before fine-tuning)   accuracy   kept |w| of pruned layers")
+    permutation = {
+      "seconds": time.time() - t,
+      "dense_acc_after_permute": perm_dense_acc,
+      "one_shot_acc_without": pruned_acc,
+      "one_shot_acc_with": perm_acc,
+      "kept_without": kept_plain,
+      "kept_with": kept_perm,
+    }
+    print(
+      f"\n  one-shot {args.n}:{args.m} (before fine-tuning)   accuracy   kept |w| of pruned layers"
+    )
     print(f"  without permutation               {pruned_acc:7.2f}%   {100 * kept_plain:7.3f}%")
     print(f"  with permutation                  {perm_acc:7.2f}%   {100 * kept_perm:7.3f}%")
-    print(f"  (dense accuracy after permuting: {perm_dense_acc:.2f}%, unchanged function; "
-          f"{permutation['seconds']:.1f} s)")
+    print(
+      f"  (dense accuracy after permuting: {perm_dense_acc:.2f}%, unchanged function; "
+      f"{permutation['seconds']:.1f} s)"
+    )
     params, masks, pruned_acc = p_params, p_masks, perm_acc
-  report = jasp.sparsity_report({"params": params}, {"params": masks}, args.n, args.m,
-                                layouts=layouts)
+  report = jasp.sparsity_report(
+    {"params": params}, {"params": masks}, args.n, args.m, layouts=layouts
+  )
   print(report)
 
   # 3. Fine-tune with the masks enforced (gradients and updates masked).
   tx = jasp.sparse_optimizer(optax.adam(args.lr / 2), masks)
-  params = train(model, params, tx, data, args.finetune_epochs, args.batch, args.seed + 1,
-                 "2:4 fine-tune", history, tqdm)
+  params = train(
+    model,
+    params,
+    tx,
+    data,
+    args.finetune_epochs,
+    args.batch,
+    args.seed + 1,
+    "2:4 fine-tune",
+    history,
+    tqdm,
+  )
   sparse_acc, _ = evaluate(model, params, xte, yte)
 
   # 4. Save the sparse checkpoint, reload it into a fresh model, verify the pattern.
@@ -214,21 +272,31 @@ def main(argv=None) -> dict:
   fresh = model.init(jax.random.key(args.seed + 99), xtr[:1])["params"]
   with ocp.StandardCheckpointer() as cp:
     restored = cp.restore(ckpt_dir, {"params": fresh, "masks": masks})
-  check = jasp.sparsity_report({"params": restored["params"]}, {"params": restored["masks"]},
-                               args.n, args.m, layouts=layouts)
+  check = jasp.sparsity_report(
+    {"params": restored["params"]}, {"params": restored["masks"]}, args.n, args.m, layouts=layouts
+  )
   reloaded_acc, _ = evaluate(model, restored["params"], xte, yte)
   assert check.all_valid, "the reloaded checkpoint is not N:M"
   assert reloaded_acc == sparse_acc, "the reloaded model computes something else"
-  print(f"reloaded {ckpt_dir}: {len(check.pruned)} weights verified "
-        f"{args.n}:{args.m} along their input axis; accuracy {reloaded_acc:.2f}%")
+  print(
+    f"reloaded {ckpt_dir}: {len(check.pruned)} weights verified "
+    f"{args.n}:{args.m} along their input axis; accuracy {reloaded_acc:.2f}%"
+  )
 
   # 5. Export to ONNX with the pattern intact, and check the file itself.
   onnx_ok = None
   if not args.no_onnx:
     from jasp import export
+
     onnx_path = args.out / "model.onnx"
-    export.to_onnx(model.apply, {"params": params}, xte[:1], path=onnx_path,
-                   masks={"params": masks}, dynamic_batch=True)
+    export.to_onnx(
+      model.apply,
+      {"params": params},
+      xte[:1],
+      path=onnx_path,
+      masks={"params": masks},
+      dynamic_batch=True,
+    )
     onnx_logits = export.run_onnx(onnx_path, xte)[0]
     jax_logits = np.asarray(jax.jit(model.apply)({"params": params}, xte))
     rel = float(np.linalg.norm(onnx_logits - jax_logits) / np.linalg.norm(jax_logits))
@@ -239,21 +307,34 @@ def main(argv=None) -> dict:
     assert onnx_ok, "the ONNX file lost the pattern or computes something else"
 
   plot(history, pruned_acc, args.out / "curves.png")
-  results = {"dense_acc": dense_acc, "pruned_acc": pruned_acc, "sparse_finetuned_acc": sparse_acc,
-             "gap_points": dense_acc - sparse_acc, "seconds": time.time() - t0,
-             "pruned_leaves": len(report.pruned), "pattern_verified": bool(check.all_valid),
-             "onnx_verified": onnx_ok, "permutation": permutation}
-  (args.out / "results.json").write_text(json.dumps({"results": results, "history": history},
-                                                    indent=1))
-  rows = [("dense", dense_acc), (f"{args.n}:{args.m} one-shot (no fine-tune)", pruned_acc),
-          (f"{args.n}:{args.m} fine-tuned", sparse_acc)]
+  results = {
+    "dense_acc": dense_acc,
+    "pruned_acc": pruned_acc,
+    "sparse_finetuned_acc": sparse_acc,
+    "gap_points": dense_acc - sparse_acc,
+    "seconds": time.time() - t0,
+    "pruned_leaves": len(report.pruned),
+    "pattern_verified": bool(check.all_valid),
+    "onnx_verified": onnx_ok,
+    "permutation": permutation,
+  }
+  (args.out / "results.json").write_text(
+    json.dumps({"results": results, "history": history}, indent=1)
+  )
+  rows = [
+    ("dense", dense_acc),
+    (f"{args.n}:{args.m} one-shot (no fine-tune)", pruned_acc),
+    (f"{args.n}:{args.m} fine-tuned", sparse_acc),
+  ]
   print("\n  model                          test accuracy")
   print("  -----------------------------  -------------")
   for name, acc in rows:
     print(f"  {name:<29}  {acc:12.2f}%")
   verdict = "within" if dense_acc - sparse_acc <= 1.0 else "NOT within"
-  print(f"\nfine-tuned {args.n}:{args.m} model is {dense_acc - sparse_acc:+.2f} points from dense "
-        f"({verdict} 1 point); curves: {args.out / 'curves.png'}; {time.time() - t0:.0f} s")
+  print(
+    f"\nfine-tuned {args.n}:{args.m} model is {dense_acc - sparse_acc:+.2f} points from dense "
+    f"({verdict} 1 point); curves: {args.out / 'curves.png'}; {time.time() - t0:.0f} s"
+  )
   return results
 
 

@@ -33,8 +33,11 @@ import jasp
 def stdlib_corpus(max_bytes: int, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
   """Bytes of the standard library's .py files (sorted, deterministic), split by file."""
   root = Path(os.__file__).parent
-  files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts
-                 and "test" not in p.parts and "tests" not in p.parts)
+  files = sorted(
+    p
+    for p in root.rglob("*.py")
+    if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts
+  )
   chunks, total = [], 0
   for p in files:
     try:
@@ -54,8 +57,9 @@ def stdlib_corpus(max_bytes: int, val_fraction: float = 0.1) -> tuple[np.ndarray
 
 
 class Block(nnx.Module):
-  def __init__(self, dim: int, heads: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, dim: int, heads: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ln1 = nnx.LayerNorm(dim, **kw)
     self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=dim, decode=False, **kw)
@@ -75,9 +79,18 @@ class DecoderLM(nnx.Module):
   parameters' (float32 for training here; bfloat16 for the inference benchmark).
   """
 
-  def __init__(self, vocab: int = 256, dim: int = 128, heads: int = 4, depth: int = 4,
-               context: int = 128, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    vocab: int = 256,
+    dim: int = 128,
+    heads: int = 4,
+    depth: int = 4,
+    context: int = 128,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.tok = nnx.Embed(vocab, dim, **kw)
     self.pos = nnx.Embed(context, dim, **kw)
@@ -97,7 +110,7 @@ class DecoderLM(nnx.Module):
 def batches(data: np.ndarray, batch: int, context: int, rng: np.random.Generator):
   while True:
     idx = rng.integers(0, len(data) - context - 1, batch)
-    x = np.stack([data[i:i + context + 1] for i in idx])
+    x = np.stack([data[i : i + context + 1] for i in idx])
     yield x[:, :-1], x[:, 1:]
 
 
@@ -131,24 +144,39 @@ def run_phase(model, tx, data, steps, args, desc, history, val, tqdm, seed):
     losses.append(train_step(model, opt, jnp.asarray(x), jnp.asarray(y)))
     if (s + 1) % args.eval_every == 0 or s + 1 == steps:
       v = validate(model, *val)
-      history.append({"phase": desc, "step": s + 1, "train_loss": float(np.mean(
-          jax.device_get(losses[-args.eval_every:]))), "val_loss": v})
+      history.append(
+        {
+          "phase": desc,
+          "step": s + 1,
+          "train_loss": float(np.mean(jax.device_get(losses[-args.eval_every :]))),
+          "val_loss": v,
+        }
+      )
       bar.set_postfix(val_loss=f"{v:.3f}", ppl=f"{math.exp(v):.2f}")
 
 
 def plot(history, pruned_loss, path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   dense = [h for h in history if h["phase"] == "dense"]
   fine = [h for h in history if h["phase"] != "dense"]
   last = dense[-1]["step"] if dense else 0
   fig, ax = plt.subplots(figsize=(8, 4.5))
   ax.plot([h["step"] for h in dense], [h["val_loss"] for h in dense], label="dense: validation")
-  ax.plot([last + h["step"] for h in fine], [h["val_loss"] for h in fine],
-          label="2:4 fine-tune: validation")
-  ax.plot([h["step"] for h in dense] + [last + h["step"] for h in fine],
-          [h["train_loss"] for h in dense + fine], alpha=0.5, label="training loss")
+  ax.plot(
+    [last + h["step"] for h in fine],
+    [h["val_loss"] for h in fine],
+    label="2:4 fine-tune: validation",
+  )
+  ax.plot(
+    [h["step"] for h in dense] + [last + h["step"] for h in fine],
+    [h["train_loss"] for h in dense + fine],
+    alpha=0.5,
+    label="training loss",
+  )
   ax.scatter([last], [pruned_loss], color="C3", zorder=3, label="right after 2:4 pruning")
   ax.axvline(last, color="gray", ls="--", lw=1)
   ax.set_xlabel("step")
@@ -173,15 +201,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--steps", type=int, default=800)
   p.add_argument("--finetune-steps", type=int, default=300)
   add_model_args(p)
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--out", type=Path, default=Path("runs/lm"))
-  p.add_argument("--methods", default="magnitude,wanda,sparsegpt",
-                  help="one-shot 2:4 methods to compare; the best is fine-tuned")
-  p.add_argument("--calib-batches", type=int, default=8, help="calibration batches (Wanda, SparseGPT)")
+  p.add_argument(
+    "--methods",
+    default="magnitude,wanda,sparsegpt",
+    help="one-shot 2:4 methods to compare; the best is fine-tuned",
+  )
+  p.add_argument(
+    "--calib-batches", type=int, default=8, help="calibration batches (Wanda, SparseGPT)"
+  )
   p.add_argument("--quick", action="store_true")
   args = p.parse_args(argv)
   if args.quick:
@@ -195,32 +230,49 @@ def main(argv=None) -> dict:
   args.out.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
   train, val = stdlib_corpus(args.corpus_bytes)
-  print(f"corpus: Python {sys.version.split()[0]} standard library, {len(train):,} train / "
-        f"{len(val):,} validation bytes; JAX {jax.__version__} on {jax.devices()[0].platform}")
+  print(
+    f"corpus: Python {sys.version.split()[0]} standard library, {len(train):,} train / "
+    f"{len(val):,} validation bytes; JAX {jax.__version__} on {jax.devices()[0].platform}"
+  )
   vrng = np.random.default_rng(12345)
-  vx, vy = zip(*[next(batches(val, args.batch, args.context, vrng)) for _ in range(args.val_batches)])
+  vx, vy = zip(
+    *[next(batches(val, args.batch, args.context, vrng)) for _ in range(args.val_batches)]
+  )
   val_set = ([jnp.asarray(x) for x in vx], [jnp.asarray(y) for y in vy])
 
-  model = DecoderLM(dim=args.dim, depth=args.depth, context=args.context,
-                    rngs=nnx.Rngs(args.seed))
+  model = DecoderLM(dim=args.dim, depth=args.depth, context=args.context, rngs=nnx.Rngs(args.seed))
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"model: {args.depth} blocks, width {args.dim}, {n_params:,} parameters")
   history: list[dict] = []
-  sched = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 10 + 1), args.steps)
-  run_phase(model, optax.adamw(sched, weight_decay=0.01), train, args.steps, args, "dense",
-            history, val_set, tqdm, args.seed)
+  sched = optax.warmup_cosine_decay_schedule(
+    0.0, args.lr, min(100, args.steps // 10 + 1), args.steps
+  )
+  run_phase(
+    model,
+    optax.adamw(sched, weight_decay=0.01),
+    train,
+    args.steps,
+    args,
+    "dense",
+    history,
+    val_set,
+    tqdm,
+    args.seed,
+  )
   dense_loss = validate(model, *val_set)
 
   # One-shot 2:4 by three methods, each from the same dense weights.
   layouts = jasp.trace_layouts(model, val_set[0][0])
   dense_state = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
   crng = np.random.default_rng(args.seed + 7)
-  calib = [jnp.asarray(next(batches(train, args.batch, args.context, crng))[0])
-           for _ in range(args.calib_batches)]
+  calib = [
+    jnp.asarray(next(batches(train, args.batch, args.context, crng))[0])
+    for _ in range(args.calib_batches)
+  ]
   pruners = {
-      "magnitude": lambda: jasp.prune(dense_state, layouts=layouts),
-      "wanda": lambda: jasp.wanda_prune(model, calib, layouts=layouts, progress=False),
-      "sparsegpt": lambda: jasp.sparsegpt_prune(model, calib, layouts=layouts, progress=False),
+    "magnitude": lambda: jasp.prune(dense_state, layouts=layouts),
+    "wanda": lambda: jasp.wanda_prune(model, calib, layouts=layouts, progress=False),
+    "sparsegpt": lambda: jasp.sparsegpt_prune(model, calib, layouts=layouts, progress=False),
   }
   one_shot = {}
   for name in args.methods.split(","):
@@ -230,10 +282,16 @@ def main(argv=None) -> dict:
     jax.block_until_ready(params)
     seconds = time.perf_counter() - t
     nnx.update(model, params)
-    one_shot[name] = {"val_loss": validate(model, *val_set), "seconds": seconds,
-                      "params": params, "masks": masks}
-    print(f"one-shot 2:4 {name:<10}: val loss {one_shot[name]['val_loss']:.4f} "
-          f"(ppl {math.exp(one_shot[name]['val_loss']):.3f}) in {seconds:.2f} s")
+    one_shot[name] = {
+      "val_loss": validate(model, *val_set),
+      "seconds": seconds,
+      "params": params,
+      "masks": masks,
+    }
+    print(
+      f"one-shot 2:4 {name:<10}: val loss {one_shot[name]['val_loss']:.4f} "
+      f"(ppl {math.exp(one_shot[name]['val_loss']):.3f}) in {seconds:.2f} s"
+    )
   best = min(one_shot, key=lambda k: one_shot[k]["val_loss"])
   params, masks = one_shot[best]["params"], one_shot[best]["masks"]
   pruned_loss = one_shot[best]["val_loss"]
@@ -243,18 +301,34 @@ def main(argv=None) -> dict:
   print(f"fine-tuning the best one-shot model: {best}")
 
   tx = jasp.sparse_optimizer(optax.adamw(args.lr / 4, weight_decay=0.01), masks)
-  run_phase(model, tx, train, args.finetune_steps, args, "2:4 fine-tune", history, val_set,
-            tqdm, args.seed + 1)
+  run_phase(
+    model,
+    tx,
+    train,
+    args.finetune_steps,
+    args,
+    "2:4 fine-tune",
+    history,
+    val_set,
+    tqdm,
+    args.seed + 1,
+  )
   sparse_loss = validate(model, *val_set)
   final = jasp.sparsity_report(nnx.state(model, nnx.Param), masks, layouts=layouts)
   assert final.all_valid, "the fine-tuned model lost its 2:4 pattern"
 
   plot(history, pruned_loss, args.out / "curves.png")
-  res = {"dense_val_loss": dense_loss, "pruned_val_loss": pruned_loss, "best_method": best,
-         "one_shot": {k: {"val_loss": v["val_loss"], "seconds": v["seconds"]}
-                      for k, v in one_shot.items()},
-         "finetuned_val_loss": sparse_loss, "pruned_leaves": len(final.pruned),
-         "seconds": time.time() - t0}
+  res = {
+    "dense_val_loss": dense_loss,
+    "pruned_val_loss": pruned_loss,
+    "best_method": best,
+    "one_shot": {
+      k: {"val_loss": v["val_loss"], "seconds": v["seconds"]} for k, v in one_shot.items()
+    },
+    "finetuned_val_loss": sparse_loss,
+    "pruned_leaves": len(final.pruned),
+    "seconds": time.time() - t0,
+  }
   (args.out / "results.json").write_text(json.dumps({"results": res, "history": history}, indent=1))
   print("\n  model                      val loss   perplexity (per byte)")
   print("  -------------------------  --------   ---------------------")
@@ -263,8 +337,10 @@ def main(argv=None) -> dict:
   rows += [(f"2:4 {best} + fine-tuned", sparse_loss)]
   for name, v in rows:
     print(f"  {name:<25}  {v:8.4f}   {math.exp(v):10.3f}")
-  print(f"\n{len(final.pruned)} weights 2:4; curves: {args.out / 'curves.png'}; "
-        f"{time.time() - t0:.0f} s")
+  print(
+    f"\n{len(final.pruned)} weights 2:4; curves: {args.out / 'curves.png'}; "
+    f"{time.time() - t0:.0f} s"
+  )
   return res
 
 

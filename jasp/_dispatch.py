@@ -51,14 +51,14 @@ Impl = Literal["xla", "pallas", "auto"]
 Axis = int | Sequence[int]
 
 __all__ = [
-    "AUTO_MIN_CONTIG",
-    "AUTO_MIN_ELEMENTS",
-    "get_mask_impl",
-    "mask_impl",
-    "nm_prune_array",
-    "pallas_nm_mask",
-    "pallas_nm_mask_2d",
-    "use_pallas",
+  "AUTO_MIN_CONTIG",
+  "AUTO_MIN_ELEMENTS",
+  "get_mask_impl",
+  "mask_impl",
+  "nm_prune_array",
+  "pallas_nm_mask",
+  "pallas_nm_mask_2d",
+  "use_pallas",
 ]
 
 #: ``"auto"`` uses the kernel only from this many elements (launch overheads
@@ -72,7 +72,8 @@ AUTO_MIN_CONTIG = 32
 
 _IMPLS = ("xla", "pallas", "auto")
 _CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "jasp_mask_impl", default=None)
+  "jasp_mask_impl", default=None
+)
 
 
 def _check_impl(impl, allow_none: bool) -> None:
@@ -132,7 +133,7 @@ def _backend(w) -> str:
 
 def _contig(shape: tuple[int, ...], m: int, axis: Axis) -> int:
   """Contiguous elements per tile row of the kernel's view (see nm_pallas.plan)."""
-  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+  from jasp.kernels import nm_pallas
 
   p = nm_pallas.plan(shape, m, axis)
   if p.member_dim == 1:
@@ -141,7 +142,7 @@ def _contig(shape: tuple[int, ...], m: int, axis: Axis) -> int:
 
 
 def _auto(w, n: int, m: int, axis: Axis) -> bool:
-  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+  from jasp.kernels import nm_pallas
 
   if _backend(w) not in ("gpu", "cuda"):
     return False
@@ -165,7 +166,7 @@ def use_pallas(w, n: int, m: int, axis: Axis, impl: Impl | None = None) -> bool:
     ValueError: if ``impl="pallas"`` is passed for a dtype or ``m`` the kernel
       does not support.
   """
-  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+  from jasp.kernels import nm_pallas
 
   _check_impl(impl, allow_none=True)
   explicit = impl is not None
@@ -177,15 +178,17 @@ def use_pallas(w, n: int, m: int, axis: Axis, impl: Impl | None = None) -> bool:
       if not explicit:
         return False
       raise RuntimeError(
-          "impl='pallas': this JAX has no Pallas Triton backend "
-          "(jax.experimental.pallas.triton), which jasp's mask kernels are written for. "
-          "Use impl='xla'.")
+        "impl='pallas': this JAX has no Pallas Triton backend "
+        "(jax.experimental.pallas.triton), which jasp's mask kernels are written for. "
+        "Use impl='xla'."
+      )
     if not nm_pallas.supports(w.dtype, n, m):
       if not explicit:
         return False  # a context / environment setting prefers, never breaks
       raise ValueError(
-          f"impl='pallas' supports float32, bfloat16 and float16 weights with m <= "
-          f"{nm_pallas.MAX_M}; got dtype {w.dtype}, n={n}, m={m}. Use impl='xla'.")
+        f"impl='pallas' supports float32, bfloat16 and float16 weights with m <= "
+        f"{nm_pallas.MAX_M}; got dtype {w.dtype}, n={n}, m={m}. Use impl='xla'."
+      )
     return True
   return _auto(w, n, m, axis)
 
@@ -200,7 +203,7 @@ def pallas_nm_mask(w, n, m, axis, forced):
   Called by :func:`jasp.nm_mask` when its ``impl`` is ``"pallas"`` (``forced``)
   or ``None`` (the context / automatic choice).
   """
-  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+  from jasp.kernels import nm_pallas
 
   if not use_pallas(w, n, m, axis, "pallas" if forced else None):
     return None
@@ -216,23 +219,33 @@ def pallas_nm_mask_2d(w, n, m, axis, out_axis):
   setting uses the kernel wherever it applies (see
   :func:`jasp.kernels.nm2d_pallas.supports_2d`) and XLA elsewhere.
   """
-  from jasp.kernels import nm2d_pallas  # pylint: disable=g-import-not-at-top
-  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+  from jasp.kernels import nm2d_pallas
+  from jasp.kernels import nm_pallas
 
   impl = get_mask_impl()
-  if (impl == "xla" or not nm_pallas.backend_available()
-      or not nm2d_pallas.supports_2d(w.shape, w.dtype, n, m, axis, out_axis)):
+  if (
+    impl == "xla"
+    or not nm_pallas.backend_available()
+    or not nm2d_pallas.supports_2d(w.shape, w.dtype, n, m, axis, out_axis)
+  ):
     return None
-  if impl == "auto" and not (_backend(w) in ("gpu", "cuda") and _single_device(w)
-                             and math.prod(w.shape) >= AUTO_MIN_ELEMENTS):
+  if impl == "auto" and not (
+    _backend(w) in ("gpu", "cuda") and _single_device(w) and math.prod(w.shape) >= AUTO_MIN_ELEMENTS
+  ):
     return None
   interpret = _interpret(w)
   return lambda: nm2d_pallas.nm_mask_2d_pallas(w, n, m, axis, out_axis, interpret=interpret)
 
 
-def nm_prune_array(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
-                   impl: Impl | None = None, with_mask: bool = True
-                   ) -> tuple[jax.Array, jax.Array] | jax.Array:
+def nm_prune_array(
+  w: jax.Array,
+  n: int = 2,
+  m: int = 4,
+  axis: Axis = 0,
+  *,
+  impl: Impl | None = None,
+  with_mask: bool = True,
+) -> tuple[jax.Array, jax.Array] | jax.Array:
   """Prunes one array to N:M: the masked weight, and its mask, in one pass.
 
   On a GPU the Pallas kernel reads ``w`` once and writes the pruned weight (and
@@ -259,16 +272,15 @@ def nm_prune_array(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
     >>> bool(jasp.is_nm(pruned, 2, 4, axis=0))
     True
   """
-  from jasp import masks  # pylint: disable=g-import-not-at-top
-  from jasp.kernels import nm_pallas  # pylint: disable=g-import-not-at-top
+  from jasp import masks
+  from jasp.kernels import nm_pallas
 
   w = jnp.asarray(w)
   if w.ndim == 0:
     raise ValueError("nm_prune_array needs an array of rank >= 1, got a scalar.")
-  masks._check_nm(n, m)  # pylint: disable=protected-access
+  masks._check_nm(n, m)
   if use_pallas(w, n, m, axis, impl):
-    return nm_pallas.nm_prune_pallas(w, n, m, axis, with_mask=with_mask,
-                                     interpret=_interpret(w))
+    return nm_pallas.nm_prune_pallas(w, n, m, axis, with_mask=with_mask, interpret=_interpret(w))
   mask = masks.nm_mask(w, n, m, axis, impl="xla")
   pruned = jnp.where(mask, w, jnp.zeros_like(w))
   return (pruned, mask) if with_mask else pruned

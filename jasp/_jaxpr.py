@@ -45,10 +45,20 @@ __all__ = ["CALL_PRIMITIVES", "Body", "Cond", "Interpreter", "Scan", "While", "c
 V = TypeVar("V")
 
 # Primitives whose body computes their result from their operands, one to one.
-CALL_PRIMITIVES = frozenset({
-    "pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
-    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
-})
+CALL_PRIMITIVES = frozenset(
+  {
+    "pjit",
+    "jit",
+    "closed_call",
+    "core_call",
+    "remat",
+    "remat2",
+    "checkpoint",
+    "custom_jvp_call",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+  }
+)
 
 Context = tuple  # ((id(eqn), part), ...) from the outermost equation inwards
 
@@ -56,6 +66,7 @@ Context = tuple  # ((id(eqn), part), ...) from the outermost equation inwards
 @dataclasses.dataclass(frozen=True)
 class Body:
   """A nested jaxpr with the constants its ``constvars`` take."""
+
   jaxpr: jcore.Jaxpr
   consts: tuple = ()
 
@@ -96,6 +107,7 @@ class Scan:
   returns ``carry + y``. With ``reverse`` the iterations run from the last
   slice to the first.
   """
+
   body: Body
   num_consts: int
   num_carry: int
@@ -115,16 +127,17 @@ class Scan:
   def split_in(self, seq: Sequence[V]) -> tuple[list[V], list[V], list[V]]:
     """``(consts, carry, xs)`` of the operands (or of the body's inputs)."""
     c, k = self.num_consts, self.num_carry
-    return list(seq[:c]), list(seq[c:c + k]), list(seq[c + k:])
+    return list(seq[:c]), list(seq[c : c + k]), list(seq[c + k :])
 
   def split_out(self, seq: Sequence[V]) -> tuple[list[V], list[V]]:
     """``(carry, ys)`` of the results (or of the body's outputs)."""
-    return list(seq[:self.num_carry]), list(seq[self.num_carry:])
+    return list(seq[: self.num_carry]), list(seq[self.num_carry :])
 
 
 @dataclasses.dataclass(frozen=True)
 class Cond:
   """A ``cond``/``switch``: operand 0 picks a branch; each branch takes the rest."""
+
   branches: tuple[Body, ...]
 
   @classmethod
@@ -135,6 +148,7 @@ class Cond:
 @dataclasses.dataclass(frozen=True)
 class While:
   """A ``while``: operands ``cond_consts + body_consts + carry``; results ``carry``."""
+
   cond: Body
   body: Body
   cond_nconsts: int
@@ -143,13 +157,14 @@ class While:
   @classmethod
   def of(cls, eqn: jcore.JaxprEqn) -> While:
     p = eqn.params
-    return cls(_body(p["cond_jaxpr"]), _body(p["body_jaxpr"]), int(p["cond_nconsts"]),
-               int(p["body_nconsts"]))
+    return cls(
+      _body(p["cond_jaxpr"]), _body(p["body_jaxpr"]), int(p["cond_nconsts"]), int(p["body_nconsts"])
+    )
 
   def split_in(self, seq: Sequence[V]) -> tuple[list[V], list[V], list[V]]:
     """``(cond_consts, body_consts, carry)`` of the operands."""
     a, b = self.cond_nconsts, self.body_nconsts
-    return list(seq[:a]), list(seq[a:a + b]), list(seq[a + b:])
+    return list(seq[:a]), list(seq[a : a + b]), list(seq[a + b :])
 
 
 class Interpreter(Generic[V]):

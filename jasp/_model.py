@@ -53,6 +53,7 @@ class Traced:
       variables).
     shapes: the leaves' shapes.
   """
+
   closed: jcore.ClosedJaxpr
   n_leaves: int
   n_extra: int
@@ -71,8 +72,14 @@ class Model:
     module: the nnx module, or None.
   """
 
-  def __init__(self, call: Callable[..., Any], tree: PyTree, extra: PyTree = (),
-               graphdef: Any = None, module: Any = None):
+  def __init__(
+    self,
+    call: Callable[..., Any],
+    tree: PyTree,
+    extra: PyTree = (),
+    graphdef: Any = None,
+    module: Any = None,
+  ):
     self._call = call
     self.tree = tree
     self.extra = extra
@@ -85,8 +92,9 @@ class Model:
 
   def run(self, leaves: Sequence[Any], extra: PyTree, *inputs, **kwargs) -> Any:
     """Runs the model on ``leaves`` (flatten order of ``tree``) and ``extra``."""
-    return self._call(jax.tree_util.tree_unflatten(self._pure_def, list(leaves)), extra,
-                      *inputs, **kwargs)
+    return self._call(
+      jax.tree_util.tree_unflatten(self._pure_def, list(leaves)), extra, *inputs, **kwargs
+    )
 
   def apply(self, tree: PyTree, *inputs, **kwargs) -> Any:
     """Runs the model on a whole tree (of ``tree``'s structure; boxed or pure)."""
@@ -104,8 +112,9 @@ class Model:
       return nnx.merge(self.graphdef, tree)
     return nnx.merge(self.graphdef, tree, self.extra)
 
-  def trace(self, inputs: Sequence[Any], kwargs: dict | None = None,
-            leaves: Sequence[Any] | None = None) -> Traced:
+  def trace(
+    self, inputs: Sequence[Any], kwargs: dict | None = None, leaves: Sequence[Any] | None = None
+  ) -> Traced:
     """Traces the model once (abstractly) on ``inputs``.
 
     Array leaves of ``inputs`` become inputs of the jaxpr (what the analyses
@@ -128,8 +137,14 @@ class Model:
     return Traced(closed, len(leaves), n_extra, [tuple(np.shape(x)) for x in leaves])
 
 
-def adapt(fn: Callable[..., Any] | Any, params: PyTree, inputs: Sequence[Any], *,
-          state: bool = False, what: str = "jasp") -> tuple[Model, tuple]:
+def adapt(
+  fn: Callable[..., Any] | Any,
+  params: PyTree,
+  inputs: Sequence[Any],
+  *,
+  state: bool = False,
+  what: str = "jasp",
+) -> tuple[Model, tuple]:
   """The :class:`Model` and the inputs of a ``(fn, params, *inputs)`` call.
 
   Args:
@@ -156,11 +171,13 @@ def adapt(fn: Callable[..., Any] | Any, params: PyTree, inputs: Sequence[Any], *
       def call(p, extra, *xs, **kw):
         del extra
         return nnx.merge(graphdef, p)(*xs, **kw)
+
       return Model(call, tree, (), graphdef, fn), inputs
     graphdef, tree, rest = nnx.split(fn, nnx.Param, ...)
 
     def call_params(p, extra, *xs, **kw):
       return nnx.merge(graphdef, p, extra)(*xs, **kw)
+
     return Model(call_params, tree, _tree.unbox(rest), graphdef, fn), inputs
   if isinstance(fn, nn.Module):
     fn = fn.apply
@@ -170,4 +187,5 @@ def adapt(fn: Callable[..., Any] | Any, params: PyTree, inputs: Sequence[Any], *
   def call_fn(p, extra, *xs, **kw):
     del extra
     return fn(p, *xs, **kw)
+
   return Model(call_fn, params, (), None, None), tuple(inputs)

@@ -44,7 +44,7 @@ def path_str(path) -> str:
 try:
   _Tracer = jax.core.Tracer
 except AttributeError:  # pragma: no cover - newer JAX
-  from jax._src.core import Tracer as _Tracer  # pylint: disable=g-import-not-at-top
+  from jax._src.core import Tracer as _Tracer
 
 
 def is_tracer(x) -> bool:
@@ -68,14 +68,14 @@ def is_bool_dtype(dtype) -> bool:
 
 def is_mask_leaf(x) -> bool:
   """None or a :class:`jasp.PackedMask`: leaves of a masks pytree besides arrays."""
-  from jasp.packing import PackedMask  # pylint: disable=g-import-not-at-top
+  from jasp.packing import PackedMask
+
   return x is None or isinstance(x, PackedMask)
 
 
 def leaves_by_path(tree: PyTree, *, keep_none: bool = False) -> dict[str, Any]:
   """Flattens ``tree`` to ``{path string: leaf}`` (None leaves kept when asked)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=is_mask_leaf if keep_none else None)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_mask_leaf if keep_none else None)
   out = {}
   for path, leaf in flat:
     out[path_str(path)] = leaf
@@ -100,7 +100,8 @@ def align(masks: PyTree, target: PyTree, *, what: str = "masks") -> list:
     TypeError: naming the path of a mask that is not a bool array or a
       :class:`jasp.PackedMask`, or of a masked leaf that is not an array.
   """
-  from jasp.packing import PackedMask  # pylint: disable=g-import-not-at-top
+  from jasp.packing import PackedMask
+
   by_path = leaves_by_path(masks, keep_none=True)
   flat = jax.tree_util.tree_flatten_with_path(target)[0]
   seen = set()
@@ -109,39 +110,49 @@ def align(masks: PyTree, target: PyTree, *, what: str = "masks") -> list:
     p = path_str(path)
     if p not in by_path:
       raise ValueError(
-          f"{what} have no entry for the leaf '{p}' (shape {getattr(leaf, 'shape', None)}); "
-          f"the {what} tree must mirror the params tree (None for dense leaves).")
+        f"{what} have no entry for the leaf '{p}' (shape {getattr(leaf, 'shape', None)}); "
+        f"the {what} tree must mirror the params tree (None for dense leaves)."
+      )
     mask = by_path[p]
     seen.add(p)
     if mask is not None and not isinstance(mask, PackedMask):
       dtype = getattr(mask, "dtype", None)
       if dtype is None or not hasattr(mask, "shape"):
-        raise TypeError(f"the mask for '{p}' is a {type(mask).__name__}, not an array; a mask is "
-                        "a bool array, a jasp.PackedMask or None (dense).")
+        raise TypeError(
+          f"the mask for '{p}' is a {type(mask).__name__}, not an array; a mask is "
+          "a bool array, a jasp.PackedMask or None (dense)."
+        )
       if not is_bool_dtype(dtype):
-        raise TypeError(f"the mask for '{p}' has dtype {dtype}; masks are bool arrays (True = "
-                        "kept): pass mask.astype(bool), or the masks from jasp.compute_masks.")
+        raise TypeError(
+          f"the mask for '{p}' has dtype {dtype}; masks are bool arrays (True = "
+          "kept): pass mask.astype(bool), or the masks from jasp.compute_masks."
+        )
     if mask is not None and not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
       raise TypeError(f"the leaf '{p}' has a mask but is a {type(leaf).__name__}, not an array.")
     if mask is not None and tuple(mask.shape) != tuple(getattr(leaf, "shape", ())):
       raise ValueError(
-          f"the mask for '{p}' has shape {tuple(mask.shape)} but the leaf has shape "
-          f"{tuple(getattr(leaf, 'shape', ()))}.")
+        f"the mask for '{p}' has shape {tuple(mask.shape)} but the leaf has shape "
+        f"{tuple(getattr(leaf, 'shape', ()))}."
+      )
     out.append(mask)
   extra = [p for p in by_path if p not in seen]
   if extra:
     raise ValueError(
-        f"{what} have an entry '{extra[0]}' with no matching leaf in the params tree"
-        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + ".")
+      f"{what} have an entry '{extra[0]}' with no matching leaf in the params tree"
+      + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+      + "."
+    )
   return out
 
 
 def unbox(tree: PyTree) -> PyTree:
   """Replaces ``nnx.Variable`` nodes by their values (a no-op for plain trees)."""
   try:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from flax import nnx
   except ImportError:  # pragma: no cover
     return tree
   return jax.tree_util.tree_map(
-      lambda x: x.get_value() if isinstance(x, nnx.Variable) else x, tree,
-      is_leaf=lambda x: is_mask_leaf(x) or isinstance(x, nnx.Variable))
+    lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
+    tree,
+    is_leaf=lambda x: is_mask_leaf(x) or isinstance(x, nnx.Variable),
+  )

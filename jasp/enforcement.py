@@ -63,16 +63,16 @@ from jasp import _tree
 from jasp import packing
 
 __all__ = [
-    "MaskState",
-    "SparseState",
-    "mask_updates",
-    "mask_gradients",
-    "sparse_optimizer",
-    "update_masks",
-    "get_masks",
-    "count_unmasked",
-    "assert_masked",
-    "schedule_free_eval_params",
+  "MaskState",
+  "SparseState",
+  "mask_updates",
+  "mask_gradients",
+  "sparse_optimizer",
+  "update_masks",
+  "get_masks",
+  "count_unmasked",
+  "assert_masked",
+  "schedule_free_eval_params",
 ]
 
 PyTree = Any
@@ -82,21 +82,25 @@ _ScheduleFreeState = optax_contrib.ScheduleFreeState
 
 class MaskState(NamedTuple):
   """State of :func:`mask_updates` / :func:`mask_gradients`: the masks pytree."""
+
   masks: PyTree
 
 
 class SparseState(NamedTuple):
   """State of :func:`sparse_optimizer`: the masks and the inner optimizer's state."""
+
   masks: PyTree
   inner_state: optax.OptState
 
 
 def _pure_masks(masks: PyTree) -> PyTree:
   masks = _tree.unbox(masks)
+
   def one(x):
     if x is None or isinstance(x, packing.PackedMask):
       return x
     return jnp.asarray(x, bool)
+
   return jax.tree_util.tree_map(one, masks, is_leaf=_tree.is_mask_leaf)
 
 
@@ -126,10 +130,14 @@ def _zero_pruned_tree(tree, masks):
 def _mask_upd(updates, params, masks):
   if isinstance(updates, optax.LookaheadParams) and not isinstance(masks, optax.LookaheadParams):
     if not isinstance(params, optax.LookaheadParams):
-      raise ValueError("the updates are an optax.LookaheadParams pair but the params are not: pass "
-                       "the LookaheadParams that optax.lookahead trains as params.")
-    return optax.LookaheadParams(fast=_mask_upd(updates.fast, params.fast, masks),
-                                 slow=_mask_upd(updates.slow, params.slow, masks))
+      raise ValueError(
+        "the updates are an optax.LookaheadParams pair but the params are not: pass "
+        "the LookaheadParams that optax.lookahead trains as params."
+      )
+    return optax.LookaheadParams(
+      fast=_mask_upd(updates.fast, params.fast, masks),
+      slow=_mask_upd(updates.slow, params.slow, masks),
+    )
   flat_u, treedef = jax.tree_util.tree_flatten(updates)
   flat_p = treedef.flatten_up_to(params)
   aligned = _tree.align(masks, updates, what="masks")
@@ -164,8 +172,8 @@ def _mask_schedule_free(opt_state: optax.OptState, masks: PyTree) -> optax.OptSt
     if not isinstance(x, _ScheduleFreeState):
       return x
     return x._replace(z=jax.tree_util.tree_map_with_path(one_z, x.z))
-  return jax.tree_util.tree_map(one, opt_state,
-                                is_leaf=lambda x: isinstance(x, _ScheduleFreeState))
+
+  return jax.tree_util.tree_map(one, opt_state, is_leaf=lambda x: isinstance(x, _ScheduleFreeState))
 
 
 def _unmasked_counts(params: PyTree, masks: PyTree) -> tuple[list[str], list[jax.Array]]:
@@ -177,17 +185,20 @@ def _unmasked_counts(params: PyTree, masks: PyTree) -> tuple[list[str], list[jax
     for (path, p), mk in zip(flat, aligned):
       if mk is not None:
         paths.append(prefix + _tree.path_str(path))
-        counts.append(jnp.sum(jnp.logical_and(jnp.logical_not(packing.as_bool(mk)), p != 0),
-                              dtype=jnp.int32))
+        counts.append(
+          jnp.sum(jnp.logical_and(jnp.logical_not(packing.as_bool(mk)), p != 0), dtype=jnp.int32)
+        )
   return paths, counts
 
 
 def _misuse_hint() -> str:
-  return ("Either the params were never pruned (prune them before the first step with "
-          "jasp.apply_masks: required when jasp sits inside optax.MultiSteps, apply_if_finite, "
-          "lookahead or schedule_free, whose skipped steps never reach it, and in debug mode), or "
-          "something changed them after jasp: mask_updates is not last in its chain, or a wrapper "
-          "around jasp replaced its updates. jasp.sparse_optimizer outermost is always correct.")
+  return (
+    "Either the params were never pruned (prune them before the first step with "
+    "jasp.apply_masks: required when jasp sits inside optax.MultiSteps, apply_if_finite, "
+    "lookahead or schedule_free, whose skipped steps never reach it, and in debug mode), or "
+    "something changed them after jasp: mask_updates is not last in its chain, or a wrapper "
+    "around jasp replaced its updates. jasp.sparse_optimizer outermost is always correct."
+  )
 
 
 def _raise_if_unmasked(who: str, paths: tuple[str, ...], counts: np.ndarray) -> None:
@@ -196,16 +207,18 @@ def _raise_if_unmasked(who: str, paths: tuple[str, ...], counts: np.ndarray) -> 
   if bad.size:
     first = bad[0]
     raise ValueError(
-        f"{who}(debug=True): the params passed to update hold {int(counts.sum())} non-zero "
-        f"entries where the masks prune them ('{paths[first]}': {int(counts[first])}"
-        + (f"; {bad.size - 1} more leaves" if bad.size > 1 else "") + "). " + _misuse_hint())
+      f"{who}(debug=True): the params passed to update hold {int(counts.sum())} non-zero "
+      f"entries where the masks prune them ('{paths[first]}': {int(counts[first])}"
+      + (f"; {bad.size - 1} more leaves" if bad.size > 1 else "")
+      + "). "
+      + _misuse_hint()
+    )
 
 
 def _debug_check(who: str, params: PyTree, masks: PyTree) -> None:
   paths, counts = _unmasked_counts(params, masks)
   if paths:
-    jax.debug.callback(functools.partial(_raise_if_unmasked, who, tuple(paths)),
-                       jnp.stack(counts))
+    jax.debug.callback(functools.partial(_raise_if_unmasked, who, tuple(paths)), jnp.stack(counts))
 
 
 def _need_params(who: str, params) -> None:
@@ -253,6 +266,7 @@ def mask_updates(masks: PyTree, *, debug: bool = False) -> optax.GradientTransfo
       params that are non-zero at a pruned entry (under ``jit`` it reaches
       the caller as a ``jax.errors.JaxRuntimeError`` carrying the message).
   """
+
   def init_fn(params):
     del params
     return MaskState(_pure_masks(masks))
@@ -291,6 +305,7 @@ def mask_gradients(masks: PyTree) -> optax.GradientTransformation:
   Raises:
     ValueError: from ``update``, if the masks do not mirror the gradients.
   """
+
   def init_fn(params):
     del params
     return MaskState(_pure_masks(masks))
@@ -302,9 +317,13 @@ def mask_gradients(masks: PyTree) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def sparse_optimizer(inner: optax.GradientTransformation, masks: PyTree, *,
-                     mask_gradients: bool = True,  # pylint: disable=redefined-outer-name
-                     debug: bool = False) -> optax.GradientTransformationExtraArgs:
+def sparse_optimizer(
+  inner: optax.GradientTransformation,
+  masks: PyTree,
+  *,
+  mask_gradients: bool = True,
+  debug: bool = False,
+) -> optax.GradientTransformationExtraArgs:
   """apex ASP's enforcement around any optax optimizer; the composition that cannot go wrong.
 
   ``update`` masks the gradients (when ``mask_gradients``), runs ``inner``,
@@ -400,6 +419,7 @@ def update_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
   """
   new = _pure_masks(masks)
   found = []
+
   def swap(x):
     if not _is_mask_state(x):
       return x
@@ -408,14 +428,18 @@ def update_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
     new_paths = _tree.leaves_by_path(new, keep_none=True)
     if set(old_paths) != set(new_paths):
       missing = sorted(set(old_paths) ^ set(new_paths))
-      raise ValueError(f"the new masks do not mirror the old ones: '{missing[0]}' is on one side only.")
+      raise ValueError(
+        f"the new masks do not mirror the old ones: '{missing[0]}' is on one side only."
+      )
     if isinstance(x, SparseState):
       return SparseState(new, _mask_schedule_free(x.inner_state, new))
     return x._replace(masks=new)
+
   out = jax.tree_util.tree_map(swap, opt_state, is_leaf=_is_mask_state)
   if not found:
-    raise ValueError("opt_state holds no jasp mask state (mask_updates, mask_gradients or "
-                     "sparse_optimizer).")
+    raise ValueError(
+      "opt_state holds no jasp mask state (mask_updates, mask_gradients or sparse_optimizer)."
+    )
   return out
 
 
@@ -487,13 +511,17 @@ def assert_masked(params: PyTree, masks: PyTree) -> None:
   if bad:
     first, n = next(iter(bad.items()))
     raise ValueError(
-        f"the params are not zero where the masks prune them: '{first}' holds {n} non-zero pruned "
-        f"entries" + (f" ({len(bad) - 1} more leaves too)" if len(bad) > 1 else "") + ". "
-        + _misuse_hint())
+      f"the params are not zero where the masks prune them: '{first}' holds {n} non-zero pruned "
+      f"entries"
+      + (f" ({len(bad) - 1} more leaves too)" if len(bad) > 1 else "")
+      + ". "
+      + _misuse_hint()
+    )
 
 
-def schedule_free_eval_params(opt_state: optax.OptState, params: PyTree, *,
-                              masks: PyTree = None) -> PyTree:
+def schedule_free_eval_params(
+  opt_state: optax.OptState, params: PyTree, *, masks: PyTree = None
+) -> PyTree:
   """Evaluation params of a schedule-free optimizer, with the masks applied.
 
   ``optax.contrib.schedule_free_eval_params(state, params)`` computes
@@ -524,8 +552,10 @@ def schedule_free_eval_params(opt_state: optax.OptState, params: PyTree, *,
   """
   states = _find(opt_state, lambda x: isinstance(x, _ScheduleFreeState))
   if len(states) != 1:
-    raise ValueError(f"opt_state holds {len(states)} schedule-free states "
-                     "(optax.contrib.schedule_free and its aliases); one is needed.")
+    raise ValueError(
+      f"opt_state holds {len(states)} schedule-free states "
+      "(optax.contrib.schedule_free and its aliases); one is needed."
+    )
   masks = get_masks(opt_state) if masks is None else _pure_masks(masks)
   x = optax_contrib.schedule_free_eval_params(states[0], params)
   return _zero_pruned_tree(x, masks)

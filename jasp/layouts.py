@@ -48,6 +48,7 @@ class Layout:
     stack: the leaf's stacked-layer axes (a kernel ``(L, in, out)`` run by a
       ``scan`` over its layers: ``(0,)``); never group axes.
   """
+
   axis: tuple[int, ...] | None
   out_axes: tuple[int, ...] = ()
   kind: str = "none"
@@ -69,8 +70,10 @@ def classify(uses: list[weights.Use]) -> Layout:
     reason = "used by " + "; ".join(others)
     contracted = sorted({u.axes for u in uses if u.kind != "other"})
     if contracted:  # e.g. an embedding also used as the output projection (attend)
-      reason += (f"; also the weight of a matmul along axes {contracted[0]} (tied: pruning it "
-                 "would change its other uses too; force it with Policy(axes=...))")
+      reason += (
+        f"; also the weight of a matmul along axes {contracted[0]} (tied: pruning it "
+        "would change its other uses too; force it with Policy(axes=...))"
+      )
     return Layout(None, reason=reason)
   kinds = {u.kind for u in uses}
   axes = {u.axes for u in uses}
@@ -85,12 +88,12 @@ def classify(uses: list[weights.Use]) -> Layout:
   if list(ax) != list(range(ax[0], ax[0] + len(ax))):
     return Layout(None, reason=f"the contracted axes {ax} are not consecutive")
   outs = {u.out_axes for u in uses}
-  return Layout(ax, out_axes=sorted(outs)[0], kind=kinds.pop(), source="trace",
-                stack=stacks.pop())
+  return Layout(ax, out_axes=sorted(outs)[0], kind=kinds.pop(), source="trace", stack=stacks.pop())
 
 
-def trace_layouts(fn: Callable[..., Any] | Any, params: Any = None, *args, **kwargs
-                  ) -> dict[str, Layout]:
+def trace_layouts(
+  fn: Callable[..., Any] | Any, params: Any = None, *args, **kwargs
+) -> dict[str, Layout]:
   """Traces a model once and reports how each parameter is contracted.
 
   Two call forms:
@@ -168,10 +171,14 @@ def convention_layout(path: str, leaf: Any) -> Layout:
     return Layout((0,), tuple(range(1, nd)), kind="dot", source="convention")
   if _OUT.match(parent):
     return Layout(tuple(range(nd - 1)), (nd - 1,), kind="dot", source="convention")
-  return Layout(None, reason=(
+  return Layout(
+    None,
+    reason=(
       f"a rank-{nd} kernel whose layout the name '{parent}' does not tell (Conv or "
-      "DenseGeneral?); pass layouts=jasp.trace_layouts(...) or an axis override"),
-                source="convention")
+      "DenseGeneral?); pass layouts=jasp.trace_layouts(...) or an axis override"
+    ),
+    source="convention",
+  )
 
 
 def resolve(path: str, leaf: Any, layouts: Mapping[str, Layout] | None) -> Layout:

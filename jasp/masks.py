@@ -29,19 +29,20 @@ import numpy as np
 Axis = int | Sequence[int]
 
 __all__ = [
-    "nm_mask",
-    "nm_mask_2d",
-    "is_nm",
-    "group_axes",
-    "magnitude",
+  "nm_mask",
+  "nm_mask_2d",
+  "is_nm",
+  "group_axes",
+  "magnitude",
 ]
 
 
 def _check_nm(n: int, m: int) -> None:
   """Raises ``TypeError`` unless n and m are ints, ``ValueError`` unless ``1 <= n < m``."""
   if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (n, m)):
-    raise TypeError(f"n and m must be integers, got n={n!r} ({type(n).__name__}), "
-                    f"m={m!r} ({type(m).__name__}).")
+    raise TypeError(
+      f"n and m must be integers, got n={n!r} ({type(n).__name__}), m={m!r} ({type(m).__name__})."
+    )
   if m < 2 or not 1 <= n < m:
     raise ValueError(f"N:M sparsity needs 1 <= n < m and m >= 2, got n={n}, m={m}.")
 
@@ -65,8 +66,9 @@ def group_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
     except TypeError:
       axes = None
     if axes is None:
-      raise TypeError(f"axis must be an int or a sequence of ints, got {type(axis).__name__} "
-                      f"{axis!r}.")
+      raise TypeError(
+        f"axis must be an int or a sequence of ints, got {type(axis).__name__} {axis!r}."
+      )
   if not axes:
     raise ValueError("axis must name at least one axis.")
   out = []
@@ -105,8 +107,7 @@ def magnitude(w: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(a), jnp.inf, a)
 
 
-def innermost_group_axes(shape: tuple[int, ...], axes: tuple[int, ...], m: int
-                         ) -> tuple[int, ...]:
+def innermost_group_axes(shape: tuple[int, ...], axes: tuple[int, ...], m: int) -> tuple[int, ...]:
   """The same groups on fewer axes: only the innermost one when its size divides by m.
 
   Groups of ``m`` consecutive entries of the row-major flattened run
@@ -126,9 +127,10 @@ def _grouped(shape: tuple[int, ...], axes: tuple[int, ...], m: int):
   if k % m:
     sizes = "x".join(str(shape[a]) for a in axes)
     raise ValueError(
-        f"the group axis {axes if len(axes) > 1 else a0} of an array of shape {shape} has "
-        f"size {sizes}={k}, which is not a multiple of m={m}.")
-  view = shape[:a0] + (k // m, m) + shape[a1 + 1:]
+      f"the group axis {axes if len(axes) > 1 else a0} of an array of shape {shape} has "
+      f"size {sizes}={k}, which is not a multiple of m={m}."
+    )
+  view = shape[:a0] + (k // m, m) + shape[a1 + 1 :]
   return view, a0 + 1
 
 
@@ -166,8 +168,14 @@ def topn_mask(key: jax.Array, n: int, m: int, axis: Axis = 0) -> jax.Array:
   return jnp.stack(keeps, axis=g).reshape(key.shape)
 
 
-def nm_mask(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
-            impl: Literal["xla", "pallas"] | None = None) -> jax.Array:
+def nm_mask(
+  w: jax.Array,
+  n: int = 2,
+  m: int = 4,
+  axis: Axis = 0,
+  *,
+  impl: Literal["xla", "pallas"] | None = None,
+) -> jax.Array:
   """N:M magnitude mask: keep the ``n`` largest ``|w|`` in each group of ``m``.
 
   Args:
@@ -203,7 +211,8 @@ def nm_mask(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
   if impl not in (None, "xla", "pallas"):
     raise ValueError(f"impl must be None, 'xla' or 'pallas', got {impl!r}.")
   if impl == "pallas" or impl is None:
-    from jasp import _dispatch  # pylint: disable=g-import-not-at-top
+    from jasp import _dispatch
+
     fn = _dispatch.pallas_nm_mask(w, n, m, axis, forced=impl == "pallas")
     if fn is not None:
       return fn()
@@ -273,12 +282,14 @@ def block_patterns(n: int, m: int) -> np.ndarray:
   choices = list(itertools.combinations(range(m), n))
   if len(choices) ** m > 5_000_000:
     raise ValueError(
-        f"method='best' enumerates the {n}:{m} transposable blocks and supports "
-        f"m <= 5 at most (here {len(choices)}^{m} candidates); use method='greedy'.")
+      f"method='best' enumerates the {n}:{m} transposable blocks and supports "
+      f"m <= 5 at most (here {len(choices)}^{m} candidates); use method='greedy'."
+    )
   counts = np.zeros((len(choices), m), np.int64)
   for k, rows in enumerate(choices):
     counts[k, list(rows)] = 1
   out = []
+
   def rec(col, acc, prefix):
     if col == m:
       if np.all(acc == n):
@@ -288,6 +299,7 @@ def block_patterns(n: int, m: int) -> np.ndarray:
       nxt = acc + counts[k]
       if np.all(nxt <= n) and np.all(nxt + n * (m - col - 1) >= n):
         rec(col + 1, nxt, prefix + [k])
+
   rec(0, np.zeros(m, np.int64), [])
   return np.asarray(out, np.int32)
 
@@ -303,10 +315,11 @@ def _single_axis(shape: tuple[int, ...], axis: Axis, name: str) -> int:
   axes = group_axes(len(shape), axis)
   if len(axes) > 1:
     raise ValueError(
-        f"nm_mask_2d takes one {name} (a transposable block has one group axis and one "
-        f"output axis), got {name}={axis!r} for shape {tuple(shape)}. Merge the axes first "
-        "(e.g. w.reshape(-1, w.shape[-1]) for a kernel (heads, head_dim, out)), or use "
-        "jasp.prune(..., pattern='2d_best'), which merges runs of axes itself.")
+      f"nm_mask_2d takes one {name} (a transposable block has one group axis and one "
+      f"output axis), got {name}={axis!r} for shape {tuple(shape)}. Merge the axes first "
+      "(e.g. w.reshape(-1, w.shape[-1]) for a kernel (heads, head_dim, out)), or use "
+      "jasp.prune(..., pattern='2d_best'), which merges runs of axes itself."
+    )
   return axes[0]
 
 
@@ -321,15 +334,18 @@ def _blocks(w: jax.Array, m: int, axis: int, out_axis: int):
   r, c = w.shape[a], w.shape[b]
   if r % m or c % m:
     raise ValueError(
-        f"transposable {m}x{m} blocks need both axes to divide by m={m}; shape "
-        f"{w.shape} has size {r} on axis {a} and {c} on out_axis {b}.")
+      f"transposable {m}x{m} blocks need both axes to divide by m={m}; shape "
+      f"{w.shape} has size {r} on axis {a} and {c} on out_axis {b}."
+    )
   x = jnp.moveaxis(w, (a, b), (-2, -1))
   lead = x.shape[:-2]
   x = x.reshape(lead + (r // m, m, c // m, m))
   x = jnp.swapaxes(x, -3, -2)  # (..., R/m, C/m, m, m)
+
   def restore(blocks):
     y = jnp.swapaxes(blocks, -3, -2).reshape(lead + (r, c))
     return jnp.moveaxis(y, (-2, -1), (a, b))
+
   return x, restore
 
 
@@ -410,8 +426,7 @@ def _best_blocks_gather(mag: jax.Array, n: int, m: int) -> jax.Array:
   pats = block_patterns(n, m)  # (P, m)
   # Per column c: the kept magnitude of each row choice k, summed element-wise
   # in float32 (exact order, no matmul unit): (..., m_cols, K).
-  per_choice = jnp.stack(
-      [sum(mag[..., int(r), :] for r in rows) for rows in choices], axis=-1)
+  per_choice = jnp.stack([sum(mag[..., int(r), :] for r in rows) for rows in choices], axis=-1)
   # Pattern score: sum over columns of the chosen row set's magnitude.
   score = per_choice[..., 0, :][..., pats[:, 0]]
   for c in range(1, m):
@@ -448,9 +463,15 @@ def _greedy_blocks(mag: jax.Array, n: int, m: int) -> jax.Array:
   return keep
 
 
-def nm_mask_2d(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0,
-               out_axis: int = -1, *,
-               method: Literal["best", "greedy"] = "best") -> jax.Array:
+def nm_mask_2d(
+  w: jax.Array,
+  n: int = 2,
+  m: int = 4,
+  axis: int = 0,
+  out_axis: int = -1,
+  *,
+  method: Literal["best", "greedy"] = "best",
+) -> jax.Array:
   """Transposable N:M mask: N:M along ``axis`` *and* along ``out_axis``.
 
   ``w`` is cut into ``m x m`` blocks over (``axis``, ``out_axis``); any other
@@ -500,7 +521,8 @@ def nm_mask_2d(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0,
     raise ValueError(f"transposable masks need rank >= 2, got shape {w.shape}.")
   a, b = _single_axis(w.shape, axis, "axis"), _single_axis(w.shape, out_axis, "out_axis")
   if method == "best":  # the one-pass Pallas kernel where it applies (see jasp._dispatch)
-    from jasp import _dispatch  # pylint: disable=g-import-not-at-top
+    from jasp import _dispatch
+
     fn = _dispatch.pallas_nm_mask_2d(w, n, m, a, b)
     if fn is not None:
       return fn()

@@ -41,14 +41,16 @@ class PackedMask:
   """
 
   def __init__(self, bits: jax.Array, shape: tuple[int, ...], axis: tuple[int, ...]):
-    from jasp.masks import group_axes  # pylint: disable=g-import-not-at-top
+    from jasp.masks import group_axes
+
     self.bits = bits
     self.shape = tuple(int(s) for s in shape)
     try:
       self.axis = group_axes(len(self.shape), axis)
     except (ValueError, TypeError) as e:
-      raise ValueError(f"PackedMask of shape {self.shape}: axis {axis!r} is not a run of its "
-                       f"axes ({e})") from None
+      raise ValueError(
+        f"PackedMask of shape {self.shape}: axis {axis!r} is not a run of its axes ({e})"
+      ) from None
 
   def tree_flatten(self):
     return (self.bits,), (self.shape, self.axis)
@@ -74,7 +76,9 @@ class PackedMask:
     return unpack(self)
 
   def __repr__(self) -> str:
-    return f"PackedMask(shape={self.shape}, axis={self.axis}, bits={getattr(self.bits, 'shape', None)})"
+    return (
+      f"PackedMask(shape={self.shape}, axis={self.axis}, bits={getattr(self.bits, 'shape', None)})"
+    )
 
 
 def _k(shape, axis) -> int:
@@ -94,12 +98,15 @@ def pack(mask: jax.Array, axis: int | tuple[int, ...] = 0) -> PackedMask:
     TypeError: ``mask`` is not a bool array.
     ValueError: ``axis`` is out of range or not a run of consecutive axes.
   """
-  from jasp import _tree  # pylint: disable=g-import-not-at-top
-  from jasp.masks import group_axes  # pylint: disable=g-import-not-at-top
-  from jasp.masks import innermost_group_axes  # pylint: disable=g-import-not-at-top
+  from jasp import _tree
+  from jasp.masks import group_axes
+  from jasp.masks import innermost_group_axes
+
   if not _tree.is_bool_dtype(getattr(mask, "dtype", None)):
-    raise TypeError(f"pack() takes a bool mask, got {type(mask).__name__} of dtype "
-                    f"{getattr(mask, 'dtype', None)}; pass mask.astype(bool).")
+    raise TypeError(
+      f"pack() takes a bool mask, got {type(mask).__name__} of dtype "
+      f"{getattr(mask, 'dtype', None)}; pass mask.astype(bool)."
+    )
   mask = jnp.asarray(mask)
   if mask.ndim == 0:
     raise ValueError("pack() needs a mask of rank >= 1, got a scalar.")
@@ -107,14 +114,15 @@ def pack(mask: jax.Array, axis: int | tuple[int, ...] = 0) -> PackedMask:
   a0, a1 = axes[0], axes[-1]
   k = _k(mask.shape, axes)
   kb = -(-k // 8)
-  x = mask.reshape(mask.shape[:a0] + (k,) + mask.shape[a1 + 1:]).astype(jnp.uint8)
+  x = mask.reshape(mask.shape[:a0] + (k,) + mask.shape[a1 + 1 :]).astype(jnp.uint8)
   if kb * 8 != k:
     pad = [(0, 0)] * x.ndim
     pad[a0] = (0, kb * 8 - k)
     x = jnp.pad(x, pad)
-  x = x.reshape(x.shape[:a0] + (kb, 8) + x.shape[a0 + 1:])
+  x = x.reshape(x.shape[:a0] + (kb, 8) + x.shape[a0 + 1 :])
   weights = (jnp.uint8(1) << jnp.arange(8, dtype=jnp.uint8)).reshape(
-      (8,) + (1,) * (x.ndim - a0 - 2))
+    (8,) + (1,) * (x.ndim - a0 - 2)
+  )
   bits = jnp.sum(x * weights, axis=a0 + 1, dtype=jnp.uint8)
   return PackedMask(bits, mask.shape, axes)
 
@@ -126,7 +134,7 @@ def unpack(p: PackedMask) -> jax.Array:
   bits = jnp.asarray(p.bits)
   shifts = jnp.arange(8, dtype=jnp.uint8).reshape((8,) + (1,) * (bits.ndim - a0 - 1))
   x = (jnp.expand_dims(bits, a0 + 1) >> shifts) & jnp.uint8(1)
-  x = x.reshape(bits.shape[:a0] + (bits.shape[a0] * 8,) + bits.shape[a0 + 1:])
+  x = x.reshape(bits.shape[:a0] + (bits.shape[a0] * 8,) + bits.shape[a0 + 1 :])
   if x.shape[a0] != k:
     x = jax.lax.slice_in_dim(x, 0, k, axis=a0)
   return x.reshape(p.shape).astype(bool)
@@ -162,13 +170,17 @@ def pack_masks(masks: Any, axes: Any = None) -> Any:
     TypeError: ``axes`` is not a mapping, or a leaf is not a bool mask (naming its path).
     ValueError: a leaf's axis does not fit its shape (naming its path).
   """
-  from collections.abc import Mapping  # pylint: disable=g-import-not-at-top
+  from collections.abc import Mapping
 
-  from jasp import _tree  # pylint: disable=g-import-not-at-top
+  from jasp import _tree
+
   axes = {} if axes is None else axes
   if not isinstance(axes, Mapping):
-    raise TypeError(f"axes must be a {{path: group axes}} mapping, got {type(axes).__name__}; "
-                    "e.g. {p: d.axis for p, d in jasp.plan(params).items() if d.prune}.")
+    raise TypeError(
+      f"axes must be a {{path: group axes}} mapping, got {type(axes).__name__}; "
+      "e.g. {p: d.axis for p, d in jasp.plan(params).items() if d.prune}."
+    )
+
   def one(path, x):
     if x is None or isinstance(x, PackedMask):
       return x
@@ -176,8 +188,10 @@ def pack_masks(masks: Any, axes: Any = None) -> Any:
       return pack(x, axes.get(path, 0))
     except (TypeError, ValueError) as e:
       raise type(e)(f"the mask for '{path}' (shape {getattr(x, 'shape', None)}): {e}") from None
-  return jax.tree_util.tree_map_with_path(lambda p, x: one(_tree.path_str(p), x), masks,
-                                          is_leaf=is_mask_leaf)
+
+  return jax.tree_util.tree_map_with_path(
+    lambda p, x: one(_tree.path_str(p), x), masks, is_leaf=is_mask_leaf
+  )
 
 
 def unpack_masks(masks: Any) -> Any:

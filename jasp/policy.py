@@ -41,6 +41,7 @@ class Decision:
     tensor_core_ok: whether apex's size rule (``out % 8 == 0`` and
       ``in % 16 == 0``) holds; None when not a weight.
   """
+
   path: str
   prune: bool
   axis: tuple[int, ...] | None = None
@@ -82,6 +83,7 @@ class Policy:
     TypeError: a pattern is neither a string nor a compiled ``re.Pattern``,
       ``axes`` is not a mapping, or ``rule`` is not callable.
   """
+
   include: Sequence[str] = ()
   exclude: Sequence[str] = ()
   axes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -93,18 +95,22 @@ class Policy:
     object.__setattr__(self, "exclude", as_patterns(self.exclude, "Policy.exclude"))
     axes = {} if self.axes is None else self.axes
     if not isinstance(axes, Mapping):
-      raise TypeError(f"Policy.axes must be a mapping {{regex: axis}}, got "
-                      f"{type(axes).__name__} {axes!r}.")
+      raise TypeError(
+        f"Policy.axes must be a mapping {{regex: axis}}, got {type(axes).__name__} {axes!r}."
+      )
     for pattern in axes:
       as_patterns(pattern, "Policy.axes")
     object.__setattr__(self, "axes", dict(axes))
     if self.rule is not None and not callable(self.rule):
-      raise TypeError(f"Policy.rule must be a callable rule(path, leaf, decision) or None, "
-                      f"got {type(self.rule).__name__} {self.rule!r}.")
+      raise TypeError(
+        f"Policy.rule must be a callable rule(path, leaf, decision) or None, "
+        f"got {type(self.rule).__name__} {self.rule!r}."
+      )
 
 
-def as_patterns(value: str | re.Pattern | Iterable[str | re.Pattern] | None, field: str
-                ) -> tuple[str | re.Pattern, ...]:
+def as_patterns(
+  value: str | re.Pattern | Iterable[str | re.Pattern] | None, field: str
+) -> tuple[str | re.Pattern, ...]:
   """Normalises a regex option to a tuple of patterns, compiling each to check it.
 
   Args:
@@ -126,19 +132,24 @@ def as_patterns(value: str | re.Pattern | Iterable[str | re.Pattern] | None, fie
   elif isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
     items = tuple(value)
   else:
-    raise TypeError(f"{field} must be a regular expression or a sequence of them, got "
-                    f"{type(value).__name__} {value!r}.")
+    raise TypeError(
+      f"{field} must be a regular expression or a sequence of them, got "
+      f"{type(value).__name__} {value!r}."
+    )
   for pattern in items:
     if isinstance(pattern, re.Pattern):
       continue
     if not isinstance(pattern, str):
-      raise TypeError(f"{field} holds {pattern!r} ({type(pattern).__name__}); each pattern must "
-                      "be a string (a regular expression) or a compiled re.Pattern.")
+      raise TypeError(
+        f"{field} holds {pattern!r} ({type(pattern).__name__}); each pattern must "
+        "be a string (a regular expression) or a compiled re.Pattern."
+      )
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"{field} holds {pattern!r}, which is not a valid regular expression: "
-                       f"{e}.") from None
+      raise ValueError(
+        f"{field} holds {pattern!r}, which is not a valid regular expression: {e}."
+      ) from None
   return items
 
 
@@ -153,12 +164,17 @@ def size_reason(shape: tuple[int, ...], axis: tuple[int, ...], m: int) -> str:
 
 def skipped_for_size(d: Decision, shape: tuple[int, ...], m: int) -> bool:
   """Whether ``d`` keeps a weight dense only because its input size is not a multiple of ``m``."""
-  return (not d.prune and d.axis is not None and _size(shape, d.axis) % m != 0
-          and d.reason == size_reason(shape, d.axis, m))
+  return (
+    not d.prune
+    and d.axis is not None
+    and _size(shape, d.axis) % m != 0
+    and d.reason == size_reason(shape, d.axis, m)
+  )
 
 
 def _norm_axes(axis, nd: int) -> tuple[int, ...]:
-  from jasp.masks import group_axes  # pylint: disable=g-import-not-at-top
+  from jasp.masks import group_axes
+
   return group_axes(nd, axis)
 
 
@@ -166,8 +182,9 @@ def _check_layout(path: str, shape: tuple[int, ...], layout: Any) -> None:
   """Raises when ``layout`` is not a Layout or names axes that ``shape`` does not have."""
   if not isinstance(layout, layouts_lib.Layout):
     raise TypeError(
-        f"layouts['{path}'] is {layout!r} ({type(layout).__name__}), not a jasp.Layout; pass "
-        "layouts=jasp.trace_layouts(...), and choose axes with jasp.Policy(axes={regex: axis}).")
+      f"layouts['{path}'] is {layout!r} ({type(layout).__name__}), not a jasp.Layout; pass "
+      "layouts=jasp.trace_layouts(...), and choose axes with jasp.Policy(axes={regex: axis})."
+    )
   if layout.axis is None:
     return
   nd = len(shape)
@@ -175,13 +192,13 @@ def _check_layout(path: str, shape: tuple[int, ...], layout: Any) -> None:
   bad = [a for a in named if not isinstance(a, (int, np.integer)) or not -nd <= a < nd]
   if bad or not layout.axis:
     raise ValueError(
-        f"the layout of '{path}' (axis {layout.axis}, out_axes {layout.out_axes}) does not fit "
-        f"the leaf's shape {shape} (rank {nd}): the layouts describe another tree. Trace the "
-        "tree you prune: layouts=jasp.trace_layouts(model.apply, variables, x).")
+      f"the layout of '{path}' (axis {layout.axis}, out_axes {layout.out_axes}) does not fit "
+      f"the leaf's shape {shape} (rank {nd}): the layouts describe another tree. Trace the "
+      "tree you prune: layouts=jasp.trace_layouts(model.apply, variables, x)."
+    )
 
 
-def decide(path: str, leaf: Any, m: int, layout: layouts_lib.Layout,
-           policy: Policy) -> Decision:
+def decide(path: str, leaf: Any, m: int, layout: layouts_lib.Layout, policy: Policy) -> Decision:
   """The decision for one leaf (pure: looks only at shapes, dtypes and paths).
 
   Raises:
@@ -220,8 +237,10 @@ def decide(path: str, leaf: Any, m: int, layout: layouts_lib.Layout,
       d = dataclasses.replace(d, prune=False, reason=size_reason(shape, axis, m))
     elif policy.tensor_core_sizes and not tc:
       d = dataclasses.replace(
-          d, prune=False,
-          reason=f"tensor-core size rule: out={_size(shape, out_axes)} (needs % 8), in={k} (needs % 16)")
+        d,
+        prune=False,
+        reason=f"tensor-core size rule: out={_size(shape, out_axes)} (needs % 8), in={k} (needs % 16)",
+      )
   if policy.rule is not None:
     r = policy.rule(path, leaf, d)
     if isinstance(r, Decision):
@@ -236,18 +255,30 @@ def decide(path: str, leaf: Any, m: int, layout: layouts_lib.Layout,
       try:
         ax = _norm_axes(r, nd)
       except ValueError as e:
-        raise ValueError(f"policy.rule returned the axis {r!r} for '{path}' (shape {shape}): "
-                         f"{e}") from None
+        raise ValueError(
+          f"policy.rule returned the axis {r!r} for '{path}' (shape {shape}): {e}"
+        ) from None
       except TypeError:
-        raise TypeError(f"policy.rule returned {r!r} ({type(r).__name__}) for '{path}' (shape "
-                        f"{shape}); a rule returns a jasp.Decision, an axis (an int or a run of "
-                        "ints), True (keep the decision), or False/None (keep dense).") from None
+        raise TypeError(
+          f"policy.rule returned {r!r} ({type(r).__name__}) for '{path}' (shape "
+          f"{shape}); a rule returns a jasp.Decision, an axis (an int or a run of "
+          "ints), True (keep the decision), or False/None (keep dense)."
+        ) from None
       if _size(shape, ax) % m:
-        raise ValueError(f"policy.rule chose axis {ax} for '{path}' (shape {shape}), whose "
-                         f"size {_size(shape, ax)} is not a multiple of m={m}.")
+        raise ValueError(
+          f"policy.rule chose axis {ax} for '{path}' (shape {shape}), whose "
+          f"size {_size(shape, ax)} is not a multiple of m={m}."
+        )
       outs = tuple(a for a in range(nd) if a not in ax)[-1:]
-      d = Decision(path, True, ax, outs, "", "rule",
-                   (_size(shape, outs) % 8 == 0) and (_size(shape, ax) % 16 == 0))
+      d = Decision(
+        path,
+        True,
+        ax,
+        outs,
+        "",
+        "rule",
+        (_size(shape, outs) % 8 == 0) and (_size(shape, ax) % 16 == 0),
+      )
   if d.prune and not d.reason and d.source == "":
     d = dataclasses.replace(d, source="trace")
   return d
@@ -282,8 +313,10 @@ def check_layouts(leaves: Mapping[str, Any], layouts: Any, *, warn: bool = True)
   if layouts is None:
     return
   if not isinstance(layouts, Mapping):
-    raise TypeError(f"layouts must be a {{path: Layout}} mapping (from jasp.trace_layouts), got "
-                    f"{type(layouts).__name__}; pass layouts=None to use flax's naming conventions.")
+    raise TypeError(
+      f"layouts must be a {{path: Layout}} mapping (from jasp.trace_layouts), got "
+      f"{type(layouts).__name__}; pass layouts=None to use flax's naming conventions."
+    )
   if not leaves:
     return
   missing = [p for p in leaves if p not in layouts]
@@ -291,22 +324,25 @@ def check_layouts(leaves: Mapping[str, Any], layouts: Any, *, warn: bool = True)
     weights = [p for p in missing if layouts_lib.convention_layout(p, leaves[p]).axis is not None]
     if weights and warn:
       warnings.warn(
-          f"{len(weights)} leaf(s) that look like matmul/conv weights are absent from the given "
-          f"layouts and stay dense: {_some(weights)}. Trace the tree you prune "
-          "(jasp.trace_layouts(model.apply, variables, x)) so that every weight has a layout.",
-          stacklevel=3)
+        f"{len(weights)} leaf(s) that look like matmul/conv weights are absent from the given "
+        f"layouts and stay dense: {_some(weights)}. Trace the tree you prune "
+        "(jasp.trace_layouts(model.apply, variables, x)) so that every weight has a layout.",
+        stacklevel=3,
+      )
     return
   first = next(iter(leaves))
   if not layouts:
     raise ValueError(
-        f"layouts is empty, so none of the {len(leaves)} leaves (e.g. '{first}') has a layout "
-        "and nothing would be pruned. Pass layouts=jasp.trace_layouts(...) of this model, or "
-        "layouts=None to use flax's naming conventions.")
+      f"layouts is empty, so none of the {len(leaves)} leaves (e.g. '{first}') has a layout "
+      "and nothing would be pruned. Pass layouts=jasp.trace_layouts(...) of this model, or "
+      "layouts=None to use flax's naming conventions."
+    )
   hint = _prefix_hint(list(leaves), [k for k in layouts if isinstance(k, str)])
   raise ValueError(
-      f"none of the {len(leaves)} leaf paths of the tree is a key of layouts ({len(layouts)} "
-      f"entries), so nothing would be pruned: the tree has e.g. '{first}', the layouts "
-      f"'{next(iter(layouts))}'. {hint}")
+    f"none of the {len(leaves)} leaf paths of the tree is a key of layouts ({len(layouts)} "
+    f"entries), so nothing would be pruned: the tree has e.g. '{first}', the layouts "
+    f"'{next(iter(layouts))}'. {hint}"
+  )
 
 
 def _some(paths: Sequence[str], k: int = 3) -> str:
@@ -328,22 +364,33 @@ def _prefix_hint(tree_paths: list[str], layout_paths: list[str]) -> str:
 
   extra = prefix(layout_paths, tree_set)
   if extra is not None:
-    return (f"The layouts' paths start with '{extra}' and the tree's do not: the layouts were "
-            f"traced on a larger tree (e.g. the whole linen variables dict while "
-            f"variables['{extra[:-1]}'] is pruned). Prune the tree you traced, or trace the "
-            "tree you prune.")
+    return (
+      f"The layouts' paths start with '{extra}' and the tree's do not: the layouts were "
+      f"traced on a larger tree (e.g. the whole linen variables dict while "
+      f"variables['{extra[:-1]}'] is pruned). Prune the tree you traced, or trace the "
+      "tree you prune."
+    )
   missing = prefix(tree_paths, layout_set)
   if missing is not None:
-    return (f"The tree's paths start with '{missing}' and the layouts' do not: the layouts were "
-            f"traced on a sub-tree (e.g. variables['{missing[:-1]}']) while the whole tree is "
-            "pruned. Prune the tree you traced, or trace the tree you prune.")
-  return ("The layouts come from another model or tree; trace the tree you prune: "
-          "layouts=jasp.trace_layouts(model.apply, variables, x) (nnx: "
-          "jasp.trace_layouts(module, x) with nnx.state(module, nnx.Param)).")
+    return (
+      f"The tree's paths start with '{missing}' and the layouts' do not: the layouts were "
+      f"traced on a sub-tree (e.g. variables['{missing[:-1]}']) while the whole tree is "
+      "pruned. Prune the tree you traced, or trace the tree you prune."
+    )
+  return (
+    "The layouts come from another model or tree; trace the tree you prune: "
+    "layouts=jasp.trace_layouts(model.apply, variables, x) (nnx: "
+    "jasp.trace_layouts(module, x) with nnx.state(module, nnx.Param))."
+  )
 
 
-def plan(params: Any, m: int = 4, *, layouts: Mapping[str, layouts_lib.Layout] | None = None,
-         policy: Policy | None = None) -> dict[str, Decision]:
+def plan(
+  params: Any,
+  m: int = 4,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  policy: Policy | None = None,
+) -> dict[str, Decision]:
   """Decides, for every leaf of ``params``, whether and along which axes it is pruned.
 
   Args:
@@ -365,15 +412,18 @@ def plan(params: Any, m: int = 4, *, layouts: Mapping[str, layouts_lib.Layout] |
     TypeError: ``m`` is not an int, ``policy`` is not a :class:`Policy`,
       ``layouts`` is not a mapping or one of its values is not a Layout.
   """
-  from jasp import _tree  # pylint: disable=g-import-not-at-top
+  from jasp import _tree
+
   if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
     raise TypeError(f"m must be an int, got {m!r} ({type(m).__name__}).")
   if m < 2:
     raise ValueError(f"N:M sparsity needs m >= 2, got m={m}.")
   policy = Policy() if policy is None else policy
   if not isinstance(policy, Policy):
-    raise TypeError(f"policy must be a jasp.Policy, got {type(policy).__name__} {policy!r}; "
-                    "e.g. policy=jasp.Policy(exclude=['head']).")
+    raise TypeError(
+      f"policy must be a jasp.Policy, got {type(policy).__name__} {policy!r}; "
+      "e.g. policy=jasp.Policy(exclude=['head'])."
+    )
   leaves = _tree.leaves_by_path(params)
   check_layouts(leaves, layouts)
   out = {}

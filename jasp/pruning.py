@@ -60,8 +60,7 @@ def _nm2d(w, n, m, axis, out_axes, method):
     else:
       new_shape.append(shape[i])
       i += 1
-  mask = masks_lib.nm_mask_2d(w.reshape(new_shape), n, m, pos[axis], pos[out_axes],
-                              method=method)
+  mask = masks_lib.nm_mask_2d(w.reshape(new_shape), n, m, pos[axis], pos[out_axes], method=method)
   return mask.reshape(shape)
 
 
@@ -69,14 +68,23 @@ def _is_traced(x) -> bool:
   return _tree.is_tracer(x)
 
 
-def _leaf_mask(path: str, w: jax.Array, d: policy_lib.Decision, n: int, m: int,
-               pattern: Pattern, score_fn: ScoreFn | None, impl) -> jax.Array:
+def _leaf_mask(
+  path: str,
+  w: jax.Array,
+  d: policy_lib.Decision,
+  n: int,
+  m: int,
+  pattern: Pattern,
+  score_fn: ScoreFn | None,
+  impl,
+) -> jax.Array:
   axis = d.axis
   if callable(pattern):
     mask = jnp.asarray(pattern(w, n, m, axis if len(axis) > 1 else axis[0]))
     if mask.shape != w.shape:
-      raise ValueError(f"the custom pattern returned shape {mask.shape} for '{path}' "
-                       f"(shape {w.shape}).")
+      raise ValueError(
+        f"the custom pattern returned shape {mask.shape} for '{path}' (shape {w.shape})."
+      )
     return mask.astype(bool)
   if pattern == "nm":
     if score_fn is not None:
@@ -88,23 +96,32 @@ def _leaf_mask(path: str, w: jax.Array, d: policy_lib.Decision, n: int, m: int,
   if pattern in ("2d_best", "2d_greedy"):
     out = tuple(d.out_axes)
     if not out or set(out) & set(axis) or out != tuple(range(out[0], out[0] + len(out))):
-      raise ValueError(f"'{path}' (shape {w.shape}) has no single run of output axes "
-                       f"({out}) to form {m}x{m} transposable blocks with axes {axis}.")
+      raise ValueError(
+        f"'{path}' (shape {w.shape}) has no single run of output axes "
+        f"({out}) to form {m}x{m} transposable blocks with axes {axis}."
+      )
     osize = int(np.prod([w.shape[a] for a in out]))
     if osize % m:
-      raise ValueError(f"transposable masks need the output size of '{path}' (shape "
-                       f"{w.shape}, axes {out}) = {osize} to be a multiple of m={m}.")
+      raise ValueError(
+        f"transposable masks need the output size of '{path}' (shape "
+        f"{w.shape}, axes {out}) = {osize} to be a multiple of m={m}."
+      )
     return _nm2d(w, n, m, axis, out, pattern[3:])
   raise ValueError(f"pattern must be 'nm', '2d_best', '2d_greedy' or a callable, got {pattern!r}.")
 
 
-def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
-                  layouts: Mapping[str, layouts_lib.Layout] | None = None,
-                  policy: policy_lib.Policy | None = None,
-                  pattern: Pattern = "nm",
-                  score_fn: ScoreFn | None = None,
-                  impl: Literal["xla", "pallas"] | None = None,
-                  packed: bool = False) -> PyTree:
+def compute_masks(
+  params: PyTree,
+  n: int = 2,
+  m: int = 4,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  policy: policy_lib.Policy | None = None,
+  pattern: Pattern = "nm",
+  score_fn: ScoreFn | None = None,
+  impl: Literal["xla", "pallas"] | None = None,
+  packed: bool = False,
+) -> PyTree:
   """N:M masks for every prunable leaf of ``params``.
 
   Args:
@@ -149,8 +166,18 @@ def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
       ``params`` (see :func:`jasp.plan`).
     TypeError: ``n``/``m`` are not ints; see :func:`jasp.plan`.
   """
-  masks, _ = _run(params, n, m, layouts=layouts, policy=policy, pattern=pattern,
-                  score_fn=score_fn, impl=impl, packed=packed, want_pruned=False)
+  masks, _ = _run(
+    params,
+    n,
+    m,
+    layouts=layouts,
+    policy=policy,
+    pattern=pattern,
+    score_fn=score_fn,
+    impl=impl,
+    packed=packed,
+    want_pruned=False,
+  )
   return masks
 
 
@@ -158,10 +185,12 @@ def compute_masks(params: PyTree, n: int = 2, m: int = 4, *,
 def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
   """One XLA program for the whole tree: masks (and pruned weights) in one pass."""
   masks, pruned, finite = [], [], []
-  from jasp import _dispatch  # pylint: disable=g-import-not-at-top
+  from jasp import _dispatch
+
   for (path, d), w in zip(cfg, leaves):
-    finite.append(jnp.all(jnp.isfinite(w)) if jnp.issubdtype(w.dtype, jnp.inexact)
-                  else jnp.bool_(True))
+    finite.append(
+      jnp.all(jnp.isfinite(w)) if jnp.issubdtype(w.dtype, jnp.inexact) else jnp.bool_(True)
+    )
     if want_pruned and pattern == "nm" and score_fn is None:
       # One pass: the pruned weight and its mask together (the Pallas kernel on a GPU).
       pw, mask = _dispatch.nm_prune_array(w, n, m, d.axis, impl=impl, with_mask=True)
@@ -174,8 +203,9 @@ def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
   return masks, pruned, finite
 
 
-def _check_some_pruned(decisions: Mapping[str, policy_lib.Decision], shapes: Mapping[str, tuple],
-                       n: int, m: int) -> None:
+def _check_some_pruned(
+  decisions: Mapping[str, policy_lib.Decision], shapes: Mapping[str, tuple], n: int, m: int
+) -> None:
   """Raises when nothing is pruned and some weights were skipped for their input size.
 
   A policy that keeps every weight dense on purpose (``include``/``exclude``,
@@ -191,19 +221,23 @@ def _check_some_pruned(decisions: Mapping[str, policy_lib.Decision], shapes: Map
   if skipped:
     shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
     raise ValueError(
-        f"nothing can be pruned {n}:{m}: {len(skipped)} matmul/conv weight(s) were skipped "
-        f"because their input size is not a multiple of m={m}, and no other leaf is pruned: "
-        f"{shown}. Choose an m that divides their input sizes (2:4 for sparse tensor cores).")
+      f"nothing can be pruned {n}:{m}: {len(skipped)} matmul/conv weight(s) were skipped "
+      f"because their input size is not a multiple of m={m}, and no other leaf is pruned: "
+      f"{shown}. Choose an m that divides their input sizes (2:4 for sparse tensor cores)."
+    )
 
 
 def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
-  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  masks_lib._check_nm(n, m)
   if not (callable(pattern) or pattern in ("nm", "2d_best", "2d_greedy")):
-    raise ValueError(f"pattern must be 'nm', '2d_best', '2d_greedy' or a callable, got "
-                     f"{pattern!r}.")
+    raise ValueError(
+      f"pattern must be 'nm', '2d_best', '2d_greedy' or a callable, got {pattern!r}."
+    )
   if score_fn is not None and not callable(score_fn):
-    raise TypeError(f"score_fn must be a callable score_fn(path, w) -> scores, got "
-                    f"{type(score_fn).__name__} {score_fn!r}.")
+    raise TypeError(
+      f"score_fn must be a callable score_fn(path, w) -> scores, got "
+      f"{type(score_fn).__name__} {score_fn!r}."
+    )
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [_tree.path_str(p) for p, _ in flat]
@@ -212,13 +246,19 @@ def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want
   todo = [i for i, p in enumerate(paths) if decisions[p].prune]
   for i in todo:
     if not hasattr(leaves[i], "shape") or not hasattr(leaves[i], "dtype"):
-      raise TypeError(f"the leaf '{paths[i]}' is to be pruned but is a {type(leaves[i]).__name__}, "
-                      "not an array; N:M masks need a jax or numpy array.")
-    if not jnp.issubdtype(leaves[i].dtype, jnp.number) or jnp.issubdtype(leaves[i].dtype,
-                                                                          jnp.complexfloating):
-      raise TypeError(f"the leaf '{paths[i]}' (shape {tuple(leaves[i].shape)}) is to be pruned but "
-                      f"has dtype {leaves[i].dtype}; N:M masks rank real numbers.")
-  from jasp import sharding  # pylint: disable=g-import-not-at-top
+      raise TypeError(
+        f"the leaf '{paths[i]}' is to be pruned but is a {type(leaves[i]).__name__}, "
+        "not an array; N:M masks need a jax or numpy array."
+      )
+    if not jnp.issubdtype(leaves[i].dtype, jnp.number) or jnp.issubdtype(
+      leaves[i].dtype, jnp.complexfloating
+    ):
+      raise TypeError(
+        f"the leaf '{paths[i]}' (shape {tuple(leaves[i].shape)}) is to be pruned but "
+        f"has dtype {leaves[i].dtype}; N:M masks rank real numbers."
+      )
+  from jasp import sharding
+
   for i in todo:
     sharding.check_groups_unsplit(leaves[i], decisions[paths[i]].axis, m, path=paths[i])
   cfg = tuple((paths[i], decisions[paths[i]]) for i in todo)
@@ -230,9 +270,11 @@ def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want
       if not ok:
         x = leaves[i]
         bad = int(jnp.sum(~jnp.isfinite(x)))
-        raise ValueError(f"the weight '{paths[i]}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
-                         "value(s); fix or exclude it before pruning (under jax.jit, where values cannot be "
-                         "checked, non-finite entries are kept as the largest magnitudes).")
+        raise ValueError(
+          f"the weight '{paths[i]}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
+          "value(s); fix or exclude it before pruning (under jax.jit, where values cannot be "
+          "checked, non-finite entries are kept as the largest magnitudes)."
+        )
   mask_leaves = [None] * len(leaves)
   for i, mk in zip(todo, masks):
     mask_leaves[i] = mk
@@ -271,8 +313,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 @jax.jit
 def _apply_program(leaves, masks):
-  return [jnp.where(packing.as_bool(mk), x, jnp.zeros((), x.dtype))
-          for x, mk in zip(leaves, masks)]
+  return [jnp.where(packing.as_bool(mk), x, jnp.zeros((), x.dtype)) for x, mk in zip(leaves, masks)]
 
 
 def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyTree]:
@@ -307,8 +348,14 @@ def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyT
 
 
 def _defaults(kwargs):
-  allowed = {"layouts": None, "policy": None, "pattern": "nm", "score_fn": None, "impl": None,
-             "packed": False}
+  allowed = {
+    "layouts": None,
+    "policy": None,
+    "pattern": "nm",
+    "score_fn": None,
+    "impl": None,
+    "packed": False,
+  }
   extra = set(kwargs) - set(allowed)
   if extra:
     raise TypeError(f"prune() got unexpected keyword argument(s): {sorted(extra)}")

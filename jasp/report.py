@@ -43,6 +43,7 @@ class LeafReport:
     numeric: False for a leaf that holds no numbers (a PRNG key, a string):
       it is reported as dense, not a weight, and counts in no total.
   """
+
   path: str
   shape: tuple[int, ...]
   dtype: str
@@ -65,6 +66,7 @@ class LeafReport:
 @dataclasses.dataclass(frozen=True)
 class SparsityReport:
   """The whole tree's report; ``str()`` is a table, ``to_dict()`` plain data."""
+
   entries: tuple[LeafReport, ...]
   n: int
   m: int
@@ -94,12 +96,13 @@ class SparsityReport:
 
   def to_dict(self) -> dict:
     return {
-        "n": self.n, "m": self.m,
-        "total_params": self.total_params,
-        "pruned_params": sum(e.size for e in self.pruned),
-        "sparsity": self.sparsity,
-        "all_valid": self.all_valid,
-        "leaves": [dataclasses.asdict(e) for e in self.entries],
+      "n": self.n,
+      "m": self.m,
+      "total_params": self.total_params,
+      "pruned_params": sum(e.size for e in self.pruned),
+      "sparsity": self.sparsity,
+      "all_valid": self.all_valid,
+      "leaves": [dataclasses.asdict(e) for e in self.entries],
     }
 
   def to_json(self) -> str:
@@ -113,16 +116,27 @@ class SparsityReport:
     """
     pruned = sum(e.size for e in self.pruned)
     planned = any(e.status == "to prune" for e in self.entries)
-    head = (f"{self.n}:{self.m} sparsity: {len(self.pruned)} of {len(self.entries)} leaves "
-            f"{'to prune' if planned else 'pruned'} ({pruned:,} of {self.total_params:,} params, "
-            f"{100 * pruned / max(self.total_params, 1):.1f}%); overall zeros "
-            f"{100 * self.sparsity:.1f}%; ")
+    head = (
+      f"{self.n}:{self.m} sparsity: {len(self.pruned)} of {len(self.entries)} leaves "
+      f"{'to prune' if planned else 'pruned'} ({pruned:,} of {self.total_params:,} params, "
+      f"{100 * pruned / max(self.total_params, 1):.1f}%); overall zeros "
+      f"{100 * self.sparsity:.1f}%; "
+    )
     if not self.pruned:
-      skipped = sum(1 for e in self.dense if e.axis is not None
-                    and e.reason == policy_lib.size_reason(e.shape, e.axis, self.m))
-      return head + f"no leaf is pruned {self.n}:{self.m}" + (
+      skipped = sum(
+        1
+        for e in self.dense
+        if e.axis is not None and e.reason == policy_lib.size_reason(e.shape, e.axis, self.m)
+      )
+      return (
+        head
+        + f"no leaf is pruned {self.n}:{self.m}"
+        + (
           f" ({skipped} weight(s) skipped: input size not a multiple of m={self.m})"
-          if skipped else "")
+          if skipped
+          else ""
+        )
+      )
     return head + (f"all {self.n}:{self.m}" if self.all_valid else f"NOT all {self.n}:{self.m}")
 
   def format(self, verbosity: int = 2) -> str:
@@ -136,24 +150,49 @@ class SparsityReport:
       TypeError: ``verbosity`` is not an int.
     """
     if isinstance(verbosity, bool) or not isinstance(verbosity, (int, np.integer)):
-      raise TypeError(f"verbosity must be an int from 0 to 3, got {verbosity!r} "
-                      f"({type(verbosity).__name__}).")
+      raise TypeError(
+        f"verbosity must be an int from 0 to 3, got {verbosity!r} ({type(verbosity).__name__})."
+      )
     if verbosity <= 0:
       return ""
     rows = []
     for e in self.entries:
-      show = (verbosity >= 3 or (verbosity >= 2 and (e.axis is not None or e.status == "pruned"))
-              or (e.status == "pruned" and not e.valid))
+      show = (
+        verbosity >= 3
+        or (verbosity >= 2 and (e.axis is not None or e.status == "pruned"))
+        or (e.status == "pruned" and not e.valid)
+      )
       if not show:
         continue
       valid = "-" if e.valid is None else ("yes" if e.valid else "NO")
       tc = "-" if e.tensor_core_ok is None else ("yes" if e.tensor_core_ok else "no")
       axis = "-" if e.axis is None else ",".join(map(str, e.axis))
-      rows.append((e.path, "x".join(map(str, e.shape)) or "()", e.dtype, e.status, axis,
-                   valid, f"{100 * e.zero_fraction:.1f}%", tc,
-                   f"{e.mask_bits_per_weight:g}" if e.mask_bits_per_weight else "-", e.reason))
-    head = ("leaf", "shape", "dtype", "status", "axis", f"{self.n}:{self.m}", "zeros",
-            "tc-size", "mask b/w", "reason")
+      rows.append(
+        (
+          e.path,
+          "x".join(map(str, e.shape)) or "()",
+          e.dtype,
+          e.status,
+          axis,
+          valid,
+          f"{100 * e.zero_fraction:.1f}%",
+          tc,
+          f"{e.mask_bits_per_weight:g}" if e.mask_bits_per_weight else "-",
+          e.reason,
+        )
+      )
+    head = (
+      "leaf",
+      "shape",
+      "dtype",
+      "status",
+      "axis",
+      f"{self.n}:{self.m}",
+      "zeros",
+      "tc-size",
+      "mask b/w",
+      "reason",
+    )
     lines = [self.summary()]
     if rows:
       widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
@@ -202,9 +241,15 @@ def _not_numeric_reason(leaf: Any) -> str:
   return f"a {type(leaf).__name__} holding no numbers, not a weight"
 
 
-def sparsity_report(params: Any, masks: Any = None, n: int = 2, m: int = 4, *,
-                    layouts: Mapping[str, layouts_lib.Layout] | None = None,
-                    policy: policy_lib.Policy | None = None) -> SparsityReport:
+def sparsity_report(
+  params: Any,
+  masks: Any = None,
+  n: int = 2,
+  m: int = 4,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  policy: policy_lib.Policy | None = None,
+) -> SparsityReport:
   """Reports the state of every leaf of ``params``.
 
   Args:
@@ -226,7 +271,7 @@ def sparsity_report(params: Any, masks: Any = None, n: int = 2, m: int = 4, *,
     TypeError: ``n``/``m`` are not ints; a mask leaf is not a bool array or
       :class:`jasp.PackedMask` (naming the path).
   """
-  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  masks_lib._check_nm(n, m)
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
   leaves = _tree.leaves_by_path(params)
   mask_by_path = _tree.leaves_by_path(masks, keep_none=True) if masks is not None else {}
@@ -259,11 +304,20 @@ def sparsity_report(params: Any, masks: Any = None, n: int = 2, m: int = 4, *,
       reason = reason or "no mask given"
     if masks is not None and mk is not None and not d.prune:
       reason = f"masked, although the policy says: {d.reason}"
-    entries.append(LeafReport(
-        path=path, shape=tuple(np.shape(leaf)), dtype=_dtype_name(leaf),
+    entries.append(
+      LeafReport(
+        path=path,
+        shape=tuple(np.shape(leaf)),
+        dtype=_dtype_name(leaf),
         status=("pruned" if masks is not None else "to prune") if pruned else "dense",
         reason=reason,
-        axis=d.axis, valid=None if d.axis is None else bool(valid),
-        zero_fraction=float(zeros), mask_bits_per_weight=_mask_bits(mk),
-        tensor_core_ok=d.tensor_core_ok, source=d.source, numeric=numeric))
+        axis=d.axis,
+        valid=None if d.axis is None else bool(valid),
+        zero_fraction=float(zeros),
+        mask_bits_per_weight=_mask_bits(mk),
+        tensor_core_ok=d.tensor_core_ok,
+        source=d.source,
+        numeric=numeric,
+      )
+    )
   return SparsityReport(tuple(entries), n, m)

@@ -16,8 +16,9 @@ from jasp import _tree
 __all__ = ["check_groups_unsplit", "shard_run"]
 
 
-def shard_run(shape: tuple[int, ...], shard_shape: tuple[int, ...],
-              axes: tuple[int, ...]) -> int | None:
+def shard_run(
+  shape: tuple[int, ...], shard_shape: tuple[int, ...], axes: tuple[int, ...]
+) -> int | None:
   """Length of the contiguous runs of the flattened group axes held by one shard.
 
   Returns None when no group axis is split across shards.
@@ -47,7 +48,7 @@ def check_groups_unsplit(w: Any, axis: tuple[int, ...], m: int, *, path: str = "
     if sharding.is_fully_replicated:
       return
     local = tuple(sharding.shard_shape(tuple(w.shape)))
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return
   axes = tuple(a % len(w.shape) for a in axis)
   run = shard_run(tuple(w.shape), local, axes)
@@ -56,9 +57,8 @@ def check_groups_unsplit(w: Any, axis: tuple[int, ...], m: int, *, path: str = "
     name = f"'{path}' " if path else ""
     sizes = "x".join(str(w.shape[a]) for a in axes)
     raise ValueError(
-        f"the weight {name}of shape {tuple(w.shape)} is sharded ({spec}) so that each shard "
-        f"holds {run} consecutive entries of its group axis {axes} (size {sizes}); {run} is "
-        f"not a multiple of m={m}, so a group of {m} would straddle two shards. Shard that "
-        f"axis over fewer devices (size/devices must divide by {m}) or shard another axis.")
-
-
+      f"the weight {name}of shape {tuple(w.shape)} is sharded ({spec}) so that each shard "
+      f"holds {run} consecutive entries of its group axis {axes} (size {sizes}); {run} is "
+      f"not a multiple of m={m}, so a group of {m} would straddle two shards. Shard that "
+      f"axis over fewer devices (size/devices must divide by {m}) or shard another axis."
+    )

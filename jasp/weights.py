@@ -57,8 +57,17 @@ from jasp import _jaxpr
 from jasp import _model
 from jasp import _shapes
 
-__all__ = ["Origin", "Site", "SiteUse", "Use", "WeightFlow", "analyse", "from_matrix",
-           "to_matrix", "reshape_axis_map"]
+__all__ = [
+  "Origin",
+  "Site",
+  "SiteUse",
+  "Use",
+  "WeightFlow",
+  "analyse",
+  "from_matrix",
+  "to_matrix",
+  "reshape_axis_map",
+]
 
 # A value axis holds these parameter axes (several when a reshape merged them),
 # or None (an axis the parameter does not span: a broadcast).
@@ -82,6 +91,7 @@ class Origin:
     flip: value axes read in reverse order of their leaf axis.
     part: value axes where the leaf fills only a part (a concatenation).
   """
+
   leaf: int
   amap: AxisMap
   stack: tuple = ()
@@ -102,6 +112,7 @@ class Val:
     lowrank: ``(A, B)`` leaf pairs whose product ``(x @ A) @ B`` this value is
       (linearly), with ``B``'s reduction a bottleneck.
   """
+
   origins: tuple[Origin, ...] = ()
   tainted: bool = False
   deps: frozenset = frozenset()
@@ -139,6 +150,7 @@ class Site:
       innermost row axes, so aligned groups of ``m`` rows are N:M groups.
     flip: axes (of ``shape``) that the matmul reads reversed (``jnp.flip``).
   """
+
   path: str = dataclasses.field(default="", compare=False)
   kind: str = "dot"
   shape: tuple[int, ...] = ()
@@ -151,12 +163,12 @@ class Site:
   @property
   def k(self) -> int:
     """Input features per group (rows of the matrix view)."""
-    return int(np.prod([self.shape[a] for a in self.perm[:self.rows]], dtype=np.int64))
+    return int(np.prod([self.shape[a] for a in self.perm[: self.rows]], dtype=np.int64))
 
   @property
   def o(self) -> int:
     """Output features, all groups together (columns of the matrix view)."""
-    return int(np.prod([self.shape[a] for a in self.perm[self.rows:]], dtype=np.int64))
+    return int(np.prod([self.shape[a] for a in self.perm[self.rows :]], dtype=np.int64))
 
 
 def to_matrix(w: jax.Array, site: Site) -> jax.Array:
@@ -186,6 +198,7 @@ class SiteUse:
     deps: dependencies of the other operand (what its inputs depend on).
     eqn: the equation (a ``dot_general`` or ``conv_general_dilated``).
   """
+
   leaf: int
   site: Site
   operand: int
@@ -199,6 +212,7 @@ class SiteUse:
 class Use:
   """One use of a leaf: ``kind`` ``"dot"``/``"conv"`` (with the reduced and free
   leaf axes) or ``"other"`` (with ``what`` it is)."""
+
   kind: str
   axes: tuple[int, ...] = ()
   out_axes: tuple[int, ...] = ()
@@ -223,10 +237,21 @@ def reshape_axis_map(amap: AxisMap, old: Sequence[int], new: Sequence[int]) -> A
 
 
 # Value-preserving primitives with one operand per result.
-_COPIES = frozenset({
-    "convert_element_type", "copy", "copy_p", "reduce_precision", "sharding_constraint",
-    "mesh_cast", "reshard", "pvary", "device_put", "optimization_barrier", "neg",
-})
+_COPIES = frozenset(
+  {
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "reduce_precision",
+    "sharding_constraint",
+    "mesh_cast",
+    "reshard",
+    "pvary",
+    "device_put",
+    "optimization_barrier",
+    "neg",
+  }
+)
 
 
 class WeightFlow(_jaxpr.Interpreter[Val]):
@@ -285,15 +310,24 @@ class WeightFlow(_jaxpr.Interpreter[Val]):
       for o in v.origins:
         head = o.amap[0] if o.amap else None
         if 0 in o.part or 0 in o.flip or (head is not None and len(head) != 1):
-          self._use(o.leaf, (key, "other", "scan"),
-                    Use("other", what="scanned over an axis that is not one of its own"))
+          self._use(
+            o.leaf,
+            (key, "other", "scan"),
+            Use("other", what="scanned over an axis that is not one of its own"),
+          )
           continue
         stack = o.stack + ((head[0], key),) if head is not None else o.stack
         if head is not None:
           stacked_leaves.add(o.leaf)
-        origins.append(Origin(o.leaf, o.amap[1:], stack,
-                              frozenset(a - 1 for a in o.flip),
-                              frozenset(a - 1 for a in o.part)))
+        origins.append(
+          Origin(
+            o.leaf,
+            o.amap[1:],
+            stack,
+            frozenset(a - 1 for a in o.flip),
+            frozenset(a - 1 for a in o.part),
+          )
+        )
       deps = frozenset(_enter(d, key, stacked_leaves) for d in v.deps)
       sliced.append(Val(tuple(origins), v.tainted, deps, frozenset()))
     if stacked_leaves:
@@ -308,8 +342,10 @@ class WeightFlow(_jaxpr.Interpreter[Val]):
       for v in c_out:
         if v.origins:
           self.other(eqn, [v], "a scan carry")
-      new = [Val((), a.tainted or b.tainted, a.deps | frozenset(_shift(d, key) for d in b.deps))
-             for a, b in zip(carry, c_out)]
+      new = [
+        Val((), a.tainted or b.tainted, a.deps | frozenset(_shift(d, key) for d in b.deps))
+        for a, b in zip(carry, c_out)
+      ]
       if new == carry:
         break
       carry = new
@@ -320,8 +356,15 @@ class WeightFlow(_jaxpr.Interpreter[Val]):
       for o in v.origins:
         ax = [a for a, k in o.stack if k == key]
         amap = ((ax[0],) if ax else None,) + tuple(o.amap)
-        origins.append(Origin(o.leaf, amap, tuple(s for s in o.stack if s[1] != key),
-                              frozenset(a + 1 for a in o.flip), frozenset(a + 1 for a in o.part)))
+        origins.append(
+          Origin(
+            o.leaf,
+            amap,
+            tuple(s for s in o.stack if s[1] != key),
+            frozenset(a + 1 for a in o.flip),
+            frozenset(a + 1 for a in o.part),
+          )
+        )
       stacked.append(Val(tuple(origins), v.tainted, frozenset(_leave(d, key) for d in v.deps)))
     return final + stacked
 
@@ -331,8 +374,14 @@ class WeightFlow(_jaxpr.Interpreter[Val]):
       self.other(eqn, [index], "a branch index")
     outs, *rest = self.walk_branches(eqn, cond, ops)
     for got in rest:
-      outs = [Val(a.origins + tuple(o for o in b.origins if o not in a.origins),
-                  a.tainted or b.tainted, a.deps | b.deps) for a, b in zip(outs, got)]
+      outs = [
+        Val(
+          a.origins + tuple(o for o in b.origins if o not in a.origins),
+          a.tainted or b.tainted,
+          a.deps | b.deps,
+        )
+        for a, b in zip(outs, got)
+      ]
     return [Val(v.origins, v.tainted or index.tainted, v.deps | index.deps) for v in outs]
 
   def while_loop(self, eqn, loop, ins):
@@ -355,8 +404,19 @@ class WeightFlow(_jaxpr.Interpreter[Val]):
     return [Val((), v.tainted or pred.tainted, v.deps | pred.deps) for v in carry]
 
   # -- matmuls ----------------------------------------------------------------
-  def weight_site(self, eqn, side: int, origin: Origin, x: Val, site: Site | None,
-                  x_order: tuple, why: str, axes: tuple, out_axes: tuple, kind: str) -> None:
+  def weight_site(
+    self,
+    eqn,
+    side: int,
+    origin: Origin,
+    x: Val,
+    site: Site | None,
+    x_order: tuple,
+    why: str,
+    axes: tuple,
+    out_axes: tuple,
+    kind: str,
+  ) -> None:
     key = self.key(eqn)
     if site is None:
       self._use(origin.leaf, (key, side), Use("other", what=why))
@@ -376,10 +436,12 @@ class WeightFlow(_jaxpr.Interpreter[Val]):
     return site.k < self._rank_k.get(a, 0) and site.k < site.o // site.groups
 
   def lowrank(self, eqn, pair: tuple[int, int]) -> None:
-    why = ("a low-rank factor: its matmul and another one run in sequence with nothing "
-           "non-linear between, through a bottleneck, and are added to an activation (a LoRA "
-           "adapter); kept dense, as 2:4 factors do not make their product 2:4 (merge the "
-           "adapter, then prune the merged kernel)")
+    why = (
+      "a low-rank factor: its matmul and another one run in sequence with nothing "
+      "non-linear between, through a bottleneck, and are added to an activation (a LoRA "
+      "adapter); kept dense, as 2:4 factors do not make their product 2:4 (merge the "
+      "adapter, then prune the merged kernel)"
+    )
     for leaf in pair:
       self._use(leaf, (self.key(eqn), "lowrank"), Use("other", what=why))
 
@@ -418,7 +480,7 @@ def _map_origins(val: Val, fn) -> tuple[list[Origin], list[tuple[int, str]]]:
 def _follow(flow: WeightFlow, eqn, val: Val, fn) -> list[Val]:
   keep, lost = _map_origins(val, fn)
   for leaf, why in lost:
-    flow._use(leaf, (flow.key(eqn), "other", why), Use("other", what=why))  # pylint: disable=protected-access
+    flow._use(leaf, (flow.key(eqn), "other", why), Use("other", what=why))
   return [Val(tuple(keep), val.tainted, val.deps, val.linear, val.lowrank)]
 
 
@@ -427,8 +489,14 @@ def _transpose(flow, eqn, ins):
   inv = {p: i for i, p in enumerate(perm)}
 
   def fn(o):
-    return Origin(o.leaf, tuple(o.amap[p] for p in perm), o.stack,
-                  frozenset(inv[a] for a in o.flip), frozenset(inv[a] for a in o.part))
+    return Origin(
+      o.leaf,
+      tuple(o.amap[p] for p in perm),
+      o.stack,
+      frozenset(inv[a] for a in o.flip),
+      frozenset(inv[a] for a in o.part),
+    )
+
   return _follow(flow, eqn, ins[0], fn)
 
 
@@ -449,6 +517,7 @@ def _reshape(flow, eqn, ins):
         return "a reshape of a reversed or concatenated weight axis"
       (flip if marked[0] in o.flip else part).add(news[0])
     return Origin(o.leaf, amap, o.stack, frozenset(flip), frozenset(part))
+
   return _follow(flow, eqn, ins[0], fn)
 
 
@@ -464,8 +533,14 @@ def _broadcast(flow, eqn, ins):
       if in_shape[k] != out_shape[d] and o.amap[k] is not None:
         return "a broadcast that repeats a weight axis"
       amap[d] = o.amap[k]
-    return Origin(o.leaf, tuple(amap), o.stack, frozenset(dims[a] for a in o.flip),
-                  frozenset(dims[a] for a in o.part))
+    return Origin(
+      o.leaf,
+      tuple(amap),
+      o.stack,
+      frozenset(dims[a] for a in o.flip),
+      frozenset(dims[a] for a in o.part),
+    )
+
   return _follow(flow, eqn, ins[0], fn)
 
 
@@ -474,6 +549,7 @@ def _rev(flow, eqn, ins):
 
   def fn(o):
     return Origin(o.leaf, o.amap, o.stack, frozenset(o.flip ^ dims), o.part)
+
   return _follow(flow, eqn, ins[0], fn)
 
 
@@ -489,9 +565,15 @@ def _scale(flow, eqn, ins):
     out = _join(ins)
     keep_a = not b.tainted
     keep_b = not a.tainted and name == "mul"
-    return [Val((), out.tainted, out.deps,
-                (a.linear if keep_a else frozenset()) | (b.linear if keep_b else frozenset()),
-                (a.lowrank if keep_a else frozenset()) | (b.lowrank if keep_b else frozenset()))]
+    return [
+      Val(
+        (),
+        out.tainted,
+        out.deps,
+        (a.linear if keep_a else frozenset()) | (b.linear if keep_b else frozenset()),
+        (a.lowrank if keep_a else frozenset()) | (b.lowrank if keep_b else frozenset()),
+      )
+    ]
   w, s = (a, b) if a.origins else (b, a)
   if name == "div" and w is b:
     flow.other(eqn, [w], "the divisor of a quotient")
@@ -506,8 +588,12 @@ def _select(flow, eqn, ins):
   """``select_n(pred, *cases)``: a weight chosen by a constant mask (``where(mask, w, 0)``)."""
   pred, cases = ins[0], ins[1:]
   holders = [v for v in cases if v.origins]
-  if len(holders) == 1 and not pred.tainted and not pred.origins and not any(
-      v.tainted for v in cases):
+  if (
+    len(holders) == 1
+    and not pred.tainted
+    and not pred.origins
+    and not any(v.tainted for v in cases)
+  ):
     w = holders[0]
     out = _join(ins)
     return [Val(w.origins, False, out.deps)]
@@ -580,15 +666,17 @@ def _dot(flow, eqn, ins):
     for side in (0, 1):
       x = ins[1 - side]
       for o in ins[side].origins:
-        site, x_order, axes, free, why = _dot_site(flow, o, dims[side][0], dims[side][1],
-                                                   dims[1 - side][0])
+        site, x_order, axes, free, why = _dot_site(
+          flow, o, dims[side][0], dims[side][1], dims[1 - side][0]
+        )
         flow.weight_site(eqn, side, o, x, site, x_order, why, axes, free, "dot")
         if site is None:
           continue
         linear = linear | {o.leaf}
         deps = deps | {(o.leaf, tuple(("same", k) for _, k in o.stack))}
-        lowrank = lowrank | {(a, o.leaf) for a in x.linear
-                             if a != o.leaf and flow.bottleneck(a, site)}
+        lowrank = lowrank | {
+          (a, o.leaf) for a in x.linear if a != o.leaf and flow.bottleneck(a, site)
+        }
   if len(ins) > 2 and any(v.origins for v in ins[2:]):
     flow.other(eqn, ins[2:], "'dot_general'")
   return [Val((), out.tainted, deps, linear, lowrank)]
@@ -628,10 +716,19 @@ def _conv(flow, eqn, ins):
     perm = lone + perm
     flip = tuple(sorted(to_local[o.amap[d][0]] for d in spec if d in o.flip))
     i_ax = to_local[o.amap[dn.rhs_spec[1]][0]]
-    site = Site("", "conv", tuple(shape[a] for a in local), perm, len(perm) - 1,
-                int(p.get("feature_group_count", 1)), (i_ax,), flip)
-    flow.weight_site(eqn, 1, o, lhs, site, (), "", (local[i_ax],),
-                     (o.amap[dn.rhs_spec[0]][0],), "conv")
+    site = Site(
+      "",
+      "conv",
+      tuple(shape[a] for a in local),
+      perm,
+      len(perm) - 1,
+      int(p.get("feature_group_count", 1)),
+      (i_ax,),
+      flip,
+    )
+    flow.weight_site(
+      eqn, 1, o, lhs, site, (), "", (local[i_ax],), (o.amap[dn.rhs_spec[0]][0],), "conv"
+    )
     linear = linear | {o.leaf}
     out = Val((), out.tainted, out.deps | {(o.leaf, tuple(("same", k) for _, k in o.stack))})
   return [Val((), out.tainted, out.deps, linear)]
@@ -646,22 +743,22 @@ def _gather(flow, eqn, ins):
 
 
 _RULES = {
-    "transpose": _transpose,
-    "reshape": _reshape,
-    "squeeze": _reshape,
-    "expand_dims": _reshape,
-    "broadcast_in_dim": _broadcast,
-    "rev": _rev,
-    "mul": _scale,
-    "div": _scale,
-    "select_n": _select,
-    "add": _add,
-    "add_any": _add,
-    "sub": _add,
-    "concatenate": _concatenate,
-    "dot_general": _dot,
-    "conv_general_dilated": _conv,
-    "gather": _gather,
+  "transpose": _transpose,
+  "reshape": _reshape,
+  "squeeze": _reshape,
+  "expand_dims": _reshape,
+  "broadcast_in_dim": _broadcast,
+  "rev": _rev,
+  "mul": _scale,
+  "div": _scale,
+  "select_n": _select,
+  "add": _add,
+  "add_any": _add,
+  "sub": _add,
+  "concatenate": _concatenate,
+  "dot_general": _dot,
+  "conv_general_dilated": _conv,
+  "gather": _gather,
 }
 
 
@@ -678,8 +775,7 @@ def analyse(traced: _model.Traced) -> WeightFlow:
   for k in range(len(jaxpr.invars)):
     if k < traced.n_leaves:
       nd = len(traced.shapes[k])
-      args.append(Val((Origin(k, tuple((a,) for a in range(nd))),), False,
-                      frozenset({(k, ())})))
+      args.append(Val((Origin(k, tuple((a,) for a in range(nd))),), False, frozenset({(k, ())})))
     elif k < traced.n_leaves + traced.n_extra:
       args.append(EMPTY)
     else:
@@ -687,5 +783,5 @@ def analyse(traced: _model.Traced) -> WeightFlow:
   outs = flow.run(jaxpr, traced.closed.consts, args)
   for v in outs:
     for o in v.origins:
-      flow._use(o.leaf, ("output",), Use("other", what="returned as an output"))  # pylint: disable=protected-access
+      flow._use(o.leaf, ("output",), Use("other", what="returned as an output"))
   return flow

@@ -26,8 +26,8 @@ def sparsegpt_ref(w, h, n, m, damp=0.01):
   keep = np.zeros(w.shape, bool)
   for i in range(k):
     if i % m == 0:
-      sal = w[:, i:i + m] ** 2 / np.diag(u)[i:i + m] ** 2
-      keep[:, i:i + m] = ref.nm_mask_ref(sal, n, m, 1)
+      sal = w[:, i : i + m] ** 2 / np.diag(u)[i : i + m] ** 2
+      keep[:, i : i + m] = ref.nm_mask_ref(sal, n, m, 1)
     q = np.where(keep[:, i], w[:, i], 0.0)
     err = (w[:, i] - q) / u[i, i]
     w[:, i:] -= np.outer(err, u[i, i:])
@@ -38,7 +38,7 @@ def sparsegpt_ref(w, h, n, m, damp=0.01):
 def _problem(k=40, o=12, t=200, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((t, k)) * np.exp(rng.uniform(-1.5, 1.5, k))
-  x[:, 1::3] += 0.8 * x[:, ::3][:, :x[:, 1::3].shape[1]]  # correlated features
+  x[:, 1::3] += 0.8 * x[:, ::3][:, : x[:, 1::3].shape[1]]  # correlated features
   w = rng.standard_normal((k, o))
   return w.astype(np.float32), (x.T @ x).astype(np.float32)
 
@@ -98,9 +98,9 @@ def authors_sparsegpt(w, h, n, m, blocksize=128, damp=0.01, dead="authors"):
     errs = np.zeros_like(blk)
     for i in range(b1 - b0):
       if i % m == 0:
-        sal = blk[:, i:i + m] ** 2 / np.diag(ub)[i:i + m] ** 2
-        drop = np.argsort(sal, axis=1, kind="stable")[:, :m - n]
-        np.put_along_axis(pruned[:, b0 + i:b0 + i + m], drop, True, axis=1)
+        sal = blk[:, i : i + m] ** 2 / np.diag(ub)[i : i + m] ** 2
+        drop = np.argsort(sal, axis=1, kind="stable")[:, : m - n]
+        np.put_along_axis(pruned[:, b0 + i : b0 + i + m], drop, True, axis=1)
       q = np.where(pruned[:, b0 + i], 0.0, blk[:, i])
       errs[:, i] = (blk[:, i] - q) / ub[i, i]
       blk[:, i:] -= np.outer(errs[:, i], ub[i, i:])
@@ -134,13 +134,16 @@ def _sq_error(x, w, w_hat):
   return float(np.sum((x @ (np.asarray(w, np.float64) - np.asarray(w_hat, np.float64))) ** 2))
 
 
-@pytest.mark.parametrize("n,m,k,blocksize", [
+@pytest.mark.parametrize(
+  "n,m,k,blocksize",
+  [
     (2, 4, 256, 128),  # two full blocks
     (1, 4, 128, 128),
     (2, 8, 128, 64),
     (2, 4, 200, 128),  # K not a multiple of the block size: a short last block
     (2, 4, 72, 32),
-])
+  ],
+)
 def test_dead_features_match_the_authors_code(n, m, k, blocksize):
   nseq = 8
   x, w, dead = _dead_problem(k, 24, n, m, seed=k + m, nseq=nseq)
@@ -228,13 +231,15 @@ def test_pipeline_zeroes_dead_input_features():
   result as sparsegpt_layer on its X^T X, dead rows zero."""
   x, w, dead = _dead_problem(32, 8, 2, 4, seed=7, nseq=2, seqlen=64)
   xs = [jnp.asarray(x[:64]), jnp.asarray(x[64:])]
-  pruned, masks = cal.sparsegpt_prune(lambda p, b: b @ p["w"], {"w": jnp.asarray(w)}, xs,
-                                      blocksize=16, progress=False)
+  pruned, masks = cal.sparsegpt_prune(
+    lambda p, b: b @ p["w"], {"w": jnp.asarray(w)}, xs, blocksize=16, progress=False
+  )
   x64 = x.astype(np.float64)
   want, want_keep = authors_sparsegpt(w, 2.0 * x64.T @ x64 / 2, 2, 4, 16)
   np.testing.assert_array_equal(np.asarray(masks["w"]), want_keep)
-  np.testing.assert_allclose(np.asarray(pruned["w"]), want, rtol=1e-3,
-                             atol=1e-4 * np.abs(want).max())
+  np.testing.assert_allclose(
+    np.asarray(pruned["w"]), want, rtol=1e-3, atol=1e-4 * np.abs(want).max()
+  )
   assert (np.asarray(pruned["w"])[dead] == 0).all()
 
 
@@ -249,8 +254,7 @@ def test_whitened_inputs_make_the_pipeline_magnitude_pruning():
   """Inputs with X^T X = T * I exactly (Hadamard rows): SparseGPT = magnitude."""
   w = {"w": jnp.asarray(np.random.default_rng(2).standard_normal((32, 8)), jnp.float32)}
   x = jnp.asarray(_hadamard(64)[:, :32], jnp.float32)  # (64, 32), orthogonal columns
-  pruned, masks = cal.sparsegpt_prune(lambda p, b: b @ p["w"], w, [x[:32], x[32:]],
-                                      progress=False)
+  pruned, masks = cal.sparsegpt_prune(lambda p, b: b @ p["w"], w, [x[:32], x[32:]], progress=False)
   mask = ref.nm_mask_ref(w["w"], 2, 4, 0)
   np.testing.assert_array_equal(np.asarray(masks["w"]), mask)
   np.testing.assert_array_equal(np.asarray(pruned["w"]), np.where(mask, w["w"], 0))
@@ -269,6 +273,7 @@ def _spread(variables, layouts, seed=0):
     if path.endswith("scale"):
       return x * jnp.asarray(np.exp(rng.uniform(-2, 2, x.shape)), x.dtype)
     return x
+
   return _tree.map_with_path(f, variables)
 
 
@@ -276,8 +281,9 @@ def _layer_error(w, w_hat, stats):
   s = stats.site
   a = cal.to_matrix(w, s).reshape(s.k, s.groups, -1)
   b = cal.to_matrix(w_hat, s).reshape(s.k, s.groups, -1)
-  return sum(float(cal.reconstruction_error(a[:, g], b[:, g], stats.hessian[g]))
-             for g in range(s.groups)) / float(stats.count)
+  return sum(
+    float(cal.reconstruction_error(a[:, g], b[:, g], stats.hessian[g])) for g in range(s.groups)
+  ) / float(stats.count)
 
 
 @pytest.mark.parametrize("which", ["block", "cnn"])
@@ -289,8 +295,9 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_every_layer(which):
   else:
     model = models.LinenCNN()
     pixel_scale = np.exp(rng.uniform(-2, 2, (8, 8, 1)))
-    batches = [jnp.asarray(rng.standard_normal((32, 8, 8, 1)) * pixel_scale, jnp.float32)
-               for _ in range(2)]
+    batches = [
+      jnp.asarray(rng.standard_normal((32, 8, 8, 1)) * pixel_scale, jnp.float32) for _ in range(2)
+    ]
   x = batches[0]
   variables = jax.jit(model.init)(jax.random.key(0), x)  # one compile, not op by op
   apply = jax.jit(model.apply)
@@ -299,17 +306,25 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_every_layer(which):
   # Every method sees the dense model's inputs (sequential=False), so the
   # per-layer errors are measured on the same X.
   mag, mag_masks = jasp.prune(variables, layouts=layouts)
-  wanda, wanda_masks = cal.wanda_prune(model.apply, variables, batches, layouts=layouts,
-                                       progress=False)
+  wanda, wanda_masks = cal.wanda_prune(
+    model.apply, variables, batches, layouts=layouts, progress=False
+  )
   results = []
-  sgpt, sgpt_masks = cal.sparsegpt_prune(model.apply, variables, batches, layouts=layouts,
-                                         sequential=False, progress=False,
-                                         callback=results.append)
+  sgpt, sgpt_masks = cal.sparsegpt_prune(
+    model.apply,
+    variables,
+    batches,
+    layouts=layouts,
+    sequential=False,
+    progress=False,
+    callback=results.append,
+  )
   stats = cal.collect_stats(model.apply, variables, batches, hessian=True)
   dense = _tree.leaves_by_path(variables)
   leaves = [_tree.leaves_by_path(t) for t in (mag, wanda, sgpt)]
-  pruned = [p for p, mk in _tree.leaves_by_path(sgpt_masks, keep_none=True).items()
-            if mk is not None]
+  pruned = [
+    p for p, mk in _tree.leaves_by_path(sgpt_masks, keep_none=True).items() if mk is not None
+  ]
   assert len(pruned) == (7 if which == "block" else 4)
   by_path = {r.path: r for r in results}
   for p in pruned:
@@ -331,8 +346,10 @@ def test_sequential_stages_and_one_layer_per_pass():
     return jnp.tanh(x @ p["a"] + jnp.sin(x) @ p["b"]) @ p["c"]
 
   rng = np.random.default_rng(0)
-  p = {k: jnp.asarray(rng.standard_normal(s), jnp.float32)
-       for k, s in (("a", (16, 32)), ("b", (16, 32)), ("c", (32, 8)))}
+  p = {
+    k: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    for k, s in (("a", (16, 32)), ("b", (16, 32)), ("c", (32, 8)))
+  }
   xs = [jnp.asarray(rng.standard_normal((64, 16)) * np.exp(rng.uniform(-2, 2, 16)), jnp.float32)]
   seen = []
   seq, _ = cal.sparsegpt_prune(f, p, xs, blocksize=16, progress=False, callback=seen.append)
@@ -362,8 +379,7 @@ def test_scan_stacked_layers_prune_like_the_unrolled_model(method):
 
   def scanned(p, x):
     x = x @ p["emb"]
-    x, _ = jax.lax.scan(lambda h, w: (jax.checkpoint(_stacked_block)(h, w), None), x,
-                        p["blocks"])
+    x, _ = jax.lax.scan(lambda h, w: (jax.checkpoint(_stacked_block)(h, w), None), x, p["blocks"])
     return x @ p["head"]
 
   def unrolled(p, x):
@@ -377,16 +393,29 @@ def test_scan_stacked_layers_prune_like_the_unrolled_model(method):
   def r(*s):
     return jnp.asarray(rng.standard_normal(s) / np.sqrt(s[-2]), jnp.float32)
 
-  ps = {"emb": r(8, 16), "blocks": {"up": r(depth, 16, 32), "down": r(depth, 32, 16)},
-        "head": r(16, 8)}
-  pu = {"emb": ps["emb"], "head": ps["head"],
-        "blocks": [{k: ps["blocks"][k][i] for k in ("up", "down")} for i in range(depth)]}
+  ps = {
+    "emb": r(8, 16),
+    "blocks": {"up": r(depth, 16, 32), "down": r(depth, 32, 16)},
+    "head": r(16, 8),
+  }
+  pu = {
+    "emb": ps["emb"],
+    "head": ps["head"],
+    "blocks": [{k: ps["blocks"][k][i] for k in ("up", "down")} for i in range(depth)],
+  }
   xs = [jnp.asarray(rng.standard_normal((16, 8)), jnp.float32) for _ in range(3)]
   prune = cal.sparsegpt_prune if method == "sparsegpt" else cal.wanda_prune
   kw = {"blocksize": 16} if method == "sparsegpt" else {}
   seen = []
-  a, ma = prune(scanned, ps, xs, progress=False, sequential=True,
-                callback=lambda res: seen.append((res.path, res.layer)), **kw)
+  a, ma = prune(
+    scanned,
+    ps,
+    xs,
+    progress=False,
+    sequential=True,
+    callback=lambda res: seen.append((res.path, res.layer)),
+    **kw,
+  )
   b, mb = prune(unrolled, pu, xs, progress=False, sequential=True, **kw)
   assert seen[1:-1] == [("blocks/" + k, (i,)) for i in range(depth) for k in ("up", "down")]
   for i in range(depth):
@@ -394,5 +423,6 @@ def test_scan_stacked_layers_prune_like_the_unrolled_model(method):
       np.testing.assert_array_equal(np.asarray(ma["blocks"][k][i]), np.asarray(mb["blocks"][i][k]))
       # Equal up to float32 reassociation (XLA fuses the scanned and unrolled programs
       # differently on GPUs: up to 1e-4 relative seen on an H200).
-      np.testing.assert_allclose(np.asarray(a["blocks"][k][i]), np.asarray(b["blocks"][i][k]),
-                                 rtol=1e-3, atol=1e-5)
+      np.testing.assert_allclose(
+        np.asarray(a["blocks"][k][i]), np.asarray(b["blocks"][i][k]), rtol=1e-3, atol=1e-5
+      )

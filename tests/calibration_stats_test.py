@@ -25,6 +25,7 @@ def _x(seed, shape):
 
 def test_dot_stats_match_numpy_for_every_layout():
   """Dense, a transposed (out, in) weight and a 3-D kernel contracted on two axes."""
+
   def f(p, x):  # x (B, S, 8); HIGHEST so that a GPU's TF32 does not blur the reference
     h = jnp.matmul(x, p["dense"], precision=HI)  # (B, S, 12)
     h = jnp.matmul(jnp.tanh(h), p["torch_style"].T, precision=HI)  # stored (out=16, in=12)
@@ -44,37 +45,53 @@ def test_dot_stats_match_numpy_for_every_layout():
   for name, xin in [("dense", x), ("torch_style", h1), ("general", h2)]:
     s = st[name]
     assert float(s.count) == xin.shape[0]
-    np.testing.assert_allclose(np.asarray(s.sumsq)[0], (xin ** 2).sum(0), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(s.sumsq)[0], (xin**2).sum(0), rtol=1e-4)
     np.testing.assert_allclose(np.asarray(s.hessian)[0], xin.T @ xin, rtol=1e-4, atol=1e-3)
     # The matrix view reproduces the layer: y = X @ to_matrix(w).
     w = cal.to_matrix(p[name], s.site)
     assert w.shape == (s.site.k, s.site.o)
     np.testing.assert_array_equal(np.asarray(cal.from_matrix(w, s.site)), np.asarray(p[name]))
-  np.testing.assert_allclose(np.asarray(cal.to_matrix(p["torch_style"], st["torch_style"].site)),
-                             np.asarray(p["torch_style"]).T)
+  np.testing.assert_allclose(
+    np.asarray(cal.to_matrix(p["torch_style"], st["torch_style"].site)),
+    np.asarray(p["torch_style"]).T,
+  )
 
 
-@pytest.mark.parametrize("feats,kernel,groups,strides,dilation", [
+@pytest.mark.parametrize(
+  "feats,kernel,groups,strides,dilation",
+  [
     (32, (3, 3), 2, (1, 1), (1, 1)),
     (8, (3,), 4, (2,), (2,)),
-])
+  ],
+)
 def test_conv_patches_reproduce_the_convolution(feats, kernel, groups, strides, dilation):
-  conv = nn.Conv(feats, kernel, feature_group_count=groups, strides=strides,
-                 kernel_dilation=dilation, use_bias=False, padding="SAME")
+  conv = nn.Conv(
+    feats,
+    kernel,
+    feature_group_count=groups,
+    strides=strides,
+    kernel_dilation=dilation,
+    use_bias=False,
+    padding="SAME",
+  )
   x = _x(0, (2,) + (7,) * len(kernel) + (8,))
   v = {"params": {"kernel": _x(1, kernel + (8 // groups, feats))}}
   (st,) = cal.collect_stats(conv.apply, v, [x]).values()
   site = st.site
   assert site.kind == "conv" and site.groups == groups and site.group_axes == (len(kernel),)
 
-  eqn = next(e for e in jax.make_jaxpr(conv.apply)(v, x).jaxpr.eqns
-             if e.primitive.name == "conv_general_dilated")
+  eqn = next(
+    e
+    for e in jax.make_jaxpr(conv.apply)(v, x).jaxpr.eqns
+    if e.primitive.name == "conv_general_dilated"
+  )
   patches = jax.jit(lambda a: stats_lib.conv_patches(a, eqn.params, site.shape))(x)
   patches = patches.reshape(-1, groups, site.k)
   wm = cal.to_matrix(v["params"]["kernel"], site).reshape(site.k, groups, -1)
   y = jnp.einsum("tgk,kgo->tgo", patches, wm, precision=HI).reshape(patches.shape[0], -1)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(conv.apply(v, x)).reshape(-1, feats),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(y), np.asarray(conv.apply(v, x)).reshape(-1, feats), atol=1e-5
+  )
 
 
 def test_streaming_equals_one_big_batch_and_models_need_no_change():
@@ -83,20 +100,30 @@ def test_streaming_equals_one_big_batch_and_models_need_no_change():
   variables = jax.jit(model.init)(jax.random.key(0), xs[0])
   a = cal.collect_stats(model.apply, variables, xs, hessian=True)
   b = cal.collect_stats(model.apply, variables, [jnp.concatenate(xs)], hessian=True)
-  assert set(a) == {f"params/{n}/kernel" for n in ("Conv_0", "Conv_1", "Conv_2", "Dense_0",
-                                                   "Dense_1")}
+  assert set(a) == {
+    f"params/{n}/kernel" for n in ("Conv_0", "Conv_1", "Conv_2", "Dense_0", "Dense_1")
+  }
   assert a["params/Conv_1/kernel"].sumsq.shape == (2, 72)  # 2 groups of 3*3*4 patches
   for p in a:
     assert float(a[p].count) == float(b[p].count)
-    np.testing.assert_allclose(np.asarray(a[p].hessian), np.asarray(b[p].hessian), rtol=1e-4,
-                               atol=1e-3)
+    np.testing.assert_allclose(
+      np.asarray(a[p].hessian), np.asarray(b[p].hessian), rtol=1e-4, atol=1e-3
+    )
 
 
 def test_nnx_module():
   model, tokens = models.nnx_block()
   st = cal.collect_stats(model, batches=[tokens, tokens])
-  assert set(st) == {"conv/kernel", "attn/query/kernel", "attn/key/kernel", "attn/value/kernel",
-                     "attn/out/kernel", "up/kernel", "down/kernel", "head/kernel"}
+  assert set(st) == {
+    "conv/kernel",
+    "attn/query/kernel",
+    "attn/key/kernel",
+    "attn/value/kernel",
+    "attn/out/kernel",
+    "up/kernel",
+    "down/kernel",
+    "head/kernel",
+  }
   assert float(st["up/kernel"].count) == 2 * tokens.size
   assert st["up/kernel"].hessian is None
 
@@ -107,12 +134,14 @@ def _np(x):
 
 def test_scan_stacked_weights_get_per_layer_statistics():
   """A user's lax.scan over stacked layers (remat inside), reversed too: each layer's own inputs."""
+
   def f(p, x):
     x = x @ p["first"]
 
     @jax.checkpoint
     def layer(h, w):
       return jnp.tanh(h @ w), None
+
     x, _ = jax.lax.scan(layer, x, p["stack"])
     x, _ = jax.lax.scan(layer, x, p["back"], reverse=True)
     return x
@@ -131,12 +160,13 @@ def test_scan_stacked_weights_get_per_layer_statistics():
       x = np.tanh(x @ _np(p[name][i]))
   for (name, i), xin in ins.items():
     np.testing.assert_allclose(_np(st[name].hessian[i, 0]), xin.T @ xin, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(_np(st[name].sumsq[i, 0]), (xin ** 2).sum(0), rtol=1e-4)
+    np.testing.assert_allclose(_np(st[name].sumsq[i, 0]), (xin**2).sum(0), rtol=1e-4)
     assert float(st[name].count[i]) == 8
 
 
 def test_flipped_and_jitted_weights_map_statistics_to_their_rows():
   """A weight read through a nested jit that flips it: row k of the leaf meets feature K-1-k."""
+
   def f(p, x):
     w = jax.jit(lambda a: jnp.flip(a.astype(jnp.bfloat16), 0).astype(jnp.float32))(p["w"])
     return x @ w
@@ -147,7 +177,7 @@ def test_flipped_and_jitted_weights_map_statistics_to_their_rows():
   st = cal.collect_stats(f, p, xs, hessian=True)["w"]
   assert st.site.flip == (0,)
   x = _np(xs[0])
-  np.testing.assert_allclose(_np(st.sumsq[0]), (x ** 2).sum(0), rtol=1e-5)
+  np.testing.assert_allclose(_np(st.sumsq[0]), (x**2).sum(0), rtol=1e-5)
   # The matrix view reads the leaf flipped, so X @ to_matrix(w) is the layer.
   y = x @ _np(cal.to_matrix(p["w"], st.site))
   np.testing.assert_allclose(y, _np(f(p, xs[0])), rtol=1e-2, atol=1e-2)
@@ -182,10 +212,10 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_calibration_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  r = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True,
-                     timeout=300)
+  r = subprocess.run(
+    [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
+  )
   assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -25,10 +25,13 @@ def _build(seed=0):
   def step(params, opt_state):
     def loss(p):
       return optax.softmax_cross_entropy_with_integer_labels(
-          model.apply({"params": p}, x), y).mean()
+        model.apply({"params": p}, x), y
+      ).mean()
+
     g = jax.grad(loss)(params)
     u, opt_state = tx.update(g, opt_state, params)
     return optax.apply_updates(params, u), opt_state
+
   return params, masks, tx, step
 
 
@@ -48,8 +51,7 @@ def test_resume_is_bit_identical(tmp_path):
 
   # A fresh model and optimizer (different init), restored from disk.
   fresh_params, fresh_masks, fresh_tx, fresh_step = _build(seed=1)
-  target = {"params": fresh_params, "masks": fresh_masks,
-            "opt_state": fresh_tx.init(fresh_params)}
+  target = {"params": fresh_params, "masks": fresh_masks, "opt_state": fresh_tx.init(fresh_params)}
   with ocp.StandardCheckpointer() as cp:
     restored = cp.restore(tmp_path / "ckpt", target)
   assert jasp.get_masks(restored["opt_state"]) is not None

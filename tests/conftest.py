@@ -15,6 +15,7 @@ os.environ.setdefault("JASP_SPARSE_SEARCH_CACHE", "0")
 
 def _has_gpu() -> bool:
   import jax
+
   try:
     return bool(jax.devices("gpu"))
   except RuntimeError:

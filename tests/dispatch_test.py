@@ -163,12 +163,15 @@ def test_nm_prune_array(impl):
   pruned, mask = _dispatch.nm_prune_array(w, 2, 4, 0, impl=impl)
   want = np.asarray(jasp.masks.nm_mask(w, impl="xla"))
   np.testing.assert_array_equal(np.asarray(mask), want, err_msg=f"seed={seed}")
-  np.testing.assert_array_equal(np.asarray(pruned, np.float32), np.where(want, np.asarray(w, np.float32), 0))
+  np.testing.assert_array_equal(
+    np.asarray(pruned, np.float32), np.where(want, np.asarray(w, np.float32), 0)
+  )
   assert pruned.dtype == w.dtype and bool(jasp.is_nm(pruned, 2, 4, 0))
   only = jax.jit(lambda x: _dispatch.nm_prune_array(x, 2, 4, 0, impl=impl, with_mask=False))(w)
   np.testing.assert_array_equal(np.asarray(only, np.float32), np.asarray(pruned, np.float32))
   g = jax.grad(lambda x: _dispatch.nm_prune_array(x, impl=impl, with_mask=False).sum())(
-      w.astype(jnp.float32))
+    w.astype(jnp.float32)
+  )
   np.testing.assert_array_equal(np.asarray(g), want.astype(np.float32))
 
 
@@ -195,7 +198,8 @@ def test_nm_mask_2d_best_routes_to_kernel(calls, monkeypatch):
   monkeypatch.setattr(_dispatch, "_backend", lambda w: "gpu")
   big = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
   assert _dispatch.pallas_nm_mask_2d(big, 2, 4, 0, 1) is not None
-  assert _dispatch.pallas_nm_mask_2d(jax.ShapeDtypeStruct((64, 64), jnp.float32), 2, 4, 0,
-                                     1) is None
+  assert (
+    _dispatch.pallas_nm_mask_2d(jax.ShapeDtypeStruct((64, 64), jnp.float32), 2, 4, 0, 1) is None
+  )
   with _dispatch.mask_impl("xla"):
     assert _dispatch.pallas_nm_mask_2d(big, 2, 4, 0, 1) is None

@@ -18,17 +18,21 @@ from jasp import enforcement
 KERNELS = ("dense1", "dense2")
 # What debug=True raises from inside the jitted step (a JaxRuntimeError carrying the message).
 MASK_UPDATES_DEBUG = r"jasp\.mask_updates\(debug=True\): the params .*'dense1/kernel'.*not last"
-SPARSE_OPTIMIZER_DEBUG = r"jasp\.sparse_optimizer\(debug=True\): the params .*'dense1/kernel'.*prune"
+SPARSE_OPTIMIZER_DEBUG = (
+  r"jasp\.sparse_optimizer\(debug=True\): the params .*'dense1/kernel'.*prune"
+)
 
 
 def _mlp(seed=0):
   k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
   params = {
-      "dense1": {"kernel": jax.random.normal(k1, (16, 32)) * 0.3, "bias": jnp.zeros(32)},
-      "dense2": {"kernel": jax.random.normal(k2, (32, 8)) * 0.3, "bias": jnp.zeros(8)},
+    "dense1": {"kernel": jax.random.normal(k1, (16, 32)) * 0.3, "bias": jnp.zeros(32)},
+    "dense2": {"kernel": jax.random.normal(k2, (32, 8)) * 0.3, "bias": jnp.zeros(8)},
   }
-  masks = {name: {"kernel": jasp.nm_mask(params[name]["kernel"], 2, 4, axis=0), "bias": None}
-           for name in KERNELS}
+  masks = {
+    name: {"kernel": jasp.nm_mask(params[name]["kernel"], 2, 4, axis=0), "bias": None}
+    for name in KERNELS
+  }
   x = jax.random.normal(k3, (64, 16))
   y = jax.random.randint(k4, (64,), 0, 8)
 
@@ -36,6 +40,7 @@ def _mlp(seed=0):
     h = jnp.tanh(x @ p["dense1"]["kernel"] + p["dense1"]["bias"])
     logits = h @ p["dense2"]["kernel"] + p["dense2"]["bias"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
   return params, masks, loss
 
 
@@ -55,8 +60,12 @@ def _assert_nm(params, what="params"):
 
 
 def _pruned(params, masks):
-  return jax.tree.map(lambda p, mk: p if mk is None else jnp.where(mk, p, 0), params, masks,
-                      is_leaf=lambda x: x is None)
+  return jax.tree.map(
+    lambda p, mk: p if mk is None else jnp.where(mk, p, 0),
+    params,
+    masks,
+    is_leaf=lambda x: x is None,
+  )
 
 
 def _stepper(tx):
@@ -64,6 +73,7 @@ def _stepper(tx):
   def step(p, s, g):
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
+
   return step
 
 
@@ -94,8 +104,12 @@ def _sam(inner):
   return optax.contrib.sam(inner, adversary, sync_period=2)
 
 
-WRAPPERS = {"MultiSteps": _multisteps, "apply_if_finite": _if_finite,
-            "lookahead": _lookahead, "schedule_free": _schedule_free}
+WRAPPERS = {
+  "MultiSteps": _multisteps,
+  "apply_if_finite": _if_finite,
+  "lookahead": _lookahead,
+  "schedule_free": _schedule_free,
+}
 # SAM moves the params to adversarial points on its own steps: only outermost jasp masks those.
 OUTER_WRAPPERS = dict(WRAPPERS, sam=_sam)
 
@@ -117,6 +131,7 @@ def _copies(kind, p):
 
 # Case 1: mask_updates first in a chain.
 
+
 def test_mask_updates_first_in_a_chain_leaves_params_dense_and_is_caught():
   params, masks, loss = _mlp()
   tx = optax.chain(jasp.mask_updates(masks), optax.adam(1e-2))
@@ -135,8 +150,9 @@ def test_mask_updates_first_in_a_chain_leaves_params_dense_and_is_caught():
     jax.block_until_ready(_stepper(tx)(params, tx.init(params), jax.grad(loss)(params)))
   # ...and, from pruned params, at the first update after a later transformation moved them.
   pruned = _pruned(params, masks)
-  tx = optax.chain(jasp.mask_updates(masks, debug=True), optax.add_noise(0.1, 0.0, 0),
-                   optax.sgd(1e-2))
+  tx = optax.chain(
+    jasp.mask_updates(masks, debug=True), optax.add_noise(0.1, 0.0, 0), optax.sgd(1e-2)
+  )
   state, step = tx.init(pruned), _stepper(tx)
   p, state = step(pruned, state, jax.grad(loss)(pruned))
   with pytest.raises(Exception, match=MASK_UPDATES_DEBUG):
@@ -146,8 +162,11 @@ def test_mask_updates_first_in_a_chain_leaves_params_dense_and_is_caught():
 def test_mask_updates_last_in_debug_mode_runs_clean():
   params, masks, loss = _mlp()
   p = _pruned(params, masks)
-  tx = optax.chain(optax.add_noise(0.1, 0.0, 0), optax.adamw(1e-2, weight_decay=0.1),
-                   jasp.mask_updates(masks, debug=True))
+  tx = optax.chain(
+    optax.add_noise(0.1, 0.0, 0),
+    optax.adamw(1e-2, weight_decay=0.1),
+    jasp.mask_updates(masks, debug=True),
+  )
   state, step = tx.init(p), _stepper(tx)
   for _ in range(4):
     p, state = step(p, state, jax.grad(loss)(p))
@@ -158,13 +177,17 @@ def test_mask_updates_last_in_debug_mode_runs_clean():
 
 # Case 2: wrappers that skip, accumulate or replace the inner update.
 
+
 @pytest.mark.parametrize("form", ["sparse_optimizer", "chain"])
 @pytest.mark.parametrize("kind", sorted(OUTER_WRAPPERS))
 def test_jasp_outermost_keeps_every_copy_nm_from_unpruned_params(kind, form):
   params, masks, loss = _mlp()  # never pruned
   inner = OUTER_WRAPPERS[kind](optax.adam(1e-2))
-  tx = (jasp.sparse_optimizer(inner, masks) if form == "sparse_optimizer"
-        else optax.chain(inner, jasp.mask_updates(masks)))
+  tx = (
+    jasp.sparse_optimizer(inner, masks)
+    if form == "sparse_optimizer"
+    else optax.chain(inner, jasp.mask_updates(masks))
+  )
   p = _train_params(kind, params)
   state, step = tx.init(p), _stepper(tx)
   for i in range(7):
@@ -207,11 +230,14 @@ def test_lookahead_params_are_checked_copy_by_copy():
   pair = optax.LookaheadParams(fast=_pruned(params, masks), slow=params)
   with pytest.raises(ValueError, match="slow/dense1/kernel"):
     enforcement.assert_masked(pair, masks)
-  assert set(enforcement.count_unmasked(pair, masks)) == {"slow/dense1/kernel",
-                                                          "slow/dense2/kernel"}
+  assert set(enforcement.count_unmasked(pair, masks)) == {
+    "slow/dense1/kernel",
+    "slow/dense2/kernel",
+  }
 
 
 # Case 3: schedule-free evaluation params.
+
 
 def test_schedule_free_eval_params_are_nm_under_sparse_optimizer():
   params, masks, loss = _mlp()  # never pruned: z starts dense
@@ -222,8 +248,9 @@ def test_schedule_free_eval_params_are_nm_under_sparse_optimizer():
     p, state = step(p, state, jax.grad(loss)(p))
     _assert_nm(p, f"step {i}: training params")
     # optax's own evaluation params, read off the inner state, are exact.
-    _assert_nm(optax.contrib.schedule_free_eval_params(state.inner_state, p),
-               f"step {i}: optax eval params")
+    _assert_nm(
+      optax.contrib.schedule_free_eval_params(state.inner_state, p), f"step {i}: optax eval params"
+    )
     _assert_nm(enforcement.schedule_free_eval_params(state, p), f"step {i}: jasp eval params")
 
 
@@ -232,8 +259,9 @@ def test_schedule_free_eval_params_of_a_chain():
   p = _pruned(params, masks)
   tx = optax.chain(optax.contrib.schedule_free_adamw(1e-2), jasp.mask_updates(masks))
   state, step = tx.init(p), _stepper(tx)
-  ref_tx = jasp.sparse_optimizer(optax.contrib.schedule_free_adamw(1e-2), masks,
-                                 mask_gradients=False)
+  ref_tx = jasp.sparse_optimizer(
+    optax.contrib.schedule_free_adamw(1e-2), masks, mask_gradients=False
+  )
   ref_state, ref_step = ref_tx.init(p), _stepper(ref_tx)
   ref_p = p
   for _ in range(4):
@@ -249,13 +277,16 @@ def test_schedule_free_eval_params_of_a_chain():
   ref = optax.contrib.schedule_free_eval_params(ref_state.inner_state, ref_p)
   for name in KERNELS:
     mk = np.asarray(masks[name]["kernel"])
-    np.testing.assert_array_equal(np.asarray(ev[name]["kernel"])[mk],
-                                  np.asarray(raw[name]["kernel"])[mk])
-    np.testing.assert_allclose(np.asarray(ev[name]["kernel"]), np.asarray(ref[name]["kernel"]),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(
+      np.asarray(ev[name]["kernel"])[mk], np.asarray(raw[name]["kernel"])[mk]
+    )
+    np.testing.assert_allclose(
+      np.asarray(ev[name]["kernel"]), np.asarray(ref[name]["kernel"]), rtol=1e-6, atol=1e-7
+    )
   with pytest.raises(ValueError, match="schedule-free"):
-    enforcement.schedule_free_eval_params(optax.chain(optax.adam(1e-2),
-                                                      jasp.mask_updates(masks)).init(p), p)
+    enforcement.schedule_free_eval_params(
+      optax.chain(optax.adam(1e-2), jasp.mask_updates(masks)).init(p), p
+    )
 
 
 def test_update_masks_remasks_schedule_free_z():
@@ -263,8 +294,12 @@ def test_update_masks_remasks_schedule_free_z():
   tx = jasp.sparse_optimizer(optax.contrib.schedule_free_sgd(1e-2), masks)
   state, step = tx.init(params), _stepper(tx)
   p, state = step(params, state, jax.grad(loss)(params))
-  new_masks = jax.tree.map(lambda w, mk: None if mk is None else jasp.nm_mask(w, 1, 4, axis=0),
-                           params, masks, is_leaf=lambda x: x is None)
+  new_masks = jax.tree.map(
+    lambda w, mk: None if mk is None else jasp.nm_mask(w, 1, 4, axis=0),
+    params,
+    masks,
+    is_leaf=lambda x: x is None,
+  )
   state = jasp.update_masks(state, new_masks)
   p = jasp.apply_masks(p, new_masks)
   ev = optax.contrib.schedule_free_eval_params(state.inner_state, p)
@@ -274,6 +309,7 @@ def test_update_masks_remasks_schedule_free_z():
 
 
 # Everything stays jittable, with masks as state and no host callback unless asked.
+
 
 @pytest.mark.parametrize("kind", sorted(WRAPPERS))
 def test_masks_are_state_and_no_callback_without_debug(kind):
@@ -289,8 +325,9 @@ def test_masks_are_state_and_no_callback_without_debug(kind):
 
 
 def test_packed_masks_and_nnx_optimizer_with_schedule_free():
-  import models  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import models
+  from flax import nnx
+
   model, tokens = models.nnx_block()
   params = nnx.state(model, nnx.Param)
   masks = jasp.compute_masks(params, layouts=jasp.trace_layouts(model, tokens), packed=True)
@@ -302,6 +339,7 @@ def test_packed_masks_and_nnx_optimizer_with_schedule_free():
   def step(model, opt):
     def loss(m):
       return optax.softmax_cross_entropy_with_integer_labels(m(tokens), y).mean()
+
     opt.update(model, nnx.grad(loss)(model))
 
   for _ in range(3):

@@ -22,6 +22,7 @@ def _setup():
   def loss(p):
     logits = model.apply({"params": p}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
   return params, masks, loss
 
 
@@ -32,11 +33,14 @@ def _all_nm(params, masks):
       assert (np.asarray(w)[~np.asarray(mk[p])] == 0).all(), p
 
 
-@pytest.mark.parametrize("inner", [
+@pytest.mark.parametrize(
+  "inner",
+  [
     optax.adamw(1e-2, weight_decay=0.5),
     optax.sgd(1e-1, momentum=0.9),
     optax.chain(optax.add_decayed_weights(1.0), optax.lion(1e-3)),
-])
+  ],
+)
 def test_mask_updates_keeps_params_sparse_from_dense_start(inner):
   params, masks, loss = _setup()  # params NOT pruned beforehand
   tx = optax.chain(inner, jasp.mask_updates(masks))
@@ -144,14 +148,17 @@ def test_nnx_optimizer():
   state = nnx.state(model, nnx.Param)
   masks = jasp.compute_masks(state, layouts=lay)
   y = jax.random.randint(jax.random.key(3), tokens.shape, 0, 32)
-  for tx in (optax.chain(optax.adamw(1e-2, weight_decay=0.1), jasp.mask_updates(masks)),
-             jasp.sparse_optimizer(optax.adamw(1e-2), masks)):
+  for tx in (
+    optax.chain(optax.adamw(1e-2, weight_decay=0.1), jasp.mask_updates(masks)),
+    jasp.sparse_optimizer(optax.adamw(1e-2), masks),
+  ):
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt):
       def loss(m):
         return optax.softmax_cross_entropy_with_integer_labels(m(tokens), y).mean()
+
       l, g = nnx.value_and_grad(loss)(model)
       opt.update(model, g)
       return l

@@ -21,6 +21,7 @@ def test_digits_quick(tmp_path):
 
 def test_lm_quick(tmp_path):
   import lm  # noqa: E402
+
   res = lm.main(["--quick", "--out", str(tmp_path)])
   assert set(res["one_shot"]) == {"magnitude", "wanda", "sparsegpt"}
   assert res["best_method"] == min(res["one_shot"], key=lambda k: res["one_shot"][k]["val_loss"])
@@ -29,8 +30,9 @@ def test_lm_quick(tmp_path):
 
 
 def test_digits_permute_quick(tmp_path):
-  res = digits.main(["--quick", "--permute", "--permute-time", "1", "--no-onnx",
-                     "--out", str(tmp_path)])
+  res = digits.main(
+    ["--quick", "--permute", "--permute-time", "1", "--no-onnx", "--out", str(tmp_path)]
+  )
   p = res["permutation"]
   assert p["kept_with"] > p["kept_without"]  # permutation keeps more magnitude
   assert abs(p["dense_acc_after_permute"] - res["dense_acc"]) < 1e-6  # same function

@@ -25,6 +25,7 @@ def cnn_msgpack(tmp_path_factory):
 
 def jax_to_numpy(tree):
   import jax
+
   return jax.tree.map(np.asarray, tree)
 
 
@@ -39,11 +40,15 @@ def test_msgpack_checkpoint(cnn_msgpack):
 
 
 def test_orbax_checkpoint_with_masks(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint", reason="needs the checkpoint extra: "
-                            "pip install 'jasp[checkpoint]'")
+  ocp = pytest.importorskip(
+    "orbax.checkpoint", reason="needs the checkpoint extra: pip install 'jasp[checkpoint]'"
+  )
   _, variables, masks, _, _ = em.pruned_cnn()
-  kept = {mod: {"kernel": d["kernel"]} for mod, d in masks["params"].items()
-          if d.get("kernel") is not None}  # orbax stores no None leaves
+  kept = {
+    mod: {"kernel": d["kernel"]}
+    for mod, d in masks["params"].items()
+    if d.get("kernel") is not None
+  }  # orbax stores no None leaves
   ckpt = {"params": variables["params"], "masks": jax_to_numpy(kept)}
   path = tmp_path / "orbax"
   with ocp.PyTreeCheckpointer() as c:
@@ -69,8 +74,22 @@ def test_check_params_and_expect_sparse(capsys, cnn_msgpack):
   assert cli.main(["check", str(cnn_msgpack), "--expect-sparse", "Conv_0"]) == 1
   capsys.readouterr()
   # --n/--m: 2:4 weights are not 1:4.
-  assert cli.main(["check", str(cnn_msgpack), "--n", "1", "--m", "4", "--json",
-                   "--expect-sparse", r"Conv_[12]|Dense"]) == 1
+  assert (
+    cli.main(
+      [
+        "check",
+        str(cnn_msgpack),
+        "--n",
+        "1",
+        "--m",
+        "4",
+        "--json",
+        "--expect-sparse",
+        r"Conv_[12]|Dense",
+      ]
+    )
+    == 1
+  )
   data = json.loads(capsys.readouterr().out)
   assert data["ok"] is False and data["n"] == 1
   assert {w["param"] for w in data["weights"] if w["status"] == "FAIL"} == set(em.PRUNED_CNN)
@@ -86,12 +105,15 @@ def test_dense_weights_with_many_zeros_must_be_nm():
   assert export.check_params({"params": {"Dense_0": {"kernel": w}}}, min_zeros=1.01).ok
 
 
-@pytest.mark.parametrize("content,name", [
+@pytest.mark.parametrize(
+  "content,name",
+  [
     (b"\x08\x07garbage that is no protobuf \xff\xff", "bad.onnx"),
     (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", "bad.safetensors"),
     (b"\xc1\xc1\xc1", "bad.msgpack"),
     (b"hello", "notes.txt"),
-])
+  ],
+)
 def test_corrupt_or_unsupported_file_exit_2(tmp_path, capsys, content, name):
   path = tmp_path / name
   path.write_bytes(content)
@@ -135,9 +157,14 @@ def test_missing_dependency_names_the_extra(tmp_path, capsys, monkeypatch):
 def test_python_dash_m_entry_point(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-m", "jasp.export.cli", "check",
-                         str(tmp_path / "missing.onnx")], capture_output=True, text=True,
-                        cwd=root, env=env, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "jasp.export.cli", "check", str(tmp_path / "missing.onnx")],
+    capture_output=True,
+    text=True,
+    cwd=root,
+    env=env,
+    timeout=120,
+  )
   assert proc.returncode == 2
   assert "no such file" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -153,8 +180,9 @@ def test_report_table_and_json_shapes():
 
 
 def test_orbax_checkpoint_manager_layout(tmp_path, capsys):
-  ocp = pytest.importorskip("orbax.checkpoint", reason="needs the checkpoint extra: "
-                            "pip install 'jasp[checkpoint]'")
+  ocp = pytest.importorskip(
+    "orbax.checkpoint", reason="needs the checkpoint extra: pip install 'jasp[checkpoint]'"
+  )
   _, variables, _, _, _ = em.pruned_cnn()
   tree = {"params": jax_to_numpy(variables["params"])}
   with ocp.CheckpointManager(str(tmp_path / "run")) as mgr:
@@ -164,8 +192,9 @@ def test_orbax_checkpoint_manager_layout(tmp_path, capsys):
   report = export.check_file(tmp_path / "run")  # the latest step, its single item
   assert report.ok and report.path.endswith("(2/default)")
   with ocp.CheckpointManager(str(tmp_path / "two"), item_names=("a", "b")) as mgr:
-    mgr.save(1, args=ocp.args.Composite(a=ocp.args.StandardSave(tree),
-                                        b=ocp.args.StandardSave(tree)))
+    mgr.save(
+      1, args=ocp.args.Composite(a=ocp.args.StandardSave(tree), b=ocp.args.StandardSave(tree))
+    )
     mgr.wait_until_finished()
   assert cli.main(["check", str(tmp_path / "two")]) == 2
   assert "pass the item's directory" in capsys.readouterr().err
@@ -180,8 +209,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _w24(rows=8, cols=4):
   """A 2:4 weight (rows, cols), 2:4 along axis 0 (a MatMul B operand)."""
-  return np.asarray(jasp.nm_mask(np.arange(1, rows * cols + 1, dtype=np.float32).reshape(
-      rows, cols), 2, 4, 0)) * 1.0
+  return (
+    np.asarray(
+      jasp.nm_mask(np.arange(1, rows * cols + 1, dtype=np.float32).reshape(rows, cols), 2, 4, 0)
+    )
+    * 1.0
+  )
 
 
 def _matmul_onnx(meta=None, *, w=None, name="W"):
@@ -190,12 +223,16 @@ def _matmul_onnx(meta=None, *, w=None, name="W"):
   from onnx import TensorProto
   from onnx import helper
   from onnx import numpy_helper
+
   w = _w24() if w is None else w
   node = helper.make_node("MatMul", ["x", name], ["y"])
   graph = helper.make_graph(
-      [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
-      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
-      [numpy_helper.from_array(w.astype(np.float32), name)])
+    [node],
+    "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])],
+    [numpy_helper.from_array(w.astype(np.float32), name)],
+  )
   model = helper.make_model(graph)
   if meta is not None:
     entry = model.metadata_props.add()
@@ -204,30 +241,42 @@ def _matmul_onnx(meta=None, *, w=None, name="W"):
   return model
 
 
-PRUNED_W = {"n": 2, "m": 4, "weights": {"W": {"path": "params/Dense_0/kernel", "pruned": True,
-                                              "axis": [0]}}}
+PRUNED_W = {
+  "n": 2,
+  "m": 4,
+  "weights": {"W": {"path": "params/Dense_0/kernel", "pruned": True, "axis": [0]}},
+}
 
 
 def _cli(path, *args):
   """``(exit status, stderr)`` of ``jasp check PATH ARGS`` run in-process."""
   import contextlib
   import io
+
   err = io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
     code = cli.main(["check", str(path), *args])
   return code, err.getvalue()
 
 
-_LIMITED_CLI = ("import resource, sys; mem = int(sys.argv[1]); "
-                "resource.setrlimit(resource.RLIMIT_AS, (mem, mem)); "
-                "from jasp.export import cli; sys.exit(cli.main(sys.argv[2:]))")
+_LIMITED_CLI = (
+  "import resource, sys; mem = int(sys.argv[1]); "
+  "resource.setrlimit(resource.RLIMIT_AS, (mem, mem)); "
+  "from jasp.export import cli; sys.exit(cli.main(sys.argv[2:]))"
+)
 
 
 def _cli_subprocess(path, *args, timeout=60, mem=3 << 30):
   """``jasp check`` in a child process with a wall-clock timeout and an address-space limit."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-c", _LIMITED_CLI, str(mem), "check", str(path), *args],
-                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-c", _LIMITED_CLI, str(mem), "check", str(path), *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    timeout=timeout,
+  )
 
 
 def test_matmul_onnx_fixture_passes(tmp_path):
@@ -284,8 +333,9 @@ def test_no_weights_in_safetensors_msgpack_orbax_exit_2(tmp_path):
   st.save_file({}, str(tmp_path / "empty.safetensors"))
   st.save_file({"Dense_0.bias": np.zeros(4, np.float32)}, str(tmp_path / "bias.safetensors"))
   (tmp_path / "empty.msgpack").write_bytes(serialization.msgpack_serialize({}))
-  (tmp_path / "bias.msgpack").write_bytes(serialization.msgpack_serialize(
-      {"params": {"Dense_0": {"bias": np.zeros(4, np.float32)}}}))
+  (tmp_path / "bias.msgpack").write_bytes(
+    serialization.msgpack_serialize({"params": {"Dense_0": {"bias": np.zeros(4, np.float32)}}})
+  )
   names = ["empty.safetensors", "bias.safetensors", "empty.msgpack", "bias.msgpack"]
   ocp = pytest.importorskip("orbax.checkpoint")
   with ocp.PyTreeCheckpointer() as c:
@@ -300,9 +350,15 @@ def test_no_weights_in_safetensors_msgpack_orbax_exit_2(tmp_path):
 
 def test_safetensors_metadata_lists_a_pruned_weight_it_lacks_exit_2(tmp_path):
   st = pytest.importorskip("safetensors.numpy")
-  meta = {"n": 2, "m": 4, "layout": "torch", "weights": {
+  meta = {
+    "n": 2,
+    "m": 4,
+    "layout": "torch",
+    "weights": {
       "fc.weight": {"path": "params/fc/kernel", "pruned": True, "kind": "dot", "axis": [0]},
-      "gone.weight": {"path": "params/gone/kernel", "pruned": True, "kind": "dot", "axis": [0]}}}
+      "gone.weight": {"path": "params/gone/kernel", "pruned": True, "kind": "dot", "axis": [0]},
+    },
+  }
   path = tmp_path / "m.safetensors"
   st.save_file({"fc.weight": _w24().T.copy()}, str(path), metadata={"jasp": json.dumps(meta)})
   code, err = _cli(path)
@@ -312,7 +368,9 @@ def test_safetensors_metadata_lists_a_pruned_weight_it_lacks_exit_2(tmp_path):
   assert _cli(path)[0] == 0
 
 
-@pytest.mark.parametrize("meta,field", [
+@pytest.mark.parametrize(
+  "meta,field",
+  [
     ('{"n": "x"}', "'n'"),
     ('{"n": null}', "'n'"),
     ('{"m": 1e400}', "'m'"),
@@ -327,7 +385,8 @@ def test_safetensors_metadata_lists_a_pruned_weight_it_lacks_exit_2(tmp_path):
     ('{"n": 2, "n": 3}', "'n' appears twice"),
     ('{"n": NaN}', "NaN"),
     ("{not json", "not valid JSON"),
-])
+  ],
+)
 def test_malformed_jasp_metadata_exit_2_naming_the_field(tmp_path, meta, field):
   path = tmp_path / "m.onnx"
   path.write_bytes(_matmul_onnx(meta).SerializeToString())
@@ -387,9 +446,14 @@ def _orbax_plain(tmp_path):
   return path, zarray
 
 
-@pytest.mark.parametrize("shape,chunks", [([1 << 40, 1 << 40], [8, 4]),
-                                          ([8, 4], [1 << 20, 1 << 20]),
-                                          ([1 << 17, 1 << 17], [1 << 17, 1 << 17])])
+@pytest.mark.parametrize(
+  "shape,chunks",
+  [
+    ([1 << 40, 1 << 40], [8, 4]),
+    ([8, 4], [1 << 20, 1 << 20]),
+    ([1 << 17, 1 << 17], [1 << 17, 1 << 17]),
+  ],
+)
 def test_orbax_zarray_declaring_a_huge_array_exit_2_not_abort(tmp_path, shape, chunks):
   path, zarray = _orbax_plain(tmp_path)
   assert export.check_file(path).ok
@@ -415,8 +479,9 @@ def _safetensors_bytes(header: dict, data: bytes) -> bytes:
   return len(h).to_bytes(8, "little") + h + data
 
 
-@pytest.mark.parametrize("case", ["header_len", "offsets_past_end", "shape_vs_offsets",
-                                  "dtype", "metadata_not_strings"])
+@pytest.mark.parametrize(
+  "case", ["header_len", "offsets_past_end", "shape_vs_offsets", "dtype", "metadata_not_strings"]
+)
 def test_safetensors_size_lies_exit_2(tmp_path, case):
   pytest.importorskip("safetensors")
   ent = {"dtype": "F32", "shape": [4, 8], "data_offsets": [0, 128]}
@@ -443,6 +508,7 @@ def test_safetensors_size_lies_exit_2(tmp_path, case):
 @pytest.mark.parametrize("case", ["shape", "dtype", "record"])
 def test_msgpack_array_size_lies_exit_2(tmp_path, case):
   import msgpack
+
   buf = _w24().astype(np.float32).tobytes()
   rec = {"shape": [1 << 20, 1 << 20], "dtype": "float32", "record": [8, 4]}
   parts = ([8, 4], "float32", buf)
@@ -469,6 +535,7 @@ def test_onnx_tensor_data_shorter_than_its_dims_exit_2(tmp_path):
 @pytest.mark.parametrize("case", ["outside", "absolute", "fifo", "length", "past_end"])
 def test_onnx_external_data_is_bounded(tmp_path, case):
   from onnx import TensorProto
+
   model = _matmul_onnx(PRUNED_W)
   t = model.graph.initializer[0]
   raw = t.raw_data
@@ -499,6 +566,7 @@ def test_onnx_external_data_is_bounded(tmp_path, case):
 
 def test_onnx_external_data_read_back(tmp_path):
   from onnx import TensorProto
+
   model = _matmul_onnx(PRUNED_W)
   t = model.graph.initializer[0]
   (tmp_path / "w.bin").write_bytes(b"\0" * 16 + t.raw_data)
@@ -515,7 +583,9 @@ def test_onnx_external_data_read_back(tmp_path):
     export.check_onnx(model)  # a proto alone: no directory to read it from
 
 
-@pytest.mark.parametrize("op,attrs,wshape", [
+@pytest.mark.parametrize(
+  "op,attrs,wshape",
+  [
     ("Transpose", {"perm": [0, 0]}, (8, 4)),
     ("Transpose", {"perm": [5, 9]}, (8, 4)),
     ("Squeeze", {"axes": [7]}, (8, 4)),
@@ -526,16 +596,20 @@ def test_onnx_external_data_read_back(tmp_path):
     ("Einsum", {"equation": "...i...,ij->j"}, (8, 4)),
     ("Flatten", {"axis": 9}, (8, 4)),
     ("Concat", {"axis": 5}, (8, 4)),
-])
+  ],
+)
 def test_malformed_graph_attributes_are_not_followed(tmp_path, op, attrs, wshape):
   onnx = pytest.importorskip("onnx")
   from onnx import TensorProto
   from onnx import helper
   from onnx import numpy_helper
+
   w = np.zeros(wshape, np.float32)
   if op in ("Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat"):
-    nodes = [helper.make_node(op, ["W"], ["t"], **attrs), helper.make_node("MatMul", ["x", "t"],
-                                                                            ["y"])]
+    nodes = [
+      helper.make_node(op, ["W"], ["t"], **attrs),
+      helper.make_node("MatMul", ["x", "t"], ["y"]),
+    ]
     if op == "Squeeze" or op == "Unsqueeze":
       nodes[0] = helper.make_node(op, ["W"], ["t"])
       nodes[0].attribute.append(helper.make_attribute("axes", attrs["axes"]))
@@ -545,10 +619,13 @@ def test_malformed_graph_attributes_are_not_followed(tmp_path, op, attrs, wshape
     nodes = [helper.make_node(op, ["x", "W"], ["y"], **attrs)]
   else:
     nodes = [helper.make_node(op, ["x", "W"], ["y"])]
-  graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                        None)],
-                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                            [numpy_helper.from_array(w, "W")])
+  graph = helper.make_graph(
+    nodes,
+    "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    [numpy_helper.from_array(w, "W")],
+  )
   model = helper.make_model(graph)
   entry = model.metadata_props.add()
   entry.key, entry.value = "jasp", json.dumps(PRUNED_W)
@@ -591,13 +668,15 @@ def test_a_graph_built_to_make_the_walk_slow_is_refused(tmp_path, monkeypatch):
   from onnx import numpy_helper
 
   from jasp.export import _onnx_graph
+
   monkeypatch.setattr(_onnx_graph, "MAX_VISITS", 10_000)
   k = 150
   inits = [numpy_helper.from_array(np.zeros((4, 4), np.float32), f"w{i}") for i in range(k)]
   nodes = [helper.make_node("Concat", [f"w{i}" for i in range(k)], ["c"], axis=1)]
   nodes += [helper.make_node("Identity", ["c"], [f"y{j}"]) for j in range(k)]
-  graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(
-      "y0", TensorProto.FLOAT, None)], inits)
+  graph = helper.make_graph(
+    nodes, "g", [], [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)], inits
+  )
   path = tmp_path / "wide.onnx"
   path.write_bytes(helper.make_model(graph).SerializeToString())
   code, err = _cli(path)
@@ -625,7 +704,8 @@ def _tf_saved_model(path, variables: dict, meta=None):
   if meta is not None:
     (path / "assets.extra").mkdir(exist_ok=True)
     (path / "assets.extra" / "jasp.json").write_text(
-        meta if isinstance(meta, str) else json.dumps(meta))
+      meta if isinstance(meta, str) else json.dumps(meta)
+    )
   return path
 
 
@@ -634,8 +714,11 @@ def test_saved_model_without_weights_or_with_bad_metadata_exit_2(tmp_path):
   sm = _tf_saved_model(tmp_path / "bias", {"bias": np.zeros(4, np.float32)})
   code, err = _cli(sm)
   assert code == 2 and "no weights found" in err, err
-  good = {"n": 2, "m": 4, "weights": {"params/kernel": {"pruned": True, "axis": [0],
-                                                        "kind": "dot"}}}
+  good = {
+    "n": 2,
+    "m": 4,
+    "weights": {"params/kernel": {"pruned": True, "axis": [0], "kind": "dot"}},
+  }
   sm = _tf_saved_model(tmp_path / "ok", w, good)
   report = export.check_file(sm)
   assert report.ok and report.weights[0].expected_by == "metadata"
@@ -643,9 +726,11 @@ def test_saved_model_without_weights_or_with_bad_metadata_exit_2(tmp_path):
   sm = _tf_saved_model(tmp_path / "gone", w, gone)
   code, err = _cli(sm)
   assert code == 2 and "params/gone" in err and "cannot verify" in err, err
-  for meta, field in [('{"n": "x"}', "'n'"), ('{"weights": {"params/kernel": []}}',
-                                               "weights['params/kernel']"),
-                      ('{"weights": {"params/kernel": {"pruned": true, "axis": [5]}}}', "axis")]:
+  for meta, field in [
+    ('{"n": "x"}', "'n'"),
+    ('{"weights": {"params/kernel": []}}', "weights['params/kernel']"),
+    ('{"weights": {"params/kernel": {"pruned": true, "axis": [5]}}}', "axis"),
+  ]:
     sm = _tf_saved_model(tmp_path / f"bad{len(field)}", w, meta)
     code, err = _cli(sm)
     assert code == 2 and field in err and "Traceback" not in err, (meta, err)

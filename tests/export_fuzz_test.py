@@ -35,7 +35,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("jax2onnx", reason="ONNX export needs the onnx extra: pip install 'jasp[onnx]'")
-pytest.importorskip("tensorflow", reason="SavedModel export needs the tf extra: pip install 'jasp[tf]'")
+pytest.importorskip(
+  "tensorflow", reason="SavedModel export needs the tf extra: pip install 'jasp[tf]'"
+)
 pytest.importorskip("safetensors", reason="needs the safetensors extra")
 pytest.importorskip("orbax.checkpoint", reason="needs the checkpoint extra")
 
@@ -60,9 +62,9 @@ SAMPLE_EVERY = 8  # every 8th case also runs in the child
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:'.value' access is now deprecated"),
-    # orbax, on a checkpoint whose metadata it cannot read, drops a coroutine unawaited.
-    pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning"),
+  pytest.mark.filterwarnings("ignore:'.value' access is now deprecated"),
+  # orbax, on a checkpoint whose metadata it cannot read, drops a coroutine unawaited.
+  pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning"),
 ]
 
 
@@ -83,14 +85,17 @@ def _export_all(root: str) -> dict:
   layouts = jasp.trace_layouts(model.apply, variables, x)
   pruned, masks = jasp.prune(variables, layouts=layouts)
   host = jax.tree.map(np.asarray, pruned)
-  out = {"onnx": os.path.join(root, "m.onnx"), "savedmodel": os.path.join(root, "sm"),
-         "safetensors": os.path.join(root, "m.safetensors"),
-         "msgpack": os.path.join(root, "m.msgpack"), "orbax": os.path.join(root, "orbax"),
-         "orbax-zarr": os.path.join(root, "orbax_zarr")}
+  out = {
+    "onnx": os.path.join(root, "m.onnx"),
+    "savedmodel": os.path.join(root, "sm"),
+    "safetensors": os.path.join(root, "m.safetensors"),
+    "msgpack": os.path.join(root, "m.msgpack"),
+    "orbax": os.path.join(root, "orbax"),
+    "orbax-zarr": os.path.join(root, "orbax_zarr"),
+  }
   export.to_onnx(model.apply, pruned, x, path=out["onnx"], masks=masks)
   export.to_saved_model(model.apply, pruned, x, path=out["savedmodel"], masks=masks)
-  export.save_safetensors(out["safetensors"], pruned, layouts=layouts, masks=masks,
-                          apex_masks=True)
+  export.save_safetensors(out["safetensors"], pruned, layouts=layouts, masks=masks, apex_masks=True)
   with open(out["msgpack"], "wb") as f:
     f.write(serialization.msgpack_serialize(host))
   with ocp.PyTreeCheckpointer() as c:
@@ -141,11 +146,18 @@ def _mutate_json(rng, text: str) -> tuple[str, str]:
     parent[marker] = 0
     dup = json.dumps(_ODD_VALUES[int(rng.integers(len(_ODD_VALUES)))])
     return f"duplicate {path}", json.dumps(doc).replace(
-        f'"{marker}": 0', f"{json.dumps(path[-1])}: {dup}")
+      f'"{marker}": 0', f"{json.dumps(path[-1])}: {dup}"
+    )
   if op == "swap" and len(paths) > 2:
     other = paths[int(rng.integers(1, len(paths)))]
-    if path and other and path[:-1] != other and other[:-1] != path and not _prefix(
-        path, other) and not _prefix(other, path):
+    if (
+      path
+      and other
+      and path[:-1] != other
+      and other[:-1] != path
+      and not _prefix(path, other)
+      and not _prefix(other, path)
+    ):
       a, b = _get(doc, path), _get(doc, other)
       _get(doc, path[:-1])[path[-1]] = copy.deepcopy(b)
       _get(doc, other[:-1])[other[-1]] = copy.deepcopy(a)
@@ -157,8 +169,11 @@ def _mutate_json(rng, text: str) -> tuple[str, str]:
   if op in ("text", "huge") and path:
     parent = _get(doc, path[:-1])
     parent[path[-1]] = marker
-    lit = (_ODD_TEXTS[int(rng.integers(len(_ODD_TEXTS)))] if op == "text"
-           else str(int(rng.choice([1 << 31, 1 << 40, 1 << 62, 1 << 64]))))
+    lit = (
+      _ODD_TEXTS[int(rng.integers(len(_ODD_TEXTS)))]
+      if op == "text"
+      else str(int(rng.choice([1 << 31, 1 << 40, 1 << 62, 1 << 64])))
+    )
     return f"{op} {path}={lit}", json.dumps(doc).replace(f'"{marker}"', lit)
   value = _ODD_VALUES[int(rng.integers(len(_ODD_VALUES)))]
   if not path:
@@ -168,7 +183,7 @@ def _mutate_json(rng, text: str) -> tuple[str, str]:
 
 
 def _prefix(a, b) -> bool:
-  return len(a) <= len(b) and tuple(b[:len(a)]) == tuple(a)
+  return len(a) <= len(b) and tuple(b[: len(a)]) == tuple(a)
 
 
 def _cold_ranges(data: bytes, blobs) -> list[tuple[int, int]]:
@@ -208,15 +223,15 @@ def _one_mutation(rng, data: bytes, cold=(), kind: str | None = None) -> tuple[s
       b[j] ^= 1 << int(rng.integers(8))
     return f"flip x{bits}", bytes(b)
   if kind == "zero":
-    b[i:i + k] = bytes(len(b[i:i + k]))
+    b[i : i + k] = bytes(len(b[i : i + k]))
     return f"zero {i}+{k}", bytes(b)
   if kind == "random":
-    b[i:i + k] = rng.integers(0, 256, len(b[i:i + k]), dtype=np.uint8).tobytes()
+    b[i : i + k] = rng.integers(0, 256, len(b[i : i + k]), dtype=np.uint8).tobytes()
     return f"random {i}+{k}", bytes(b)
   if kind == "delete":
-    del b[i:i + k]
+    del b[i : i + k]
     return f"delete {i}+{k}", bytes(b)
-  b[i:i] = data[i:i + k]
+  b[i:i] = data[i : i + k]
   return f"duplicate {i}+{k}", bytes(b)
 
 
@@ -226,10 +241,16 @@ def _byte_mutations(rng, data: bytes, count: int, cold=()) -> list[tuple[str, by
   offs = {0, 1, 2, 7, 8, 9, 15, 16, n // 2, n - 1}
   while len(offs) < count // 3:
     offs.add(_pick(rng, n, cold) if rng.random() < 0.5 else int(rng.integers(n)))
-  out = [(f"truncate@{o}", data[:o]) for o in sorted(offs)[:count // 3]]
+  out = [(f"truncate@{o}", data[:o]) for o in sorted(offs)[: count // 3]]
   while len(out) < count:
-    out.append(_one_mutation(rng, data, cold, str(rng.choice(
-        ["flip", "flip", "flip", "zero", "random", "delete", "duplicate"]))))
+    out.append(
+      _one_mutation(
+        rng,
+        data,
+        cold,
+        str(rng.choice(["flip", "flip", "flip", "zero", "random", "delete", "duplicate"])),
+      )
+    )
   return out
 
 
@@ -269,9 +290,26 @@ def _onnx_cases(rng, cases: _Cases, src: str, count_bytes: int, count_struct: in
   while made < count_struct:
     m = copy.deepcopy(model)
     g = m.graph
-    kind = rng.choice(["meta", "meta", "meta", "no_nodes", "no_inits", "drop_init", "drop_node",
-                       "dims", "dtype", "raw", "attr", "attr", "op", "rename", "dup_meta",
-                       "external"])
+    kind = rng.choice(
+      [
+        "meta",
+        "meta",
+        "meta",
+        "no_nodes",
+        "no_inits",
+        "drop_init",
+        "drop_node",
+        "dims",
+        "dtype",
+        "raw",
+        "attr",
+        "attr",
+        "op",
+        "rename",
+        "dup_meta",
+        "external",
+      ]
+    )
     must = None
     if kind == "meta":
       what, text = _mutate_json(rng, meta_text)
@@ -303,12 +341,27 @@ def _onnx_cases(rng, cases: _Cases, src: str, count_bytes: int, count_struct: in
       what = f"data_type of {t.name}: {t.data_type}"
     elif kind == "raw":
       t = g.initializer[int(rng.integers(len(g.initializer)))]
-      t.raw_data = t.raw_data[:int(rng.integers(len(t.raw_data) + 1))]
+      t.raw_data = t.raw_data[: int(rng.integers(len(t.raw_data) + 1))]
       what = f"raw_data of {t.name} cut to {len(t.raw_data)}"
     elif kind == "attr":
       node = g.node[int(rng.integers(len(g.node)))]
-      name = str(rng.choice(["perm", "axis", "axes", "transA", "transB", "group", "equation",
-                             "allowzero", "num_scan_inputs", "scan_input_axes", "to"]))
+      name = str(
+        rng.choice(
+          [
+            "perm",
+            "axis",
+            "axes",
+            "transA",
+            "transB",
+            "group",
+            "equation",
+            "allowzero",
+            "num_scan_inputs",
+            "scan_input_axes",
+            "to",
+          ]
+        )
+      )
       value = [0, 0] if rng.random() < 0.2 else _ODD_VALUES[int(rng.integers(2, 10))]
       if isinstance(value, (dict, type(None))) or value == [] or value == [1, "a"]:
         value = int(rng.integers(-5, 9))
@@ -322,9 +375,26 @@ def _onnx_cases(rng, cases: _Cases, src: str, count_bytes: int, count_struct: in
       what = f"{node.op_type}.{name}={value!r}"
     elif kind == "op":
       node = g.node[int(rng.integers(len(g.node)))]
-      new = str(rng.choice(["MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Transpose",
-                            "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Loop", "Scan",
-                            "Identity"]))
+      new = str(
+        rng.choice(
+          [
+            "MatMul",
+            "Gemm",
+            "Conv",
+            "ConvTranspose",
+            "Einsum",
+            "Transpose",
+            "Reshape",
+            "Squeeze",
+            "Unsqueeze",
+            "Flatten",
+            "Concat",
+            "Loop",
+            "Scan",
+            "Identity",
+          ]
+        )
+      )
       what = f"{node.op_type} -> {new}"
       node.op_type = new
     elif kind == "rename":
@@ -366,8 +436,8 @@ def _onnx_cases(rng, cases: _Cases, src: str, count_bytes: int, count_struct: in
 def _safetensors_cases(rng, cases: _Cases, src: str, count_bytes: int, count_struct: int) -> None:
   data = open(src, "rb").read()
   hlen = int.from_bytes(data[:8], "little")
-  header = data[8:8 + hlen].decode()
-  body = data[8 + hlen:]
+  header = data[8 : 8 + hlen].decode()
+  body = data[8 + hlen :]
   cases.add_file("safetensors", "original", data, ".safetensors", must=0)
   cold = [(8 + hlen, len(data))]
   for what, blob in _byte_mutations(rng, data, count_bytes, cold):
@@ -391,16 +461,16 @@ def _safetensors_cases(rng, cases: _Cases, src: str, count_bytes: int, count_str
       cases.add_file("safetensors", "jasp " + what, pack(json.dumps(d)), ".safetensors")
     elif kind == "length":
       lie = int(rng.choice([0, 1, hlen - 1, hlen + 1, len(data), 1 << 31, 1 << 63]))
-      cases.add_file("safetensors", f"header length {lie}", pack(header, hlen=lie),
-                     ".safetensors")
+      cases.add_file("safetensors", f"header length {lie}", pack(header, hlen=lie), ".safetensors")
     else:  # a tensor that the metadata names as pruned leaves the file
       d = copy.deepcopy(doc)
       meta = json.loads(jasp_meta)
       pruned = sorted(k for k, v in meta["weights"].items() if v["pruned"])
       key = pruned[i % len(pruned)]
       del d[key]
-      cases.add_file("safetensors", f"drop pruned {key}", pack(json.dumps(d)), ".safetensors",
-                     must=2)
+      cases.add_file(
+        "safetensors", f"drop pruned {key}", pack(json.dumps(d)), ".safetensors", must=2
+      )
 
 
 def _msgpack_cases(rng, cases: _Cases, src: str, count_bytes: int, count_struct: int) -> None:
@@ -425,8 +495,9 @@ def _msgpack_cases(rng, cases: _Cases, src: str, count_bytes: int, count_struct:
     tree = copy.deepcopy(raw)
     path, ext = recs[int(rng.integers(len(recs)))]
     shape, dtype, buf = msgpack.unpackb(ext.data, raw=True)
-    kind = rng.choice(["shape", "dtype", "buffer", "record", "code", "subtree", "root", "deep",
-                       "chunked"])
+    kind = rng.choice(
+      ["shape", "dtype", "buffer", "record", "code", "subtree", "root", "deep", "chunked"]
+    )
     if kind == "shape":
       shape = [int(rng.choice([0, 1 << 20, 1 << 40, 3]))] + list(shape)[1:]
       new = msgpack.ExtType(1, msgpack.packb((shape, dtype, buf)))
@@ -434,7 +505,7 @@ def _msgpack_cases(rng, cases: _Cases, src: str, count_bytes: int, count_struct:
       dtype = str(rng.choice(["object", "V16", "<U4", "float128", "bogus", "int4", ""])).encode()
       new = msgpack.ExtType(1, msgpack.packb((shape, dtype, buf)))
     elif kind == "buffer":
-      new = msgpack.ExtType(1, msgpack.packb((shape, dtype, buf[:int(rng.integers(len(buf)))])))
+      new = msgpack.ExtType(1, msgpack.packb((shape, dtype, buf[: int(rng.integers(len(buf)))])))
     elif kind == "record":
       value = _ODD_VALUES[int(rng.integers(len(_ODD_VALUES)))]
       new = msgpack.ExtType(1, msgpack.packb(value if value != 1 << 70 else -(1 << 40)))
@@ -443,8 +514,11 @@ def _msgpack_cases(rng, cases: _Cases, src: str, count_bytes: int, count_struct:
     elif kind == "subtree":
       new = _ODD_VALUES[int(rng.integers(len(_ODD_VALUES)))]
     elif kind == "chunked":
-      new = {"__msgpack_chunked_array__": True, "chunks": {"0": ext},
-             "shape": {"0": int(rng.choice([1, 1 << 40]))}}
+      new = {
+        "__msgpack_chunked_array__": True,
+        "chunks": {"0": ext},
+        "shape": {"0": int(rng.choice([1, 1 << 40]))},
+      }
     if kind == "root":
       tree = list(tree.values())
       what = "a list at the root"
@@ -476,8 +550,14 @@ def _replace_file(path: str, how: str) -> None:
 def _dir_files(root: str) -> list[str]:
   """The files under ``root``, in an order that does not depend on OCDBT's random file names."""
   files = [os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs]
-  return sorted(files, key=lambda f: (os.path.dirname(f), os.path.getsize(os.path.join(root, f)),
-                                      f if "ocdbt" not in f else ""))
+  return sorted(
+    files,
+    key=lambda f: (
+      os.path.dirname(f),
+      os.path.getsize(os.path.join(root, f)),
+      f if "ocdbt" not in f else "",
+    ),
+  )
 
 
 def _dir_cases(rng, cases: _Cases, fmt: str, src: str, count: int, json_files, hot_files) -> None:
@@ -517,8 +597,13 @@ def _dir_cases(rng, cases: _Cases, fmt: str, src: str, count: int, json_files, h
     else:
       rel = hot[int(rng.integers(len(hot)))]
       how = "fifo" if rng.random() < 0.5 or not os.path.exists("/dev/zero") else "zero"
-      cases.add_dir(fmt, f"{rel} -> {how}", src,
-                    lambda p, rel=rel, how=how: _replace_file(os.path.join(p, rel), how), must=2)
+      cases.add_dir(
+        fmt,
+        f"{rel} -> {how}",
+        src,
+        lambda p, rel=rel, how=how: _replace_file(os.path.join(p, rel), how),
+        must=2,
+      )
 
 
 def _savedmodel_pruned_dropped(cases: _Cases, src: str) -> None:
@@ -542,18 +627,34 @@ def _build_cases(root: str, files: dict, rng) -> _Cases:
   _onnx_cases(rng, cases, files["onnx"], 110, 90)
   _safetensors_cases(rng, cases, files["safetensors"], 70, 60)
   _msgpack_cases(rng, cases, files["msgpack"], 70, 40)
-  _dir_cases(rng, cases, "savedmodel", files["savedmodel"], 60,
-             ("jasp.json",), ("variables/", "jasp.json"))
+  _dir_cases(
+    rng, cases, "savedmodel", files["savedmodel"], 60, ("jasp.json",), ("variables/", "jasp.json")
+  )
   _savedmodel_pruned_dropped(cases, files["savedmodel"])
-  _dir_cases(rng, cases, "orbax", files["orbax"], 45,
-             ("_METADATA", "_CHECKPOINT_METADATA"), ("ocdbt", "manifest", "_METADATA"))
-  _dir_cases(rng, cases, "orbax", files["orbax-zarr"], 45,
-             (".zarray", "_METADATA"), (".zarray", "/0", "_METADATA"))
+  _dir_cases(
+    rng,
+    cases,
+    "orbax",
+    files["orbax"],
+    45,
+    ("_METADATA", "_CHECKPOINT_METADATA"),
+    ("ocdbt", "manifest", "_METADATA"),
+  )
+  _dir_cases(
+    rng,
+    cases,
+    "orbax",
+    files["orbax-zarr"],
+    45,
+    (".zarray", "_METADATA"),
+    (".zarray", "/0", "_METADATA"),
+  )
   return cases
 
 
 # ----------------------------------------------------------------------------
 # Running the cases.
+
 
 class _Timeout(Exception):
   pass
@@ -660,10 +761,12 @@ print(json.dumps({"late": late}), flush=True)
 """
 
 
-_ONE = ("import resource, sys; mem = int(sys.argv[1]); "
-        "resource.setrlimit(resource.RLIMIT_AS, (mem, mem)); "
-        "import runpy; sys.argv = ['jasp', 'check', sys.argv[2]]; "
-        "runpy.run_module('jasp.export.cli', run_name='__main__')")
+_ONE = (
+  "import resource, sys; mem = int(sys.argv[1]); "
+  "resource.setrlimit(resource.RLIMIT_AS, (mem, mem)); "
+  "import runpy; sys.argv = ['jasp', 'check', sys.argv[2]]; "
+  "runpy.run_module('jasp.export.cli', run_name='__main__')"
+)
 
 
 def _problems(code, err: str, seconds: float, must: int | None) -> list[str]:
@@ -694,8 +797,9 @@ def test_fuzz_check_fails_closed(exported, capsys):
   cases = _build_cases(root, files, rng)
   build_s = time.perf_counter() - t0
   with capsys.disabled():
-    print(f"\njasp check fuzz: seed {SEED} (JASP_FUZZ_SEED={SEED} reproduces), "
-          f"{len(cases.items)} cases")
+    print(
+      f"\njasp check fuzz: seed {SEED} (JASP_FUZZ_SEED={SEED} reproduces), {len(cases.items)} cases"
+    )
   rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   outcomes: dict = collections.defaultdict(collections.Counter)
   failures, slowest = [], (0.0, "")
@@ -714,11 +818,17 @@ def test_fuzz_check_fails_closed(exported, capsys):
   # A sample in a child process: a memory cap, a hard timeout, and a crash would show.
   sample = [c for i, c in enumerate(cases.items) if i % SAMPLE_EVERY == 0 or c[3] == 2]
   t1 = time.perf_counter()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep
-             + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", _CHILD, str(CHILD_MEMORY), str(CASE_TIMEOUT_S)]
-                        + [c[2] for c in sample], capture_output=True, text=True, cwd=ROOT,
-                        env=env, timeout=CHILD_TIMEOUT_S)
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", _CHILD, str(CHILD_MEMORY), str(CASE_TIMEOUT_S)] + [c[2] for c in sample],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    timeout=CHILD_TIMEOUT_S,
+  )
   child_s = time.perf_counter() - t1
   lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
   done = {ln["path"]: ln for ln in lines if "path" in ln}
@@ -728,8 +838,10 @@ def test_fuzz_check_fails_closed(exported, capsys):
   for fmt, what, path, must in sample:
     got = done.get(path)
     if got is None:
-      failures.append(f"[child] {fmt} {what} ({path}): no result; the child ended with "
-                      f"{proc.returncode}: {proc.stderr[-1500:]}")
+      failures.append(
+        f"[child] {fmt} {what} ({path}): no result; the child ended with "
+        f"{proc.returncode}: {proc.stderr[-1500:]}"
+      )
       break
     child_outcomes[got["code"]] += 1
     for p in _problems(got["code"], got["err"], got["s"], must):
@@ -745,9 +857,20 @@ def test_fuzz_check_fails_closed(exported, capsys):
     if item[1] != "original":
       by_fmt[item[0]].append(item)
   picked = [v[int(rng.integers(len(v)))] for _, v in sorted(by_fmt.items())]
-  procs = [(item, subprocess.Popen(
-      [sys.executable, "-c", _ONE, str(CHILD_MEMORY), item[2]], stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)) for item in picked]
+  procs = [
+    (
+      item,
+      subprocess.Popen(
+        [sys.executable, "-c", _ONE, str(CHILD_MEMORY), item[2]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+      ),
+    )
+    for item in picked
+  ]
   for (fmt, what, path, must), p in procs:
     try:
       _, err = p.communicate(timeout=120)
@@ -765,20 +888,23 @@ def test_fuzz_check_fails_closed(exported, capsys):
   for c in outcomes.values():
     summary.update(c)
   with capsys.disabled():
-    print(f"jasp check fuzz: seed {SEED}; cases per format {dict(total)}; "
-          f"{len(cases.items)} in all")
+    print(
+      f"jasp check fuzz: seed {SEED}; cases per format {dict(total)}; {len(cases.items)} in all"
+    )
     for fmt, c in outcomes.items():
       print(f"  {fmt}: " + ", ".join(f"exit {k}: {v}" for k, v in sorted(c.items(), key=str)))
-    print("  outcomes: " + ", ".join(f"exit {k}: {v}" for k, v in sorted(summary.items(),
-                                                                             key=str)))
-    print(f"  time: export {export_s:.1f} s, build {build_s:.1f} s, in-process {run_s:.1f} s "
-          f"(slowest {slowest[0]:.2f} s: {slowest[1]}), child sample of {len(sample)} under "
-          f"RLIMIT_AS {CHILD_MEMORY >> 30} GiB {child_s:.1f} s "
-          f"({', '.join(f'exit {k}: {v}' for k, v in sorted(child_outcomes.items(), key=str))}), "
-          f"{len(procs)} separate processes {process_s:.1f} s; peak RSS growth "
-          f"{rss_growth_mib:.0f} MiB; orbax's late 'Event loop is closed' reports: "
-          f"{late.closed_loop} in-process, {child_late['closed_loop']} in the child")
+    print("  outcomes: " + ", ".join(f"exit {k}: {v}" for k, v in sorted(summary.items(), key=str)))
+    print(
+      f"  time: export {export_s:.1f} s, build {build_s:.1f} s, in-process {run_s:.1f} s "
+      f"(slowest {slowest[0]:.2f} s: {slowest[1]}), child sample of {len(sample)} under "
+      f"RLIMIT_AS {CHILD_MEMORY >> 30} GiB {child_s:.1f} s "
+      f"({', '.join(f'exit {k}: {v}' for k, v in sorted(child_outcomes.items(), key=str))}), "
+      f"{len(procs)} separate processes {process_s:.1f} s; peak RSS growth "
+      f"{rss_growth_mib:.0f} MiB; orbax's late 'Event loop is closed' reports: "
+      f"{late.closed_loop} in-process, {child_late['closed_loop']} in the child"
+    )
   assert len(cases.items) >= 500
   assert not failures, f"{len(failures)} failing case(s) (seed {SEED}):\n" + "\n".join(
-      failures[:30])
+    failures[:30]
+  )
   assert rss_growth_mib < 1024

@@ -51,8 +51,9 @@ class _Block(nn.Module):
 class _Stacked(nn.Module):
   @nn.compact
   def __call__(self, x):
-    blocks = nn.scan(nn.remat(_Block), variable_axes={"params": 0}, split_rngs={"params": True},
-                     length=3)
+    blocks = nn.scan(
+      nn.remat(_Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+    )
     x, _ = blocks(name="blocks")(nn.Dense(8)(x), None)
     return nn.Dense(4)(x)
 
@@ -77,10 +78,12 @@ def test_linen_scan_blocks_become_one_initializer_per_layer():
 def test_reverse_scan_with_constant_kernels_exports():
   """A backward RNN: jax2onnx does not convert a reverse scan; jasp runs it forward on
   reversed inputs. Its kernels stay loop operands, followed into the Loop body."""
+
   def rnn(p, xs):  # xs (T, B, 8)
     def cell(h, x):
       h = jnp.tanh(x @ p["wx"] + h @ p["wh"])
       return h, h
+
     h, ys = jax.lax.scan(cell, jnp.zeros((xs.shape[1], 8)), xs, reverse=True)
     return ys.sum(0) + h
 
@@ -141,6 +144,7 @@ def test_resnet18_shaped_model_exports_a_file_onnx_accepts():
   pruned, masks = jasp.prune(v, layouts=lay)
   onx = export.to_onnx(model.apply, pruned, x, masks=masks)  # validates: checker, run, pattern
   import onnx
+
   onnx.checker.check_model(onx, full_check=True)
   assert export.check_onnx(onx).ok
 
@@ -177,16 +181,20 @@ def test_nnx_idioms_export():
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def make(rngs):
         return Block(rngs)
+
       self.blocks = make(rngs)
 
     def __call__(self, x):
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
       def body(x, blk):
         return blk(x)
+
       return body(x, self.blocks)
 
-  for module, x in ((Gemma(nnx.Rngs(0)), jnp.zeros((2, 5), jnp.int32)),
-                    (Stack(nnx.Rngs(0)), _x((2, 16)))):
+  for module, x in (
+    (Gemma(nnx.Rngs(0)), jnp.zeros((2, 5), jnp.int32)),
+    (Stack(nnx.Rngs(0)), _x((2, 16))),
+  ):
     module.eval()
     onx = export.to_onnx(module, x)
     assert _rel(export.run_onnx(onx, x)[0], module(x)) < 1e-5

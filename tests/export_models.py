@@ -29,6 +29,7 @@ def _finetune(apply, variables, masks, x, labels, steps=3):
     def loss(p):
       logits = apply({"params": p, **rest}, x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     g = jax.grad(loss)(params)
     u, state = tx.update(g, state, params)
     return optax.apply_updates(params, u), state
@@ -54,8 +55,9 @@ def pruned_block():
   """(model, variables, masks, layouts, tokens): the linen transformer block, 2:4 except its head."""
   model, variables, tokens = models.linen_block()
   layouts = jasp.trace_layouts(model.apply, variables, tokens)
-  pruned, masks = jasp.prune(variables, layouts=layouts,
-                             policy=jasp.Policy(exclude=[r"Dense_0/kernel"]))
+  pruned, masks = jasp.prune(
+    variables, layouts=layouts, policy=jasp.Policy(exclude=[r"Dense_0/kernel"])
+  )
   labels = jax.random.randint(jax.random.key(8), tokens.shape, 0, 32)
   tuned = _finetune(model.apply, pruned, masks, tokens, labels)
   return model, tuned, masks, layouts, tokens
@@ -70,12 +72,16 @@ def pruned_nnx_block():
   return module, masks, tokens
 
 
-PRUNED_CNN = ("params/Conv_1/kernel", "params/Conv_2/kernel", "params/Dense_0/kernel",
-              "params/Dense_1/kernel")
+PRUNED_CNN = (
+  "params/Conv_1/kernel",
+  "params/Conv_2/kernel",
+  "params/Dense_0/kernel",
+  "params/Dense_1/kernel",
+)
 DENSE_CNN = ("params/Conv_0/kernel",)  # in = 1 channel: not a multiple of 4
-PRUNED_BLOCK = tuple(f"params/MultiHeadDotProductAttention_0/{k}/kernel"
-                     for k in ("query", "key", "value", "out")) + (
-                         "params/DenseGeneral_0/kernel", "params/DenseGeneral_1/kernel")
+PRUNED_BLOCK = tuple(
+  f"params/MultiHeadDotProductAttention_0/{k}/kernel" for k in ("query", "key", "value", "out")
+) + ("params/DenseGeneral_0/kernel", "params/DenseGeneral_1/kernel")
 DENSE_BLOCK = ("params/Dense_0/kernel",)
 
 __all__ = ["rel_err", "pruned_cnn", "pruned_block", "pruned_nnx_block", "jnp"]

@@ -3,7 +3,9 @@
 import pytest
 
 pytest.importorskip("jax2onnx", reason="ONNX export needs the onnx extra: pip install 'jasp[onnx]'")
-pytest.importorskip("onnxruntime", reason="running ONNX needs the onnx extra: pip install 'jasp[onnx]'")
+pytest.importorskip(
+  "onnxruntime", reason="running ONNX needs the onnx extra: pip install 'jasp[onnx]'"
+)
 
 import export_models as em  # noqa: E402
 import jax  # noqa: E402
@@ -87,8 +89,9 @@ def test_nnx_block_exports_and_checks(tmp_path):
   assert em.rel_err(y, module(tokens)) <= TOL
   report = export.check_file(path)
   assert report.ok
-  pruned = [p for p, mk in jasp._tree.leaves_by_path(masks, keep_none=True).items()
-            if mk is not None]
+  pruned = [
+    p for p, mk in jasp._tree.leaves_by_path(masks, keep_none=True).items() if mk is not None
+  ]
   assert sorted(report.by_param()) == sorted(pruned)
   assert all(w.nm for w in report.weights)
 
@@ -122,6 +125,7 @@ def test_checker_fails_on_a_corrupted_pattern(cnn_onnx, tmp_path, capsys):
   def fill_group(a):  # MatMul B (in, out): make one group of 4 inputs dense
     a[0:4, 0] = 1.0
     return a
+
   name = _corrupt(cnn_onnx, bad, "params/Dense_0/kernel", fill_group)
   report = export.check_file(bad)
   assert not report.ok
@@ -140,6 +144,7 @@ def test_checker_names_the_wrong_axis(cnn_onnx, tmp_path):
 
   def out_axis(a):  # MatMul B (in, out) = (2048, 64): 2:4 along out instead of in
     return _nm_along(a.shape, 1)
+
   _corrupt(cnn_onnx, bad, "params/Dense_0/kernel", out_axis)
   w = export.check_file(bad).by_param()["params/Dense_0/kernel"]
   assert w.status == "FAIL" and "along axis 1 instead" in w.note
@@ -148,14 +153,16 @@ def test_checker_names_the_wrong_axis(cnn_onnx, tmp_path):
 # ----------------------------------------------------------------------------
 # The consumer rules, on hand-built graphs (no exporter involved).
 
+
 def _nm_along(shape, axis, seed=0):
   a = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
   return a * np.asarray(jasp.nm_mask(a, 2, 4, axis=axis))
 
 
 def _graph_model(nodes, inits, inputs, outputs):
-  graph = helper.make_graph(nodes, "g", inputs, outputs,
-                            [numpy_helper.from_array(v, k) for k, v in inits.items()])
+  graph = helper.make_graph(
+    nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()]
+  )
   return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -166,26 +173,27 @@ def _vi(name, shape):
 def test_gemm_transb_matmul_operand_order_and_chains():
   """Gemm transB=1 reduces B along 1; MatMul's A along -1; through Transpose and Reshape."""
   inits = {
-      "gemm_tb": _nm_along((20, 48), 1),      # Gemm transB=1: B (N, K)
-      "gemm_b": _nm_along((48, 20), 0),       # Gemm transB=0: B (K, N)
-      "mm_a": _nm_along((20, 48), 1),         # MatMul(W, x): A (M, K)
-      "t_w": _nm_along((20, 48), 1),          # Transpose -> (48, 20) -> MatMul B
-      "r_w": _nm_along((2, 24, 20), (0, 1)),  # Reshape (48, 20) -> MatMul B: axes 0,1 merged
-      "wrong": _nm_along((48, 20), 1),        # MatMul B along the output axis: wrong
-      "shape": np.asarray([48, 20], np.int64),
+    "gemm_tb": _nm_along((20, 48), 1),  # Gemm transB=1: B (N, K)
+    "gemm_b": _nm_along((48, 20), 0),  # Gemm transB=0: B (K, N)
+    "mm_a": _nm_along((20, 48), 1),  # MatMul(W, x): A (M, K)
+    "t_w": _nm_along((20, 48), 1),  # Transpose -> (48, 20) -> MatMul B
+    "r_w": _nm_along((2, 24, 20), (0, 1)),  # Reshape (48, 20) -> MatMul B: axes 0,1 merged
+    "wrong": _nm_along((48, 20), 1),  # MatMul B along the output axis: wrong
+    "shape": np.asarray([48, 20], np.int64),
   }
   nodes = [
-      helper.make_node("Gemm", ["x", "gemm_tb"], ["y1"], transB=1),
-      helper.make_node("Gemm", ["x", "gemm_b"], ["y2"]),
-      helper.make_node("MatMul", ["mm_a", "xt"], ["y3"]),
-      helper.make_node("Transpose", ["t_w"], ["t_wt"], perm=[1, 0]),
-      helper.make_node("MatMul", ["x", "t_wt"], ["y4"]),
-      helper.make_node("Reshape", ["r_w", "shape"], ["r_w2"]),
-      helper.make_node("MatMul", ["x", "r_w2"], ["y5"]),
-      helper.make_node("MatMul", ["x", "wrong"], ["y6"]),
+    helper.make_node("Gemm", ["x", "gemm_tb"], ["y1"], transB=1),
+    helper.make_node("Gemm", ["x", "gemm_b"], ["y2"]),
+    helper.make_node("MatMul", ["mm_a", "xt"], ["y3"]),
+    helper.make_node("Transpose", ["t_w"], ["t_wt"], perm=[1, 0]),
+    helper.make_node("MatMul", ["x", "t_wt"], ["y4"]),
+    helper.make_node("Reshape", ["r_w", "shape"], ["r_w2"]),
+    helper.make_node("MatMul", ["x", "r_w2"], ["y5"]),
+    helper.make_node("MatMul", ["x", "wrong"], ["y6"]),
   ]
-  model = _graph_model(nodes, inits, [_vi("x", [3, 48]), _vi("xt", [48, 3])],
-                       [_vi(f"y{i}", None) for i in range(1, 7)])
+  model = _graph_model(
+    nodes, inits, [_vi("x", [3, 48]), _vi("xt", [48, 3])], [_vi(f"y{i}", None) for i in range(1, 7)]
+  )
   r = export.check_onnx(model).by_name()
   assert r["gemm_tb"].axis == (1,) and r["gemm_tb"].nm and r["gemm_tb"].consumer == "Gemm(transB=1)"
   assert r["gemm_b"].axis == (0,) and r["gemm_b"].nm
@@ -198,19 +206,23 @@ def test_gemm_transb_matmul_operand_order_and_chains():
 
 def test_conv_kcrs_grouped_and_depthwise():
   inits = {
-      "w": _nm_along((20, 12, 3, 3), 1),         # KCRS, groups along C
-      "wg": _nm_along((20, 8, 3, 3), 1),         # group=2: C/group = 8
-      "wdw": np.ones((12, 1, 3, 3), np.float32),  # depthwise
-      "wrong": _nm_along((20, 12, 3, 3), 0),     # 2:4 along K: wrong for TensorRT
+    "w": _nm_along((20, 12, 3, 3), 1),  # KCRS, groups along C
+    "wg": _nm_along((20, 8, 3, 3), 1),  # group=2: C/group = 8
+    "wdw": np.ones((12, 1, 3, 3), np.float32),  # depthwise
+    "wrong": _nm_along((20, 12, 3, 3), 0),  # 2:4 along K: wrong for TensorRT
   }
   nodes = [
-      helper.make_node("Conv", ["x", "w"], ["y1"], pads=[1, 1, 1, 1]),
-      helper.make_node("Conv", ["x16", "wg"], ["y2"], group=2, pads=[1, 1, 1, 1]),
-      helper.make_node("Conv", ["x", "wdw"], ["y3"], group=12, pads=[1, 1, 1, 1]),
-      helper.make_node("Conv", ["x", "wrong"], ["y4"], pads=[1, 1, 1, 1]),
+    helper.make_node("Conv", ["x", "w"], ["y1"], pads=[1, 1, 1, 1]),
+    helper.make_node("Conv", ["x16", "wg"], ["y2"], group=2, pads=[1, 1, 1, 1]),
+    helper.make_node("Conv", ["x", "wdw"], ["y3"], group=12, pads=[1, 1, 1, 1]),
+    helper.make_node("Conv", ["x", "wrong"], ["y4"], pads=[1, 1, 1, 1]),
   ]
-  model = _graph_model(nodes, inits, [_vi("x", [1, 12, 5, 5]), _vi("x16", [1, 16, 5, 5])],
-                       [_vi(f"y{i}", None) for i in range(1, 5)])
+  model = _graph_model(
+    nodes,
+    inits,
+    [_vi("x", [1, 12, 5, 5]), _vi("x16", [1, 16, 5, 5])],
+    [_vi(f"y{i}", None) for i in range(1, 5)],
+  )
   r = export.check_onnx(model).by_name()
   assert r["w"].axis == (1,) and r["w"].nm and r["w"].consumer == "Conv"
   assert r["wg"].nm and r["wg"].consumer == "Conv(group=2)"
@@ -240,10 +252,12 @@ def test_positional_pooling_args_get_a_clear_error_or_export(tmp_path):
 
 def test_weights_used_inside_control_flow_subgraphs():
   inits = {"sub_w": _nm_along((48, 20), 0), "cond": np.asarray(True)}
-  then = helper.make_graph([helper.make_node("MatMul", ["x", "sub_w"], ["t"])], "then", [],
-                           [_vi("t", [3, 20])])
-  other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
-                            [_vi("e", [3, 48])])
+  then = helper.make_graph(
+    [helper.make_node("MatMul", ["x", "sub_w"], ["t"])], "then", [], [_vi("t", [3, 20])]
+  )
+  other = helper.make_graph(
+    [helper.make_node("Identity", ["x"], ["e"])], "else", [], [_vi("e", [3, 48])]
+  )
   node = helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)
   model = _graph_model([node], inits, [_vi("x", [3, 48])], [_vi("y", None)])
   (w,) = export.check_onnx(model).weights
@@ -254,27 +268,33 @@ def test_einsum_concat_and_visit_once():
   """Einsum drops its reduced letters; Concat along another axis is followed; a graph whose
   Identity nodes fan out exponentially is walked once per name."""
   inits = {
-      "ein": _nm_along((48, 4, 5), 0),         # 'btk,khd->bthd': reduces k (axis 0)
-      "cat_a": _nm_along((48, 8), 0),          # Concat along axis 1, then MatMul B
-      "cat_b": _nm_along((48, 12), 0),
-      "cat_k": _nm_along((24, 20), 0),         # Concat along axis 0 = the reduction axis
-      "fan": _nm_along((48, 20), 0),
+    "ein": _nm_along((48, 4, 5), 0),  # 'btk,khd->bthd': reduces k (axis 0)
+    "cat_a": _nm_along((48, 8), 0),  # Concat along axis 1, then MatMul B
+    "cat_b": _nm_along((48, 12), 0),
+    "cat_k": _nm_along((24, 20), 0),  # Concat along axis 0 = the reduction axis
+    "fan": _nm_along((48, 20), 0),
   }
   nodes = [
-      helper.make_node("Einsum", ["x3", "ein"], ["y1"], equation="btk,khd->bthd"),
-      helper.make_node("Concat", ["cat_a", "cat_b"], ["cat"], axis=1),
-      helper.make_node("MatMul", ["x", "cat"], ["y2"]),
-      helper.make_node("Concat", ["cat_k", "cat_k"], ["catk"], axis=0),
-      helper.make_node("MatMul", ["x", "catk"], ["y3"]),
+    helper.make_node("Einsum", ["x3", "ein"], ["y1"], equation="btk,khd->bthd"),
+    helper.make_node("Concat", ["cat_a", "cat_b"], ["cat"], axis=1),
+    helper.make_node("MatMul", ["x", "cat"], ["y2"]),
+    helper.make_node("Concat", ["cat_k", "cat_k"], ["catk"], axis=0),
+    helper.make_node("MatMul", ["x", "catk"], ["y3"]),
   ]
   prev = "fan"
   for i in range(40):  # each level doubles the paths: 2**40 without visit-once
-    nodes += [helper.make_node("Identity", [prev], [f"f{i}"]),
-              helper.make_node("Identity", [prev], [f"f{i}"])]
+    nodes += [
+      helper.make_node("Identity", [prev], [f"f{i}"]),
+      helper.make_node("Identity", [prev], [f"f{i}"]),
+    ]
     prev = f"f{i}"
   nodes.append(helper.make_node("MatMul", ["x", prev], ["y4"]))
-  model = _graph_model(nodes, inits, [_vi("x", [3, 48]), _vi("x3", [2, 3, 48])],
-                       [_vi(f"y{i}", None) for i in range(1, 5)])
+  model = _graph_model(
+    nodes,
+    inits,
+    [_vi("x", [3, 48]), _vi("x3", [2, 3, 48])],
+    [_vi(f"y{i}", None) for i in range(1, 5)],
+  )
   r = export.check_onnx(model).by_name()
   assert r["ein"].axis == (0,) and r["ein"].nm and r["ein"].consumer.startswith("Einsum")
   assert r["cat_a"].axis == (0,) and r["cat_a"].nm and r["cat_b"].nm
@@ -285,24 +305,37 @@ def test_einsum_concat_and_visit_once():
 def test_loop_operands_and_outer_reads_are_followed_into_the_body():
   """An initializer passed into a Loop (jax2onnx's scan constants) or read from the enclosing
   graph by the body; two bodies reuse the same input names."""
+
   def body(name):
-    b_in = [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
-            helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
-            _vi("w_in", None), _vi("h", [3, 48])]
-    b_nodes = [helper.make_node("Identity", ["c"], ["c_out"]),
-               helper.make_node("Identity", ["w_in"], ["w_out"]),
-               helper.make_node("MatMul", ["h", "w_in"], ["h1"]),
-               helper.make_node("MatMul", ["h1", "outer"], ["h_out"])]
-    b_out = [helper.make_tensor_value_info("c_out", onnx.TensorProto.BOOL, []),
-             _vi("w_out", None), _vi("h_out", [3, 48])]
+    b_in = [
+      helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+      helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+      _vi("w_in", None),
+      _vi("h", [3, 48]),
+    ]
+    b_nodes = [
+      helper.make_node("Identity", ["c"], ["c_out"]),
+      helper.make_node("Identity", ["w_in"], ["w_out"]),
+      helper.make_node("MatMul", ["h", "w_in"], ["h1"]),
+      helper.make_node("MatMul", ["h1", "outer"], ["h_out"]),
+    ]
+    b_out = [
+      helper.make_tensor_value_info("c_out", onnx.TensorProto.BOOL, []),
+      _vi("w_out", None),
+      _vi("h_out", [3, 48]),
+    ]
     return helper.make_graph(b_nodes, name, b_in, b_out)
 
-  inits = {"carried": _nm_along((48, 48), 0), "carried2": _nm_along((48, 48), 0, seed=1),
-           "outer": _nm_along((48, 48), 0, seed=2),
-           "trip": np.asarray(2, np.int64), "cond": np.asarray(True)}
+  inits = {
+    "carried": _nm_along((48, 48), 0),
+    "carried2": _nm_along((48, 48), 0, seed=1),
+    "outer": _nm_along((48, 48), 0, seed=2),
+    "trip": np.asarray(2, np.int64),
+    "cond": np.asarray(True),
+  }
   nodes = [
-      helper.make_node("Loop", ["trip", "cond", "carried", "x"], ["w1", "y1"], body=body("b1")),
-      helper.make_node("Loop", ["trip", "cond", "carried2", "y1"], ["w2", "y2"], body=body("b2")),
+    helper.make_node("Loop", ["trip", "cond", "carried", "x"], ["w1", "y1"], body=body("b1")),
+    helper.make_node("Loop", ["trip", "cond", "carried2", "y1"], ["w2", "y2"], body=body("b2")),
   ]
   model = _graph_model(nodes, inits, [_vi("x", [3, 48])], [_vi("y2", None)])
   r = export.check_onnx(model).by_name()

@@ -2,7 +2,9 @@
 
 import pytest
 
-pytest.importorskip("tensorflow", reason="SavedModel export needs the tf extra: pip install 'jasp[tf]'")
+pytest.importorskip(
+  "tensorflow", reason="SavedModel export needs the tf extra: pip install 'jasp[tf]'"
+)
 
 import export_models as em  # noqa: E402
 import numpy as np  # noqa: E402
@@ -47,8 +49,7 @@ def test_cnn_saved_model_checker(cnn_saved, capsys):
 
 def test_block_saved_model_runs_like_jax_and_checks(tmp_path):
   model, variables, masks, _, tokens = em.pruned_block()
-  path = export.to_saved_model(model.apply, variables, tokens, path=tmp_path / "block",
-                               masks=masks)
+  path = export.to_saved_model(model.apply, variables, tokens, path=tmp_path / "block", masks=masks)
   (y,) = export.run_saved_model(path, tokens)
   assert em.rel_err(y, model.apply(variables, tokens)) <= TOL
   report = export.check_file(path)
@@ -72,6 +73,7 @@ def test_nnx_saved_model(tmp_path):
 
 def test_saved_model_without_jasp_metadata_uses_conventions(cnn_saved, tmp_path):
   import shutil
+
   bare = tmp_path / "bare"
   shutil.copytree(cnn_saved, bare)
   shutil.rmtree(bare / "assets.extra")

@@ -46,8 +46,7 @@ def test_conv_to_kcrs(spatial):
   nd = len(spatial) + 2
   w = _nm_along(spatial + (12, 20), nd - 2)  # (*spatial, in, out)
   layout = jasp.Layout((nd - 2,), (nd - 1,), kind="conv")
-  t = _check_both_ways(w, layout, (20, 12) + spatial,
-                       lambda o, c, *s: tuple(s) + (c, o))
+  t = _check_both_ways(w, layout, (20, 12) + spatial, lambda o, c, *s: tuple(s) + (c, o))
   assert bool(jasp.is_nm(t, 2, 4, axis=1)) and not bool(jasp.is_nm(t, 2, 4, axis=0))
 
 
@@ -78,8 +77,7 @@ def test_non_weights_are_unchanged_and_keys_follow_pytorch():
 
 def test_state_dict_round_trip_with_apex_masks():
   _, variables, masks, layouts, _ = em.pruned_cnn()
-  state, info = export.to_torch_state_dict(variables, layouts=layouts, masks=masks,
-                                           apex_masks=True)
+  state, info = export.to_torch_state_dict(variables, layouts=layouts, masks=masks, apex_masks=True)
   assert state["Dense_0.weight"].shape == (64, 2048)
   assert state["Conv_1.weight"].shape == (32, 8, 3, 3)  # KCRS, grouped: C/groups = 8
   assert state["Conv_2.weight"].shape == (32, 32, 3)
@@ -97,8 +95,9 @@ def test_state_dict_round_trip_with_apex_masks():
 
 
 def test_safetensors_file_round_trip_and_check(tmp_path):
-  pytest.importorskip("safetensors", reason="needs the safetensors extra: "
-                      "pip install 'jasp[safetensors]'")
+  pytest.importorskip(
+    "safetensors", reason="needs the safetensors extra: pip install 'jasp[safetensors]'"
+  )
   model, variables, masks, layouts, x = em.pruned_block()
   path = tmp_path / "block.safetensors"
   export.save_safetensors(path, variables, layouts=layouts, masks=masks)
@@ -107,8 +106,9 @@ def test_safetensors_file_round_trip_and_check(tmp_path):
   assert raw["DenseGeneral_0.weight"].shape == (128, 32)
   assert raw["DenseGeneral_0.weight_mask"].dtype == np.bool_
   back = export.load_safetensors(path, like=variables)  # layouts come from the file
-  np.testing.assert_array_equal(np.asarray(model.apply(back, x)),
-                                np.asarray(model.apply(variables, x)))
+  np.testing.assert_array_equal(
+    np.asarray(model.apply(back, x)), np.asarray(model.apply(variables, x))
+  )
   report = export.check_file(path)
   assert report.ok and report.format == "safetensors"
   by_param = report.by_param()
@@ -120,22 +120,35 @@ def test_safetensors_file_round_trip_and_check(tmp_path):
 
 def test_plain_safetensors_swapped_axis_fails(tmp_path):
   """A torch-layout file without jasp metadata, pruned along the wrong axis, fails the check."""
-  st = pytest.importorskip("safetensors.numpy", reason="needs the safetensors extra: "
-                           "pip install 'jasp[safetensors]'")
+  st = pytest.importorskip(
+    "safetensors.numpy", reason="needs the safetensors extra: pip install 'jasp[safetensors]'"
+  )
   good = _nm_along((20, 48), 1)  # Linear (out, in), 2:4 along in
-  bad = _nm_along((20, 48), 0)   # 2:4 along out: the flax (in, out) rule left untransposed
+  bad = _nm_along((20, 48), 0)  # 2:4 along out: the flax (in, out) rule left untransposed
   mask = np.asarray(good != 0)
   path = tmp_path / "plain.safetensors"
-  st.save_file({"fc1.weight": good, "fc2.weight": bad, "fc1.__weight_mma_mask": mask,
-                "fc1.bias": np.zeros(20, np.float32), "embed.weight": np.zeros((7, 3), np.float32)},
-               str(path))
+  st.save_file(
+    {
+      "fc1.weight": good,
+      "fc2.weight": bad,
+      "fc1.__weight_mma_mask": mask,
+      "fc1.bias": np.zeros(20, np.float32),
+      "embed.weight": np.zeros((7, 3), np.float32),
+    },
+    str(path),
+  )
   r = export.check_file(path).by_name()
   assert set(r) == {"fc1.weight", "fc2.weight"}
   assert r["fc1.weight"].nm and r["fc1.weight"].expected_by == "mask"
   assert r["fc2.weight"].status == "FAIL" and "along axis 0 instead" in r["fc2.weight"].note
   # a weight that breaks its own mask fails too
-  st.save_file({"fc1.weight": np.ones((20, 48), np.float32) * mask + (~mask) * 0.5,
-                "fc1.__weight_mma_mask": mask}, str(path))
+  st.save_file(
+    {
+      "fc1.weight": np.ones((20, 48), np.float32) * mask + (~mask) * 0.5,
+      "fc1.__weight_mma_mask": mask,
+    },
+    str(path),
+  )
   w = export.check_file(path).by_name()["fc1.weight"]
   assert w.status == "FAIL" and "where its mask is False" in w.note
 
@@ -145,9 +158,11 @@ def test_masks_of_the_params_collection_or_the_whole_dict():
   want, _ = export.to_torch_state_dict(variables, layouts=layouts, masks=masks)
   assert "Dense_0.weight_mask" in want
   # masks["params"] with the variables dict, and the whole masks with variables["params"].
-  params_layouts = {p[len("params/"):]: v for p, v in layouts.items() if p.startswith("params/")}
-  for params, lay, mk in [(variables, layouts, masks["params"]),
-                          (variables["params"], params_layouts, masks)]:
+  params_layouts = {p[len("params/") :]: v for p, v in layouts.items() if p.startswith("params/")}
+  for params, lay, mk in [
+    (variables, layouts, masks["params"]),
+    (variables["params"], params_layouts, masks),
+  ]:
     state, info = export.to_torch_state_dict(params, layouts=lay, masks=mk)
     for key in ("Dense_0.weight_mask", "Conv_1.weight_mask"):
       np.testing.assert_array_equal(state[key], want[key])
@@ -159,15 +174,19 @@ def test_masks_of_the_params_collection_or_the_whole_dict():
 
 
 def test_masks_that_match_no_param_are_an_error(tmp_path):
-  pytest.importorskip("safetensors", reason="needs the safetensors extra: "
-                      "pip install 'jasp[safetensors]'")
+  pytest.importorskip(
+    "safetensors", reason="needs the safetensors extra: pip install 'jasp[safetensors]'"
+  )
   _, variables, masks, layouts, _ = em.pruned_cnn()
   # Masks of another tree (paths under "encoder/"): without the check no mask is written
   # and every weight is marked unpruned in the file.
   other = {"encoder": masks["params"]}
-  with pytest.raises(ValueError, match=r"4 mask\(s\) match no leaf of the params: "
-                     r"'encoder/Conv_1/kernel', 'encoder/Conv_2/kernel', 'encoder/Dense_0/kernel'"
-                     r" and 1 more"):
+  with pytest.raises(
+    ValueError,
+    match=r"4 mask\(s\) match no leaf of the params: "
+    r"'encoder/Conv_1/kernel', 'encoder/Conv_2/kernel', 'encoder/Dense_0/kernel'"
+    r" and 1 more",
+  ):
     export.save_safetensors(tmp_path / "m.safetensors", variables, layouts=layouts, masks=other)
   bad = jax.tree.map(lambda a: a, masks, is_leaf=lambda x: x is None)
   bad["params"]["Dense_0"]["kernel"] = bad["params"]["Dense_0"]["kernel"].T
@@ -185,8 +204,11 @@ def test_malformed_layouts_and_info_are_named():
   with pytest.raises(TypeError, match=r"layouts\['params/Dense_0/kernel'\] is 0"):
     export.to_torch_state_dict(variables, layouts={**layouts, "params/Dense_0/kernel": 0})
   wrong = jasp.Layout((2,), (1,), kind="dot")
-  with pytest.raises(ValueError, match=r"layout of 'params/Dense_0/kernel' \(axis \(2,\), "
-                     r"out_axes \(1,\)\) does not fit its shape \(2048, 64\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"layout of 'params/Dense_0/kernel' \(axis \(2,\), "
+    r"out_axes \(1,\)\) does not fit its shape \(2048, 64\)",
+  ):
     export.to_torch_state_dict(variables, layouts={**layouts, "params/Dense_0/kernel": wrong})
   with pytest.raises(ValueError, match="must be distinct"):
     export.torch_weight(np.ones((8, 4)), jasp.Layout((0,), (0,), kind="dot"))

@@ -44,6 +44,7 @@ def _patch_converter(monkeypatch, edit):
     model = real(*a, **k)
     edit(model)
     return model
+
   monkeypatch.setattr(jax2onnx, "to_onnx", fake)
 
 
@@ -54,6 +55,7 @@ def test_a_file_onnx_rejects_is_an_error_and_nothing_is_written(mlp, tmp_path, m
 
   def drop_a_node(m):
     del m.graph.node[len(m.graph.node) // 2]
+
   _patch_converter(monkeypatch, drop_a_node)
   with pytest.raises(export.ExportError, match="onnx.checker|onnxruntime"):
     export.to_onnx(model.apply, pruned, x, path=path, masks=masks)
@@ -70,6 +72,7 @@ def test_outputs_that_differ_from_jax_are_an_error(mlp, tmp_path, monkeypatch):
       a = numpy_helper.to_array(t)
       if a.size == 4:  # the last bias: changes the outputs, not the pattern
         m.graph.initializer[i].CopyFrom(numpy_helper.from_array((a + 0.5).astype(a.dtype), t.name))
+
   _patch_converter(monkeypatch, shift_biases)
   with pytest.raises(export.ExportError, match="differs from the JAX model"):
     export.to_onnx(model.apply, pruned, x, path=tmp_path / "m.onnx", masks=masks)
@@ -84,7 +87,10 @@ def test_a_pruned_weight_without_its_pattern_in_the_file_is_an_error(mlp, tmp_pa
     for i, t in enumerate(m.graph.initializer):
       a = numpy_helper.to_array(t)
       if a.ndim == 2 and a.shape == (8, 16):
-        m.graph.initializer[i].CopyFrom(numpy_helper.from_array((a + (a == 0) * 1e-3).astype(a.dtype), t.name))
+        m.graph.initializer[i].CopyFrom(
+          numpy_helper.from_array((a + (a == 0) * 1e-3).astype(a.dtype), t.name)
+        )
+
   _patch_converter(monkeypatch, fill_zeros)
   with pytest.raises(export.ExportError, match="N:M pattern|2:4"):
     # A huge tolerance lets the run pass: only the pattern check can catch it.
@@ -116,9 +122,11 @@ def test_savedmodel_failing_its_run_leaves_the_old_directory(tmp_path, monkeypat
   export.to_saved_model(model.apply, variables, x, path=path, masks=masks)
   before = sorted(os.listdir(path))
   from jasp.export import _saved_model
+
   real = _saved_model.run_saved_model
-  monkeypatch.setattr(_saved_model, "run_saved_model",
-                      lambda p, *xs: [y + 1.0 for y in real(p, *xs)])
+  monkeypatch.setattr(
+    _saved_model, "run_saved_model", lambda p, *xs: [y + 1.0 for y in real(p, *xs)]
+  )
   with pytest.raises(export.ExportError, match="TensorFlow: output 0 differs"):
     export.to_saved_model(model.apply, variables, x, path=path, masks=masks)
   assert sorted(os.listdir(path)) == before and export.check_file(path).ok

@@ -62,9 +62,8 @@ def test_context_keys_tell_apart_the_call_sites_of_a_shared_jit_body():
   # And so each weight's statistics come from its own call.
   st = cal.collect_stats(f, p, [x])
   xa = np.tanh(np.asarray(x, np.float64) @ np.asarray(p["b"], np.float64))
-  np.testing.assert_allclose(np.asarray(st["a"].sumsq[0]), (xa ** 2).sum(0), rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(st["b"].sumsq[0]), (np.asarray(x) ** 2).sum(0),
-                             rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(st["a"].sumsq[0]), (xa**2).sum(0), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(st["b"].sumsq[0]), (np.asarray(x) ** 2).sum(0), rtol=1e-4)
 
 
 def test_scan_roles():

@@ -24,18 +24,18 @@ DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 # axes; "cols": the group axis is last), masked edge blocks and exact tilings,
 # multi-axis groups, general N:M up to m = 8.
 CASES = [
-    ((40, 20), 0, 2, 4),  # Dense (in, out), masked edges in both dims
-    ((64, 256), 0, 2, 4),  # Dense, exact tiling
-    ((3, 3, 8, 10), -2, 2, 4),  # conv HWIO, group axis -2
-    ((12, 24), -1, 2, 4),  # PyTorch (out, in): groups along the last axis
-    ((5, 24), 1, 3, 8),
-    ((36, 20), 0, 1, 3),  # m not a power of two
-    ((7, 12), 1, 2, 6),
-    ((2, 3, 4, 5), (1, 2), 2, 4),  # multi-axis consecutive groups
-    ((2, 4, 8), (1, 2), 1, 4),  # multi-axis groups reaching the last axis
-    ((16,), 0, 2, 4),  # rank 1
-    ((42, 8), 0, 1, 2),
-    ((6, 9, 8), 2, 5, 8),
+  ((40, 20), 0, 2, 4),  # Dense (in, out), masked edges in both dims
+  ((64, 256), 0, 2, 4),  # Dense, exact tiling
+  ((3, 3, 8, 10), -2, 2, 4),  # conv HWIO, group axis -2
+  ((12, 24), -1, 2, 4),  # PyTorch (out, in): groups along the last axis
+  ((5, 24), 1, 3, 8),
+  ((36, 20), 0, 1, 3),  # m not a power of two
+  ((7, 12), 1, 2, 6),
+  ((2, 3, 4, 5), (1, 2), 2, 4),  # multi-axis consecutive groups
+  ((2, 4, 8), (1, 2), 1, 4),  # multi-axis groups reaching the last axis
+  ((16,), 0, 2, 4),  # rank 1
+  ((42, 8), 0, 1, 2),
+  ((6, 9, 8), 2, 5, 8),
 ]
 
 
@@ -59,9 +59,11 @@ def check_all(w, n, m, axis, msg, interpret=True):
   np.testing.assert_array_equal(np.asarray(mask2), want, err_msg=msg)
   assert pruned.dtype == w.dtype and pruned.shape == w.shape
   expect = jnp.where(want, w, jnp.zeros_like(w))
-  np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(pruned, jnp.uint8)),
-                                np.asarray(jax.lax.bitcast_convert_type(expect, jnp.uint8)),
-                                err_msg=msg)
+  np.testing.assert_array_equal(
+    np.asarray(jax.lax.bitcast_convert_type(pruned, jnp.uint8)),
+    np.asarray(jax.lax.bitcast_convert_type(expect, jnp.uint8)),
+    err_msg=msg,
+  )
 
 
 @pytest.mark.parametrize("i", range(len(CASES)))
@@ -108,7 +110,11 @@ def test_special_values(dtype):
     check_all(w, n, m, axis, f"seed={seed} {n}:{m} axis={axis}")
   w = jnp.asarray([[np.inf], [np.nan], [1.0], [np.nan]], dtype)
   assert np.asarray(nm_pallas.nm_mask_pallas(w, 1, 4, interpret=True))[:, 0].tolist() == [
-      True, False, False, False]
+    True,
+    False,
+    False,
+    False,
+  ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -122,8 +128,9 @@ def test_subnormals_ranked_exactly(dtype):
   w = jnp.asarray(rng.choice(special_values(dtype, True), size=(48, 24)), dtype)
   for n, m, axis in [(2, 4, 0)]:
     got = np.asarray(nm_pallas.nm_mask_pallas(w, n, m, axis, interpret=True))
-    np.testing.assert_array_equal(got, ref.nm_mask_ref(as_np64(w), n, m, axis),
-                                  err_msg=f"seed={seed}")
+    np.testing.assert_array_equal(
+      got, ref.nm_mask_ref(as_np64(w), n, m, axis), err_msg=f"seed={seed}"
+    )
 
 
 def test_issue_shapes_uneven():
@@ -157,14 +164,20 @@ def test_jit_vmap_and_grad():
 
   def loss(x):
     pruned = nm_pallas.nm_prune_pallas(x, 2, 4, 0, with_mask=False, interpret=True)
-    return jnp.sum(pruned ** 2)
+    return jnp.sum(pruned**2)
 
   g = jax.grad(loss)(w[1])
   mask = masks.nm_mask(w[1], impl="xla")
   np.testing.assert_allclose(np.asarray(g), np.asarray(jnp.where(mask, 2 * w[1], 0)))
   # The mask itself is constant: gradients through it are zero, not an error.
-  assert float(jnp.abs(jax.grad(
-      lambda x: jnp.sum(nm_pallas.nm_mask_pallas(x, interpret=True) * x))(w[1])).sum()) > 0
+  assert (
+    float(
+      jnp.abs(
+        jax.grad(lambda x: jnp.sum(nm_pallas.nm_mask_pallas(x, interpret=True) * x))(w[1])
+      ).sum()
+    )
+    > 0
+  )
 
 
 def test_unsupported_inputs_raise():
@@ -187,13 +200,13 @@ def test_unsupported_inputs_raise():
 
 # (shape, axis, out_axis, n, m): Dense, PyTorch layout, conv HWIO, edges, m = 3.
 CASES_2D = [
-    ((8, 12), 0, 1, 2, 4),
-    ((12, 8), 1, 0, 2, 4),
-    ((3, 3, 8, 8), -2, -1, 2, 4),
-    ((40, 24), 0, 1, 1, 4),
-    ((36, 20), 1, 0, 3, 4),
-    ((9, 12), 0, 1, 2, 3),
-    ((64, 256), 0, 1, 2, 4),
+  ((8, 12), 0, 1, 2, 4),
+  ((12, 8), 1, 0, 2, 4),
+  ((3, 3, 8, 8), -2, -1, 2, 4),
+  ((40, 24), 0, 1, 1, 4),
+  ((36, 20), 1, 0, 3, 4),
+  ((9, 12), 0, 1, 2, 3),
+  ((64, 256), 0, 1, 2, 4),
 ]
 
 
@@ -216,8 +229,9 @@ def test_2d_best_matches_xla_and_reference(i):
   w = jnp.asarray(rng.integers(-3, 4, shape), DTYPES[i % 3])  # ties everywhere
   msg = f"seed={seed} ties {shape} ({axis}, {out_axis}) {n}:{m}"
   got = check_2d(w, n, m, axis, out_axis, msg)
-  np.testing.assert_array_equal(got, ref.nm_mask_2d_best_ref(as_np64(w), n, m, axis, out_axis),
-                                err_msg=msg)
+  np.testing.assert_array_equal(
+    got, ref.nm_mask_2d_best_ref(as_np64(w), n, m, axis, out_axis), err_msg=msg
+  )
   w = jnp.asarray(rng.standard_normal(shape), DTYPES[i % 3])
   got = check_2d(w, n, m, axis, out_axis, f"seed={seed} {shape} ({axis}, {out_axis}) {n}:{m}")
   assert bool(masks.is_nm(got, n, m, axis)) and bool(masks.is_nm(got, n, m, out_axis))
@@ -241,8 +255,14 @@ def test_2d_special_values_and_layouts():
 # On the GPU: the compiled Triton kernels.
 
 GPU_CASES = [
-    ((4096, 4096), 0), ((4100, 11008), 0), ((11008, 4100), -1), ((3, 3, 64, 10), -2),
-    ((3, 3, 256, 512), -2), ((1000, 36), 0), ((36, 1000), 1), ((8, 512, 12), (1, 2)),
+  ((4096, 4096), 0),
+  ((4100, 11008), 0),
+  ((11008, 4100), -1),
+  ((3, 3, 64, 10), -2),
+  ((3, 3, 256, 512), -2),
+  ((1000, 36), 0),
+  ((36, 1000), 1),
+  ((8, 512, 12), (1, 2)),
 ]
 
 
@@ -258,15 +278,22 @@ def test_gpu_kernel_matches_xla(dtype):
       w = jnp.asarray(rng.integers(-3, 4, shape) * rng.choice([1.0, 0.01]), dtype)
       msg = f"seed={seed} {shape} axis={axis} {n}:{m}"
       want = np.asarray(masks.nm_mask(w, n, m, axis, impl="xla"))
-      np.testing.assert_array_equal(np.asarray(nm_pallas.nm_mask_pallas(w, n, m, axis)), want,
-                                    err_msg=msg)
+      np.testing.assert_array_equal(
+        np.asarray(nm_pallas.nm_mask_pallas(w, n, m, axis)), want, err_msg=msg
+      )
       pruned, mask = nm_pallas.nm_prune_pallas(w, n, m, axis)
       np.testing.assert_array_equal(np.asarray(mask), want, err_msg=msg)
-      np.testing.assert_array_equal(np.asarray(pruned),
-                                    np.asarray(jnp.where(want, w, jnp.zeros_like(w))), err_msg=msg)
-      assert _dispatch.use_pallas(w, n, m, axis) == (w.size >= _dispatch.AUTO_MIN_ELEMENTS and (
+      np.testing.assert_array_equal(
+        np.asarray(pruned), np.asarray(jnp.where(want, w, jnp.zeros_like(w))), err_msg=msg
+      )
+      assert _dispatch.use_pallas(w, n, m, axis) == (
+        w.size >= _dispatch.AUTO_MIN_ELEMENTS
+        and (
           nm_pallas.plan(w.shape, m, axis).view[2] >= _dispatch.AUTO_MIN_CONTIG
-          if nm_pallas.plan(w.shape, m, axis).member_dim == 1 else True))
+          if nm_pallas.plan(w.shape, m, axis).member_dim == 1
+          else True
+        )
+      )
 
 
 @pytest.mark.gpu
@@ -278,18 +305,38 @@ def test_gpu_kernel_matches_reference_small():
     check_all(w, n, m, axis, f"seed={seed} {shape} axis={axis} {n}:{m} {dtype}", interpret=False)
   for dtype in DTYPES:
     w = jnp.asarray(rng.choice(special_values(dtype, True), size=(48, 24)), dtype)
-    check_all(w, 2, 4, 0, f"seed={seed} special values {dtype} (XLA on GPU keeps subnormals)",
-              interpret=False)
+    check_all(
+      w,
+      2,
+      4,
+      0,
+      f"seed={seed} special values {dtype} (XLA on GPU keeps subnormals)",
+      interpret=False,
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_2d_best_matches_xla(dtype):
   rng, seed = fresh_rng()
-  for shape, axis, out_axis, n, m in [((4096, 4096), 0, 1, 2, 4), ((4100, 1032), 0, 1, 2, 4),
-                                      ((1032, 4100), 1, 0, 2, 4), ((3, 3, 64, 12), -2, -1, 2, 4),
-                                      ((96, 40), 0, 1, 1, 4), ((33, 96), 1, 0, 2, 3)]:
-    for w in [jnp.asarray(rng.standard_normal(shape), dtype),
-              jnp.asarray(rng.integers(-3, 4, shape), dtype)]:
-      check_2d(w, n, m, axis, out_axis, f"seed={seed} {shape} ({axis}, {out_axis}) {n}:{m}",
-               interpret=False)
+  for shape, axis, out_axis, n, m in [
+    ((4096, 4096), 0, 1, 2, 4),
+    ((4100, 1032), 0, 1, 2, 4),
+    ((1032, 4100), 1, 0, 2, 4),
+    ((3, 3, 64, 12), -2, -1, 2, 4),
+    ((96, 40), 0, 1, 1, 4),
+    ((33, 96), 1, 0, 2, 3),
+  ]:
+    for w in [
+      jnp.asarray(rng.standard_normal(shape), dtype),
+      jnp.asarray(rng.integers(-3, 4, shape), dtype),
+    ]:
+      check_2d(
+        w,
+        n,
+        m,
+        axis,
+        out_axis,
+        f"seed={seed} {shape} ({axis}, {out_axis}) {n}:{m}",
+        interpret=False,
+      )

@@ -94,7 +94,9 @@ def test_scan_over_layers():
   assert lay[path].axis == (1,)  # the stacked leading axis is not a group axis
 
 
-@pytest.mark.parametrize("path,shape,axis", [
+@pytest.mark.parametrize(
+  "path,shape,axis",
+  [
     ("params/Dense_0/kernel", (16, 8), (0,)),
     ("params/Conv_0/kernel", (3, 3, 16, 8), (2,)),
     ("params/ConvTranspose_1/kernel", (3, 16, 8), (1,)),
@@ -104,7 +106,8 @@ def test_scan_over_layers():
     ("params/DenseGeneral_0/kernel", (16, 2, 8), None),  # ambiguous without a trace
     ("params/Embed_0/embedding", (32, 16), None),
     ("params/Dense_0/bias", (16,), None),
-])
+  ],
+)
 def test_convention_layout(path, shape, axis):
   lay = jasp.convention_layout(path, jnp.zeros(shape))
   assert lay.axis == axis
@@ -125,4 +128,6 @@ def test_low_precision_params_are_traced(dtype):
   low = jax.tree.map(lambda a: a.astype(dtype), variables)
   lay = jasp.trace_layouts(model.apply, low, x.astype(dtype))
   assert lay["params/Dense_0/kernel"].axis == (0,)
-  assert jasp.convention_layout("params/Dense_0/kernel", low["params"]["Dense_0"]["kernel"]).axis == (0,)
+  assert jasp.convention_layout(
+    "params/Dense_0/kernel", low["params"]["Dense_0"]["kernel"]
+  ).axis == (0,)

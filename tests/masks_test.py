@@ -23,9 +23,19 @@ def as_np64(x):
   return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
 
 
-CASES = [((16,), 0), ((8, 12), 0), ((24, 5), 0), ((5, 24), 1), ((5, 24), -1),
-         ((3, 3, 8, 6), -2), ((2, 16, 3), 1), ((8, 2, 4), 0), ((2, 4, 8), (0, 1)),
-         ((3, 2, 4, 5), (1, 2)), ((4, 4, 4, 8), 3)]
+CASES = [
+  ((16,), 0),
+  ((8, 12), 0),
+  ((24, 5), 0),
+  ((5, 24), 1),
+  ((5, 24), -1),
+  ((3, 3, 8, 6), -2),
+  ((2, 16, 3), 1),
+  ((8, 2, 4), 0),
+  ((2, 4, 8), (0, 1)),
+  ((3, 2, 4, 5), (1, 2)),
+  ((4, 4, 4, 8), 3),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -53,8 +63,9 @@ def test_ties_go_to_lower_index(dtype):
       if int(np.prod([shape[a] for a in ax])) % m:
         continue
       got = np.asarray(jasp.nm_mask(w, n, m, axis))
-      np.testing.assert_array_equal(got, ref.nm_mask_ref(np.asarray(w, np.float64), n, m, axis),
-                                    err_msg=f"seed={seed}")
+      np.testing.assert_array_equal(
+        got, ref.nm_mask_ref(np.asarray(w, np.float64), n, m, axis), err_msg=f"seed={seed}"
+      )
 
 
 def test_all_equal_group_keeps_first_two():
@@ -79,23 +90,28 @@ def test_nan_ranks_largest():
 
 def test_independent_of_matmul_precision():
   rng, seed = fresh_rng()
-  w = jnp.asarray(rng.standard_normal((256, 64)) * (1 + 1e-4 * rng.standard_normal((256, 64))),
-                  jnp.float32)
+  w = jnp.asarray(
+    rng.standard_normal((256, 64)) * (1 + 1e-4 * rng.standard_normal((256, 64))), jnp.float32
+  )
   with jax.default_matmul_precision("bfloat16"):
     low = np.asarray(jasp.nm_mask(w))
     low2d = np.asarray(jasp.nm_mask_2d(w[:16, :16]))
-  np.testing.assert_array_equal(low, ref.nm_mask_ref(np.asarray(w, np.float64), 2, 4, 0),
-                                err_msg=f"seed={seed}")
+  np.testing.assert_array_equal(
+    low, ref.nm_mask_ref(np.asarray(w, np.float64), 2, 4, 0), err_msg=f"seed={seed}"
+  )
   np.testing.assert_array_equal(low2d, ref.nm_mask_2d_best_ref(np.asarray(w[:16, :16]), 2, 4))
 
 
-@pytest.mark.parametrize("bad", [
-    dict(shape=(6, 4), n=2, m=4, axis=0),      # 6 % 4
-    dict(shape=(8, 4), n=4, m=4, axis=0),      # n == m
-    dict(shape=(8, 4), n=0, m=4, axis=0),      # n == 0
-    dict(shape=(8, 4), n=2, m=4, axis=2),      # axis out of range
+@pytest.mark.parametrize(
+  "bad",
+  [
+    dict(shape=(6, 4), n=2, m=4, axis=0),  # 6 % 4
+    dict(shape=(8, 4), n=4, m=4, axis=0),  # n == m
+    dict(shape=(8, 4), n=0, m=4, axis=0),  # n == 0
+    dict(shape=(8, 4), n=2, m=4, axis=2),  # axis out of range
     dict(shape=(2, 4, 8), n=2, m=4, axis=(0, 2)),  # not consecutive
-])
+  ],
+)
 def test_bad_inputs_raise(bad):
   w = jnp.ones(bad["shape"])
   with pytest.raises(ValueError):
@@ -134,8 +150,13 @@ def test_block_patterns():
     jasp.block_patterns(4, 8)
 
 
-TWO_D = [((8, 12), 0, 1), ((12, 8), 1, 0), ((2, 8, 4), 1, 2), ((3, 3, 8, 8), -2, -1),
-         ((4, 8, 2), 0, 1)]
+TWO_D = [
+  ((8, 12), 0, 1),
+  ((12, 8), 1, 0),
+  ((2, 8, 4), 1, 2),
+  ((3, 3, 8, 8), -2, -1),
+  ((4, 8, 2), 0, 1),
+]
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (1, 2)])
@@ -146,8 +167,9 @@ def test_nm_mask_2d_matches_reference_on_integers(n, m, method):
   for shape, axis, out_axis in TWO_D:
     w = jnp.asarray(rng.integers(-4, 5, shape), jnp.float32)
     got = np.asarray(jasp.nm_mask_2d(w, n, m, axis, out_axis, method=method))
-    np.testing.assert_array_equal(got, reffn(np.asarray(w), n, m, axis, out_axis),
-                                  err_msg=f"seed={seed} {shape}")
+    np.testing.assert_array_equal(
+      got, reffn(np.asarray(w), n, m, axis, out_axis), err_msg=f"seed={seed} {shape}"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -193,8 +215,10 @@ def test_nm_mask_2d_takes_one_axis_each():
   with pytest.raises(ValueError, match=r"one out_axis .*got out_axis=\(1, 2\)"):
     jasp.nm_mask_2d(w, axis=0, out_axis=(1, 2))
   # A run of one axis is that axis.
-  np.testing.assert_array_equal(np.asarray(jasp.nm_mask_2d(w, axis=(0,), out_axis=(2,))),
-                                np.asarray(jasp.nm_mask_2d(w, axis=0, out_axis=2)))
+  np.testing.assert_array_equal(
+    np.asarray(jasp.nm_mask_2d(w, axis=(0,), out_axis=(2,))),
+    np.asarray(jasp.nm_mask_2d(w, axis=0, out_axis=2)),
+  )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -208,8 +232,9 @@ def test_nm_mask_2d_subnormals_match_reference(dtype, method):
     # Small multiples of the smallest subnormal: every sum is exact in float32.
     w = jnp.asarray(rng.integers(-20, 21, shape) * tiny, dtype)
     got = np.asarray(jasp.nm_mask_2d(w, 2, 4, axis, out_axis, method=method))
-    np.testing.assert_array_equal(got, want(as_np64(w), 2, 4, axis, out_axis),
-                                  err_msg=f"seed={seed} {shape} {dtype.__name__}")
+    np.testing.assert_array_equal(
+      got, want(as_np64(w), 2, 4, axis, out_axis), err_msg=f"seed={seed} {shape} {dtype.__name__}"
+    )
 
 
 @pytest.mark.parametrize("method", ["best", "greedy"])
@@ -218,10 +243,12 @@ def test_nm_mask_2d_is_scale_invariant_below_the_normal_range(method):
   rng, seed = fresh_rng()
   mant = rng.standard_normal((32, 32))
   w = (mant * np.exp2(rng.integers(-150, -110, (32, 32)))).astype(np.float32)  # many subnormal
-  normal = (w.astype(np.float64) * 2.0 ** 100).astype(np.float32)  # all normal, exact
-  np.testing.assert_array_equal(np.asarray(jasp.nm_mask_2d(w, method=method)),
-                                np.asarray(jasp.nm_mask_2d(normal, method=method)),
-                                err_msg=f"seed={seed}")
+  normal = (w.astype(np.float64) * 2.0**100).astype(np.float32)  # all normal, exact
+  np.testing.assert_array_equal(
+    np.asarray(jasp.nm_mask_2d(w, method=method)),
+    np.asarray(jasp.nm_mask_2d(normal, method=method)),
+    err_msg=f"seed={seed}",
+  )
 
 
 def test_axis_arguments_of_the_wrong_type():

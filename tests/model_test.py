@@ -17,8 +17,9 @@ def test_linen_module_and_apply_function_give_the_same_model():
   for fn in (mod, mod.apply):
     model, inputs = _model.adapt(fn, v, (x,))
     assert model.paths == ["params/bias", "params/kernel"] and inputs == (x,)
-    np.testing.assert_array_equal(np.asarray(model.run(model.leaves, model.extra, x)),
-                                  np.asarray(mod.apply(v, x)))
+    np.testing.assert_array_equal(
+      np.asarray(model.run(model.leaves, model.extra, x)), np.asarray(mod.apply(v, x))
+    )
     traced = model.trace(inputs)
     assert (traced.n_leaves, traced.n_extra) == (2, 0)
     assert len(traced.closed.jaxpr.invars) == 3  # the leaves, then the input array
@@ -36,8 +37,7 @@ def test_nnx_params_only_or_all_state():
   m = M(nnx.Rngs(0))
   x = jnp.ones((2, 8))
   params, inputs = _model.adapt(m, x, ())
-  assert inputs == (x,) and set(params.paths) == {"lin/kernel", "lin/bias", "bn/scale",
-                                                  "bn/bias"}
+  assert inputs == (x,) and set(params.paths) == {"lin/kernel", "lin/bias", "bn/scale", "bn/bias"}
   state, _ = _model.adapt(m, x, (), state=True)
   assert {"bn/mean", "bn/var"} <= set(state.paths)
   new = state.to_module(state.rebuild([a * 2 for a in state.leaves]))

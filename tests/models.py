@@ -8,6 +8,7 @@ from flax import nnx
 
 class LinenCNN(nn.Module):
   """Conv + BatchNorm + grouped conv + flatten + Dense, on 8x8x1 images."""
+
   classes: int = 10
 
   @nn.compact
@@ -26,6 +27,7 @@ class LinenCNN(nn.Module):
 
 class LinenBlock(nn.Module):
   """A transformer block: attention + MLP + LayerNorm + residuals, with embeddings."""
+
   vocab: int = 32
   dim: int = 32
   heads: int = 4
@@ -85,8 +87,17 @@ def nnx_block(seed: int = 0):
 def kernels_of(tree):
   """{path: leaf} for leaves whose path ends with 'kernel'."""
   from jasp import _tree
+
   return {p: x for p, x in _tree.leaves_by_path(tree).items() if p.endswith("kernel")}
 
 
-__all__ = ["LinenCNN", "LinenBlock", "NNXBlock", "linen_cnn", "linen_block", "nnx_block",
-           "kernels_of", "jnp"]
+__all__ = [
+  "LinenCNN",
+  "LinenBlock",
+  "NNXBlock",
+  "linen_cnn",
+  "linen_block",
+  "nnx_block",
+  "kernels_of",
+  "jnp",
+]

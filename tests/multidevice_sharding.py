@@ -31,21 +31,23 @@ def _no_collectives(compiled_text: str):
 def _params(mesh):
   rng = np.random.default_rng(0)
   specs = {
-      "dense_in_sharded": ((256, 96), P("model", None)),     # group axis sharded: 64 per shard
-      "dense_out_sharded": ((128, 64), P(None, "model")),    # other axis sharded
-      "dense_2d": ((128, 64), P("model", "data")),           # both
-      "conv": ((3, 3, 64, 32), P(None, None, "model", "data")),
-      "attn_out": ((8, 16, 64), P("model", None, None)),     # groups over (heads, head_dim)
+    "dense_in_sharded": ((256, 96), P("model", None)),  # group axis sharded: 64 per shard
+    "dense_out_sharded": ((128, 64), P(None, "model")),  # other axis sharded
+    "dense_2d": ((128, 64), P("model", "data")),  # both
+    "conv": ((3, 3, 64, 32), P(None, None, "model", "data")),
+    "attn_out": ((8, 16, 64), P("model", None, None)),  # groups over (heads, head_dim)
   }
   params, layouts = {}, {}
   for name, (shape, spec) in specs.items():
     w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     params[name] = jax.device_put(w, NamedSharding(mesh, spec))
-  layouts = {"dense_in_sharded": jasp.Layout((0,), (1,), "dot"),
-             "dense_out_sharded": jasp.Layout((0,), (1,), "dot"),
-             "dense_2d": jasp.Layout((0,), (1,), "dot"),
-             "conv": jasp.Layout((2,), (3,), "conv"),
-             "attn_out": jasp.Layout((0, 1), (2,), "dot")}
+  layouts = {
+    "dense_in_sharded": jasp.Layout((0,), (1,), "dot"),
+    "dense_out_sharded": jasp.Layout((0,), (1,), "dot"),
+    "dense_2d": jasp.Layout((0,), (1,), "dot"),
+    "conv": jasp.Layout((2,), (3,), "conv"),
+    "attn_out": jasp.Layout((0, 1), (2,), "dot"),
+  }
   return params, layouts
 
 
@@ -105,8 +107,10 @@ def test_training_step_sharded_no_collectives():
 def test_shard_boundary_splitting_a_group_raises():
   mesh = _mesh()
   n_model = mesh.shape["model"]
-  w = jax.device_put(jnp.ones((4 * n_model + 2 * n_model, 8)),  # 6 rows per shard
-                     NamedSharding(mesh, P("model", None)))
+  w = jax.device_put(
+    jnp.ones((4 * n_model + 2 * n_model, 8)),  # 6 rows per shard
+    NamedSharding(mesh, P("model", None)),
+  )
   with pytest.raises(ValueError, match=r"group axis \(0,\).*straddle"):
     jasp.compute_masks({"w": w}, layouts={"w": jasp.Layout((0,), (1,), "dot")})
 
@@ -119,6 +123,10 @@ def test_shard_map_local_masks_equal_global():
     shard_map = jax.shard_map
   except AttributeError:  # pragma: no cover
     from jax.experimental.shard_map import shard_map
-  local = shard_map(lambda x: jasp.nm_mask(x, impl="xla"), mesh=mesh, in_specs=P("model", None),
-                    out_specs=P("model", None))(w)
+  local = shard_map(
+    lambda x: jasp.nm_mask(x, impl="xla"),
+    mesh=mesh,
+    in_specs=P("model", None),
+    out_specs=P("model", None),
+  )(w)
   np.testing.assert_array_equal(np.asarray(local), np.asarray(jasp.nm_mask(jax.device_get(w))))

@@ -14,8 +14,17 @@ import jasp
 from jasp import _tree
 
 
-@pytest.mark.parametrize("shape,axis", [((16, 5), 0), ((3, 3, 12, 7), 2), ((2, 4, 8), (0, 1)),
-                                        ((5, 24), 1), ((12,), 0), ((8, 3, 16), -1)])
+@pytest.mark.parametrize(
+  "shape,axis",
+  [
+    ((16, 5), 0),
+    ((3, 3, 12, 7), 2),
+    ((2, 4, 8), (0, 1)),
+    ((5, 24), 1),
+    ((12,), 0),
+    ((8, 3, 16), -1),
+  ],
+)
 def test_roundtrip(shape, axis):
   rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
   m = jnp.asarray(rng.random(shape) > 0.5)
@@ -37,8 +46,10 @@ def test_packed_masks_through_the_api(tmp_path):
   for a, b in zip(jax.tree.leaves(unpacked), jax.tree.leaves(bool_masks)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # apply_masks
-  for a, b in zip(jax.tree.leaves(jasp.apply_masks(variables, packed)),
-                  jax.tree.leaves(jasp.apply_masks(variables, bool_masks))):
+  for a, b in zip(
+    jax.tree.leaves(jasp.apply_masks(variables, packed)),
+    jax.tree.leaves(jasp.apply_masks(variables, bool_masks)),
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # report: 1 bit per weight
   r = jasp.sparsity_report(jasp.apply_masks(variables, packed), packed, layouts=lay)
@@ -47,15 +58,19 @@ def test_packed_masks_through_the_api(tmp_path):
   # enforcement gives bit-identical training to bool masks
   params = variables["params"]
   y = jax.random.randint(jax.random.key(5), x.shape, 0, 32)
+
   def loss(p):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
   results = []
   for mk in (bool_masks["params"], packed["params"]):
     tx = jasp.sparse_optimizer(optax.adamw(1e-2, weight_decay=0.1), mk)
     p, s = params, tx.init(params)
+
     def step(p, s, tx=tx):
       u, s = tx.update(jax.grad(loss)(p), s, p)
       return optax.apply_updates(p, u), s
+
     step = jax.jit(step)
     for _ in range(2):
       p, s = step(p, s)
@@ -75,8 +90,9 @@ def test_packed_masks_through_the_api(tmp_path):
   got = jasp.get_masks(back["state"])
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(packed["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert any(isinstance(v, jasp.PackedMask)
-             for v in _tree.leaves_by_path(got, keep_none=True).values())
+  assert any(
+    isinstance(v, jasp.PackedMask) for v in _tree.leaves_by_path(got, keep_none=True).values()
+  )
 
 
 def test_update_step_never_materialises_a_bool_mask():
@@ -97,7 +113,9 @@ def test_update_step_never_materialises_a_bool_mask():
 
 def test_malformed_masks_are_named():
   # A float mask would be packed as its integer part (0.5 -> dropped) without the check.
-  with pytest.raises(TypeError, match=r"pack\(\) takes a bool mask, got ArrayImpl of dtype float32"):
+  with pytest.raises(
+    TypeError, match=r"pack\(\) takes a bool mask, got ArrayImpl of dtype float32"
+  ):
     jasp.pack(jnp.full((8, 4), 0.5))
   with pytest.raises(ValueError, match="out of range"):
     jasp.pack(jnp.ones((8, 4), bool), 2)
@@ -107,7 +125,11 @@ def test_malformed_masks_are_named():
   masks = {"a": jnp.ones((8, 4), bool), "b": None, "c": jnp.ones((8, 4), jnp.int32)}
   with pytest.raises(TypeError, match="axes must be a"):
     jasp.pack_masks(masks, [0])
-  with pytest.raises(TypeError, match=r"the mask for 'c' \(shape \(8, 4\)\): pack\(\) takes a bool"):
+  with pytest.raises(
+    TypeError, match=r"the mask for 'c' \(shape \(8, 4\)\): pack\(\) takes a bool"
+  ):
     jasp.pack_masks(masks)
-  with pytest.raises(ValueError, match=r"the mask for 'a' \(shape \(8, 4\)\): axis 3 is out of range"):
+  with pytest.raises(
+    ValueError, match=r"the mask for 'a' \(shape \(8, 4\)\): axis 3 is out of range"
+  ):
     jasp.pack_masks({"a": masks["a"]}, {"a": 3})

@@ -47,15 +47,27 @@ def test_linen_cnn_batchnorm_residual_flatten():
   model, v, x = pm.linen_cnn()
   new, rep = permute(model.apply, v, x, **KW)
   assert rel_err(model.apply(v, x), model.apply(new, x)) <= 1e-5
-  check(rep, v, new, ["params/Conv_1/kernel", "params/Conv_2/kernel", "params/Conv_3/kernel",
-                      "params/Dense_0/kernel", "params/Dense_1/kernel"])
+  check(
+    rep,
+    v,
+    new,
+    [
+      "params/Conv_1/kernel",
+      "params/Conv_2/kernel",
+      "params/Conv_3/kernel",
+      "params/Dense_0/kernel",
+      "params/Dense_1/kernel",
+    ],
+  )
   # BatchNorm statistics moved with their channels.
   (res,) = [c for c in rep.classes if ("batch_stats/BatchNorm_0/mean", 0) in c.members]
   assert res.status == "permuted"
   assert ("batch_stats/BatchNorm_1/var", 0) in res.members
   assert ("params/Dense_0/kernel", 0) in res.members  # the flatten
-  assert not np.array_equal(np.asarray(new["batch_stats"]["BatchNorm_0"]["mean"]),
-                            np.asarray(v["batch_stats"]["BatchNorm_0"]["mean"]))
+  assert not np.array_equal(
+    np.asarray(new["batch_stats"]["BatchNorm_0"]["mean"]),
+    np.asarray(v["batch_stats"]["BatchNorm_0"]["mean"]),
+  )
   assert any("input" in c.reason for c in rep.classes)
   assert "permuted" in str(rep)
 
@@ -129,14 +141,17 @@ def test_plan_permutes_optimizer_state_and_prune_follows():
   layouts = jasp.trace_layouts(model.apply, v, x)
   s0, _ = jasp.prune(v, 2, 4, layouts=layouts)
   s1, _ = jasp.prune(new, 2, 4, layouts=layouts)
-  mag = lambda t: sum(float(jnp.abs(t["params"][k]["kernel"]).sum())
-                      for k in ("Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"))
+  mag = lambda t: sum(
+    float(jnp.abs(t["params"][k]["kernel"]).sum())
+    for k in ("Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1")
+  )
   assert mag(s1) > mag(s0)
 
 
 def test_shared_cnn_grouped_and_1d_convs_keep_function():
   """The shared test CNN (grouped conv, 1-D conv over a reshape) keeps its function."""
-  import models as shared  # pylint: disable=g-import-not-at-top
+  import models as shared
+
   model, v, x = shared.linen_cnn()
   v = pm.randomise(v, 5)
   new, rep = permute(model.apply, v, x, **KW)

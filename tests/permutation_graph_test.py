@@ -41,18 +41,20 @@ def test_dense_relu_dense_ties_producer_bias_and_consumer():
 def test_order_dependent_ops_pin_the_channels():
   w1, b1, w2 = params((8, 16), (16,), (16, 4))
   cases = {
-      "rev": lambda h: h[:, ::-1],
-      "slice": lambda h: jnp.concatenate([h[:, :8] * 2.0, h[:, 8:]], axis=1),
-      "cumsum": lambda h: jnp.cumsum(h, axis=1),
-      "argmax": lambda h: h + jnp.argmax(h, axis=1, keepdims=True).astype(h.dtype),
-      "sort": lambda h: jnp.sort(h, axis=1),
-      "roll": lambda h: jnp.roll(h, 1, axis=1),
-      "iota": lambda h: h * jnp.arange(16.0),
-      "gather": lambda h: h[:, jnp.array([3, 1, 2, 0] * 4)],
+    "rev": lambda h: h[:, ::-1],
+    "slice": lambda h: jnp.concatenate([h[:, :8] * 2.0, h[:, 8:]], axis=1),
+    "cumsum": lambda h: jnp.cumsum(h, axis=1),
+    "argmax": lambda h: h + jnp.argmax(h, axis=1, keepdims=True).astype(h.dtype),
+    "sort": lambda h: jnp.sort(h, axis=1),
+    "roll": lambda h: jnp.roll(h, 1, axis=1),
+    "iota": lambda h: h * jnp.arange(16.0),
+    "gather": lambda h: h[:, jnp.array([3, 1, 2, 0] * 4)],
   }
   for name, op in cases.items():
+
     def f(p, x, op=op):
       return op(x @ p["w1"] + p["b1"]) @ p["w2"]
+
     g = trace_channels(f, {"w1": w1, "b1": b1, "w2": w2}, jnp.ones((2, 8)))
     (hidden,) = classes_by_member(g)[("w1", 1)]
     assert hidden.pinned, name
@@ -102,8 +104,9 @@ def test_concat_is_a_sum_and_flatten_a_product():
   k, d = params((3, 3, 2, 8), (3 * 3 * 8, 4))
 
   def flat(p, x):
-    y = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+      x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return y.reshape(y.shape[0], -1) @ p["d"]
 
   g = trace_channels(flat, {"k": k, "d": d}, jnp.ones((1, 3, 3, 2)))
@@ -118,8 +121,8 @@ def test_grouped_and_depthwise_convs():
 
   def f(p, x):
     conv = lambda x, k, g=1: jax.lax.conv_general_dilated(
-        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=g)
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g
+    )
     h = conv(x, p["k1"])
     h = conv(h, p["kd"], 16)  # depthwise
     return conv(h, p["k2"])
@@ -178,8 +181,9 @@ def test_while_loop_ties_its_carry_in_and_out():
 
   def f(p, x):
     h = x @ p["w0"]
-    h, _ = jax.lax.while_loop(lambda s: s[1] < 3, lambda s: (jnp.tanh(s[0] @ p["w"]), s[1] + 1),
-                              (h, 0))
+    h, _ = jax.lax.while_loop(
+      lambda s: s[1] < 3, lambda s: (jnp.tanh(s[0] @ p["w"]), s[1] + 1), (h, 0)
+    )
     return h @ p["w2"]
 
   g = trace_channels(f, {"w0": w0, "w": w, "w2": w2}, jnp.ones((2, 8)))
@@ -195,6 +199,7 @@ def test_scan_over_time_shares_one_class_and_pins_time():
     def step(h, x):
       h = jnp.tanh(x @ p["wx"] + h @ p["wh"])
       return h, h
+
     _, hs = jax.lax.scan(step, jnp.zeros((xs.shape[1], 16)), xs)
     return hs.sum(0) @ p["w2"]
 

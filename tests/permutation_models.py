@@ -58,6 +58,7 @@ class NNXCNN(nnx.Module):
 
 class LinenBlock(nn.Module):
   """Input projection, then attention + MLP with pre-LayerNorm and residuals."""
+
   heads: int = 4
   hidden: int = C
 
@@ -77,8 +78,9 @@ class NNXBlock(nnx.Module):
   def __init__(self, rngs: nnx.Rngs, din: int = 8, heads: int = 4, hidden: int = C):
     self.proj = nnx.Linear(din, C, rngs=rngs)
     self.ln1 = nnx.LayerNorm(C, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=C, qkv_features=C,
-                                       decode=False, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+      num_heads=heads, in_features=C, qkv_features=C, decode=False, rngs=rngs
+    )
     self.ln2 = nnx.LayerNorm(C, rngs=rngs)
     self.up = nnx.Linear(C, hidden, rngs=rngs)
     self.down = nnx.Linear(hidden, C, rngs=rngs)
@@ -125,8 +127,10 @@ def linen_block(seed: int = 0):
 def _nnx_randomise(model, seed):
   graphdef, state = nnx.split(model)
   pure = jax.tree_util.tree_map(
-      lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, state,
-      is_leaf=lambda v: isinstance(v, nnx.Variable))
+    lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
+    state,
+    is_leaf=lambda v: isinstance(v, nnx.Variable),
+  )
   return nnx.merge(graphdef, randomise(pure, seed))
 
 
@@ -194,14 +198,14 @@ def scan_params(seed: int = 0):
   ks = jax.random.split(jax.random.key(seed), 8)
   n = lambda k, s: 0.3 * jax.random.normal(k, s)
   return {
-      "proj": {"kernel": n(ks[0], (DIN, C))},
-      "blocks": {
-          "norm": {"scale": 1.0 + n(ks[1], (LAYERS, C))},
-          "up": {"kernel": n(ks[2], (LAYERS, C, C)), "bias": n(ks[3], (LAYERS, C))},
-          "down": {"kernel": n(ks[4], (LAYERS, C, C)), "bias": n(ks[5], (LAYERS, C))},
-      },
-      "final_norm": {"scale": 1.0 + n(ks[6], (C,))},
-      "head": {"kernel": n(ks[7], (C, 10))},
+    "proj": {"kernel": n(ks[0], (DIN, C))},
+    "blocks": {
+      "norm": {"scale": 1.0 + n(ks[1], (LAYERS, C))},
+      "up": {"kernel": n(ks[2], (LAYERS, C, C)), "bias": n(ks[3], (LAYERS, C))},
+      "down": {"kernel": n(ks[4], (LAYERS, C, C)), "bias": n(ks[5], (LAYERS, C))},
+    },
+    "final_norm": {"scale": 1.0 + n(ks[6], (C,))},
+    "head": {"kernel": n(ks[7], (C, 10))},
   }
 
 
@@ -221,14 +225,17 @@ class LinenScanModel(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(C, use_bias=False, name="proj")(x)
-    blocks = nn.scan(nn.remat(LinenScanBlock), variable_axes={"params": 0},
-                     split_rngs={"params": True}, length=LAYERS)
+    blocks = nn.scan(
+      nn.remat(LinenScanBlock),
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=LAYERS,
+    )
     x, _ = blocks(name="blocks")(x, None)
     return nn.Dense(10, use_bias=False, name="head")(nn.RMSNorm(name="final_norm")(x))
 
 
 class NNXScanBlock(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.norm = nnx.RMSNorm(C, rngs=rngs)
     self.up = nnx.Linear(C, C, rngs=rngs)
@@ -281,12 +288,18 @@ def nnx_scan(seed: int = 0):
 
 class LinenLSTM(nn.Module):
   """``nn.scan(nn.OptimizedLSTMCell)`` over time (kernels broadcast: scan constants), a head."""
+
   hidden: int = C
 
   @nn.compact
   def __call__(self, x):  # (B, T, DIN)
-    cell = nn.scan(nn.OptimizedLSTMCell, variable_broadcast="params",
-                   split_rngs={"params": False}, in_axes=1, out_axes=1)(self.hidden)
+    cell = nn.scan(
+      nn.OptimizedLSTMCell,
+      variable_broadcast="params",
+      split_rngs={"params": False},
+      in_axes=1,
+      out_axes=1,
+    )(self.hidden)
     carry = cell.initialize_carry(jax.random.key(0), x[:, 0].shape)
     _, ys = cell(carry, x)
     return nn.Dense(10)(ys[:, -1])

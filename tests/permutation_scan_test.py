@@ -139,8 +139,11 @@ def test_stacked_blocks_are_permuted_per_layer(form):
   # The report names each layer's hidden class, and its consumer: that layer of down.
   up_path, down_path = case.prefix + "blocks/up/kernel", case.prefix + "blocks/down/kernel"
   for i in moved:
-    (cls,) = [c for c in rep.classes
-              if any(mem == (up_path, 2) and lay == (i,) for mem, lay in zip(c.members, c.layers))]
+    (cls,) = [
+      c
+      for c in rep.classes
+      if any(mem == (up_path, 2) and lay == (i,) for mem, lay in zip(c.members, c.layers))
+    ]
     assert cls.status == "permuted"
     assert (down_path, 1) in cls.members and set(cls.layers) == {(i,)}
     assert cls.consumers == (down_path,) and cls.consumer_layers == ((i,),)
@@ -162,23 +165,26 @@ def test_scanned_model_matches_the_unrolled_one(form):
   assert sorted(a) == sorted(b)
   for k in a:
     assert np.array_equal(a[k], b[k]), k
-  kept = {(lr.path[len(case.prefix):], lr.layer): lr.kept_after for lr in rep.layers}
+  kept = {(lr.path[len(case.prefix) :], lr.layer): lr.kept_after for lr in rep.layers}
   kept_u = {lr.path: lr.kept_after for lr in rep_u.layers}
   for i in range(L):
     for name in ("up", "down"):
       assert kept[(f"blocks/{name}/kernel", (i,))] == pytest.approx(
-          kept_u[f"blocks_{i}/{name}/kernel"], rel=1e-12)
+        kept_u[f"blocks_{i}/{name}/kernel"], rel=1e-12
+      )
   assert len(rep.permuted) == len(rep_u.permuted)
 
 
 def test_plan_permutes_an_optimizer_state_per_layer():
-  import optax  # pylint: disable=g-import-not-at-top
+  import optax
+
   case = Case("linen")
   v = case.variables
   tx = optax.adam(1e-3)
   opt = tx.init(v["params"])
   grads = jax.grad(lambda p: jnp.sum(case.model.apply({**v, "params": p}, case.x) ** 2))(
-      v["params"])
+    v["params"]
+  )
   _, opt = tx.update(grads, opt, v["params"])
   new, rep = case.permute(**KW)
   moved = rep.plan.apply(opt)
@@ -187,8 +193,9 @@ def test_plan_permutes_an_optimizer_state_per_layer():
   mu0 = np.asarray(opt[0].mu["blocks"]["up"]["kernel"])
   mu1 = np.asarray(moved[0].mu["blocks"]["up"]["kernel"])
   for i in range(L):
-    p = perm_of(np.take(before["blocks/up/kernel"][i], res, axis=0),
-                after["blocks/up/kernel"][i], 1)
+    p = perm_of(
+      np.take(before["blocks/up/kernel"][i], res, axis=0), after["blocks/up/kernel"][i], 1
+    )
     assert np.array_equal(mu1[i], np.take(np.take(mu0[i], res, axis=0), p, axis=1))
   back = rep.plan.inverse().apply(new)
   for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(v)):
@@ -211,8 +218,12 @@ def test_lstm_over_200_steps_is_cheap_and_explains_what_it_keeps():
   # and output axes, the gates, the head's input.
   cell = "params/ScanOptimizedLSTMCell_0/"
   (hidden,) = [c for c in graph.classes() if (cell + "hi/kernel", 0) in c.members]
-  assert {(cell + "hi/kernel", 1), (cell + "hf/kernel", 0), (cell + "ii/kernel", 1),
-          ("params/Dense_0/kernel", 0)} <= set(hidden.members)
+  assert {
+    (cell + "hi/kernel", 1),
+    (cell + "hf/kernel", 0),
+    (cell + "ii/kernel", 1),
+    ("params/Dense_0/kernel", 0),
+  } <= set(hidden.members)
   assert hidden.pinned == "" and set(hidden.layers) == {None}
   # What stays has a reason: the input features, the logits.
   for c in rep.classes:
@@ -312,6 +323,7 @@ def test_reverse_scan_with_branches_keeps_the_function():
       u, d = w
       hid = jax.lax.cond(c.sum() > 0, lambda a: jnp.tanh(a @ u), lambda a: jax.nn.relu(a @ u), c)
       return c + hid @ d, None
+
     return jax.lax.scan(body, x @ p["i"], (p["up"], p["down"]), reverse=True)[0] @ p["h"]
 
   params = {"up": up, "down": down, "i": i, "h": h}

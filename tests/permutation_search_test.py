@@ -18,7 +18,7 @@ def kept64(w, perm, n, m, axis=0):
   w = np.moveaxis(np.take(w, np.asarray(perm), axis=axis), axis, 0)
   c = w.shape[0]
   g = np.sort(w.reshape(c // m, m, -1), axis=1)
-  return float(g[:, m - n:].sum())
+  return float(g[:, m - n :].sum())
 
 
 def brute_force(w, n, m):
@@ -68,14 +68,17 @@ def test_matches_brute_force_on_12_channels_with_window_3():
   assert np.isclose(kept64(w, perm, 2, 4), brute_force(w, 2, 4), rtol=1e-6)
 
 
-@pytest.mark.parametrize("shape,axis,n,m", [
+@pytest.mark.parametrize(
+  "shape,axis,n,m",
+  [
     ((32, 12), 0, 2, 4),
     ((12, 32), 1, 2, 4),
     ((2, 2, 32, 5), -2, 2, 4),
     ((4, 8, 6), (0, 1), 2, 4),
     ((32, 10), 0, 1, 4),
     ((16, 10), 0, 3, 8),
-])
+  ],
+)
 def test_valid_permutation_never_worse(shape, axis, n, m):
   w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
   perm, info = search_permutation(w, n, m, axis, escapes=3 if m == 4 else 0, return_info=True)

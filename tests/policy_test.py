@@ -22,8 +22,12 @@ def test_default_prunes_weights_with_divisible_inputs():
   d = _plan()
   assert not d["params/Conv_0/kernel"].prune  # in=1
   assert "not a multiple of m=4" in d["params/Conv_0/kernel"].reason
-  for p in ("params/Conv_1/kernel", "params/Conv_2/kernel", "params/Dense_0/kernel",
-            "params/Dense_1/kernel"):
+  for p in (
+    "params/Conv_1/kernel",
+    "params/Conv_2/kernel",
+    "params/Dense_0/kernel",
+    "params/Dense_1/kernel",
+  ):
     assert d[p].prune and d[p].source == "trace", p
   assert not d["params/Dense_0/bias"].prune
   assert not d["batch_stats/BatchNorm_0/var"].prune
@@ -52,8 +56,13 @@ def test_axis_override_and_rule():
   assert d["params/Dense_0/kernel"].axis == (1,) and d["params/Dense_0/kernel"].source == "override"
   d = _plan(rule=lambda path, leaf, dec: False if "Conv_2" in path else True)
   assert not d["params/Conv_2/kernel"].prune and d["params/Conv_1/kernel"].prune
-  d = _plan(rule=lambda path, leaf, dec: dataclasses.replace(dec, prune=False, reason="mine")
-            if path.endswith("Dense_1/kernel") else dec)
+  d = _plan(
+    rule=lambda path, leaf, dec: (
+      dataclasses.replace(dec, prune=False, reason="mine")
+      if path.endswith("Dense_1/kernel")
+      else dec
+    )
+  )
   assert d["params/Dense_1/kernel"].reason == "mine"
   with pytest.raises(ValueError, match="not a multiple"):
     _plan(rule=lambda path, leaf, dec: 1 if path.endswith("Dense_1/kernel") else dec)
@@ -124,10 +133,14 @@ def test_policy_field_types():
 
 def test_rule_results_that_do_not_fit_name_the_leaf():
   rule = lambda path, leaf, dec: 5 if path.endswith("Dense_1/kernel") else dec  # noqa: E731
-  with pytest.raises(ValueError, match=r"policy\.rule returned the axis 5 for 'params/Dense_1/kernel'"):
+  with pytest.raises(
+    ValueError, match=r"policy\.rule returned the axis 5 for 'params/Dense_1/kernel'"
+  ):
     _plan(rule=rule)
   rule = lambda path, leaf, dec: "in" if path.endswith("Dense_1/kernel") else dec  # noqa: E731
-  with pytest.raises(TypeError, match=r"policy\.rule returned 'in' \(str\) for 'params/Dense_1/kernel'"):
+  with pytest.raises(
+    TypeError, match=r"policy\.rule returned 'in' \(str\) for 'params/Dense_1/kernel'"
+  ):
     _plan(rule=rule)
 
 

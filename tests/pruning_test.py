@@ -31,7 +31,8 @@ def _check_pruned(params, pruned, masks, layouts):
     assert (a[~m] == 0).all()
     if axis is not None:
       np.testing.assert_array_equal(
-          m, ref.nm_mask_ref(np.asarray(w, np.float64), 2, 4, axis if len(axis) > 1 else axis[0]))
+        m, ref.nm_mask_ref(np.asarray(w, np.float64), 2, 4, axis if len(axis) > 1 else axis[0])
+      )
       assert bool(jasp.is_nm(a, 2, 4, axis))
   return n_pruned
 
@@ -135,8 +136,9 @@ def test_apply_masks_jit_and_masks_as_arguments():
 def test_transposable_patterns(pattern):
   model, variables, x = models.linen_block()
   lay = jasp.trace_layouts(model.apply, variables, x)
-  pruned, masks = jasp.prune(variables, layouts=lay, pattern=pattern,
-                             policy=jasp.Policy(exclude=["Dense_0"]))  # 32 -> vocab 32 fine
+  pruned, masks = jasp.prune(
+    variables, layouts=lay, pattern=pattern, policy=jasp.Policy(exclude=["Dense_0"])
+  )  # 32 -> vocab 32 fine
   att = masks["params"]["MultiHeadDotProductAttention_0"]
   q = np.asarray(att["query"]["kernel"]).reshape(32, 32)
   assert bool(jasp.is_nm(q, 2, 4, 0)) and bool(jasp.is_nm(q, 2, 4, 1))
@@ -144,8 +146,15 @@ def test_transposable_patterns(pattern):
   assert bool(jasp.is_nm(o, 2, 4, 0)) and bool(jasp.is_nm(o, 2, 4, 1))
   if pattern == "2d_best":
     np.testing.assert_array_equal(
-        o, ref.nm_mask_2d_best_ref(np.asarray(variables["params"]["MultiHeadDotProductAttention_0"]
-                                              ["out"]["kernel"]).reshape(32, 32), 2, 4))
+      o,
+      ref.nm_mask_2d_best_ref(
+        np.asarray(variables["params"]["MultiHeadDotProductAttention_0"]["out"]["kernel"]).reshape(
+          32, 32
+        ),
+        2,
+        4,
+      ),
+    )
 
 
 def test_transposable_needs_divisible_out():
@@ -159,17 +168,25 @@ def test_score_fn_and_custom_pattern():
   k = variables["params"]["Dense_0"]["kernel"]
   scale = jnp.linspace(0.1, 3.0, k.shape[0])[:, None]  # a per-input-channel statistic
   masks = jasp.compute_masks(
-      variables, score_fn=lambda p, w: jnp.abs(w) * scale if "Dense_0" in p else jnp.abs(w))
-  np.testing.assert_array_equal(np.asarray(masks["params"]["Dense_0"]["kernel"]),
-                                ref.nm_mask_ref(np.abs(np.asarray(k)) * np.asarray(scale), 2, 4, 0))
+    variables, score_fn=lambda p, w: jnp.abs(w) * scale if "Dense_0" in p else jnp.abs(w)
+  )
+  np.testing.assert_array_equal(
+    np.asarray(masks["params"]["Dense_0"]["kernel"]),
+    ref.nm_mask_ref(np.abs(np.asarray(k)) * np.asarray(scale), 2, 4, 0),
+  )
   calls = []
+
   def first_two(w, n, m, axis):
     calls.append(axis)
     idx = jnp.arange(w.shape[axis]) % m < n
     return jnp.broadcast_to(jnp.expand_dims(idx, [a for a in range(w.ndim) if a != axis]), w.shape)
+
   masks = jasp.compute_masks(variables, pattern=first_two)
-  assert calls and bool(masks["params"]["Dense_0"]["kernel"][0, 0]) and not bool(
-      masks["params"]["Dense_0"]["kernel"][2, 0])
+  assert (
+    calls
+    and bool(masks["params"]["Dense_0"]["kernel"][0, 0])
+    and not bool(masks["params"]["Dense_0"]["kernel"][2, 0])
+  )
 
 
 def test_other_nm():
@@ -194,14 +211,19 @@ def test_nothing_prunable_for_this_m_is_an_error(fn):
   # be skipped and the params returned unchanged.
   model, variables, x = models.linen_cnn()
   lay = jasp.trace_layouts(model.apply, variables, x)
-  with pytest.raises(ValueError, match=r"nothing can be pruned 2:3: 5 matmul/conv weight\(s\) "
-                     r"were skipped because their input size is not a multiple of m=3"):
+  with pytest.raises(
+    ValueError,
+    match=r"nothing can be pruned 2:3: 5 matmul/conv weight\(s\) "
+    r"were skipped because their input size is not a multiple of m=3",
+  ):
     fn(variables, 2, 3, layouts=lay)
   with pytest.raises(ValueError, match="'params/Conv_0/kernel' \\(shape \\(3, 3, 1, 16\\)"):
     fn(variables, 1, 3)
   # Some weights skipped and others pruned is the normal case (the 1-channel stem conv).
   _, masks = jasp.prune(variables, 2, 8, layouts=lay)
-  assert masks["params"]["Conv_0"]["kernel"] is None and masks["params"]["Conv_2"]["kernel"] is not None
+  assert (
+    masks["params"]["Conv_0"]["kernel"] is None and masks["params"]["Conv_2"]["kernel"] is not None
+  )
   # A policy that keeps every weight dense on purpose is no error.
   jasp.compute_masks(variables, 2, 3, policy=jasp.Policy(include=["nothing"]))
 
@@ -237,7 +259,9 @@ def test_malformed_arguments_are_named():
     jasp.compute_masks({"bias": jnp.ones(4)}, pattern="2d")
   # A leaf that the layouts make a weight but that holds no real numbers.
   lay = {"flags": jasp.Layout((0,), (1,), kind="dot")}
-  with pytest.raises(TypeError, match=r"'flags' \(shape \(8, 4\)\) is to be pruned but has dtype bool"):
+  with pytest.raises(
+    TypeError, match=r"'flags' \(shape \(8, 4\)\) is to be pruned but has dtype bool"
+  ):
     jasp.prune({"flags": jnp.ones((8, 4), bool)}, layouts=lay)
 
 

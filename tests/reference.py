@@ -23,12 +23,12 @@ def nm_mask_ref(w, n: int, m: int, axis=0) -> np.ndarray:
   axes = sorted(a % w.ndim for a in axes)
   a0, a1 = axes[0], axes[-1]
   mag = magnitude64(w)
-  moved = np.moveaxis(mag.reshape(w.shape[:a0] + (-1,) + w.shape[a1 + 1:]), a0, -1)
+  moved = np.moveaxis(mag.reshape(w.shape[:a0] + (-1,) + w.shape[a1 + 1 :]), a0, -1)
   flat = moved.reshape(-1, moved.shape[-1])
   out = np.zeros(flat.shape, bool)
   for r in range(flat.shape[0]):
     for g in range(0, flat.shape[1], m):
-      grp = flat[r, g:g + m]
+      grp = flat[r, g : g + m]
       # sorted by (-magnitude, index): Python's sort is stable.
       order = sorted(range(m), key=lambda i: -grp[i])
       for i in order[:n]:

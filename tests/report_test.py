@@ -33,6 +33,7 @@ def test_report_after_prune():
   assert d["all_valid"] and len(d["leaves"]) == len(r.entries)
   import jax
   import numpy as np
+
   leaves = jax.tree.leaves(pruned)
   zeros = sum(int((np.asarray(a) == 0).sum()) for a in leaves)
   assert abs(r.sparsity - zeros / sum(a.size for a in leaves)) < 1e-6
@@ -54,8 +55,9 @@ def test_header_never_says_all_nm_when_nothing_is_pruned():
     r = jasp.sparsity_report(variables, masks, 2, 3, layouts=lay)
     head = r.summary()
     assert "all 2:3" not in head, head
-    assert head.endswith("no leaf is pruned 2:3 (5 weight(s) skipped: input size not a multiple "
-                         "of m=3)"), head
+    assert head.endswith(
+      "no leaf is pruned 2:3 (5 weight(s) skipped: input size not a multiple of m=3)"
+    ), head
   # Kept dense by the policy, not by the size: no count of skipped weights.
   r = jasp.sparsity_report(variables, layouts=lay, policy=jasp.Policy(include=["nothing"]))
   assert r.summary().endswith("no leaf is pruned 2:4")

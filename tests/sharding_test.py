@@ -26,12 +26,30 @@ def test_unsharded_and_traced_are_fine():
 
 @pytest.mark.skipif(os.environ.get("JASP_IN_SUBPROCESS") == "1", reason="already in the subprocess")
 def test_multidevice_suite_on_8_cpu_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", JASP_IN_SUBPROCESS="1")
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    JASP_IN_SUBPROCESS="1",
+  )
   here = os.path.dirname(__file__)
   proc = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-       os.path.join(here, "multidevice_sharding.py")],
-      env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(here))
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "-q",
+      "-p",
+      "no:cacheprovider",
+      os.path.join(here, "multidevice_sharding.py"),
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    cwd=os.path.dirname(here),
+  )
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-  assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+  assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[
+    -2000:
+  ]

@@ -28,6 +28,7 @@ def _fake(speedup, calls=None):
     if calls is not None:
       calls.append((k, n, t, dtype))
     return 1e-3 * speedup, 1e-3
+
   return measure
 
 
@@ -35,12 +36,14 @@ def _fake(speedup, calls=None):
 # Policy.
 
 
-@pytest.mark.parametrize("speedup,sparse_path", [(1.6, True), (1.05, True), (1.04, False),
-                                                 (0.3, False)])
+@pytest.mark.parametrize(
+  "speedup,sparse_path", [(1.6, True), (1.05, True), (1.04, False), (0.3, False)]
+)
 def test_auto_uses_sparse_only_when_faster(speedup, sparse_path):
   pol = sparse.MatmulPolicy(measure=_fake(speedup), cache_file="")
-  c = policy_lib.choose(pol, k=64, n=32, t=128 + int(speedup * 100), dtype="bfloat16",
-                        compressed=True, has_dense=True)
+  c = policy_lib.choose(
+    pol, k=64, n=32, t=128 + int(speedup * 100), dtype="bfloat16", compressed=True, has_dense=True
+  )
   assert c.sparse is sparse_path
   assert c.speedup == pytest.approx(speedup)
   assert ("sparse measured" in c.reason) and (f"{speedup:.2f}x" in c.reason)
@@ -48,20 +51,47 @@ def test_auto_uses_sparse_only_when_faster(speedup, sparse_path):
 
 def test_modes_and_missing_pieces():
   meas = _fake(0.1)
-  c = policy_lib.choose(sparse.MatmulPolicy(mode="sparse", measure=meas, cache_file=""),
-                        k=64, n=32, t=8, dtype="bfloat16", compressed=True, has_dense=True)
+  c = policy_lib.choose(
+    sparse.MatmulPolicy(mode="sparse", measure=meas, cache_file=""),
+    k=64,
+    n=32,
+    t=8,
+    dtype="bfloat16",
+    compressed=True,
+    has_dense=True,
+  )
   assert c.sparse and "mode 'sparse'" in c.reason
-  c = policy_lib.choose(sparse.MatmulPolicy(mode="dense"), k=64, n=32, t=8, dtype="bfloat16",
-                        compressed=True, has_dense=True)
+  c = policy_lib.choose(
+    sparse.MatmulPolicy(mode="dense"),
+    k=64,
+    n=32,
+    t=8,
+    dtype="bfloat16",
+    compressed=True,
+    has_dense=True,
+  )
   assert not c.sparse
   with pytest.raises(ValueError, match="keep_dense=False"):
-    policy_lib.choose(sparse.MatmulPolicy(mode="dense"), k=64, n=32, t=8, dtype="bfloat16",
-                      compressed=True, has_dense=False)
-  c = policy_lib.choose(None, k=64, n=32, t=8, dtype="bfloat16", compressed=False,
-                        has_dense=True)
+    policy_lib.choose(
+      sparse.MatmulPolicy(mode="dense"),
+      k=64,
+      n=32,
+      t=8,
+      dtype="bfloat16",
+      compressed=True,
+      has_dense=False,
+    )
+  c = policy_lib.choose(None, k=64, n=32, t=8, dtype="bfloat16", compressed=False, has_dense=True)
   assert not c.sparse and "unavailable" in c.reason
-  c = policy_lib.choose(sparse.MatmulPolicy(measure=meas, cache_file=""), k=64, n=32, t=8,
-                        dtype="bfloat16", compressed=True, has_dense=False)
+  c = policy_lib.choose(
+    sparse.MatmulPolicy(measure=meas, cache_file=""),
+    k=64,
+    n=32,
+    t=8,
+    dtype="bfloat16",
+    compressed=True,
+    has_dense=False,
+  )
   assert c.sparse and "keep_dense=False" in c.reason
   with pytest.raises(ValueError, match="mode"):
     sparse.MatmulPolicy(mode="fast")
@@ -74,15 +104,17 @@ def test_measurements_are_cached_in_a_file(tmp_path):
   calls = []
   pol = sparse.MatmulPolicy(measure=_fake(2.0, calls), cache_file=path)
   for _ in range(3):
-    assert policy_lib.choose(pol, k=128, n=64, t=4096, dtype="bfloat16", compressed=True,
-                             has_dense=True).sparse
+    assert policy_lib.choose(
+      pol, k=128, n=64, t=4096, dtype="bfloat16", compressed=True, has_dense=True
+    ).sparse
   assert len(calls) == 1 and os.path.exists(path)
   # A fresh cache object (another process) reads the file: no new measurement.
-  policy_lib._CACHES.clear()  # pylint: disable=protected-access
+  policy_lib._CACHES.clear()
   calls2 = []
   pol2 = sparse.MatmulPolicy(measure=_fake(0.5, calls2), cache_file=path)
-  c = policy_lib.choose(pol2, k=128, n=64, t=4096, dtype="bfloat16", compressed=True,
-                        has_dense=True)
+  c = policy_lib.choose(
+    pol2, k=128, n=64, t=4096, dtype="bfloat16", compressed=True, has_dense=True
+  )
   assert c.sparse and calls2 == []
   # Another shape is measured once.
   policy_lib.choose(pol2, k=128, n=64, t=16, dtype="bfloat16", compressed=True, has_dense=True)
@@ -101,8 +133,9 @@ def test_measure_runs_outside_an_enclosing_jit():
 
   @jax.jit
   def f(x):
-    c = policy_lib.choose(pol, k=16, n=16, t=x.shape[0], dtype="bfloat16", compressed=True,
-                          has_dense=True)
+    c = policy_lib.choose(
+      pol, k=16, n=16, t=x.shape[0], dtype="bfloat16", compressed=True, has_dense=True
+    )
     return x * (2.0 if c.sparse else 1.0)
 
   assert float(f(jnp.ones((3,)))[0]) == 2.0
@@ -130,8 +163,12 @@ def test_status_and_dense_fallback(caplog):
   assert y.shape == (3, 5, 32) and y.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
   b = jnp.arange(32, dtype=jnp.bfloat16)
-  np.testing.assert_allclose(np.asarray(sparse.matmul(x, sw, b), np.float32),
-                             np.asarray(ref + b, np.float32), rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(
+    np.asarray(sparse.matmul(x, sw, b), np.float32),
+    np.asarray(ref + b, np.float32),
+    rtol=1e-2,
+    atol=1e-2,
+  )
   # vmap over activations.
   yv = jax.vmap(lambda xi: sparse.matmul(xi, sw))(x)
   np.testing.assert_array_equal(np.asarray(yv, np.float32), np.asarray(y, np.float32))
@@ -139,8 +176,14 @@ def test_status_and_dense_fallback(caplog):
 
 @needs_cpu
 def test_compressed_weight_without_dense_on_cpu_says_why():
-  sw = sparse.SparseWeight(jnp.zeros((64,), jnp.uint8), None, in_shape=(64,), out_shape=(32,),
-                           dtype=jnp.bfloat16, fmt="cusparselt1000:sm90:row")
+  sw = sparse.SparseWeight(
+    jnp.zeros((64,), jnp.uint8),
+    None,
+    in_shape=(64,),
+    out_shape=(32,),
+    dtype=jnp.bfloat16,
+    fmt="cusparselt1000:sm90:row",
+  )
   with pytest.raises(sparse.SparseUnavailable, match="kept no dense weight"):
     sparse.matmul(jnp.ones((2, 64), jnp.bfloat16), sw)
   with pytest.raises(sparse.SparseUnavailable, match="no CUDA GPU"):
@@ -153,8 +196,11 @@ def test_compressed_weight_without_dense_on_cpu_says_why():
 
 def test_compress_rejects_dense_weights_naming_the_leaf():
   w = jax.random.normal(jax.random.key(0), (64, 32), jnp.bfloat16)
-  with pytest.raises(ValueError, match=r"'params/Dense_0/kernel' of shape \(64, 32\) is not 2:4.*"
-                     r"512 of 512 groups"):
+  with pytest.raises(
+    ValueError,
+    match=r"'params/Dense_0/kernel' of shape \(64, 32\) is not 2:4.*"
+    r"512 of 512 groups",
+  ):
     sparse.compress(w, path="params/Dense_0/kernel")
 
 
@@ -183,7 +229,8 @@ def test_matmul_shape_errors():
 
 def test_size_rule():
   assert sparse.SparseWeight  # re-exported
-  from jasp.sparse import _compress  # pylint: disable=g-import-not-at-top
+  from jasp.sparse import _compress
+
   assert _compress.sparse_shape_ok(4096, 11008) == (True, "")
   ok, why = _compress.sparse_shape_ok(64, 10)
   assert not ok and "multiples of 16" in why
@@ -201,8 +248,12 @@ def test_sparse_weight_is_a_pytree_with_named_children():
   assert names == ["['kernel'].dense"] or names == ["['kernel'].compressed", "['kernel'].dense"]
   back = jax.tree_util.tree_unflatten(treedef, [x for _, x in flat])["kernel"]
   assert isinstance(back, sparse.SparseWeight)
-  assert (back.in_shape, back.out_shape, back.dtype, back.fmt) == (sw.in_shape, sw.out_shape,
-                                                                   sw.dtype, sw.fmt)
+  assert (back.in_shape, back.out_shape, back.dtype, back.fmt) == (
+    sw.in_shape,
+    sw.out_shape,
+    sw.dtype,
+    sw.fmt,
+  )
   # Through jit as an argument and as a result.
   out = jax.jit(lambda s: s)(sw)
   assert isinstance(out, sparse.SparseWeight) and out.shape == sw.shape
@@ -216,13 +267,13 @@ def test_sparse_weight_checkpoints(tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params)
     ckptr.wait_until_finished()
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     restored = ckptr.restore(path, abstract)
   sw = restored["Dense_0"]["kernel"]
   assert isinstance(sw, sparse.SparseWeight)
-  np.testing.assert_array_equal(np.asarray(sw.dense, np.float32),
-                                np.asarray(params["Dense_0"]["kernel"].dense, np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(sw.dense, np.float32), np.asarray(params["Dense_0"]["kernel"].dense, np.float32)
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -234,8 +285,7 @@ def test_build_names_what_is_missing(monkeypatch):
   with pytest.raises(build.BuildError) as e:
     build.find_toolchain()
   msg = str(e.value)
-  for piece in ("cusparseLt.h", "nvidia-cusparselt-cu13", "libcusparseLt.so.0",
-                "driver_types.h"):
+  for piece in ("cusparseLt.h", "nvidia-cusparselt-cu13", "libcusparseLt.so.0", "driver_types.h"):
     assert piece in msg
 
 
@@ -246,10 +296,12 @@ def test_build_prefers_an_explicit_cusparselt_home(monkeypatch, tmp_path):
   (tmp_path / "lib" / "libcusparseLt.so.0").write_text("")
   monkeypatch.setenv("CUSPARSELT_HOME", str(tmp_path))
   # Before any wheel's copy (the nvidia wheels may be installed here too).
-  assert build._candidates("cusparseLt.h", "include")[0] == str(  # pylint: disable=protected-access
-      tmp_path / "include" / "cusparseLt.h")
-  assert build._candidates("libcusparseLt.so.0", "lib")[0] == str(  # pylint: disable=protected-access
-      tmp_path / "lib" / "libcusparseLt.so.0")
+  assert build._candidates("cusparseLt.h", "include")[0] == str(
+    tmp_path / "include" / "cusparseLt.h"
+  )
+  assert build._candidates("libcusparseLt.so.0", "lib")[0] == str(
+    tmp_path / "lib" / "libcusparseLt.so.0"
+  )
 
 
 def test_loaded_cusparselt_must_match_the_header():
@@ -259,8 +311,13 @@ def test_loaded_cusparselt_must_match_the_header():
   with pytest.raises(_runtime.SparseUnavailable) as e:
     _runtime.check_versions(1000, 800, "/torch/nvidia/cusparselt/lib/libcusparseLt.so.0")
   msg = str(e.value)
-  for piece in ("0.10.0", "0.8.0", "/torch/nvidia/cusparselt/lib/libcusparseLt.so.0",
-                "CUSPARSELT_HOME", "dense path"):
+  for piece in (
+    "0.10.0",
+    "0.8.0",
+    "/torch/nvidia/cusparselt/lib/libcusparseLt.so.0",
+    "CUSPARSELT_HOME",
+    "dense path",
+  ):
     assert piece in msg
 
 
@@ -270,11 +327,12 @@ def test_build_cache_dir_and_stub(monkeypatch, tmp_path):
   hdir = tmp_path / "inc"
   hdir.mkdir()
   (hdir / "cusparseLt.h").write_text("")
-  tc = build.Toolchain("c++", (str(hdir),), str(tmp_path), "libcusparseLt.so.0",
-                       str(hdir / "cusparseLt.h"))
-  assert build._needs_stub(tc)  # pylint: disable=protected-access
+  tc = build.Toolchain(
+    "c++", (str(hdir),), str(tmp_path), "libcusparseLt.so.0", str(hdir / "cusparseLt.h")
+  )
+  assert build._needs_stub(tc)
   (hdir / "cusparseLt_cusparse_stub.h").write_text("")
-  assert not build._needs_stub(tc)  # pylint: disable=protected-access
+  assert not build._needs_stub(tc)
   assert os.path.exists(build.SOURCE) and build.SOURCE.endswith("_ffi.cc")
 
 
@@ -283,7 +341,8 @@ def test_build_cache_dir_and_stub(monkeypatch, tmp_path):
 
 
 def test_batched_call_folds_vmap_into_tokens():
-  from jasp.sparse import _matmul  # pylint: disable=g-import-not-at-top
+  from jasp.sparse import _matmul
+
   k, n = 64, 32
   w = _w24(k, n, dtype=jnp.float32)
   b = jnp.arange(n, dtype=jnp.float32)
@@ -302,8 +361,9 @@ def test_batched_call_folds_vmap_into_tokens():
   np.testing.assert_allclose(jax.vmap(jax.vmap(f))(x), ref, rtol=1e-5, atol=1e-5)
   # Every kernel call saw a 2-D (t, K) activation with t a multiple of 16 and the
   # unbatched weight.
-  assert seen and all(len(xs) == 2 and xs[0] % 16 == 0 and xs[1] == k and cs == (k, n)
-                      for xs, cs in seen), seen
+  assert seen and all(
+    len(xs) == 2 and xs[0] % 16 == 0 and xs[1] == k and cs == (k, n) for xs, cs in seen
+  ), seen
   assert ((112, k), (k, n)) in seen  # 3*5*7 = 105 tokens, padded to 112
   g = lambda c: _matmul.batched_call(fn2d, meta, x[0], c, b, True)
   with pytest.raises(ValueError, match="vmap over the compressed weight"):
@@ -321,7 +381,8 @@ def test_layouts_on_cpu_keep_the_dense_path():
 
 
 def test_fp16_version_gate(monkeypatch):
-  from jasp.sparse import _compress  # pylint: disable=g-import-not-at-top
+  from jasp.sparse import _compress
+
   monkeypatch.delenv("JASP_SPARSE_EXPERIMENTAL", raising=False)
   assert _compress.fp16_enabled(800) and _compress.fp16_enabled(803, sparse.A_ROW)
   assert not _compress.fp16_enabled(800, sparse.A_COL)

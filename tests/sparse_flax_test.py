@@ -20,6 +20,7 @@ BF16 = jnp.bfloat16
 
 class LinenNet(nn.Module):
   """Dense layers, an attention block (DenseGeneral q/k/v/out) and a layer left dense."""
+
   dim: int = 64
   heads: int = 4
 
@@ -35,8 +36,9 @@ class LinenNet(nn.Module):
 class NNXNet(nnx.Module):
   def __init__(self, dim=64, heads=4, *, rngs):
     self.inp = nnx.Linear(32, dim, dtype=BF16, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=dim, decode=False,
-                                       dtype=BF16, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+      num_heads=heads, in_features=dim, decode=False, dtype=BF16, rngs=rngs
+    )
     self.blocks = nnx.List([nnx.Linear(dim, dim, dtype=BF16, rngs=rngs) for _ in range(2)])
     self.head = nnx.Linear(dim, 10, dtype=BF16, rngs=rngs)
 
@@ -59,8 +61,7 @@ def _linen(policy):
   x = jax.random.normal(jax.random.key(1), (2, 8, 32))
   variables = model.init(jax.random.key(0), x)
   layouts = jasp.trace_layouts(model.apply, variables, x)
-  pruned, _ = jasp.prune(variables, layouts=layouts,
-                         policy=jasp.Policy(exclude=[r"head"]))
+  pruned, _ = jasp.prune(variables, layouts=layouts, policy=jasp.Policy(exclude=[r"head"]))
   sp_vars, report = sparse.sparsify(pruned, layouts=layouts, dtype=BF16)
   ref = model.apply(pruned, x)
   y = jax.jit(lambda v, x: sparse.apply(model, v, x, policy=policy))(sp_vars, x)
@@ -84,8 +85,11 @@ def test_linen_sparsify_and_apply():
 def _nnx(policy):
   model = NNXNet(rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 8, 32))
-  pruned, _ = jasp.prune(nnx.state(model, nnx.Param), layouts=jasp.trace_layouts(model, x),
-                         policy=jasp.Policy(exclude=(r"^head/",)))
+  pruned, _ = jasp.prune(
+    nnx.state(model, nnx.Param),
+    layouts=jasp.trace_layouts(model, x),
+    policy=jasp.Policy(exclude=(r"^head/",)),
+  )
   nnx.update(model, pruned)
   ref = model(x)
   report = sparse.sparsify_nnx(model, dtype=BF16, policy=policy)

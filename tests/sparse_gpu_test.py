@@ -37,8 +37,7 @@ def _err(y, ref):
 
 
 def _ref(x, w, b=None):
-  y = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32),
-              precision=jax.lax.Precision.HIGHEST)
+  y = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
   return y if b is None else y + b.astype(jnp.float32)
 
 
@@ -48,7 +47,8 @@ def test_runtime_available():
 
 
 def test_runtime_is_bound_to_the_cusparselt_it_was_built_against():
-  from jasp.sparse import _runtime  # pylint: disable=g-import-not-at-top
+  from jasp.sparse import _runtime
+
   rt = _runtime.runtime()
   assert os.path.isfile(rt.library_path), rt.library_path
   assert os.path.basename(rt.library_path).startswith("libcusparseLt.so")
@@ -57,8 +57,9 @@ def test_runtime_is_bound_to_the_cusparselt_it_was_built_against():
 
 
 def _fp16_on(a_order=sparse.A_ROW) -> bool:
-  from jasp.sparse import _compress  # pylint: disable=g-import-not-at-top
-  from jasp.sparse import _runtime  # pylint: disable=g-import-not-at-top
+  from jasp.sparse import _compress
+  from jasp.sparse import _runtime
+
   return _compress.fp16_enabled(_runtime.runtime().cusparselt_version, a_order)
 
 
@@ -90,9 +91,10 @@ def test_matmul_matches_reference():
   _check_matmul(jnp.bfloat16, sparse.A_ROW)
 
 
-@pytest.mark.parametrize("dtype,a_order", [(jnp.float16, sparse.A_ROW),
-                                           (jnp.float16, sparse.A_COL),
-                                           (jnp.bfloat16, sparse.A_COL)])
+@pytest.mark.parametrize(
+  "dtype,a_order",
+  [(jnp.float16, sparse.A_ROW), (jnp.float16, sparse.A_COL), (jnp.bfloat16, sparse.A_COL)],
+)
 def test_matmul_layouts_and_fp16(dtype, a_order):
   if dtype == jnp.float16 and not _fp16_on(a_order):
     # The gate's dense fallback is checked in test_fp16_follows_the_version_gate.
@@ -103,7 +105,8 @@ def test_matmul_layouts_and_fp16(dtype, a_order):
 
 
 def test_search_records_the_chosen_algorithm():
-  from jasp.sparse import _runtime  # pylint: disable=g-import-not-at-top
+  from jasp.sparse import _runtime
+
   k, n, t = 512, 768, 48
   sw = sparse.compress(_w24(k, n, jnp.bfloat16, seed=7))
   jax.block_until_ready(sparse.sparse_matmul(_x((t, k), jnp.bfloat16, seed=8), sw))
@@ -147,8 +150,14 @@ def test_vmap_over_weights_is_refused():
 
 def test_foreign_format_is_refused():
   sw = sparse.compress(_w24(64, 64, jnp.bfloat16))
-  bad = sparse.SparseWeight(sw.compressed, sw.dense, in_shape=sw.in_shape, out_shape=sw.out_shape,
-                            dtype=sw.dtype, fmt="cusparselt1:sm00:row")
+  bad = sparse.SparseWeight(
+    sw.compressed,
+    sw.dense,
+    in_shape=sw.in_shape,
+    out_shape=sw.out_shape,
+    dtype=sw.dtype,
+    fmt="cusparselt1:sm00:row",
+  )
   with pytest.raises(ValueError, match="Recompress"):
     sparse.sparse_matmul(jnp.ones((16, 64), jnp.bfloat16), bad)
   # matmul's policy path hits the same check only when it goes sparse.
@@ -181,8 +190,10 @@ def test_compressed_weight_roundtrips_through_host():
   host = jax.device_get(sw)
   back = jax.device_put(host)
   x = _x((32, 128), jnp.bfloat16)
-  np.testing.assert_array_equal(np.asarray(sparse.sparse_matmul(x, back), np.float32),
-                                np.asarray(sparse.sparse_matmul(x, sw), np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(sparse.sparse_matmul(x, back), np.float32),
+    np.asarray(sparse.sparse_matmul(x, sw), np.float32),
+  )
 
 
 _CHILD = """
@@ -207,16 +218,20 @@ print("RESULT " + json.dumps({"plans": _runtime.runtime().plans(), "err": err}))
 def test_search_choice_is_reused_by_the_next_process(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   cache = tmp_path / "search.json"
-  env = dict(os.environ, JASP_SPARSE_SEARCH_CACHE=str(cache),
-             PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-             XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  env = dict(
+    os.environ,
+    JASP_SPARSE_SEARCH_CACHE=str(cache),
+    PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    XLA_PYTHON_CLIENT_PREALLOCATE="false",
+  )
 
   def child():
-    r = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+      [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(v for v in r.stdout.splitlines() if v.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
   first = child()
   (p1,) = first["plans"]
@@ -224,7 +239,8 @@ def test_search_choice_is_reused_by_the_next_process(tmp_path):
   stored = json.loads(cache.read_text())
   (rows,) = stored.values()
   assert [(r["out"], r["in"], r["tokens"], r["alg_id"]) for r in rows] == [
-      (384, 256, 512, p1["alg_id"])]
+    (384, 256, 512, p1["alg_id"])
+  ]
   second = child()
   (p2,) = second["plans"]
   assert p2["from_cache"] and p2["alg_id"] == p1["alg_id"] and second["err"] < 1e-2

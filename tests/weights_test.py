@@ -22,6 +22,7 @@ def _x(shape, seed=0):
 
 class _PreNorm(nn.Module):
   """Llama/T5-style: a norm before a Dense, scale-only."""
+
   norm: str
 
   @nn.compact
@@ -54,8 +55,9 @@ def test_linen_norm_scales_stay_dense_through_prune_and_training(norm):
   assert lay["params/Dense_0/kernel"].axis == (0,)
   pruned, masks = jasp.prune(variables, layouts=lay)
   flat = jasp._tree.leaves_by_path(pruned)
-  np.testing.assert_array_equal(np.asarray(flat[scale]),
-                                np.asarray(jasp._tree.leaves_by_path(variables)[scale]))
+  np.testing.assert_array_equal(
+    np.asarray(flat[scale]), np.asarray(jasp._tree.leaves_by_path(variables)[scale])
+  )
   assert jasp._tree.leaves_by_path(masks, keep_none=True)[scale] is None
   # Training with enforcement never zeroes a scale entry.
   tx = optax.chain(optax.sgd(0.1), jasp.mask_updates(masks))
@@ -88,8 +90,13 @@ def test_weight_through_nested_jit_cast_and_flip_is_a_weight():
 
 
 def test_optimized_lstm_gate_kernels_are_weights_along_their_input_axis():
-  cell = nn.scan(nn.OptimizedLSTMCell, variable_broadcast="params", split_rngs={"params": False},
-                 in_axes=1, out_axes=1)(8)
+  cell = nn.scan(
+    nn.OptimizedLSTMCell,
+    variable_broadcast="params",
+    split_rngs={"params": False},
+    in_axes=1,
+    out_axes=1,
+  )(8)
   x = _x((2, 5, 4))
   carry = cell.initialize_carry(jax.random.key(0), x[:, 0].shape)
   variables = cell.init(jax.random.key(1), carry, x)
@@ -119,6 +126,7 @@ def test_lora_factors_are_low_rank_and_the_base_kernel_is_a_weight():
 
 def test_a_linear_bottleneck_that_is_not_added_back_is_two_weights():
   """A VAE's mean head feeding the decoder (eval path): two Dense layers, not LoRA."""
+
   def f(p, x):
     mean = jax.nn.relu(x @ p["enc"]) @ p["mean"]
     return jax.nn.relu(mean @ p["dec"] + p["b"])
@@ -207,6 +215,7 @@ def test_stacked_kernels_of_nnx_scan_over_vmapped_blocks():
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def make(rngs):
         return Block(rngs)
+
       self.blocks = make(rngs)
 
     def __call__(self, x):
@@ -214,6 +223,7 @@ def test_stacked_kernels_of_nnx_scan_over_vmapped_blocks():
       @nnx.remat
       def body(x, blk):
         return blk(x)
+
       return body(x, self.blocks)
 
   lay = jasp.trace_layouts(Stack(nnx.Rngs(0)), _x((2, 8)))

@@ -50,6 +50,7 @@ CASES = zoo.all_cases()
 # ----------------------------------------------------------------------------
 # Independent helpers (NumPy; no jasp internals).
 
+
 def _key(k) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(k, attr):
@@ -60,7 +61,8 @@ def _key(k) -> str:
 def leaves(tree, keep_none: bool = False) -> dict:
   """``{path: leaf}``: keys joined by '/', an nnx Variable's trailing 'value' dropped."""
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=(lambda x: x is None) if keep_none else None)
+    tree, is_leaf=(lambda x: x is None) if keep_none else None
+  )
   out = {}
   for path, x in flat:
     keys = [_key(k) for k in path]
@@ -75,7 +77,7 @@ def groups(w, axis: tuple[int, ...]) -> np.ndarray:
   w = np.asarray(w)
   a0, a1 = axis[0], axis[-1]
   k = int(np.prod([w.shape[a] for a in axis]))
-  x = w.reshape(w.shape[:a0] + (k,) + w.shape[a1 + 1:])
+  x = w.reshape(w.shape[:a0] + (k,) + w.shape[a1 + 1 :])
   x = np.moveaxis(x, a0, 0).reshape(k, -1)
   return x.reshape(k // M, M, -1)
 
@@ -84,7 +86,7 @@ def kept_fraction(w, axis) -> float:
   """Fraction of ``sum |w|`` that 2:4 magnitude pruning along ``axis`` keeps (float64)."""
   g = np.sort(np.abs(groups(np.asarray(w, np.float64), axis)), axis=1)
   total = g.sum()
-  return 1.0 if total == 0 else float(g[:, M - N:].sum() / total)
+  return 1.0 if total == 0 else float(g[:, M - N :].sum() / total)
 
 
 def out_leaves(y) -> list[np.ndarray]:
@@ -109,8 +111,9 @@ def same_bits(a, b) -> bool:
   return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-def check_nm(ctx, where: str, dense, pruned, masks, *, kept_identical: bool,
-             magnitude: bool) -> list[str]:
+def check_nm(
+  ctx, where: str, dense, pruned, masks, *, kept_identical: bool, magnitude: bool
+) -> list[str]:
   """The independent N:M check of a pruned tree against the dense one and the oracle.
 
   Oracle-prunable leaves: a mask of the leaf's shape keeping exactly N per group, at
@@ -130,11 +133,13 @@ def check_nm(ctx, where: str, dense, pruned, masks, *, kept_identical: bool,
     mask = mk.get(path, "absent")
     if path not in ctx.prunable:
       if not isinstance(mask, str) and mask is not None:
-        errors.append(f"{path} {w.shape}: has a mask but the oracle keeps it dense "
-                      f"({ctx.why_dense(path)})")
+        errors.append(
+          f"{path} {w.shape}: has a mask but the oracle keeps it dense ({ctx.why_dense(path)})"
+        )
       if not same_bits(q, w):
-        errors.append(f"{path} {w.shape}: changed but the oracle keeps it dense "
-                      f"({ctx.why_dense(path)})")
+        errors.append(
+          f"{path} {w.shape}: changed but the oracle keeps it dense ({ctx.why_dense(path)})"
+        )
       continue
     ax = ctx.prunable[path]
     if isinstance(mask, str) or mask is None:
@@ -148,8 +153,10 @@ def check_nm(ctx, where: str, dense, pruned, masks, *, kept_identical: bool,
     gq = groups(q, ax)
     bad = int(np.sum(np.count_nonzero(gq, axis=1) > N))
     if bad:
-      errors.append(f"{path} {w.shape}: {bad} of {gq.shape[0] * gq.shape[2]} groups along "
-                    f"axes {ax} hold more than {N} non-zeros")
+      errors.append(
+        f"{path} {w.shape}: {bad} of {gq.shape[0] * gq.shape[2]} groups along "
+        f"axes {ax} hold more than {N} non-zeros"
+      )
     if mask is None:
       continue
     gm = groups(mask, ax)
@@ -174,8 +181,11 @@ def check_nm(ctx, where: str, dense, pruned, masks, *, kept_identical: bool,
 def fail(ctx, step: str, errors: list[str], limit: int = 12) -> None:
   if errors:
     more = f"\n  ... and {len(errors) - limit} more" if len(errors) > limit else ""
-    raise AssertionError(f"[{ctx.case.name}] {step}: {len(errors)} problem(s):\n  "
-                         + "\n  ".join(errors[:limit]) + more)
+    raise AssertionError(
+      f"[{ctx.case.name}] {step}: {len(errors)} problem(s):\n  "
+      + "\n  ".join(errors[:limit])
+      + more
+    )
 
 
 class Skip(Exception):
@@ -211,8 +221,9 @@ def setup(case: zoo.Case):
   state), ``ctx.prunable`` the oracle's ``{path: axes}`` of the leaves that must be N:M
   (axes whose size is a multiple of M), ``ctx.run(tree, *inputs)`` the jitted eval call.
   """
-  ctx = types.SimpleNamespace(case=case, layouts=None, pruned=None, masks=None, tuned=None,
-                              tuned_model=None)
+  ctx = types.SimpleNamespace(
+    case=case, layouts=None, pruned=None, masks=None, tuned=None, tuned_model=None
+  )
   if case.framework == "linen":
     ctx.model, ctx.variables = build(case)
     ctx.fn = case.apply(ctx.model)
@@ -258,6 +269,7 @@ def dense_out(ctx, *xs):
 # ----------------------------------------------------------------------------
 # The steps.
 
+
 def step_layouts(ctx):
   """1. trace_layouts vs the oracle, every leaf."""
   c = ctx.case
@@ -297,8 +309,11 @@ def step_prune(ctx):
   need(ctx, "layouts")
   pruned, masks = jasp.prune(ctx.param_tree, layouts=ctx.layouts)
   ctx.pruned, ctx.masks = pruned, masks
-  fail(ctx, "prune", check_nm(ctx, "pruned", ctx.param_tree, pruned, masks,
-                              kept_identical=True, magnitude=True))
+  fail(
+    ctx,
+    "prune",
+    check_nm(ctx, "pruned", ctx.param_tree, pruned, masks, kept_identical=True, magnitude=True),
+  )
 
 
 def step_finetune(ctx):
@@ -318,14 +333,16 @@ def step_finetune(ctx):
     def train_step(params, rest, opt_state, inputs, labels, rng):
       def f(p):
         return c.loss(model, {**rest, "params": p}, inputs, labels, rng)
+
       (loss, updates), grads = jax.value_and_grad(f, has_aux=True)(params)
       upd, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, upd), {**rest, **updates}, opt_state, loss
 
     for i in range(STEPS):
       inputs, labels = batches[i % len(batches)]
-      params, rest, opt_state, loss = train_step(params, rest, opt_state, inputs, labels,
-                                                 jax.random.fold_in(jax.random.key(5), i))
+      params, rest, opt_state, loss = train_step(
+        params, rest, opt_state, inputs, labels, jax.random.fold_in(jax.random.key(5), i)
+      )
       losses.append(float(loss))
     ctx.tuned = {**rest, "params": params}
   else:
@@ -359,12 +376,16 @@ def step_finetune(ctx):
     g = groups(w, ax)
     bad = int(np.sum(np.count_nonzero(g, axis=1) > N))
     if bad:
-      errors.append(f"{path} {w.shape}: after {STEPS} steps {bad} groups along {ax} hold more "
-                    f"than {N} non-zeros")
+      errors.append(
+        f"{path} {w.shape}: after {STEPS} steps {bad} groups along {ax} hold more "
+        f"than {N} non-zeros"
+      )
     mk = pruned_masks.get(path)
     if mk is not None and np.any(w[~np.asarray(mk)] != 0):
-      errors.append(f"{path}: {int(np.sum(w[~np.asarray(mk)] != 0))} pruned entries are no "
-                    f"longer 0 after {STEPS} steps")
+      errors.append(
+        f"{path}: {int(np.sum(w[~np.asarray(mk)] != 0))} pruned entries are no "
+        f"longer 0 after {STEPS} steps"
+      )
   fail(ctx, "fine-tune", errors)
 
 
@@ -384,8 +405,7 @@ def step_permute(ctx):
   errors = []
   err = rel_error(y1, y0)
   if not err <= RTOL:
-    errors.append(f"the permuted model differs on another input: relative error {err:.3g} > "
-                  f"{RTOL}")
+    errors.append(f"the permuted model differs on another input: relative error {err:.3g} > {RTOL}")
   b, a = leaves(before), leaves(after)
   for path, ax in ctx.prunable.items():
     kb, ka = kept_fraction(b[path], ax), kept_fraction(a[path], ax)
@@ -393,12 +413,15 @@ def step_permute(ctx):
       errors.append(f"{path}: 2:4 keeps {ka:.5f} of |w| after the permutation, {kb:.5f} before")
   if c.permuted_class is not None:
     rx, axis = c.permuted_class
-    holders = [cl for cl in report.classes
-               if any(re.fullmatch(rx, p) and a_ == axis for p, a_ in cl.members)]
+    holders = [
+      cl for cl in report.classes if any(re.fullmatch(rx, p) and a_ == axis for p, a_ in cl.members)
+    ]
     if not any(cl.status == "permuted" for cl in holders):
       why = "; ".join(f"{cl.status}: {cl.reason}" for cl in holders) or "no class holds it"
-      errors.append(f"{c.permute_note}: the class of ({rx}, axis {axis}) was not permuted "
-                    f"({why}); {len(report.permuted)} of {len(report.classes)} classes permuted")
+      errors.append(
+        f"{c.permute_note}: the class of ({rx}, axis {axis}) was not permuted "
+        f"({why}); {len(report.permuted)} of {len(report.classes)} classes permuted"
+      )
   fail(ctx, "permute", errors)
 
 
@@ -411,17 +434,19 @@ def step_calibration(ctx):
   for name, prune_fn in (("wanda", jasp.wanda_prune), ("sparsegpt", jasp.sparsegpt_prune)):
     try:
       if c.framework == "linen":
-        params, masks = prune_fn(lambda v, b: ctx.fn(v, *b), ctx.variables, calib,
-                                 progress=False)
+        params, masks = prune_fn(lambda v, b: ctx.fn(v, *b), ctx.variables, calib, progress=False)
       else:
         params, masks = prune_fn(build(c), [b[0] for b in calib], progress=False)
     except Exception as e:  # noqa: BLE001 - recorded, the other method still runs
       errors.append(f"{name}: {type(e).__name__}: {_first_lines(str(e))}")
       continue
     results[name] = params
-    errors += [f"{name}: {e}" for e in check_nm(
-        ctx, name, ctx.param_tree, params, masks, kept_identical=(name == "wanda"),
-        magnitude=False)]
+    errors += [
+      f"{name}: {e}"
+      for e in check_nm(
+        ctx, name, ctx.param_tree, params, masks, kept_identical=(name == "wanda"), magnitude=False
+      )
+    ]
   if "sparsegpt" in results:
     if c.framework == "linen":
       layouts = jasp.trace_layouts(ctx.fn, ctx.variables, *c.sample)
@@ -469,21 +494,26 @@ def step_export(ctx, tmp_path):
       continue
     # A kernel stacked for a scan over layers is written one initializer per layer,
     # listed as 'path[layer]': every layer must be there.
-    found = [w for name, w in by_param.items() if name == p or (
-        name.startswith(p + "[") and name.endswith("]"))]
+    found = [
+      w
+      for name, w in by_param.items()
+      if name == p or (name.startswith(p + "[") and name.endswith("]"))
+    ]
     if not found:
       errors.append(f"{p}: not listed by check_file")
       continue
     layers = [name for name in by_param if name.startswith(p + "[")]
     if layers:
-      depth = len(layers[0][len(p) + 1:-1].split(","))
+      depth = len(layers[0][len(p) + 1 : -1].split(","))
       want = math.prod(np.shape(leaves(ctx.param_tree)[p])[:depth])
       if len(layers) != want:
         errors.append(f"{p}: check_file lists {len(layers)} layer(s) of {want}")
     for w in found:
       if not (w.nm and w.expected):
-        errors.append(f"{w.param}: check_file says nm={w.nm}, expected={w.expected} "
-                      f"({w.consumer}, axis {w.axis}; {w.note})")
+        errors.append(
+          f"{w.param}: check_file says nm={w.nm}, expected={w.expected} "
+          f"({w.consumer}, axis {w.axis}; {w.note})"
+        )
   fail(ctx, "export", errors)
 
 
@@ -492,12 +522,12 @@ def _first_lines(text: str, n: int = 3) -> str:
 
 
 STEP_FUNCS = [
-    ("layouts", step_layouts),
-    ("prune", step_prune),
-    ("fine-tune", step_finetune),
-    ("permute", step_permute),
-    ("calibration", step_calibration),
-    ("export", step_export),
+  ("layouts", step_layouts),
+  ("prune", step_prune),
+  ("fine-tune", step_finetune),
+  ("permute", step_permute),
+  ("calibration", step_calibration),
+  ("export", step_export),
 ]
 
 
@@ -542,23 +572,40 @@ def test_zoo(case: zoo.Case, tmp_path):
     except Exception as e:  # noqa: BLE001 - jasp raised: the step fails, later steps still run
       tb = traceback.extract_tb(e.__traceback__)[-1]
       status = "FAIL"
-      msg = (f"[{case.name}] {name}: {type(e).__name__}: {_first_lines(str(e))} "
-             f"(at {os.path.basename(tb.filename)}:{tb.lineno})")
-    results[name] = {"status": status, "message": msg,
-                     "seconds": round(time.perf_counter() - t1, 2)}
+      msg = (
+        f"[{case.name}] {name}: {type(e).__name__}: {_first_lines(str(e))} "
+        f"(at {os.path.basename(tb.filename)}:{tb.lineno})"
+      )
+    results[name] = {
+      "status": status,
+      "message": msg,
+      "seconds": round(time.perf_counter() - t1, 2),
+    }
   total = round(time.perf_counter() - t0, 2)
-  table = "\n".join(f"  {n:12s} {r['status']:4s} {r['seconds']:7.2f} s  "
-                    f"{_first_lines(r['message'], 1)}" for n, r in results.items())
+  table = "\n".join(
+    f"  {n:12s} {r['status']:4s} {r['seconds']:7.2f} s  {_first_lines(r['message'], 1)}"
+    for n, r in results.items()
+  )
   print(f"\n[{case.name}] {total:.1f} s\n{table}")
   out_dir = os.environ.get("JASP_ZOO_RESULTS")
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{case.name}.json"), "w") as f:
-      json.dump({"case": case.name, "seconds": total, "steps": results,
-                 "losses": getattr(ctx, "losses", None),
-                 "calibration_errors": getattr(ctx, "calib_errors", None)}, f, indent=1)
+      json.dump(
+        {
+          "case": case.name,
+          "seconds": total,
+          "steps": results,
+          "losses": getattr(ctx, "losses", None),
+          "calibration_errors": getattr(ctx, "calib_errors", None),
+        },
+        f,
+        indent=1,
+      )
   failed = {n: r for n, r in results.items() if r["status"] != "PASS"}
   if failed:
     details = "\n\n".join(f"--- {n} ({r['status']}) ---\n{r['message']}" for n, r in failed.items())
-    pytest.fail(f"[{case.name}] {len(failed)} of {len(results)} step(s) did not pass:\n{table}"
-                f"\n\n{details}", pytrace=False)
+    pytest.fail(
+      f"[{case.name}] {len(failed)} of {len(results)} step(s) did not pass:\n{table}\n\n{details}",
+      pytrace=False,
+    )

@@ -29,16 +29,16 @@ from jasp.calibration.wanda import wanda_prune
 from jasp.calibration.wanda import wanda_scores
 
 __all__ = [
-    "LayerResult",
-    "LayerStats",
-    "Site",
-    "collect_stats",
-    "from_matrix",
-    "inverse_hessian_factor",
-    "reconstruction_error",
-    "sparsegpt_layer",
-    "sparsegpt_prune",
-    "to_matrix",
-    "wanda_prune",
-    "wanda_scores",
+  "LayerResult",
+  "LayerStats",
+  "Site",
+  "collect_stats",
+  "from_matrix",
+  "inverse_hessian_factor",
+  "reconstruction_error",
+  "sparsegpt_layer",
+  "sparsegpt_prune",
+  "to_matrix",
+  "wanda_prune",
+  "wanda_scores",
 ]

@@ -58,6 +58,7 @@ class LayerResult:
     layer: the layer's index along the stacked axes of a weight run by a
       ``scan`` (``()`` for an unstacked weight).
   """
+
   path: str
   shape: tuple[int, ...]
   method: str
@@ -87,12 +88,14 @@ Unit = tuple  # (leaf, layer index tuple): one weight, or one layer of a stacked
 @dataclasses.dataclass(frozen=True)
 class _Tapped:
   """A weight to calibrate: its target (site, layers) and site uses (stack, deps)."""
+
   target: stats_lib.Target
   uses: tuple
 
 
-def _predecessors(unit: Unit, tapped: Mapping[int, _Tapped], reverse: Mapping[tuple, bool]
-                  ) -> set[Unit]:
+def _predecessors(
+  unit: Unit, tapped: Mapping[int, _Tapped], reverse: Mapping[tuple, bool]
+) -> set[Unit]:
   """The units whose pruning changes ``unit``'s inputs (from the analysis' dependencies)."""
   leaf, idx = unit
   me = tapped[leaf]
@@ -162,8 +165,9 @@ def _components(units: Sequence[Unit], preds: Mapping[Unit, set]) -> dict[Unit, 
   return comp
 
 
-def schedule(units: Sequence[Unit], preds: Mapping[Unit, set], sequential: bool,
-             layers_per_pass: int | None) -> list[list[Unit]]:
+def schedule(
+  units: Sequence[Unit], preds: Mapping[Unit, set], sequential: bool, layers_per_pass: int | None
+) -> list[list[Unit]]:
   """Stages of units; a unit comes after every unit that influences its inputs.
 
   With ``sequential``, stage ``s`` holds the units whose inputs depend only on
@@ -188,7 +192,7 @@ def schedule(units: Sequence[Unit], preds: Mapping[Unit, set], sequential: bool,
       done |= ready
       left -= ready
   if layers_per_pass:
-    stages = [s[i:i + layers_per_pass] for s in stages for i in range(0, len(s), layers_per_pass)]
+    stages = [s[i : i + layers_per_pass] for s in stages for i in range(0, len(s), layers_per_pass)]
   return stages
 
 
@@ -196,7 +200,7 @@ def _progress(total: int, enabled: bool, desc: str):
   if not enabled or not total:
     return None
   try:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    from tqdm.auto import tqdm
   except ImportError:
     return None
   return tqdm(total=total, desc=desc, unit="layer", disable=None)
@@ -214,9 +218,11 @@ def _check_finite(method: str, model: _model.Model, cand: Sequence[int]) -> None
   ok = np.asarray(jax.device_get(_all_finite([model.leaves[k] for k in cand])))
   for k, good in zip(cand, ok):
     if not good:
-      raise ValueError(f"{method}: the weight '{model.paths[k]}' (shape "
-                       f"{tuple(np.shape(model.leaves[k]))}) holds NaN/Inf; N:M pruning of "
-                       "non-finite weights is undefined.")
+      raise ValueError(
+        f"{method}: the weight '{model.paths[k]}' (shape "
+        f"{tuple(np.shape(model.leaves[k]))}) holds NaN/Inf; N:M pruning of "
+        "non-finite weights is undefined."
+      )
 
 
 LeafFn = Callable[[jax.Array, stats_lib.Site, dict, int, int], tuple]
@@ -243,10 +249,11 @@ def _tap_plan(model, flow, decisions, cand):
     target, uses, why = stats_lib.site_of(flow, k, np.shape(model.leaves[k]))
     if target is not None:
       stack_axes = tuple(a for a, _ in uses[0].stack)
-      if _local_axes(d.axis, stack_axes) != target.site.group_axes or set(d.axis) & set(
-          stack_axes):
-        why = (f"the policy groups it along axes {tuple(d.axis)} but its matmul contracts "
-               f"{target.site.group_axes} of each layer (stacked axes {stack_axes})")
+      if _local_axes(d.axis, stack_axes) != target.site.group_axes or set(d.axis) & set(stack_axes):
+        why = (
+          f"the policy groups it along axes {tuple(d.axis)} but its matmul contracts "
+          f"{target.site.group_axes} of each layer (stacked axes {stack_axes})"
+        )
       else:
         tapped[k] = _Tapped(target, tuple(uses))
         continue
@@ -254,13 +261,26 @@ def _tap_plan(model, flow, decisions, cand):
   return tapped, fallback
 
 
-def run(method: str, leaf_fn: LeafFn, fn, params, batches, n: int, m: int, *,
-        layouts: Mapping[str, layouts_lib.Layout] | None,
-        policy: policy_lib.Policy | None, sequential: bool, layers_per_pass: int | None,
-        hessian: bool, missing: Missing, progress: bool,
-        callback: Callable[[LayerResult], Any] | None) -> tuple[PyTree, PyTree]:
+def run(
+  method: str,
+  leaf_fn: LeafFn,
+  fn,
+  params,
+  batches,
+  n: int,
+  m: int,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None,
+  policy: policy_lib.Policy | None,
+  sequential: bool,
+  layers_per_pass: int | None,
+  hessian: bool,
+  missing: Missing,
+  progress: bool,
+  callback: Callable[[LayerResult], Any] | None,
+) -> tuple[PyTree, PyTree]:
   """Prunes every leaf that the policy selects with ``leaf_fn``; see the pruners' docs."""
-  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  masks_lib._check_nm(n, m)
   if missing not in ("error", "magnitude", "dense"):
     raise ValueError(f"missing must be 'error', 'magnitude' or 'dense', got {missing!r}.")
   params, batches = split_args(fn, params, batches)
@@ -277,22 +297,32 @@ def run(method: str, leaf_fn: LeafFn, fn, params, batches, n: int, m: int, *,
   _check_finite(method, model, cand)
   tapped, fallback = _tap_plan(model, flow, decisions, cand)
   if fallback and missing == "error":
-    lines = "\n".join(f"  {model.paths[k]} (shape {tuple(np.shape(model.leaves[k]))}): {why}"
-                      for k, why in fallback.items())
+    lines = "\n".join(
+      f"  {model.paths[k]} (shape {tuple(np.shape(model.leaves[k]))}): {why}"
+      for k, why in fallback.items()
+    )
     raise ValueError(
-        f"{method} found no calibration inputs for {len(fallback)} weight(s) to prune:\n{lines}\n"
-        "Exclude them (jasp.Policy(exclude=...)) or pass missing='magnitude' or 'dense'.")
+      f"{method} found no calibration inputs for {len(fallback)} weight(s) to prune:\n{lines}\n"
+      "Exclude them (jasp.Policy(exclude=...)) or pass missing='magnitude' or 'dense'."
+    )
 
   units = [(k, idx) for k, t in tapped.items() for idx in t.target.layers]
   preds = {u: _predecessors(u, tapped, flow.scans) for u in units}
   leaves = list(model.leaves)
   masks: dict[int, jax.Array] = {}
-  bar = _progress(len(units) + (len(fallback) if missing == "magnitude" else 0), progress,
-                  method)
+  bar = _progress(len(units) + (len(fallback) if missing == "magnitude" else 0), progress, method)
 
   def report(res: LayerResult):
-    log.info("%s %s%s %s: %s rows, error %s, %.3f s", method, res.path,
-             list(res.layer) if res.layer else "", res.shape, res.rows, res.error, res.seconds)
+    log.info(
+      "%s %s%s %s: %s rows, error %s, %.3f s",
+      method,
+      res.path,
+      list(res.layer) if res.layer else "",
+      res.shape,
+      res.rows,
+      res.error,
+      res.seconds,
+    )
     if bar is not None:
       bar.update(1)
       bar.set_postfix_str(res.path[-40:])
@@ -309,16 +339,28 @@ def run(method: str, leaf_fn: LeafFn, fn, params, batches, n: int, m: int, *,
       mask = masks_lib.nm_mask(leaves[k], n, m, axis)
       leaves[k] = jnp.where(mask, leaves[k], jnp.zeros((), leaves[k].dtype))
       masks[k] = jax.block_until_ready(mask)
-      report(LayerResult(model.paths[k], tuple(np.shape(leaves[k])), "magnitude", -1, 0, None,
-                         time.perf_counter() - t0, 0.0, why))
+      report(
+        LayerResult(
+          model.paths[k],
+          tuple(np.shape(leaves[k])),
+          "magnitude",
+          -1,
+          0,
+          None,
+          time.perf_counter() - t0,
+          0.0,
+          why,
+        )
+      )
 
     for si, stage in enumerate(schedule(units, preds, sequential, layers_per_pass)):
       t0 = time.perf_counter()
       want: dict[int, list] = {}
       for k, idx in stage:
         want.setdefault(k, []).append(idx)
-      targets = {k: dataclasses.replace(tapped[k].target, layers=tuple(idxs))
-                 for k, idxs in want.items()}
+      targets = {
+        k: dataclasses.replace(tapped[k].target, layers=tuple(idxs)) for k, idxs in want.items()
+      }
       acc = tapper.accumulate(leaves, batches, targets, hessian=hessian)
       jax.block_until_ready(acc)
       stage_s = time.perf_counter() - t0
@@ -333,18 +375,29 @@ def run(method: str, leaf_fn: LeafFn, fn, params, batches, n: int, m: int, *,
         err, rows = jax.device_get((err, a["count"]))
         if err is not None and not np.isfinite(err):
           raise FloatingPointError(
-              f"{method} produced non-finite weights for '{model.paths[k]}'"
-              f"{list(idx) if idx else ''} (shape {tuple(np.shape(new))}); raise the damping or "
-              "check the calibration data.")
+            f"{method} produced non-finite weights for '{model.paths[k]}'"
+            f"{list(idx) if idx else ''} (shape {tuple(np.shape(new))}); raise the damping or "
+            "check the calibration data."
+          )
         if stack_axes:
           leaves[k] = leaves[k].at[sel].set(new)
           full = masks.get(k, jnp.zeros(np.shape(leaves[k]), bool))
           masks[k] = full.at[sel].set(mask)
         else:
           leaves[k], masks[k] = new, mask
-        report(LayerResult(model.paths[k], tuple(np.shape(new)), method, si, int(rows),
-                           None if err is None else float(err), time.perf_counter() - t1,
-                           stage_s, layer=tuple(int(i) for i in idx)))
+        report(
+          LayerResult(
+            model.paths[k],
+            tuple(np.shape(new)),
+            method,
+            si,
+            int(rows),
+            None if err is None else float(err),
+            time.perf_counter() - t1,
+            stage_s,
+            layer=tuple(int(i) for i in idx),
+          )
+        )
   finally:
     if bar is not None:
       bar.close()
@@ -365,4 +418,3 @@ def leaf_matrix_groups(w: jax.Array, site: stats_lib.Site) -> jax.Array:
 def leaf_from_groups(wg: jax.Array, site: stats_lib.Site) -> jax.Array:
   """Inverse of :func:`leaf_matrix_groups`."""
   return stats_lib.from_matrix(wg.transpose(1, 0, 2).reshape(site.k, site.o), site)
-

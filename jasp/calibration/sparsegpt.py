@@ -106,8 +106,9 @@ def inverse_hessian_factor(h: jax.Array, damp: float = 0.01) -> jax.Array:
     return jnp.triu(jnp.linalg.cholesky(hinv, upper=True))
 
 
-def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: float,
-         unroll: int = 1):
+def _obs(
+  w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: float, unroll: int = 1
+):
   """SparseGPT on ``w (O, K)`` float32 (rows = outputs) with ``h (K, K)``.
 
   Dead features (``h_ii == 0``) have their weights zeroed first and score -1
@@ -127,7 +128,8 @@ def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: fl
   w = jnp.where(dead[None, :], 0.0, w)
   if kp > k:  # pad with independent, zero-weight (dead) features: they change nothing
     u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag(
-        jnp.concatenate([jnp.zeros(k), jnp.ones(kp - k)]).astype(jnp.float32))
+      jnp.concatenate([jnp.zeros(k), jnp.ones(kp - k)]).astype(jnp.float32)
+    )
     w = jnp.pad(w, ((0, 0), (0, kp - k)))
     dead = jnp.pad(dead, (0, kp - k), constant_values=True)
 
@@ -163,8 +165,9 @@ def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: fl
       return w1, q1, e1, k1
 
     z = jnp.zeros_like(w1)
-    _, q1, e1, k1 = lax.fori_loop(0, bs, column, (w1, z, z, jnp.zeros(w1.shape, bool)),
-                                  unroll=unroll)
+    _, q1, e1, k1 = lax.fori_loop(
+      0, bs, column, (w1, z, z, jnp.zeros(w1.shape, bool)), unroll=unroll
+    )
     # Later blocks: w[:, j] -= sum_i err_i * U[i, j]; U is upper triangular, so
     # earlier blocks get exact zeros, and this block is overwritten by q1.
     urows = lax.dynamic_slice_in_dim(u, i1, bs, axis=0)  # (bs, kp)
@@ -178,20 +181,28 @@ def _obs(w: jax.Array, h: jax.Array, *, n: int, m: int, blocksize: int, damp: fl
 
 
 def _check(n, m, blocksize):
-  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  masks_lib._check_nm(n, m)
   if blocksize < m or blocksize % m:
     raise ValueError(f"blocksize must be a positive multiple of m={m}, got {blocksize}.")
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "blocksize", "damp", "unroll"))
 def _layer(w, h, n, m, blocksize, damp, unroll=1):
-  q, keep = _obs(w.astype(jnp.float32).T, h, n=n, m=m, blocksize=blocksize, damp=damp,
-                 unroll=unroll)
+  q, keep = _obs(
+    w.astype(jnp.float32).T, h, n=n, m=m, blocksize=blocksize, damp=damp, unroll=unroll
+  )
   return q.T.astype(w.dtype), keep.T
 
 
-def sparsegpt_layer(w: jax.Array, hessian: jax.Array, n: int = 2, m: int = 4, *,
-                    blocksize: int = 128, damp: float = 0.01) -> tuple[jax.Array, jax.Array]:
+def sparsegpt_layer(
+  w: jax.Array,
+  hessian: jax.Array,
+  n: int = 2,
+  m: int = 4,
+  *,
+  blocksize: int = 128,
+  damp: float = 0.01,
+) -> tuple[jax.Array, jax.Array]:
   """SparseGPT on one weight matrix: N:M along its rows, with OBS updates.
 
   Args:
@@ -228,8 +239,9 @@ def sparsegpt_layer(w: jax.Array, hessian: jax.Array, n: int = 2, m: int = 4, *,
   """
   _check(n, m, blocksize)
   if w.ndim != 2 or hessian.shape != (w.shape[0], w.shape[0]):
-    raise ValueError(f"sparsegpt_layer needs w (K, O) and hessian (K, K), got {w.shape} and "
-                     f"{hessian.shape}.")
+    raise ValueError(
+      f"sparsegpt_layer needs w (K, O) and hessian (K, K), got {w.shape} and {hessian.shape}."
+    )
   if w.shape[0] % m:
     raise ValueError(f"K={w.shape[0]} (rows of w) is not a multiple of m={m}.")
   return _layer(w, hessian, n, m, blocksize, float(damp), _unroll())
@@ -237,7 +249,7 @@ def sparsegpt_layer(w: jax.Array, hessian: jax.Array, n: int = 2, m: int = 4, *,
 
 def reconstruction_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> jax.Array:
   """``||X w - X w_hat||_F**2`` from ``hessian = X^T X``, for ``(K, O)`` weights."""
-  d = (w.astype(jnp.float32) - w_hat.astype(jnp.float32))
+  d = w.astype(jnp.float32) - w_hat.astype(jnp.float32)
   return jnp.sum(jnp.matmul(hessian, d, precision=HIGHEST) * d)
 
 
@@ -260,15 +272,23 @@ def _sparsegpt_leaf(w, hessian, count, site, n, m, blocksize, damp, unroll):
   return jnp.where(mask, new, jnp.zeros((), w.dtype)), mask, err
 
 
-def sparsegpt_prune(fn: Callable[..., Any] | Any, params: PyTree = None,
-                    batches: Iterable[Any] | None = None, *, n: int = 2, m: int = 4,
-                    blocksize: int = 128, damp: float = 0.01,
-                    layouts: Mapping[str, layouts_lib.Layout] | None = None,
-                    policy: policy_lib.Policy | None = None, sequential: bool = True,
-                    layers_per_pass: int | None = None, missing: _driver.Missing = "error",
-                    progress: bool = True,
-                    callback: Callable[[_driver.LayerResult], Any] | None = None
-                    ) -> tuple[PyTree, PyTree]:
+def sparsegpt_prune(
+  fn: Callable[..., Any] | Any,
+  params: PyTree = None,
+  batches: Iterable[Any] | None = None,
+  *,
+  n: int = 2,
+  m: int = 4,
+  blocksize: int = 128,
+  damp: float = 0.01,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  policy: policy_lib.Policy | None = None,
+  sequential: bool = True,
+  layers_per_pass: int | None = None,
+  missing: _driver.Missing = "error",
+  progress: bool = True,
+  callback: Callable[[_driver.LayerResult], Any] | None = None,
+) -> tuple[PyTree, PyTree]:
   """One-shot N:M pruning with SparseGPT from calibration batches.
 
   Two call forms::
@@ -302,9 +322,24 @@ def sparsegpt_prune(fn: Callable[..., Any] | Any, params: PyTree = None,
   _check(n, m, blocksize)
 
   def leaf(w, site, acc, n, m):
-    return _sparsegpt_leaf(w, acc["hessian"], acc["count"], site, n, m, blocksize, float(damp),
-                           _unroll())
+    return _sparsegpt_leaf(
+      w, acc["hessian"], acc["count"], site, n, m, blocksize, float(damp), _unroll()
+    )
 
-  return _driver.run("sparsegpt", leaf, fn, params, batches, n, m, layouts=layouts,
-                     policy=policy, sequential=sequential, layers_per_pass=layers_per_pass,
-                     hessian=True, missing=missing, progress=progress, callback=callback)
+  return _driver.run(
+    "sparsegpt",
+    leaf,
+    fn,
+    params,
+    batches,
+    n,
+    m,
+    layouts=layouts,
+    policy=policy,
+    sequential=sequential,
+    layers_per_pass=layers_per_pass,
+    hessian=True,
+    missing=missing,
+    progress=progress,
+    callback=callback,
+  )

@@ -74,6 +74,7 @@ class LayerStats:
       when not asked.
     stack: the leaf's stacked axes (indexed by scans), outermost first.
   """
+
   site: Site
   count: jax.Array
   sumsq: jax.Array
@@ -81,8 +82,7 @@ class LayerStats:
   stack: tuple[int, ...] = ()
 
 
-def conv_patches(x: jax.Array, params: Mapping[str, Any], rhs_shape: Sequence[int]
-                 ) -> jax.Array:
+def conv_patches(x: jax.Array, params: Mapping[str, Any], rhs_shape: Sequence[int]) -> jax.Array:
   """im2col patches of a convolution's input, in the kernel's matrix-view row order.
 
   Args:
@@ -109,9 +109,16 @@ def conv_patches(x: jax.Array, params: Mapping[str, Any], rhs_shape: Sequence[in
   src[i_ax], src[o_ax] = len(spatial), len(spatial) + 1
   kernel = jnp.transpose(onehot, src)
   y = jax.lax.conv_general_dilated(
-      x.astype(jnp.float32), kernel, params["window_strides"], params["padding"],
-      lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
-      dimension_numbers=dn, feature_group_count=g, precision=HIGHEST)
+    x.astype(jnp.float32),
+    kernel,
+    params["window_strides"],
+    params["padding"],
+    lhs_dilation=params["lhs_dilation"],
+    rhs_dilation=params["rhs_dilation"],
+    dimension_numbers=dn,
+    feature_group_count=g,
+    precision=HIGHEST,
+  )
   y = jnp.moveaxis(y, dn.out_spec[1], -1)
   return y.reshape(y.shape[:-1] + (g, k))
 
@@ -126,15 +133,15 @@ def _explicit(x) -> bool:
 def _row_stats(x: jax.Array, hessian: bool) -> dict:
   """``x``: float32 ``(*rows, G, K)`` -> count, sumsq ``(G, K)``, hessian ``(G, K, K)``."""
   rows = tuple(range(x.ndim - 2))
-  out = {"count": jnp.float32(np.prod(x.shape[:-2])),
-         "sumsq": jnp.sum(jnp.square(x), axis=rows)}
+  out = {"count": jnp.float32(np.prod(x.shape[:-2])), "sumsq": jnp.sum(jnp.square(x), axis=rows)}
   if hessian:
     # Under explicit sharding the contracted rows may be sharded: ask for a
     # replicated result (an all-reduce), never a gather of X.
     kw = {"out_sharding": jax.sharding.PartitionSpec()} if _explicit(x) else {}
     g = x.ndim - 2
-    out["hessian"] = jax.lax.dot_general(x, x, ((rows, rows), ((g,), (g,))), precision=HIGHEST,
-                                         **kw)
+    out["hessian"] = jax.lax.dot_general(
+      x, x, ((rows, rows), ((g,), (g,))), precision=HIGHEST, **kw
+    )
   return out
 
 
@@ -152,6 +159,7 @@ class Target:
     layers: the layer indices (tuples over the stacked axes) to collect, in
       slot order; ``((),)`` for an unstacked weight.
   """
+
   site: Site
   stack_shape: tuple[int, ...] = ()
   layers: tuple[tuple[int, ...], ...] = ((),)
@@ -167,8 +175,10 @@ class Target:
 def zeros(target: Target, hessian: bool) -> dict:
   """Empty running sums for ``target``: ``count (S,)``, ``sumsq (S, G, K)``, ``hessian``."""
   s, site = len(target.layers), target.site
-  a = {"count": jnp.zeros((s,), jnp.float32),
-       "sumsq": jnp.zeros((s, site.groups, site.k), jnp.float32)}
+  a = {
+    "count": jnp.zeros((s,), jnp.float32),
+    "sumsq": jnp.zeros((s, site.groups, site.k), jnp.float32),
+  }
   if hessian:
     a["hessian"] = jnp.zeros((s, site.groups, site.k, site.k), jnp.float32)
   return a
@@ -181,15 +191,15 @@ class _Tap(_jaxpr.Interpreter):
   equation key; ``acc`` maps each target leaf to its running sums.
   """
 
-  def __init__(self, sites: Mapping[tuple, list], targets: Mapping[int, Target],
-               acc: dict, hessian: bool):
+  def __init__(
+    self, sites: Mapping[tuple, list], targets: Mapping[int, Target], acc: dict, hessian: bool
+  ):
     super().__init__()
     self.sites = {key: [u for u in us if u.leaf in targets] for key, us in sites.items()}
     self.sites = {key: us for key, us in self.sites.items() if us}
     self.prefixes = {key[:i] for key in self.sites for i in range(len(key))}
     self.targets = targets
-    self.tables = {leaf: jnp.asarray(t.table()) for leaf, t in targets.items()
-                   if t.stack_shape}
+    self.tables = {leaf: jnp.asarray(t.table()) for leaf, t in targets.items() if t.stack_shape}
     self.acc = acc
     self.hessian = hessian
     self.iters: dict[tuple, jax.Array] = {}
@@ -225,7 +235,7 @@ class _Tap(_jaxpr.Interpreter):
     else:
       rest = [d for d in range(x.ndim) if d not in use.x_order]
       x = jnp.transpose(x.astype(jnp.float32), rest + list(use.x_order))
-      x = x.reshape(x.shape[:len(rest)] + (1, use.site.k))
+      x = x.reshape(x.shape[: len(rest)] + (1, use.site.k))
     st = _row_stats(x, self.hessian)
     a = self.acc[use.leaf]
     target = self.targets[use.leaf]
@@ -239,8 +249,8 @@ class _Tap(_jaxpr.Interpreter):
       self.acc[use.leaf] = {k: a[k].at[slot].add(st[k]) for k in a}
       return
     self.acc[use.leaf] = lax.cond(
-        slot >= 0, lambda a, st: {k: a[k].at[slot].add(st[k]) for k in a},
-        lambda a, st: a, a, st)
+      slot >= 0, lambda a, st: {k: a[k].at[slot].add(st[k]) for k in a}, lambda a, st: a, a, st
+    )
 
   # -- loops and branches that hold a tapped weight are rebuilt ---------------
   def scan(self, eqn, scan, ins):
@@ -264,8 +274,9 @@ class _Tap(_jaxpr.Interpreter):
       c_out, ys = scan.split_out(outs)
       return (c_out, acc, i + 1), ys
 
-    (c, acc, _), ys = lax.scan(body, (list(init), self.acc, jnp.int32(0)), list(xs), length=n,
-                               reverse=scan.reverse)
+    (c, acc, _), ys = lax.scan(
+      body, (list(init), self.acc, jnp.int32(0)), list(xs), length=n, reverse=scan.reverse
+    )
     self.acc = acc
     return list(c) + list(ys)
 
@@ -283,10 +294,12 @@ class _Tap(_jaxpr.Interpreter):
           return outs, self.acc
         finally:
           self.acc = outer
+
       return fn
 
-    outs, self.acc = lax.switch(ins[0], [branch(i, b) for i, b in enumerate(cond.branches)],
-                                self.acc, list(ins[1:]))
+    outs, self.acc = lax.switch(
+      ins[0], [branch(i, b) for i, b in enumerate(cond.branches)], self.acc, list(ins[1:])
+    )
     return list(outs)
 
   def while_loop(self, eqn, loop, ins):
@@ -330,8 +343,7 @@ class Tapper:
 
   def _signature(self, batch):
     leaves, treedef = jax.tree_util.tree_flatten(batch)
-    return treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x))))
-                          for x in leaves)
+    return treedef, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in leaves)
 
   def traced(self, batch) -> tuple[_model.Traced, weights.WeightFlow]:
     """The jaxpr of the model on ``batch``'s shapes and its analysis (cached)."""
@@ -350,9 +362,11 @@ class Tapper:
 
       def step(acc, leaves, extra, batch):
         tap = _Tap(flow.sites, targets, dict(acc), hessian)
-        args = list(leaves) + jax.tree_util.tree_leaves(extra) + [
-            x for x in jax.tree_util.tree_leaves(batch)
-            if isinstance(x, (jax.Array, np.ndarray))]
+        args = (
+          list(leaves)
+          + jax.tree_util.tree_leaves(extra)
+          + [x for x in jax.tree_util.tree_leaves(batch) if isinstance(x, (jax.Array, np.ndarray))]
+        )
         with jax.default_matmul_precision("highest"):
           tap.run(closed.jaxpr, closed.consts, args)
         return tap.acc
@@ -361,8 +375,14 @@ class Tapper:
       steps[tkey] = jax.jit(step, donate_argnums=donate)
     return steps[tkey]
 
-  def accumulate(self, leaves: Sequence[jax.Array], batches: Iterable[Any],
-                 targets: Mapping[int, Target], *, hessian: bool) -> dict[int, dict]:
+  def accumulate(
+    self,
+    leaves: Sequence[jax.Array],
+    batches: Iterable[Any],
+    targets: Mapping[int, Target],
+    *,
+    hessian: bool,
+  ) -> dict[int, dict]:
     """Streams ``batches`` through the model; returns running sums per target leaf.
 
     One jitted step per batch shape (compiled once): the leaves and the batch
@@ -382,27 +402,36 @@ def leaf_sites(flow: weights.WeightFlow, leaf: int) -> list[weights.SiteUse]:
   return [u for us in flow.sites.values() for u in us if u.leaf == leaf]
 
 
-def site_of(flow: weights.WeightFlow, leaf: int, shape: Sequence[int]
-            ) -> tuple[Target | None, list[weights.SiteUse], str]:
+def site_of(
+  flow: weights.WeightFlow, leaf: int, shape: Sequence[int]
+) -> tuple[Target | None, list[weights.SiteUse], str]:
   """``(target with every layer, site uses, "")`` or ``(None, [], reason)``."""
   uses = leaf_sites(flow, leaf)
   if not uses:
     others = sorted({u.what for u in flow.uses.get(leaf, {}).values() if u.kind == "other"})
-    why = ("used by " + "; ".join(others)) if others else (
-        "not consumed by a dot_general or convolution of the traced function")
+    why = (
+      ("used by " + "; ".join(others))
+      if others
+      else ("not consumed by a dot_general or convolution of the traced function")
+    )
     return None, [], why
   geoms = {(u.site, tuple(a for a, _ in u.stack)) for u in uses}
   if len(geoms) > 1:
     return None, [], f"consumed by matmuls of different layouts: {sorted(map(str, geoms))}"
-  (site, stack_axes), = geoms
+  ((site, stack_axes),) = geoms
   stack_shape = tuple(int(shape[a]) for a in stack_axes)
   layers = tuple(np.ndindex(*stack_shape)) if stack_shape else ((),)
   return Target(site, stack_shape, layers), uses, ""
 
 
-def collect_stats(fn: Callable[..., Any] | Any, params: PyTree = None,
-                  batches: Iterable[Any] = (), *, paths: Iterable[str] | None = None,
-                  hessian: bool = False) -> dict[str, LayerStats]:
+def collect_stats(
+  fn: Callable[..., Any] | Any,
+  params: PyTree = None,
+  batches: Iterable[Any] = (),
+  *,
+  paths: Iterable[str] | None = None,
+  hessian: bool = False,
+) -> dict[str, LayerStats]:
   """Input statistics of the weights of a model over calibration batches.
 
   Two call forms: ``collect_stats(model.apply, variables, batches)`` (linen, or
@@ -461,8 +490,13 @@ def collect_stats(fn: Callable[..., Any] | Any, params: PyTree = None,
 
     def unslot(x, shape=shape):
       return x.reshape(shape + x.shape[1:]) if shape else x[0]
-    stack_axes = tuple(a for a, _ in leaf_sites(flow, leaf)[0].stack)
-    out[model.paths[leaf]] = LayerStats(site, unslot(a["count"]), unslot(a["sumsq"]),
-                                        unslot(a["hessian"]) if hessian else None, stack_axes)
-  return out
 
+    stack_axes = tuple(a for a, _ in leaf_sites(flow, leaf)[0].stack)
+    out[model.paths[leaf]] = LayerStats(
+      site,
+      unslot(a["count"]),
+      unslot(a["sumsq"]),
+      unslot(a["hessian"]) if hessian else None,
+      stack_axes,
+    )
+  return out

@@ -42,7 +42,7 @@ def _scores_jit(w, sumsq, site, stack):
     return _scores(w, sumsq, site)
   lead = tuple(range(len(stack)))
   moved = jnp.moveaxis(w, stack, lead)
-  layers = moved.shape[:len(stack)]
+  layers = moved.shape[: len(stack)]
   flat = moved.reshape((-1,) + site.shape)
   out = jax.vmap(lambda a, b: _scores(a, b, site))(flat, sumsq.reshape((-1,) + sumsq.shape[-2:]))
   return jnp.moveaxis(out.reshape(layers + site.shape), lead, stack)
@@ -76,14 +76,21 @@ def _leaf(w, site, acc, n, m):
   return new, mask, None
 
 
-def wanda_prune(fn: Callable[..., Any] | Any, params: PyTree = None,
-                batches: Iterable[Any] | None = None, *, n: int = 2, m: int = 4,
-                layouts: Mapping[str, layouts_lib.Layout] | None = None,
-                policy: policy_lib.Policy | None = None, sequential: bool = False,
-                layers_per_pass: int | None = None, missing: _driver.Missing = "error",
-                progress: bool = True,
-                callback: Callable[[_driver.LayerResult], Any] | None = None
-                ) -> tuple[PyTree, PyTree]:
+def wanda_prune(
+  fn: Callable[..., Any] | Any,
+  params: PyTree = None,
+  batches: Iterable[Any] | None = None,
+  *,
+  n: int = 2,
+  m: int = 4,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  policy: policy_lib.Policy | None = None,
+  sequential: bool = False,
+  layers_per_pass: int | None = None,
+  missing: _driver.Missing = "error",
+  progress: bool = True,
+  callback: Callable[[_driver.LayerResult], Any] | None = None,
+) -> tuple[PyTree, PyTree]:
   """One-shot N:M pruning with Wanda scores from calibration batches.
 
   Two call forms::
@@ -124,6 +131,20 @@ def wanda_prune(fn: Callable[..., Any] | Any, params: PyTree = None,
     type; for nnx an ``nnx.State`` of the ``nnx.Param`` leaves) and masks
     mirroring them (``None`` for dense leaves).
   """
-  return _driver.run("wanda", _leaf, fn, params, batches, n, m, layouts=layouts, policy=policy,
-                     sequential=sequential, layers_per_pass=layers_per_pass, hessian=False,
-                     missing=missing, progress=progress, callback=callback)
+  return _driver.run(
+    "wanda",
+    _leaf,
+    fn,
+    params,
+    batches,
+    n,
+    m,
+    layouts=layouts,
+    policy=policy,
+    sequential=sequential,
+    layers_per_pass=layers_per_pass,
+    hessian=False,
+    missing=missing,
+    progress=progress,
+    callback=callback,
+  )

@@ -74,8 +74,16 @@ from jasp.export._deps import require
 from jasp.export._safe_read import Budget
 from jasp.export._safe_read import CheckError
 
-__all__ = ["CheckError", "WeightCheck", "CheckReport", "check_file", "check_onnx",
-           "check_params", "detect_format", "FORMATS"]
+__all__ = [
+  "CheckError",
+  "WeightCheck",
+  "CheckReport",
+  "check_file",
+  "check_onnx",
+  "check_params",
+  "detect_format",
+  "FORMATS",
+]
 
 FORMATS = ("onnx", "savedmodel", "safetensors", "msgpack", "orbax")
 
@@ -100,6 +108,7 @@ class WeightCheck:
     expected_by: why: ``regex``, ``metadata``, ``mask`` or ``zeros``.
     note: diagnosis (e.g. the axes it *is* N:M along, when not the consumer's).
   """
+
   name: str
   param: str | None
   shape: tuple[int, ...]
@@ -131,6 +140,7 @@ class WeightCheck:
 @dataclasses.dataclass(frozen=True)
 class CheckReport:
   """The checker's verdict on one file; ``str()`` is a table, ``to_json()`` for machines."""
+
   path: str
   format: str
   n: int
@@ -156,20 +166,46 @@ class CheckReport:
   def summary(self) -> str:
     nm = sum(w.nm for w in self.weights)
     exp = sum(w.expected for w in self.weights)
-    verdict = "OK" if self.ok else f"FAILED: {len(self.failures)} expected weight(s) not {self.n}:{self.m}"
-    return (f"{self.path} ({self.format}): {len(self.weights)} weight(s), {nm} {self.n}:{self.m} "
-            f"along the consumer's reduction axis, {exp} expected sparse; {verdict}")
+    verdict = (
+      "OK" if self.ok else f"FAILED: {len(self.failures)} expected weight(s) not {self.n}:{self.m}"
+    )
+    return (
+      f"{self.path} ({self.format}): {len(self.weights)} weight(s), {nm} {self.n}:{self.m} "
+      f"along the consumer's reduction axis, {exp} expected sparse; {verdict}"
+    )
 
   def format_table(self) -> str:
-    head = ("weight", "param", "shape", "consumer", "axis", f"{self.n}:{self.m}", "zeros",
-            "expected", "status", "note")
+    head = (
+      "weight",
+      "param",
+      "shape",
+      "consumer",
+      "axis",
+      f"{self.n}:{self.m}",
+      "zeros",
+      "expected",
+      "status",
+      "note",
+    )
     rows = []
     for w in self.weights:
-      nm = "yes" if w.nm else ("-" if not w.applicable else f"no ({w.bad_groups}/{w.groups} groups)")
-      rows.append((w.name, w.param or "-", "x".join(map(str, w.shape)) or "()", w.consumer,
-                   "-" if w.axis is None else ",".join(map(str, w.axis)), nm,
-                   f"{100 * w.zero_fraction:.1f}%",
-                   f"yes ({w.expected_by})" if w.expected else "no", w.status, w.note))
+      nm = (
+        "yes" if w.nm else ("-" if not w.applicable else f"no ({w.bad_groups}/{w.groups} groups)")
+      )
+      rows.append(
+        (
+          w.name,
+          w.param or "-",
+          "x".join(map(str, w.shape)) or "()",
+          w.consumer,
+          "-" if w.axis is None else ",".join(map(str, w.axis)),
+          nm,
+          f"{100 * w.zero_fraction:.1f}%",
+          f"yes ({w.expected_by})" if w.expected else "no",
+          w.status,
+          w.note,
+        )
+      )
     lines = [self.summary(), f"expected sparse: {self.rule}"]
     if rows:
       widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
@@ -181,10 +217,15 @@ class CheckReport:
     return self.format_table()
 
   def to_dict(self) -> dict:
-    return {"path": self.path, "format": self.format, "n": self.n, "m": self.m,
-            "ok": self.ok, "rule": self.rule,
-            "weights": [dict(dataclasses.asdict(w), status=w.status, ok=w.ok)
-                        for w in self.weights]}
+    return {
+      "path": self.path,
+      "format": self.format,
+      "n": self.n,
+      "m": self.m,
+      "ok": self.ok,
+      "rule": self.rule,
+      "weights": [dict(dataclasses.asdict(w), status=w.status, ok=w.ok) for w in self.weights],
+    }
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=1)
@@ -193,6 +234,7 @@ class CheckReport:
 @dataclasses.dataclass
 class _Candidate:
   """A weight found in a file, before the N:M verdict."""
+
   name: str
   array: np.ndarray
   consumer: str
@@ -211,8 +253,9 @@ def _run_of_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...] | None:
   return tuple(out) if out == list(range(out[0], out[0] + len(out))) else None
 
 
-def _verdict(c: _Candidate, n: int, m: int, regexes: Sequence[str],
-             min_zeros: float) -> WeightCheck:
+def _verdict(
+  c: _Candidate, n: int, m: int, regexes: Sequence[str], min_zeros: float
+) -> WeightCheck:
   w = c.array
   z = _nm.zero_fraction(w)
   notes = [c.note] if c.note else []
@@ -220,8 +263,11 @@ def _verdict(c: _Candidate, n: int, m: int, regexes: Sequence[str],
   applicable, nm, groups, bad = False, False, 0, 0
   odd = [ax for ax in axes_list if _run_of_axes(ax, w.ndim) is None]
   if odd:
-    notes.append("reduction axes " + "; ".join(",".join(map(str, a)) for a in odd)
-                 + " are not a run of consecutive axes of the stored tensor: not checked")
+    notes.append(
+      "reduction axes "
+      + "; ".join(",".join(map(str, a)) for a in odd)
+      + " are not a run of consecutive axes of the stored tensor: not checked"
+    )
   elif axes_list:
     stats = [_nm.nm_stats(w, ax, n, m) for ax in axes_list]
     applicable = all(s.applicable for s in stats)
@@ -229,16 +275,19 @@ def _verdict(c: _Candidate, n: int, m: int, regexes: Sequence[str],
     groups = sum(s.groups for s in stats)
     bad = sum(s.bad_groups for s in stats)
     if len(axes_list) > 1:
-      notes.append("consumed along several axes: " + "; ".join(
-          ",".join(map(str, a)) for a in axes_list))
+      notes.append(
+        "consumed along several axes: " + "; ".join(",".join(map(str, a)) for a in axes_list)
+      )
     if not applicable:
       k = [int(np.prod([w.shape[a] for a in ax])) for ax in axes_list]
       notes.append(f"reduction size {k[0] if len(k) == 1 else k} is not a multiple of {m}")
     elif not nm and z > 0:
       other = _nm.nm_axes(w, n, m, skip=[a for ax in axes_list for a in ax])
       if other:
-        notes.append(f"{n}:{m} along axis {','.join(map(str, other))} instead: "
-                     "the wrong axis for this consumer")
+        notes.append(
+          f"{n}:{m} along axis {','.join(map(str, other))} instead: "
+          "the wrong axis for this consumer"
+        )
   if c.mask is not None:
     outside = int(np.count_nonzero((w != 0) & ~c.mask.astype(bool)))
     if outside:
@@ -254,15 +303,34 @@ def _verdict(c: _Candidate, n: int, m: int, regexes: Sequence[str],
   else:
     expected, by = False, ""
   return WeightCheck(
-      name=c.name, param=c.param, shape=tuple(int(d) for d in w.shape), dtype=str(w.dtype),
-      consumer=c.consumer, axis=axes_list[0] if axes_list else None, applicable=applicable,
-      nm=bool(nm), groups=groups, bad_groups=bad, zero_fraction=z, expected=bool(expected),
-      expected_by=by, note="; ".join(notes))
+    name=c.name,
+    param=c.param,
+    shape=tuple(int(d) for d in w.shape),
+    dtype=str(w.dtype),
+    consumer=c.consumer,
+    axis=axes_list[0] if axes_list else None,
+    applicable=applicable,
+    nm=bool(nm),
+    groups=groups,
+    bad_groups=bad,
+    zero_fraction=z,
+    expected=bool(expected),
+    expected_by=by,
+    note="; ".join(notes),
+  )
 
 
-def _report(path: str, fmt: str, cands: list[_Candidate], n: int, m: int,
-            expect_sparse: str | Sequence[str] | None, min_zeros: float | None) -> CheckReport:
-  from jasp.masks import _check_nm  # pylint: disable=g-import-not-at-top
+def _report(
+  path: str,
+  fmt: str,
+  cands: list[_Candidate],
+  n: int,
+  m: int,
+  expect_sparse: str | Sequence[str] | None,
+  min_zeros: float | None,
+) -> CheckReport:
+  from jasp.masks import _check_nm
+
   try:
     _check_nm(n, m)
   except (TypeError, ValueError) as e:
@@ -278,14 +346,17 @@ def _report(path: str, fmt: str, cands: list[_Candidate], n: int, m: int,
   if regexes:
     rule = "weights matching " + " or ".join(repr(r) for r in regexes)
   else:
-    rule = (f"weights the file marks as pruned (metadata or masks), and any weight with "
-            f">= {100 * min_zeros:.0f}% zeros")
+    rule = (
+      f"weights the file marks as pruned (metadata or masks), and any weight with "
+      f">= {100 * min_zeros:.0f}% zeros"
+    )
   weights = tuple(_verdict(c, n, m, regexes, min_zeros) for c in cands)
   return CheckReport(path, fmt, n, m, weights, rule)
 
 
 # ----------------------------------------------------------------------------
 # jasp's metadata (ONNX metadata_props, the safetensors header, a SavedModel's jasp.json).
+
 
 def _short(value: Any) -> str:
   r = repr(value)
@@ -308,8 +379,7 @@ def _jasp_meta(meta: Any, where: str) -> dict:
   """
   where = f"{where}: jasp metadata"
   if not isinstance(meta, dict):
-    raise CheckError(f"{where} must be a JSON object, got {type(meta).__name__} "
-                     f"{_short(meta)}.")
+    raise CheckError(f"{where} must be a JSON object, got {type(meta).__name__} {_short(meta)}.")
   for key in ("n", "m"):
     if key in meta and not (_is_int(meta[key]) and meta[key] >= 1):
       raise CheckError(f"{where}: {key!r} must be a positive integer, got {_short(meta[key])}.")
@@ -323,29 +393,37 @@ def _jasp_meta(meta: Any, where: str) -> dict:
     raise CheckError(f"{where}: 'layout' must be 'torch' or 'flax', got {_short(meta['layout'])}.")
   weights = meta.get("weights", {})
   if not isinstance(weights, dict):
-    raise CheckError(f"{where}: 'weights' must be an object {{name: {{...}}}}, got "
-                     f"{type(weights).__name__} {_short(weights)}.")
+    raise CheckError(
+      f"{where}: 'weights' must be an object {{name: {{...}}}}, got "
+      f"{type(weights).__name__} {_short(weights)}."
+    )
   for name, rec in weights.items():
     at = f"{where}: weights[{name!r}]"
     if not isinstance(rec, dict):
       raise CheckError(f"{at} must be an object, got {type(rec).__name__} {_short(rec)}.")
     if not isinstance(rec.get("pruned"), bool):
-      raise CheckError(f"{at}.pruned must be true or false, got "
-                       + ("nothing" if "pruned" not in rec else _short(rec["pruned"])) + ".")
+      raise CheckError(
+        f"{at}.pruned must be true or false, got "
+        + ("nothing" if "pruned" not in rec else _short(rec["pruned"]))
+        + "."
+      )
     for key in ("path", "kind"):
       if key in rec and not isinstance(rec[key], str):
         raise CheckError(f"{at}.{key} must be a string, got {_short(rec[key])}.")
     if "layer" in rec and not _int_list(rec["layer"], nonneg=True):
-      raise CheckError(f"{at}.layer must be a list of non-negative integers, got "
-                       f"{_short(rec['layer'])}.")
+      raise CheckError(
+        f"{at}.layer must be a list of non-negative integers, got {_short(rec['layer'])}."
+      )
     if rec.get("axis") is not None and not (_int_list(rec["axis"], nonneg=False) and rec["axis"]):
-      raise CheckError(f"{at}.axis must be null or a non-empty list of integers, got "
-                       f"{_short(rec['axis'])}.")
+      raise CheckError(
+        f"{at}.axis must be null or a non-empty list of integers, got {_short(rec['axis'])}."
+      )
   return meta
 
 
-def _unverified(where: str, recorded: Mapping[str, Any], found: set[str],
-                why: Mapping[str, str]) -> None:
+def _unverified(
+  where: str, recorded: Mapping[str, Any], found: set[str], why: Mapping[str, str]
+) -> None:
   """Raises :class:`CheckError` when the metadata marks as pruned a weight the check did not see."""
   lost = [name for name, rec in recorded.items() if rec["pruned"] and name not in found]
   if not lost:
@@ -353,27 +431,51 @@ def _unverified(where: str, recorded: Mapping[str, Any], found: set[str],
   items = []
   for name in lost[:10]:
     path = recorded[name].get("path")
-    items.append(f"{name}" + (f" ({path})" if path and path != name else "")
-                 + f": {why.get(name, 'not in the file')}")
+    items.append(
+      f"{name}"
+      + (f" ({path})" if path and path != name else "")
+      + f": {why.get(name, 'not in the file')}"
+    )
   more = f"; and {len(lost) - 10} more" if len(lost) > 10 else ""
-  raise CheckError(f"{where}: jasp's metadata marks {len(lost)} weight(s) as pruned that the "
-                   f"check cannot verify: {'; '.join(items)}{more}.")
+  raise CheckError(
+    f"{where}: jasp's metadata marks {len(lost)} weight(s) as pruned that the "
+    f"check cannot verify: {'; '.join(items)}{more}."
+  )
 
 
 # ----------------------------------------------------------------------------
 # ONNX.
 
+
 def _onnx_itemsizes() -> dict[int, int]:
-  from onnx import TensorProto  # pylint: disable=g-import-not-at-top
-  sizes = {"FLOAT": 4, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "INT32": 4, "INT64": 8,
-           "BOOL": 1, "FLOAT16": 2, "DOUBLE": 8, "UINT32": 4, "UINT64": 8, "BFLOAT16": 2,
-           "FLOAT8E4M3FN": 1, "FLOAT8E4M3FNUZ": 1, "FLOAT8E5M2": 1, "FLOAT8E5M2FNUZ": 1}
+  from onnx import TensorProto
+
+  sizes = {
+    "FLOAT": 4,
+    "UINT8": 1,
+    "INT8": 1,
+    "UINT16": 2,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "BOOL": 1,
+    "FLOAT16": 2,
+    "DOUBLE": 8,
+    "UINT32": 4,
+    "UINT64": 8,
+    "BFLOAT16": 2,
+    "FLOAT8E4M3FN": 1,
+    "FLOAT8E4M3FNUZ": 1,
+    "FLOAT8E5M2": 1,
+    "FLOAT8E5M2FNUZ": 1,
+  }
   return {getattr(TensorProto, k): v for k, v in sizes.items() if hasattr(TensorProto, k)}
 
 
 def _onnx_external(t, base: str, where: str, budget: Budget, itemsizes: dict) -> None:
   """Reads a tensor's external data into ``raw_data``: inside ``base``, bounded, size-checked."""
-  from onnx import TensorProto  # pylint: disable=g-import-not-at-top
+  from onnx import TensorProto
+
   at = f"{where}: tensor {t.name!r}'s external data"
   info: dict[str, str] = {}
   for e in t.external_data:
@@ -384,8 +486,7 @@ def _onnx_external(t, base: str, where: str, budget: Budget, itemsizes: dict) ->
     info[e.key] = e.value
   loc = info.get("location", "")
   if not loc or os.path.isabs(loc) or os.path.splitdrive(loc)[0]:
-    raise CheckError(f"{at}: the location {loc!r} is not a path relative to the model's "
-                     "directory.")
+    raise CheckError(f"{at}: the location {loc!r} is not a path relative to the model's directory.")
   root = os.path.realpath(base)
   full = os.path.realpath(os.path.join(root, loc))
   try:
@@ -405,11 +506,14 @@ def _onnx_external(t, base: str, where: str, budget: Budget, itemsizes: dict) ->
     raise CheckError(f"{at}: external data of data type {t.data_type} is not supported.")
   want = _safe_read.nbytes_of(list(t.dims), size, at)
   if nums["length"] is not None and nums["length"] != want:
-    raise CheckError(f"{at}: declares {nums['length']} bytes, but dims {list(t.dims)} of "
-                     f"{size}-byte elements need {want}.")
+    raise CheckError(
+      f"{at}: declares {nums['length']} bytes, but dims {list(t.dims)} of "
+      f"{size}-byte elements need {want}."
+    )
   try:
-    t.raw_data = _safe_read.read_bytes(full, budget, offset=nums["offset"] or 0, length=want,
-                                       exact=True)
+    t.raw_data = _safe_read.read_bytes(
+      full, budget, offset=nums["offset"] or 0, length=want, exact=True
+    )
   except CheckError as e:
     raise CheckError(f"{at}: {e}") from None
   del t.external_data[:]
@@ -418,8 +522,9 @@ def _onnx_external(t, base: str, where: str, budget: Budget, itemsizes: dict) ->
 
 def _onnx_prepare(model, where: str, base: str | None, budget: Budget) -> None:
   """Loads external data and checks that every tensor's data matches its dims."""
-  from onnx import TensorProto  # pylint: disable=g-import-not-at-top
-  from onnx import helper  # pylint: disable=g-import-not-at-top
+  from onnx import TensorProto
+  from onnx import helper
+
   itemsizes = _onnx_itemsizes()
   bad = _onnx_graph.non_text_name(model.graph)
   if bad is not None:
@@ -439,28 +544,35 @@ def _onnx_prepare(model, where: str, base: str | None, budget: Budget) -> None:
     if t.HasField("raw_data"):
       have, want, unit = len(t.raw_data), count * size, "bytes"
     else:
-      have, want, unit = len(getattr(t, helper.tensor_dtype_to_field(t.data_type))), count, \
-          "elements"
+      have, want, unit = (
+        len(getattr(t, helper.tensor_dtype_to_field(t.data_type))),
+        count,
+        "elements",
+      )
     if have != want:
-      raise CheckError(f"{at}: dims {list(t.dims)} need {want} {unit} of data, the file holds "
-                       f"{have}.")
+      raise CheckError(
+        f"{at}: dims {list(t.dims)} need {want} {unit} of data, the file holds {have}."
+      )
 
 
 def _onnx_meta(model, where: str) -> dict:
-  from jasp.export._onnx import METADATA_KEY  # pylint: disable=g-import-not-at-top
+  from jasp.export._onnx import METADATA_KEY
+
   values = [e.value for e in model.metadata_props if e.key == METADATA_KEY]
   if not values:
     return {}
   if len(values) > 1:
-    raise CheckError(f"{where}: {len(values)} metadata_props entries named {METADATA_KEY!r}; "
-                     "one expected.")
+    raise CheckError(
+      f"{where}: {len(values)} metadata_props entries named {METADATA_KEY!r}; one expected."
+    )
   meta = _safe_read.loads_json(values[0], f"{where}: jasp metadata")
   return _jasp_meta(meta, where)
 
 
 def _onnx_candidates(model, where: str, budget: Budget) -> tuple[list[_Candidate], dict]:
   """The weights of a prepared model (:func:`_onnx_prepare`), checked against its metadata."""
-  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  from onnx import numpy_helper
+
   if not model.HasField("graph"):
     raise CheckError(f"{where}: no graph: not an ONNX model, or a file cut before its graph.")
   meta = _onnx_meta(model, where)
@@ -484,8 +596,11 @@ def _onnx_candidates(model, where: str, budget: Budget) -> tuple[list[_Candidate
     mm = [(lbl, ax) for lbl, ax in uses if ax is not None]
     others = sorted({lbl for lbl, ax in uses if ax is None})
     if not mm:
-      why.setdefault(name, "read by no MatMul/Gemm/Conv/Einsum the check can follow"
-                     + (f" (read by: {', '.join(others)})" if others else " (read by nothing)"))
+      why.setdefault(
+        name,
+        "read by no MatMul/Gemm/Conv/Einsum the check can follow"
+        + (f" (read by: {', '.join(others)})" if others else " (read by nothing)"),
+      )
       continue
     if t.data_type not in itemsizes:
       why.setdefault(name, f"of ONNX data type {t.data_type}, which the check does not read")
@@ -501,8 +616,11 @@ def _onnx_candidates(model, where: str, budget: Budget) -> tuple[list[_Candidate
     note = ("also used by " + ", ".join(others)) if others else ""
     if any(not ax for _, ax in mm):
       note = "; ".join(x for x in (note, "depthwise: no channel groups") if x)
-    cands.append(_Candidate(name, arr, ", ".join(labels), axes, param,
-                            "metadata" if rec.get("pruned") else "", note))
+    cands.append(
+      _Candidate(
+        name, arr, ", ".join(labels), axes, param, "metadata" if rec.get("pruned") else "", note
+      )
+    )
   for name in recorded:
     if name not in seen:
       why.setdefault(name, "no initializer or Constant of that name in the graph")
@@ -513,7 +631,8 @@ def _onnx_candidates(model, where: str, budget: Budget) -> tuple[list[_Candidate
 def _read_onnx(path: str, budget: Budget):
   """The parsed ``ModelProto`` of ``path``, its external data read and every tensor checked."""
   onnx = require("onnx")
-  from google.protobuf.message import DecodeError  # pylint: disable=g-import-not-at-top
+  from google.protobuf.message import DecodeError
+
   data = _safe_read.read_bytes(path, budget)
   if not data:
     raise CheckError(f"{path}: an empty file, not an ONNX model.")
@@ -528,10 +647,16 @@ def _read_onnx(path: str, budget: Budget):
   return model
 
 
-def check_onnx(model_or_path: Any, *, n: int | None = None, m: int | None = None,
-               expect_sparse: str | Sequence[str] | None = None,
-               min_zeros: float | None = None, max_bytes: int | None = None,
-               require_weights: bool = True) -> CheckReport:
+def check_onnx(
+  model_or_path: Any,
+  *,
+  n: int | None = None,
+  m: int | None = None,
+  expect_sparse: str | Sequence[str] | None = None,
+  min_zeros: float | None = None,
+  max_bytes: int | None = None,
+  require_weights: bool = True,
+) -> CheckReport:
   """Checks every weight that feeds a MatMul/Gemm/Conv of an ONNX model (see the module doc).
 
   Args:
@@ -550,9 +675,16 @@ def check_onnx(model_or_path: Any, *, n: int | None = None, m: int | None = None
     MissingDependencyError: without ``onnx`` (``pip install 'jasp[onnx]'``).
   """
   if isinstance(model_or_path, (str, os.PathLike)):
-    return check_file(model_or_path, n=n, m=m, expect_sparse=expect_sparse,
-                      min_zeros=min_zeros, format="onnx", max_bytes=max_bytes,
-                      require_weights=require_weights)
+    return check_file(
+      model_or_path,
+      n=n,
+      m=m,
+      expect_sparse=expect_sparse,
+      min_zeros=min_zeros,
+      format="onnx",
+      max_bytes=max_bytes,
+      require_weights=require_weights,
+    )
   onnx = require("onnx")
   budget = _budget(max_bytes)
   where = "<model>"
@@ -571,16 +703,20 @@ def _onnx_none_found(model) -> str:
   graphs = _onnx_graph.all_graphs(model.graph)
   inits = sum(len(g.initializer) for g in graphs)
   nodes = sum(len(g.node) for g in graphs)
-  return (f"no initializer feeds a MatMul, Gemm, Conv or Einsum ({inits} initializer(s), "
-          f"{nodes} node(s))")
+  return (
+    f"no initializer feeds a MatMul, Gemm, Conv or Einsum ({inits} initializer(s), {nodes} node(s))"
+  )
 
 
 # ----------------------------------------------------------------------------
 # Pytrees (flax checkpoints), safetensors, SavedModel.
 
-def _tree_candidates(flat: Mapping[str, Any], *,
-                     layouts: Mapping[str, Any] | None = None) -> list[_Candidate]:
-  from jasp import layouts as layouts_lib  # pylint: disable=g-import-not-at-top
+
+def _tree_candidates(
+  flat: Mapping[str, Any], *, layouts: Mapping[str, Any] | None = None
+) -> list[_Candidate]:
+  from jasp import layouts as layouts_lib
+
   marks: dict[str, np.ndarray] = {}
   for p, x in flat.items():
     parts = p.split("/")
@@ -603,19 +739,29 @@ def _tree_candidates(flat: Mapping[str, Any], *,
     mk = marks.get(rel, marks.get(p))
     if mk is not None and mk.shape != arr.shape:
       mk = None
-    cands.append(_Candidate(p, arr, lay.kind, [tuple(lay.axis)], p,
-                            "mask" if mk is not None else "", mask=mk))
+    cands.append(
+      _Candidate(p, arr, lay.kind, [tuple(lay.axis)], p, "mask" if mk is not None else "", mask=mk)
+    )
   return cands
 
 
 def _tree_none_found(flat: Mapping[str, Any]) -> str:
-  return (f"none of its {len(flat)} array(s) is a matmul/conv kernel by flax's conventions "
-          "(a floating-point 'kernel' leaf of rank >= 2)")
+  return (
+    f"none of its {len(flat)} array(s) is a matmul/conv kernel by flax's conventions "
+    "(a floating-point 'kernel' leaf of rank >= 2)"
+  )
 
 
-def check_params(params: Any, *, layouts: Mapping[str, Any] | None = None,
-                 n: int = 2, m: int = 4, expect_sparse: str | Sequence[str] | None = None,
-                 min_zeros: float | None = None, name: str = "<params>") -> CheckReport:
+def check_params(
+  params: Any,
+  *,
+  layouts: Mapping[str, Any] | None = None,
+  n: int = 2,
+  m: int = 4,
+  expect_sparse: str | Sequence[str] | None = None,
+  min_zeros: float | None = None,
+  name: str = "<params>",
+) -> CheckReport:
   """Checks a flax params pytree (or a restored checkpoint) by its leaf paths.
 
   Weights are the leaves that :func:`jasp.convention_layout` (or ``layouts``)
@@ -625,15 +771,32 @@ def check_params(params: Any, *, layouts: Mapping[str, Any] | None = None,
   Raises:
     CheckError: ``n``/``m`` or ``expect_sparse`` are invalid.
   """
-  from jasp import _tree  # pylint: disable=g-import-not-at-top
+  from jasp import _tree
+
   flat = {p: np.asarray(x) for p, x in _tree.leaves_by_path(params).items()}
-  return _report(name, "pytree", _tree_candidates(flat, layouts=layouts), n, m,
-                 expect_sparse, min_zeros)
+  return _report(
+    name, "pytree", _tree_candidates(flat, layouts=layouts), n, m, expect_sparse, min_zeros
+  )
 
 
 # safetensors dtypes and their sizes in bytes.
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
-                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_ITEMSIZE = {
+  "BOOL": 1,
+  "U8": 1,
+  "I8": 1,
+  "F8_E5M2": 1,
+  "F8_E4M3": 1,
+  "I16": 2,
+  "U16": 2,
+  "F16": 2,
+  "BF16": 2,
+  "I32": 4,
+  "U32": 4,
+  "F32": 4,
+  "I64": 8,
+  "U64": 8,
+  "F64": 8,
+}
 _ST_MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
 
 
@@ -641,16 +804,20 @@ def _safetensors_header(path: str, budget: Budget) -> tuple[dict, dict]:
   """``(tensor entries, __metadata__)`` of a ``.safetensors`` header, checked against the file."""
   size = _safe_read.regular_size(path)
   if size < 8:
-    raise CheckError(f"{path}: {size} byte(s), shorter than a safetensors header's length "
-                     "field (8).")
+    raise CheckError(
+      f"{path}: {size} byte(s), shorter than a safetensors header's length field (8)."
+    )
   hlen = int.from_bytes(_safe_read.read_bytes(path, budget, length=8, exact=True), "little")
   if hlen > size - 8 or hlen > _ST_MAX_HEADER:
-    raise CheckError(f"{path}: the safetensors header declares {hlen} bytes, but the file holds "
-                     f"{size - 8} after its length field (and at most {_ST_MAX_HEADER} are "
-                     "allowed).")
+    raise CheckError(
+      f"{path}: the safetensors header declares {hlen} bytes, but the file holds "
+      f"{size - 8} after its length field (and at most {_ST_MAX_HEADER} are "
+      "allowed)."
+    )
   header = _safe_read.loads_json(
-      _safe_read.read_bytes(path, budget, offset=8, length=hlen, exact=True),
-      f"{path}: safetensors header")
+    _safe_read.read_bytes(path, budget, offset=8, length=hlen, exact=True),
+    f"{path}: safetensors header",
+  )
   if not isinstance(header, dict):
     raise CheckError(f"{path}: the safetensors header is not a JSON object.")
   meta = header.pop("__metadata__", None)
@@ -661,8 +828,12 @@ def _safetensors_header(path: str, budget: Budget) -> tuple[dict, dict]:
   data = size - 8 - hlen
   for key, ent in header.items():
     at = f"{path}: tensor {key!r}"
-    if not (isinstance(ent, dict) and isinstance(ent.get("dtype"), str)
-            and isinstance(ent.get("shape"), list) and isinstance(ent.get("data_offsets"), list)):
+    if not (
+      isinstance(ent, dict)
+      and isinstance(ent.get("dtype"), str)
+      and isinstance(ent.get("shape"), list)
+      and isinstance(ent.get("data_offsets"), list)
+    ):
       raise CheckError(f"{at}: its header entry needs dtype, shape and data_offsets.")
     size_of = _ST_ITEMSIZE.get(ent["dtype"])
     if size_of is None:
@@ -672,21 +843,29 @@ def _safetensors_header(path: str, budget: Budget) -> tuple[dict, dict]:
     if not (len(offs) == 2 and all(_is_int(o) for o in offs) and 0 <= offs[0] <= offs[1] <= data):
       raise CheckError(f"{at}: data_offsets {_short(offs)} are not inside the {data} data bytes.")
     if offs[1] - offs[0] != want:
-      raise CheckError(f"{at}: shape {ent['shape']} of {ent['dtype']} needs {want} bytes, "
-                       f"data_offsets give {offs[1] - offs[0]}.")
+      raise CheckError(
+        f"{at}: shape {ent['shape']} of {ent['dtype']} needs {want} bytes, "
+        f"data_offsets give {offs[1] - offs[0]}."
+      )
   return header, meta
 
 
 def _safetensors_candidates(path: str, layout: str | None, budget: Budget):
-  from jasp.export import torch_layout  # pylint: disable=g-import-not-at-top
+  from jasp.export import torch_layout
+
   safetensors = require("safetensors")
   header, raw_meta = _safetensors_header(path, budget)
   meta: dict = {}
   if torch_layout.SAFETENSORS_METADATA_KEY in raw_meta:
-    meta = _jasp_meta(_safe_read.loads_json(raw_meta[torch_layout.SAFETENSORS_METADATA_KEY],
-                                            f"{path}: jasp metadata"), path)
-  budget.charge(sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()),
-                f"{path} (tensors)")
+    meta = _jasp_meta(
+      _safe_read.loads_json(
+        raw_meta[torch_layout.SAFETENSORS_METADATA_KEY], f"{path}: jasp metadata"
+      ),
+      path,
+    )
+  budget.charge(
+    sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()), f"{path} (tensors)"
+  )
   try:
     tensors, _ = torch_layout.read_safetensors(path)
   except safetensors.SafetensorError as e:
@@ -735,8 +914,14 @@ def _safetensors_candidates(path: str, layout: str | None, budget: Budget):
     if k in mask_keys:
       why.setdefault(k, "a mask tensor, not a weight")
   _unverified(path, info, {c.name for c in cands}, why)
-  return cands, meta, (f"none of its {len(tensors)} tensor(s) is a matmul/conv weight "
-                       "(a 'weight' of rank >= 2, or one jasp's metadata names)")
+  return (
+    cands,
+    meta,
+    (
+      f"none of its {len(tensors)} tensor(s) is a matmul/conv weight "
+      "(a 'weight' of rank >= 2, or one jasp's metadata names)"
+    ),
+  )
 
 
 # What TensorFlow's checkpoint reader raises on a corrupt index or data file, besides its
@@ -751,8 +936,9 @@ def _unescape_tf(name: str) -> str:
 
 def _savedmodel_candidates(path: str, budget: Budget):
   tf = require("tensorflow")
-  from jasp import layouts as layouts_lib  # pylint: disable=g-import-not-at-top
-  from jasp.export._saved_model import JASP_JSON  # pylint: disable=g-import-not-at-top
+  from jasp import layouts as layouts_lib
+  from jasp.export._saved_model import JASP_JSON
+
   _safe_read.check_tree(path)
   meta: dict = {}
   jp = os.path.join(path, JASP_JSON)
@@ -763,11 +949,15 @@ def _savedmodel_candidates(path: str, budget: Budget):
   vdir = os.path.join(path, "variables")
   index = os.path.join(vdir, "variables.index")
   if not os.path.exists(index):
-    raise CheckError(f"{path}: no variables/variables.index: a SavedModel without variables "
-                     "(no weights to check).")
+    raise CheckError(
+      f"{path}: no variables/variables.index: a SavedModel without variables (no weights to check)."
+    )
   budget.charge(_safe_read.regular_size(index), index)
-  data_size = sum(_safe_read.regular_size(os.path.join(vdir, f)) for f in os.listdir(vdir)
-                  if f.startswith("variables.data-"))
+  data_size = sum(
+    _safe_read.regular_size(os.path.join(vdir, f))
+    for f in os.listdir(vdir)
+    if f.startswith("variables.data-")
+  )
   try:
     reader = tf.train.load_checkpoint(os.path.join(vdir, "variables"))
     shapes = reader.get_variable_to_shape_map()
@@ -782,17 +972,19 @@ def _savedmodel_candidates(path: str, budget: Budget):
     nbytes = _safe_read.nbytes_of(list(shapes[key]), dtypes[key].size, f"{path}: {key}")
     declared += nbytes
     if declared > data_size:
-      raise CheckError(f"{path}: the variables declare at least {declared} bytes "
-                       f"({key}: {list(shapes[key])} {dtypes[key].name}), but its data files "
-                       f"hold {data_size}.")
+      raise CheckError(
+        f"{path}: the variables declare at least {declared} bytes "
+        f"({key}: {list(shapes[key])} {dtypes[key].name}), but its data files "
+        f"hold {data_size}."
+      )
     if dtypes[key].is_floating:
       todo.append((key, nbytes))
   cands, found = [], set()
   for key, nbytes in todo:
-    name = key[:-len(suffix)]
+    name = key[: -len(suffix)]
     p = _unescape_tf(name)
     if prefix and p.startswith(prefix + "/"):
-      p = p[len(prefix) + 1:]
+      p = p[len(prefix) + 1 :]
     rec = recorded.get(p)
     if rec is None and len(shapes[key]) < 2:
       continue
@@ -804,23 +996,32 @@ def _savedmodel_candidates(path: str, budget: Budget):
     except _TF_ERRORS + (tf.errors.OpError,) as e:
       raise CheckError(f"{path}: TensorFlow cannot read {key} ({_first_line(e)}).") from None
     if arr.shape != tuple(shapes[key]):
-      raise CheckError(f"{path}: {key} reads as {arr.shape}, its index declares "
-                       f"{tuple(shapes[key])}.")
+      raise CheckError(
+        f"{path}: {key} reads as {arr.shape}, its index declares {tuple(shapes[key])}."
+      )
     if rec is not None:
       axis = _run_of_axes(tuple(rec["axis"]), arr.ndim)
       if axis is None:
-        raise CheckError(f"{jp}: jasp metadata: weights[{p!r}].axis {rec['axis']} is not a run "
-                         f"of consecutive axes of its {arr.ndim}-D variable.")
-      cands.append(_Candidate(name, arr, rec.get("kind", "dot"), [axis], p,
-                              "metadata" if rec["pruned"] else ""))
+        raise CheckError(
+          f"{jp}: jasp metadata: weights[{p!r}].axis {rec['axis']} is not a run "
+          f"of consecutive axes of its {arr.ndim}-D variable."
+        )
+      cands.append(
+        _Candidate(
+          name, arr, rec.get("kind", "dot"), [axis], p, "metadata" if rec["pruned"] else ""
+        )
+      )
       found.add(p)
       continue
     lay = layouts_lib.convention_layout(p, arr)
     if lay.axis is not None:
       cands.append(_Candidate(name, arr, lay.kind, [tuple(lay.axis)], p))
   _unverified(path, recorded, found, {})
-  return cands, meta, (f"none of its {len(todo)} floating-point variable(s) is a matmul/conv "
-                       "kernel")
+  return (
+    cands,
+    meta,
+    (f"none of its {len(todo)} floating-point variable(s) is a matmul/conv kernel"),
+  )
 
 
 def _first_line(e: BaseException) -> str:
@@ -831,10 +1032,28 @@ def _first_line(e: BaseException) -> str:
 
 # flax's msgpack extension codes (flax.serialization): an ndarray, a complex, a numpy scalar.
 _MP_NDARRAY, _MP_COMPLEX, _MP_SCALAR = 1, 2, 3
-_MP_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-              "float16", "float32", "float64", "complex64", "complex128", "bfloat16",
-              "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-              "float8_e4m3b11fnuz")
+_MP_DTYPES = (
+  "bool",
+  "int8",
+  "int16",
+  "int32",
+  "int64",
+  "uint8",
+  "uint16",
+  "uint32",
+  "uint64",
+  "float16",
+  "float32",
+  "float64",
+  "complex64",
+  "complex128",
+  "bfloat16",
+  "float8_e4m3fn",
+  "float8_e5m2",
+  "float8_e4m3fnuz",
+  "float8_e5m2fnuz",
+  "float8_e4m3b11fnuz",
+)
 _MAX_TREE_DEPTH = 64
 
 
@@ -844,33 +1063,42 @@ def _mp_dtype(name: Any, where: str) -> np.dtype:
   if name not in _MP_DTYPES:
     raise CheckError(f"{where}: an array of dtype {_short(name)}, not a numeric dtype.")
   if name in ("bfloat16",) or name.startswith("float8"):
-    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    import ml_dtypes
+
     return np.dtype(getattr(ml_dtypes, name))
   return np.dtype(name)
 
 
 def _mp_array(payload: bytes, where: str, budget: Budget) -> np.ndarray:
   """One array of flax's msgpack encoding ``(shape, dtype name, bytes)``, checked."""
-  import msgpack  # pylint: disable=g-import-not-at-top
+  import msgpack
+
   try:
     parts = msgpack.unpackb(payload, raw=True, use_list=True)
   except (ValueError, TypeError) as e:  # msgpack's errors subclass ValueError
     raise CheckError(f"{where}: an array record that does not decode ({e}).") from None
-  if not (isinstance(parts, list) and len(parts) == 3 and isinstance(parts[2], bytes)
-          and isinstance(parts[0], list)):
+  if not (
+    isinstance(parts, list)
+    and len(parts) == 3
+    and isinstance(parts[2], bytes)
+    and isinstance(parts[0], list)
+  ):
     raise CheckError(f"{where}: an array record that is not (shape, dtype, bytes).")
   shape, dtype = parts[0], _mp_dtype(parts[1], where)
   want = _safe_read.nbytes_of(shape, dtype.itemsize, where)
   if want != len(parts[2]):
-    raise CheckError(f"{where}: an array of shape {_short(shape)} {dtype.name} needs {want} "
-                     f"bytes, the record holds {len(parts[2])}.")
+    raise CheckError(
+      f"{where}: an array of shape {_short(shape)} {dtype.name} needs {want} "
+      f"bytes, the record holds {len(parts[2])}."
+    )
   budget.charge(want, where)
   return np.frombuffer(parts[2], dtype=dtype).reshape(shape)
 
 
 def _read_msgpack(path: str, budget: Budget) -> dict[str, np.ndarray]:
   """``{path: array}`` of a flax msgpack file (flax's encoding, every size checked)."""
-  import msgpack  # pylint: disable=g-import-not-at-top
+  import msgpack
+
   data = _safe_read.read_bytes(path, budget)
 
   def ext(code, payload):
@@ -909,14 +1137,18 @@ def _mp_chunked(node: dict, where: str, budget: Budget) -> np.ndarray:
   order = sorted(chunks, key=lambda k: int(k) if str(k).isdigit() else -1)
   dims = [shape[k] for k in sorted(shape, key=lambda k: int(k) if str(k).isdigit() else -1)]
   parts = [chunks[k] for k in order]
-  if not parts or not all(isinstance(p, np.ndarray) and p.ndim == 1 for p in parts) or len(
-      {p.dtype for p in parts}) != 1:
+  if (
+    not parts
+    or not all(isinstance(p, np.ndarray) and p.ndim == 1 for p in parts)
+    or len({p.dtype for p in parts}) != 1
+  ):
     raise CheckError(f"{where}: a chunked array whose chunks are not 1-D arrays of one dtype.")
   want = _safe_read.nbytes_of(dims, 1, where)
   have = sum(p.size for p in parts)
   if want != have:
-    raise CheckError(f"{where}: a chunked array of shape {_short(dims)} ({want} elements) holds "
-                     f"{have}.")
+    raise CheckError(
+      f"{where}: a chunked array of shape {_short(dims)} ({want} elements) holds {have}."
+    )
   budget.charge(have * parts[0].dtype.itemsize, where)
   return np.concatenate(parts).reshape(dims)
 
@@ -929,9 +1161,12 @@ def _orbax_dir(path: str) -> str | None:
   """The orbax checkpoint directory at or under ``path`` (latest step, single item)."""
   for _ in range(_MAX_STEP_DEPTH):
     if any(os.path.exists(os.path.join(path, mk)) for mk in _ORBAX_MARKERS):
-      items = [d for d in sorted(os.listdir(path))
-               if os.path.isdir(os.path.join(path, d)) and
-               any(os.path.exists(os.path.join(path, d, mk)) for mk in _ORBAX_MARKERS[1:])]
+      items = [
+        d
+        for d in sorted(os.listdir(path))
+        if os.path.isdir(os.path.join(path, d))
+        and any(os.path.exists(os.path.join(path, d, mk)) for mk in _ORBAX_MARKERS[1:])
+      ]
       if not os.path.exists(os.path.join(path, "_METADATA")) and len(items) == 1:
         return os.path.join(path, items[0])  # a step directory holding one item
       return path
@@ -944,7 +1179,7 @@ def _orbax_dir(path: str) -> str | None:
 
 def _orbax_restore_args(ocp, meta_tree, where: str, budget: Budget):
   """Restore arguments (host numpy arrays) for every array leaf, sizes checked on ``budget``."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   def one(leaf):
     shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
@@ -961,8 +1196,12 @@ def _orbax_restore_args(ocp, meta_tree, where: str, budget: Budget):
     chunk = getattr(getattr(leaf, "storage", None), "chunk_shape", None)
     if chunk is not None:  # the reader decodes one whole chunk at a time
       nbytes += _safe_read.nbytes_of(as_int(chunk), itemsize, at + " (one chunk)")
-    budget.charge(nbytes, f"{at} (shape {tuple(shape)}"
-                  + (f", chunks {tuple(chunk)}" if chunk is not None else "") + ")")
+    budget.charge(
+      nbytes,
+      f"{at} (shape {tuple(shape)}"
+      + (f", chunks {tuple(chunk)}" if chunk is not None else "")
+      + ")",
+    )
     return ocp.RestoreArgs(restore_type=np.ndarray)
 
   return jax.tree.map(one, meta_tree)
@@ -970,23 +1209,29 @@ def _orbax_restore_args(ocp, meta_tree, where: str, budget: Budget):
 
 def _read_orbax(path: str, budget: Budget):
   ocp = require("orbax.checkpoint")
-  from jasp import _tree  # pylint: disable=g-import-not-at-top
+  from jasp import _tree
+
   d = _orbax_dir(path)
   if d is None:
-    raise CheckError(f"{path}: not an orbax checkpoint directory (no _CHECKPOINT_METADATA, "
-                     "_METADATA or step sub-directories).")
+    raise CheckError(
+      f"{path}: not an orbax checkpoint directory (no _CHECKPOINT_METADATA, "
+      "_METADATA or step sub-directories)."
+    )
   d = os.path.abspath(d)
   if not any(os.path.exists(os.path.join(d, mk)) for mk in _ORBAX_MARKERS[1:]):
     items = sorted(x for x in os.listdir(d) if os.path.isdir(os.path.join(d, x)))
-    raise CheckError(f"{d}: an orbax step directory without one tree item to read "
-                     f"(items: {', '.join(items) or 'none'}); pass the item's directory.")
+    raise CheckError(
+      f"{d}: an orbax step directory without one tree item to read "
+      f"(items: {', '.join(items) or 'none'}); pass the item's directory."
+    )
   _safe_read.check_tree(d, budget)
   with ocp.PyTreeCheckpointer() as ckptr:
     try:
       meta = ckptr.metadata(d)
     except _ORBAX_ERRORS as e:
-      raise CheckError(f"{d}: orbax cannot read the checkpoint's metadata "
-                       f"({type(e).__name__}: {_first_line(e)}).") from None
+      raise CheckError(
+        f"{d}: orbax cannot read the checkpoint's metadata ({type(e).__name__}: {_first_line(e)})."
+      ) from None
     meta = getattr(meta, "item_metadata", meta)
     meta_tree = getattr(meta, "tree", meta)
     if meta_tree is None:
@@ -995,8 +1240,9 @@ def _read_orbax(path: str, budget: Budget):
     try:  # restored as host numpy arrays: no devices, no sharding needed
       tree = ckptr.restore(d, restore_args=args)
     except _ORBAX_ERRORS as e:
-      raise CheckError(f"{d}: orbax cannot restore the checkpoint "
-                       f"({type(e).__name__}: {_first_line(e)}).") from None
+      raise CheckError(
+        f"{d}: orbax cannot restore the checkpoint ({type(e).__name__}: {_first_line(e)})."
+      ) from None
   flat = {p: np.asarray(x) for p, x in _tree.leaves_by_path(tree).items() if hasattr(x, "dtype")}
   return flat, d
 
@@ -1006,8 +1252,16 @@ def _read_orbax(path: str, budget: Budget):
 # AttributeError or AssertionError on fields of the wrong type, RuntimeError where pybind11
 # cannot convert a value (a lone surrogate in a key); OSError for files. Only orbax's own
 # calls are wrapped in it.
-_ORBAX_ERRORS = (ValueError, KeyError, TypeError, AttributeError, AssertionError, RuntimeError,
-                 IndexError, OSError)
+_ORBAX_ERRORS = (
+  ValueError,
+  KeyError,
+  TypeError,
+  AttributeError,
+  AssertionError,
+  RuntimeError,
+  IndexError,
+  OSError,
+)
 
 
 def detect_format(path: str) -> str:
@@ -1021,15 +1275,22 @@ def detect_format(path: str) -> str:
     raise CheckError(f"{path}: no such file or directory.")
   if os.path.isdir(path):
     if os.path.exists(os.path.join(path, "saved_model.pb")) or os.path.exists(
-        os.path.join(path, "saved_model.pbtxt")):
+      os.path.join(path, "saved_model.pbtxt")
+    ):
       return "savedmodel"
     if _orbax_dir(path) is not None:
       return "orbax"
-    raise CheckError(f"{path}: a directory that is neither a TensorFlow SavedModel "
-                     "(saved_model.pb) nor an orbax checkpoint.")
+    raise CheckError(
+      f"{path}: a directory that is neither a TensorFlow SavedModel "
+      "(saved_model.pb) nor an orbax checkpoint."
+    )
   ext = os.path.splitext(path)[1].lower()
-  by_ext = {".onnx": "onnx", ".safetensors": "safetensors", ".msgpack": "msgpack",
-            ".flax": "msgpack"}
+  by_ext = {
+    ".onnx": "onnx",
+    ".safetensors": "safetensors",
+    ".msgpack": "msgpack",
+    ".flax": "msgpack",
+  }
   if ext in by_ext:
     return by_ext[ext]
   head = _safe_read.read_head(path, 16)
@@ -1039,8 +1300,10 @@ def detect_format(path: str) -> str:
     return "msgpack"
   if head[:1] == b"\x08":  # an ONNX ModelProto starts with ir_version (field 1, varint)
     return "onnx"
-  raise CheckError(f"{path}: unsupported file format (expected .onnx, a SavedModel directory, "
-                   ".safetensors, a flax .msgpack or an orbax checkpoint directory).")
+  raise CheckError(
+    f"{path}: unsupported file format (expected .onnx, a SavedModel directory, "
+    ".safetensors, a flax .msgpack or an orbax checkpoint directory)."
+  )
 
 
 def _budget(max_bytes: int | None) -> Budget:
@@ -1049,11 +1312,18 @@ def _budget(max_bytes: int | None) -> Budget:
   return Budget(max_bytes)
 
 
-def check_file(path: str | os.PathLike, *, n: int | None = None, m: int | None = None,
-               expect_sparse: str | Sequence[str] | None = None,
-               min_zeros: float | None = None, format: str | None = None,
-               layout: str | None = None, max_bytes: int | None = None,
-               require_weights: bool = True) -> CheckReport:
+def check_file(
+  path: str | os.PathLike,
+  *,
+  n: int | None = None,
+  m: int | None = None,
+  expect_sparse: str | Sequence[str] | None = None,
+  min_zeros: float | None = None,
+  format: str | None = None,
+  layout: str | None = None,
+  max_bytes: int | None = None,
+  require_weights: bool = True,
+) -> CheckReport:
   """Checks the N:M pattern of the weights stored in an exported file.
 
   Lists each weight that feeds a matmul/conv (or each kernel leaf of a

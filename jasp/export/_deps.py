@@ -15,13 +15,13 @@ __all__ = ["MissingDependencyError", "require"]
 
 # module -> (extra, what needs it)
 _EXTRAS = {
-    "onnx": ("onnx", "reading and writing .onnx files"),
-    "onnxruntime": ("onnx", "running .onnx files"),
-    "jax2onnx": ("onnx", "exporting to ONNX"),
-    "tensorflow": ("tf", "TensorFlow SavedModels"),
-    "safetensors": ("safetensors", ".safetensors state dicts"),
-    "safetensors.numpy": ("safetensors", ".safetensors state dicts"),
-    "orbax.checkpoint": ("checkpoint", "orbax checkpoints"),
+  "onnx": ("onnx", "reading and writing .onnx files"),
+  "onnxruntime": ("onnx", "running .onnx files"),
+  "jax2onnx": ("onnx", "exporting to ONNX"),
+  "tensorflow": ("tf", "TensorFlow SavedModels"),
+  "safetensors": ("safetensors", ".safetensors state dicts"),
+  "safetensors.numpy": ("safetensors", ".safetensors state dicts"),
+  "orbax.checkpoint": ("checkpoint", "orbax checkpoints"),
 }
 
 
@@ -37,5 +37,6 @@ def require(module: str) -> ModuleType:
     extra, what = _EXTRAS.get(module, (None, "this feature"))
     hint = f"pip install 'jasp[{extra}]'" if extra else f"pip install {module.split('.')[0]}"
     raise MissingDependencyError(
-        f"{what} needs the optional package '{module}', which is not installed "
-        f"({e.__class__.__name__}: {e}); install it with: {hint}") from None
+      f"{what} needs the optional package '{module}', which is not installed "
+      f"({e.__class__.__name__}: {e}); install it with: {hint}"
+    ) from None

@@ -169,10 +169,17 @@ def _max_pool(eqn, x) -> jax.Array | None:
   """``reduce_window_max`` as flax's keyword ``max_pool`` (NHWC-style windows only)."""
   p = eqn.params
   wd, ws, pad = p["window_dimensions"], p["window_strides"], [tuple(q) for q in p["padding"]]
-  ones = all(d == 1 for d in tuple(p.get("base_dilation") or ()) + tuple(
-      p.get("window_dilation") or ()))
-  if not (ones and len(wd) >= 3 and wd[0] == wd[-1] == 1 and ws[0] == ws[-1] == 1
-          and pad[0] == pad[-1] == (0, 0) and jnp.issubdtype(x.dtype, jnp.floating)):
+  ones = all(
+    d == 1 for d in tuple(p.get("base_dilation") or ()) + tuple(p.get("window_dilation") or ())
+  )
+  if not (
+    ones
+    and len(wd) >= 3
+    and wd[0] == wd[-1] == 1
+    and ws[0] == ws[-1] == 1
+    and pad[0] == pad[-1] == (0, 0)
+    and jnp.issubdtype(x.dtype, jnp.floating)
+  ):
     return None
   if any(q != (0, 0) for q in pad):
     x = jnp.pad(x, pad, constant_values=-np.inf)

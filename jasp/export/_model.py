@@ -42,6 +42,7 @@ class Bound:
       :func:`jasp.trace_layouts`); leaves outside the traced collection (an nnx
       module's non-``Param`` state) are absent.
   """
+
   apply: Callable[..., Any]
   params: PyTree
   inputs: tuple
@@ -55,8 +56,9 @@ def bind(fn: Callable[..., Any] | Any, params: PyTree, args: tuple) -> Bound:
   """Normalises the exporters' ``(fn, params, *args)`` call forms (see the module doc)."""
   model, inputs = model_lib.adapt(fn, params, args, state=True, what="export")
   if not inputs:
-    raise TypeError("export needs example inputs: export(fn, params, *inputs) or "
-                    "export(nnx_module, *inputs).")
+    raise TypeError(
+      "export needs example inputs: export(fn, params, *inputs) or export(nnx_module, *inputs)."
+    )
   layouts = layouts_lib.trace_layouts(fn, params, *args)
   return Bound(lambda p, *xs: model.apply(p, *xs), _tree.unbox(model.tree), inputs, layouts)
 
@@ -93,6 +95,7 @@ def pruned_paths(bound: Bound, masks: PyTree | None, n: int, m: int) -> dict[str
 
 def _check_masks(by_mask: dict, leaves: dict) -> None:
   """Masks must name the model's leaves (whole tree or ``params`` collection), shapes equal."""
+
   def leaf_of(path):
     if path in leaves:
       return leaves[path]
@@ -105,10 +108,14 @@ def _check_masks(by_mask: dict, leaves: dict) -> None:
       continue
     matched += 1
     if mk is not None and tuple(np.shape(mk)) != tuple(np.shape(leaf)):
-      raise ValueError(f"the mask for '{path}' has shape {tuple(np.shape(mk))} but the weight "
-                       f"has shape {tuple(np.shape(leaf))}: pass the masks that jasp.prune "
-                       "returned for these params.")
+      raise ValueError(
+        f"the mask for '{path}' has shape {tuple(np.shape(mk))} but the weight "
+        f"has shape {tuple(np.shape(leaf))}: pass the masks that jasp.prune "
+        "returned for these params."
+      )
   if by_mask and not matched:
     some = ", ".join(list(by_mask)[:3])
-    raise ValueError(f"none of the masks' paths ({some}, ...) names a leaf of the exported "
-                     f"model (e.g. {next(iter(leaves), '-')}): pass the masks of these params.")
+    raise ValueError(
+      f"none of the masks' paths ({some}, ...) names a leaf of the exported "
+      f"model (e.g. {next(iter(leaves), '-')}): pass the masks of these params."
+    )

@@ -28,6 +28,7 @@ class NMStats:
     groups: the number of groups of ``m``.
     bad_groups: groups with more than ``n`` non-zeros.
   """
+
   applicable: bool
   nm: bool
   groups: int
@@ -50,9 +51,9 @@ def nm_stats(w: np.ndarray, axes: Sequence[int], n: int, m: int) -> NMStats:
   a0, a1 = axes[0], axes[-1]
   if axes != list(range(a0, a1 + 1)):
     raise ValueError(f"group axes must be consecutive, got {tuple(axes)}.")
-  k = int(np.prod(w.shape[a0:a1 + 1], dtype=np.int64))
+  k = int(np.prod(w.shape[a0 : a1 + 1], dtype=np.int64))
   pre = int(np.prod(w.shape[:a0], dtype=np.int64))
-  post = int(np.prod(w.shape[a1 + 1:], dtype=np.int64))
+  post = int(np.prod(w.shape[a1 + 1 :], dtype=np.int64))
   if k % m or k == 0:
     return NMStats(False, False, 0, 0)
   nz = (w != 0).reshape(pre, k // m, m, post).sum(axis=2)

@@ -79,14 +79,16 @@ def _fingerprint(a: np.ndarray) -> tuple:
   return (a.size, str(a.dtype), digest)
 
 
-def _initializer_paths(model, params: PyTree, weight_paths: Sequence[str],
-                       layouts: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _initializer_paths(
+  model, params: PyTree, weight_paths: Sequence[str], layouts: dict
+) -> dict[str, tuple[str, tuple[int, ...]]]:
   """``{initializer name: (params path, layer)}`` for the weights found by value.
 
   A weight stacked for a scan over layers (``Layout.stack``) is exported one
   initializer per layer; ``layer`` is its index (``()`` for a whole leaf).
   """
-  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  from onnx import numpy_helper
+
   leaves = _tree.leaves_by_path(params)
   by_key: dict[tuple, list] = {}
   sizes = set()
@@ -119,8 +121,7 @@ def _initializer_paths(model, params: PyTree, weight_paths: Sequence[str],
 def _weight_entry(path: str, layer: tuple[int, ...], pruned: bool, layout) -> dict:
   """The metadata of one weight initializer (a whole leaf, or one layer of a stacked one)."""
   stack = tuple(layout.stack)
-  axis = [a - sum(1 for s in stack if s < a) for a in layout.axis] if layer else list(
-      layout.axis)
+  axis = [a - sum(1 for s in stack if s < a) for a in layout.axis] if layer else list(layout.axis)
   entry = {"path": path, "pruned": pruned, "axis": axis}
   if layer:
     entry["layer"] = list(layer)
@@ -130,9 +131,10 @@ def _weight_entry(path: str, layer: tuple[int, ...], pruned: bool, layout) -> di
 def _import_plugins() -> None:
   """Registers jax2onnx's jax and flax converters only (see the module doc)."""
   try:
-    from pathlib import Path  # pylint: disable=g-import-not-at-top
+    from pathlib import Path
 
-    from jax2onnx.plugins import plugin_system as ps  # pylint: disable=g-import-not-at-top
+    from jax2onnx.plugins import plugin_system as ps
+
     if getattr(ps, "_already_imported_plugins", True):
       return
     root = Path(ps.__file__).parent
@@ -140,9 +142,9 @@ def _import_plugins() -> None:
     if not all(d.is_dir() for d in subtrees):
       return
     for d in subtrees:
-      ps._import_tree(d, f"jax2onnx.plugins.{d.name}")  # pylint: disable=protected-access
-    ps._already_imported_plugins = True  # pylint: disable=protected-access
-  except Exception:  # pylint: disable=broad-except
+      ps._import_tree(d, f"jax2onnx.plugins.{d.name}")
+    ps._already_imported_plugins = True
+  except Exception:
     return  # jax2onnx imports everything itself
 
 
@@ -157,11 +159,20 @@ def _input_specs(inputs: Sequence[Any], dynamic_batch: bool) -> list:
   return specs
 
 
-def to_onnx(fn: Callable[..., Any] | Any, params: PyTree = None, *args: Any,
-            path: str | os.PathLike | None = None, masks: PyTree | None = None,
-            n: int = 2, m: int = 4, dynamic_batch: bool = False,
-            opset: int | None = None, model_name: str = "jasp_model",
-            validate: bool = True, rtol: float | None = None):
+def to_onnx(
+  fn: Callable[..., Any] | Any,
+  params: PyTree = None,
+  *args: Any,
+  path: str | os.PathLike | None = None,
+  masks: PyTree | None = None,
+  n: int = 2,
+  m: int = 4,
+  dynamic_batch: bool = False,
+  opset: int | None = None,
+  model_name: str = "jasp_model",
+  validate: bool = True,
+  rtol: float | None = None,
+):
   """Exports a flax model (with sparse params baked in as initializers) to ONNX.
 
   Call forms, as :func:`jasp.trace_layouts`:
@@ -217,7 +228,8 @@ def to_onnx(fn: Callable[..., Any] | Any, params: PyTree = None, *args: Any,
   p = bound.params
   specs = _input_specs(bound.inputs, dynamic_batch)
   closed, out_tree = jax.make_jaxpr(lambda p, *xs: bound.apply(p, *xs), return_shape=True)(
-      p, *specs)
+    p, *specs
+  )
   out_tree = jax.tree_util.tree_structure(out_tree)
   p_leaves = jax.tree_util.tree_leaves(p)
 
@@ -232,10 +244,13 @@ def to_onnx(fn: Callable[..., Any] | Any, params: PyTree = None, *args: Any,
   pruned = _model.pruned_paths(bound, masks, n, m)
   names = _initializer_paths(model, p, list(pruned), bound.layouts)
   meta = {
-      "producer": "jasp.export.to_onnx",
-      "n": n, "m": m,
-      "weights": {name: _weight_entry(pth, layer, pruned[pth], bound.layouts[pth])
-                  for name, (pth, layer) in names.items()},
+    "producer": "jasp.export.to_onnx",
+    "n": n,
+    "m": m,
+    "weights": {
+      name: _weight_entry(pth, layer, pruned[pth], bound.layouts[pth])
+      for name, (pth, layer) in names.items()
+    },
   }
   entry = next((e for e in model.metadata_props if e.key == METADATA_KEY), None)
   if entry is None:
@@ -270,7 +285,8 @@ def _validated(src, model, inputs, want, rtol: float, pruned: dict) -> None:
     if isinstance(e, MissingDependencyError):
       raise
     raise _validate.ExportError(
-        f"onnxruntime cannot run the exported model: {type(e).__name__}: {e}") from None
+      f"onnxruntime cannot run the exported model: {type(e).__name__}: {e}"
+    ) from None
   _validate.compare_outputs("onnxruntime", got, want, rtol)
   if isinstance(src, str):  # the written file (its weights may live in external data)
     report = _check.check_file(src, format="onnx", require_weights=False)
@@ -283,8 +299,13 @@ def _save(model, path: str) -> None:
   onnx = require("onnx")
   size = sum(len(t.raw_data) for t in model.graph.initializer)
   if size > _EXTERNAL_BYTES:
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=os.path.basename(path) + ".data")
+    onnx.save_model(
+      model,
+      path,
+      save_as_external_data=True,
+      all_tensors_to_one_file=True,
+      location=os.path.basename(path) + ".data",
+    )
   else:
     onnx.save_model(model, path)
 

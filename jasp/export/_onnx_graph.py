@@ -34,8 +34,16 @@ import numpy as np
 from jasp import weights
 from jasp.export._safe_read import CheckError
 
-__all__ = ["WeightUses", "all_graphs", "attr", "int_list", "non_text_name", "subgraphs", "tensors",
-           "MAX_VISITS"]
+__all__ = [
+  "WeightUses",
+  "all_graphs",
+  "attr",
+  "int_list",
+  "non_text_name",
+  "subgraphs",
+  "tensors",
+  "MAX_VISITS",
+]
 
 _PASS_OPS = {"Identity", "Cast", "CastLike", "DequantizeLinear"}
 _MAX_DEPTH = 64
@@ -52,7 +60,8 @@ def attr(node, name: str, default=None):
   Raises:
     _Malformed: the attribute's type is not one ONNX defines.
   """
-  from onnx import helper  # pylint: disable=g-import-not-at-top
+  from onnx import helper
+
   for a in node.attribute:
     if a.name == name:
       try:
@@ -84,8 +93,9 @@ def int_list(consts, node, idx: int, name: str):
   Raises:
     _Malformed: the attribute is not a list of integers.
   """
-  from onnx import TensorProto  # pylint: disable=g-import-not-at-top
-  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  from onnx import TensorProto
+  from onnx import numpy_helper
+
   if len(node.input) > idx and node.input[idx]:
     t = consts.get(node.input[idx])
     if t is None or t.data_type not in (TensorProto.INT64, TensorProto.INT32) or len(t.dims) > 1:
@@ -114,7 +124,8 @@ def non_text_name(graph) -> bytes | None:
 
 def tensors(graph):
   """Every ``TensorProto`` of ``graph`` and its nested graphs: initializers, tensor attributes."""
-  from onnx import AttributeProto  # pylint: disable=g-import-not-at-top
+  from onnx import AttributeProto
+
   for g in all_graphs(graph):
     yield from g.initializer
     for node in g.node:
@@ -127,7 +138,8 @@ def tensors(graph):
 
 def subgraphs(node) -> list:
   """The graphs held by a node's attributes (a Loop's body, an If's branches)."""
-  from onnx import AttributeProto  # pylint: disable=g-import-not-at-top
+  from onnx import AttributeProto
+
   out = []
   for a in node.attribute:
     if a.type == AttributeProto.GRAPH:
@@ -296,8 +308,10 @@ class WeightUses:
     # One step per name and per use of it followed, over all initializers: bounds the work.
     self.visits += 1 + len(graph.inner.get(name, ())) + len(graph.uses.get(name, ()))
     if self.visits > MAX_VISITS:
-      raise CheckError(f"the graph takes more than {MAX_VISITS} steps to follow its weights to "
-                       "their consumers; refusing to check it.")
+      raise CheckError(
+        f"the graph takes more than {MAX_VISITS} steps to follow its weights to "
+        "their consumers; refusing to check it."
+      )
     if depth > _MAX_DEPTH:
       out.append(("a chain too long to follow", None))
       return
@@ -336,8 +350,12 @@ class WeightUses:
         out.append(("Transpose (perm is not a permutation of the axes)", None))
         return
       inv = {p: i for i, p in enumerate(perm)}
-      go(res, tuple(amap[p] for p in perm), tuple(shape[p] for p in perm),
-         frozenset(inv[p] for p in parts))
+      go(
+        res,
+        tuple(amap[p] for p in perm),
+        tuple(shape[p] for p in perm),
+        frozenset(inv[p] for p in parts),
+      )
     elif op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten") and idx == 0:
       new = self._new_shape(node, op, shape)
       nm = None if new is None or parts else weights.reshape_axis_map(amap, shape, new)
@@ -355,7 +373,7 @@ class WeightUses:
       if total is None:
         out.append(("Concat (sizes unknown)", None))
         return
-      go(res, amap, shape[:ax] + (total,) + shape[ax + 1:], parts | {ax})
+      go(res, amap, shape[:ax] + (total,) + shape[ax + 1 :], parts | {ax})
     elif op == "MatMul" and idx in (0, 1):
       if idx == 1:
         reduce("MatMul[B]", [0 if nd == 1 else nd - 2])
@@ -417,8 +435,13 @@ class WeightUses:
           out.append(("Scan over a weight axis", None))
           return
         keep = [d for d in range(nd) if d != ax]
-        go(body.input[idx], tuple(amap[d] for d in keep), tuple(shape[d] for d in keep),
-           frozenset(keep.index(d) for d in parts), graph=body)
+        go(
+          body.input[idx],
+          tuple(amap[d] for d in keep),
+          tuple(shape[d] for d in keep),
+          frozenset(keep.index(d) for d in parts),
+          graph=body,
+        )
       else:
         go(body.input[idx], amap, shape, graph=body)
     else:

@@ -28,8 +28,19 @@ import os
 import stat
 from typing import Any
 
-__all__ = ["CheckError", "Budget", "default_max_bytes", "regular_size", "read_bytes",
-           "read_head", "check_tree", "loads_json", "nbytes_of", "MAX_ENTRIES", "MAX_JSON_DEPTH"]
+__all__ = [
+  "CheckError",
+  "Budget",
+  "default_max_bytes",
+  "regular_size",
+  "read_bytes",
+  "read_head",
+  "check_tree",
+  "loads_json",
+  "nbytes_of",
+  "MAX_ENTRIES",
+  "MAX_JSON_DEPTH",
+]
 
 MAX_ENTRIES = 100_000  # files and directories under a SavedModel or an orbax checkpoint
 MAX_JSON_DEPTH = 64
@@ -41,9 +52,13 @@ class CheckError(ValueError):
 
 
 def _kind(mode: int) -> str:
-  for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                     (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                     (stat.S_ISDIR, "a directory")):
+  for test, name in (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+  ):
     if test(mode):
       return name
   return "not a regular file"
@@ -70,7 +85,7 @@ def default_max_bytes() -> int:
   except (AttributeError, ValueError, OSError):
     pass
   try:
-    import resource  # pylint: disable=g-import-not-at-top
+    import resource
   except ImportError:  # not on POSIX
     resource = None
   if resource is not None:
@@ -104,9 +119,10 @@ class Budget:
       raise CheckError(f"{what}: a negative size ({nbytes}).")
     if self.used + nbytes > self.max_bytes:
       raise CheckError(
-          f"{what}: {_human(nbytes)} to read or decode, over the check's limit of "
-          f"{_human(self.max_bytes)} ({_human(self.used)} already used); pass a larger "
-          "max_bytes (--max-bytes) to check it on a machine with the memory.")
+        f"{what}: {_human(nbytes)} to read or decode, over the check's limit of "
+        f"{_human(self.max_bytes)} ({_human(self.used)} already used); pass a larger "
+        "max_bytes (--max-bytes) to check it on a machine with the memory."
+      )
     self.used += nbytes
 
 
@@ -168,8 +184,9 @@ def _read_fd(fd: int, offset: int, length: int, path: str) -> bytes:
   return b"".join(chunks)
 
 
-def read_bytes(path: str, budget: Budget, *, offset: int = 0, length: int | None = None,
-               exact: bool = False) -> bytes:
+def read_bytes(
+  path: str, budget: Budget, *, offset: int = 0, length: int | None = None, exact: bool = False
+) -> bytes:
   """Reads ``length`` bytes (default: to the end) of the regular file ``path`` from ``offset``.
 
   Never reads past the size the file had when opened; counts the bytes on ``budget``.
@@ -185,8 +202,9 @@ def read_bytes(path: str, budget: Budget, *, offset: int = 0, length: int | None
     if length is None:
       length = max(size - offset, 0)
     if exact and offset + length > size:
-      raise CheckError(f"{path}: bytes {offset}..{offset + length} are asked for, but the file "
-                       f"holds {size}.")
+      raise CheckError(
+        f"{path}: bytes {offset}..{offset + length} are asked for, but the file holds {size}."
+      )
     length = max(min(length, size - offset), 0)
     budget.charge(length, path)
     data = _read_fd(fd, offset, length, path)
@@ -239,8 +257,9 @@ def check_tree(root: str, budget: Budget | None = None) -> int:
     for name in sorted(entries):
       count += 1
       if count > MAX_ENTRIES:
-        raise CheckError(f"{root}: more than {MAX_ENTRIES} files and directories; refusing to "
-                         "read it.")
+        raise CheckError(
+          f"{root}: more than {MAX_ENTRIES} files and directories; refusing to read it."
+        )
       p = os.path.join(d, name)
       try:
         st = os.stat(p)

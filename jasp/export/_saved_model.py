@@ -43,10 +43,18 @@ def _var_name(path: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.\-]", "_", path.split("/")[-1]) or "param"
 
 
-def to_saved_model(fn: Callable[..., Any] | Any, params: PyTree = None, *args: Any,
-                   path: str | os.PathLike, masks: PyTree | None = None,
-                   n: int = 2, m: int = 4, dynamic_batch: bool = False,
-                   validate: bool = True, rtol: float | None = None) -> str:
+def to_saved_model(
+  fn: Callable[..., Any] | Any,
+  params: PyTree = None,
+  *args: Any,
+  path: str | os.PathLike,
+  masks: PyTree | None = None,
+  n: int = 2,
+  m: int = 4,
+  dynamic_batch: bool = False,
+  validate: bool = True,
+  rtol: float | None = None,
+) -> str:
   """Exports a flax model to a TensorFlow SavedModel with its (sparse) params as variables.
 
   Call forms as :func:`jasp.export.to_onnx` (``(model.apply, variables, x)``
@@ -80,7 +88,8 @@ def to_saved_model(fn: Callable[..., Any] | Any, params: PyTree = None, *args: A
     MissingDependencyError: without TensorFlow (``pip install 'jasp[tf]'``).
   """
   tf = require("tensorflow")
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf
+
   bound = _model.bind(fn, params, args)
   path = os.fspath(path)
   flat, treedef = jax.tree_util.tree_flatten_with_path(bound.params)
@@ -119,10 +128,14 @@ def to_saved_model(fn: Callable[..., Any] | Any, params: PyTree = None, *args: A
   module.serve = serve
   pruned = _model.pruned_paths(bound, masks, n, m)
   meta = {
-      "producer": "jasp.export.to_saved_model",
-      "n": n, "m": m, "var_prefix": VAR_PREFIX,
-      "weights": {p: {"pruned": pruned[p], "axis": list(bound.layouts[p].axis),
-                      "kind": bound.layouts[p].kind} for p in pruned},
+    "producer": "jasp.export.to_saved_model",
+    "n": n,
+    "m": m,
+    "var_prefix": VAR_PREFIX,
+    "weights": {
+      p: {"pruned": pruned[p], "axis": list(bound.layouts[p].axis), "kind": bound.layouts[p].kind}
+      for p in pruned
+    },
   }
   want = _validate.reference(bound.apply, bound.params, bound.inputs) if validate else None
   with _validate.staged(path) as tmp:
@@ -135,11 +148,14 @@ def to_saved_model(fn: Callable[..., Any] | Any, params: PyTree = None, *args: A
         got = run_saved_model(tmp, *bound.inputs)
       except Exception as e:  # noqa: BLE001 - TensorFlow raises many error classes
         raise _validate.ExportError(
-            f"TensorFlow cannot load or run the SavedModel: {type(e).__name__}: {e}") from None
-      _validate.compare_outputs("TensorFlow", got, want,
-                                _validate.default_rtol(want) if rtol is None else rtol)
+          f"TensorFlow cannot load or run the SavedModel: {type(e).__name__}: {e}"
+        ) from None
+      _validate.compare_outputs(
+        "TensorFlow", got, want, _validate.default_rtol(want) if rtol is None else rtol
+      )
       _validate.check_pruned(
-          _check.check_file(tmp, format="savedmodel", require_weights=False), pruned)
+        _check.check_file(tmp, format="savedmodel", require_weights=False), pruned
+      )
   return path
 
 

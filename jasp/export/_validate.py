@@ -34,8 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["ExportError", "check_pruned", "compare_outputs", "default_rtol", "reference",
-           "staged"]
+__all__ = ["ExportError", "check_pruned", "compare_outputs", "default_rtol", "reference", "staged"]
 
 
 class ExportError(RuntimeError):
@@ -44,9 +43,11 @@ class ExportError(RuntimeError):
 
 def default_rtol(outputs: Sequence[Any]) -> float:
   """1e-4 when every output is float32/float64 (or not floating), else 2e-2."""
-  low = any(np.dtype(getattr(y, "dtype", np.float32)).itemsize < 4
-            and np.issubdtype(np.dtype(getattr(y, "dtype", np.float32)), np.floating)
-            for y in outputs)
+  low = any(
+    np.dtype(getattr(y, "dtype", np.float32)).itemsize < 4
+    and np.issubdtype(np.dtype(getattr(y, "dtype", np.float32)), np.floating)
+    for y in outputs
+  )
   return 2e-2 if low else 1e-4
 
 
@@ -57,8 +58,9 @@ def reference(apply, params, inputs: Sequence[Any]) -> list[np.ndarray]:
   return [np.asarray(y) for y in jax.tree_util.tree_leaves(out)]
 
 
-def compare_outputs(what: str, got: Sequence[Any], want: Sequence[np.ndarray],
-                    rtol: float) -> float:
+def compare_outputs(
+  what: str, got: Sequence[Any], want: Sequence[np.ndarray], rtol: float
+) -> float:
   """Raises :class:`ExportError` unless ``got`` matches ``want`` within ``rtol``.
 
   Returns:
@@ -74,13 +76,16 @@ def compare_outputs(what: str, got: Sequence[Any], want: Sequence[np.ndarray],
     g64, w64 = g.astype(np.float64), w.astype(np.float64)
     finite = np.isfinite(w64)
     if not np.array_equal(finite, np.isfinite(g64)):
-      raise ExportError(f"{what}: output {i} is non-finite where the JAX model's is not "
-                        "(or the other way round).")
+      raise ExportError(
+        f"{what}: output {i} is non-finite where the JAX model's is not (or the other way round)."
+      )
     scale = float(np.max(np.abs(w64[finite]), initial=0.0)) or 1.0
     err = float(np.max(np.abs(g64[finite] - w64[finite]), initial=0.0)) / scale
     if not err <= rtol:
-      raise ExportError(f"{what}: output {i} differs from the JAX model by {err:.3g} (relative "
-                        f"to its largest value), more than the tolerance {rtol:g}.")
+      raise ExportError(
+        f"{what}: output {i} differs from the JAX model by {err:.3g} (relative "
+        f"to its largest value), more than the tolerance {rtol:g}."
+      )
     worst = max(worst, err)
   return worst
 
@@ -97,17 +102,24 @@ def check_pruned(report, pruned: Mapping[str, bool]) -> None:
   for path, is_pruned in pruned.items():
     if not is_pruned:
       continue
-    found = [w for name, w in by_param.items()
-             if name == path or (name.startswith(path + "[") and name.endswith("]"))]
+    found = [
+      w
+      for name, w in by_param.items()
+      if name == path or (name.startswith(path + "[") and name.endswith("]"))
+    ]
     if not found:
       problems.append(f"{path}: not found in the file as a weight its consumer reads whole")
     for w in found:
       if not w.nm:
-        problems.append(f"{w.param}: not {report.n}:{report.m} along the axis its consumer "
-                        f"({w.consumer}) reduces over ({w.note or 'see jasp check'})")
+        problems.append(
+          f"{w.param}: not {report.n}:{report.m} along the axis its consumer "
+          f"({w.consumer}) reduces over ({w.note or 'see jasp check'})"
+        )
   if problems:
-    raise ExportError("the written file does not carry the N:M pattern of every pruned weight:\n  "
-                      + "\n  ".join(problems))
+    raise ExportError(
+      "the written file does not carry the N:M pattern of every pruned weight:\n  "
+      + "\n  ".join(problems)
+    )
 
 
 @contextlib.contextmanager

@@ -28,39 +28,68 @@ EXIT_OK, EXIT_NOT_SPARSE, EXIT_ERROR = 0, 1, 2
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="jasp", description="jasp: N:M (2:4) structured sparsity for JAX.")
+    prog="jasp", description="jasp: N:M (2:4) structured sparsity for JAX."
+  )
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   chk = sub.add_parser(
-      "check", help="check the N:M pattern of the weights stored in a file",
-      description=(
-          "List each weight of FILE that feeds a matmul/conv (or each kernel of a "
-          "checkpoint), the axis its consumer reduces over, whether it is N:M along it, "
-          "and its sparsity. FILE: .onnx, a TensorFlow SavedModel directory, .safetensors "
-          "(PyTorch layout), a flax .msgpack or an orbax checkpoint directory. A weight "
-          "is expected to be N:M when it matches --expect-sparse; without that option, "
-          "when the file marks it as pruned (jasp's metadata, a mask) or when it holds "
-          "at least --min-zeros zeros. Exit status: 0 ok, 1 an expected weight is not "
-          "N:M, 2 the file cannot be checked (unreadable, corrupt, no weights, malformed "
-          "jasp metadata, over --max-bytes) or bad arguments."))
+    "check",
+    help="check the N:M pattern of the weights stored in a file",
+    description=(
+      "List each weight of FILE that feeds a matmul/conv (or each kernel of a "
+      "checkpoint), the axis its consumer reduces over, whether it is N:M along it, "
+      "and its sparsity. FILE: .onnx, a TensorFlow SavedModel directory, .safetensors "
+      "(PyTorch layout), a flax .msgpack or an orbax checkpoint directory. A weight "
+      "is expected to be N:M when it matches --expect-sparse; without that option, "
+      "when the file marks it as pruned (jasp's metadata, a mask) or when it holds "
+      "at least --min-zeros zeros. Exit status: 0 ok, 1 an expected weight is not "
+      "N:M, 2 the file cannot be checked (unreadable, corrupt, no weights, malformed "
+      "jasp metadata, over --max-bytes) or bad arguments."
+    ),
+  )
   chk.add_argument("file", metavar="FILE")
   chk.add_argument("--json", action="store_true", help="print the report as JSON")
-  chk.add_argument("--n", type=int, default=None,
-                   help="non-zeros per group (default: the file's metadata, else 2)")
-  chk.add_argument("--m", type=int, default=None,
-                   help="group size (default: the file's metadata, else 4)")
-  chk.add_argument("--expect-sparse", action="append", metavar="REGEX", default=None,
-                   help="weights whose name or flax path matches REGEX must be N:M "
-                        "(repeatable; replaces the default rule)")
-  chk.add_argument("--min-zeros", type=float, default=None, metavar="FRACTION",
-                   help="without --expect-sparse, a weight with at least this fraction of "
-                        "zeros must be N:M (default 0.8*(m-n)/m; 1.01 turns this off)")
-  chk.add_argument("--format", choices=("onnx", "savedmodel", "safetensors", "msgpack", "orbax"),
-                   default=None, help="the file's format (default: detected)")
-  chk.add_argument("--layout", choices=("torch", "flax"), default=None,
-                   help="layout of a .safetensors file without jasp metadata (default torch)")
-  chk.add_argument("--max-bytes", type=_size, default=None, metavar="SIZE",
-                   help="refuse a file that needs more than SIZE bytes read and decoded "
-                        "(e.g. 4G; default: half of the memory the process may use)")
+  chk.add_argument(
+    "--n", type=int, default=None, help="non-zeros per group (default: the file's metadata, else 2)"
+  )
+  chk.add_argument(
+    "--m", type=int, default=None, help="group size (default: the file's metadata, else 4)"
+  )
+  chk.add_argument(
+    "--expect-sparse",
+    action="append",
+    metavar="REGEX",
+    default=None,
+    help="weights whose name or flax path matches REGEX must be N:M "
+    "(repeatable; replaces the default rule)",
+  )
+  chk.add_argument(
+    "--min-zeros",
+    type=float,
+    default=None,
+    metavar="FRACTION",
+    help="without --expect-sparse, a weight with at least this fraction of "
+    "zeros must be N:M (default 0.8*(m-n)/m; 1.01 turns this off)",
+  )
+  chk.add_argument(
+    "--format",
+    choices=("onnx", "savedmodel", "safetensors", "msgpack", "orbax"),
+    default=None,
+    help="the file's format (default: detected)",
+  )
+  chk.add_argument(
+    "--layout",
+    choices=("torch", "flax"),
+    default=None,
+    help="layout of a .safetensors file without jasp metadata (default torch)",
+  )
+  chk.add_argument(
+    "--max-bytes",
+    type=_size,
+    default=None,
+    metavar="SIZE",
+    help="refuse a file that needs more than SIZE bytes read and decoded "
+    "(e.g. 4G; default: half of the memory the process may use)",
+  )
   return parser
 
 
@@ -69,7 +98,7 @@ def _size(text: str) -> int:
   t = text.strip().upper().removesuffix("B").removesuffix("I")
   unit = t[-1:] if t[-1:] in units else ""
   try:
-    value = int(t[:len(t) - len(unit)]) * units[unit]
+    value = int(t[: len(t) - len(unit)]) * units[unit]
   except ValueError:
     raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4096, 512M, 4G)") from None
   if value < 1:
@@ -78,12 +107,20 @@ def _size(text: str) -> int:
 
 
 def _check(args) -> int:
-  from jasp.export import _check  # pylint: disable=g-import-not-at-top
-  from jasp.export._deps import MissingDependencyError  # pylint: disable=g-import-not-at-top
+  from jasp.export import _check
+  from jasp.export._deps import MissingDependencyError
+
   try:
-    report = _check.check_file(args.file, n=args.n, m=args.m, expect_sparse=args.expect_sparse,
-                               min_zeros=args.min_zeros, format=args.format, layout=args.layout,
-                               max_bytes=args.max_bytes)
+    report = _check.check_file(
+      args.file,
+      n=args.n,
+      m=args.m,
+      expect_sparse=args.expect_sparse,
+      min_zeros=args.min_zeros,
+      format=args.format,
+      layout=args.layout,
+      max_bytes=args.max_bytes,
+    )
   except (_check.CheckError, MissingDependencyError, OSError) as e:
     print(_printable(f"jasp check: error: {e}"), file=sys.stderr)
     return EXIT_ERROR
@@ -98,8 +135,11 @@ def _printable(text: str) -> str:
     if ch == "\n" or unicodedata.category(ch)[0] != "C":
       out.append(ch)
     else:
-      out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii")
-                 if ord(ch) < 0x110000 else "?")
+      out.append(
+        ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+        if ord(ch) < 0x110000
+        else "?"
+      )
   return "".join(out)
 
 
@@ -127,8 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
   except Exception:  # noqa: BLE001 - a bug in jasp: shown as one, and never a verdict
     traceback.print_exc()
-    print("jasp check: internal error: the check did not finish (a bug in jasp; please report "
-          "it with the traceback above).", file=sys.stderr)
+    print(
+      "jasp check: internal error: the check did not finish (a bug in jasp; please report "
+      "it with the traceback above).",
+      file=sys.stderr,
+    )
     return EXIT_ERROR
   finally:
     absl_logger.setLevel(level)

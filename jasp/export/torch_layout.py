@@ -40,14 +40,14 @@ from jasp import layouts as layouts_lib
 from jasp import packing
 
 __all__ = [
-    "torch_weight",
-    "flax_weight",
-    "torch_key",
-    "to_torch_state_dict",
-    "from_torch_state_dict",
-    "save_safetensors",
-    "load_safetensors",
-    "SAFETENSORS_METADATA_KEY",
+  "torch_weight",
+  "flax_weight",
+  "torch_key",
+  "to_torch_state_dict",
+  "from_torch_state_dict",
+  "save_safetensors",
+  "load_safetensors",
+  "SAFETENSORS_METADATA_KEY",
 ]
 
 PyTree = Any
@@ -60,6 +60,7 @@ _COLLECTIONS = ("params", "batch_stats")
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """How one leaf maps to PyTorch: ``torch = reshape(transpose(w, perm), shape)``."""
+
   kind: str  # "dot" | "conv" | "none"
   perm: tuple[int, ...]
   shape: tuple[int, ...]
@@ -73,17 +74,23 @@ def _plan(shape: tuple[int, ...], layout: layouts_lib.Layout | None, path: str =
   axis, out = tuple(layout.axis), tuple(layout.out_axes)
   bad = [a for a in axis + out if not isinstance(a, (int, np.integer)) or not -nd <= a < nd]
   if bad or len(set(a % nd for a in axis + out)) != len(axis + out):
-    raise ValueError(f"the layout of {what} (axis {axis}, out_axes {out}) does not fit its "
-                     f"shape {shape}: the axes must be distinct axes of a rank-{nd} array. Pass "
-                     "the layouts traced on these params (jasp.trace_layouts).")
+    raise ValueError(
+      f"the layout of {what} (axis {axis}, out_axes {out}) does not fit its "
+      f"shape {shape}: the axes must be distinct axes of a rank-{nd} array. Pass "
+      "the layouts traced on these params (jasp.trace_layouts)."
+    )
   axis, out = tuple(a % nd for a in axis), tuple(a % nd for a in out)
   if not out:
-    raise ValueError(f"the {layout.kind} weight {what} (shape {shape}) has no output axes "
-                     "in its layout; PyTorch's (out, in) layout needs them.")
+    raise ValueError(
+      f"the {layout.kind} weight {what} (shape {shape}) has no output axes "
+      "in its layout; PyTorch's (out, in) layout needs them."
+    )
   rest = tuple(a for a in range(nd) if a not in axis and a not in out)
   if layout.kind == "dot" and rest:
-    raise ValueError(f"the dot weight {what} (shape {shape}) has batch axes {rest} besides "
-                     f"its input axes {axis} and output axes {out}; it has no PyTorch layout.")
+    raise ValueError(
+      f"the dot weight {what} (shape {shape}) has batch axes {rest} besides "
+      f"its input axes {axis} and output axes {out}; it has no PyTorch layout."
+    )
   size = lambda axes: int(np.prod([shape[a] for a in axes], dtype=np.int64))
   perm = out + axis + rest
   tshape = (size(out), size(axis)) + tuple(shape[a] for a in rest)
@@ -107,15 +114,18 @@ def torch_weight(w: np.ndarray, layout: layouts_lib.Layout | None) -> np.ndarray
   return np.ascontiguousarray(np.transpose(w, p.perm).reshape(p.shape))
 
 
-def flax_weight(t: np.ndarray, shape: tuple[int, ...],
-                layout: layouts_lib.Layout | None) -> np.ndarray:
+def flax_weight(
+  t: np.ndarray, shape: tuple[int, ...], layout: layouts_lib.Layout | None
+) -> np.ndarray:
   """The inverse of :func:`torch_weight`: a PyTorch-layout array back to flax's ``shape``."""
   t = np.asarray(t)
   shape = tuple(shape)
   p = _plan(shape, layout)
   if tuple(t.shape) != p.shape:
-    raise ValueError(f"expected a PyTorch-layout array of shape {p.shape} for the flax shape "
-                     f"{shape}, got {tuple(t.shape)}.")
+    raise ValueError(
+      f"expected a PyTorch-layout array of shape {p.shape} for the flax shape "
+      f"{shape}, got {tuple(t.shape)}."
+    )
   mid = tuple(shape[a] for a in p.perm)
   inv = tuple(int(i) for i in np.argsort(p.perm))
   return np.ascontiguousarray(np.transpose(t.reshape(mid), inv))
@@ -128,8 +138,10 @@ def torch_key(path: str) -> str:
     TypeError: ``path`` is not a string.
   """
   if not isinstance(path, str):
-    raise TypeError(f"torch_key takes a path string such as 'params/Dense_0/kernel', got "
-                    f"{type(path).__name__} {path!r}.")
+    raise TypeError(
+      f"torch_key takes a path string such as 'params/Dense_0/kernel', got "
+      f"{type(path).__name__} {path!r}."
+    )
   parts = path.split("/")
   stats = False
   if len(parts) > 1 and parts[0] in _COLLECTIONS:
@@ -153,8 +165,10 @@ def _layout(path: str, leaf: Any, layouts: Mapping[str, layouts_lib.Layout] | No
   if layouts is not None and path in layouts:
     layout = layouts[path]
     if not isinstance(layout, layouts_lib.Layout):
-      raise TypeError(f"layouts['{path}'] is {layout!r} ({type(layout).__name__}), not a "
-                      "jasp.Layout; pass layouts=jasp.trace_layouts(...).")
+      raise TypeError(
+        f"layouts['{path}'] is {layout!r} ({type(layout).__name__}), not a "
+        "jasp.Layout; pass layouts=jasp.trace_layouts(...)."
+      )
     return layout
   return layouts_lib.convention_layout(path, leaf)
 
@@ -179,7 +193,7 @@ def _match_masks(masks: PyTree | None, paths: list[str]) -> dict[str, Any]:
   for path in paths:
     cands = [path, _PARAMS + path]
     if path.startswith(_PARAMS):
-      cands.append(path[len(_PARAMS):])
+      cands.append(path[len(_PARAMS) :])
     key = next((c for c in cands if c in by_path), None)
     if key is not None:
       used.add(key)
@@ -189,10 +203,11 @@ def _match_masks(masks: PyTree | None, paths: list[str]) -> dict[str, Any]:
     shown = ", ".join(f"'{p}'" for p in unmatched[:3])
     more = f" and {len(unmatched) - 3} more" if len(unmatched) > 3 else ""
     raise ValueError(
-        f"{len(unmatched)} mask(s) match no leaf of the params: {shown}{more} (the params have "
-        f"e.g. {', '.join(repr(p) for p in paths[:2]) or 'no leaves'}). Pass the masks that "
-        "jasp.prune returned for these params (of the whole variables dict or of its 'params' "
-        "collection).")
+      f"{len(unmatched)} mask(s) match no leaf of the params: {shown}{more} (the params have "
+      f"e.g. {', '.join(repr(p) for p in paths[:2]) or 'no leaves'}). Pass the masks that "
+      "jasp.prune returned for these params (of the whole variables dict or of its 'params' "
+      "collection)."
+    )
   return out
 
 
@@ -202,15 +217,20 @@ def _host_mask(path: str, mask: Any, shape: tuple[int, ...]) -> np.ndarray:
     mask = packing.unpack(mask)
   dtype = getattr(mask, "dtype", None)
   if dtype is None:
-    raise TypeError(f"the mask for '{path}' is a {type(mask).__name__}, not an array; a mask is "
-                    "a bool array, a jasp.PackedMask or None (dense).")
+    raise TypeError(
+      f"the mask for '{path}' is a {type(mask).__name__}, not an array; a mask is "
+      "a bool array, a jasp.PackedMask or None (dense)."
+    )
   if not _tree.is_bool_dtype(dtype):
-    raise TypeError(f"the mask for '{path}' has dtype {dtype}; masks are bool arrays (True = "
-                    "kept): pass mask.astype(bool), or the masks from jasp.prune.")
+    raise TypeError(
+      f"the mask for '{path}' has dtype {dtype}; masks are bool arrays (True = "
+      "kept): pass mask.astype(bool), or the masks from jasp.prune."
+    )
   mw = np.asarray(jax.device_get(mask))
   if mw.shape != tuple(shape):
-    raise ValueError(f"the mask for '{path}' has shape {mw.shape} but the leaf has shape "
-                     f"{tuple(shape)}.")
+    raise ValueError(
+      f"the mask for '{path}' has shape {mw.shape} but the leaf has shape {tuple(shape)}."
+    )
   return mw
 
 
@@ -224,9 +244,13 @@ def _numeric(leaf) -> bool:
     return False
 
 
-def to_torch_state_dict(params: PyTree, *, layouts: Mapping[str, layouts_lib.Layout] | None = None,
-                        masks: PyTree | None = None, apex_masks: bool = False,
-                        ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+def to_torch_state_dict(
+  params: PyTree,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  masks: PyTree | None = None,
+  apex_masks: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
   """Converts a flax params pytree to a PyTorch-layout state dict.
 
   Args:
@@ -255,7 +279,8 @@ def to_torch_state_dict(params: PyTree, *, layouts: Mapping[str, layouts_lib.Lay
     TypeError: ``layouts`` is not a mapping of Layouts, or a mask is not a
       bool array or PackedMask (naming the path).
   """
-  from jasp import policy as policy_lib  # pylint: disable=g-import-not-at-top
+  from jasp import policy as policy_lib
+
   leaves = _tree.leaves_by_path(params)
   policy_lib.check_layouts(leaves, layouts, warn=False)
   mask_by_path = _match_masks(masks, list(leaves))
@@ -267,23 +292,29 @@ def to_torch_state_dict(params: PyTree, *, layouts: Mapping[str, layouts_lib.Lay
       continue
     key = torch_key(path)
     if key in origin:
-      raise ValueError(f"the leaves '{origin[key]}' and '{path}' both map to the PyTorch "
-                       f"key '{key}'.")
+      raise ValueError(
+        f"the leaves '{origin[key]}' and '{path}' both map to the PyTorch key '{key}'."
+      )
     origin[key] = path
     w = np.asarray(jax.device_get(leaf))
     layout = _layout(path, leaf, layouts)
     p = _plan(w.shape, layout, path)
     state[key] = np.ascontiguousarray(np.transpose(w, p.perm).reshape(p.shape))
     mk = mask_by_path.get(path)
-    info[key] = {"path": path, "shape": list(w.shape), "kind": p.kind,
-                 "axis": list(layout.axis) if p.kind != "none" else None,
-                 "out_axes": list(layout.out_axes) if p.kind != "none" else None,
-                 "pruned": mk is not None}
+    info[key] = {
+      "path": path,
+      "shape": list(w.shape),
+      "kind": p.kind,
+      "axis": list(layout.axis) if p.kind != "none" else None,
+      "out_axes": list(layout.out_axes) if p.kind != "none" else None,
+      "pruned": mk is not None,
+    }
     if mk is not None:
       mkey = _mask_key(key, apex_masks)
       if mkey in origin:
-        raise ValueError(f"the mask of '{path}' maps to '{mkey}', which is taken by "
-                         f"'{origin[mkey]}'.")
+        raise ValueError(
+          f"the mask of '{path}' maps to '{mkey}', which is taken by '{origin[mkey]}'."
+        )
       origin[mkey] = path
       mw = _host_mask(path, mk, w.shape)
       state[mkey] = np.ascontiguousarray(np.transpose(mw, p.perm).reshape(p.shape))
@@ -292,21 +323,29 @@ def to_torch_state_dict(params: PyTree, *, layouts: Mapping[str, layouts_lib.Lay
 
 def _layout_of(key: str, entry: Mapping[str, Any]) -> layouts_lib.Layout | None:
   if not isinstance(entry, Mapping):
-    raise ValueError(f"the info of '{key}' is {entry!r}, not a mapping with 'kind', 'axis' and "
-                     "'out_axes' (as to_torch_state_dict returns).")
+    raise ValueError(
+      f"the info of '{key}' is {entry!r}, not a mapping with 'kind', 'axis' and "
+      "'out_axes' (as to_torch_state_dict returns)."
+    )
   if entry.get("kind", "none") == "none":
     return None
   try:
     return layouts_lib.Layout(tuple(entry["axis"]), tuple(entry["out_axes"]), kind=entry["kind"])
   except (KeyError, TypeError):
-    raise ValueError(f"the info of '{key}' ({dict(entry)}) lacks a list 'axis' or 'out_axes' for "
-                     f"its kind '{entry['kind']}'; pass the info that to_torch_state_dict "
-                     "returned (or the file's metadata).") from None
+    raise ValueError(
+      f"the info of '{key}' ({dict(entry)}) lacks a list 'axis' or 'out_axes' for "
+      f"its kind '{entry['kind']}'; pass the info that to_torch_state_dict "
+      "returned (or the file's metadata)."
+    ) from None
 
 
-def from_torch_state_dict(state_dict: Mapping[str, Any], like: PyTree, *,
-                          layouts: Mapping[str, layouts_lib.Layout] | None = None,
-                          info: Mapping[str, Mapping[str, Any]] | None = None) -> PyTree:
+def from_torch_state_dict(
+  state_dict: Mapping[str, Any],
+  like: PyTree,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  info: Mapping[str, Mapping[str, Any]] | None = None,
+) -> PyTree:
   """The inverse of :func:`to_torch_state_dict`: PyTorch-layout arrays back into flax's tree.
 
   Args:
@@ -325,26 +364,35 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], like: PyTree, *,
   Raises:
     KeyError: naming the first leaf whose key is missing.
   """
+
   def one(path, leaf):
     if not _numeric(leaf):
       return leaf
     key = torch_key(path)
     if key not in state_dict:
-      raise KeyError(f"the state dict has no '{key}' (for the leaf '{path}', shape "
-                     f"{tuple(leaf.shape)}).")
+      raise KeyError(
+        f"the state dict has no '{key}' (for the leaf '{path}', shape {tuple(leaf.shape)})."
+      )
     if info is not None and key in info:
       layout = _layout_of(key, info[key])
     else:
       layout = _layout(path, leaf, layouts)
     w = flax_weight(np.asarray(state_dict[key]), tuple(leaf.shape), layout)
     return w.astype(leaf.dtype)
+
   return _tree.map_with_path(one, like)
 
 
-def save_safetensors(path: str | os.PathLike, params: PyTree, *,
-                     layouts: Mapping[str, layouts_lib.Layout] | None = None,
-                     masks: PyTree | None = None, apex_masks: bool = False,
-                     n: int = 2, m: int = 4) -> dict[str, dict]:
+def save_safetensors(
+  path: str | os.PathLike,
+  params: PyTree,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  masks: PyTree | None = None,
+  apex_masks: bool = False,
+  n: int = 2,
+  m: int = 4,
+) -> dict[str, dict]:
   """Writes :func:`to_torch_state_dict` to a ``.safetensors`` file.
 
   The header's metadata holds ``{"format": "pt"}`` (what PyTorch loaders
@@ -360,23 +408,34 @@ def save_safetensors(path: str | os.PathLike, params: PyTree, *,
     ValueError, TypeError: as :func:`to_torch_state_dict` (masks that match no
       leaf, a mismatch between ``layouts`` and ``params``), or invalid ``n``/``m``.
   """
-  from jasp import masks as masks_lib  # pylint: disable=g-import-not-at-top
-  from jasp.export._deps import require  # pylint: disable=g-import-not-at-top
-  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  from jasp import masks as masks_lib
+  from jasp.export._deps import require
+
+  masks_lib._check_nm(n, m)
   st = require("safetensors.numpy")
   state, info = to_torch_state_dict(params, layouts=layouts, masks=masks, apex_masks=apex_masks)
-  meta = {"format": "pt",
-          SAFETENSORS_METADATA_KEY: json.dumps(
-              {"producer": "jasp.export.save_safetensors", "n": n, "m": m, "layout": "torch",
-               "mask_naming": "apex" if apex_masks else "torch", "weights": info},
-              sort_keys=True)}
+  meta = {
+    "format": "pt",
+    SAFETENSORS_METADATA_KEY: json.dumps(
+      {
+        "producer": "jasp.export.save_safetensors",
+        "n": n,
+        "m": m,
+        "layout": "torch",
+        "mask_naming": "apex" if apex_masks else "torch",
+        "weights": info,
+      },
+      sort_keys=True,
+    ),
+  }
   st.save_file(state, os.fspath(path), metadata=meta)
   return info
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """``(tensors, header metadata)`` of a ``.safetensors`` file, as numpy."""
-  from jasp.export._deps import require  # pylint: disable=g-import-not-at-top
+  from jasp.export._deps import require
+
   safetensors = require("safetensors")
   path = os.fspath(path)
   with safetensors.safe_open(path, framework="numpy") as f:
@@ -385,8 +444,12 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
   return tensors, meta
 
 
-def load_safetensors(path: str | os.PathLike, like: PyTree = None, *,
-                     layouts: Mapping[str, layouts_lib.Layout] | None = None) -> Any:
+def load_safetensors(
+  path: str | os.PathLike,
+  like: PyTree = None,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+) -> Any:
   """Reads a ``.safetensors`` state dict.
 
   Args:

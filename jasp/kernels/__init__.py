@@ -11,10 +11,10 @@ from jasp.kernels.nm_pallas import nm_prune_pallas
 from jasp.kernels.nm_pallas import supports
 
 __all__ = [
-    "SUPPORTED_DTYPES",
-    "nm_mask_2d_pallas",
-    "nm_mask_pallas",
-    "nm_prune_pallas",
-    "supports",
-    "supports_2d",
+  "SUPPORTED_DTYPES",
+  "nm_mask_2d_pallas",
+  "nm_mask_pallas",
+  "nm_prune_pallas",
+  "supports",
+  "supports_2d",
 ]

@@ -46,7 +46,7 @@ _NUM_WARPS = 4
 
 
 def _patterns(n: int, m: int):
-  from jasp.masks import block_patterns  # pylint: disable=g-import-not-at-top
+  from jasp.masks import block_patterns
 
   return block_patterns(n, m)
 
@@ -65,6 +65,7 @@ class Plan2D:
     split: load each ``(b0, b1, m)`` row of blocks whole and split it in
       registers (``m`` a power of 2); else one strided load per cell.
   """
+
   view: tuple[int, int, int, int]
   group_first: bool
   block: tuple[int, int]
@@ -73,9 +74,16 @@ class Plan2D:
   split: bool
 
 
-def plan_2d(shape: Sequence[int], m: int, axis: int, out_axis: int, *,
-            tile_blocks: int | None = None, max_contig: int | None = None,
-            num_warps: int | None = None) -> Plan2D | None:
+def plan_2d(
+  shape: Sequence[int],
+  m: int,
+  axis: int,
+  out_axis: int,
+  *,
+  tile_blocks: int | None = None,
+  max_contig: int | None = None,
+  num_warps: int | None = None,
+) -> Plan2D | None:
   """The view and tiling, or ``None`` when the layout would need a transpose."""
   shape = tuple(int(s) for s in shape)
   nd = len(shape)
@@ -83,19 +91,20 @@ def plan_2d(shape: Sequence[int], m: int, axis: int, out_axis: int, *,
   if a == b:
     return None
   first, second = min(a, b), max(a, b)
-  if math.prod(shape[first + 1:second]) != 1 or math.prod(shape[second + 1:]) != 1:
+  if math.prod(shape[first + 1 : second]) != 1 or math.prod(shape[second + 1 :]) != 1:
     return None
   if shape[first] % m or shape[second] % m:
     return None
-  rows = math.prod(shape[:first + 1]) // m
+  rows = math.prod(shape[: first + 1]) // m
   cols = shape[second] // m
   tile_blocks = tile_blocks or _TILE_BLOCKS
   max_contig = max_contig or _MAX_CONTIG_BLOCKS
-  b1 = min(nm_pallas._pow2_ceil(cols), max_contig)  # pylint: disable=protected-access
-  b0 = max(1, min(nm_pallas._pow2_ceil(rows), tile_blocks // b1))  # pylint: disable=protected-access
+  b1 = min(nm_pallas._pow2_ceil(cols), max_contig)
+  b0 = max(1, min(nm_pallas._pow2_ceil(rows), tile_blocks // b1))
   bounds = None if (rows % b0 == 0 and cols % b1 == 0) else (rows, cols)
-  return Plan2D((rows, m, cols, m), a < b, (b0, b1), bounds, num_warps or _NUM_WARPS,
-                m & (m - 1) == 0)
+  return Plan2D(
+    (rows, m, cols, m), a < b, (b0, b1), bounds, num_warps or _NUM_WARPS, m & (m - 1) == 0
+  )
 
 
 def supports_2d(shape: Sequence[int], dtype, n: int, m: int, axis: int, out_axis: int) -> bool:
@@ -112,11 +121,11 @@ def supports_2d(shape: Sequence[int], dtype, n: int, m: int, axis: int, out_axis
 
 def _mag32(x: jax.Array) -> jax.Array:
   """``|x|`` with NaN as +inf, as float32 (exact for bf16 / fp16 / fp32)."""
-  return lax.bitcast_convert_type(nm_pallas._keys(x), x.dtype).astype(jnp.float32)  # pylint: disable=protected-access
+  return lax.bitcast_convert_type(nm_pallas._keys(x), x.dtype).astype(jnp.float32)
 
 
 def _kernel(x_ref, o_ref, *, n: int, p: Plan2D):
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import triton as plgpu
 
   m = p.view[1]
   b0, b1 = p.block
@@ -151,7 +160,7 @@ def _kernel(x_ref, o_ref, *, n: int, p: Plan2D):
 
   for i1 in range(m):
     if p.split:
-      val = nm_pallas._interleave([keep(i1, i3) for i3 in range(m)])  # pylint: disable=protected-access
+      val = nm_pallas._interleave([keep(i1, i3) for i3 in range(m)])
       ref = o_ref.at[:, np.int32(i1), :, :]
       if valid3 is None:
         ref[...] = val
@@ -174,23 +183,32 @@ def _run(w: jax.Array, *, n: int, p: Plan2D, interpret: bool) -> jax.Array:
   spec = pl.BlockSpec((b0, m, b1, m), lambda j, i: (i, 0, j, 0))
   kwargs = {}
   if not interpret:
-    from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+    from jax.experimental.pallas import triton as plgpu
+
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=p.num_warps, num_stages=1)
   out = pl.pallas_call(
-      functools.partial(_kernel, n=n, p=p),
-      out_shape=jax.ShapeDtypeStruct(view, jnp.bool_),
-      grid=(pl.cdiv(view[2], b1), pl.cdiv(rows, b0)),
-      in_specs=[spec],
-      out_specs=spec,
-      interpret=interpret,
-      name="jasp_nm_mask_2d_best",
-      **kwargs,
+    functools.partial(_kernel, n=n, p=p),
+    out_shape=jax.ShapeDtypeStruct(view, jnp.bool_),
+    grid=(pl.cdiv(view[2], b1), pl.cdiv(rows, b0)),
+    in_specs=[spec],
+    out_specs=spec,
+    interpret=interpret,
+    name="jasp_nm_mask_2d_best",
+    **kwargs,
   )(w.reshape(view))
   return out.reshape(w.shape)
 
 
-def nm_mask_2d_pallas(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0, out_axis: int = -1,
-                      *, interpret: bool | None = None, **tuning) -> jax.Array:
+def nm_mask_2d_pallas(
+  w: jax.Array,
+  n: int = 2,
+  m: int = 4,
+  axis: int = 0,
+  out_axis: int = -1,
+  *,
+  interpret: bool | None = None,
+  **tuning,
+) -> jax.Array:
   """Transposable N:M mask (``method="best"``) in one pass over ``w``.
 
   Args:
@@ -210,14 +228,15 @@ def nm_mask_2d_pallas(w: jax.Array, n: int = 2, m: int = 4, axis: int = 0, out_a
   Raises:
     ValueError: for unsupported dtypes, group sizes or layouts.
   """
-  from jasp.masks import _check_nm  # pylint: disable=g-import-not-at-top
+  from jasp.masks import _check_nm
 
   _check_nm(n, m)
   w = jnp.asarray(w)
   if not supports_2d(w.shape, w.dtype, n, m, axis, out_axis):
     raise ValueError(
-        f"the Pallas transposable kernel does not support shape {w.shape} dtype {w.dtype} "
-        f"with {n}:{m} blocks over axes ({axis}, {out_axis}); use the XLA path.")
+      f"the Pallas transposable kernel does not support shape {w.shape} dtype {w.dtype} "
+      f"with {n}:{m} blocks over axes ({axis}, {out_axis}); use the XLA path."
+    )
   p = plan_2d(w.shape, m, axis, out_axis, **tuning)
-  interpret = nm_pallas._use_interpret(interpret)  # pylint: disable=protected-access
+  interpret = nm_pallas._use_interpret(interpret)
   return _run(lax.stop_gradient(w), n=n, p=p, interpret=interpret)

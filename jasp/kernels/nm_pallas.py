@@ -52,10 +52,10 @@ from jax.experimental import pallas as pl
 Axis = int | Sequence[int]
 
 __all__ = [
-    "SUPPORTED_DTYPES",
-    "nm_mask_pallas",
-    "nm_prune_pallas",
-    "supports",
+  "SUPPORTED_DTYPES",
+  "nm_mask_pallas",
+  "nm_prune_pallas",
+  "supports",
 ]
 
 #: Weight dtypes the kernels accept. Others (fp64, integers) use the XLA path.
@@ -66,9 +66,9 @@ MAX_M = 8
 
 # dtype -> (integer dtype of the same width, |x| bit mask, +inf bit pattern).
 _KEY_BITS = {
-    jnp.dtype(jnp.float32): (jnp.int32, 0x7FFFFFFF, 0x7F800000),
-    jnp.dtype(jnp.bfloat16): (jnp.int16, 0x7FFF, 0x7F80),
-    jnp.dtype(jnp.float16): (jnp.int16, 0x7FFF, 0x7C00),
+  jnp.dtype(jnp.float32): (jnp.int32, 0x7FFFFFFF, 0x7F800000),
+  jnp.dtype(jnp.bfloat16): (jnp.int16, 0x7FFF, 0x7F80),
+  jnp.dtype(jnp.float16): (jnp.int16, 0x7FFF, 0x7C00),
 }
 
 # Default tiling: elements per member tile, widest tile along the contiguous
@@ -89,7 +89,7 @@ def backend_available() -> bool:
   it the dispatcher computes masks with XLA.
   """
   try:
-    from jax.experimental.pallas import triton  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+    from jax.experimental.pallas import triton  # noqa: F401
   except ImportError:
     return False
   return True
@@ -130,6 +130,7 @@ class Plan:
     split: "cols" view only: load each ``(b0, b1, m)`` block whole (contiguous,
       wide loads) and split it into members in registers; ``m`` a power of 2.
   """
+
   view: tuple[int, int, int]
   member_dim: int
   block: tuple[int, int]
@@ -153,9 +154,16 @@ class Plan:
     return (b0, m, b1) if self.member_dim == 1 else (b0, b1, m)
 
 
-def plan(shape: Sequence[int], m: int, axis: Axis, *,
-         tile_elems: int | None = None, max_contig: int | None = None,
-         num_warps: int | None = None, split: bool | None = None) -> Plan:
+def plan(
+  shape: Sequence[int],
+  m: int,
+  axis: Axis,
+  *,
+  tile_elems: int | None = None,
+  max_contig: int | None = None,
+  num_warps: int | None = None,
+  split: bool | None = None,
+) -> Plan:
   """Chooses the view and tiling for a weight of ``shape`` (see module doc).
 
   Args:
@@ -167,19 +175,20 @@ def plan(shape: Sequence[int], m: int, axis: Axis, *,
   Raises:
     ValueError: if the group axes' size is not a multiple of ``m``.
   """
-  from jasp.masks import group_axes  # pylint: disable=g-import-not-at-top
+  from jasp.masks import group_axes
 
   shape = tuple(int(s) for s in shape)
   axes = group_axes(len(shape), axis)
   tile_elems = tile_elems or _TILE_ELEMS
   max_contig = max_contig or _MAX_CONTIG
   num_warps = num_warps or _NUM_WARPS
-  pre = math.prod(shape[:axes[0]])
-  k = math.prod(shape[axes[0]:axes[-1] + 1])
-  post = math.prod(shape[axes[-1] + 1:])
+  pre = math.prod(shape[: axes[0]])
+  k = math.prod(shape[axes[0] : axes[-1] + 1])
+  post = math.prod(shape[axes[-1] + 1 :])
   if k % m:
     raise ValueError(
-        f"the group axes {axes} of shape {shape} have size {k}, not a multiple of m={m}.")
+      f"the group axes {axes} of shape {shape} have size {k}, not a multiple of m={m}."
+    )
   if post > 1:
     view = (pre * k // m, m, post)
     b1 = min(_pow2_ceil(post), max_contig)
@@ -224,7 +233,7 @@ def _keep(keys: list[jax.Array], n: int) -> list[jax.Array]:
 
 def _kernel(x_ref, *out_refs, n: int, p: Plan, outputs: tuple[str, ...]):
   """One program: ``m`` member tiles in, their masks / masked values out."""
-  from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import triton as plgpu
 
   m = p.view[p.member_dim]
   b0, b1 = p.block
@@ -259,8 +268,11 @@ def _kernel(x_ref, *out_refs, n: int, p: Plan, outputs: tuple[str, ...]):
     xs = [t.reshape(b0, b1) for t in jnp.split(block, m, axis=-1)]
     keeps = _keep([_keys(x) for x in xs], n)
     for name, ref in zip(outputs, out_refs):
-      vals = keeps if name == "mask" else [
-          jnp.where(kp, x, jnp.zeros_like(x)) for kp, x in zip(keeps, xs)]
+      vals = (
+        keeps
+        if name == "mask"
+        else [jnp.where(kp, x, jnp.zeros_like(x)) for kp, x in zip(keeps, xs)]
+      )
       val = _interleave(vals)
       if valid3 is None:
         ref[...] = val
@@ -299,42 +311,47 @@ def _use_interpret(interpret: bool | None) -> bool:
 @functools.partial(jax.jit, static_argnames=("n", "p", "outputs", "interpret"))
 def _run(w: jax.Array, *, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
   x = w.reshape(p.view)
-  spec = pl.BlockSpec(p.block_shape,
-                      (lambda j, i: (i, 0, j)) if p.member_dim == 1 else (lambda j, i: (i, j, 0)))
+  spec = pl.BlockSpec(
+    p.block_shape, (lambda j, i: (i, 0, j)) if p.member_dim == 1 else (lambda j, i: (i, j, 0))
+  )
   out_shape = tuple(
-      jax.ShapeDtypeStruct(p.view, jnp.bool_ if o == "mask" else w.dtype) for o in outputs)
+    jax.ShapeDtypeStruct(p.view, jnp.bool_ if o == "mask" else w.dtype) for o in outputs
+  )
   kwargs = {}
   if not interpret:
-    from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
+    from jax.experimental.pallas import triton as plgpu
+
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=p.num_warps, num_stages=1)
   outs = pl.pallas_call(
-      functools.partial(_kernel, n=n, p=p, outputs=outputs),
-      out_shape=out_shape,
-      grid=p.grid,
-      in_specs=[spec],
-      out_specs=tuple(spec for _ in outputs),
-      interpret=interpret,
-      name=f"jasp_nm_{'_'.join(outputs)}",
-      **kwargs,
+    functools.partial(_kernel, n=n, p=p, outputs=outputs),
+    out_shape=out_shape,
+    grid=p.grid,
+    in_specs=[spec],
+    out_specs=tuple(spec for _ in outputs),
+    interpret=interpret,
+    name=f"jasp_nm_{'_'.join(outputs)}",
+    **kwargs,
   )(x)
   return tuple(o.reshape(w.shape) for o in outs)
 
 
 def _check(w: jax.Array, n: int, m: int) -> None:
-  from jasp.masks import _check_nm  # pylint: disable=g-import-not-at-top
+  from jasp.masks import _check_nm
 
   _check_nm(n, m)
   if w.ndim == 0:
     raise ValueError("N:M masks need an array of rank >= 1, got a scalar.")
   if not supports(w.dtype, n, m):
     raise ValueError(
-        f"the Pallas N:M kernel supports {', '.join(str(d) for d in SUPPORTED_DTYPES)} "
-        f"weights and m <= {MAX_M}; got dtype {w.dtype} with n={n}, m={m} "
-        "(use impl='xla').")
+      f"the Pallas N:M kernel supports {', '.join(str(d) for d in SUPPORTED_DTYPES)} "
+      f"weights and m <= {MAX_M}; got dtype {w.dtype} with n={n}, m={m} "
+      "(use impl='xla')."
+    )
 
 
-def nm_mask_pallas(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
-                   interpret: bool | None = None, **tuning) -> jax.Array:
+def nm_mask_pallas(
+  w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *, interpret: bool | None = None, **tuning
+) -> jax.Array:
   """N:M magnitude mask in one pass: read ``w`` once, write the mask once.
 
   Args:
@@ -358,15 +375,17 @@ def nm_mask_pallas(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
   p = plan(w.shape, m, axis, **tuning)
   if w.size == 0:
     return jnp.zeros(w.shape, jnp.bool_)
-  (mask,) = _run(lax.stop_gradient(w), n=n, p=p, outputs=("mask",),
-                 interpret=_use_interpret(interpret))
+  (mask,) = _run(
+    lax.stop_gradient(w), n=n, p=p, outputs=("mask",), interpret=_use_interpret(interpret)
+  )
   return mask
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
 def _prune(w, n, p, with_mask, interpret):
-  return _run(w, n=n, p=p, outputs=("weight", "mask") if with_mask else ("weight",),
-              interpret=interpret)
+  return _run(
+    w, n=n, p=p, outputs=("weight", "mask") if with_mask else ("weight",), interpret=interpret
+  )
 
 
 @_prune.defjvp
@@ -379,9 +398,16 @@ def _prune_jvp(n, p, with_mask, interpret, primals, tangents):
   return (pruned, mask), (dpruned, np.zeros(mask.shape, jax.dtypes.float0))
 
 
-def nm_prune_pallas(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
-                    with_mask: bool = True, interpret: bool | None = None,
-                    **tuning) -> tuple[jax.Array, jax.Array] | jax.Array:
+def nm_prune_pallas(
+  w: jax.Array,
+  n: int = 2,
+  m: int = 4,
+  axis: Axis = 0,
+  *,
+  with_mask: bool = True,
+  interpret: bool | None = None,
+  **tuning,
+) -> tuple[jax.Array, jax.Array] | jax.Array:
   """Masked weight (and mask) in one pass: read ``w`` once, write each output once.
 
   Args:

@@ -59,6 +59,7 @@ def apply_permutation(tree: PyTree, plan: PermutationPlan) -> PyTree:
 @dataclasses.dataclass(frozen=True)
 class _Unit:
   """One N:M-pruned weight matrix: a leaf, or one layer of a stacked leaf."""
+
   path: str
   axes: tuple[int, ...]  # group axes of the leaf
   stack: tuple[int, ...] = ()  # the leaf's stacked axes (sorted), indexed by ``layer``
@@ -94,8 +95,8 @@ def _kept(w: np.ndarray, axis: tuple[int, ...], n: int, m: int) -> float:
     return 1.0
   a0, a1 = axis[0], axis[-1]
   k = int(np.prod([w.shape[a] for a in axis]))
-  x = np.moveaxis(w.reshape(w.shape[:a0] + (k,) + w.shape[a1 + 1:]), a0, 0)
-  x = np.sort(x.reshape(k // m, m, -1), axis=1)[:, m - n:]
+  x = np.moveaxis(w.reshape(w.shape[:a0] + (k,) + w.shape[a1 + 1 :]), a0, 0)
+  x = np.sort(x.reshape(k // m, m, -1), axis=1)[:, m - n :]
   return float(x.sum() / total)
 
 
@@ -104,7 +105,7 @@ def _consumer_matrix(w, axes: tuple[int, ...], pos: np.ndarray) -> np.ndarray:
   w = np.abs(np.asarray(jax.device_get(w), np.float32))
   a0, a1 = axes[0], axes[-1]
   k = int(np.prod([w.shape[a] for a in axes]))
-  flat = np.moveaxis(w.reshape(w.shape[:a0] + (k,) + w.shape[a1 + 1:]), a0, 0)
+  flat = np.moveaxis(w.reshape(w.shape[:a0] + (k,) + w.shape[a1 + 1 :]), a0, 0)
   flat = flat.reshape(k, -1)
   mat = flat[pos]  # (contexts, channels, rows)
   mat = np.swapaxes(mat, 0, 1).reshape(pos.shape[1], -1)
@@ -115,13 +116,14 @@ def _consumer_matrix(w, axes: tuple[int, ...], pos: np.ndarray) -> np.ndarray:
 def _aligned(pos: np.ndarray, m: int) -> bool:
   """Each context holds the channels contiguously, starting on a group boundary."""
   c = pos.shape[1]
-  return bool(c % m == 0 and np.all(pos[:, 0] % m == 0)
-              and np.all(pos == pos[:, :1] + np.arange(c)[None, :]))
+  return bool(
+    c % m == 0 and np.all(pos[:, 0] % m == 0) and np.all(pos == pos[:, :1] + np.arange(c)[None, :])
+  )
 
 
 def _group_kept(mat: np.ndarray, perm: np.ndarray, n: int, m: int) -> float:
   x = np.sort(np.asarray(mat, np.float64)[perm].reshape(mat.shape[0] // m, m, -1), axis=1)
-  return float(x[:, m - n:].sum())
+  return float(x[:, m - n :].sum())
 
 
 def _whole_groups(pos: np.ndarray, m: int) -> bool:
@@ -130,16 +132,25 @@ def _whole_groups(pos: np.ndarray, m: int) -> bool:
   return all(len(set(row.tolist())) == len(row) for row in g)
 
 
-def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
-            n: int = 2, m: int = 4,
-            layouts: Mapping[str, layouts_lib.Layout] | None = None,
-            policy: policy_lib.Policy | None = None,
-            model_kwargs: Mapping[str, Any] | None = None,
-            strategy: search_lib.Strategy = "auto", window: int | None = None,
-            escapes: int = 100, time_limit: float | None = 10.0,
-            max_rounds: int | None = None, seed: int = 0,
-            allow_layer_loss: bool = False, verify: bool = True,
-            rtol: float = 1e-4) -> tuple[Any, PermutationReport]:
+def permute(
+  fn: Callable[..., Any] | Any,
+  variables: PyTree = None,
+  *args,
+  n: int = 2,
+  m: int = 4,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  policy: policy_lib.Policy | None = None,
+  model_kwargs: Mapping[str, Any] | None = None,
+  strategy: search_lib.Strategy = "auto",
+  window: int | None = None,
+  escapes: int = 100,
+  time_limit: float | None = 10.0,
+  max_rounds: int | None = None,
+  seed: int = 0,
+  allow_layer_loss: bool = False,
+  verify: bool = True,
+  rtol: float = 1e-4,
+) -> tuple[Any, PermutationReport]:
   """Permutes a model's channels so that N:M pruning keeps more magnitude.
 
   Two call forms, as :func:`jasp.trace_layouts`:
@@ -199,7 +210,7 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
     print(report)
     sparse, masks = jasp.prune(variables, 2, 4, layouts=layouts)
   """
-  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  masks_lib._check_nm(n, m)
   t0 = time.perf_counter()
   kwargs = dict(model_kwargs or {})
   model, inputs = _model.adapt(fn, variables, args, state=True, what="permute")
@@ -252,18 +263,24 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
       if not other:
         why = "no N:M-pruned weight groups along these channels"
       elif len(whole) == len(other):
-        why = (f"the pruned weights that read them ({', '.join(whole)}) never hold two of "
-               f"them in one group of {m}: a permutation only moves whole groups")
+        why = (
+          f"the pruned weights that read them ({', '.join(whole)}) never hold two of "
+          f"them in one group of {m}: a permutation only moves whole groups"
+        )
       else:
-        why = ("the pruned weights that read them do not hold them in aligned runs of "
-               f"{m} ({', '.join(u.name for u, _ in other if u.name not in whole)})")
+        why = (
+          "the pruned weights that read them do not hold them in aligned runs of "
+          f"{m} ({', '.join(u.name for u, _ in other if u.name not in whole)})"
+        )
       reports[cls.id] = dataclasses.replace(base, reason=why)
       continue
     if cls.size < 2 * m:
       reports[cls.id] = dataclasses.replace(
-          base, consumers=tuple(u.path for u, _ in cons),
-          consumer_layers=tuple(u.layer for u, _ in cons),
-          reason=f"{cls.size} channels: fewer than two groups of {m}")
+        base,
+        consumers=tuple(u.path for u, _ in cons),
+        consumer_layers=tuple(u.layer for u, _ in cons),
+        reason=f"{cls.size} channels: fewer than two groups of {m}",
+      )
       continue
     todo.append((cls, cons))
 
@@ -271,14 +288,25 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
   # one of them keeps, weigh the losers more and search again (a few times),
   # and keep the candidate with the largest joint gain that lowers none.
   perms: dict[int, np.ndarray] = {}
-  search = functools.partial(search_lib.search_permutation, n=n, m=m, axis=0,
-                             strategy=strategy, window=window, escapes=escapes,
-                             time_limit=time_limit, max_rounds=max_rounds, seed=seed,
-                             return_info=True)
+  search = functools.partial(
+    search_lib.search_permutation,
+    n=n,
+    m=m,
+    axis=0,
+    strategy=strategy,
+    window=window,
+    escapes=escapes,
+    time_limit=time_limit,
+    max_rounds=max_rounds,
+    seed=seed,
+    return_info=True,
+  )
   # Layers with the same number of channels share one compiled search: their
   # (small) matrices are padded with zero rows, which change no score.
-  all_mats = [[_consumer_matrix(u.take(host_leaf(u.path)), u.local_axes, pos) for u, pos in cons]
-              for _, cons in todo]
+  all_mats = [
+    [_consumer_matrix(u.take(host_leaf(u.path)), u.local_axes, pos) for u, pos in cons]
+    for _, cons in todo
+  ]
   rows: dict[int, int] = {}
   for (cls, _), mats in zip(todo, all_mats):
     r = sum(mt.shape[1] for mt in mats)
@@ -293,8 +321,11 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
     weights = np.ones(len(mats))
     best, best_gain, seconds, eff = None, 0.0, 0.0, 0.0
     for _ in range(1 if allow_layer_loss or len(mats) == 1 else 4):
-      mat = np.concatenate([wt * mt for wt, mt in zip(weights, mats)]
-                           + [np.zeros((cls.size, max(pad, 0)), np.float32)], axis=1)
+      mat = np.concatenate(
+        [wt * mt for wt, mt in zip(weights, mats)]
+        + [np.zeros((cls.size, max(pad, 0)), np.float32)],
+        axis=1,
+      )
       perm, info = search(jnp.asarray(mat))
       perm = np.asarray(perm)
       seconds += info.seconds
@@ -308,14 +339,35 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
       weights[losers] *= 4.0
     if best is None:
       reports[cls.id] = ClassReport(
-          cls.id, cls.size, cls.members, names, "identity",
-          "no permutation found keeps more without lowering a consumer", sum(base), sum(base),
-          0.0, seconds, cls.layers, name_layers)
+        cls.id,
+        cls.size,
+        cls.members,
+        names,
+        "identity",
+        "no permutation found keeps more without lowering a consumer",
+        sum(base),
+        sum(base),
+        0.0,
+        seconds,
+        cls.layers,
+        name_layers,
+      )
       continue
     perms[cls.id] = best
-    reports[cls.id] = ClassReport(cls.id, cls.size, cls.members, names, "permuted", "",
-                                  sum(base), sum(base) + best_gain, eff, seconds, cls.layers,
-                                  name_layers)
+    reports[cls.id] = ClassReport(
+      cls.id,
+      cls.size,
+      cls.members,
+      names,
+      "permuted",
+      "",
+      sum(base),
+      sum(base) + best_gain,
+      eff,
+      seconds,
+      cls.layers,
+      name_layers,
+    )
 
   # No pruned weight (no layer of a stacked one) may lose: undo the classes of
   # any that would.
@@ -330,8 +382,9 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
         after[u] = before[u]
         continue
       if u.path not in moved:
-        moved[u.path] = permute_array(host_leaf(u.path), leaf_perms[u.path],
-                                      graph.stack_axes(u.path), xp=np)
+        moved[u.path] = permute_array(
+          host_leaf(u.path), leaf_perms[u.path], graph.stack_axes(u.path), xp=np
+        )
       after[u] = _kept(u.take(moved[u.path]), u.local_axes, n, m)
       if after[u] < before[u] - 1e-7 and worse is None and not allow_layer_loss:
         worse = u
@@ -344,11 +397,16 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
       del perms[cid]
       r = reports[cid]
       reports[cid] = dataclasses.replace(
-          r, status="identity", kept_after=r.kept_before,
-          reason=f"its best permutation lowers what {worse.name} keeps")
+        r,
+        status="identity",
+        kept_after=r.kept_before,
+        reason=f"its best permutation lowers what {worse.name} keeps",
+      )
 
-  plan = PermutationPlan({p: tuple(v) for p, v in leaf_perms.items()},
-                         {p: graph.stack_axes(p) for p in leaf_perms if graph.stack_axes(p)})
+  plan = PermutationPlan(
+    {p: tuple(v) for p, v in leaf_perms.items()},
+    {p: graph.stack_axes(p) for p in leaf_perms if graph.stack_axes(p)},
+  )
   new_tree = plan.apply(tree, exact=True) if perms else tree
 
   # Check: same outputs.
@@ -356,36 +414,51 @@ def permute(fn: Callable[..., Any] | Any, variables: PyTree = None, *args,
   if verify and perms:
     y0 = model.apply(tree, *inputs, **kwargs)
     y1 = model.apply(new_tree, *inputs, **kwargs)
-    d = [np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)
-         for a, b in zip(jax.tree_util.tree_leaves(y0), jax.tree_util.tree_leaves(y1))]
-    s = [np.max(np.abs(np.asarray(a, np.float64)), initial=0.0)
-         for a in jax.tree_util.tree_leaves(y0)]
+    d = [
+      np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0)
+      for a, b in zip(jax.tree_util.tree_leaves(y0), jax.tree_util.tree_leaves(y1))
+    ]
+    s = [
+      np.max(np.abs(np.asarray(a, np.float64)), initial=0.0) for a in jax.tree_util.tree_leaves(y0)
+    ]
     abs_err = float(max(d, default=0.0))
     rel_err = float(abs_err / max(max(s, default=0.0), 1e-30))
     if not rel_err <= rtol:
       for cid in list(perms):
         r = reports[cid]
         reports[cid] = dataclasses.replace(
-            r, status="skipped", kept_after=r.kept_before,
-            reason=f"the permuted model's outputs differ (relative error {rel_err:.3g}); "
-                   "nothing was permuted")
+          r,
+          status="skipped",
+          kept_after=r.kept_before,
+          reason=f"the permuted model's outputs differ (relative error {rel_err:.3g}); "
+          "nothing was permuted",
+        )
       perms = {}
       plan = PermutationPlan({})
       new_tree = tree
       after = dict(before)
 
-  layers = tuple(LayerReport(u.path, u.axes, before[u], after[u],
-                             u.path in plan.leaves and any(c in perms for c in unit_atoms[u]),
-                             u.layer, u.stack)
-                 for u in units)
+  layers = tuple(
+    LayerReport(
+      u.path,
+      u.axes,
+      before[u],
+      after[u],
+      u.path in plan.leaves and any(c in perms for c in unit_atoms[u]),
+      u.layer,
+      u.stack,
+    )
+    for u in units
+  )
 
   def order(r: ClassReport):
     first = tuple(() if x is None else x for x in r.layers[:1])
     return (r.status != "permuted", -r.size, r.members[:1], first)
 
   ordered = tuple(sorted(reports.values(), key=order))
-  report = PermutationReport(ordered, layers, plan, abs_err, rel_err, n, m,
-                             time.perf_counter() - t0)
+  report = PermutationReport(
+    ordered, layers, plan, abs_err, rel_err, n, m, time.perf_counter() - t0
+  )
   if model.module is not None:
     return model.to_module(new_tree), report
   return new_tree, report

@@ -89,26 +89,96 @@ __all__ = ["ChannelGraph", "ChannelClass", "trace_channels", "trace_model"]
 
 # Element-wise primitives: each result axis carries the same index as the
 # same axis of every (non-scalar) operand.
-_ELEMENTWISE = frozenset({
-    "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "neg", "sign", "floor",
-    "ceil", "round", "is_finite", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
-    "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "asinh", "acosh",
-    "atanh", "sqrt", "rsqrt", "cbrt", "integer_pow", "square", "abs", "erf", "erfc", "erf_inv",
-    "lgamma", "digamma", "select_n", "clamp", "convert_element_type", "copy", "copy_p",
-    "reduce_precision", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "xor",
-    "nextafter", "real", "imag", "conj", "sharding_constraint", "optimization_barrier", "pvary",
-    "stop_gradient", "population_count", "shift_left", "shift_right_logical",
-    "shift_right_arithmetic", "mesh_cast", "device_put",
-})
+_ELEMENTWISE = frozenset(
+  {
+    "add",
+    "add_any",
+    "sub",
+    "mul",
+    "div",
+    "rem",
+    "pow",
+    "max",
+    "min",
+    "neg",
+    "sign",
+    "floor",
+    "ceil",
+    "round",
+    "is_finite",
+    "exp",
+    "exp2",
+    "log",
+    "log1p",
+    "expm1",
+    "tanh",
+    "logistic",
+    "sin",
+    "cos",
+    "tan",
+    "asin",
+    "acos",
+    "atan",
+    "atan2",
+    "sinh",
+    "cosh",
+    "asinh",
+    "acosh",
+    "atanh",
+    "sqrt",
+    "rsqrt",
+    "cbrt",
+    "integer_pow",
+    "square",
+    "abs",
+    "erf",
+    "erfc",
+    "erf_inv",
+    "lgamma",
+    "digamma",
+    "select_n",
+    "clamp",
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "reduce_precision",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "and",
+    "or",
+    "not",
+    "xor",
+    "nextafter",
+    "real",
+    "imag",
+    "conj",
+    "sharding_constraint",
+    "optimization_barrier",
+    "pvary",
+    "stop_gradient",
+    "population_count",
+    "shift_left",
+    "shift_right_logical",
+    "shift_right_arithmetic",
+    "mesh_cast",
+    "device_put",
+  }
+)
 # Reductions: kept axes map to the result in order; the reduced axes do not
 # matter (a sum, max or product over channels does not depend on their order).
-_REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
-                     "reduce_or", "reduce_xor"})
+_REDUCE = frozenset(
+  {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "reduce_xor"}
+)
 # Reductions whose result depends on the order of the reduced axis.
 _ARG_REDUCE = frozenset({"argmax", "argmin"})
 _CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
-_WINDOW = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min",
-                     "reduce_window"})
+_WINDOW = frozenset(
+  {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
+)
 
 # A scan over stacked parameters is unrolled (one walk of the body per
 # iteration) up to this many iterations; longer ones share one permutation.
@@ -297,8 +367,7 @@ class _UnionFind:
     for c in children:
       self.pin(c, why)
 
-  def _distribute(self, kind: str, parts: Sequence[int], layers: Sequence[int],
-                  layer: int) -> None:
+  def _distribute(self, kind: str, parts: Sequence[int], layers: Sequence[int], layer: int) -> None:
     """A class that is ``kind`` over ``parts`` and a stack over ``layers``."""
     per = [[self.new(self.node(p).size) for _ in layers] for p in parts]
     for p, row in zip(parts, per):
@@ -383,7 +452,7 @@ class _UnionFind:
         out.extend((lk, pos + off) for lk, pos in self.occurrences(c, atom, key))
         off += s
       return out
-    strides = [int(np.prod(sizes[i + 1:])) for i in range(len(sizes))]
+    strides = [int(np.prod(sizes[i + 1 :])) for i in range(len(sizes))]
     for i, c in enumerate(nd.children):
       for lk, pos in self.occurrences(c, atom, key):
         others = [np.arange(s) * st for j, (s, st) in enumerate(zip(sizes, strides)) if j != i]
@@ -398,8 +467,9 @@ class _UnionFind:
     found = [pos for _, pos in self.occurrences(a, atom, {})]
     return np.concatenate(found) if found else None
 
-  def induced(self, a: int, perms: Mapping[int, np.ndarray],
-              key: Mapping[int, int] | None = None) -> np.ndarray | None:
+  def induced(
+    self, a: int, perms: Mapping[int, np.ndarray], key: Mapping[int, int] | None = None
+  ) -> np.ndarray | None:
     """The permutation of axis ``a`` (at the layers ``key`` binds) induced by ``perms``.
 
     None: the identity. Raises ValueError when a stack is left unbound.
@@ -479,6 +549,7 @@ class ChannelClass:
       tuple of indices along the leaf's :meth:`ChannelGraph.stack_axes`), or
       None when every layer does (and for unstacked leaves).
   """
+
   id: int
   size: int
   members: tuple[tuple[str, int], ...]
@@ -499,8 +570,13 @@ class ChannelGraph:
     shapes: their shapes.
   """
 
-  def __init__(self, uf: _UnionFind, paths: list[str], shapes: list[tuple[int, ...]],
-               leaf_axes: list[list[int]]):
+  def __init__(
+    self,
+    uf: _UnionFind,
+    paths: list[str],
+    shapes: list[tuple[int, ...]],
+    leaf_axes: list[list[int]],
+  ):
     self._uf = uf
     self.paths = paths
     self.shapes = shapes
@@ -552,8 +628,10 @@ class ChannelGraph:
         new = sorted(set(axis_of.values()) - set(layer))
         found.update(new)
         if new:
-          todo.extend({**layer, **dict(zip(new, idx))}
-                      for idx in itertools.product(*[range(shape[a]) for a in new]))
+          todo.extend(
+            {**layer, **dict(zip(new, idx))}
+            for idx in itertools.product(*[range(shape[a]) for a in new])
+          )
       self._stacks[i] = tuple(sorted(found))
     return self._stacks[i]
 
@@ -583,8 +661,7 @@ class ChannelGraph:
       out.extend(x for x in self._uf.atoms(nodes[a], key) if x not in out)
     return out
 
-  def positions(self, path: str, axes: Sequence[int], cid: int,
-                layer=None) -> np.ndarray | None:
+  def positions(self, path: str, axes: Sequence[int], cid: int, layer=None) -> np.ndarray | None:
     """Where class ``cid``'s channels sit in the row-major flattening of ``axes``.
 
     Args:
@@ -608,23 +685,29 @@ class ChannelGraph:
     outer = [a for a in self.stack_axes(path) if a not in axes]
     if layer is None and outer:
       shape = self.shapes[i]
-      got = [self._positions(i, axes, cid, dict(zip(outer, idx)))
-             for idx in itertools.product(*[range(shape[a]) for a in outer])]
+      got = [
+        self._positions(i, axes, cid, dict(zip(outer, idx)))
+        for idx in itertools.product(*[range(shape[a]) for a in outer])
+      ]
       first = got[0]
-      same = all((g is None and first is None) or (
-          g is not None and first is not None and np.array_equal(g, first)) for g in got)
+      same = all(
+        (g is None and first is None)
+        or (g is not None and first is not None and np.array_equal(g, first))
+        for g in got
+      )
       if not same:
         raise ValueError(f"class {cid} sits differently in the layers of '{path}': pass layer=")
       return first
     return self._positions(i, axes, cid, lay)
 
-  def _positions(self, i: int, axes: Sequence[int], cid: int,
-                 layer: Mapping[int, int]) -> np.ndarray | None:
+  def _positions(
+    self, i: int, axes: Sequence[int], cid: int, layer: Mapping[int, int]
+  ) -> np.ndarray | None:
     nodes = self._leaf_axes[i]
     shape = self.shapes[i]
     key, axis_of = self._leaf_key(i, layer)
     sizes = [shape[a] for a in axes]
-    strides = [int(np.prod(sizes[j + 1:])) for j in range(len(sizes))]
+    strides = [int(np.prod(sizes[j + 1 :])) for j in range(len(sizes))]
     found = []
     for j, a in enumerate(axes):
       for lk, pos in self._uf.occurrences(nodes[a], cid, key):
@@ -678,8 +761,7 @@ class ChannelGraph:
           for lay in lays:
             members.append((p, ax))
             layers.append(tuple(lay))
-      out.append(ChannelClass(cid, self.size(cid), tuple(members), self.pinned(cid),
-                              tuple(layers)))
+      out.append(ChannelClass(cid, self.size(cid), tuple(members), self.pinned(cid), tuple(layers)))
     return out
 
   def leaf_perms(self, perms: Mapping[int, np.ndarray]) -> dict[str, list[np.ndarray | None]]:
@@ -1070,8 +1152,7 @@ def _axiswise(t: _Channels, eqn, ins, outs):
   elif prim == "slice":
     strides = p.get("strides") or (1,) * nd
     for a in range(nd):
-      same[a] = (p["start_indices"][a] == 0 and p["limit_indices"][a] == shape[a]
-                 and strides[a] == 1)
+      same[a] = p["start_indices"][a] == 0 and p["limit_indices"][a] == shape[a] and strides[a] == 1
   else:  # reduce_window*
     wd = p["window_dimensions"]
     ws = p["window_strides"]
@@ -1079,8 +1160,7 @@ def _axiswise(t: _Channels, eqn, ins, outs):
     bd = p.get("base_dilation") or (1,) * nd
     wdl = p.get("window_dilation") or (1,) * nd
     for a in range(nd):
-      same[a] = wd[a] == 1 and ws[a] == 1 and tuple(pad[a]) == (0, 0) and bd[a] == 1 \
-          and wdl[a] == 1
+      same[a] = wd[a] == 1 and ws[a] == 1 and tuple(pad[a]) == (0, 0) and bd[a] == 1 and wdl[a] == 1
     if len(ins) > 1 or len(outs) > 1:
       t.pin_all(ins + outs, why)
       return
@@ -1093,25 +1173,25 @@ def _axiswise(t: _Channels, eqn, ins, outs):
 
 
 _RULES: dict[str, Callable] = {
-    "broadcast_in_dim": _broadcast,
-    "reshape": _reshape,
-    "squeeze": _squeeze,
-    "expand_dims": _expand_dims,
-    "transpose": _transpose,
-    "dot_general": _dot,
-    "conv_general_dilated": _conv,
-    "concatenate": _concatenate,
-    "split": _split,
-    "gather": _gather,
-    "pad": _axiswise,
-    "rev": _axiswise,
-    "slice": _axiswise,
+  "broadcast_in_dim": _broadcast,
+  "reshape": _reshape,
+  "squeeze": _squeeze,
+  "expand_dims": _expand_dims,
+  "transpose": _transpose,
+  "dot_general": _dot,
+  "conv_general_dilated": _conv,
+  "concatenate": _concatenate,
+  "split": _split,
+  "gather": _gather,
+  "pad": _axiswise,
+  "rev": _axiswise,
+  "slice": _axiswise,
 }
 _GROUP_RULES = (
-    (_ELEMENTWISE, _elementwise),
-    (_REDUCE | _ARG_REDUCE, _reduce),
-    (_CUMULATIVE, _cumulative),
-    (_WINDOW, _axiswise),
+  (_ELEMENTWISE, _elementwise),
+  (_REDUCE | _ARG_REDUCE, _reduce),
+  (_CUMULATIVE, _cumulative),
+  (_WINDOW, _axiswise),
 )
 
 
@@ -1132,8 +1212,8 @@ def trace_model(model: _model.Model, traced: _model.Traced) -> ChannelGraph:
   for nodes in leaf_axes:
     for nd in nodes:
       uf.nodes[nd].param = True
-  walker.pin_all(args[n:n + e], "model state that is not permuted")
-  walker.pin_all(args[n + e:], "an axis of the model's input")
+  walker.pin_all(args[n : n + e], "model state that is not permuted")
+  walker.pin_all(args[n + e :], "an axis of the model's input")
   outs = walker.run(jaxpr, closed.consts, args)
   for v, o in zip(jaxpr.outvars, outs):
     if not isinstance(v, jcore.Literal):

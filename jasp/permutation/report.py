@@ -16,8 +16,7 @@ import numpy as np
 
 from jasp import _tree
 
-__all__ = ["ClassReport", "LayerReport", "PermutationPlan", "PermutationReport",
-           "permute_array"]
+__all__ = ["ClassReport", "LayerReport", "PermutationPlan", "PermutationReport", "permute_array"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +45,7 @@ class ClassReport:
       a scanned MLP are ``(".../up/kernel", 2)`` with layer ``(3,)``.
     consumer_layers: for each consumer, its layer (``()`` when unstacked).
   """
+
   id: int
   size: int
   members: tuple[tuple[str, int], ...]
@@ -95,6 +95,7 @@ class LayerReport:
       whole leaf.
     stack: the leaf's stacked axes that ``layer`` indexes (``()`` if none).
   """
+
   path: str
   axis: tuple[int, ...]
   kept_before: float
@@ -170,6 +171,7 @@ class PermutationPlan:
     leaves: ``{path: (perm or None per axis)}``.
     stacks: ``{path: stacked axes}`` for leaves with per-layer permutations.
   """
+
   leaves: Mapping[str, tuple[np.ndarray | None, ...]]
   stacks: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
@@ -193,8 +195,8 @@ class PermutationPlan:
     alias = {}
     for k in self.leaves:
       alias[k] = k
-      if k.startswith("params/") and k[len("params/"):] not in self.leaves:
-        alias.setdefault(k[len("params/"):], k)
+      if k.startswith("params/") and k[len("params/") :] not in self.leaves:
+        alias.setdefault(k[len("params/") :], k)
     keys = sorted(alias, key=len, reverse=True)
 
     def one(path: str, x):
@@ -215,8 +217,10 @@ class PermutationPlan:
 
   def inverse(self) -> PermutationPlan:
     """The plan that undoes this one."""
-    inv = {k: tuple(None if p is None else np.argsort(p, axis=-1) for p in v)
-           for k, v in self.leaves.items()}
+    inv = {
+      k: tuple(None if p is None else np.argsort(p, axis=-1) for p in v)
+      for k, v in self.leaves.items()
+    }
     return PermutationPlan(inv, dict(self.stacks))
 
 
@@ -236,6 +240,7 @@ class PermutationReport:
     n, m: the N:M pattern.
     seconds: total time.
   """
+
   classes: tuple[ClassReport, ...]
   layers: tuple[LayerReport, ...]
   plan: PermutationPlan
@@ -251,17 +256,23 @@ class PermutationReport:
 
   def format(self, verbosity: int = 2) -> str:
     """Human-readable summary; ``verbosity`` 1: totals, 2: + classes, 3: + layers."""
-    lines = [f"channel permutation for {self.n}:{self.m}: {len(self.permuted)} of "
-             f"{len(self.classes)} channel dimension(s) permuted in {self.seconds:.2f} s"]
+    lines = [
+      f"channel permutation for {self.n}:{self.m}: {len(self.permuted)} of "
+      f"{len(self.classes)} channel dimension(s) permuted in {self.seconds:.2f} s"
+    ]
     if self.max_rel_error is not None:
-      lines.append(f"  outputs vs. the original: max abs error {self.max_abs_error:.3g}, "
-                   f"relative {self.max_rel_error:.3g}")
+      lines.append(
+        f"  outputs vs. the original: max abs error {self.max_abs_error:.3g}, "
+        f"relative {self.max_rel_error:.3g}"
+      )
     before = sum(lr.kept_before for lr in self.layers)
     after = sum(lr.kept_after for lr in self.layers)
     if self.layers:
-      lines.append(f"  mean fraction of |w| kept by {self.n}:{self.m} over "
-                   f"{len(self.layers)} layer(s): {before / len(self.layers):.4f} -> "
-                   f"{after / len(self.layers):.4f}")
+      lines.append(
+        f"  mean fraction of |w| kept by {self.n}:{self.m} over "
+        f"{len(self.layers)} layer(s): {before / len(self.layers):.4f} -> "
+        f"{after / len(self.layers):.4f}"
+      )
     if verbosity >= 2:
       for c in self.classes:
         names = c.member_names()
@@ -270,15 +281,18 @@ class PermutationReport:
         if c.status == "skipped":
           lines.append(f"  [{c.size:>5}] skipped: {c.reason}: {members}{more}")
         else:
-          lines.append(f"  [{c.size:>5}] {c.status}: efficacy {c.efficacy:.1f}%, "
-                       f"{c.seconds:.2f} s; consumers {', '.join(c.consumer_names())}; members "
-                       f"{members}{more}" + (f" ({c.reason})" if c.reason else ""))
+          lines.append(
+            f"  [{c.size:>5}] {c.status}: efficacy {c.efficacy:.1f}%, "
+            f"{c.seconds:.2f} s; consumers {', '.join(c.consumer_names())}; members "
+            f"{members}{more}" + (f" ({c.reason})" if c.reason else "")
+          )
     if verbosity >= 3:
       for lr in self.layers:
-        lines.append(f"  {lr.name}: kept {lr.kept_before:.4f} -> {lr.kept_after:.4f}"
-                     + (" (permuted)" if lr.permuted else ""))
+        lines.append(
+          f"  {lr.name}: kept {lr.kept_before:.4f} -> {lr.kept_after:.4f}"
+          + (" (permuted)" if lr.permuted else "")
+        )
     return "\n".join(lines)
 
   def __str__(self) -> str:
     return self.format()
-

@@ -51,11 +51,11 @@ import numpy as np
 from jasp import masks as masks_lib
 
 __all__ = [
-    "search_permutation",
-    "permutation_score",
-    "PermutationScore",
-    "SearchInfo",
-    "permute_axis",
+  "search_permutation",
+  "permutation_score",
+  "PermutationScore",
+  "SearchInfo",
+  "permute_axis",
 ]
 
 Axis = int | Sequence[int]
@@ -82,7 +82,7 @@ def _matrix(w: jax.Array, axis: Axis) -> jax.Array:
   mag = jnp.where(jnp.isinf(mag), jnp.finfo(jnp.float32).max / 2**20, mag)
   mag = mag.astype(jnp.float32) if mag.dtype != jnp.float64 else mag
   mag = jnp.moveaxis(mag, axes, tuple(range(len(axes))))
-  c = int(np.prod(mag.shape[:len(axes)], dtype=np.int64))
+  c = int(np.prod(mag.shape[: len(axes)], dtype=np.int64))
   return mag.reshape(c, -1)
 
 
@@ -113,7 +113,7 @@ def permute_axis(w: jax.Array, perm: jax.Array, axis: Axis = 0) -> jax.Array:
   if len(axes) == 1:
     return jnp.take(w, perm, axis=axes[0])
   a0, a1 = axes[0], axes[-1]
-  flat = w.reshape(w.shape[:a0] + (-1,) + w.shape[a1 + 1:])
+  flat = w.reshape(w.shape[:a0] + (-1,) + w.shape[a1 + 1 :])
   return jnp.take(flat, perm, axis=a0).reshape(w.shape)
 
 
@@ -135,7 +135,7 @@ def _topn_sum(rows: list[jax.Array], n: int) -> jax.Array:
       a, b = rows[j], rows[j + 1]
       lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
       rows[j], rows[j + 1] = (lo, hi) if largest else (hi, lo)
-  ext = sum(rows[m - k:])
+  ext = sum(rows[m - k :])
   return ext if largest else sum(rows) - ext
 
 
@@ -159,6 +159,7 @@ class PermutationScore(NamedTuple):
     efficacy: apex's metric, in percent: ``100 * (kept - kept_identity) /
       (bound - kept_identity)`` (0 when the identity is already optimal).
   """
+
   kept: float
   kept_identity: float
   bound: float
@@ -167,8 +168,9 @@ class PermutationScore(NamedTuple):
   efficacy: float
 
 
-def permutation_score(w: jax.Array, perm: jax.Array | None = None, n: int = 2, m: int = 4,
-                      axis: Axis = 0) -> PermutationScore:
+def permutation_score(
+  w: jax.Array, perm: jax.Array | None = None, n: int = 2, m: int = 4, axis: Axis = 0
+) -> PermutationScore:
   """Scores a permutation of ``w``'s group axis against the identity and the bound.
 
   Sums are taken in float64 on the host, so scores of different permutations
@@ -183,7 +185,7 @@ def permutation_score(w: jax.Array, perm: jax.Array | None = None, n: int = 2, m
   Returns:
     a :class:`PermutationScore`.
   """
-  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  masks_lib._check_nm(n, m)
   w = np.asarray(jax.device_get(w))
   axes = masks_lib.group_axes(w.ndim, axis)
   mag = np.abs(w.astype(np.float64))
@@ -193,13 +195,15 @@ def permutation_score(w: jax.Array, perm: jax.Array | None = None, n: int = 2, m
   r = mag.shape[1]
   if c % m:
     raise ValueError(f"the group axis has {c} channels, not a multiple of m={m}.")
+
   def kept_of(p):
     s = np.sort(mag[np.asarray(p)].reshape(c // m, m, r), axis=1)
-    return float(s[:, m - n:, :].sum())
+    return float(s[:, m - n :, :].sum())
+
   ident = kept_of(np.arange(c))
   kept = ident if perm is None else kept_of(_check_perm(perm, c))
   keep_row = (c * n) // m
-  bound = float(np.sort(mag, axis=0)[c - keep_row:, :].sum())
+  bound = float(np.sort(mag, axis=0)[c - keep_row :, :].sum())
   total = float(mag.sum())
   gap = bound - ident
   eff = 100.0 * (kept - ident) / gap if gap > 0 else 0.0
@@ -208,8 +212,11 @@ def permutation_score(w: jax.Array, perm: jax.Array | None = None, n: int = 2, m
 
 def _check_perm(perm, c: int) -> np.ndarray:
   p = np.asarray(jax.device_get(perm))
-  if p.shape != (c,) or not np.issubdtype(p.dtype, np.integer) or not np.array_equal(
-      np.sort(p), np.arange(c)):
+  if (
+    p.shape != (c,)
+    or not np.issubdtype(p.dtype, np.integer)
+    or not np.array_equal(np.sort(p), np.arange(c))
+  ):
     raise ValueError(f"perm must be a permutation of range({c}), got shape {p.shape}.")
   return p
 
@@ -233,8 +240,9 @@ def window_tables(k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
   subsets = list(itertools.combinations(range(k * m), m))
   if len(subsets) > _MAX_SUBSETS:
     raise ValueError(
-        f"a window of {k} stripes of {m} channels has {len(subsets)} candidate stripes "
-        f"(more than {_MAX_SUBSETS}); use a smaller window or strategy='swap'.")
+      f"a window of {k} stripes of {m} channels has {len(subsets)} candidate stripes "
+      f"(more than {_MAX_SUBSETS}); use a smaller window or strategy='swap'."
+    )
   index = {s: i for i, s in enumerate(subsets)}
   parts: list[tuple[int, ...]] = []
 
@@ -411,8 +419,9 @@ def _independent(wins, gain, s):
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "k", "batch", "all_batch"))
-def _windows_chunk(mag, state: _State, seed, *, n, m, k, batch, all_batch, escape_swaps,
-                   max_escapes, chunk):
+def _windows_chunk(
+  mag, state: _State, seed, *, n, m, k, batch, all_batch, escape_swaps, max_escapes, chunk
+):
   """Runs up to ``chunk`` rounds of the window search (a pure state machine).
 
   Phases: 0 sweeps pairs of stripes in round-robin rounds (a round solves
@@ -445,9 +454,18 @@ def _windows_chunk(mag, state: _State, seed, *, n, m, k, batch, all_batch, escap
     kicked, touched = _perturb(best, seed, st.escapes, m, escape_swaps)
     perm = jnp.where(done, best, kicked)
     scores = _stripe_scores(mag, perm.reshape(s, m), n)
-    return st._replace(perm=perm, scores=scores, best=best, best_total=best_total,
-                       dirty=touched & ~done, relabel=fresh, phase=jnp.where(done, 2, 1),
-                       escapes=st.escapes + (~done).astype(jnp.int32), done=done, pos=0)
+    return st._replace(
+      perm=perm,
+      scores=scores,
+      best=best,
+      best_total=best_total,
+      dirty=touched & ~done,
+      relabel=fresh,
+      phase=jnp.where(done, 2, 1),
+      escapes=st.escapes + (~done).astype(jnp.int32),
+      done=done,
+      pos=0,
+    )
 
   def pair_or_star(st: _State, fresh):
     star = st.phase == 1
@@ -472,16 +490,30 @@ def _windows_chunk(mag, state: _State, seed, *, n, m, k, batch, all_batch, escap
     pos = st.pos + 1
     end = pos >= rr.shape[0]
     converged = end & ~improved
-    pair_st = st._replace(perm=perm, scores=scores, relabel=jnp.where(end, fresh, st.relabel),
-                          phase=jnp.where(converged, after_pairs, 0), pos=jnp.where(end, 0, pos),
-                          improved=improved & ~end, sweeps=st.sweeps + end.astype(jnp.int32))
+    pair_st = st._replace(
+      perm=perm,
+      scores=scores,
+      relabel=jnp.where(end, fresh, st.relabel),
+      phase=jnp.where(converged, after_pairs, 0),
+      pos=jnp.where(end, 0, pos),
+      improved=improved & ~end,
+      sweeps=st.sweeps + end.astype(jnp.int32),
+    )
     # Star bookkeeping.
     last_half = st.pos >= n_half - 1
-    dirty = jnp.where(improved_any, st.dirty.at[wins[b]].set(True),
-                      jnp.where(last_half, st.dirty.at[d].set(False), st.dirty))
+    dirty = jnp.where(
+      improved_any,
+      st.dirty.at[wins[b]].set(True),
+      jnp.where(last_half, st.dirty.at[d].set(False), st.dirty),
+    )
     star_pos = jnp.where(improved_any | last_half, 0, st.pos + 1)
-    star_st = st._replace(perm=perm, scores=scores, dirty=dirty, pos=star_pos,
-                          phase=jnp.where(any_dirty, 1, after_pairs))
+    star_st = st._replace(
+      perm=perm,
+      scores=scores,
+      dirty=dirty,
+      pos=star_pos,
+      phase=jnp.where(any_dirty, 1, after_pairs),
+    )
     return jax.tree_util.tree_map(lambda a, b_: jnp.where(star, a, b_), star_st, pair_st)
 
   def all_pass(st: _State):
@@ -496,9 +528,13 @@ def _windows_chunk(mag, state: _State, seed, *, n, m, k, batch, all_batch, escap
     fresh = _rand_order(seed, 1, st.rounds + 1, s)
     st = jax.lax.cond(st.phase == 2, local_opt, lambda x, f: x, st, fresh)
     if k > 2:
-      st = jax.lax.cond(st.done | (st.phase == 2), lambda x, f: x,
-                        lambda x, f: jax.lax.cond(x.phase == 3, lambda y, g: all_pass(y),
-                                                  pair_or_star, x, f), st, fresh)
+      st = jax.lax.cond(
+        st.done | (st.phase == 2),
+        lambda x, f: x,
+        lambda x, f: jax.lax.cond(x.phase == 3, lambda y, g: all_pass(y), pair_or_star, x, f),
+        st,
+        fresh,
+      )
     else:
       st = jax.lax.cond(st.done | (st.phase == 2), lambda x, f: x, pair_or_star, st, fresh)
     return st._replace(rounds=st.rounds + 1)
@@ -514,8 +550,7 @@ def _windows_chunk(mag, state: _State, seed, *, n, m, k, batch, all_batch, escap
 @functools.partial(jax.jit, static_argnames=("n", "m", "k", "batch", "all_batch"))
 def _windows_chunks(mag, state: _State, seeds, *, chunk, **static):
   """:func:`_windows_chunk` for a batch of chains (one per seed)."""
-  return jax.vmap(lambda st, sd: _windows_chunk(mag, st, sd, chunk=chunk, **static))(
-      state, seeds)
+  return jax.vmap(lambda st, sd: _windows_chunk(mag, st, sd, chunk=chunk, **static))(state, seeds)
 
 
 @functools.partial(jax.jit, static_argnames=("m", "n"))
@@ -532,8 +567,7 @@ def _init_state(mag, m, seed, n) -> _State:
   relabel = _rand_order(seed, 1, 0, s)
   z = jnp.zeros((), jnp.int32)
   f = jnp.zeros((), bool)
-  return _State(perm, scores, perm, scores.sum(), jnp.zeros(s, bool), relabel, z, z, f, z, z, z,
-                f)
+  return _State(perm, scores, perm, scores.sum(), jnp.zeros(s, bool), relabel, z, z, f, z, z, z, f)
 
 
 # ----------------------------------------------------------------------------
@@ -556,8 +590,11 @@ def _replacement(mag, stripes, n):
   sp, m = stripes.shape
   c = mag.shape[0]
   cand = jnp.broadcast_to(stripes[:, None, None, :], (sp, m, c, m))
-  cand = jnp.where(jnp.eye(m, dtype=bool)[None, :, None, :],
-                   jnp.arange(c, dtype=stripes.dtype)[None, None, :, None], cand)
+  cand = jnp.where(
+    jnp.eye(m, dtype=bool)[None, :, None, :],
+    jnp.arange(c, dtype=stripes.dtype)[None, None, :, None],
+    cand,
+  )
   return _stripe_scores(mag, cand, n)
 
 
@@ -572,7 +609,7 @@ def _swap_chunk(mag, st: _SwapState, seed, *, n, m, escape_swaps, max_escapes, c
     stripe_of, slot_of = where // m, where % m
     # delta[i, j] for channels i, j (ids): swap their places.
     r_ij = st.repl[stripe_of[:, None], slot_of[:, None], jnp.arange(c)[None, :]]
-    delta = (r_ij + r_ij.T - st.scores[stripe_of][:, None] - st.scores[stripe_of][None, :])
+    delta = r_ij + r_ij.T - st.scores[stripe_of][:, None] - st.scores[stripe_of][None, :]
     same = stripe_of[:, None] == stripe_of[None, :]
     delta = jnp.where(same, -jnp.inf, delta)
     flat = jnp.argmax(delta)
@@ -597,8 +634,16 @@ def _swap_chunk(mag, st: _SwapState, seed, *, n, m, escape_swaps, max_escapes, c
     repl = jnp.where(ok, st.repl.at[two].set(repl2), st.repl)
     repl = jax.lax.cond(escape, lambda: _replacement(mag, stripes, n), lambda: repl)
     scores = _stripe_scores(mag, stripes, n)
-    return _SwapState(perm, repl, scores, best, best_total,
-                      st.escapes + escape.astype(jnp.int32), st.rounds + 1, done)
+    return _SwapState(
+      perm,
+      repl,
+      scores,
+      best,
+      best_total,
+      st.escapes + escape.astype(jnp.int32),
+      st.rounds + 1,
+      done,
+    )
 
   def cond(carry):
     st, i = carry
@@ -626,6 +671,7 @@ class SearchInfo:
     seconds: wall-clock time, compilation included.
     score: the :class:`PermutationScore` of the result.
   """
+
   strategy: str
   window: int
   rounds: int
@@ -635,12 +681,22 @@ class SearchInfo:
   score: PermutationScore
 
 
-def search_permutation(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
-                       strategy: Strategy = "auto", window: int | None = None,
-                       escapes: int = 100, escape_swaps: int = 8,
-                       time_limit: float | None = None, max_rounds: int | None = None,
-                       seed: int = 0, chains: int = 1, return_info: bool = False
-                       ) -> jax.Array | tuple[jax.Array, SearchInfo]:
+def search_permutation(
+  w: jax.Array,
+  n: int = 2,
+  m: int = 4,
+  axis: Axis = 0,
+  *,
+  strategy: Strategy = "auto",
+  window: int | None = None,
+  escapes: int = 100,
+  escape_swaps: int = 8,
+  time_limit: float | None = None,
+  max_rounds: int | None = None,
+  seed: int = 0,
+  chains: int = 1,
+  return_info: bool = False,
+) -> jax.Array | tuple[jax.Array, SearchInfo]:
   """A permutation of ``w``'s group axis under which N:M keeps more magnitude.
 
   Args:
@@ -683,7 +739,7 @@ def search_permutation(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
     >>> perm = search_permutation(w, 2, 4, axis=0, seed=0)
     >>> pruned = nm_mask(jnp.take(w, perm, axis=0)) * jnp.take(w, perm, axis=0)
   """
-  masks_lib._check_nm(n, m)  # pylint: disable=protected-access
+  masks_lib._check_nm(n, m)
   if strategy not in ("auto", "windows", "swap"):
     raise ValueError(f"strategy must be 'auto', 'windows' or 'swap', got {strategy!r}.")
   t0 = time.perf_counter()
@@ -693,8 +749,9 @@ def search_permutation(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
   r = w.size // max(c, 1)
   if c % m:
     raise ValueError(
-        f"the group axis {axis} of an array of shape {tuple(w.shape)} has {c} channels, "
-        f"not a multiple of m={m}.")
+      f"the group axis {axis} of an array of shape {tuple(w.shape)} has {c} channels, "
+      f"not a multiple of m={m}."
+    )
   s = c // m
   # Zero rows change no score: pad the rows to a bucket so that layers of
   # similar sizes share one compiled search.
@@ -713,8 +770,9 @@ def search_permutation(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
   seed = int(seed) & 0x7FFFFFFF
   if s < 2:
     perm = jnp.arange(c, dtype=jnp.int32)
-    info = SearchInfo(strategy, k * m, 0, 0, True, time.perf_counter() - t0,
-                      permutation_score(w, perm, n, m, axis))
+    info = SearchInfo(
+      strategy, k * m, 0, 0, True, time.perf_counter() - t0, permutation_score(w, perm, n, m, axis)
+    )
     return (perm, info) if return_info else perm
 
   if strategy == "windows":
@@ -724,11 +782,19 @@ def search_permutation(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
     n_all = math.comb(s, k) if k > 2 else 1
     if k > 2 and n_all > _MAX_WINDOWS:
       raise ValueError(
-          f"window={k} on {s} stripes means {n_all} windows per pass (more than "
-          f"{_MAX_WINDOWS}); use window=2 for a layer this wide.")
+        f"window={k} on {s} stripes means {n_all} windows per pass (more than "
+        f"{_MAX_WINDOWS}); use window=2 for a layer this wide."
+      )
     all_batch = max(1, min(n_all, _BATCH_ELEMS // (n_sub * m * r)))
-    static = dict(n=n, m=m, k=k, batch=batch, all_batch=all_batch,
-                  escape_swaps=jnp.int32(escape_swaps), max_escapes=jnp.int32(escapes))
+    static = dict(
+      n=n,
+      m=m,
+      k=k,
+      batch=batch,
+      all_batch=all_batch,
+      escape_swaps=jnp.int32(escape_swaps),
+      max_escapes=jnp.int32(escapes),
+    )
     run = functools.partial(_windows_chunk, **static)
     if chains > 1:
       seeds = _hash(jnp.uint32(seed), 99, jnp.arange(chains, dtype=jnp.uint32))
@@ -743,10 +809,19 @@ def search_permutation(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
     repl = _replacement(mag, stripes, n)
     scores = _stripe_scores(mag, stripes, n)
     z = jnp.zeros((), jnp.int32)
-    st = _SwapState(stripes.reshape(-1), repl, scores, stripes.reshape(-1), scores.sum(), z, z,
-                    jnp.zeros((), bool))
-    run = functools.partial(_swap_chunk, n=n, m=m, escape_swaps=jnp.int32(escape_swaps),
-                            max_escapes=jnp.int32(escapes))
+    st = _SwapState(
+      stripes.reshape(-1),
+      repl,
+      scores,
+      stripes.reshape(-1),
+      scores.sum(),
+      z,
+      z,
+      jnp.zeros((), bool),
+    )
+    run = functools.partial(
+      _swap_chunk, n=n, m=m, escape_swaps=jnp.int32(escape_swaps), max_escapes=jnp.int32(escapes)
+    )
     seeds = jnp.uint32(seed)
     cost = max(1, 2 * m * c * r + c * c)
   # Chunks of rounds between host checks: about 1e8 elements of work, so a
@@ -774,6 +849,13 @@ def search_permutation(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0, *,
   seconds = time.perf_counter() - t0
   if not return_info:
     return perm
-  info = SearchInfo(strategy, k * m, done_rounds, escapes_done, all_done, seconds,
-                    permutation_score(w, perm, n, m, axis))
+  info = SearchInfo(
+    strategy,
+    k * m,
+    done_rounds,
+    escapes_done,
+    all_done,
+    seconds,
+    permutation_score(w, perm, n, m, axis),
+  )
   return perm, info

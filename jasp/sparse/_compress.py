@@ -54,10 +54,11 @@ _DTYPE_CODES = {"bfloat16": 0, "float16": 1}
 # JASP_SPARSE_EXPERIMENTAL=1.
 FP16_VERIFIED = {(0, 8): (A_ROW,), (0, 10): (A_ROW, A_COL)}
 FP16_UNVERIFIED = (
-    "jasp.sparse: float16 weights take the dense path here: fp16 sparse kernels were verified "
-    "with cuSPARSELt 0.8.x (A_ROW layout; some fp16 kernels of 0.8.0 crash the CUDA context) "
-    "and 0.10.x (A_ROW and A_COL); this process: cuSPARSELt {version}, {layout}. bfloat16 "
-    "works; set JASP_SPARSE_EXPERIMENTAL=1 to try fp16 anyway.")
+  "jasp.sparse: float16 weights take the dense path here: fp16 sparse kernels were verified "
+  "with cuSPARSELt 0.8.x (A_ROW layout; some fp16 kernels of 0.8.0 crash the CUDA context) "
+  "and 0.10.x (A_ROW and A_COL); this process: cuSPARSELt {version}, {layout}. bfloat16 "
+  "works; set JASP_SPARSE_EXPERIMENTAL=1 to try fp16 anyway."
+)
 
 
 def fp16_enabled(cusparselt_version: int, a_order: int | None = None) -> bool:
@@ -99,8 +100,16 @@ class SparseWeight:
       when ``compressed`` is None.
   """
 
-  def __init__(self, compressed: jax.Array | None, dense: jax.Array | None, *,
-               in_shape: Sequence[int], out_shape: Sequence[int], dtype: Any, fmt: str = ""):
+  def __init__(
+    self,
+    compressed: jax.Array | None,
+    dense: jax.Array | None,
+    *,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    dtype: Any,
+    fmt: str = "",
+  ):
     self.compressed = compressed
     self.dense = dense
     self.in_shape = tuple(int(s) for s in in_shape)
@@ -133,8 +142,10 @@ class SparseWeight:
     return self.compressed is not None
 
   def tree_flatten_with_keys(self):
-    children = ((jax.tree_util.GetAttrKey("compressed"), self.compressed),
-                (jax.tree_util.GetAttrKey("dense"), self.dense))
+    children = (
+      (jax.tree_util.GetAttrKey("compressed"), self.compressed),
+      (jax.tree_util.GetAttrKey("dense"), self.dense),
+    )
     return children, (self.in_shape, self.out_shape, self.dtype, self.fmt)
 
   def tree_flatten(self):
@@ -154,15 +165,20 @@ class SparseWeight:
       parts.append(f"compressed={getattr(self.compressed, 'shape', '?')} bytes, {self.fmt}")
     if self.dense is not None:
       parts.append("dense kept")
-    return (f"SparseWeight(kernel {self.shape} -> ({self.k}, {self.n}) {self.dtype}; "
-            + ("; ".join(parts) or "empty") + ")")
+    return (
+      f"SparseWeight(kernel {self.shape} -> ({self.k}, {self.n}) {self.dtype}; "
+      + ("; ".join(parts) or "empty")
+      + ")"
+    )
 
 
 def sparse_shape_ok(k: int, n: int) -> tuple[bool, str]:
   """Whether cuSPARSELt takes a ``(K, N)`` 2:4 weight; ``(False, reason)`` if not."""
   if k % SIZE_MULTIPLE or n % SIZE_MULTIPLE:
-    return False, (f"the weight ({k} in x {n} out) needs both sizes to be multiples of "
-                   f"{SIZE_MULTIPLE} for cuSPARSELt's 16-bit kernels")
+    return False, (
+      f"the weight ({k} in x {n} out) needs both sizes to be multiples of "
+      f"{SIZE_MULTIPLE} for cuSPARSELt's 16-bit kernels"
+    )
   return True, ""
 
 
@@ -171,23 +187,33 @@ def _compute_dtype(w: jax.Array, dtype: Any, path: str) -> np.dtype:
   if dt.name not in _DTYPE_CODES:
     where = f" '{path}'" if path else ""
     raise ValueError(
-        f"the weight{where} (shape {tuple(w.shape)}, {jnp.dtype(w.dtype).name}) would be "
-        f"multiplied in {dt.name}; 2:4 sparse tensor cores take bfloat16 or float16: pass "
-        "dtype=jnp.bfloat16 (or float16) to compute this layer in that precision.")
+      f"the weight{where} (shape {tuple(w.shape)}, {jnp.dtype(w.dtype).name}) would be "
+      f"multiplied in {dt.name}; 2:4 sparse tensor cores take bfloat16 or float16: pass "
+      "dtype=jnp.bfloat16 (or float16) to compute this layer in that precision."
+    )
   return dt
 
 
 def _ffi_compress(wt: jax.Array, m: int, k: int, a_order: int, rt: _runtime.Runtime):
   size, buf = rt.compressed_size(m, k, _DTYPE_CODES[jnp.dtype(wt.dtype).name], a_order)
   call = jax.ffi.ffi_call(
-      _runtime.COMPRESS_TARGET,
-      (jax.ShapeDtypeStruct((size,), jnp.uint8), jax.ShapeDtypeStruct((max(buf, 1),), jnp.uint8)))
+    _runtime.COMPRESS_TARGET,
+    (jax.ShapeDtypeStruct((size,), jnp.uint8), jax.ShapeDtypeStruct((max(buf, 1),), jnp.uint8)),
+  )
   comp, _ = call(wt, m=np.int64(m), k=np.int64(k), a_order=np.int64(a_order))
   return comp
 
 
-def compress(w: jax.Array, *, in_axes: int = 1, dtype: Any = None, keep_dense: bool = True,
-             a_order: int = DEFAULT_A_ORDER, check: bool = True, path: str = "") -> SparseWeight:
+def compress(
+  w: jax.Array,
+  *,
+  in_axes: int = 1,
+  dtype: Any = None,
+  keep_dense: bool = True,
+  a_order: int = DEFAULT_A_ORDER,
+  check: bool = True,
+  path: str = "",
+) -> SparseWeight:
   """Compresses a 2:4 kernel once for the sparse tensor cores.
 
   Args:
@@ -221,15 +247,19 @@ def compress(w: jax.Array, *, in_axes: int = 1, dtype: Any = None, keep_dense: b
   w = jnp.asarray(w)
   where = f"'{path}' " if path else ""
   if not 1 <= in_axes < w.ndim:
-    raise ValueError(f"the kernel {where}of shape {tuple(w.shape)} needs 1 <= in_axes < "
-                     f"{w.ndim}, got in_axes={in_axes}.")
+    raise ValueError(
+      f"the kernel {where}of shape {tuple(w.shape)} needs 1 <= in_axes < "
+      f"{w.ndim}, got in_axes={in_axes}."
+    )
   if a_order not in (A_ROW, A_COL):
     raise ValueError(f"a_order must be A_ROW (0) or A_COL (1), got {a_order!r}.")
   in_shape, out_shape = tuple(w.shape[:in_axes]), tuple(w.shape[in_axes:])
   k, n = math.prod(in_shape), math.prod(out_shape)
   if k % 4:
-    raise ValueError(f"the kernel {where}of shape {tuple(w.shape)} has {k} input channels, "
-                     "not a multiple of 4: it cannot be 2:4 along them.")
+    raise ValueError(
+      f"the kernel {where}of shape {tuple(w.shape)} has {k} input channels, "
+      "not a multiple of 4: it cannot be 2:4 along them."
+    )
   dt = _compute_dtype(w, dtype, path)
   w2 = w.reshape(k, n).astype(dt)
   if check and not _tree.is_tracer(w2):
@@ -238,9 +268,10 @@ def compress(w: jax.Array, *, in_axes: int = 1, dtype: Any = None, keep_dense: b
       nz = np.asarray(jax.device_get(jnp.sum((w2 != 0).reshape(k // 4, 4, n), axis=1)))
       bad = int(np.sum(nz > 2))
       raise ValueError(
-          f"the kernel {where}of shape {tuple(w.shape)} is not 2:4 along its input axes: "
-          f"{bad} of {nz.size} groups of 4 hold more than 2 non-zeros. Prune it first "
-          "(jasp.prune) or keep it dense.")
+        f"the kernel {where}of shape {tuple(w.shape)} is not 2:4 along its input axes: "
+        f"{bad} of {nz.size} groups of 4 hold more than 2 non-zeros. Prune it first "
+        "(jasp.prune) or keep it dense."
+      )
   kw = dict(in_shape=in_shape, out_shape=out_shape, dtype=dt)
   shape_ok, why = sparse_shape_ok(k, n)
   try:
@@ -253,9 +284,12 @@ def compress(w: jax.Array, *, in_axes: int = 1, dtype: Any = None, keep_dense: b
     return SparseWeight(None, w2, **kw)
   if dt.name == "float16" and not fp16_enabled(rt.cusparselt_version, a_order):
     v = rt.cusparselt_version
-    _runtime.note_dense_fallback(FP16_UNVERIFIED.format(
+    _runtime.note_dense_fallback(
+      FP16_UNVERIFIED.format(
         version=f"{v // 10000}.{v // 100 % 100}.{v % 100}",
-        layout="A_COL" if a_order == A_COL else "A_ROW"))
+        layout="A_COL" if a_order == A_COL else "A_ROW",
+      )
+    )
     return SparseWeight(None, w2, **kw)
   # The 2:4 check above (exact, in jasp.masks) is the authority: cuSPARSELt's
   # cusparseLtSpMMAPruneCheck left its flag unwritten for valid weights (H200,

@@ -32,15 +32,18 @@ def _check_format(w: compress_lib.SparseWeight, rt: _runtime.Runtime) -> None:
   expect = rt.format_tag
   if not w.fmt.startswith(expect + ":"):
     raise ValueError(
-        f"this SparseWeight was compressed as '{w.fmt}' but this process runs '{expect}' "
-        "(another cuSPARSELt version or GPU architecture): its bytes cannot be used here. "
-        "Recompress it from its dense weight (jasp.sparse.compress).")
+      f"this SparseWeight was compressed as '{w.fmt}' but this process runs '{expect}' "
+      "(another cuSPARSELt version or GPU architecture): its bytes cannot be used here. "
+      "Recompress it from its dense weight (jasp.sparse.compress)."
+    )
 
 
 def _check_x(x: jax.Array, w: compress_lib.SparseWeight) -> None:
   if x.ndim < 1 or x.shape[-1] != w.k:
-    raise ValueError(f"x of shape {tuple(x.shape)} does not match the weight: its last axis "
-                     f"must have the reduction size K={w.k} (kernel {w.shape}).")
+    raise ValueError(
+      f"x of shape {tuple(x.shape)} does not match the weight: its last axis "
+      f"must have the reduction size K={w.k} (kernel {w.shape})."
+    )
 
 
 def _bias_vector(bias, w: compress_lib.SparseWeight):
@@ -48,13 +51,21 @@ def _bias_vector(bias, w: compress_lib.SparseWeight):
     return None
   b = jnp.asarray(bias)
   if b.size != w.n:
-    raise ValueError(f"bias of shape {tuple(b.shape)} does not match the weight's {w.n} outputs "
-                     f"(kernel {w.shape}).")
+    raise ValueError(
+      f"bias of shape {tuple(b.shape)} does not match the weight's {w.n} outputs "
+      f"(kernel {w.shape})."
+    )
   return b.reshape(w.n).astype(w.dtype)
 
 
-def sparse_matmul(x: jax.Array, w: compress_lib.SparseWeight, bias: jax.Array | None = None, *,
-                  bias_epilogue: bool = False, search: bool = True) -> jax.Array:
+def sparse_matmul(
+  x: jax.Array,
+  w: compress_lib.SparseWeight,
+  bias: jax.Array | None = None,
+  *,
+  bias_epilogue: bool = False,
+  search: bool = True,
+) -> jax.Array:
   """``x @ W (+ bias)`` on the 2:4 sparse tensor cores (cuSPARSELt).
 
   Args:
@@ -76,8 +87,10 @@ def sparse_matmul(x: jax.Array, w: compress_lib.SparseWeight, bias: jax.Array | 
       weight, a format from another library/GPU, or mismatched shapes.
   """
   if not w.is_compressed:
-    raise ValueError(f"sparse_matmul needs a compressed weight; this one ({w.shape}) holds only "
-                     "its dense form (compressed where the sparse path was unavailable?).")
+    raise ValueError(
+      f"sparse_matmul needs a compressed weight; this one ({w.shape}) holds only "
+      "its dense form (compressed where the sparse path was unavailable?)."
+    )
   rt = _runtime.runtime()
   _check_format(w, rt)
   x = jnp.asarray(x)
@@ -86,24 +99,48 @@ def sparse_matmul(x: jax.Array, w: compress_lib.SparseWeight, bias: jax.Array | 
   use_epi = b is not None and bias_epilogue
   meta = (w.k, w.n, w.dtype, w.a_order, use_epi, bool(search))
   b_arg = b if b is not None else jnp.zeros((0,), w.dtype)
-  return batched_call(functools.partial(_ffi_2d, meta=meta), meta, x.astype(w.dtype),
-                      w.compressed, b_arg, b is not None)
+  return batched_call(
+    functools.partial(_ffi_2d, meta=meta),
+    meta,
+    x.astype(w.dtype),
+    w.compressed,
+    b_arg,
+    b is not None,
+  )
 
 
 def _ffi_2d(x2: jax.Array, compressed: jax.Array, b: jax.Array, *, meta) -> jax.Array:
   """The FFI call on ``x2 (t, K)`` with ``t`` a multiple of 16: ``(t, N)``, no bias added."""
   k, n, dtype, a_order, use_epi, search = meta
-  call = jax.ffi.ffi_call(_runtime.MATMUL_TARGET,
-                          (jax.ShapeDtypeStruct((x2.shape[0], n), dtype),
-                           jax.ShapeDtypeStruct((FALLBACK_WORKSPACE,), jnp.uint8)))
+  call = jax.ffi.ffi_call(
+    _runtime.MATMUL_TARGET,
+    (
+      jax.ShapeDtypeStruct((x2.shape[0], n), dtype),
+      jax.ShapeDtypeStruct((FALLBACK_WORKSPACE,), jnp.uint8),
+    ),
+  )
   b_arg = b if use_epi else jnp.zeros((0,), dtype)
-  y, _ = call(compressed, x2, b_arg, m=np.int64(n), k=np.int64(k), a_order=np.int64(a_order),
-              has_bias=np.int64(use_epi), search=np.int64(search))
+  y, _ = call(
+    compressed,
+    x2,
+    b_arg,
+    m=np.int64(n),
+    k=np.int64(k),
+    a_order=np.int64(a_order),
+    has_bias=np.int64(use_epi),
+    search=np.int64(search),
+  )
   return y
 
 
-def batched_call(fn2d: Callable[..., jax.Array], meta: tuple, x: jax.Array,
-                 compressed: jax.Array, b: jax.Array, has_bias: bool) -> jax.Array:
+def batched_call(
+  fn2d: Callable[..., jax.Array],
+  meta: tuple,
+  x: jax.Array,
+  compressed: jax.Array,
+  b: jax.Array,
+  has_bias: bool,
+) -> jax.Array:
   """``x (..., K) -> (..., N)`` through ``fn2d`` on one ``(t, K)`` matrix, ``vmap``-able.
 
   Leading axes (and, under ``vmap``, the batch axes) fold into the token axis,
@@ -133,8 +170,10 @@ def batched_call(fn2d: Callable[..., jax.Array], meta: tuple, x: jax.Array,
   def _rule(axis_size, in_batched, x, compressed, b):
     xb, cb, bb = in_batched
     if cb or bb:
-      raise ValueError("jasp.sparse: vmap over the compressed weight (or the bias) is not "
-                       "supported: one weight per call; vmap over the activations only.")
+      raise ValueError(
+        "jasp.sparse: vmap over the compressed weight (or the bias) is not "
+        "supported: one weight per call; vmap over the activations only."
+      )
     if not xb:
       x = jnp.broadcast_to(x, (axis_size, *x.shape))
     return core(x, compressed, b), True
@@ -142,15 +181,18 @@ def batched_call(fn2d: Callable[..., jax.Array], meta: tuple, x: jax.Array,
   return core(x, compressed, b)
 
 
-def dense_matmul(x: jax.Array, w: compress_lib.SparseWeight,
-                 bias: jax.Array | None = None) -> jax.Array:
+def dense_matmul(
+  x: jax.Array, w: compress_lib.SparseWeight, bias: jax.Array | None = None
+) -> jax.Array:
   """``x @ W (+ bias)`` with XLA's dense dot on the kept masked weight.
 
   Returns ``(..., N)`` in ``w.dtype``.
   """
   if w.dense is None:
-    raise ValueError(f"the SparseWeight {w.shape} kept no dense weight (keep_dense=False), so "
-                     "the dense path cannot run; recompress with keep_dense=True.")
+    raise ValueError(
+      f"the SparseWeight {w.shape} kept no dense weight (keep_dense=False), so "
+      "the dense path cannot run; recompress with keep_dense=True."
+    )
   x = jnp.asarray(x)
   _check_x(x, w)
   y = jnp.dot(x.astype(w.dense.dtype), w.dense)
@@ -158,9 +200,14 @@ def dense_matmul(x: jax.Array, w: compress_lib.SparseWeight,
   return y if b is None else y + b.astype(y.dtype)
 
 
-def matmul(x: jax.Array, w: compress_lib.SparseWeight, bias: jax.Array | None = None, *,
-           policy: policy_lib.MatmulPolicy | None = None, bias_epilogue: bool = False
-           ) -> jax.Array:
+def matmul(
+  x: jax.Array,
+  w: compress_lib.SparseWeight,
+  bias: jax.Array | None = None,
+  *,
+  policy: policy_lib.MatmulPolicy | None = None,
+  bias_epilogue: bool = False,
+) -> jax.Array:
   """``x @ W (+ bias)``: the sparse kernel where it is faster, else dense.
 
   The path is chosen when the call is traced, from ``x``'s token count
@@ -197,8 +244,16 @@ def matmul(x: jax.Array, w: compress_lib.SparseWeight, bias: jax.Array | None = 
         raise _runtime.SparseUnavailable(why + " This SparseWeight kept no dense weight.")
       _runtime.note_dense_fallback(why)
   t = math.prod(x.shape[:-1])
-  choice = policy_lib.choose(policy, k=w.k, n=w.n, t=t, dtype=w.dtype, compressed=runnable,
-                             has_dense=w.dense is not None, a_order=w.a_order)
+  choice = policy_lib.choose(
+    policy,
+    k=w.k,
+    n=w.n,
+    t=t,
+    dtype=w.dtype,
+    compressed=runnable,
+    has_dense=w.dense is not None,
+    a_order=w.a_order,
+  )
   if choice.sparse:
     return sparse_matmul(x, w, bias, bias_epilogue=bias_epilogue)
   return dense_matmul(x, w, bias)

@@ -43,6 +43,7 @@ class Runtime:
     compute_capability: e.g. ``"9.0"``.
     library_path: the ``libcusparseLt.so.0`` file the calls are bound to.
   """
+
   lib: ctypes.CDLL
   path: str
   cusparselt_version: int
@@ -61,26 +62,51 @@ class Runtime:
     buf = ctypes.c_int64()
     err = ctypes.create_string_buffer(512)
     rc = self.lib.jasp_cslt_compressed_size(
-        ctypes.c_int64(m), ctypes.c_int64(k), ctypes.c_int32(dtype_code), ctypes.c_int32(a_order),
-        ctypes.byref(size), ctypes.byref(buf), err, ctypes.c_int(512))
+      ctypes.c_int64(m),
+      ctypes.c_int64(k),
+      ctypes.c_int32(dtype_code),
+      ctypes.c_int32(a_order),
+      ctypes.byref(size),
+      ctypes.byref(buf),
+      err,
+      ctypes.c_int(512),
+    )
     if rc != 0:
-      raise SparseUnavailable(f"jasp.sparse: cuSPARSELt rejects a {m}x{k} operand: "
-                              f"{err.value.decode(errors='replace')}")
+      raise SparseUnavailable(
+        f"jasp.sparse: cuSPARSELt rejects a {m}x{k} operand: {err.value.decode(errors='replace')}"
+      )
     return int(size.value), int(buf.value)
 
   @property
   def identity(self) -> str:
     """What a search result depends on: GPU model, cuSPARSELt version, extension build."""
-    return (f"{self.device_kind}|sm{self.compute_capability}|cslt{self.cusparselt_version}|"
-            f"{os.path.basename(self.path)}")
+    return (
+      f"{self.device_kind}|sm{self.compute_capability}|cslt{self.cusparselt_version}|"
+      f"{os.path.basename(self.path)}"
+    )
 
-  def preset(self, out: int, in_: int, tokens: int, dtype: str, a_order: int, bias: bool,
-             alg_id: int, search_ms: float) -> None:
+  def preset(
+    self,
+    out: int,
+    in_: int,
+    tokens: int,
+    dtype: str,
+    a_order: int,
+    bias: bool,
+    alg_id: int,
+    search_ms: float,
+  ) -> None:
     """Makes plans of this problem build configuration ``alg_id`` instead of searching."""
     self.lib.jasp_cslt_preset(
-        ctypes.c_int64(out), ctypes.c_int64(in_), ctypes.c_int64(tokens),
-        ctypes.c_int32(1 if dtype == "float16" else 0), ctypes.c_int64(a_order),
-        ctypes.c_int64(1 if bias else 0), ctypes.c_int32(alg_id), ctypes.c_float(search_ms))
+      ctypes.c_int64(out),
+      ctypes.c_int64(in_),
+      ctypes.c_int64(tokens),
+      ctypes.c_int32(1 if dtype == "float16" else 0),
+      ctypes.c_int64(a_order),
+      ctypes.c_int64(1 if bias else 0),
+      ctypes.c_int32(alg_id),
+      ctypes.c_float(search_ms),
+    )
 
   def plans(self) -> list[dict]:
     """The cached cuSPARSELt plans of this process: shape, chosen algorithm, search time.
@@ -94,11 +120,21 @@ class Runtime:
     rows = []
     for line in buf.value.decode().splitlines():
       dev, m, k, t, dt, order, bias, alg, ms, ws, cached = line.split()
-      rows.append({"device": int(dev), "out": int(m), "in": int(k), "tokens": int(t),
-                   "dtype": "float16" if dt == "1" else "bfloat16", "a_order": int(order),
-                   "bias_epilogue": bias == "1", "alg_id": int(alg),
-                   "search_ms": None if float(ms) < 0 else float(ms), "workspace": int(ws),
-                   "from_cache": cached == "1"})
+      rows.append(
+        {
+          "device": int(dev),
+          "out": int(m),
+          "in": int(k),
+          "tokens": int(t),
+          "dtype": "float16" if dt == "1" else "bfloat16",
+          "a_order": int(order),
+          "bias_epilogue": bias == "1",
+          "alg_id": int(alg),
+          "search_ms": None if float(ms) < 0 else float(ms),
+          "workspace": int(ws),
+          "from_cache": cached == "1",
+        }
+      )
     return rows
 
 
@@ -114,9 +150,10 @@ def _check_device() -> tuple[str, str]:
   dev = _gpu_device()
   if dev is None:
     raise SparseUnavailable(
-        f"jasp.sparse: no CUDA GPU (JAX backend '{jax.default_backend()}'); 2:4 sparse tensor "
-        "cores need an NVIDIA GPU of compute capability >= 8.0 (Ampere, Hopper or newer). "
-        "The dense path is used.")
+      f"jasp.sparse: no CUDA GPU (JAX backend '{jax.default_backend()}'); 2:4 sparse tensor "
+      "cores need an NVIDIA GPU of compute capability >= 8.0 (Ampere, Hopper or newer). "
+      "The dense path is used."
+    )
   cc = str(getattr(dev, "compute_capability", "") or "")
   kind = str(getattr(dev, "device_kind", "gpu"))
   try:
@@ -125,8 +162,9 @@ def _check_device() -> tuple[str, str]:
     major = -1
   if major < 8:
     raise SparseUnavailable(
-        f"jasp.sparse: the GPU '{kind}' (compute capability {cc or 'unknown'}) has no 2:4 sparse "
-        "tensor cores (they need >= 8.0: Ampere, Hopper or newer). The dense path is used.")
+      f"jasp.sparse: the GPU '{kind}' (compute capability {cc or 'unknown'}) has no 2:4 sparse "
+      "tensor cores (they need >= 8.0: Ampere, Hopper or newer). The dense path is used."
+    )
   return kind, cc
 
 
@@ -144,14 +182,17 @@ def check_versions(header: int, loaded: int, library_path: str) -> None:
   """
   if header < 0 or header // 100 == loaded // 100:
     return
+
   def fmt(v):
     return f"{v // 10000}.{v // 100 % 100}.{v % 100}"
+
   raise SparseUnavailable(
-      f"jasp.sparse: the extension was compiled against cuSPARSELt {fmt(header)}, but the "
-      f"process has cuSPARSELt {fmt(loaded)} loaded from {library_path or 'an unknown file'} "
-      "(another library, e.g. PyTorch, loaded its own libcusparseLt.so.0 first). Use "
-      "jasp.sparse before importing that library, or point $CUSPARSELT_HOME at the same "
-      "cuSPARSELt version. The dense path is used.")
+    f"jasp.sparse: the extension was compiled against cuSPARSELt {fmt(header)}, but the "
+    f"process has cuSPARSELt {fmt(loaded)} loaded from {library_path or 'an unknown file'} "
+    "(another library, e.g. PyTorch, loaded its own libcusparseLt.so.0 first). Use "
+    "jasp.sparse before importing that library, or point $CUSPARSELT_HOME at the same "
+    "cuSPARSELt version. The dense path is used."
+  )
 
 
 def _library_path(lib: ctypes.CDLL) -> str:
@@ -172,8 +213,9 @@ def _load() -> Runtime:
   try:
     lib = ctypes.CDLL(path)
   except OSError as e:
-    raise SparseUnavailable(f"jasp.sparse: loading {path} failed: {e}. The dense path is used."
-                            ) from e
+    raise SparseUnavailable(
+      f"jasp.sparse: loading {path} failed: {e}. The dense path is used."
+    ) from e
   lib.jasp_cslt_version.restype = ctypes.c_int
   lib.jasp_cslt_compressed_size.restype = ctypes.c_int
   lib.jasp_cslt_plans.restype = ctypes.c_int
@@ -185,12 +227,18 @@ def _load() -> Runtime:
   version = int(lib.jasp_cslt_version())
   library_path = _library_path(lib)
   check_versions(int(lib.jasp_cslt_header_version()), version, library_path)
-  jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JaspCsltMatmul),
-                              platform="CUDA")
-  jax.ffi.register_ffi_target(COMPRESS_TARGET, jax.ffi.pycapsule(lib.JaspCsltCompress),
-                              platform="CUDA")
-  rt = Runtime(lib=lib, path=path, cusparselt_version=version, device_kind=kind,
-               compute_capability=cc, library_path=library_path)
+  jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(lib.JaspCsltMatmul), platform="CUDA")
+  jax.ffi.register_ffi_target(
+    COMPRESS_TARGET, jax.ffi.pycapsule(lib.JaspCsltCompress), platform="CUDA"
+  )
+  rt = Runtime(
+    lib=lib,
+    path=path,
+    cusparselt_version=version,
+    device_kind=kind,
+    compute_capability=cc,
+    library_path=library_path,
+  )
   search_cache_lib.install(rt)
   return rt
 
@@ -202,9 +250,11 @@ def _load_once() -> Runtime | SparseUnavailable:
     return _load()
   except SparseUnavailable as e:
     return e
-  except Exception as e:  # pylint: disable=broad-except
-    return SparseUnavailable(f"jasp.sparse: the sparse extension failed to load: "
-                             f"{type(e).__name__}: {e}. The dense path is used.")
+  except Exception as e:
+    return SparseUnavailable(
+      f"jasp.sparse: the sparse extension failed to load: "
+      f"{type(e).__name__}: {e}. The dense path is used."
+    )
 
 
 def runtime() -> Runtime:
@@ -226,8 +276,10 @@ def status() -> tuple[bool, str]:
     rt = runtime()
   except SparseUnavailable as e:
     return False, str(e)
-  return True, (f"cuSPARSELt {rt.cusparselt_version} ({rt.library_path}) on {rt.device_kind} "
-                f"(sm {rt.compute_capability}), extension {rt.path}")
+  return True, (
+    f"cuSPARSELt {rt.cusparselt_version} ({rt.library_path}) on {rt.device_kind} "
+    f"(sm {rt.compute_capability}), extension {rt.path}"
+  )
 
 
 @functools.lru_cache(maxsize=None)

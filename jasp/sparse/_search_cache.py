@@ -46,8 +46,14 @@ def cache_path() -> str | None:
 
 
 def _key(row: dict[str, Any]) -> Key:
-  return (int(row["out"]), int(row["in"]), int(row["tokens"]), str(row["dtype"]),
-          int(row["a_order"]), bool(row["bias_epilogue"]))
+  return (
+    int(row["out"]),
+    int(row["in"]),
+    int(row["tokens"]),
+    str(row["dtype"]),
+    int(row["a_order"]),
+    bool(row["bias_epilogue"]),
+  )
 
 
 def read(path: str, identity: str) -> dict[Key, Entry]:
@@ -80,9 +86,18 @@ def write(path: str, identity: str, entries: dict[Key, Entry]) -> None:
     raw = {}
   merged = {**read(path, identity), **entries}
   raw[identity] = [
-      {"out": k[0], "in": k[1], "tokens": k[2], "dtype": k[3], "a_order": k[4],
-       "bias_epilogue": k[5], "alg_id": v[0], "search_ms": v[1]}
-      for k, v in sorted(merged.items())]
+    {
+      "out": k[0],
+      "in": k[1],
+      "tokens": k[2],
+      "dtype": k[3],
+      "a_order": k[4],
+      "bias_epilogue": k[5],
+      "alg_id": v[0],
+      "search_ms": v[1],
+    }
+    for k, v in sorted(merged.items())
+  ]
   d = os.path.dirname(path) or "."
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, suffix=".json")
@@ -123,8 +138,11 @@ def save(rt, path: str | None = None) -> int:
   path = path if path is not None else cache_path()
   if path is None:
     return 0
-  new = {_key(r): (r["alg_id"], r["search_ms"]) for r in rt.plans()
-         if r["search_ms"] is not None and not r["from_cache"]}
+  new = {
+    _key(r): (r["alg_id"], r["search_ms"])
+    for r in rt.plans()
+    if r["search_ms"] is not None and not r["from_cache"]
+  }
   if not new:
     return 0
   try:

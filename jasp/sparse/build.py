@@ -49,6 +49,7 @@ class Toolchain:
     lib_name: the file name linked (``libcusparseLt.so.0``).
     cusparselt_header: path of the ``cusparseLt.h`` used.
   """
+
   compiler: str
   include_dirs: tuple[str, ...]
   lib_dir: str
@@ -96,24 +97,30 @@ def _candidates(filename: str, sub: str) -> list[str]:
   another cuSPARSELt version than the wheel's), then the ``nvidia`` wheels,
   then ``$CUDA_HOME`` / ``$CUDA_PATH`` and the system paths.
   """
+
   def env(*names):
     out = []
     for r in _env_roots(*names):
-      out += [os.path.join(r, sub, filename), os.path.join(r, sub, "x86_64-linux-gnu", filename),
-              os.path.join(r, sub + "64", filename)]
+      out += [
+        os.path.join(r, sub, filename),
+        os.path.join(r, sub, "x86_64-linux-gnu", filename),
+        os.path.join(r, sub + "64", filename),
+      ]
     return out
 
   pats = env("CUSPARSELT_HOME", "CUSPARSELT_PATH")
   for r in _nvidia_roots():
     pats += [os.path.join(r, "*", sub, filename), os.path.join(r, sub, filename)]
   pats += env("CUDA_HOME", "CUDA_PATH")
-  pats += [os.path.join("/usr/local/cuda", sub, filename),
-           os.path.join("/usr/local/cuda", sub + "64", filename),
-           os.path.join("/usr/local/cuda-*", sub, filename),
-           os.path.join("/usr/local/cuda-*", sub + "64", filename),
-           os.path.join("/usr", sub, filename),
-           os.path.join("/usr", sub, "x86_64-linux-gnu", filename),
-           os.path.join("/usr", sub, "aarch64-linux-gnu", filename)]
+  pats += [
+    os.path.join("/usr/local/cuda", sub, filename),
+    os.path.join("/usr/local/cuda", sub + "64", filename),
+    os.path.join("/usr/local/cuda-*", sub, filename),
+    os.path.join("/usr/local/cuda-*", sub + "64", filename),
+    os.path.join("/usr", sub, filename),
+    os.path.join("/usr", sub, "x86_64-linux-gnu", filename),
+    os.path.join("/usr", sub, "aarch64-linux-gnu", filename),
+  ]
   return _find(pats)
 
 
@@ -125,21 +132,25 @@ def find_toolchain() -> Toolchain:
   """
   missing = []
   compiler = os.environ.get("CXX") or next(
-      (c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    (c for c in ("c++", "g++", "clang++") if shutil.which(c)), None
+  )
   if compiler and not shutil.which(compiler):
     compiler = None
   if not compiler:
     missing.append("a C++ compiler (set $CXX, or install g++)")
   try:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
+
     ffi_inc = jax.ffi.include_dir()
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     ffi_inc = None
     missing.append(f"XLA's FFI headers (jax.ffi.include_dir() failed: {e})")
   headers = _candidates("cusparseLt.h", "include")
   if not headers:
-    missing.append("cusparseLt.h (pip install nvidia-cusparselt-cu13, or -cu12 for CUDA 12; "
-                   "or set $CUSPARSELT_HOME)")
+    missing.append(
+      "cusparseLt.h (pip install nvidia-cusparselt-cu13, or -cu12 for CUDA 12; "
+      "or set $CUSPARSELT_HOME)"
+    )
   libs = [p for p in _candidates("libcusparseLt.so.0", "lib")]
   if not libs:
     missing.append("libcusparseLt.so.0 (the same nvidia-cusparselt wheel)")
@@ -147,22 +158,30 @@ def find_toolchain() -> Toolchain:
   rt = [p for p in rt if os.path.exists(os.path.join(os.path.dirname(p), "library_types.h"))]
   # driver_types.h includes crt/host_defines.h: use a directory that has it
   # (the toolkit's; some runtime wheels ship driver_types.h without crt/).
-  rt = ([p for p in rt if os.path.exists(os.path.join(os.path.dirname(p), "crt",
-                                                        "host_defines.h"))] or rt)
+  rt = [
+    p for p in rt if os.path.exists(os.path.join(os.path.dirname(p), "crt", "host_defines.h"))
+  ] or rt
   if not rt:
-    missing.append("the CUDA runtime headers driver_types.h/library_types.h (pip install "
-                   "nvidia-cuda-runtime, or set $CUDA_HOME)")
+    missing.append(
+      "the CUDA runtime headers driver_types.h/library_types.h (pip install "
+      "nvidia-cuda-runtime, or set $CUDA_HOME)"
+    )
   if missing:
-    raise BuildError("jasp.sparse cannot build its cuSPARSELt extension; missing: "
-                     + "; ".join(missing) + ".")
+    raise BuildError(
+      "jasp.sparse cannot build its cuSPARSELt extension; missing: " + "; ".join(missing) + "."
+    )
   header = headers[0]
   # Prefer the library that sits beside the header (same wheel, same version).
   root = os.path.dirname(os.path.dirname(header))
   lib = next((p for p in libs if p.startswith(root + os.sep)), libs[0])
   incs = [ffi_inc, os.path.dirname(header), os.path.dirname(rt[0])]
-  return Toolchain(compiler=compiler, include_dirs=tuple(dict.fromkeys(incs)),
-                   lib_dir=os.path.dirname(lib), lib_name=os.path.basename(lib),
-                   cusparselt_header=header)
+  return Toolchain(
+    compiler=compiler,
+    include_dirs=tuple(dict.fromkeys(incs)),
+    lib_dir=os.path.dirname(lib),
+    lib_name=os.path.basename(lib),
+    cusparselt_header=header,
+  )
 
 
 # Used only when neither a cuSPARSE header nor cuSPARSELt's own stub exists
@@ -207,20 +226,21 @@ def _needs_stub(tc: Toolchain) -> bool:
 
 
 def _key(tc: Toolchain) -> str:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
+  import jax
+  import jaxlib
+
   h = hashlib.sha256()
   with open(SOURCE, "rb") as f:
     h.update(f.read())
   with open(tc.cusparselt_header, "rb") as f:
     h.update(f.read())
   try:
-    cc = subprocess.run([tc.compiler, "--version"], capture_output=True, text=True,
-                        timeout=30).stdout
+    cc = subprocess.run(
+      [tc.compiler, "--version"], capture_output=True, text=True, timeout=30
+    ).stdout
   except (OSError, subprocess.SubprocessError):
     cc = tc.compiler
-  for part in (jax.__version__, getattr(jaxlib, "__version__", ""), cc, repr(tc),
-               sys.platform):
+  for part in (jax.__version__, getattr(jaxlib, "__version__", ""), cc, repr(tc), sys.platform):
     h.update(part.encode())
   return h.hexdigest()[:16]
 
@@ -260,14 +280,22 @@ def build(*, force: bool = False, verbose: bool = False) -> str:
     elif _needs_stub(tc):
       incs.append(tmp)
     so = os.path.join(tmp, "lib.so")
-    cmd = ([tc.compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
-           + [f"-I{d}" for d in incs]
-           + [SOURCE, "-o", so, f"-L{tc.lib_dir}", f"-l:{tc.lib_name}",
-              f"-Wl,-rpath,{tc.lib_dir}",
-              # Bind every cuSPARSELt symbol when the library loads, so a copy
-              # that another library loads later (RTLD_GLOBAL) cannot take over
-              # some calls through lazy binding.
-              "-Wl,-z,now"])
+    cmd = (
+      [tc.compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
+      + [f"-I{d}" for d in incs]
+      + [
+        SOURCE,
+        "-o",
+        so,
+        f"-L{tc.lib_dir}",
+        f"-l:{tc.lib_name}",
+        f"-Wl,-rpath,{tc.lib_dir}",
+        # Bind every cuSPARSELt symbol when the library loads, so a copy
+        # that another library loads later (RTLD_GLOBAL) cannot take over
+        # some calls through lazy binding.
+        "-Wl,-z,now",
+      ]
+    )
     if verbose:
       print(" ".join(cmd), flush=True)
     try:
@@ -276,8 +304,9 @@ def build(*, force: bool = False, verbose: bool = False) -> str:
       raise BuildError(f"jasp.sparse: running the compiler failed: {e}") from e
     if r.returncode != 0:
       tail = (r.stderr or r.stdout)[-3000:]
-      raise BuildError(f"jasp.sparse: compiling {SOURCE} failed (exit {r.returncode}):\n"
-                       f"{' '.join(cmd)}\n{tail}")
+      raise BuildError(
+        f"jasp.sparse: compiling {SOURCE} failed (exit {r.returncode}):\n{' '.join(cmd)}\n{tail}"
+      )
     os.replace(so, target)
   return target
 

@@ -57,8 +57,7 @@ def _is_24(w: jax.Array, in_axes: int) -> bool:
   return bool(masks_lib.is_nm(w.reshape(k, -1), 2, 4, axis=0))
 
 
-def _matches(path: str, include: Sequence[str] | None, exclude: Sequence[str] | None
-             ) -> str | None:
+def _matches(path: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> str | None:
   if include and not any(re.search(p, path) for p in include):
     return "not matched by include"
   if exclude and any(re.search(p, path) for p in exclude):
@@ -66,26 +65,36 @@ def _matches(path: str, include: Sequence[str] | None, exclude: Sequence[str] | 
   return None
 
 
-def _compress_leaf(path: str, w: jax.Array, in_axes: int, dtype, keep_dense: bool, a_order: int
-                   ) -> tuple[Any, str]:
+def _compress_leaf(
+  path: str, w: jax.Array, in_axes: int, dtype, keep_dense: bool, a_order: int
+) -> tuple[Any, str]:
   """(new leaf, report line) for one candidate kernel."""
   if not _is_24(w, in_axes):
     return w, "kept: not 2:4 along its input axes (prune it first, or it is meant dense)"
   if dtype is None and jnp.dtype(w.dtype).name not in _SIXTEEN:
-    return w, (f"kept: a {jnp.dtype(w.dtype).name} kernel; pass dtype=jnp.bfloat16 (or float16) "
-               "to run it on the 16-bit sparse tensor cores")
-  sw = compress_lib.compress(w, in_axes=in_axes, dtype=dtype, keep_dense=keep_dense,
-                             a_order=a_order, check=False, path=path)
+    return w, (
+      f"kept: a {jnp.dtype(w.dtype).name} kernel; pass dtype=jnp.bfloat16 (or float16) "
+      "to run it on the 16-bit sparse tensor cores"
+    )
+  sw = compress_lib.compress(
+    w, in_axes=in_axes, dtype=dtype, keep_dense=keep_dense, a_order=a_order, check=False, path=path
+  )
   if sw.is_compressed:
     return sw, f"compressed ({sw.k} in x {sw.n} out, {sw.dtype})"
   ok, why = compress_lib.sparse_shape_ok(sw.k, sw.n)
   return sw, ("dense path: " + (why if not ok else "no sparse runtime here"))
 
 
-def sparsify(params: PyTree, *, layouts: Mapping[str, layouts_lib.Layout] | None = None,
-             dtype: Any = None, keep_dense: bool = True, include: Sequence[str] | None = None,
-             exclude: Sequence[str] | None = None, a_order: int = compress_lib.DEFAULT_A_ORDER
-             ) -> tuple[PyTree, dict[str, str]]:
+def sparsify(
+  params: PyTree,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  dtype: Any = None,
+  keep_dense: bool = True,
+  include: Sequence[str] | None = None,
+  exclude: Sequence[str] | None = None,
+  a_order: int = compress_lib.DEFAULT_A_ORDER,
+) -> tuple[PyTree, dict[str, str]]:
   """Replaces the 2:4 Dense/DenseGeneral kernels of a params tree by SparseWeights.
 
   Args:
@@ -126,8 +135,10 @@ def sparsify(params: PyTree, *, layouts: Mapping[str, layouts_lib.Layout] | None
       continue
     a = len(lay.axis)
     if tuple(lay.axis) != tuple(range(a)) or tuple(lay.out_axes) != tuple(range(a, nd)):
-      report[path] = (f"kept: contracted axes {lay.axis} are not the leading axes of the kernel "
-                      f"{tuple(leaf.shape)} (not a Dense/DenseGeneral kernel layout)")
+      report[path] = (
+        f"kept: contracted axes {lay.axis} are not the leading axes of the kernel "
+        f"{tuple(leaf.shape)} (not a Dense/DenseGeneral kernel layout)"
+      )
       out.append(leaf)
       continue
     skip = _matches(path, include, exclude)
@@ -150,19 +161,27 @@ def _norm_axes(axis, ndim: int) -> tuple[int, ...]:
   return tuple(sorted(a % ndim for a in axes))
 
 
-def _contract(x: jax.Array, w: compress_lib.SparseWeight, axes: tuple[int, ...], bias,
-              out_dtype, policy, bias_epilogue) -> jax.Array:
+def _contract(
+  x: jax.Array,
+  w: compress_lib.SparseWeight,
+  axes: tuple[int, ...],
+  bias,
+  out_dtype,
+  policy,
+  bias_epilogue,
+) -> jax.Array:
   """``x`` contracted over ``axes`` with the kernel; output ``(*rest, *out_shape)``."""
   in_sizes = tuple(x.shape[a] for a in axes)
   if in_sizes != w.in_shape:
-    raise ValueError(f"x of shape {tuple(x.shape)} contracts axes {axes} of sizes {in_sizes}, "
-                     f"but the compressed kernel {w.shape} expects {w.in_shape}.")
+    raise ValueError(
+      f"x of shape {tuple(x.shape)} contracts axes {axes} of sizes {in_sizes}, "
+      f"but the compressed kernel {w.shape} expects {w.in_shape}."
+    )
   trailing = tuple(range(x.ndim - len(axes), x.ndim))
   if axes != trailing:
     x = jnp.moveaxis(x, axes, trailing)
-  lead = x.shape[:x.ndim - len(axes)]
-  y = matmul_lib.matmul(x.reshape(*lead, w.k), w, bias, policy=policy,
-                        bias_epilogue=bias_epilogue)
+  lead = x.shape[: x.ndim - len(axes)]
+  y = matmul_lib.matmul(x.reshape(*lead, w.k), w, bias, policy=policy, bias_epilogue=bias_epilogue)
   return y.reshape(*lead, *w.out_shape).astype(out_dtype)
 
 
@@ -173,8 +192,11 @@ def _linen_out_dtype(mod, x) -> Any:
 def _interceptor(policy, bias_epilogue):
   def intercept_fn(next_fun, args, kwargs, context):
     mod = context.module
-    if (context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.DenseGeneral))
-        or not mod.has_variable("params", "kernel")):
+    if (
+      context.method_name != "__call__"
+      or not isinstance(mod, (nn.Dense, nn.DenseGeneral))
+      or not mod.has_variable("params", "kernel")
+    ):
       return next_fun(*args, **kwargs)
     kernel = mod.get_variable("params", "kernel")
     if not isinstance(kernel, compress_lib.SparseWeight):
@@ -185,10 +207,13 @@ def _interceptor(policy, bias_epilogue):
       axes = (x.ndim - 1,)
     else:
       if mod.batch_dims:
-        raise ValueError(f"{mod.name}: DenseGeneral with batch_dims={mod.batch_dims} has no "
-                         "sparse form; keep it dense (sparsify(..., exclude=[...])).")
+        raise ValueError(
+          f"{mod.name}: DenseGeneral with batch_dims={mod.batch_dims} has no "
+          "sparse form; keep it dense (sparsify(..., exclude=[...]))."
+        )
       axes = _norm_axes(mod.axis, x.ndim)
     return _contract(x, kernel, axes, bias, _linen_out_dtype(mod, x), policy, bias_epilogue)
+
   return intercept_fn
 
 
@@ -204,8 +229,14 @@ def intercept(*, policy: policy_lib.MatmulPolicy | None = None, bias_epilogue: b
     yield
 
 
-def apply(model: nn.Module, variables: PyTree, *args, policy: policy_lib.MatmulPolicy | None = None,
-          bias_epilogue: bool = False, **kwargs):
+def apply(
+  model: nn.Module,
+  variables: PyTree,
+  *args,
+  policy: policy_lib.MatmulPolicy | None = None,
+  bias_epilogue: bool = False,
+  **kwargs,
+):
   """``model.apply(variables, *args, **kwargs)`` with the sparse Dense layers.
 
   ``variables`` comes from :func:`sparsify`. Returns what ``model.apply`` returns.
@@ -233,9 +264,17 @@ class SparseLinear(nnx.Module):
     policy, bias_epilogue: as :func:`jasp.sparse.matmul`.
   """
 
-  def __init__(self, kernel: compress_lib.SparseWeight, bias: jax.Array | None, *,
-               axis: Sequence[int] = (-1,), dtype: Any = None, param_dtype: Any = jnp.float32,
-               policy: policy_lib.MatmulPolicy | None = None, bias_epilogue: bool = False):
+  def __init__(
+    self,
+    kernel: compress_lib.SparseWeight,
+    bias: jax.Array | None,
+    *,
+    axis: Sequence[int] = (-1,),
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    policy: policy_lib.MatmulPolicy | None = None,
+    bias_epilogue: bool = False,
+  ):
     self.kernel = nnx.Param(kernel)
     self.bias = nnx.Param(bias) if bias is not None else None
     self.axis = tuple(int(a) for a in axis)
@@ -249,10 +288,10 @@ class SparseLinear(nnx.Module):
     x = jnp.asarray(x)
     w = self.kernel.get_value()
     bias = self.bias.get_value() if self.bias is not None else None
-    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype,
-                                                                          self.param_dtype)
-    y = _contract(x, w, _norm_axes(self.axis, x.ndim), bias, out_dtype, self.policy,
-                  self.bias_epilogue)
+    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
+    y = _contract(
+      x, w, _norm_axes(self.axis, x.ndim), bias, out_dtype, self.policy, self.bias_epilogue
+    )
     if out_sharding is not None:
       y = jax.lax.with_sharding_constraint(y, out_sharding)
     return y
@@ -272,10 +311,17 @@ def _nnx_set(parent, key, value) -> None:
     parent[key] = value
 
 
-def sparsify_nnx(model: nnx.Module, *, dtype: Any = None, keep_dense: bool = True,
-                 include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
-                 policy: policy_lib.MatmulPolicy | None = None, bias_epilogue: bool = False,
-                 a_order: int = compress_lib.DEFAULT_A_ORDER) -> dict[str, str]:
+def sparsify_nnx(
+  model: nnx.Module,
+  *,
+  dtype: Any = None,
+  keep_dense: bool = True,
+  include: Sequence[str] | None = None,
+  exclude: Sequence[str] | None = None,
+  policy: policy_lib.MatmulPolicy | None = None,
+  bias_epilogue: bool = False,
+  a_order: int = compress_lib.DEFAULT_A_ORDER,
+) -> dict[str, str]:
   """Replaces, in place, every 2:4 ``nnx.Linear``/``LinearGeneral`` by a :class:`SparseLinear`.
 
   Args:
@@ -317,7 +363,14 @@ def sparsify_nnx(model: nnx.Module, *, dtype: Any = None, keep_dense: bool = Tru
     if not isinstance(new, compress_lib.SparseWeight):
       continue
     bias = node.bias.get_value() if node.use_bias and node.bias is not None else None
-    layer = SparseLinear(new, bias, axis=axis, dtype=node.dtype, param_dtype=node.param_dtype,
-                         policy=policy, bias_epilogue=bias_epilogue)
+    layer = SparseLinear(
+      new,
+      bias,
+      axis=axis,
+      dtype=node.dtype,
+      param_dtype=node.param_dtype,
+      policy=policy,
+      bias_epilogue=bias_epilogue,
+    )
     _nnx_set(_nnx_parent(model, path[:-1]), path[-1], layer)
   return report

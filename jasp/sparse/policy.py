@@ -51,6 +51,7 @@ class MatmulPolicy:
     measure: ``measure(k, n, tokens, dtype) -> (dense_seconds, sparse_seconds)``;
       None times both on the GPU (:func:`measure_gpu`). Tests inject tables.
   """
+
   mode: Literal["auto", "sparse", "dense"] = "auto"
   min_speedup: float = 1.05
   cache_file: str | None = None
@@ -72,6 +73,7 @@ class Choice:
     reason: why, in words.
     dense_s, sparse_s: the measured seconds per call (``"auto"`` mode only).
   """
+
   sparse: bool
   reason: str
   dense_s: float | None = None
@@ -155,8 +157,17 @@ def timing_key(k: int, n: int, t: int, dtype: str, a_order: int = 0) -> str:
   return f"{dev}|jax{jax.__version__}|{dtype}|a{a_order}|{k}x{n}|t{t}"
 
 
-def choose(policy: MatmulPolicy | None, *, k: int, n: int, t: int, dtype: str,
-           compressed: bool, has_dense: bool, a_order: int = 0) -> Choice:
+def choose(
+  policy: MatmulPolicy | None,
+  *,
+  k: int,
+  n: int,
+  t: int,
+  dtype: str,
+  compressed: bool,
+  has_dense: bool,
+  a_order: int = 0,
+) -> Choice:
   """The path for one call of ``x (t, k) @ W (k, n)``.
 
   Args:
@@ -175,8 +186,10 @@ def choose(policy: MatmulPolicy | None, *, k: int, n: int, t: int, dtype: str,
     return Choice(False, "no compressed weight (the sparse path is unavailable here)")
   if policy.mode == "dense":
     if not has_dense:
-      raise ValueError("MatmulPolicy(mode='dense') needs the dense weight, but it was compressed "
-                       "with keep_dense=False.")
+      raise ValueError(
+        "MatmulPolicy(mode='dense') needs the dense weight, but it was compressed "
+        "with keep_dense=False."
+      )
     return Choice(False, "policy mode 'dense'")
   if policy.mode == "sparse":
     return Choice(True, "policy mode 'sparse'")
@@ -187,10 +200,12 @@ def choose(policy: MatmulPolicy | None, *, k: int, n: int, t: int, dtype: str,
   dense_s, sparse_s = _cache_for(policy).get(key, lambda: _off_trace(measure, k, n, t, dtype))
   speed = dense_s / sparse_s if sparse_s > 0 else 0.0
   if speed >= policy.min_speedup:
-    return Choice(True, f"sparse measured {speed:.2f}x dense (>= {policy.min_speedup})",
-                  dense_s, sparse_s)
-  return Choice(False, f"sparse measured {speed:.2f}x dense (< {policy.min_speedup})",
-                dense_s, sparse_s)
+    return Choice(
+      True, f"sparse measured {speed:.2f}x dense (>= {policy.min_speedup})", dense_s, sparse_s
+    )
+  return Choice(
+    False, f"sparse measured {speed:.2f}x dense (< {policy.min_speedup})", dense_s, sparse_s
+  )
 
 
 def _off_trace(fn: Measure, k: int, n: int, t: int, dtype: str) -> tuple[float, float]:
@@ -208,8 +223,9 @@ def _time_calls(fn, args, n_inner: int) -> float:
   return (time.perf_counter() - t0) / n_inner
 
 
-def measure_gpu(k: int, n: int, t: int, dtype: str, *, rounds: int = 7,
-                target_s: float = 2e-3, a_order: int = 0) -> tuple[float, float]:
+def measure_gpu(
+  k: int, n: int, t: int, dtype: str, *, rounds: int = 7, target_s: float = 2e-3, a_order: int = 0
+) -> tuple[float, float]:
   """Seconds per call of the dense XLA dot and the sparse kernel for ``(t, k) @ (k, n)``.
 
   Random inputs (a random 2:4 weight), both functions jitted and warmed up
@@ -218,11 +234,12 @@ def measure_gpu(k: int, n: int, t: int, dtype: str, *, rounds: int = 7,
   Host-timed, so tiny calls measure dispatch for both paths (a near-tie, which
   the policy leaves on the dense path).
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
 
-  from jasp import masks as masks_lib  # pylint: disable=g-import-not-at-top
-  from jasp.sparse import _compress as compress_lib  # pylint: disable=g-import-not-at-top
-  from jasp.sparse import _matmul as matmul_lib  # pylint: disable=g-import-not-at-top
+  from jasp import masks as masks_lib
+  from jasp.sparse import _compress as compress_lib
+  from jasp.sparse import _matmul as matmul_lib
+
   kw, kx = jax.random.split(jax.random.key(0))
   w = jax.random.normal(kw, (k, n), jnp.float32)
   w = jnp.where(masks_lib.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
@@ -245,13 +262,15 @@ def measure_gpu(k: int, n: int, t: int, dtype: str, *, rounds: int = 7,
   return statistics.median(times[0]), statistics.median(times[1])
 
 
-def tune(k: int, n: int, tokens: list[int], dtype: str = "bfloat16",
-         policy: MatmulPolicy | None = None) -> dict[int, Choice]:
+def tune(
+  k: int, n: int, tokens: list[int], dtype: str = "bfloat16", policy: MatmulPolicy | None = None
+) -> dict[int, Choice]:
   """Measures (or reads from the cache) the decisions for several token counts.
 
   Run it once per model shape ahead of serving so that tracing never waits on
   a measurement. Returns ``{tokens: Choice}``.
   """
   policy = policy or MatmulPolicy()
-  return {t: choose(policy, k=k, n=n, t=t, dtype=dtype, compressed=True, has_dense=True)
-          for t in tokens}
+  return {
+    t: choose(policy, k=k, n=n, t=t, dtype=dtype, compressed=True, has_dense=True) for t in tokens
+  }

@@ -69,6 +69,7 @@ class Case:
       :func:`jasp.permute` must permute (None where no permutation is demanded).
     permute_note: that class in words.
   """
+
   name: str
   framework: str
   build: Callable[[], Any]
@@ -88,8 +89,10 @@ class Case:
 # ----------------------------------------------------------------------------
 # Oracles.
 
-def rules(*table: tuple[str, Callable[[tuple[int, ...]], Axis]]
-          ) -> Callable[[str, tuple[int, ...]], Axis]:
+
+def rules(
+  *table: tuple[str, Callable[[tuple[int, ...]], Axis]],
+) -> Callable[[str, tuple[int, ...]], Axis]:
   """An oracle from ``(path regex, shape -> axes)`` rows; the first full match wins.
 
   A path that no row matches raises ``KeyError``: the oracle must name every leaf.
@@ -101,6 +104,7 @@ def rules(*table: tuple[str, Callable[[tuple[int, ...]], Axis]]
       if pat.fullmatch(path):
         return f(tuple(shape))
     raise KeyError(f"the oracle has no rule for the leaf '{path}' (shape {tuple(shape)})")
+
   return oracle
 
 
@@ -122,9 +126,11 @@ def lead(k: int) -> Callable[[tuple[int, ...]], Axis]:
 
 def stacked(f: Callable[[tuple[int, ...]], Axis]) -> Callable[[tuple[int, ...]], Axis]:
   """A kernel stacked for scan ``(L, *kernel)``: the same axes, shifted by one."""
+
   def g(shape):
     ax = f(shape[1:])
     return None if ax is None else tuple(a + 1 for a in ax)
+
   return g
 
 
@@ -136,6 +142,7 @@ def dense(shape: tuple[int, ...]) -> Axis:
 
 # ----------------------------------------------------------------------------
 # Data: fixed distributions, fixed seeds.
+
 
 def images(seed: int, n: int, hw: int = 16, c: int = 3) -> jax.Array:
   """Smooth random images ``(n, hw, hw, c)`` float32: 4x4-pixel blobs plus noise."""
@@ -182,29 +189,41 @@ def xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def image_data(batch: int, classes: int) -> dict:
   """The inputs of an image-classifier case (``Case`` fields): the sample, another input,
   calibration and held-out batches, and four training batches labelled by a fixed teacher."""
+
   def train_batches():
     out = []
     for s in range(4):
       x = images(100 + s, batch)
       out.append(((x,), teacher_labels(x, classes)))
     return out
-  return {"sample": (images(10, batch),), "other": (images(11, batch),),
-          "calib_batches": lambda: [(images(20 + s, batch),) for s in range(4)],
-          "heldout": (images(30, batch),), "train_batches": train_batches}
+
+  return {
+    "sample": (images(10, batch),),
+    "other": (images(11, batch),),
+    "calib_batches": lambda: [(images(20 + s, batch),) for s in range(4)],
+    "heldout": (images(30, batch),),
+    "train_batches": train_batches,
+  }
 
 
 def lm_data(tokens: Callable[[int], jax.Array]) -> dict:
   """The inputs of a language-model case (``Case`` fields) from ``tokens(seed)``; the
   training labels are the next tokens."""
+
   def train_batches():
     out = []
     for s in range(4):
       t = tokens(100 + s)
       out.append(((t,), t[:, 1:]))
     return out
-  return {"sample": (tokens(10),), "other": (tokens(11),),
-          "calib_batches": lambda: [(tokens(20 + s),) for s in range(4)],
-          "heldout": (tokens(30),), "train_batches": train_batches}
+
+  return {
+    "sample": (tokens(10),),
+    "other": (tokens(11),),
+    "calib_batches": lambda: [(tokens(20 + s),) for s in range(4)],
+    "heldout": (tokens(30),),
+    "train_batches": train_batches,
+  }
 
 
 def eval_apply(model) -> Callable[..., Any]:
@@ -248,7 +267,7 @@ def init_linen(model, *inputs) -> Any:
 
 def all_cases() -> list[Case]:
   """Every case of the zoo, in a fixed order."""
-  from zoo import bilstm  # pylint: disable=g-import-not-at-top
+  from zoo import bilstm
   from zoo import cnn_nnx
   from zoo import decoder_linen
   from zoo import decoder_nnx
@@ -257,5 +276,15 @@ def all_cases() -> list[Case]:
   from zoo import mobilenet
   from zoo import resnet
   from zoo import vae
-  return [resnet.case(), decoder_nnx.case(), decoder_linen.case(), encdec.case(), bilstm.case(),
-          vae.case(), cnn_nnx.case(), lora_mlp.case(), mobilenet.case()]
+
+  return [
+    resnet.case(),
+    decoder_nnx.case(),
+    decoder_linen.case(),
+    encdec.case(),
+    bilstm.case(),
+    vae.case(),
+    cnn_nnx.case(),
+    lora_mlp.case(),
+    mobilenet.case(),
+  ]

@@ -20,8 +20,14 @@ BATCH, LENGTH = 8, 12
 
 def _scanned_lstm(reverse: bool):
   """An ``OptimizedLSTMCell`` scanned over time (axis 1), one set of weights for all steps."""
-  return nn.scan(nn.OptimizedLSTMCell, variable_broadcast="params", split_rngs={"params": False},
-                 in_axes=1, out_axes=1, reverse=reverse)
+  return nn.scan(
+    nn.OptimizedLSTMCell,
+    variable_broadcast="params",
+    split_rngs={"params": False},
+    in_axes=1,
+    out_axes=1,
+    reverse=reverse,
+  )
 
 
 class BiLSTMClassifier(nn.Module):
@@ -75,20 +81,28 @@ def _train_batches():
 
 
 expected_axis = zoo.rules(
-    (r"params/embed/embedding", zoo.dense),
-    (r"params/(forward|backward)/(i[ifgo]|h[ifgo])/kernel", zoo.dense_in),
-    (r"params/(forward|backward)/h[ifgo]/bias", zoo.dense),
-    (r"params/classifier/kernel", zoo.dense_in),
-    (r"params/classifier/bias", zoo.dense),
+  (r"params/embed/embedding", zoo.dense),
+  (r"params/(forward|backward)/(i[ifgo]|h[ifgo])/kernel", zoo.dense_in),
+  (r"params/(forward|backward)/h[ifgo]/bias", zoo.dense),
+  (r"params/classifier/kernel", zoo.dense_in),
+  (r"params/classifier/bias", zoo.dense),
 )
 
 
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="bilstm", framework="linen", build=build, apply=apply,
-      sample=(tokens(10),), other=(tokens(11),),
-      calib_batches=lambda: [(tokens(20 + s),) for s in range(4)],
-      heldout=(tokens(30),), train_batches=_train_batches, loss=loss,
-      expected_axis=expected_axis, permuted_class=None,
-      permute_note="none demanded: the hidden channels are carried through the recurrence")
+    name="bilstm",
+    framework="linen",
+    build=build,
+    apply=apply,
+    sample=(tokens(10),),
+    other=(tokens(11),),
+    calib_batches=lambda: [(tokens(20 + s),) for s in range(4)],
+    heldout=(tokens(30),),
+    train_batches=_train_batches,
+    loss=loss,
+    expected_axis=expected_axis,
+    permuted_class=None,
+    permute_note="none demanded: the hidden channels are carried through the recurrence",
+  )

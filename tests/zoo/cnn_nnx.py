@@ -52,19 +52,24 @@ def loss(model, inputs, labels):
 
 
 expected_axis = zoo.rules(
-    (r"conv[12]/kernel", zoo.conv_in),
-    (r"fc[12]/kernel", zoo.dense_in),
-    (r"(conv[12]|fc[12])/bias", zoo.dense),
-    (r"bn[12]/(scale|bias|mean|var)", zoo.dense),
-    (r"dropout[12]/rngs/(key|count)", zoo.dense),
+  (r"conv[12]/kernel", zoo.conv_in),
+  (r"fc[12]/kernel", zoo.dense_in),
+  (r"(conv[12]|fc[12])/bias", zoo.dense),
+  (r"bn[12]/(scale|bias|mean|var)", zoo.dense),
+  (r"dropout[12]/rngs/(key|count)", zoo.dense),
 )
 
 
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="cnn_nnx", framework="nnx", build=build, apply=None,
-      loss=loss, **zoo.image_data(BATCH, CLASSES),
-      expected_axis=expected_axis,
-      permuted_class=(r"conv2/kernel", 2),
-      permute_note="conv1's output channels (conv1 -> bn1 -> relu -> pool -> conv2)")
+    name="cnn_nnx",
+    framework="nnx",
+    build=build,
+    apply=None,
+    loss=loss,
+    **zoo.image_data(BATCH, CLASSES),
+    expected_axis=expected_axis,
+    permuted_class=(r"conv2/kernel", 2),
+    permute_note="conv1's output channels (conv1 -> bn1 -> relu -> pool -> conv2)",
+  )

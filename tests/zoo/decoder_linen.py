@@ -53,8 +53,9 @@ class Decoder(nn.Module):
   def __call__(self, tokens):
     embed = nn.Embed(VOCAB, D, name="embed")
     x = embed(tokens) * jnp.sqrt(jnp.float32(D))
-    stack = nn.scan(nn.remat(Block), variable_axes={"params": 0},
-                    split_rngs={"params": True}, length=LAYERS)
+    stack = nn.scan(
+      nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=LAYERS
+    )
     x, _ = stack(name="layers")(x, None)
     return embed.attend(nn.RMSNorm(name="final_norm")(x))
 
@@ -84,20 +85,25 @@ def loss(model, variables, inputs, labels, rng):
 
 
 expected_axis = zoo.rules(
-    (r"params/embed/embedding", zoo.dense),
-    (r"params/layers/(attn_norm|mlp_norm)/scale", zoo.dense),
-    (r"params/layers/(q|k|v)/kernel", zoo.stacked(zoo.dense_in)),
-    (r"params/layers/o/kernel", zoo.stacked(zoo.lead(2))),
-    (r"params/layers/(gate|up|down)/kernel", zoo.stacked(zoo.dense_in)),
-    (r"params/final_norm/scale", zoo.dense),
+  (r"params/embed/embedding", zoo.dense),
+  (r"params/layers/(attn_norm|mlp_norm)/scale", zoo.dense),
+  (r"params/layers/(q|k|v)/kernel", zoo.stacked(zoo.dense_in)),
+  (r"params/layers/o/kernel", zoo.stacked(zoo.lead(2))),
+  (r"params/layers/(gate|up|down)/kernel", zoo.stacked(zoo.dense_in)),
+  (r"params/final_norm/scale", zoo.dense),
 )
 
 
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="decoder_linen", framework="linen", build=build, apply=apply,
-      loss=loss, **zoo.lm_data(tokens),
-      expected_axis=expected_axis,
-      permuted_class=(r"params/layers/down/kernel", 1),
-      permute_note="the gated MLP's hidden channels (gate/up outputs -> down input)")
+    name="decoder_linen",
+    framework="linen",
+    build=build,
+    apply=apply,
+    loss=loss,
+    **zoo.lm_data(tokens),
+    expected_axis=expected_axis,
+    permuted_class=(r"params/layers/down/kernel", 1),
+    permute_note="the gated MLP's hidden channels (gate/up outputs -> down input)",
+  )

@@ -33,7 +33,7 @@ def causal_gqa(q, k, v):
   """Causal grouped-query attention: q ``(B, T, H, Dh)``, k/v ``(B, S, KV, Dh)``."""
   b, t, h, dh = q.shape
   kv = k.shape[2]
-  q = q.reshape(b, t, kv, h // kv, dh) * dh ** -0.5
+  q = q.reshape(b, t, kv, h // kv, dh) * dh**-0.5
   logits = jnp.einsum("btkgh,bskh->bkgts", q, k)
   mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))
   logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
@@ -46,10 +46,12 @@ class Attention(nnx.Module):
   """GQA self-attention with einsum projections on explicit Param kernels."""
 
   def __init__(self, *, rngs: nnx.Rngs):
-    init_in = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                   in_axis=0, out_axis=(1, 2))
-    init_out = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                    in_axis=(0, 1), out_axis=2)
+    init_in = jax.nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2)
+    )
+    init_out = jax.nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2
+    )
     self.q = nnx.Param(init_in(rngs.params(), (D, HEADS, HEAD_DIM)))
     self.k = nnx.Param(init_in(rngs.params(), (D, KV_HEADS, HEAD_DIM)))
     self.v = nnx.Param(init_in(rngs.params(), (D, KV_HEADS, HEAD_DIM)))
@@ -136,20 +138,25 @@ def loss(model, inputs, labels):
 
 
 expected_axis = zoo.rules(
-    (r"embed/embedding", zoo.dense),
-    (r"blocks/(attn_norm|mlp_norm)/scale", zoo.dense),
-    (r"blocks/attn/(q|k|v)", zoo.stacked(zoo.dense_in)),
-    (r"blocks/attn/o", zoo.stacked(zoo.lead(2))),
-    (r"blocks/mlp/(gate|up|down)/kernel", zoo.stacked(zoo.dense_in)),
-    (r"final_norm/scale", zoo.dense),
+  (r"embed/embedding", zoo.dense),
+  (r"blocks/(attn_norm|mlp_norm)/scale", zoo.dense),
+  (r"blocks/attn/(q|k|v)", zoo.stacked(zoo.dense_in)),
+  (r"blocks/attn/o", zoo.stacked(zoo.lead(2))),
+  (r"blocks/mlp/(gate|up|down)/kernel", zoo.stacked(zoo.dense_in)),
+  (r"final_norm/scale", zoo.dense),
 )
 
 
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="decoder_nnx", framework="nnx", build=build, apply=None,
-      loss=loss, **zoo.lm_data(tokens),
-      expected_axis=expected_axis,
-      permuted_class=(r"blocks/mlp/down/kernel", 1),
-      permute_note="the gated MLP's hidden channels (gate/up outputs -> down input)")
+    name="decoder_nnx",
+    framework="nnx",
+    build=build,
+    apply=None,
+    loss=loss,
+    **zoo.lm_data(tokens),
+    expected_axis=expected_axis,
+    permuted_class=(r"blocks/mlp/down/kernel", 1),
+    permute_note="the gated MLP's hidden channels (gate/up outputs -> down input)",
+  )

@@ -44,11 +44,11 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, y, encoded, self_mask, cross_mask):
     h = nn.LayerNorm(name="ln1")(y)
-    y = y + nn.MultiHeadDotProductAttention(num_heads=HEADS, name="self_attn")(
-        h, h, mask=self_mask)
+    y = y + nn.MultiHeadDotProductAttention(num_heads=HEADS, name="self_attn")(h, h, mask=self_mask)
     h = nn.LayerNorm(name="ln2")(y)
     y = y + nn.MultiHeadDotProductAttention(num_heads=HEADS, name="cross_attn")(
-        h, encoded, mask=cross_mask)
+      h, encoded, mask=cross_mask
+    )
     return y + MlpBlock(name="mlp")(nn.LayerNorm(name="ln3")(y))
 
 
@@ -79,8 +79,7 @@ class Transformer(nn.Module):
     encoded = nn.LayerNorm(name="encoder_norm")(x)
 
     dec_in = shift_right(tgt)
-    self_mask = nn.combine_masks(nn.make_attention_mask(tgt > 0, tgt > 0),
-                                 nn.make_causal_mask(tgt))
+    self_mask = nn.combine_masks(nn.make_attention_mask(tgt > 0, tgt > 0), nn.make_causal_mask(tgt))
     cross_mask = nn.make_attention_mask(tgt > 0, src > 0)
     y = PositionEmbedding(name="dec_pos")(embed(dec_in))
     for i in range(LAYERS):
@@ -129,26 +128,33 @@ def _train_batches():
 
 _ATT = r"params/(encoder_\d/self_attn|decoder_\d/(self_attn|cross_attn))"
 expected_axis = zoo.rules(
-    (r"params/shared_embed/embedding", zoo.dense),
-    (r"params/(enc_pos|dec_pos)/pos_embedding", zoo.dense),
-    (_ATT + r"/(query|key|value)/kernel", zoo.dense_in),
-    (_ATT + r"/out/kernel", zoo.lead(2)),
-    (_ATT + r"/(query|key|value|out)/bias", zoo.dense),
-    (r"params/(encoder|decoder)_\d/mlp/(wi|wo)/kernel", zoo.dense_in),
-    (r"params/(encoder|decoder)_\d/mlp/(wi|wo)/bias", zoo.dense),
-    (r"params/((encoder|decoder)_\d/ln\d|encoder_norm|decoder_norm)/(scale|bias)", zoo.dense),
-    (r"params/logits/kernel", zoo.dense_in),
-    (r"params/logits/bias", zoo.dense),
+  (r"params/shared_embed/embedding", zoo.dense),
+  (r"params/(enc_pos|dec_pos)/pos_embedding", zoo.dense),
+  (_ATT + r"/(query|key|value)/kernel", zoo.dense_in),
+  (_ATT + r"/out/kernel", zoo.lead(2)),
+  (_ATT + r"/(query|key|value|out)/bias", zoo.dense),
+  (r"params/(encoder|decoder)_\d/mlp/(wi|wo)/kernel", zoo.dense_in),
+  (r"params/(encoder|decoder)_\d/mlp/(wi|wo)/bias", zoo.dense),
+  (r"params/((encoder|decoder)_\d/ln\d|encoder_norm|decoder_norm)/(scale|bias)", zoo.dense),
+  (r"params/logits/kernel", zoo.dense_in),
+  (r"params/logits/bias", zoo.dense),
 )
 
 
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="encdec", framework="linen", build=build, apply=apply,
-      sample=pair(10), other=pair(11),
-      calib_batches=lambda: [pair(20 + s) for s in range(4)],
-      heldout=pair(30), train_batches=_train_batches, loss=loss,
-      expected_axis=expected_axis,
-      permuted_class=(r"params/encoder_0/mlp/wo/kernel", 0),
-      permute_note="an MLP block's hidden channels (wi output -> relu -> wo input)")
+    name="encdec",
+    framework="linen",
+    build=build,
+    apply=apply,
+    sample=pair(10),
+    other=pair(11),
+    calib_batches=lambda: [pair(20 + s) for s in range(4)],
+    heldout=pair(30),
+    train_batches=_train_batches,
+    loss=loss,
+    expected_axis=expected_axis,
+    permuted_class=(r"params/encoder_0/mlp/wo/kernel", 0),
+    permute_note="an MLP block's hidden channels (wi output -> relu -> wo input)",
+  )

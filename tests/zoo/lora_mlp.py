@@ -55,21 +55,28 @@ def _train_batches():
 
 
 expected_axis = zoo.rules(
-    (r"(l1|l2|out)/kernel", zoo.dense_in),
-    (r"(l1|l2|out)/bias", zoo.dense),
-    (r"(l1|l2|out)/lora/(lora_a|lora_b)", zoo.dense),
+  (r"(l1|l2|out)/kernel", zoo.dense_in),
+  (r"(l1|l2|out)/bias", zoo.dense),
+  (r"(l1|l2|out)/lora/(lora_a|lora_b)", zoo.dense),
 )
 
 
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="lora_mlp", framework="nnx", build=build, apply=None,
-      sample=(zoo.features(10, BATCH, IN),), other=(zoo.features(11, BATCH, IN),),
-      calib_batches=lambda: [(zoo.features(20 + s, BATCH, IN),) for s in range(4)],
-      heldout=(zoo.features(30, BATCH, IN),), train_batches=_train_batches, loss=loss,
-      expected_axis=expected_axis,
-      expected_reason={r"lora/lora_[ab]$": "low-rank"},
-      permuted_class=(r"l2/kernel", 0),
-      permute_note="the first hidden layer's channels (l1 kernel/bias/lora_b outputs -> l2 "
-                   "kernel and lora_a inputs)")
+    name="lora_mlp",
+    framework="nnx",
+    build=build,
+    apply=None,
+    sample=(zoo.features(10, BATCH, IN),),
+    other=(zoo.features(11, BATCH, IN),),
+    calib_batches=lambda: [(zoo.features(20 + s, BATCH, IN),) for s in range(4)],
+    heldout=(zoo.features(30, BATCH, IN),),
+    train_batches=_train_batches,
+    loss=loss,
+    expected_axis=expected_axis,
+    expected_reason={r"lora/lora_[ab]$": "low-rank"},
+    permuted_class=(r"l2/kernel", 0),
+    permute_note="the first hidden layer's channels (l1 kernel/bias/lora_b outputs -> l2 "
+    "kernel and lora_a inputs)",
+  )

@@ -21,6 +21,7 @@ BATCH = 8
 
 class SeparableBlock(nn.Module):
   """Depthwise 3x3 (one filter per channel), then pointwise 1x1."""
+
   features: int
   strides: int = 1
 
@@ -28,8 +29,14 @@ class SeparableBlock(nn.Module):
   def __call__(self, x, train: bool):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
     c = x.shape[-1]
-    x = nn.Conv(c, (3, 3), (self.strides, self.strides), feature_group_count=c, use_bias=False,
-                name="depthwise")(x)
+    x = nn.Conv(
+      c,
+      (3, 3),
+      (self.strides, self.strides),
+      feature_group_count=c,
+      use_bias=False,
+      name="depthwise",
+    )(x)
     x = nn.relu6(norm(name="dw_bn")(x))
     x = nn.Conv(self.features, (1, 1), use_bias=False, name="pointwise")(x)
     return nn.relu6(norm(name="pw_bn")(x))
@@ -60,20 +67,25 @@ def build():
 
 
 expected_axis = zoo.rules(
-    # Depthwise kernels (3, 3, 1, C): the layout is axis 2 (size 1, so the policy keeps it dense).
-    (r"params/(stem|grouped|block\d/(depthwise|pointwise))/kernel", zoo.conv_in),
-    (r"params/head/kernel", zoo.dense_in),
-    (r"params/head/bias", zoo.dense),
-    (r"params/.*bn/(scale|bias)", zoo.dense),
-    (r"batch_stats/.*bn/(mean|var)", zoo.dense),
+  # Depthwise kernels (3, 3, 1, C): the layout is axis 2 (size 1, so the policy keeps it dense).
+  (r"params/(stem|grouped|block\d/(depthwise|pointwise))/kernel", zoo.conv_in),
+  (r"params/head/kernel", zoo.dense_in),
+  (r"params/head/bias", zoo.dense),
+  (r"params/.*bn/(scale|bias)", zoo.dense),
+  (r"batch_stats/.*bn/(mean|var)", zoo.dense),
 )
 
 
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="mobilenet", framework="linen", build=build, apply=zoo.eval_apply,
-      loss=zoo.batchnorm_loss, **zoo.image_data(BATCH, CLASSES),
-      expected_axis=expected_axis,
-      permuted_class=(r"params/block1/pointwise/kernel", 2),
-      permute_note="the stem's output channels (stem -> BN -> depthwise -> BN -> pointwise)")
+    name="mobilenet",
+    framework="linen",
+    build=build,
+    apply=zoo.eval_apply,
+    loss=zoo.batchnorm_loss,
+    **zoo.image_data(BATCH, CLASSES),
+    expected_axis=expected_axis,
+    permuted_class=(r"params/block1/pointwise/kernel", 2),
+    permute_note="the stem's output channels (stem -> BN -> depthwise -> BN -> pointwise)",
+  )

@@ -21,26 +21,30 @@ BATCH = 8
 
 class ResidualBlock(nn.Module):
   """conv3x3-BN-relu-conv3x3-BN, plus the shortcut (projected when needed), relu."""
+
   features: int
   strides: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
-    y = nn.Conv(self.features, (3, 3), (self.strides, self.strides), use_bias=False,
-                name="conv1")(x)
+    y = nn.Conv(self.features, (3, 3), (self.strides, self.strides), use_bias=False, name="conv1")(
+      x
+    )
     y = nn.relu(norm(name="bn1")(y))
     y = nn.Conv(self.features, (3, 3), use_bias=False, name="conv2")(y)
     y = norm(name="bn2")(y)
     if x.shape[-1] != self.features or self.strides != 1:
-      x = nn.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=False,
-                  name="proj")(x)
+      x = nn.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=False, name="proj")(
+        x
+      )
       x = norm(name="proj_bn")(x)
     return nn.relu(x + y)
 
 
 class ResNet(nn.Module):
   """A two-stage ResNet for 16x16 RGB images."""
+
   widths: tuple[int, ...] = (16, 32)
   classes: int = CLASSES
 
@@ -66,19 +70,24 @@ def build():
 
 
 expected_axis = zoo.rules(
-    (r"params/.*(stem|conv1|conv2|proj)/kernel", zoo.conv_in),
-    (r"params/head/kernel", zoo.dense_in),
-    (r"params/head/bias", zoo.dense),
-    (r"params/.*bn\d*/(scale|bias)", zoo.dense),
-    (r"batch_stats/.*bn\d*/(mean|var)", zoo.dense),
+  (r"params/.*(stem|conv1|conv2|proj)/kernel", zoo.conv_in),
+  (r"params/head/kernel", zoo.dense_in),
+  (r"params/head/bias", zoo.dense),
+  (r"params/.*bn\d*/(scale|bias)", zoo.dense),
+  (r"batch_stats/.*bn\d*/(mean|var)", zoo.dense),
 )
 
 
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="resnet", framework="linen", build=build, apply=zoo.eval_apply,
-      loss=zoo.batchnorm_loss, **zoo.image_data(BATCH, CLASSES),
-      expected_axis=expected_axis,
-      permuted_class=(r"params/block1/conv1/kernel", 3),
-      permute_note="the internal channels of a residual block (conv1 -> bn1 -> conv2)")
+    name="resnet",
+    framework="linen",
+    build=build,
+    apply=zoo.eval_apply,
+    loss=zoo.batchnorm_loss,
+    **zoo.image_data(BATCH, CLASSES),
+    expected_axis=expected_axis,
+    permuted_class=(r"params/block1/conv1/kernel", 3),
+    permute_note="the internal channels of a residual block (conv1 -> bn1 -> conv2)",
+  )

@@ -91,18 +91,25 @@ def _train_batches():
 
 
 expected_axis = zoo.rules(
-    (r"params/(encoder/(hidden|mean|logvar)|decoder/(hidden|out))/kernel", zoo.dense_in),
-    (r"params/(encoder/(hidden|mean|logvar)|decoder/(hidden|out))/bias", zoo.dense),
+  (r"params/(encoder/(hidden|mean|logvar)|decoder/(hidden|out))/kernel", zoo.dense_in),
+  (r"params/(encoder/(hidden|mean|logvar)|decoder/(hidden|out))/bias", zoo.dense),
 )
 
 
 def case() -> zoo.Case:
   """This family's :class:`zoo.Case`."""
   return zoo.Case(
-      name="vae", framework="linen", build=build, apply=apply,
-      sample=(binary_images(10),), other=(binary_images(11),),
-      calib_batches=lambda: [(binary_images(20 + s),) for s in range(4)],
-      heldout=(binary_images(30),), train_batches=_train_batches, loss=loss,
-      expected_axis=expected_axis,
-      permuted_class=(r"params/decoder/out/kernel", 0),
-      permute_note="the decoder's hidden channels (decoder/hidden output -> decoder/out input)")
+    name="vae",
+    framework="linen",
+    build=build,
+    apply=apply,
+    sample=(binary_images(10),),
+    other=(binary_images(11),),
+    calib_batches=lambda: [(binary_images(20 + s),) for s in range(4)],
+    heldout=(binary_images(30),),
+    train_batches=_train_batches,
+    loss=loss,
+    expected_axis=expected_axis,
+    permuted_class=(r"params/decoder/out/kernel", 0),
+    permute_note="the decoder's hidden channels (decoder/hidden output -> decoder/out input)",
+  )
