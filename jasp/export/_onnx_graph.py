@@ -27,6 +27,7 @@ match) ends the walk along that path as "not followed", never with an error.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -324,128 +325,10 @@ class WeightUses:
         out.append((f"{node.op_type} (attribute {e} malformed)", None))
 
   def _node(self, graph, wrapped, idx, amap, shape, parts, seen, out, depth) -> None:
-    node = wrapped.proto
-    op = node.op_type
-    res = node.output[0] if node.output else ""
-    nd = len(shape)
-
-    def go(name, amap, shape, parts=parts, graph=graph):
-      self._follow(graph, name, amap, shape, parts, seen, out, depth + 1)
-
-    def reduce(label, dims):
-      if any(not 0 <= d < nd for d in dims):
-        out.append((f"{label} ({nd}-D operand: not understood)", None))
-        return
-      if any(d in parts for d in dims):
-        out.append((f"{label} (concatenated along its reduction axis)", None))
-        return
-      axes = tuple(a for d in dims if amap[d] is not None for a in amap[d])
-      out.append((label, axes))
-
-    if op in _PASS_OPS and idx == 0:
-      go(res, amap, shape)
-    elif op == "Transpose" and idx == 0:
-      perm = _ints_attr(node, "perm") or list(reversed(range(nd)))
-      if sorted(perm) != list(range(nd)):
-        out.append(("Transpose (perm is not a permutation of the axes)", None))
-        return
-      inv = {p: i for i, p in enumerate(perm)}
-      go(
-        res,
-        tuple(amap[p] for p in perm),
-        tuple(shape[p] for p in perm),
-        frozenset(inv[p] for p in parts),
-      )
-    elif op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten") and idx == 0:
-      new = self._new_shape(node, op, shape)
-      nm = None if new is None or parts else weights.reshape_axis_map(amap, shape, new)
-      if nm is None:
-        out.append((f"{op} (not followed)", None))
-      else:
-        go(res, nm, new)
-    elif op == "Concat":
-      ax = _int_attr(node, "axis", 0)
-      if not -nd <= ax < nd:
-        out.append(("Concat (axis out of range)", None))
-        return
-      ax %= nd
-      total = self._concat_size(graph, wrapped, ax)
-      if total is None:
-        out.append(("Concat (sizes unknown)", None))
-        return
-      go(res, amap, shape[:ax] + (total,) + shape[ax + 1 :], parts | {ax})
-    elif op == "MatMul" and idx in (0, 1):
-      if idx == 1:
-        reduce("MatMul[B]", [0 if nd == 1 else nd - 2])
-      else:
-        reduce("MatMul[A]", [nd - 1])
-    elif op == "Gemm" and idx in (0, 1):
-      key = "transB" if idx == 1 else "transA"
-      t = _int_attr(node, key, 0)
-      if nd != 2 or t not in (0, 1):
-        out.append((f"Gemm ({nd}-D operand, {key}={t}: not understood)", None))
-      elif idx == 1:
-        reduce(f"Gemm(transB={t})", [1 if t else 0])
-      else:
-        reduce(f"Gemm[A](transA={t})", [0 if t else 1])
-    elif op == "Conv" and idx == 1:
-      g = _int_attr(node, "group", 1)
-      label = f"Conv(group={g})" if g > 1 else "Conv"
-      if nd < 3 or g < 1:
-        out.append((f"{label} ({nd}-D weight: not understood)", None))
-      elif g > 1 and shape[1] == 1:
-        out.append((label + " depthwise", ()))
-      else:
-        reduce(label, [1])
-    elif op == "ConvTranspose" and idx == 1:
-      if nd < 3:
-        out.append((f"ConvTranspose ({nd}-D weight: not understood)", None))
-      else:
-        reduce("ConvTranspose", [0])
-    elif op in ("Gemm", "Conv", "ConvTranspose") and idx == 2:
-      return  # a bias
-    elif op == "Einsum":
-      eq = attr(node, "equation", b"")
-      if not isinstance(eq, (bytes, str)):
-        raise _Malformed("equation")
-      eq = eq.decode("utf-8", "replace") if isinstance(eq, bytes) else eq
-      dims = _einsum_reduced(eq, idx, nd)
-      if dims is None:
-        out.append((f"Einsum({eq[:40]}) (not understood)", None))
-      else:
-        reduce(f"Einsum({eq})", dims)
-    elif op == "Loop" and idx >= 2:
-      body = wrapped.body
-      if body is not None and idx < len(body.input):
-        go(body.input[idx], amap, shape, graph=body)
-    elif op == "Scan":
-      body = wrapped.body
-      n_scan = _int_attr(node, "num_scan_inputs", 0)
-      if body is None or idx >= len(body.input) or not 0 <= n_scan <= len(node.input):
-        out.append(("Scan", None))
-        return
-      if idx >= len(node.input) - n_scan:  # a scanned input: one slice per step
-        axes = _ints_attr(node, "scan_input_axes") or [0] * n_scan
-        pos = idx - (len(node.input) - n_scan)
-        if nd == 0 or pos >= len(axes) or not -nd <= axes[pos] < nd:
-          out.append(("Scan (scan_input_axes not understood)", None))
-          return
-        ax = axes[pos] % nd
-        if ax in parts or (amap[ax] is not None and shape[ax] > 1):
-          out.append(("Scan over a weight axis", None))
-          return
-        keep = [d for d in range(nd) if d != ax]
-        go(
-          body.input[idx],
-          tuple(amap[d] for d in keep),
-          tuple(shape[d] for d in keep),
-          frozenset(keep.index(d) for d in parts),
-          graph=body,
-        )
-      else:
-        go(body.input[idx], amap, shape, graph=body)
-    else:
-      out.append((op, None))
+    use = _Use(self, graph, wrapped, idx, amap, shape, parts, seen, out, depth)
+    handler = _ON_OP.get(wrapped.op_type)
+    if handler is None or not handler(use):
+      use.stop(wrapped.op_type)
 
   def _concat_size(self, graph, wrapped, ax: int) -> int | None:
     key = (id(wrapped), ax)  # a Concat of many weights is sized once
@@ -462,33 +345,288 @@ class WeightUses:
 
   def _new_shape(self, node, op, shape):
     """The result shape of a Reshape/Squeeze/Unsqueeze/Flatten; None if not understood."""
-    nd = len(shape)
-    if op == "Reshape":
-      target = int_list(self.consts, node, 1, "shape")
-      if target is None:
-        return None
-      return _reshape_target(shape, target, bool(_int_attr(node, "allowzero", 0)))
-    if op == "Flatten":
-      ax = _int_attr(node, "axis", 1)
-      if not -nd <= ax <= nd:
-        return None
-      ax %= nd + 1
-      return (math.prod(shape[:ax]), math.prod(shape[ax:]))
-    axes = int_list(self.consts, node, 1, "axes")
-    if axes is None:
-      return None
-    if op == "Squeeze":
-      if not axes:
-        axes = [i for i, d in enumerate(shape) if d == 1]
-      if any(not -nd <= a < nd for a in axes):
-        return None
-      axes = {a % nd for a in axes}
-      if any(shape[a] != 1 for a in axes):
-        return None
-      return tuple(d for i, d in enumerate(shape) if i not in axes)
-    out_nd = nd + len(axes)
-    if any(not -out_nd <= a < out_nd for a in axes) or len({a % out_nd for a in axes}) != len(axes):
-      return None
-    axes = {a % out_nd for a in axes}
-    it = iter(shape)
-    return tuple(1 if i in axes else next(it) for i in range(out_nd))
+    return _NEW_SHAPE[op](self.consts, node, tuple(shape))
+
+
+@dataclasses.dataclass(slots=True)
+class _Use:
+  """One use of a followed value: ``node`` reads it as its input ``idx``.
+
+  ``amap[d]`` are the initializer's axes that the value's axis ``d`` holds
+  (None: none of them); ``parts`` are the value's axes along which it was
+  concatenated with other values.
+  """
+
+  walker: WeightUses
+  graph: _Graph
+  node: _Node
+  idx: int
+  amap: tuple
+  shape: tuple
+  parts: frozenset
+  seen: set
+  out: list
+  depth: int
+
+  @property
+  def nd(self) -> int:
+    return len(self.shape)
+
+  @property
+  def proto(self):
+    return self.node.proto
+
+  @property
+  def result(self) -> str:
+    return self.node.output[0] if self.node.output else ""
+
+  def go(self, name: str, amap, shape, parts=None, graph=None) -> None:
+    """Follows the value ``name`` (of ``graph``, default this one) one step deeper."""
+    parts = self.parts if parts is None else parts
+    graph = self.graph if graph is None else graph
+    self.walker._follow(graph, name, amap, shape, parts, self.seen, self.out, self.depth + 1)
+
+  def stop(self, label: str) -> None:
+    """Records a consumer the walk does not follow past (no reduction axes)."""
+    self.out.append((label, None))
+
+  def reduce(self, label: str, dims) -> None:
+    """Records a consumer that reduces the value along ``dims`` (mapped to the initializer)."""
+    nd = self.nd
+    if any(not 0 <= d < nd for d in dims):
+      self.stop(f"{label} ({nd}-D operand: not understood)")
+    elif any(d in self.parts for d in dims):
+      self.stop(f"{label} (concatenated along its reduction axis)")
+    else:
+      self.out.append(
+        (label, tuple(a for d in dims if self.amap[d] is not None for a in self.amap[d]))
+      )
+
+
+# Each handler follows or records one use and returns True; False: the use is not one the
+# walk understands, recorded by the op type alone.
+
+
+def _pass(u: _Use) -> bool:
+  if u.idx != 0:
+    return False
+  u.go(u.result, u.amap, u.shape)
+  return True
+
+
+def _transpose(u: _Use) -> bool:
+  if u.idx != 0:
+    return False
+  nd = u.nd
+  perm = _ints_attr(u.proto, "perm") or list(reversed(range(nd)))
+  if sorted(perm) != list(range(nd)):
+    u.stop("Transpose (perm is not a permutation of the axes)")
+    return True
+  inv = {p: i for i, p in enumerate(perm)}
+  u.go(
+    u.result,
+    tuple(u.amap[p] for p in perm),
+    tuple(u.shape[p] for p in perm),
+    frozenset(inv[p] for p in u.parts),
+  )
+  return True
+
+
+def _reshape(u: _Use) -> bool:
+  if u.idx != 0:
+    return False
+  op = u.node.op_type
+  new = u.walker._new_shape(u.proto, op, u.shape)
+  nm = None if new is None or u.parts else weights.reshape_axis_map(u.amap, u.shape, new)
+  if nm is None:
+    u.stop(f"{op} (not followed)")
+  else:
+    u.go(u.result, nm, new)
+  return True
+
+
+def _concat(u: _Use) -> bool:
+  nd = u.nd
+  ax = _int_attr(u.proto, "axis", 0)
+  if not -nd <= ax < nd:
+    u.stop("Concat (axis out of range)")
+    return True
+  ax %= nd
+  total = u.walker._concat_size(u.graph, u.node, ax)
+  if total is None:
+    u.stop("Concat (sizes unknown)")
+    return True
+  u.go(u.result, u.amap, u.shape[:ax] + (total,) + u.shape[ax + 1 :], u.parts | {ax})
+  return True
+
+
+def _matmul(u: _Use) -> bool:
+  if u.idx == 1:
+    u.reduce("MatMul[B]", [0 if u.nd == 1 else u.nd - 2])
+  elif u.idx == 0:
+    u.reduce("MatMul[A]", [u.nd - 1])
+  return u.idx in (0, 1)
+
+
+def _gemm(u: _Use) -> bool:
+  if u.idx not in (0, 1):
+    return u.idx == 2  # a bias
+  key = "transB" if u.idx == 1 else "transA"
+  t = _int_attr(u.proto, key, 0)
+  if u.nd != 2 or t not in (0, 1):
+    u.stop(f"Gemm ({u.nd}-D operand, {key}={t}: not understood)")
+  elif u.idx == 1:
+    u.reduce(f"Gemm(transB={t})", [1 if t else 0])
+  else:
+    u.reduce(f"Gemm[A](transA={t})", [0 if t else 1])
+  return True
+
+
+def _conv(u: _Use) -> bool:
+  if u.idx != 1:
+    return u.idx == 2  # a bias
+  g = _int_attr(u.proto, "group", 1)
+  label = f"Conv(group={g})" if g > 1 else "Conv"
+  if u.nd < 3 or g < 1:
+    u.stop(f"{label} ({u.nd}-D weight: not understood)")
+  elif g > 1 and u.shape[1] == 1:
+    u.out.append((label + " depthwise", ()))
+  else:
+    u.reduce(label, [1])
+  return True
+
+
+def _conv_transpose(u: _Use) -> bool:
+  if u.idx != 1:
+    return u.idx == 2  # a bias
+  if u.nd < 3:
+    u.stop(f"ConvTranspose ({u.nd}-D weight: not understood)")
+  else:
+    u.reduce("ConvTranspose", [0])
+  return True
+
+
+def _einsum(u: _Use) -> bool:
+  eq = attr(u.proto, "equation", b"")
+  if not isinstance(eq, (bytes, str)):
+    raise _Malformed("equation")
+  eq = eq.decode("utf-8", "replace") if isinstance(eq, bytes) else eq
+  dims = _einsum_reduced(eq, u.idx, u.nd)
+  if dims is None:
+    u.stop(f"Einsum({eq[:40]}) (not understood)")
+  else:
+    u.reduce(f"Einsum({eq})", dims)
+  return True
+
+
+def _loop(u: _Use) -> bool:
+  if u.idx < 2:
+    return False
+  body = u.node.body
+  if body is not None and u.idx < len(body.input):
+    u.go(body.input[u.idx], u.amap, u.shape, graph=body)
+  return True
+
+
+def _scan(u: _Use) -> bool:
+  body = u.node.body
+  n_scan = _int_attr(u.proto, "num_scan_inputs", 0)
+  n_in = len(u.node.input)
+  if body is None or u.idx >= len(body.input) or not 0 <= n_scan <= n_in:
+    u.stop("Scan")
+  elif u.idx >= n_in - n_scan:  # a scanned input: one slice per step
+    _scanned(u, body, n_scan, u.idx - (n_in - n_scan))
+  else:
+    u.go(body.input[u.idx], u.amap, u.shape, graph=body)
+  return True
+
+
+def _scanned(u: _Use, body: _Graph, n_scan: int, pos: int) -> None:
+  """A Scan's scanned input ``pos``: the body sees one slice of it, without the scanned axis."""
+  nd = u.nd
+  axes = _ints_attr(u.proto, "scan_input_axes") or [0] * n_scan
+  if nd == 0 or pos >= len(axes) or not -nd <= axes[pos] < nd:
+    u.stop("Scan (scan_input_axes not understood)")
+    return
+  ax = axes[pos] % nd
+  if ax in u.parts or (u.amap[ax] is not None and u.shape[ax] > 1):
+    u.stop("Scan over a weight axis")
+    return
+  keep = [d for d in range(nd) if d != ax]
+  u.go(
+    body.input[u.idx],
+    tuple(u.amap[d] for d in keep),
+    tuple(u.shape[d] for d in keep),
+    frozenset(keep.index(d) for d in u.parts),
+    graph=body,
+  )
+
+
+_ON_OP = {
+  **dict.fromkeys(_PASS_OPS, _pass),
+  "Transpose": _transpose,
+  **dict.fromkeys(("Reshape", "Squeeze", "Unsqueeze", "Flatten"), _reshape),
+  "Concat": _concat,
+  "MatMul": _matmul,
+  "Gemm": _gemm,
+  "Conv": _conv,
+  "ConvTranspose": _conv_transpose,
+  "Einsum": _einsum,
+  "Loop": _loop,
+  "Scan": _scan,
+}
+
+
+# The result shape of each reshaping op, ``(consts, node, shape) -> shape``; None if not
+# understood.
+
+
+def _reshape_shape(consts, node, shape):
+  target = int_list(consts, node, 1, "shape")
+  if target is None:
+    return None
+  return _reshape_target(shape, target, bool(_int_attr(node, "allowzero", 0)))
+
+
+def _flatten_shape(consts, node, shape):
+  nd = len(shape)
+  ax = _int_attr(node, "axis", 1)
+  if not -nd <= ax <= nd:
+    return None
+  ax %= nd + 1
+  return (math.prod(shape[:ax]), math.prod(shape[ax:]))
+
+
+def _squeeze_shape(consts, node, shape):
+  nd = len(shape)
+  axes = int_list(consts, node, 1, "axes")
+  if axes is None:
+    return None
+  if not axes:
+    axes = [i for i, d in enumerate(shape) if d == 1]
+  if any(not -nd <= a < nd for a in axes):
+    return None
+  axes = {a % nd for a in axes}
+  if any(shape[a] != 1 for a in axes):
+    return None
+  return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def _unsqueeze_shape(consts, node, shape):
+  axes = int_list(consts, node, 1, "axes")
+  if axes is None:
+    return None
+  out_nd = len(shape) + len(axes)
+  if any(not -out_nd <= a < out_nd for a in axes) or len({a % out_nd for a in axes}) != len(axes):
+    return None
+  axes = {a % out_nd for a in axes}
+  it = iter(shape)
+  return tuple(1 if i in axes else next(it) for i in range(out_nd))
+
+
+_NEW_SHAPE = {
+  "Reshape": _reshape_shape,
+  "Flatten": _flatten_shape,
+  "Squeeze": _squeeze_shape,
+  "Unsqueeze": _unsqueeze_shape,
+}
