@@ -66,11 +66,11 @@ class _Plan:
   shape: tuple[int, ...]
 
 
-def _plan(shape: tuple[int, ...], layout: layouts_lib.Layout | None, path: str = "") -> _Plan:
+def _plan_axes(
+  shape: tuple[int, ...], layout: layouts_lib.Layout, what: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """``(input axes, output axes)`` of ``layout``, normalised; raises unless they fit ``shape``."""
   nd = len(shape)
-  what = f"'{path}'" if path else "the weight"
-  if layout is None or layout.axis is None or layout.kind not in ("dot", "conv"):
-    return _Plan("none", tuple(range(nd)), tuple(shape))
   axis, out = tuple(layout.axis), tuple(layout.out_axes)
   bad = [a for a in axis + out if not isinstance(a, (int, np.integer)) or not -nd <= a < nd]
   if bad or len(set(a % nd for a in axis + out)) != len(axis + out):
@@ -85,6 +85,21 @@ def _plan(shape: tuple[int, ...], layout: layouts_lib.Layout | None, path: str =
       f"the {layout.kind} weight {what} (shape {shape}) has no output axes "
       "in its layout; PyTorch's (out, in) layout needs them."
     )
+  return axis, out
+
+
+def _plan(shape: tuple[int, ...], layout: layouts_lib.Layout | None, path: str = "") -> _Plan:
+  """How a leaf of ``shape`` with ``layout`` maps to PyTorch's layout.
+
+  Raises:
+    ValueError: the layout's axes do not fit ``shape``, it has no output
+      axes, or a dot weight has batch axes.
+  """
+  nd = len(shape)
+  what = f"'{path}'" if path else "the weight"
+  if layout is None or layout.axis is None or layout.kind not in ("dot", "conv"):
+    return _Plan("none", tuple(range(nd)), tuple(shape))
+  axis, out = _plan_axes(shape, layout, what)
   rest = tuple(a for a in range(nd) if a not in axis and a not in out)
   if layout.kind == "dot" and rest:
     raise ValueError(
