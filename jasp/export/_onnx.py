@@ -225,6 +225,25 @@ def to_onnx(
   require("onnx")
   _import_plugins()
   bound = _model.bind(fn, params, args)
+  model = _convert(j2o, bound, dynamic_batch, opset, model_name)
+  pruned = _model.pruned_paths(bound, masks, n, m)
+  _set_metadata(model, bound, pruned, n, m)
+  if not validate:
+    if path is not None:
+      _save(model, os.fspath(path))
+    return model
+  want = _validate.reference(bound.apply, bound.params, bound.inputs)
+  rtol = _validate.default_rtol(want) if rtol is None else rtol
+  check = lambda src: _validated(src, model, bound.inputs, want, rtol, pruned)
+  if path is None:
+    check(model)
+  else:
+    _validate.deliver(path, lambda tmp: _save(model, tmp), check)
+  return model
+
+
+def _convert(j2o, bound, dynamic_batch: bool, opset: int | None, model_name: str):
+  """The ``ModelProto`` of a bound model, lowered by jasp and converted by jax2onnx."""
   p = bound.params
   specs = _input_specs(bound.inputs, dynamic_batch)
   closed, out_tree = jax.make_jaxpr(lambda p, *xs: bound.apply(p, *xs), return_shape=True)(
@@ -240,9 +259,12 @@ def to_onnx(
   kwargs = {"model_name": model_name}
   if opset is not None:
     kwargs["opset"] = opset
-  model = j2o.to_onnx(forward, specs, **kwargs)
-  pruned = _model.pruned_paths(bound, masks, n, m)
-  names = _initializer_paths(model, p, list(pruned), bound.layouts)
+  return j2o.to_onnx(forward, specs, **kwargs)
+
+
+def _set_metadata(model, bound, pruned: dict[str, bool], n: int, m: int) -> None:
+  """Records jasp's metadata (the pattern; per initializer its path, axes, pruned) in ``model``."""
+  names = _initializer_paths(model, bound.params, list(pruned), bound.layouts)
   meta = {
     "producer": "jasp.export.to_onnx",
     "n": n,
@@ -257,19 +279,6 @@ def to_onnx(
     entry = model.metadata_props.add()
     entry.key = METADATA_KEY
   entry.value = json.dumps(meta, sort_keys=True)
-  if not validate:
-    if path is not None:
-      _save(model, os.fspath(path))
-    return model
-  want = _validate.reference(bound.apply, p, bound.inputs)
-  rtol = _validate.default_rtol(want) if rtol is None else rtol
-  if path is None:
-    _validated(model, model, bound.inputs, want, rtol, pruned)
-    return model
-  with _validate.staged(path) as tmp:
-    _save(model, tmp)
-    _validated(tmp, model, bound.inputs, want, rtol, pruned)
-  return model
 
 
 def _validated(src, model, inputs, want, rtol: float, pruned: dict) -> None:

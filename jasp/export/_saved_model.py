@@ -88,11 +88,39 @@ def to_saved_model(
     MissingDependencyError: without TensorFlow (``pip install 'jasp[tf]'``).
   """
   tf = require("tensorflow")
-  from jax.experimental import jax2tf
-
   bound = _model.bind(fn, params, args)
   path = os.fspath(path)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(bound.params)
+  module, serve = _tf_module(tf, bound, dynamic_batch)
+  pruned = _model.pruned_paths(bound, masks, n, m)
+  meta = {
+    "producer": "jasp.export.to_saved_model",
+    "n": n,
+    "m": m,
+    "var_prefix": VAR_PREFIX,
+    "weights": {
+      p: {"pruned": pruned[p], "axis": list(bound.layouts[p].axis), "kind": bound.layouts[p].kind}
+      for p in pruned
+    },
+  }
+
+  def write(tmp: str) -> None:
+    tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
+    os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+    with open(os.path.join(tmp, JASP_JSON), "w") as f:
+      json.dump(meta, f, indent=1, sort_keys=True)
+
+  check = None
+  if validate:
+    want = _validate.reference(bound.apply, bound.params, bound.inputs)
+    rtol = _validate.default_rtol(want) if rtol is None else rtol
+    check = lambda tmp: _validated(tmp, bound.inputs, want, rtol, pruned)
+  _validate.deliver(path, write, check)
+  return path
+
+
+def _tf_variables(tf, params: PyTree) -> tuple[dict, list, Any]:
+  """``(nested dict of tf.Variables by flax path, the variables in leaf order, treedef)``."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   nested: dict = {}
   tf_vars = []
   for p, leaf in flat:
@@ -103,6 +131,14 @@ def to_saved_model(
       node = node.setdefault(k, {})
     node[keys[-1]] = v
     tf_vars.append(v)
+  return nested, tf_vars, treedef
+
+
+def _tf_module(tf, bound, dynamic_batch: bool):
+  """``(tf.Module holding the params as variables, its serve tf.function)``."""
+  from jax.experimental import jax2tf
+
+  nested, tf_vars, treedef = _tf_variables(tf, bound.params)
 
   def apply_flat(leaves, *xs):
     return bound.apply(jax.tree_util.tree_unflatten(treedef, leaves), *xs)
@@ -126,37 +162,19 @@ def to_saved_model(
     return converted(tf_vars, *xs)
 
   module.serve = serve
-  pruned = _model.pruned_paths(bound, masks, n, m)
-  meta = {
-    "producer": "jasp.export.to_saved_model",
-    "n": n,
-    "m": m,
-    "var_prefix": VAR_PREFIX,
-    "weights": {
-      p: {"pruned": pruned[p], "axis": list(bound.layouts[p].axis), "kind": bound.layouts[p].kind}
-      for p in pruned
-    },
-  }
-  want = _validate.reference(bound.apply, bound.params, bound.inputs) if validate else None
-  with _validate.staged(path) as tmp:
-    tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
-    os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
-    with open(os.path.join(tmp, JASP_JSON), "w") as f:
-      json.dump(meta, f, indent=1, sort_keys=True)
-    if validate:
-      try:
-        got = run_saved_model(tmp, *bound.inputs)
-      except Exception as e:  # noqa: BLE001 - TensorFlow raises many error classes
-        raise _validate.ExportError(
-          f"TensorFlow cannot load or run the SavedModel: {type(e).__name__}: {e}"
-        ) from None
-      _validate.compare_outputs(
-        "TensorFlow", got, want, _validate.default_rtol(want) if rtol is None else rtol
-      )
-      _validate.check_pruned(
-        _check.check_file(tmp, format="savedmodel", require_weights=False), pruned
-      )
-  return path
+  return module, serve
+
+
+def _validated(tmp: str, inputs, want, rtol: float, pruned: dict[str, bool]) -> None:
+  """The checks of :mod:`jasp.export._validate` on the SavedModel written at ``tmp``."""
+  try:
+    got = run_saved_model(tmp, *inputs)
+  except Exception as e:  # noqa: BLE001 - TensorFlow raises many error classes
+    raise _validate.ExportError(
+      f"TensorFlow cannot load or run the SavedModel: {type(e).__name__}: {e}"
+    ) from None
+  _validate.compare_outputs("TensorFlow", got, want, rtol)
+  _validate.check_pruned(_check.check_file(tmp, format="savedmodel", require_weights=False), pruned)
 
 
 def run_saved_model(path: str | os.PathLike, *inputs: Any) -> list[np.ndarray]:

@@ -26,6 +26,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -34,7 +35,15 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["ExportError", "check_pruned", "compare_outputs", "default_rtol", "reference", "staged"]
+__all__ = [
+  "ExportError",
+  "check_pruned",
+  "compare_outputs",
+  "default_rtol",
+  "deliver",
+  "reference",
+  "staged",
+]
 
 
 class ExportError(RuntimeError):
@@ -152,3 +161,25 @@ def staged(path: str | os.PathLike) -> Iterator[str]:
         os.replace(src, dst)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def deliver(
+  path: str | os.PathLike,
+  write: Callable[[str], None],
+  check: Callable[[str], None] | None = None,
+) -> None:
+  """Writes a file (or directory) beside ``path``, checks it, and only then moves it into place.
+
+  Args:
+    path: the destination.
+    write: ``write(tmp)`` writes the export at the path ``tmp`` (see :func:`staged`).
+    check: ``check(tmp)`` raises :class:`ExportError` when what was written is
+      wrong; None: no check.
+
+  Raises:
+    Whatever ``write`` or ``check`` raise; ``path`` is then left as it was.
+  """
+  with staged(path) as tmp:
+    write(tmp)
+    if check is not None:
+      check(tmp)
