@@ -198,18 +198,15 @@ def _check_layout(path: str, shape: tuple[int, ...], layout: Any) -> None:
     )
 
 
-def decide(path: str, leaf: Any, m: int, layout: layouts_lib.Layout, policy: Policy) -> Decision:
-  """The decision for one leaf (pure: looks only at shapes, dtypes and paths).
+def _tensor_core_ok(shape: tuple[int, ...], axis, out_axes) -> bool:
+  """apex's size rule: ``out % 8 == 0`` and ``in % 16 == 0``."""
+  return (_size(shape, out_axes) % 8 == 0) and (_size(shape, axis) % 16 == 0)
 
-  Raises:
-    TypeError: ``layout`` is not a :class:`jasp.Layout`, or ``policy.rule``
-      returned something that is not a decision, a bool, None or an axis.
-    ValueError: the layout, an axis override or the rule's axis does not fit
-      the leaf's shape (naming the path and shape).
-  """
-  shape = tuple(np.shape(leaf))
-  nd = len(shape)
+
+def _from_layout(path: str, shape: tuple[int, ...], layout: Any, policy: Policy) -> Decision:
+  """The decision the (checked) layout gives, with the first matching ``policy.axes`` override."""
   _check_layout(path, shape, layout)
+  nd = len(shape)
   axis, out_axes, source = layout.axis, tuple(layout.out_axes), layout.source
   reason = layout.reason
   for pattern, ax in policy.axes.items():
@@ -222,63 +219,99 @@ def decide(path: str, leaf: Any, m: int, layout: layouts_lib.Layout, policy: Pol
         out_axes = tuple(a for a in range(nd) if a not in axis)[-1:]
       source, reason = "override", ""
       break
-  tc = None
-  if axis is not None:
-    k, o = _size(shape, axis), _size(shape, out_axes)
-    tc = (o % 8 == 0) and (k % 16 == 0)
-  d = Decision(path, axis is not None, axis, out_axes, reason, source, tc)
-  if d.prune:
-    k = _size(shape, axis)
-    if policy.include and not any(re.search(p, path) for p in policy.include):
-      d = dataclasses.replace(d, prune=False, reason="not matched by policy.include")
-    elif any(re.search(p, path) for p in policy.exclude):
-      d = dataclasses.replace(d, prune=False, reason="matched by policy.exclude")
-    elif k % m:
-      d = dataclasses.replace(d, prune=False, reason=size_reason(shape, axis, m))
-    elif policy.tensor_core_sizes and not tc:
-      d = dataclasses.replace(
-        d,
-        prune=False,
-        reason=f"tensor-core size rule: out={_size(shape, out_axes)} (needs % 8), in={k} (needs % 16)",
-      )
+  tc = None if axis is None else _tensor_core_ok(shape, axis, out_axes)
+  return Decision(path, axis is not None, axis, out_axes, reason, source, tc)
+
+
+# The rules that keep dense a weight its layout would prune, tried in order: each gives the
+# reason, or "" when it does not apply.
+
+
+def _not_included(path: str, shape: tuple, d: Decision, m: int, policy: Policy) -> str:
+  if policy.include and not any(re.search(p, path) for p in policy.include):
+    return "not matched by policy.include"
+  return ""
+
+
+def _excluded(path: str, shape: tuple, d: Decision, m: int, policy: Policy) -> str:
+  return "matched by policy.exclude" if any(re.search(p, path) for p in policy.exclude) else ""
+
+
+def _input_size(path: str, shape: tuple, d: Decision, m: int, policy: Policy) -> str:
+  return size_reason(shape, d.axis, m) if _size(shape, d.axis) % m else ""
+
+
+def _tensor_core_size(path: str, shape: tuple, d: Decision, m: int, policy: Policy) -> str:
+  if policy.tensor_core_sizes and not d.tensor_core_ok:
+    return (
+      f"tensor-core size rule: out={_size(shape, d.out_axes)} (needs % 8), "
+      f"in={_size(shape, d.axis)} (needs % 16)"
+    )
+  return ""
+
+
+_KEEP_DENSE = (_not_included, _excluded, _input_size, _tensor_core_size)
+
+
+def _filtered(d: Decision, shape: tuple[int, ...], m: int, policy: Policy) -> Decision:
+  """``d``, kept dense by the first rule of :data:`_KEEP_DENSE` that applies to it."""
+  if not d.prune:
+    return d
+  for rule in _KEEP_DENSE:
+    reason = rule(d.path, shape, d, m, policy)
+    if reason:
+      return dataclasses.replace(d, prune=False, reason=reason)
+  return d
+
+
+def _rule_axis(r: Any, path: str, shape: tuple[int, ...], m: int) -> Decision:
+  """The decision when ``policy.rule`` returned an axis: prune along it."""
+  nd = len(shape)
+  try:
+    ax = _norm_axes(r, nd)
+  except ValueError as e:
+    raise ValueError(
+      f"policy.rule returned the axis {r!r} for '{path}' (shape {shape}): {e}"
+    ) from None
+  except TypeError:
+    raise TypeError(
+      f"policy.rule returned {r!r} ({type(r).__name__}) for '{path}' (shape "
+      f"{shape}); a rule returns a jasp.Decision, an axis (an int or a run of "
+      "ints), True (keep the decision), or False/None (keep dense)."
+    ) from None
+  if _size(shape, ax) % m:
+    raise ValueError(
+      f"policy.rule chose axis {ax} for '{path}' (shape {shape}), whose "
+      f"size {_size(shape, ax)} is not a multiple of m={m}."
+    )
+  outs = tuple(a for a in range(nd) if a not in ax)[-1:]
+  return Decision(path, True, ax, outs, "", "rule", _tensor_core_ok(shape, ax, outs))
+
+
+def _ruled(d: Decision, r: Any, shape: tuple[int, ...], m: int) -> Decision:
+  """The decision after ``policy.rule`` returned ``r`` for ``d``."""
+  if isinstance(r, Decision):
+    return r
+  if r is False or r is None:
+    return dataclasses.replace(d, prune=False, reason=d.reason or "kept dense by policy.rule")
+  if r is True:
+    return d
+  return _rule_axis(r, d.path, shape, m)
+
+
+def decide(path: str, leaf: Any, m: int, layout: layouts_lib.Layout, policy: Policy) -> Decision:
+  """The decision for one leaf (pure: looks only at shapes, dtypes and paths).
+
+  Raises:
+    TypeError: ``layout`` is not a :class:`jasp.Layout`, or ``policy.rule``
+      returned something that is not a decision, a bool, None or an axis.
+    ValueError: the layout, an axis override or the rule's axis does not fit
+      the leaf's shape (naming the path and shape).
+  """
+  shape = tuple(np.shape(leaf))
+  d = _filtered(_from_layout(path, shape, layout, policy), shape, m, policy)
   if policy.rule is not None:
-    r = policy.rule(path, leaf, d)
-    if isinstance(r, Decision):
-      d = r
-    elif r is False or r is None:
-      d = dataclasses.replace(d, prune=False, reason=d.reason or "kept dense by policy.rule")
-      if d.axis is not None and not d.reason:
-        d = dataclasses.replace(d, reason="kept dense by policy.rule")
-    elif r is True:
-      pass
-    else:
-      try:
-        ax = _norm_axes(r, nd)
-      except ValueError as e:
-        raise ValueError(
-          f"policy.rule returned the axis {r!r} for '{path}' (shape {shape}): {e}"
-        ) from None
-      except TypeError:
-        raise TypeError(
-          f"policy.rule returned {r!r} ({type(r).__name__}) for '{path}' (shape "
-          f"{shape}); a rule returns a jasp.Decision, an axis (an int or a run of "
-          "ints), True (keep the decision), or False/None (keep dense)."
-        ) from None
-      if _size(shape, ax) % m:
-        raise ValueError(
-          f"policy.rule chose axis {ax} for '{path}' (shape {shape}), whose "
-          f"size {_size(shape, ax)} is not a multiple of m={m}."
-        )
-      outs = tuple(a for a in range(nd) if a not in ax)[-1:]
-      d = Decision(
-        path,
-        True,
-        ax,
-        outs,
-        "",
-        "rule",
-        (_size(shape, outs) % 8 == 0) and (_size(shape, ax) % 16 == 0),
-      )
+    d = _ruled(d, policy.rule(path, leaf, d), shape, m)
   if d.prune and not d.reason and d.source == "":
     d = dataclasses.replace(d, source="trace")
   return d
