@@ -155,32 +155,7 @@ class SparsityReport:
       )
     if verbosity <= 0:
       return ""
-    rows = []
-    for e in self.entries:
-      show = (
-        verbosity >= 3
-        or (verbosity >= 2 and (e.axis is not None or e.status == "pruned"))
-        or (e.status == "pruned" and not e.valid)
-      )
-      if not show:
-        continue
-      valid = "-" if e.valid is None else ("yes" if e.valid else "NO")
-      tc = "-" if e.tensor_core_ok is None else ("yes" if e.tensor_core_ok else "no")
-      axis = "-" if e.axis is None else ",".join(map(str, e.axis))
-      rows.append(
-        (
-          e.path,
-          "x".join(map(str, e.shape)) or "()",
-          e.dtype,
-          e.status,
-          axis,
-          valid,
-          f"{100 * e.zero_fraction:.1f}%",
-          tc,
-          f"{e.mask_bits_per_weight:g}" if e.mask_bits_per_weight else "-",
-          e.reason,
-        )
-      )
+    rows = [_row(e) for e in self.entries if _shown(e, verbosity)]
     head = (
       "leaf",
       "shape",
@@ -202,6 +177,35 @@ class SparsityReport:
 
   def __str__(self) -> str:
     return self.format(2)
+
+
+def _shown(e: LeafReport, verbosity: int) -> bool:
+  """Whether :meth:`SparsityReport.format` lists ``e`` at ``verbosity`` (see there)."""
+  if verbosity >= 3:
+    return True
+  if verbosity >= 2 and (e.axis is not None or e.status == "pruned"):
+    return True
+  return e.status == "pruned" and not e.valid
+
+
+def _yes_no(flag: bool | None, no: str = "no") -> str:
+  return "-" if flag is None else ("yes" if flag else no)
+
+
+def _row(e: LeafReport) -> tuple[str, ...]:
+  """One line of :meth:`SparsityReport.format` (its columns as strings)."""
+  return (
+    e.path,
+    "x".join(map(str, e.shape)) or "()",
+    e.dtype,
+    e.status,
+    "-" if e.axis is None else ",".join(map(str, e.axis)),
+    _yes_no(e.valid, "NO"),
+    f"{100 * e.zero_fraction:.1f}%",
+    _yes_no(e.tensor_core_ok),
+    f"{e.mask_bits_per_weight:g}" if e.mask_bits_per_weight else "-",
+    e.reason,
+  )
 
 
 def _mask_bits(mask) -> float:
@@ -241,6 +245,55 @@ def _not_numeric_reason(leaf: Any) -> str:
   return f"a {type(leaf).__name__} holding no numbers, not a weight"
 
 
+def _leaf_checks(leaf: Any, axis: tuple[int, ...] | None, n: int, m: int):
+  """``(zero fraction, N:M along axis)`` of one leaf, as device scalars (not synchronised)."""
+  if not _is_numeric(leaf):
+    return jnp.float32(0), jnp.bool_(False)
+  arr = jnp.asarray(leaf)
+  zeros = jnp.mean((arr == 0).astype(jnp.float32)) if arr.size else jnp.float32(0)
+  valid = jnp.bool_(False)
+  if axis is not None:
+    try:
+      valid = masks_lib.is_nm(arr, n, m, axis)
+    except ValueError:
+      valid = jnp.bool_(False)
+  return zeros, valid
+
+
+def _leaf_reason(leaf: Any, d: policy_lib.Decision, numeric: bool, masked: bool | None) -> str:
+  """Why a leaf is as it is; ``masked``: whether it has a mask (None when no masks are given)."""
+  reason = d.reason if numeric or d.axis is not None else _not_numeric_reason(leaf)
+  if masked is False and d.prune:
+    reason = reason or "no mask given"
+  if masked and not d.prune:
+    reason = f"masked, although the policy says: {d.reason}"
+  return reason
+
+
+def _leaf_report(
+  path: str, leaf: Any, d: policy_lib.Decision, have_masks: bool, mk: Any, checks
+) -> LeafReport:
+  """The :class:`LeafReport` of one leaf, from its decision, mask and :func:`_leaf_checks`."""
+  zeros, valid = checks
+  numeric = _is_numeric(leaf)
+  pruned = (mk is not None) if have_masks else d.prune
+  masked = (mk is not None) if have_masks else None
+  return LeafReport(
+    path=path,
+    shape=tuple(np.shape(leaf)),
+    dtype=_dtype_name(leaf),
+    status=("pruned" if have_masks else "to prune") if pruned else "dense",
+    reason=_leaf_reason(leaf, d, numeric, masked),
+    axis=d.axis,
+    valid=None if d.axis is None else bool(valid),
+    zero_fraction=float(zeros),
+    mask_bits_per_weight=_mask_bits(mk),
+    tensor_core_ok=d.tensor_core_ok,
+    source=d.source,
+    numeric=numeric,
+  )
+
+
 def sparsity_report(
   params: Any,
   masks: Any = None,
@@ -277,47 +330,10 @@ def sparsity_report(
   mask_by_path = _tree.leaves_by_path(masks, keep_none=True) if masks is not None else {}
   if masks is not None:
     _tree.align(masks, params)
-  checks = []
-  for path, leaf in leaves.items():
-    if not _is_numeric(leaf):
-      checks.append((jnp.float32(0), jnp.bool_(False)))
-      continue
-    axis = decisions[path].axis
-    arr = jnp.asarray(leaf)
-    zeros = jnp.mean((arr == 0).astype(jnp.float32)) if arr.size else jnp.float32(0)
-    valid = jnp.bool_(False)
-    if axis is not None:
-      try:
-        valid = masks_lib.is_nm(arr, n, m, axis)
-      except ValueError:
-        valid = jnp.bool_(False)
-    checks.append((zeros, valid))
+  checks = [_leaf_checks(leaf, decisions[path].axis, n, m) for path, leaf in leaves.items()]
   got = jax.device_get(checks)
-  entries = []
-  for (path, leaf), (zeros, valid) in zip(leaves.items(), got):
-    d = decisions[path]
-    numeric = _is_numeric(leaf)
-    mk = mask_by_path.get(path)
-    pruned = (mk is not None) if masks is not None else d.prune
-    reason = d.reason if numeric or d.axis is not None else _not_numeric_reason(leaf)
-    if masks is not None and d.prune and mk is None:
-      reason = reason or "no mask given"
-    if masks is not None and mk is not None and not d.prune:
-      reason = f"masked, although the policy says: {d.reason}"
-    entries.append(
-      LeafReport(
-        path=path,
-        shape=tuple(np.shape(leaf)),
-        dtype=_dtype_name(leaf),
-        status=("pruned" if masks is not None else "to prune") if pruned else "dense",
-        reason=reason,
-        axis=d.axis,
-        valid=None if d.axis is None else bool(valid),
-        zero_fraction=float(zeros),
-        mask_bits_per_weight=_mask_bits(mk),
-        tensor_core_ok=d.tensor_core_ok,
-        source=d.source,
-        numeric=numeric,
-      )
-    )
+  entries = [
+    _leaf_report(path, leaf, decisions[path], masks is not None, mask_by_path.get(path), zv)
+    for (path, leaf), zv in zip(leaves.items(), got)
+  ]
   return SparsityReport(tuple(entries), n, m)
