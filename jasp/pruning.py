@@ -227,8 +227,8 @@ def _check_some_pruned(
     )
 
 
-def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
-  masks_lib._check_nm(n, m)
+def _check_options(pattern: Any, score_fn: Any) -> None:
+  """Raises unless ``pattern`` is a known name or a callable and ``score_fn`` None or a callable."""
   if not (callable(pattern) or pattern in ("nm", "2d_best", "2d_greedy")):
     raise ValueError(
       f"pattern must be 'nm', '2d_best', '2d_greedy' or a callable, got {pattern!r}."
@@ -238,6 +238,42 @@ def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want
       f"score_fn must be a callable score_fn(path, w) -> scores, got "
       f"{type(score_fn).__name__} {score_fn!r}."
     )
+
+
+def _check_prunable(path: str, leaf: Any) -> None:
+  """Raises unless the leaf to prune is a jax or numpy array of real numbers."""
+  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+    raise TypeError(
+      f"the leaf '{path}' is to be pruned but is a {type(leaf).__name__}, "
+      "not an array; N:M masks need a jax or numpy array."
+    )
+  if not jnp.issubdtype(leaf.dtype, jnp.number) or jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+    raise TypeError(
+      f"the leaf '{path}' (shape {tuple(leaf.shape)}) is to be pruned but "
+      f"has dtype {leaf.dtype}; N:M masks rank real numbers."
+    )
+
+
+def _check_finite(paths: list[str], leaves: list, finite: list) -> None:
+  """Raises naming the first weight whose ``finite`` flag is False (concrete values only)."""
+  if any(_is_traced(x) for x in leaves) or not finite:
+    return
+  flags = np.asarray(jax.device_get(jnp.stack(finite)))
+  for path, x, ok in zip(paths, leaves, flags):
+    if not ok:
+      bad = int(jnp.sum(~jnp.isfinite(x)))
+      raise ValueError(
+        f"the weight '{path}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
+        "value(s); fix or exclude it before pruning (under jax.jit, where values cannot be "
+        "checked, non-finite entries are kept as the largest magnitudes)."
+      )
+
+
+def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
+  from jasp import sharding
+
+  masks_lib._check_nm(n, m)
+  _check_options(pattern, score_fn)
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [_tree.path_str(p) for p, _ in flat]
@@ -245,46 +281,24 @@ def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want
   _check_some_pruned(decisions, {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}, n, m)
   todo = [i for i, p in enumerate(paths) if decisions[p].prune]
   for i in todo:
-    if not hasattr(leaves[i], "shape") or not hasattr(leaves[i], "dtype"):
-      raise TypeError(
-        f"the leaf '{paths[i]}' is to be pruned but is a {type(leaves[i]).__name__}, "
-        "not an array; N:M masks need a jax or numpy array."
-      )
-    if not jnp.issubdtype(leaves[i].dtype, jnp.number) or jnp.issubdtype(
-      leaves[i].dtype, jnp.complexfloating
-    ):
-      raise TypeError(
-        f"the leaf '{paths[i]}' (shape {tuple(leaves[i].shape)}) is to be pruned but "
-        f"has dtype {leaves[i].dtype}; N:M masks rank real numbers."
-      )
-  from jasp import sharding
-
+    _check_prunable(paths[i], leaves[i])
   for i in todo:
     sharding.check_groups_unsplit(leaves[i], decisions[paths[i]].axis, m, path=paths[i])
   cfg = tuple((paths[i], decisions[paths[i]]) for i in todo)
   sub = [leaves[i] for i in todo]
   masks, pruned, finite = _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, sub)
-  if not any(_is_traced(x) for x in sub) and finite:
-    flags = np.asarray(jax.device_get(jnp.stack(finite)))
-    for i, ok in zip(todo, flags):
-      if not ok:
-        x = leaves[i]
-        bad = int(jnp.sum(~jnp.isfinite(x)))
-        raise ValueError(
-          f"the weight '{paths[i]}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
-          "value(s); fix or exclude it before pruning (under jax.jit, where values cannot be "
-          "checked, non-finite entries are kept as the largest magnitudes)."
-        )
-  mask_leaves = [None] * len(leaves)
-  for i, mk in zip(todo, masks):
-    mask_leaves[i] = mk
-  mask_tree = jax.tree_util.tree_unflatten(treedef, mask_leaves)
+  _check_finite([paths[i] for i in todo], sub, finite)
+  mask_tree = jax.tree_util.tree_unflatten(treedef, _scatter([None] * len(leaves), todo, masks))
   if not want_pruned:
     return mask_tree, None
-  new_leaves = list(leaves)
-  for i, w in zip(todo, pruned):
-    new_leaves[i] = w
-  return mask_tree, jax.tree_util.tree_unflatten(treedef, new_leaves)
+  return mask_tree, jax.tree_util.tree_unflatten(treedef, _scatter(list(leaves), todo, pruned))
+
+
+def _scatter(out: list, at: list[int], values: list) -> list:
+  """``out`` with ``out[at[k]] = values[k]``."""
+  for i, v in zip(at, values):
+    out[i] = v
+  return out
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
