@@ -276,7 +276,9 @@ class _Cases:
 
 # Complexity: one chain of mutations, each drawing from ``rng`` in turn; the draws' order
 # fixes the cases a seed reproduces.
-def _onnx_cases(rng, cases: _Cases, src: str, count_bytes: int, count_struct: int) -> None:  # noqa: C901
+def _onnx_cases(  # noqa: C901
+  rng, cases: _Cases, src: str, count_bytes: int, count_struct: int
+) -> None:
   data = open(src, "rb").read()
   model = onnx.load(src)
   cold = _cold_ranges(data, [t.raw_data for t in model.graph.initializer])

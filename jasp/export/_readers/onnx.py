@@ -123,7 +123,7 @@ def _check_data_size(t, at: str, size: int) -> None:
 
 
 def prepare(model, where: str, base: str | None, budget: Budget) -> None:
-  """Loads external data (from files under ``base``) and checks that every tensor's data matches its dims.
+  """Loads external data (files under ``base``) and checks every tensor's data against its dims.
 
   Raises:
     CheckError: a name that is not text, a negative dimension, external data
