@@ -126,6 +126,15 @@ def _group_kept(mat: np.ndarray, perm: np.ndarray, n: int, m: int) -> float:
   return float(x[:, m - n :].sum())
 
 
+def _unstructured_kept(mat: np.ndarray, n: int, m: int) -> float:
+  """``sum |w|`` of the largest ``C*n/m`` channels of each row of ``mat (C, rows)``.
+
+  The unstructured bound: no permutation makes N:M keep more.
+  """
+  c = mat.shape[0]
+  return float(np.sort(np.asarray(mat, np.float64), axis=0)[c - (c * n) // m :].sum())
+
+
 def _whole_groups(pos: np.ndarray, m: int) -> bool:
   """No N:M group holds two of the channels (permuting them moves whole groups)."""
   g = pos // m
@@ -249,6 +258,7 @@ class _Found:
   gain: float
   efficacy: float
   seconds: float
+  bound: float  # the unstructured bound of the consumers jointly
 
 
 def _joint_search(
@@ -286,7 +296,8 @@ def _joint_search(
     if not losers:
       break
     weights[losers] *= 4.0
-  return _Found(best, sum(base), best_gain, eff, seconds)
+  bound = sum(_unstructured_kept(mt, n, m) for mt in mats)
+  return _Found(best, sum(base), best_gain, eff, seconds, bound)
 
 
 def _found_report(cls: Any, cons: list[_Read], found: _Found) -> ClassReport:
@@ -305,6 +316,7 @@ def _found_report(cls: Any, cons: list[_Read], found: _Found) -> ClassReport:
     found.seconds,
     cls.layers,
     tuple(u.layer for u, _ in cons),
+    bound=found.bound,
   )
 
 
