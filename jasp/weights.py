@@ -303,38 +303,52 @@ class WeightFlow(_jaxpr.Interpreter[Val]):
   def scan(self, eqn, scan, ins):
     key = self.key(eqn)
     consts, init, xs = scan.split_in(ins)
-    sliced = []
-    stacked_leaves = set()
-    for v in xs:
-      origins = []
-      for o in v.origins:
-        head = o.amap[0] if o.amap else None
-        if 0 in o.part or 0 in o.flip or (head is not None and len(head) != 1):
-          self._use(
-            o.leaf,
-            (key, "other", "scan"),
-            Use("other", what="scanned over an axis that is not one of its own"),
-          )
-          continue
-        stack = o.stack + ((head[0], key),) if head is not None else o.stack
-        if head is not None:
-          stacked_leaves.add(o.leaf)
-        origins.append(
-          Origin(
-            o.leaf,
-            o.amap[1:],
-            stack,
-            frozenset(a - 1 for a in o.flip),
-            frozenset(a - 1 for a in o.part),
-          )
-        )
-      deps = frozenset(_enter(d, key, stacked_leaves) for d in v.deps)
-      sliced.append(Val(tuple(origins), v.tainted, deps, frozenset()))
+    stacked_leaves: set[int] = set()
+    sliced = [self._scan_slice(eqn, key, v, stacked_leaves) for v in xs]
     if stacked_leaves:
       self.scans[key] = scan.reverse
     for v in init:
       if v.origins:
         self.other(eqn, [v], "a scan carry")
+    c_out, ys = self._scan_fixed_point(eqn, scan, key, consts, init, sliced)
+    final = [Val((), v.tainted, frozenset(_leave(d, key) for d in v.deps)) for v in c_out]
+    return final + [_scan_stack(v, key) for v in ys]
+
+  def _scan_slice(self, eqn, key, v: Val, stacked_leaves: set[int]) -> Val:
+    """The value of one scanned-over input inside the body: one slice of ``v``.
+
+    Adds the leaves sliced along one of their axes to ``stacked_leaves``.
+    """
+    origins = []
+    for o in v.origins:
+      head = o.amap[0] if o.amap else None
+      if 0 in o.part or 0 in o.flip or (head is not None and len(head) != 1):
+        self._use(
+          o.leaf,
+          (key, "other", "scan"),
+          Use("other", what="scanned over an axis that is not one of its own"),
+        )
+        continue
+      if head is not None:
+        stacked_leaves.add(o.leaf)
+      stack = o.stack + ((head[0], key),) if head is not None else o.stack
+      origins.append(
+        Origin(
+          o.leaf,
+          o.amap[1:],
+          stack,
+          frozenset(a - 1 for a in o.flip),
+          frozenset(a - 1 for a in o.part),
+        )
+      )
+    deps = frozenset(_enter(d, key, stacked_leaves) for d in v.deps)
+    return Val(tuple(origins), v.tainted, deps, frozenset())
+
+  def _scan_fixed_point(self, eqn, scan, key, consts, init, sliced):
+    """Walks the body until the carry's taint and dependencies stop growing.
+
+    Returns the body's carry and stacked outputs of the last walk.
+    """
     carry = [Val((), v.tainted, v.deps) for v in init]
     for _ in range(8):  # taint and dependencies grow monotonically to a fixed point
       outs = self.walk(eqn, "body", scan.body, consts + carry + sliced)
@@ -349,24 +363,7 @@ class WeightFlow(_jaxpr.Interpreter[Val]):
       if new == carry:
         break
       carry = new
-    final = [Val((), v.tainted, frozenset(_leave(d, key) for d in v.deps)) for v in c_out]
-    stacked = []
-    for v in ys:
-      origins = []
-      for o in v.origins:
-        ax = [a for a, k in o.stack if k == key]
-        amap = ((ax[0],) if ax else None,) + tuple(o.amap)
-        origins.append(
-          Origin(
-            o.leaf,
-            amap,
-            tuple(s for s in o.stack if s[1] != key),
-            frozenset(a + 1 for a in o.flip),
-            frozenset(a + 1 for a in o.part),
-          )
-        )
-      stacked.append(Val(tuple(origins), v.tainted, frozenset(_leave(d, key) for d in v.deps)))
-    return final + stacked
+    return c_out, ys
 
   def cond(self, eqn, cond, ins):
     index, ops = ins[0], ins[1:]
@@ -444,6 +441,24 @@ class WeightFlow(_jaxpr.Interpreter[Val]):
     )
     for leaf in pair:
       self._use(leaf, (self.key(eqn), "lowrank"), Use("other", what=why))
+
+
+def _scan_stack(v: Val, key) -> Val:
+  """A scan's stacked output: the body's value ``v`` with the layer axis in front."""
+  origins = []
+  for o in v.origins:
+    ax = [a for a, k in o.stack if k == key]
+    amap = ((ax[0],) if ax else None,) + tuple(o.amap)
+    origins.append(
+      Origin(
+        o.leaf,
+        amap,
+        tuple(st for st in o.stack if st[1] != key),
+        frozenset(a + 1 for a in o.flip),
+        frozenset(a + 1 for a in o.part),
+      )
+    )
+  return Val(tuple(origins), v.tainted, frozenset(_leave(d, key) for d in v.deps))
 
 
 def _enter(dep: Dep, key, stacked: set) -> Dep:
@@ -624,30 +639,57 @@ def _concatenate(flow, eqn, ins):
   return [Val(tuple(origins), out.tainted, out.deps)]
 
 
-def _dot_site(flow: WeightFlow, o: Origin, contract_w, batch_w, contract_x):
-  """``(site, x_order, axes, out_axes, why)`` of a weight operand of a dot_general."""
-  shape = flow.shapes[o.leaf]
+def _no_site(why: str) -> tuple:
+  """:func:`_dot_site`'s answer for a weight operand that is not read as a matrix."""
+  return None, (), (), (), why
+
+
+def _local_axes(flow: WeightFlow, o: Origin) -> tuple[list[int], dict[int, int]]:
+  """The leaf axes of one layer's slice (stacked axes removed), and leaf -> slice axis."""
   stack = [a for a, _ in o.stack]
-  local = [a for a in range(len(shape)) if a not in stack]  # leaf axis of each slice axis
-  to_local = {a: i for i, a in enumerate(local)}
+  local = [a for a in range(len(flow.shapes[o.leaf])) if a not in stack]
+  return local, {a: i for i, a in enumerate(local)}
+
+
+def _contracted_pairs(o: Origin, contract_w, batch_w, contract_x) -> tuple[list, str]:
+  """The contracted axes of a dot_general's weight operand, or why it is no matrix.
+
+  Returns:
+    ``(pairs, "")`` with ``pairs`` the sorted ``(leaf axes, x axis, reversed)``
+    of every contracted weight axis, or ``([], why)``.
+  """
   if any(o.amap[d] is not None for d in batch_w):
-    return None, (), (), (), "a batched dot_general (one weight per batch entry)"
+    return [], "a batched dot_general (one weight per batch entry)"
   pairs = []
   for dw, dx in zip(contract_w, contract_x):
     if o.amap[dw] is None:
-      return None, (), (), (), "a dot_general contracting a broadcast axis of the weight"
+      return [], "a dot_general contracting a broadcast axis of the weight"
     if dw in o.part:
-      return None, (), (), (), "concatenated with other operands along its contracted axis"
+      return [], "concatenated with other operands along its contracted axis"
     if dw in o.flip and len(o.amap[dw]) != 1:
-      return None, (), (), (), "a reversed axis merged with others"
+      return [], "a reversed axis merged with others"
     pairs.append((o.amap[dw], dx, dw in o.flip))
-  pairs.sort()
+  return sorted(pairs), ""
+
+
+def _consecutive(axes: tuple[int, ...]) -> bool:
+  """Whether ``axes`` is a non-empty run ``a, a+1, ...``."""
+  return bool(axes) and list(axes) == list(range(axes[0], axes[0] + len(axes)))
+
+
+def _dot_site(flow: WeightFlow, o: Origin, contract_w, batch_w, contract_x):
+  """``(site, x_order, axes, out_axes, why)`` of a weight operand of a dot_general."""
+  pairs, why = _contracted_pairs(o, contract_w, batch_w, contract_x)
+  if why:
+    return _no_site(why)
+  shape = flow.shapes[o.leaf]
+  local, to_local = _local_axes(flow, o)
   rows = tuple(a for ax, _, _ in pairs for a in ax)
-  if not rows or list(rows) != list(range(rows[0], rows[0] + len(rows))):
-    return None, (), (), (), f"a dot_general contracting the weight axes {rows} out of order"
+  if not _consecutive(rows):
+    return _no_site(f"a dot_general contracting the weight axes {rows} out of order")
   lrows = tuple(to_local[a] for a in rows)
-  if list(lrows) != list(range(lrows[0], lrows[0] + len(lrows))):
-    return None, (), (), (), "its contracted axes are not consecutive in one layer"
+  if not _consecutive(lrows):
+    return _no_site("its contracted axes are not consecutive in one layer")
   cols = tuple(i for i in range(len(local)) if i not in lrows)
   flip = tuple(sorted(to_local[ax[0]] for ax, _, f in pairs if f))
   site = Site("", "dot", tuple(shape[a] for a in local), lrows + cols, len(lrows), 1, lrows, flip)
@@ -682,6 +724,42 @@ def _dot(flow, eqn, ins):
   return [Val((), out.tainted, deps, linear, lowrank)]
 
 
+def _conv_refusal(p: dict[str, Any], o: Origin, spec: list[int]) -> str:
+  """Why a convolution's kernel operand is not read as a plain kernel ("" when it is)."""
+  dn = p["dimension_numbers"]
+  if p.get("batch_group_count", 1) != 1:
+    return "a batch-grouped convolution"
+  if o.part:
+    return "a kernel concatenated with other operands"
+  if any(o.amap[d] is not None and len(o.amap[d]) != 1 for d in spec):
+    return "a kernel reshaped before the convolution"
+  if o.amap[dn.rhs_spec[1]] is None or o.amap[dn.rhs_spec[0]] is None:
+    return "a kernel broadcast along its input or output channels"
+  return ""
+
+
+def _conv_site(flow: WeightFlow, p: dict[str, Any], o: Origin, spec: list[int]) -> Site:
+  """The :class:`Site` of a convolution's kernel (``spec``: its spatial, in, out axes)."""
+  dn = p["dimension_numbers"]
+  shape = flow.shapes[o.leaf]
+  local, to_local = _local_axes(flow, o)
+  perm = tuple(to_local[o.amap[d][0]] for d in spec if o.amap[d] is not None)
+  lone = tuple(i for i in range(len(local)) if i not in perm)  # size-1 axes squeezed away
+  perm = lone + perm
+  flip = tuple(sorted(to_local[o.amap[d][0]] for d in spec if d in o.flip))
+  i_ax = to_local[o.amap[dn.rhs_spec[1]][0]]
+  return Site(
+    "",
+    "conv",
+    tuple(shape[a] for a in local),
+    perm,
+    len(perm) - 1,
+    int(p.get("feature_group_count", 1)),
+    (i_ax,),
+    flip,
+  )
+
+
 def _conv(flow, eqn, ins):
   lhs, rhs = ins[0], ins[1]
   out = _join(ins)
@@ -692,43 +770,18 @@ def _conv(flow, eqn, ins):
     flow.other(eqn, [rhs], "a product of two parameters")
     return [out]
   dn = p["dimension_numbers"]
+  spec = list(dn.rhs_spec[2:]) + [dn.rhs_spec[1], dn.rhs_spec[0]]
   linear = frozenset()
   for o in rhs.origins:
-    shape = flow.shapes[o.leaf]
-    stack = [a for a, _ in o.stack]
-    local = [a for a in range(len(shape)) if a not in stack]
-    to_local = {a: i for i, a in enumerate(local)}
-    spec = list(dn.rhs_spec[2:]) + [dn.rhs_spec[1], dn.rhs_spec[0]]
-    why = ""
-    if p.get("batch_group_count", 1) != 1:
-      why = "a batch-grouped convolution"
-    elif o.part:
-      why = "a kernel concatenated with other operands"
-    elif any(o.amap[d] is not None and len(o.amap[d]) != 1 for d in spec):
-      why = "a kernel reshaped before the convolution"
-    elif o.amap[dn.rhs_spec[1]] is None or o.amap[dn.rhs_spec[0]] is None:
-      why = "a kernel broadcast along its input or output channels"
+    why = _conv_refusal(p, o, spec)
     if why:
       flow.weight_site(eqn, 1, o, lhs, None, (), why, (), (), "conv")
       continue
-    perm = tuple(to_local[o.amap[d][0]] for d in spec if o.amap[d] is not None)
-    lone = tuple(i for i in range(len(local)) if i not in perm)  # size-1 axes squeezed away
-    perm = lone + perm
-    flip = tuple(sorted(to_local[o.amap[d][0]] for d in spec if d in o.flip))
-    i_ax = to_local[o.amap[dn.rhs_spec[1]][0]]
-    site = Site(
-      "",
-      "conv",
-      tuple(shape[a] for a in local),
-      perm,
-      len(perm) - 1,
-      int(p.get("feature_group_count", 1)),
-      (i_ax,),
-      flip,
-    )
-    flow.weight_site(
-      eqn, 1, o, lhs, site, (), "", (local[i_ax],), (o.amap[dn.rhs_spec[0]][0],), "conv"
-    )
+    site = _conv_site(flow, p, o, spec)
+    local, _ = _local_axes(flow, o)
+    in_axis = (local[site.group_axes[0]],)
+    out_axis = (o.amap[dn.rhs_spec[0]][0],)
+    flow.weight_site(eqn, 1, o, lhs, site, (), "", in_axis, out_axis, "conv")
     linear = linear | {o.leaf}
     out = Val((), out.tainted, out.deps | {(o.leaf, tuple(("same", k) for _, k in o.stack))})
   return [Val((), out.tainted, out.deps, linear)]

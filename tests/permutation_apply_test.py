@@ -158,3 +158,35 @@ def test_shared_cnn_grouped_and_1d_convs_keep_function():
   assert rel_err(model.apply(v, x), model.apply(new, x)) <= 1e-5
   for lr in rep.layers:
     assert lr.kept_after >= lr.kept_before - 1e-9
+
+
+def test_report_text_leads_with_a_summary_defines_efficacy_and_repeats_nothing():
+  model, v, x = pm.linen_cnn()
+  _, rep = permute(model.apply, v, x, escapes=1, max_rounds=200, time_limit=None)
+  searched = [c for c in rep.classes if c.status in ("permuted", "identity")]
+  assert rep.permuted and len(rep.searched) == len(searched)
+
+  # Efficacy: the share of the gap to the unstructured bound won back.
+  for c in searched:
+    assert c.kept_before <= c.kept_after <= c.bound * (1 + 1e-6)
+  gap = sum(c.bound - c.kept_before for c in searched)
+  won = sum(c.kept_after - c.kept_before for c in searched)
+  assert np.isclose(rep.efficacy, 100 * won / gap) and 0 < rep.efficacy <= 100
+  for c in rep.permuted:
+    if len(c.consumers) == 1:  # one consumer: the search's matrix is the report's
+      own = 100 * (c.kept_after - c.kept_before) / (c.bound - c.kept_before)
+      assert np.isclose(own, c.efficacy, atol=0.05)
+
+  text = rep.format(3)
+  lines = text.splitlines()
+  assert lines[0].startswith(
+    f"channel permutation for 2:4: {len(rep.permuted)} of {len(rep.classes)} channel "
+    f"dimension(s) permuted ({len(searched)} searched, {len(rep.classes) - len(searched)} "
+    "skipped)"
+  )
+  assert lines[1].startswith(f"  efficacy {rep.efficacy:.1f}% over the {len(searched)} searched")
+  assert "100 * (kept after - kept before) / (bound - kept before)" in text
+  assert len(lines) == len(set(lines))  # the two 6-tap classes of the flatten print once
+  assert "a spatial axis of a convolution: params/Dense_0/kernel[0] (x2)" in text
+  assert lines.index("  permuted:") < lines.index("  skipped:")
+  assert str(rep) == rep.format(2) and "  permuted:" not in rep.format(1)

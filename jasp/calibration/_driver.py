@@ -261,6 +261,200 @@ def _tap_plan(model, flow, decisions, cand):
   return tapped, fallback
 
 
+def _is_array(x: Any) -> bool:
+  """Whether ``x`` is an array the model's trace treats as an input (not a static value)."""
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
+def calibration_batches(method: str, batches: Any) -> list:
+  """The calibration batches as a list, with the common mistakes caught early.
+
+  One batch is the model's one input: the driver calls ``fn(params, batch)``
+  (``module(batch)`` for nnx); a batch is an array or any pytree of arrays
+  that the model takes as that single argument.
+
+  Raises:
+    TypeError: if ``batches`` is a single array or a mapping (one batch, not
+      an iterable of batches), or a batch holds no array.
+    ValueError: if there are no batches.
+  """
+  if _is_array(batches):
+    raise TypeError(
+      f"{method}: batches must be an iterable of batches, got a single array of shape "
+      f"{tuple(np.shape(batches))}. Each batch is the model's input (fn(params, batch)); "
+      "for one batch pass [x], or split the data into a list of batches."
+    )
+  if isinstance(batches, (Mapping, str, bytes)):
+    raise TypeError(
+      f"{method}: batches must be an iterable of batches, got a {type(batches).__name__}. "
+      "Each batch is the model's input (fn(params, batch)); for one batch pass [batch]."
+    )
+  batches = list(batches)
+  if not batches:
+    raise ValueError("no calibration batches given.")
+  for i, batch in enumerate(batches):
+    if not any(_is_array(x) for x in jax.tree_util.tree_leaves(batch)):
+      raise TypeError(
+        f"{method}: batch {i} holds no array (got {type(batch).__name__}); each batch "
+        "is the model's input (fn(params, batch)): an array or a pytree of arrays."
+      )
+  return batches
+
+
+def _trace_batches(method: str, tapper: stats_lib.Tapper, batches: Sequence[Any]):
+  """Traces the model on every batch shape; returns the first batch's analysis.
+
+  Raises:
+    TypeError: naming the batch, when the model fails on a batch that is a
+      tuple or list (a data loader's ``(inputs, labels)`` pair passed whole);
+      other failures propagate unchanged.
+  """
+  for i, batch in enumerate(batches):
+    try:
+      tapper.traced(batch)
+    except Exception as e:
+      if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise
+      raise TypeError(
+        f"{method}: the model fails on batch {i}, a {type(batch).__name__} of "
+        f"{len(batch)} items. Each batch is passed whole as the model's one input "
+        "(fn(params, batch)); for a data loader of (inputs, labels) pairs pass the "
+        "inputs alone: [x for x, _ in loader]. The model raised "
+        f"{type(e).__name__}: {e}"
+      ) from e
+  return tapper.traced(batches[0])[1]
+
+
+def _raise_untapped(method: str, model: _model.Model, fallback: Mapping[int, str]) -> None:
+  """Raises ``ValueError`` listing the weights to prune without calibration inputs."""
+  lines = "\n".join(
+    f"  {model.paths[k]} (shape {tuple(np.shape(model.leaves[k]))}): {why}"
+    for k, why in fallback.items()
+  )
+  raise ValueError(
+    f"{method} found no calibration inputs for {len(fallback)} weight(s) to prune:\n{lines}\n"
+    "Exclude them (jasp.Policy(exclude=...)) or pass missing='magnitude' or 'dense'."
+  )
+
+
+class _Reporter:
+  """Reports each pruned layer: ``logging``, the progress bar, the user's callback."""
+
+  def __init__(self, method: str, bar: Any, callback: Callable[[LayerResult], Any] | None):
+    self.method, self.bar, self.callback = method, bar, callback
+
+  def __call__(self, res: LayerResult) -> None:
+    log.info(
+      "%s %s%s %s: %s rows, error %s, %.3f s",
+      self.method,
+      res.path,
+      list(res.layer) if res.layer else "",
+      res.shape,
+      res.rows,
+      res.error,
+      res.seconds,
+    )
+    if self.bar is not None:
+      self.bar.update(1)
+      self.bar.set_postfix_str(res.path[-40:])
+    if self.callback is not None:
+      self.callback(res)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+@dataclasses.dataclass
+class _Pruning:
+  """The state of one calibration run: the leaves as pruned so far and their masks."""
+
+  method: str
+  model: _model.Model
+  leaf_fn: LeafFn
+  n: int
+  m: int
+  report: _Reporter
+  leaves: list = dataclasses.field(default_factory=list)
+  masks: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+
+  def magnitude(self, k: int, axis: Sequence[int], why: str) -> None:
+    """Prunes leaf ``k`` by magnitude (a fallback without calibration inputs)."""
+    t0 = time.perf_counter()
+    leaves = self.leaves
+    mask = masks_lib.nm_mask(leaves[k], self.n, self.m, axis)
+    leaves[k] = jnp.where(mask, leaves[k], jnp.zeros((), leaves[k].dtype))
+    self.masks[k] = jax.block_until_ready(mask)
+    self.report(
+      LayerResult(
+        self.model.paths[k],
+        tuple(np.shape(leaves[k])),
+        "magnitude",
+        -1,
+        0,
+        None,
+        time.perf_counter() - t0,
+        0.0,
+        why,
+      )
+    )
+
+  def unit(self, stage: int, k: int, idx: tuple, target, acc: Mapping, stack_axes, stage_s):
+    """Prunes one unit (leaf ``k``, layer ``idx``) on its accumulated statistics."""
+    t1 = time.perf_counter()
+    slot = target.layers.index(idx)
+    a = {name: v[slot] for name, v in acc.items()}
+    sel = _index(stack_axes, idx, np.ndim(self.leaves[k]))
+    w = self.leaves[k][sel] if stack_axes else self.leaves[k]
+    new, mask, err = self.leaf_fn(w, target.site, a, self.n, self.m)
+    err, rows = jax.device_get((err, a["count"]))
+    if err is not None and not np.isfinite(err):
+      raise FloatingPointError(
+        f"{self.method} produced non-finite weights for '{self.model.paths[k]}'"
+        f"{list(idx) if idx else ''} (shape {tuple(np.shape(new))}); raise the damping or "
+        "check the calibration data."
+      )
+    self._store(k, sel if stack_axes else None, new, mask)
+    self.report(
+      LayerResult(
+        self.model.paths[k],
+        tuple(np.shape(new)),
+        self.method,
+        stage,
+        int(rows),
+        None if err is None else float(err),
+        time.perf_counter() - t1,
+        stage_s,
+        layer=tuple(int(i) for i in idx),
+      )
+    )
+
+  def _store(self, k: int, sel: tuple | None, new: jax.Array, mask: jax.Array) -> None:
+    """Writes a pruned leaf (``sel``: one layer of it) and its mask."""
+    if sel is None:
+      self.leaves[k], self.masks[k] = new, mask
+      return
+    self.leaves[k] = self.leaves[k].at[sel].set(new)
+    full = self.masks.get(k, jnp.zeros(np.shape(self.leaves[k]), bool))
+    self.masks[k] = full.at[sel].set(mask)
+
+  def stage(self, si: int, stage: Sequence[Unit], tapped, tapper, batches, hessian) -> None:
+    """One pass over the batches for the units of ``stage``, then prunes each."""
+    t0 = time.perf_counter()
+    want: dict[int, list] = {}
+    for k, idx in stage:
+      want.setdefault(k, []).append(idx)
+    targets = {
+      k: dataclasses.replace(tapped[k].target, layers=tuple(idxs)) for k, idxs in want.items()
+    }
+    acc = tapper.accumulate(self.leaves, batches, targets, hessian=hessian)
+    jax.block_until_ready(acc)
+    stage_s = time.perf_counter() - t0
+    for k, idx in stage:
+      stack_axes = tuple(ax for ax, _ in tapped[k].uses[0].stack)
+      self.unit(si, k, idx, targets[k], acc[k], stack_axes, stage_s)
+
+
 def run(
   method: str,
   leaf_fn: LeafFn,
@@ -279,17 +473,19 @@ def run(
   progress: bool,
   callback: Callable[[LayerResult], Any] | None,
 ) -> tuple[PyTree, PyTree]:
-  """Prunes every leaf that the policy selects with ``leaf_fn``; see the pruners' docs."""
+  """Prunes every leaf that the policy selects with ``leaf_fn``; see the pruners' docs.
+
+  ``batches`` is an iterable of batches, each the model's one input (see
+  :func:`calibration_batches`).
+  """
   masks_lib._check_nm(n, m)
   if missing not in ("error", "magnitude", "dense"):
     raise ValueError(f"missing must be 'error', 'magnitude' or 'dense', got {missing!r}.")
   params, batches = split_args(fn, params, batches)
   model, _ = _model.adapt(fn, params, (), what=method)
-  batches = list(batches)
-  if not batches:
-    raise ValueError("no calibration batches given.")
+  batches = calibration_batches(method, batches)
   tapper = stats_lib.Tapper(model)
-  _, flow = tapper.traced(batches[0])
+  flow = _trace_batches(method, tapper, batches)
   if layouts is None:
     layouts = layouts_lib.from_analysis(model, flow)
   decisions = policy_lib.plan(model.tree, m, layouts=layouts, policy=policy)
@@ -297,113 +493,25 @@ def run(
   _check_finite(method, model, cand)
   tapped, fallback = _tap_plan(model, flow, decisions, cand)
   if fallback and missing == "error":
-    lines = "\n".join(
-      f"  {model.paths[k]} (shape {tuple(np.shape(model.leaves[k]))}): {why}"
-      for k, why in fallback.items()
-    )
-    raise ValueError(
-      f"{method} found no calibration inputs for {len(fallback)} weight(s) to prune:\n{lines}\n"
-      "Exclude them (jasp.Policy(exclude=...)) or pass missing='magnitude' or 'dense'."
-    )
+    _raise_untapped(method, model, fallback)
 
   units = [(k, idx) for k, t in tapped.items() for idx in t.target.layers]
   preds = {u: _predecessors(u, tapped, flow.scans) for u in units}
-  leaves = list(model.leaves)
-  masks: dict[int, jax.Array] = {}
-  bar = _progress(len(units) + (len(fallback) if missing == "magnitude" else 0), progress, method)
-
-  def report(res: LayerResult):
-    log.info(
-      "%s %s%s %s: %s rows, error %s, %.3f s",
-      method,
-      res.path,
-      list(res.layer) if res.layer else "",
-      res.shape,
-      res.rows,
-      res.error,
-      res.seconds,
-    )
-    if bar is not None:
-      bar.update(1)
-      bar.set_postfix_str(res.path[-40:])
-    if callback is not None:
-      callback(res)
-
+  total = len(units) + (len(fallback) if missing == "magnitude" else 0)
+  reporter = _Reporter(method, _progress(total, progress, method), callback)
+  state = _Pruning(method, model, leaf_fn, n, m, reporter, list(model.leaves))
   try:
     for k, why in fallback.items():
       log.warning("%s: '%s' falls back to %s: %s", method, model.paths[k], missing, why)
-      if missing != "magnitude":
-        continue
-      t0 = time.perf_counter()
-      axis = decisions[model.paths[k]].axis
-      mask = masks_lib.nm_mask(leaves[k], n, m, axis)
-      leaves[k] = jnp.where(mask, leaves[k], jnp.zeros((), leaves[k].dtype))
-      masks[k] = jax.block_until_ready(mask)
-      report(
-        LayerResult(
-          model.paths[k],
-          tuple(np.shape(leaves[k])),
-          "magnitude",
-          -1,
-          0,
-          None,
-          time.perf_counter() - t0,
-          0.0,
-          why,
-        )
-      )
-
+      if missing == "magnitude":
+        state.magnitude(k, decisions[model.paths[k]].axis, why)
     for si, stage in enumerate(schedule(units, preds, sequential, layers_per_pass)):
-      t0 = time.perf_counter()
-      want: dict[int, list] = {}
-      for k, idx in stage:
-        want.setdefault(k, []).append(idx)
-      targets = {
-        k: dataclasses.replace(tapped[k].target, layers=tuple(idxs)) for k, idxs in want.items()
-      }
-      acc = tapper.accumulate(leaves, batches, targets, hessian=hessian)
-      jax.block_until_ready(acc)
-      stage_s = time.perf_counter() - t0
-      for k, idx in stage:
-        t1 = time.perf_counter()
-        slot = targets[k].layers.index(idx)
-        a = {name: v[slot] for name, v in acc[k].items()}
-        stack_axes = tuple(ax for ax, _ in tapped[k].uses[0].stack)
-        sel = _index(stack_axes, idx, np.ndim(leaves[k]))
-        w = leaves[k][sel] if stack_axes else leaves[k]
-        new, mask, err = leaf_fn(w, targets[k].site, a, n, m)
-        err, rows = jax.device_get((err, a["count"]))
-        if err is not None and not np.isfinite(err):
-          raise FloatingPointError(
-            f"{method} produced non-finite weights for '{model.paths[k]}'"
-            f"{list(idx) if idx else ''} (shape {tuple(np.shape(new))}); raise the damping or "
-            "check the calibration data."
-          )
-        if stack_axes:
-          leaves[k] = leaves[k].at[sel].set(new)
-          full = masks.get(k, jnp.zeros(np.shape(leaves[k]), bool))
-          masks[k] = full.at[sel].set(mask)
-        else:
-          leaves[k], masks[k] = new, mask
-        report(
-          LayerResult(
-            model.paths[k],
-            tuple(np.shape(new)),
-            method,
-            si,
-            int(rows),
-            None if err is None else float(err),
-            time.perf_counter() - t1,
-            stage_s,
-            layer=tuple(int(i) for i in idx),
-          )
-        )
+      state.stage(si, stage, tapped, tapper, batches, hessian)
   finally:
-    if bar is not None:
-      bar.close()
+    reporter.close()
 
-  new_params = model.rebuild(leaves)
-  by_path = {model.paths[k]: mk for k, mk in masks.items()}
+  new_params = model.rebuild(state.leaves)
+  by_path = {model.paths[k]: mk for k, mk in state.masks.items()}
   mask_tree = _tree.map_with_path(lambda p, x: by_path.get(p), new_params)
   return new_params, mask_tree
 

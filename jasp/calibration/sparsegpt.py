@@ -304,7 +304,10 @@ def sparsegpt_prune(
 
   Args:
     fn, params, batches, n, m, layouts, policy, missing, progress, callback:
-      as :func:`jasp.wanda_prune`.
+      as :func:`jasp.wanda_prune`. One batch is the model's one input, passed
+      whole (``fn(params, batch)``; nnx: ``module(batch)``): an array or a
+      pytree of arrays; ``batches`` is an iterable of them (``[x]`` for one
+      batch; ``[x for x, _ in loader]`` for a loader of ``(inputs, labels)``).
     blocksize: features per lazy-update block (128, as the paper).
     damp: Hessian damping, a fraction of its mean diagonal (1%, as the paper).
     sequential: True (the paper's): the layers are pruned in stages, each
@@ -318,6 +321,11 @@ def sparsegpt_prune(
   Returns:
     ``(params, masks)`` as :func:`jasp.prune`; each :class:`LayerResult`
     carries the layer's calibration error ``||X W - X W_hat||**2 / rows``.
+
+  Raises:
+    TypeError, ValueError: as :func:`jasp.wanda_prune` (a malformed batch
+      argument is named by its index).
+    FloatingPointError: if a layer's factorisation fails (non-finite weights).
   """
   _check(n, m, blocksize)
 

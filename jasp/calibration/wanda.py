@@ -103,8 +103,14 @@ def wanda_prune(
     fn: ``apply_fn`` (called as ``fn(params, batch)``; wrap extra arguments in
       a lambda) or an ``nnx.Module`` (called as ``module(batch)``).
     params: the params pytree for ``fn`` (linen variables); omitted for nnx.
-    batches: calibration batches (an iterable, read once per pass; each a
-      pytree of arrays, possibly sharded).
+    batches: an iterable of calibration batches (a list, or a generator read
+      into a list; every batch is read once per pass). One batch is the
+      model's one input, passed whole: ``fn(params, batch)`` (nnx:
+      ``module(batch)``); an array (``(batch, seq, features)`` for a
+      transformer) or any pytree of arrays that the model takes as that single
+      argument, possibly sharded. Not a single array (``[x]`` is one batch)
+      and not a data loader's ``(inputs, labels)`` pairs (pass ``[x for x, _
+      in loader]``). Batches may differ in shape (one trace per shape).
     n, m: keep ``n`` of every ``m`` along each weight's reduction axis.
     layouts: ``{path: Layout}`` (default: :func:`jasp.trace_layouts` on the
       first batch).
@@ -130,6 +136,14 @@ def wanda_prune(
     ``(params, masks)`` as :func:`jasp.prune`: the pruned params (same tree
     type; for nnx an ``nnx.State`` of the ``nnx.Param`` leaves) and masks
     mirroring them (``None`` for dense leaves).
+
+  Raises:
+    TypeError: if ``batches`` is a single array or a mapping instead of an
+      iterable of batches, if a batch holds no array, or if the model fails on
+      a batch that is a tuple or list (an ``(inputs, labels)`` pair); the
+      message names the batch.
+    ValueError: if there are no batches, a weight to prune holds NaN/Inf, or
+      (``missing="error"``) a weight to prune has no tapped inputs.
   """
   return _driver.run(
     "wanda",

@@ -315,48 +315,77 @@ class _UnionFind:
     root = self.find(a)
     nd = self.nodes[root]
     sizes = [self.nodes[self.find(c)].size for c in children]
-    if kind == "stack":
-      if any(s != nd.size for s in sizes) or len(children) != self.node(layer).size:
-        for c in children:
-          self.union(c, root)
-        return
-      if any(self.find(c) == root or self._reaches(c, root) for c in children):
-        for c in children:
-          self.union(c, root)
-        return
-    else:
-      total = int(np.prod(sizes)) if kind == "prod" else int(sum(sizes))
-      if total != nd.size:
-        self.pin(root, f"a {kind} of sizes {sizes} does not match its axis of size {nd.size}")
-        for c in children:
-          self.pin(c, "part of a mismatched structure")
-        return
+    if not self._admits(root, kind, children, sizes, layer):
+      return
     if nd.kind is None:
-      nd.kind, nd.children, nd.layer = kind, children, layer
-      if nd.pinned:
-        for c in children:
-          self.pin(c, nd.pinned)
-      return
-    if nd.kind == kind == "stack":
-      if self.find(nd.layer) == self.find(layer):
-        for c, d in zip(nd.children, children):
-          self.union(c, d)
-      else:
-        self.collapse(root)
+      self._set_structure(root, kind, children, layer)
+    elif nd.kind == kind == "stack":
+      self._merge_stacks(root, children, layer)
+    elif kind == "stack":  # a product or sum of stacks: each factor becomes a stack
+      self._distribute(nd.kind, nd.children, children, layer)
+    elif nd.kind == "stack":
+      old, old_layer = nd.children, nd.layer
+      self._set_structure(root, kind, children, -1)
+      self._distribute(kind, children, old, old_layer)
+    else:
+      self._merge_splits(root, kind, children, sizes)
+
+  def _admits(
+    self, root: int, kind: str, children: tuple[int, ...], sizes: list[int], layer: int
+  ) -> bool:
+    """Whether ``root`` can take the structure; if not, ties or pins as :meth:`structure` says.
+
+    A stack whose children differ in size from the axis, or in number from the
+    layer axis, or that contains the class itself, ties its children to the
+    class. A product or sum whose size differs from the axis pins them all.
+    """
+    nd = self.nodes[root]
+    if kind == "stack":
+      if (
+        any(s != nd.size for s in sizes)
+        or len(children) != self.node(layer).size
+        or any(self.find(c) == root or self._reaches(c, root) for c in children)
+      ):
         for c in children:
           self.union(c, root)
+        return False
+      return True
+    total = int(np.prod(sizes)) if kind == "prod" else int(sum(sizes))
+    if total != nd.size:
+      self.pin(root, f"a {kind} of sizes {sizes} does not match its axis of size {nd.size}")
+      for c in children:
+        self.pin(c, "part of a mismatched structure")
+      return False
+    return True
+
+  def _set_structure(self, root: int, kind: str, children: tuple[int, ...], layer: int) -> None:
+    """Sets the structure of ``root``; a pinned class pins its new children."""
+    nd = self.nodes[root]
+    nd.kind, nd.children, nd.layer = kind, children, layer
+    if nd.pinned:
+      for c in children:
+        self.pin(c, nd.pinned)
+
+  def _merge_stacks(self, root: int, children: tuple[int, ...], layer: int) -> None:
+    """A second stack on a stacked class: tied child by child, or collapsed.
+
+    Two stacks over one layer axis tie child by child; over different layer
+    axes the class collapses (every layer carries the same channels).
+    """
+    nd = self.nodes[root]
+    if self.find(nd.layer) == self.find(layer):
+      for c, d in zip(nd.children, children):
+        self.union(c, d)
       return
-    if kind == "stack":  # a product or sum of stacks: each factor becomes a stack
-      self._distribute(nd.kind, nd.children, children, layer)
-      return
-    if nd.kind == "stack":
-      old, old_layer = nd.children, nd.layer
-      nd.kind, nd.children, nd.layer = kind, children, -1
-      if nd.pinned:
-        for c in children:
-          self.pin(c, nd.pinned)
-      self._distribute(kind, children, old, old_layer)
-      return
+    self.collapse(root)
+    for c in children:
+      self.union(c, root)
+
+  def _merge_splits(
+    self, root: int, kind: str, children: tuple[int, ...], sizes: list[int]
+  ) -> None:
+    """A second product or sum: tied child by child when it matches, else pinned."""
+    nd = self.nodes[root]
     old = [self.nodes[self.find(c)].size for c in nd.children]
     if nd.kind == kind and old == sizes:
       for c, d in zip(nd.children, children):
@@ -887,39 +916,56 @@ class _Channels(_jaxpr.Interpreter[list]):
     for y in ys:
       self.uf.union(y[0], layer)
     if stacked and 0 < length <= _MAX_UNROLL:
-      slices = [[self.value(s[1:]) for s in x_shapes] for _ in range(length)]
-      for per in slices:  # a layer's slice of a parameter is one (nested scans)
-        for x, s in zip(xs, per):
-          for a, b in zip(x[1:], s):
-            self.uf.nodes[b].param = self.uf.node(a).param
-      per_y: list = [None] * length
-      carry = init
-      order = range(length - 1, -1, -1) if scan.reverse else range(length)
-      for i in order:
-        outs = self.walk(eqn, ("body", i), scan.body, consts + carry + slices[i])
-        carry, per_y[i] = scan.split_out(outs)
-      for j, x in enumerate(xs):
-        for a in range(1, len(x)):
-          self.uf.structure(x[a], "stack", [slices[i][j][a - 1] for i in range(length)], layer)
-      for k, y in enumerate(ys):
-        for a in range(1, len(y)):
-          self.uf.structure(y[a], "stack", [per_y[i][k][a - 1] for i in range(length)], layer)
+      carry = self._scan_unrolled(eqn, scan, consts, init, xs, ys, x_shapes, layer)
       return carry + ys
-    # One walk shared by every iteration: the carry is a loop's, the slices
-    # are tied to their whole axis.
+    self._scan_shared(eqn, scan, consts, init, xs, ys, x_shapes)
+    return init + ys
+
+  def _scan_unrolled(self, eqn, scan, consts, init, xs, ys, x_shapes, layer):
+    """Walks a scan over stacked parameters once per layer; returns the final carry.
+
+    Each stacked axis of ``xs`` and ``ys`` becomes a ``"stack"`` over the
+    layers' slices along the layer axis class ``layer``.
+    """
+    length = scan.length
+    slices = [[self.value(s[1:]) for s in x_shapes] for _ in range(length)]
+    for per in slices:  # a layer's slice of a parameter is one (nested scans)
+      for x, s in zip(xs, per):
+        for a, b in zip(x[1:], s):
+          self.uf.nodes[b].param = self.uf.node(a).param
+    per_y: list = [None] * length
+    carry = init
+    order = range(length - 1, -1, -1) if scan.reverse else range(length)
+    for i in order:
+      outs = self.walk(eqn, ("body", i), scan.body, consts + carry + slices[i])
+      carry, per_y[i] = scan.split_out(outs)
+    for j, x in enumerate(xs):
+      for a in range(1, len(x)):
+        self.uf.structure(x[a], "stack", [slices[i][j][a - 1] for i in range(length)], layer)
+    for k, y in enumerate(ys):
+      for a in range(1, len(y)):
+        self.uf.structure(y[a], "stack", [per_y[i][k][a - 1] for i in range(length)], layer)
+    return carry
+
+  def _scan_shared(self, eqn, scan, consts, init, xs, ys, x_shapes) -> None:
+    """Walks a scan once for every iteration.
+
+    The carry is tied as a loop's; the slices are tied to their whole axis.
+    """
     sl = [self.value(s[1:]) for s in x_shapes]
     for x, s in zip(xs, sl):
-      for a, b in zip(x[1:], s):
-        self.uf.union(a, b)
+      self._tie_all(x[1:], s)
     outs = self.walk(eqn, "body", scan.body, consts + init + sl)
     c_out, y_out = scan.split_out(outs)
     for a, b in zip(init, c_out):
-      for p, q in zip(a, b):
-        self.uf.union(p, q)
+      self._tie_all(a, b)
     for y, yb in zip(ys, y_out):
-      for a, b in zip(y[1:], yb):
-        self.uf.union(a, b)
-    return init + ys
+      self._tie_all(y[1:], yb)
+
+  def _tie_all(self, xs: Sequence[int], ys: Sequence[int]) -> None:
+    """Ties the axes ``xs`` and ``ys`` pairwise."""
+    for a, b in zip(xs, ys):
+      self.uf.union(a, b)
 
 
 # ----------------------------------------------------------------------------
@@ -1132,40 +1178,55 @@ def _gather(t: _Channels, eqn, ins, outs):
       uf.pin(o[d], why + " (an indexed axis)")
 
 
+def _pad_keeps(p: Mapping[str, Any], shape: tuple[int, ...]) -> list[bool]:
+  return [tuple(cfg) == (0, 0, 0) for cfg in p["padding_config"]]
+
+
+def _rev_keeps(p: Mapping[str, Any], shape: tuple[int, ...]) -> list[bool]:
+  return [a not in p["dimensions"] for a in range(len(shape))]
+
+
+def _slice_keeps(p: Mapping[str, Any], shape: tuple[int, ...]) -> list[bool]:
+  strides = p.get("strides") or (1,) * len(shape)
+  return [
+    p["start_indices"][a] == 0 and p["limit_indices"][a] == shape[a] and strides[a] == 1
+    for a in range(len(shape))
+  ]
+
+
+def _window_keeps(p: Mapping[str, Any], shape: tuple[int, ...]) -> list[bool]:
+  nd = len(shape)
+  unit = (
+    p["window_dimensions"],
+    p["window_strides"],
+    p.get("base_dilation") or (1,) * nd,
+    p.get("window_dilation") or (1,) * nd,
+  )
+  return [all(u[a] == 1 for u in unit) and tuple(p["padding"][a]) == (0, 0) for a in range(nd)]
+
+
+# Per primitive: which axes of the operand the result keeps as they are.
+_KEEPS: dict[str, Callable[[Mapping[str, Any], tuple[int, ...]], list[bool]]] = {
+  "pad": _pad_keeps,
+  "rev": _rev_keeps,
+  "slice": _slice_keeps,
+}
+
+
 def _axiswise(t: _Channels, eqn, ins, outs):
   """pad / rev / slice / reduce_window: axes they leave alone are tied."""
   uf = t.uf
   prim = eqn.primitive.name
-  p = eqn.params
   why = _why(eqn)
   x, o = ins[0], outs[0]
-  shape = _shape(eqn.invars[0])
-  nd = len(shape)
-  same = [True] * nd
+  same = _KEEPS.get(prim, _window_keeps)(eqn.params, _shape(eqn.invars[0]))
   if prim == "pad":
-    for a, (lo, hi, interior) in enumerate(p["padding_config"]):
-      same[a] = (lo, hi, interior) == (0, 0, 0)
     t.pin_all(ins[1:], why)
-  elif prim == "rev":
-    for a in p["dimensions"]:
-      same[a] = False
-  elif prim == "slice":
-    strides = p.get("strides") or (1,) * nd
-    for a in range(nd):
-      same[a] = p["start_indices"][a] == 0 and p["limit_indices"][a] == shape[a] and strides[a] == 1
-  else:  # reduce_window*
-    wd = p["window_dimensions"]
-    ws = p["window_strides"]
-    pad = p["padding"]
-    bd = p.get("base_dilation") or (1,) * nd
-    wdl = p.get("window_dilation") or (1,) * nd
-    for a in range(nd):
-      same[a] = wd[a] == 1 and ws[a] == 1 and tuple(pad[a]) == (0, 0) and bd[a] == 1 and wdl[a] == 1
-    if len(ins) > 1 or len(outs) > 1:
-      t.pin_all(ins + outs, why)
-      return
-  for a in range(nd):
-    if same[a]:
+  elif prim not in _KEEPS and (len(ins) > 1 or len(outs) > 1):  # a variadic reduce_window
+    t.pin_all(ins + outs, why)
+    return
+  for a, keep in enumerate(same):
+    if keep:
       uf.union(x[a], o[a])
     else:
       uf.pin(x[a], why + " along this axis")

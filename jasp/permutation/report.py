@@ -3,6 +3,13 @@
 Returned as data by :func:`jasp.permute` and printed readably (``print(report)``).
 A member or consumer that is one layer of a stacked leaf (a kernel ``(L, in,
 out)`` run by a scan) prints as ``path[axis]@layer`` (``path@layer``).
+
+*Efficacy* (after apex ASP) measures how much of what a permutation can win it
+won. N:M pruning keeps ``kept_before`` of ``sum |w|``; the *unstructured
+bound* ``bound`` keeps the largest ``n/m`` of each row's weights, with no
+group constraint, and no permutation can keep more. The efficacy is
+``100 * (kept_after - kept_before) / (bound - kept_before)``: 0% is no gain,
+100% reaches the bound.
 """
 
 from __future__ import annotations
@@ -37,13 +44,18 @@ class ClassReport:
     kept_before, kept_after: ``sum |w|`` kept by N:M over the consumers,
       before and after (each consumer normalised by its mean ``|w|``, as in
       the search).
-    efficacy: apex's efficacy of the search on the joint matrix, in percent.
+    efficacy: apex's efficacy of the search on the joint matrix, in percent:
+      ``100 * (kept_after - kept_before) / (bound - kept_before)`` on the
+      matrix the search saw (the module docstring says more).
     seconds: search time.
     layers: for each member, the layer of a stacked leaf that carries the
       channels (indices along the leaf's stacked axes), or None when every
       layer does (and for unstacked leaves): the hidden channels of layer 3 of
       a scanned MLP are ``(".../up/kernel", 2)`` with layer ``(3,)``.
     consumer_layers: for each consumer, its layer (``()`` when unstacked).
+    bound: ``sum |w|`` over the consumers (normalised as ``kept_before``)
+      kept by the largest ``n/m`` of each row's channels, unstructured: what no
+      permutation can beat; 0 for a class that was not searched.
   """
 
   id: int
@@ -58,6 +70,7 @@ class ClassReport:
   seconds: float = 0.0
   layers: tuple[tuple[int, ...] | None, ...] = ()
   consumer_layers: tuple[tuple[int, ...], ...] = ()
+  bound: float = 0.0
 
   def member_names(self) -> list[str]:
     """``path[axis]`` per member, ``path[axis]@layer`` for one layer of a stacked leaf."""
@@ -254,45 +267,109 @@ class PermutationReport:
   def permuted(self) -> tuple[ClassReport, ...]:
     return tuple(c for c in self.classes if c.status == "permuted")
 
+  @property
+  def searched(self) -> tuple[ClassReport, ...]:
+    """The classes that were searched (their bound was measured), permuted or not."""
+    return tuple(c for c in self.classes if c.bound > 0)
+
+  @property
+  def efficacy(self) -> float:
+    """Efficacy over every searched class jointly, in percent (0 when none).
+
+    ``100 * sum(kept_after - kept_before) / sum(bound - kept_before)``: the
+    share of the magnitude that N:M loses against the unstructured bound (the
+    largest ``n/m`` of each row) that the permutations win back.
+    """
+    gap = sum(max(c.bound - c.kept_before, 0.0) for c in self.searched)
+    won = sum(c.kept_after - c.kept_before for c in self.searched)
+    return 100.0 * won / gap if gap > 0 else 0.0
+
   def format(self, verbosity: int = 2) -> str:
-    """Human-readable summary; ``verbosity`` 1: totals, 2: + classes, 3: + layers."""
+    """Human-readable text: a summary, then (``verbosity`` >= 2) the channel
+    dimensions, then (>= 3) the pruned layers.
+
+    The summary says how many channel dimensions were permuted, searched and
+    skipped, the joint efficacy (:attr:`efficacy`, with its formula), the mean
+    fraction of ``sum |w|`` N:M keeps before and after, and how far the
+    permuted model's outputs are from the original's. The dimensions follow
+    grouped by status (permuted, searched but kept, skipped), identical lines
+    once with a count.
+    """
+    lines = self._summary()
+    if verbosity >= 2:
+      lines += self._class_lines()
+    if verbosity >= 3:
+      lines.append("  pruned layers (fraction of |w| kept by N:M, before -> after):")
+      lines += [
+        f"    {lr.name}: {lr.kept_before:.4f} -> {lr.kept_after:.4f}"
+        + (" (permuted)" if lr.permuted else "")
+        for lr in self.layers
+      ]
+    return "\n".join(lines)
+
+  def _summary(self) -> list[str]:
+    nm = f"{self.n}:{self.m}"
+    searched = len(self.searched)
     lines = [
-      f"channel permutation for {self.n}:{self.m}: {len(self.permuted)} of "
-      f"{len(self.classes)} channel dimension(s) permuted in {self.seconds:.2f} s"
+      f"channel permutation for {nm}: {len(self.permuted)} of {len(self.classes)} channel "
+      f"dimension(s) permuted ({searched} searched, {len(self.classes) - searched} skipped) "
+      f"in {self.seconds:.2f} s"
     ]
+    if searched:
+      lines += [
+        f"  efficacy {self.efficacy:.1f}% over the {searched} searched dimension(s): the share of "
+        f"the |w| that {nm} loses",
+        f"    against the unstructured bound (the largest {self.n}/{self.m} of each row) that "
+        "the permutation wins back,",
+        "    100 * (kept after - kept before) / (bound - kept before), summed over the dimensions",
+      ]
+    if self.layers:
+      k = len(self.layers)
+      before = sum(lr.kept_before for lr in self.layers) / k
+      after = sum(lr.kept_after for lr in self.layers) / k
+      lines.append(
+        f"  mean fraction of |w| kept by {nm} over {k} pruned layer(s): {before:.4f} -> {after:.4f}"
+      )
     if self.max_rel_error is not None:
       lines.append(
         f"  outputs vs. the original: max abs error {self.max_abs_error:.3g}, "
         f"relative {self.max_rel_error:.3g}"
       )
-    before = sum(lr.kept_before for lr in self.layers)
-    after = sum(lr.kept_after for lr in self.layers)
-    if self.layers:
-      lines.append(
-        f"  mean fraction of |w| kept by {self.n}:{self.m} over "
-        f"{len(self.layers)} layer(s): {before / len(self.layers):.4f} -> "
-        f"{after / len(self.layers):.4f}"
-      )
-    if verbosity >= 2:
-      for c in self.classes:
-        names = c.member_names()
-        members = ", ".join(names[:6])
-        more = f" (+{len(names) - 6})" if len(names) > 6 else ""
-        if c.status == "skipped":
-          lines.append(f"  [{c.size:>5}] skipped: {c.reason}: {members}{more}")
-        else:
-          lines.append(
-            f"  [{c.size:>5}] {c.status}: efficacy {c.efficacy:.1f}%, "
-            f"{c.seconds:.2f} s; consumers {', '.join(c.consumer_names())}; members "
-            f"{members}{more}" + (f" ({c.reason})" if c.reason else "")
-          )
-    if verbosity >= 3:
-      for lr in self.layers:
-        lines.append(
-          f"  {lr.name}: kept {lr.kept_before:.4f} -> {lr.kept_after:.4f}"
-          + (" (permuted)" if lr.permuted else "")
-        )
-    return "\n".join(lines)
+    return lines
+
+  def _class_lines(self) -> list[str]:
+    groups = (
+      ("permuted", "permuted"),
+      ("identity", "searched, kept as they were"),
+      ("skipped", "skipped"),
+    )
+    lines = []
+    for status, title in groups:
+      rows = _counted([_class_line(c) for c in self.classes if c.status == status])
+      if rows:
+        lines.append(f"  {title}:")
+        lines += [f"    {r}" for r in rows]
+    return lines
 
   def __str__(self) -> str:
     return self.format()
+
+
+def _class_line(c: ClassReport) -> str:
+  """One class: size, outcome, consumers, members (the first six)."""
+  names = c.member_names()
+  members = ", ".join(names[:6]) + (f" (+{len(names) - 6})" if len(names) > 6 else "")
+  if c.status == "skipped":
+    return f"[{c.size:>5}] {c.reason}: {members}"
+  outcome = f"efficacy {c.efficacy:.1f}%, {c.seconds:.2f} s" + (
+    f" ({c.reason})" if c.reason else ""
+  )
+  return f"[{c.size:>5}] {outcome}; consumers {', '.join(c.consumer_names())}; members {members}"
+
+
+def _counted(lines: list[str]) -> list[str]:
+  """``lines`` with repeats dropped, in first-seen order; a repeated line ends ``(xN)``."""
+  counts: dict[str, int] = {}
+  for line in lines:
+    counts[line] = counts.get(line, 0) + 1
+  return [line if k == 1 else f"{line} (x{k})" for line, k in counts.items()]

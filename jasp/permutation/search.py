@@ -40,7 +40,9 @@ import functools
 import itertools
 import math
 import time
+from collections.abc import Callable
 from collections.abc import Sequence
+from typing import Any
 from typing import Literal
 from typing import NamedTuple
 
@@ -279,6 +281,13 @@ def _round_robin(s: int) -> np.ndarray:
 # The window search.
 
 
+# Phases of the window search (see :func:`_windows_chunk`).
+_PAIRS = 0  # round-robin sweeps over every pair of stripes
+_STAR = 1  # focused rounds: a dirty stripe against all the others
+_LOCAL_OPT = 2  # at a local optimum: keep the best, then escape or stop
+_ALL_WINDOWS = 3  # windows of k >= 3 stripes: every window at once
+
+
 class _State(NamedTuple):
   perm: jax.Array  # (C,) current partition
   scores: jax.Array  # (S,) stripe scores of perm
@@ -286,7 +295,7 @@ class _State(NamedTuple):
   best_total: jax.Array  # () its objective
   dirty: jax.Array  # (S,) bool: stripes whose windows need a (re)check
   relabel: jax.Array  # (S,) stripe relabeling of the current sweep
-  phase: jax.Array  # () 0: round-robin pair sweeps, 1: focused rounds
+  phase: jax.Array  # () one of _PAIRS, _STAR, _LOCAL_OPT, _ALL_WINDOWS
   pos: jax.Array  # () round within the sweep
   improved: jax.Array  # () bool: the sweep improved something
   sweeps: jax.Array  # () sweeps started
@@ -418,132 +427,199 @@ def _independent(wins, gain, s):
   return (gain > 0) & jnp.all(first[wins] == idx[:, None], axis=1)
 
 
+class _Win(NamedTuple):
+  """What every round of one window search reads (arrays traced, ints static)."""
+
+  mag: jax.Array  # (C, R)
+  seed: jax.Array
+  n: int
+  m: int
+  k: int
+  batch: int
+  all_batch: int
+  escape_swaps: jax.Array
+  max_escapes: jax.Array
+  rr: jax.Array  # (rounds, w, 2) the round-robin schedule
+  after_pairs: int  # the phase after a converged pair sweep or star
+
+
+def _n_half(cx: _Win) -> int:
+  """Star rounds per dirty stripe: the others in halves of ``w`` windows."""
+  s = cx.mag.shape[0] // cx.m
+  return -(-(s - 1) // cx.rr.shape[1])
+
+
+def _local_opt(cx: _Win, st: _State, fresh) -> _State:
+  """Phase ``_LOCAL_OPT``: keep the best partition, then escape from it or stop."""
+  s = cx.mag.shape[0] // cx.m
+  total = st.scores.sum()
+  better = total > st.best_total + _tol(st.best_total)
+  best = jnp.where(better, st.perm, st.best)
+  best_total = jnp.where(better, total, st.best_total)
+  done = st.escapes >= cx.max_escapes
+  kicked, touched = _perturb(best, cx.seed, st.escapes, cx.m, cx.escape_swaps)
+  perm = jnp.where(done, best, kicked)
+  scores = _stripe_scores(cx.mag, perm.reshape(s, cx.m), cx.n)
+  return st._replace(
+    perm=perm,
+    scores=scores,
+    best=best,
+    best_total=best_total,
+    dirty=touched & ~done,
+    relabel=fresh,
+    phase=jnp.where(done, _LOCAL_OPT, _STAR),
+    escapes=st.escapes + (~done).astype(jnp.int32),
+    done=done,
+    pos=0,
+  )
+
+
+def _pair_windows(cx: _Win, st: _State):
+  """``(wins (w, 2), valid)``: round-robin round ``pos`` under the sweep's relabeling."""
+  s = cx.mag.shape[0] // cx.m
+  relab = jnp.concatenate([st.relabel, jnp.array([s], st.relabel.dtype)])
+  pw = relab[cx.rr[st.pos]]
+  return pw, jnp.all(pw < s, axis=-1)
+
+
+def _star_windows(cx: _Win, st: _State):
+  """``(wins (w, 2), valid, d)``: the first dirty stripe ``d`` against half ``pos`` of the others."""
+  s = cx.mag.shape[0] // cx.m
+  w = cx.rr.shape[1]
+  n_half = _n_half(cx)
+  slots = jnp.arange(n_half * w, dtype=jnp.int32)
+  d = st.relabel[jnp.argmax(st.dirty[st.relabel])]
+  others = jax.lax.dynamic_slice(slots, (jnp.minimum(st.pos, n_half - 1) * w,), (w,))
+  sw = jnp.stack([jnp.full(w, d, jnp.int32), jnp.where(others >= d, others + 1, others)], 1)
+  return sw, (sw[:, 1] < s) & jnp.any(st.dirty), d
+
+
+def _after_pairs(cx: _Win, st: _State, perm, scores, improved_any, fresh) -> _State:
+  """Bookkeeping of a pair round: next round, or a new sweep (or done with pairs)."""
+  improved = st.improved | improved_any
+  pos = st.pos + 1
+  end = pos >= cx.rr.shape[0]
+  converged = end & ~improved
+  return st._replace(
+    perm=perm,
+    scores=scores,
+    relabel=jnp.where(end, fresh, st.relabel),
+    phase=jnp.where(converged, cx.after_pairs, _PAIRS),
+    pos=jnp.where(end, 0, pos),
+    improved=improved & ~end,
+    sweeps=st.sweeps + end.astype(jnp.int32),
+  )
+
+
+def _after_star(cx: _Win, st: _State, perm, scores, improved_any, win, d) -> _State:
+  """Bookkeeping of a star round: an improved window's stripes turn dirty.
+
+  The stripe ``d`` turns clean when its last half of partners improved nothing.
+  """
+  last_half = st.pos >= _n_half(cx) - 1
+  dirty = jnp.where(
+    improved_any,
+    st.dirty.at[win].set(True),
+    jnp.where(last_half, st.dirty.at[d].set(False), st.dirty),
+  )
+  return st._replace(
+    perm=perm,
+    scores=scores,
+    dirty=dirty,
+    pos=jnp.where(improved_any | last_half, 0, st.pos + 1),
+    phase=jnp.where(jnp.any(st.dirty), _STAR, cx.after_pairs),
+  )
+
+
+def _pair_or_star(cx: _Win, st: _State, fresh) -> _State:
+  """Phases ``_PAIRS`` and ``_STAR``: one round of windows of two stripes (one batch shape)."""
+  star = st.phase == _STAR
+  pw, pvalid = _pair_windows(cx, st)
+  sw, svalid, d = _star_windows(cx, st)
+  s = cx.mag.shape[0] // cx.m
+  wins = jnp.minimum(jnp.where(star, sw, pw), s)
+  valid = jnp.where(star, svalid, pvalid)
+  gain, new, new_scores = _solve_windows(cx.mag, st.perm, wins, valid, cx.n, cx.m, 2, cx.batch)
+  b = jnp.argmax(gain)
+  improved_any = gain[b] > 0
+  take = jnp.where(star, (jnp.arange(wins.shape[0]) == b) & improved_any, gain > 0)
+  perm, scores = _apply_windows(st.perm, st.scores, wins, take, new, new_scores, cx.m, 2)
+  pair_st = _after_pairs(cx, st, perm, scores, improved_any, fresh)
+  star_st = _after_star(cx, st, perm, scores, improved_any, wins[b], d)
+  return jax.tree_util.tree_map(lambda a, b_: jnp.where(star, a, b_), star_st, pair_st)
+
+
+def _all_pass(cx: _Win, st: _State) -> _State:
+  """Phase ``_ALL_WINDOWS``: solve every window of ``k`` stripes, apply the best disjoint ones."""
+  s = cx.mag.shape[0] // cx.m
+  wins = jnp.asarray(_all_windows(s, cx.k))
+  valid = jnp.ones(wins.shape[0], bool)
+  gain, new, new_scores = _solve_windows(
+    cx.mag, st.perm, wins, valid, cx.n, cx.m, cx.k, cx.all_batch
+  )
+  take = _independent(wins, gain, s)
+  perm, scores = _apply_windows(st.perm, st.scores, wins, take, new, new_scores, cx.m, cx.k)
+  return st._replace(
+    perm=perm, scores=scores, phase=jnp.where(jnp.any(take), _ALL_WINDOWS, _LOCAL_OPT)
+  )
+
+
+def _search_round(cx: _Win, st: _State) -> _State:
+  """One round: at a local optimum escape (or stop), else one round of the phase."""
+  s = cx.mag.shape[0] // cx.m
+  fresh = _rand_order(cx.seed, 1, st.rounds + 1, s)
+  st = jax.lax.cond(
+    st.phase == _LOCAL_OPT, functools.partial(_local_opt, cx), lambda x, f: x, st, fresh
+  )
+  pair_or_star = functools.partial(_pair_or_star, cx)
+
+  def windows(x: _State, f) -> _State:
+    return jax.lax.cond(x.phase == _ALL_WINDOWS, lambda y, g: _all_pass(cx, y), pair_or_star, x, f)
+
+  step = windows if cx.k > 2 else pair_or_star
+  st = jax.lax.cond(st.done | (st.phase == _LOCAL_OPT), lambda x, f: x, step, st, fresh)
+  return st._replace(rounds=st.rounds + 1)
+
+
 @functools.partial(jax.jit, static_argnames=("n", "m", "k", "batch", "all_batch"))
 def _windows_chunk(
   mag, state: _State, seed, *, n, m, k, batch, all_batch, escape_swaps, max_escapes, chunk
 ):
   """Runs up to ``chunk`` rounds of the window search (a pure state machine).
 
-  Phases: 0 sweeps pairs of stripes in round-robin rounds (a round solves
-  ``S // 2`` disjoint windows and applies every improvement) until a whole
-  sweep improves nothing, which proves a local optimum over all pairs. 1 takes
-  the first dirty stripe ``d`` (in a random order), solves the pairs ``(d,
-  x)`` for half of the other stripes ``x`` at a time and applies the best; ``d``
-  turns clean when neither half improves (the cheap way back to a local
-  optimum after an escape). 3 (windows of ``k >= 3`` stripes, after 0 or 1)
-  solves every window of ``k`` stripes at once and applies the best disjoint
-  improvements, until none is left. 2 is a local optimum: keep the best
-  partition so far, then escape (perturb the best with random channel swaps,
-  mark the touched stripes dirty, go to 1) or stop. Phases 0 and 1 share one
-  batch shape, so one compiled window solver serves both.
+  Phases: ``_PAIRS`` sweeps pairs of stripes in round-robin rounds (a round
+  solves ``S // 2`` disjoint windows and applies every improvement) until a
+  whole sweep improves nothing, which proves a local optimum over all pairs.
+  ``_STAR`` takes the first dirty stripe ``d`` (in a random order), solves the
+  pairs ``(d, x)`` for half of the other stripes ``x`` at a time and applies
+  the best; ``d`` turns clean when neither half improves (the cheap way back
+  to a local optimum after an escape). ``_ALL_WINDOWS`` (windows of ``k >= 3``
+  stripes, after ``_PAIRS`` or ``_STAR``) solves every window of ``k`` stripes
+  at once and applies the best disjoint improvements, until none is left.
+  ``_LOCAL_OPT`` is a local optimum: keep the best partition so far, then
+  escape (perturb the best with random channel swaps, mark the touched stripes
+  dirty, go to ``_STAR``) or stop. ``_PAIRS`` and ``_STAR`` share one batch
+  shape, so one compiled window solver serves both.
   """
-  c = mag.shape[0]
-  s = c // m
-  rr = jnp.asarray(_round_robin(s))
-  w = rr.shape[1]
-  n_half = -(-(s - 1) // w)
-  after_pairs = 3 if k > 2 else 2
-  slots = jnp.arange(n_half * w, dtype=jnp.int32)
-
-  def local_opt(st: _State, fresh):
-    total = st.scores.sum()
-    better = total > st.best_total + _tol(st.best_total)
-    best = jnp.where(better, st.perm, st.best)
-    best_total = jnp.where(better, total, st.best_total)
-    done = st.escapes >= max_escapes
-    kicked, touched = _perturb(best, seed, st.escapes, m, escape_swaps)
-    perm = jnp.where(done, best, kicked)
-    scores = _stripe_scores(mag, perm.reshape(s, m), n)
-    return st._replace(
-      perm=perm,
-      scores=scores,
-      best=best,
-      best_total=best_total,
-      dirty=touched & ~done,
-      relabel=fresh,
-      phase=jnp.where(done, 2, 1),
-      escapes=st.escapes + (~done).astype(jnp.int32),
-      done=done,
-      pos=0,
-    )
-
-  def pair_or_star(st: _State, fresh):
-    star = st.phase == 1
-    # Pair round: the round-robin round ``pos`` under the sweep's relabeling.
-    relab = jnp.concatenate([st.relabel, jnp.array([s], st.relabel.dtype)])
-    pw = relab[rr[st.pos]]
-    # Star round: the first dirty stripe d against half ``pos`` of the others.
-    any_dirty = jnp.any(st.dirty)
-    d = st.relabel[jnp.argmax(st.dirty[st.relabel])]
-    others = jax.lax.dynamic_slice(slots, (jnp.minimum(st.pos, n_half - 1) * w,), (w,))
-    sw = jnp.stack([jnp.full(w, d, jnp.int32), jnp.where(others >= d, others + 1, others)], 1)
-    wins = jnp.where(star, sw, pw)
-    valid = jnp.where(star, (sw[:, 1] < s) & any_dirty, jnp.all(pw < s, axis=-1))
-    wins = jnp.minimum(wins, s)
-    gain, new, new_scores = _solve_windows(mag, st.perm, wins, valid, n, m, 2, batch)
-    b = jnp.argmax(gain)
-    improved_any = gain[b] > 0
-    take = jnp.where(star, (jnp.arange(w) == b) & improved_any, gain > 0)
-    perm, scores = _apply_windows(st.perm, st.scores, wins, take, new, new_scores, m, 2)
-    # Pair bookkeeping.
-    improved = st.improved | improved_any
-    pos = st.pos + 1
-    end = pos >= rr.shape[0]
-    converged = end & ~improved
-    pair_st = st._replace(
-      perm=perm,
-      scores=scores,
-      relabel=jnp.where(end, fresh, st.relabel),
-      phase=jnp.where(converged, after_pairs, 0),
-      pos=jnp.where(end, 0, pos),
-      improved=improved & ~end,
-      sweeps=st.sweeps + end.astype(jnp.int32),
-    )
-    # Star bookkeeping.
-    last_half = st.pos >= n_half - 1
-    dirty = jnp.where(
-      improved_any,
-      st.dirty.at[wins[b]].set(True),
-      jnp.where(last_half, st.dirty.at[d].set(False), st.dirty),
-    )
-    star_pos = jnp.where(improved_any | last_half, 0, st.pos + 1)
-    star_st = st._replace(
-      perm=perm,
-      scores=scores,
-      dirty=dirty,
-      pos=star_pos,
-      phase=jnp.where(any_dirty, 1, after_pairs),
-    )
-    return jax.tree_util.tree_map(lambda a, b_: jnp.where(star, a, b_), star_st, pair_st)
-
-  def all_pass(st: _State):
-    wins = jnp.asarray(_all_windows(s, k))
-    valid = jnp.ones(wins.shape[0], bool)
-    gain, new, new_scores = _solve_windows(mag, st.perm, wins, valid, n, m, k, all_batch)
-    take = _independent(wins, gain, s)
-    perm, scores = _apply_windows(st.perm, st.scores, wins, take, new, new_scores, m, k)
-    return st._replace(perm=perm, scores=scores, phase=jnp.where(jnp.any(take), 3, 2))
-
-  def round_(st: _State) -> _State:
-    fresh = _rand_order(seed, 1, st.rounds + 1, s)
-    st = jax.lax.cond(st.phase == 2, local_opt, lambda x, f: x, st, fresh)
-    if k > 2:
-      st = jax.lax.cond(
-        st.done | (st.phase == 2),
-        lambda x, f: x,
-        lambda x, f: jax.lax.cond(x.phase == 3, lambda y, g: all_pass(y), pair_or_star, x, f),
-        st,
-        fresh,
-      )
-    else:
-      st = jax.lax.cond(st.done | (st.phase == 2), lambda x, f: x, pair_or_star, st, fresh)
-    return st._replace(rounds=st.rounds + 1)
+  cx = _Win(
+    mag=mag,
+    seed=seed,
+    n=n,
+    m=m,
+    k=k,
+    batch=batch,
+    all_batch=all_batch,
+    escape_swaps=escape_swaps,
+    max_escapes=max_escapes,
+    rr=jnp.asarray(_round_robin(mag.shape[0] // m)),
+    after_pairs=_ALL_WINDOWS if k > 2 else _LOCAL_OPT,
+  )
 
   def cond(carry):
     st, i = carry
     return (i < chunk) & ~st.done
 
-  st, _ = jax.lax.while_loop(cond, lambda cr: (round_(cr[0]), cr[1] + 1), (state, 0))
+  st, _ = jax.lax.while_loop(cond, lambda cr: (_search_round(cx, cr[0]), cr[1] + 1), (state, 0))
   return st
 
 
@@ -567,7 +643,21 @@ def _init_state(mag, m, seed, n) -> _State:
   relabel = _rand_order(seed, 1, 0, s)
   z = jnp.zeros((), jnp.int32)
   f = jnp.zeros((), bool)
-  return _State(perm, scores, perm, scores.sum(), jnp.zeros(s, bool), relabel, z, z, f, z, z, z, f)
+  return _State(
+    perm=perm,
+    scores=scores,
+    best=perm,
+    best_total=scores.sum(),
+    dirty=jnp.zeros(s, bool),
+    relabel=relabel,
+    phase=jnp.full((), _PAIRS, jnp.int32),
+    pos=z,
+    improved=f,
+    sweeps=z,
+    escapes=z,
+    rounds=z,
+    done=f,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -635,14 +725,14 @@ def _swap_chunk(mag, st: _SwapState, seed, *, n, m, escape_swaps, max_escapes, c
     repl = jax.lax.cond(escape, lambda: _replacement(mag, stripes, n), lambda: repl)
     scores = _stripe_scores(mag, stripes, n)
     return _SwapState(
-      perm,
-      repl,
-      scores,
-      best,
-      best_total,
-      st.escapes + escape.astype(jnp.int32),
-      st.rounds + 1,
-      done,
+      perm=perm,
+      repl=repl,
+      scores=scores,
+      best=best,
+      best_total=best_total,
+      escapes=st.escapes + escape.astype(jnp.int32),
+      rounds=st.rounds + 1,
+      done=done,
     )
 
   def cond(carry):
@@ -651,6 +741,119 @@ def _swap_chunk(mag, st: _SwapState, seed, *, n, m, escape_swaps, max_escapes, c
 
   st, _ = jax.lax.while_loop(cond, lambda cr: (step(cr[0]), cr[1] + 1), (st, 0))
   return st
+
+
+# ----------------------------------------------------------------------------
+# Running a search: setup, chunks between host checks, the result.
+
+
+def _row_bucket(r: int) -> int:
+  """Rows padded to: a power of two (at least 256) up to 4096, then multiples of 4096."""
+  return max(256, 1 << max(0, (r - 1).bit_length())) if r <= 4096 else -(-r // 4096) * 4096
+
+
+def _window_stripes(window: int | None, s: int) -> int:
+  """Stripes per window (``k``) for ``window`` on ``s`` stripes; raises ``ValueError`` below 2."""
+  k = window if window is not None else 2
+  if k < 2:
+    raise ValueError(f"window must be >= 2 stripes, got {k}.")
+  return min(k, s)
+
+
+class _Job(NamedTuple):
+  """A search ready to run: ``run(mag, state, seeds, chunk=...)`` from ``state``."""
+
+  run: Callable[..., Any]
+  state: Any
+  seeds: jax.Array
+  cost: int  # elements of work per round (sets the rounds between host checks)
+
+
+def _windows_job(mag, n, m, k, escape_swaps, escapes, seed, chains) -> _Job:
+  """The window search (``chains`` side by side when more than one)."""
+  s, r = mag.shape[0] // m, mag.shape[1]
+  n_sub = len(window_tables(k, m)[0])
+  pair = len(window_tables(2, m)[0]) * m * r
+  batch = max(1, min(s // 2 + s % 2, _BATCH_ELEMS // pair))
+  n_all = math.comb(s, k) if k > 2 else 1
+  if k > 2 and n_all > _MAX_WINDOWS:
+    raise ValueError(
+      f"window={k} on {s} stripes means {n_all} windows per pass (more than "
+      f"{_MAX_WINDOWS}); use window=2 for a layer this wide."
+    )
+  all_batch = max(1, min(n_all, _BATCH_ELEMS // (n_sub * m * r)))
+  static = dict(
+    n=n,
+    m=m,
+    k=k,
+    batch=batch,
+    all_batch=all_batch,
+    escape_swaps=jnp.int32(escape_swaps),
+    max_escapes=jnp.int32(escapes),
+  )
+  cost = max(s // 2 * pair, n_all * n_sub * m * r if k > 2 else 0)
+  if chains > 1:
+    seeds = _hash(jnp.uint32(seed), 99, jnp.arange(chains, dtype=jnp.uint32))
+    run = functools.partial(_windows_chunks, **static)
+    return _Job(run, _vmapped_init(mag, m, seeds, n), seeds, cost)
+  seeds = jnp.uint32(seed)
+  return _Job(
+    functools.partial(_windows_chunk, **static), _init_state(mag, m, seeds, n), seeds, cost
+  )
+
+
+def _swap_job(mag, n, m, escape_swaps, escapes, seed) -> _Job:
+  """The greedy swap search."""
+  c, r = mag.shape
+  s = c // m
+  stripes = jnp.arange(c, dtype=jnp.int32).reshape(s, m)
+  scores = _stripe_scores(mag, stripes, n)
+  z = jnp.zeros((), jnp.int32)
+  st = _SwapState(
+    perm=stripes.reshape(-1),
+    repl=_replacement(mag, stripes, n),
+    scores=scores,
+    best=stripes.reshape(-1),
+    best_total=scores.sum(),
+    escapes=z,
+    rounds=z,
+    done=jnp.zeros((), bool),
+  )
+  run = functools.partial(
+    _swap_chunk, n=n, m=m, escape_swaps=jnp.int32(escape_swaps), max_escapes=jnp.int32(escapes)
+  )
+  return _Job(run, st, jnp.uint32(seed), max(1, 2 * m * c * r + c * c))
+
+
+def _run_job(job: _Job, mag, budget: int, time_limit: float | None, t0: float):
+  """Runs ``job`` in chunks until done, ``budget`` rounds, or ``time_limit`` after ``t0``."""
+  # Chunks of rounds between host checks: about 1e8 elements of work, so a
+  # check comes every few ms on a GPU and well under a second on a CPU.
+  chunk = int(min(4096, max(1, 1e8 // job.cost)))
+  st, done_rounds = job.state, 0
+  while True:
+    this = int(min(chunk, budget - done_rounds))
+    if this <= 0:
+      return st
+    st = job.run(mag, st, job.seeds, chunk=jnp.int32(this))
+    done, rounds = jax.device_get((jnp.all(st.done), jnp.max(st.rounds)))
+    done_rounds = int(rounds)
+    if bool(done) or (time_limit is not None and time.perf_counter() - t0 >= time_limit):
+      return st
+
+
+def _result(st, chains: int) -> tuple[jax.Array, int, bool]:
+  """``(perm, escapes, converged)`` of a finished search.
+
+  ``perm`` is the better of the current and the best-so-far partition (of the
+  best chain).
+  """
+  cur_total = st.scores.sum(-1)
+  perm = jnp.where((cur_total > st.best_total)[..., None], st.perm, st.best)
+  escapes_done, all_done = int(jnp.max(st.escapes)), bool(jnp.all(st.done))
+  if chains > 1:
+    perm = perm[jnp.argmax(jnp.maximum(cur_total, st.best_total))]
+  return jax.block_until_ready(perm), escapes_done, all_done
 
 
 # ----------------------------------------------------------------------------
@@ -746,7 +949,6 @@ def search_permutation(
   w = jnp.asarray(w)
   axes = masks_lib.group_axes(w.ndim, axis)
   c = int(np.prod([w.shape[a] for a in axes], dtype=np.int64))
-  r = w.size // max(c, 1)
   if c % m:
     raise ValueError(
       f"the group axis {axis} of an array of shape {tuple(w.shape)} has {c} channels, "
@@ -755,17 +957,10 @@ def search_permutation(
   s = c // m
   # Zero rows change no score: pad the rows to a bucket so that layers of
   # similar sizes share one compiled search.
-  bucket = max(256, 1 << max(0, (r - 1).bit_length())) if r <= 4096 else -(-r // 4096) * 4096
-  mag = _padded_matrix(w, axes, bucket)
-  r = bucket
+  r = _row_bucket(w.size // max(c, 1))
+  mag = _padded_matrix(w, axes, r)
   strategy = "windows" if strategy == "auto" else strategy
-  k = 0
-  if strategy == "windows":
-    k = window if window is not None else 2
-    if k < 2:
-      raise ValueError(f"window must be >= 2 stripes, got {k}.")
-    k = min(k, s)
-  budget = max_rounds if max_rounds is not None else np.iinfo(np.int32).max
+  k = _window_stripes(window, s) if strategy == "windows" else 0
   escape_swaps = max(1, min(int(escape_swaps), s // 2))
   seed = int(seed) & 0x7FFFFFFF
   if s < 2:
@@ -776,83 +971,19 @@ def search_permutation(
     return (perm, info) if return_info else perm
 
   if strategy == "windows":
-    n_sub = len(window_tables(k, m)[0])
-    pair = len(window_tables(2, m)[0]) * m * r
-    batch = max(1, min(s // 2 + s % 2, _BATCH_ELEMS // pair))
-    n_all = math.comb(s, k) if k > 2 else 1
-    if k > 2 and n_all > _MAX_WINDOWS:
-      raise ValueError(
-        f"window={k} on {s} stripes means {n_all} windows per pass (more than "
-        f"{_MAX_WINDOWS}); use window=2 for a layer this wide."
-      )
-    all_batch = max(1, min(n_all, _BATCH_ELEMS // (n_sub * m * r)))
-    static = dict(
-      n=n,
-      m=m,
-      k=k,
-      batch=batch,
-      all_batch=all_batch,
-      escape_swaps=jnp.int32(escape_swaps),
-      max_escapes=jnp.int32(escapes),
-    )
-    run = functools.partial(_windows_chunk, **static)
-    if chains > 1:
-      seeds = _hash(jnp.uint32(seed), 99, jnp.arange(chains, dtype=jnp.uint32))
-      st = _vmapped_init(mag, m, seeds, n)
-      run = functools.partial(_windows_chunks, **static)
-    else:
-      seeds = jnp.uint32(seed)
-      st = _init_state(mag, m, seeds, n)
-    cost = max(s // 2 * pair, n_all * n_sub * m * r if k > 2 else 0)
+    job = _windows_job(mag, n, m, k, escape_swaps, escapes, seed, chains)
   else:
-    stripes = jnp.arange(c, dtype=jnp.int32).reshape(s, m)
-    repl = _replacement(mag, stripes, n)
-    scores = _stripe_scores(mag, stripes, n)
-    z = jnp.zeros((), jnp.int32)
-    st = _SwapState(
-      stripes.reshape(-1),
-      repl,
-      scores,
-      stripes.reshape(-1),
-      scores.sum(),
-      z,
-      z,
-      jnp.zeros((), bool),
-    )
-    run = functools.partial(
-      _swap_chunk, n=n, m=m, escape_swaps=jnp.int32(escape_swaps), max_escapes=jnp.int32(escapes)
-    )
-    seeds = jnp.uint32(seed)
-    cost = max(1, 2 * m * c * r + c * c)
-  # Chunks of rounds between host checks: about 1e8 elements of work, so a
-  # check comes every few ms on a GPU and well under a second on a CPU.
-  chunk = int(min(4096, max(1, 1e8 // cost)))
-  done_rounds = 0
-  while True:
-    this = int(min(chunk, budget - done_rounds))
-    if this <= 0:
-      break
-    st = run(mag, st, seeds, chunk=jnp.int32(this))
-    done, rounds = jax.device_get((jnp.all(st.done), jnp.max(st.rounds)))
-    done_rounds = int(rounds)
-    if bool(done):
-      break
-    if time_limit is not None and time.perf_counter() - t0 >= time_limit:
-      break
-  # The best of the current and the best-so-far partition (of the best chain).
-  cur_total = st.scores.sum(-1)
-  perm = jnp.where((cur_total > st.best_total)[..., None], st.perm, st.best)
-  escapes_done, all_done = int(jnp.max(st.escapes)), bool(jnp.all(st.done))
-  if chains > 1:
-    perm = perm[jnp.argmax(jnp.maximum(cur_total, st.best_total))]
-  perm = jax.block_until_ready(perm)
+    job = _swap_job(mag, n, m, escape_swaps, escapes, seed)
+  budget = max_rounds if max_rounds is not None else np.iinfo(np.int32).max
+  st = _run_job(job, mag, budget, time_limit, t0)
+  perm, escapes_done, all_done = _result(st, chains)
   seconds = time.perf_counter() - t0
   if not return_info:
     return perm
   info = SearchInfo(
     strategy,
     k * m,
-    done_rounds,
+    int(jnp.max(st.rounds)),
     escapes_done,
     all_done,
     seconds,
