@@ -9,9 +9,7 @@ leaf is pruned, ``None`` where it stays dense.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from collections.abc import Mapping
-from typing import Any
 from typing import Literal
 
 import jax
@@ -23,12 +21,12 @@ from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
 from jasp import packing
 from jasp import policy as policy_lib
+from jasp import sharding
+from jasp.typing import Pattern
+from jasp.typing import PyTree
+from jasp.typing import ScoreFn
 
 __all__ = ["compute_masks", "apply_masks", "prune"]
-
-PyTree = Any
-Pattern = Literal["nm", "2d_best", "2d_greedy"] | Callable[..., jax.Array]
-ScoreFn = Callable[[str, jax.Array], jax.Array]
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis", "impl"))
@@ -185,15 +183,13 @@ def compute_masks(
 def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
   """One XLA program for the whole tree: masks (and pruned weights) in one pass."""
   masks, pruned, finite = [], [], []
-  from jasp import _dispatch
-
   for (path, d), w in zip(cfg, leaves):
     finite.append(
       jnp.all(jnp.isfinite(w)) if jnp.issubdtype(w.dtype, jnp.inexact) else jnp.bool_(True)
     )
     if want_pruned and pattern == "nm" and score_fn is None:
       # One pass: the pruned weight and its mask together (the Pallas kernel on a GPU).
-      pw, mask = _dispatch.nm_prune_array(w, n, m, d.axis, impl=impl, with_mask=True)
+      pw, mask = masks_lib.nm_prune(w, n, m, d.axis, impl=impl, with_mask=True)
       pruned.append(pw)
     else:
       mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
@@ -228,7 +224,7 @@ def _check_some_pruned(
 
 
 def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
-  masks_lib._check_nm(n, m)
+  masks_lib.check_nm(n, m)
   if not (callable(pattern) or pattern in ("nm", "2d_best", "2d_greedy")):
     raise ValueError(
       f"pattern must be 'nm', '2d_best', '2d_greedy' or a callable, got {pattern!r}."
@@ -257,8 +253,6 @@ def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want
         f"the leaf '{paths[i]}' (shape {tuple(leaves[i].shape)}) is to be pruned but "
         f"has dtype {leaves[i].dtype}; N:M masks rank real numbers."
       )
-  from jasp import sharding
-
   for i in todo:
     sharding.check_groups_unsplit(leaves[i], decisions[paths[i]].axis, m, path=paths[i])
   cfg = tuple((paths[i], decisions[paths[i]]) for i in todo)

@@ -30,10 +30,10 @@ from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
 from jasp import policy as policy_lib
 from jasp.calibration import stats as stats_lib
+from jasp.typing import PyTree
 
 __all__ = ["LayerResult", "run"]
 
-PyTree = Any
 Missing = Literal["error", "magnitude", "dense"]
 log = logging.getLogger("jasp.calibration")
 
@@ -280,7 +280,7 @@ def run(
   callback: Callable[[LayerResult], Any] | None,
 ) -> tuple[PyTree, PyTree]:
   """Prunes every leaf that the policy selects with ``leaf_fn``; see the pruners' docs."""
-  masks_lib._check_nm(n, m)
+  masks_lib.check_nm(n, m)
   if missing not in ("error", "magnitude", "dense"):
     raise ValueError(f"missing must be 'error', 'magnitude' or 'dense', got {missing!r}.")
   params, batches = split_args(fn, params, batches)

@@ -67,10 +67,16 @@ from typing import Any
 
 import numpy as np
 
+from jasp import _tree
+from jasp import layouts as layouts_lib
+from jasp._nm_core import check_nm
 from jasp.export import _nm
 from jasp.export import _onnx_graph
 from jasp.export import _safe_read
+from jasp.export import torch_layout
 from jasp.export._deps import require
+from jasp.export._format import JASP_JSON
+from jasp.export._format import METADATA_KEY
 from jasp.export._safe_read import Budget
 from jasp.export._safe_read import CheckError
 
@@ -329,10 +335,8 @@ def _report(
   expect_sparse: str | Sequence[str] | None,
   min_zeros: float | None,
 ) -> CheckReport:
-  from jasp.masks import _check_nm
-
   try:
-    _check_nm(n, m)
+    check_nm(n, m)
   except (TypeError, ValueError) as e:
     raise CheckError(str(e)) from None
   regexes = [expect_sparse] if isinstance(expect_sparse, str) else list(expect_sparse or ())
@@ -556,8 +560,6 @@ def _onnx_prepare(model, where: str, base: str | None, budget: Budget) -> None:
 
 
 def _onnx_meta(model, where: str) -> dict:
-  from jasp.export._onnx import METADATA_KEY
-
   values = [e.value for e in model.metadata_props if e.key == METADATA_KEY]
   if not values:
     return {}
@@ -715,8 +717,6 @@ def _onnx_none_found(model) -> str:
 def _tree_candidates(
   flat: Mapping[str, Any], *, layouts: Mapping[str, Any] | None = None
 ) -> list[_Candidate]:
-  from jasp import layouts as layouts_lib
-
   marks: dict[str, np.ndarray] = {}
   for p, x in flat.items():
     parts = p.split("/")
@@ -771,8 +771,6 @@ def check_params(
   Raises:
     CheckError: ``n``/``m`` or ``expect_sparse`` are invalid.
   """
-  from jasp import _tree
-
   flat = {p: np.asarray(x) for p, x in _tree.leaves_by_path(params).items()}
   return _report(
     name, "pytree", _tree_candidates(flat, layouts=layouts), n, m, expect_sparse, min_zeros
@@ -851,8 +849,6 @@ def _safetensors_header(path: str, budget: Budget) -> tuple[dict, dict]:
 
 
 def _safetensors_candidates(path: str, layout: str | None, budget: Budget):
-  from jasp.export import torch_layout
-
   safetensors = require("safetensors")
   header, raw_meta = _safetensors_header(path, budget)
   meta: dict = {}
@@ -936,9 +932,6 @@ def _unescape_tf(name: str) -> str:
 
 def _savedmodel_candidates(path: str, budget: Budget):
   tf = require("tensorflow")
-  from jasp import layouts as layouts_lib
-  from jasp.export._saved_model import JASP_JSON
-
   _safe_read.check_tree(path)
   meta: dict = {}
   jp = os.path.join(path, JASP_JSON)
@@ -1209,8 +1202,6 @@ def _orbax_restore_args(ocp, meta_tree, where: str, budget: Budget):
 
 def _read_orbax(path: str, budget: Budget):
   ocp = require("orbax.checkpoint")
-  from jasp import _tree
-
   d = _orbax_dir(path)
   if d is None:
     raise CheckError(
