@@ -310,7 +310,18 @@ def _apply_program(leaves, masks):
   return [jnp.where(packing.as_bool(mk), x, jnp.zeros((), x.dtype)) for x, mk in zip(leaves, masks)]
 
 
-def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyTree]:
+def prune(
+  params: PyTree,
+  n: int = 2,
+  m: int = 4,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  policy: policy_lib.Policy | None = None,
+  pattern: Pattern = "nm",
+  score_fn: ScoreFn | None = None,
+  impl: Literal["xla", "pallas"] | None = None,
+  packed: bool = False,
+) -> tuple[PyTree, PyTree]:
   """One-shot N:M magnitude pruning: ``compute_masks`` then ``apply_masks``.
 
   Example::
@@ -320,10 +331,9 @@ def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyT
     variables, masks = jasp.prune(variables, layouts=layouts)
 
   Args:
-    params: params pytree.
+    params: params pytree (linen variables, ``nnx.State``, any pytree of arrays).
     n, m: the N:M pattern (2:4 by default).
-    **kwargs: as :func:`compute_masks` (``layouts``, ``policy``, ``pattern``,
-      ``score_fn``, ``impl``, ``packed``).
+    layouts, policy, pattern, score_fn, impl, packed: as :func:`compute_masks`.
 
   The whole tree is pruned by one jitted XLA program: each weight is read once
   and its mask and pruned copy written in the same pass.
@@ -337,20 +347,16 @@ def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyT
       prune is an error on concrete inputs only; under ``jax.jit`` the
       non-finite entries are kept (see :func:`compute_masks`).
   """
-  masks, pruned = _run(params, n, m, want_pruned=True, **_defaults(kwargs))
+  masks, pruned = _run(
+    params,
+    n,
+    m,
+    layouts=layouts,
+    policy=policy,
+    pattern=pattern,
+    score_fn=score_fn,
+    impl=impl,
+    packed=packed,
+    want_pruned=True,
+  )
   return pruned, masks
-
-
-def _defaults(kwargs):
-  allowed = {
-    "layouts": None,
-    "policy": None,
-    "pattern": "nm",
-    "score_fn": None,
-    "impl": None,
-    "packed": False,
-  }
-  extra = set(kwargs) - set(allowed)
-  if extra:
-    raise TypeError(f"prune() got unexpected keyword argument(s): {sorted(extra)}")
-  return {**allowed, **kwargs}

@@ -31,7 +31,7 @@ def test_roundtrip(shape, axis):
   p = jasp.packing.pack(m, axis)
   assert p.bits.dtype == jnp.uint8
   np.testing.assert_array_equal(np.asarray(jasp.packing.unpack(p)), np.asarray(m))
-  np.testing.assert_array_equal(np.asarray(jax.jit(jasp.unpack)(p)), np.asarray(m))
+  np.testing.assert_array_equal(np.asarray(jax.jit(jasp.packing.unpack)(p)), np.asarray(m))
   k = int(np.prod([shape[a] for a in ((axis,) if isinstance(axis, int) else axis)]))
   if k % 8 == 0:
     assert p.bits_per_weight == 1.0
