@@ -154,7 +154,7 @@ def pack_masks(masks: Any, axes: Any = None) -> Any:
 
   Args:
     masks: masks pytree (bool arrays or None; PackedMask leaves pass through).
-    axes: ``{path: group axes}`` (e.g. from :func:`jasp.plan`: ``{p: d.axis}``);
+    axes: ``{path: group axes}`` (e.g. from :func:`jasp.policy.plan`: ``{p: d.axis}``);
       leaves without an entry are packed along axis 0. The packed axis does not
       change the mask's meaning, only its memory layout and sharding.
 
@@ -169,7 +169,7 @@ def pack_masks(masks: Any, axes: Any = None) -> Any:
   if not isinstance(axes, Mapping):
     raise TypeError(
       f"axes must be a {{path: group axes}} mapping, got {type(axes).__name__}; "
-      "e.g. {p: d.axis for p, d in jasp.plan(params).items() if d.prune}."
+      "e.g. {p: d.axis for p, d in jasp.policy.plan(params).items() if d.prune}."
     )
 
   def one(path, x):

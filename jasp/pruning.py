@@ -128,7 +128,7 @@ def compute_masks(
     layouts: ``{path: Layout}`` from :func:`jasp.trace_layouts` (recommended:
       exact for any module) of this very tree, matched by path: layouts that
       match no leaf are an error, leaves absent from them stay dense (with a
-      warning when they look like weights; see :func:`jasp.plan`). None uses
+      warning when they look like weights; see :func:`jasp.policy.plan`). None uses
       flax's naming conventions.
     policy: which leaves to prune and along which axes (:class:`jasp.Policy`).
     pattern: ``"nm"`` (magnitude, :func:`jasp.nm_mask`), ``"2d_best"`` /
@@ -161,8 +161,8 @@ def compute_masks(
       inputs only); no weight can be pruned because none has an input size
       that is a multiple of ``m`` (naming how many were skipped); invalid
       ``n``/``m`` or ``pattern``; a mismatch between ``layouts`` and
-      ``params`` (see :func:`jasp.plan`).
-    TypeError: ``n``/``m`` are not ints; see :func:`jasp.plan`.
+      ``params`` (see :func:`jasp.policy.plan`).
+    TypeError: ``n``/``m`` are not ints; see :func:`jasp.policy.plan`.
   """
   masks, _ = _run(
     params,

@@ -267,7 +267,7 @@ def sparsity_report(
   Raises:
     ValueError: invalid ``n``/``m``; ``masks`` does not mirror ``params``
       (naming the path); ``layouts`` does not describe ``params`` (see
-      :func:`jasp.plan`).
+      :func:`jasp.policy.plan`).
     TypeError: ``n``/``m`` are not ints; a mask leaf is not a bool array or
       :class:`jasp.PackedMask` (naming the path).
   """

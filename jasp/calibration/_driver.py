@@ -2,7 +2,7 @@
 
 A pruner supplies one jitted function per leaf,
 ``leaf_fn(w, site, stats, n, m) -> (new_w, mask, error or None)``; the driver
-decides which leaves are pruned (:func:`jasp.plan`), finds their inputs
+decides which leaves are pruned (:func:`jasp.policy.plan`), finds their inputs
 (:mod:`jasp.calibration.stats`), orders them so that a layer is calibrated on the
 outputs of the already-pruned layers before it, streams the calibration
 batches once per stage, and reports each layer (progress bar, callback,

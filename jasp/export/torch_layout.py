@@ -278,7 +278,7 @@ def to_torch_state_dict(
     ValueError: if two leaves map to the same key, a weight has no PyTorch
       layout or its layout does not fit it (naming the path and shape), a mask
       matches no leaf (naming the mask paths) or has another shape than its
-      leaf, or ``layouts`` matches no leaf (see :func:`jasp.plan`).
+      leaf, or ``layouts`` matches no leaf (see :func:`jasp.policy.plan`).
     TypeError: ``layouts`` is not a mapping of Layouts, or a mask is not a
       bool array or PackedMask (naming the path).
   """
