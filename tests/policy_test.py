@@ -149,10 +149,11 @@ def _cnn_and_layouts():
   return variables, jasp.trace_layouts(model.apply, variables, x)
 
 
-@pytest.mark.parametrize("fn", ["plan", "compute_masks", "prune", "sparsity_report"])
+@pytest.mark.parametrize("fn", ["policy.plan", "compute_masks", "prune", "sparsity_report"])
 def test_layouts_of_another_tree_are_an_error(fn):
   variables, lay = _cnn_and_layouts()
-  call = lambda tree, layouts: getattr(jasp, fn)(tree, layouts=layouts)  # noqa: E731
+  target = jasp.policy.plan if fn == "policy.plan" else getattr(jasp, fn)
+  call = lambda tree, layouts: target(tree, layouts=layouts)  # noqa: E731
   # Traced on the variables dict, applied to its "params" collection: no path matches,
   # and without the check nothing would be pruned while the report says "all 2:4".
   with pytest.raises(ValueError, match="start with 'params/' and the tree's do not"):
