@@ -272,7 +272,7 @@ def main_table(out, shapes, dtypes, tuning=None):
       lambda w, tune0=tune0: nm_pallas.nm_prune_pallas(w, 2, 4, 0, interpret=False, **tune0), xs
     )
     r["prune_pallas_s"] = best_time(t)
-    t = time_jax(lambda w: _dispatch.nm_prune_array(w, 2, 4, 0, impl="xla"), xs)
+    t = time_jax(lambda w: masks.nm_prune(w, 2, 4, 0, impl="xla"), xs)
     r["prune_xla_s"] = best_time(t)
     r["xla"] = {}
     for name, fn in XLA_MASKS.items():
@@ -426,7 +426,7 @@ def llama7b(out):
   ]
   params = 32 * sum(math.prod(s) for s in LLAMA7B_LAYER)
   fns = {
-    "nm_prune_array (auto)": jax.jit(lambda w: _dispatch.nm_prune_array(w, 2, 4, 0)),
+    "nm_prune_array (auto)": jax.jit(lambda w: masks.nm_prune(w, 2, 4, 0)),
     "nm_mask (auto)": jax.jit(lambda w: masks.nm_mask(w, 2, 4, 0)),
     "nm_mask (xla)": jax.jit(lambda w: masks.nm_mask(w, 2, 4, 0, impl="xla")),
     "nm_mask_2d best (auto)": jax.jit(lambda w: masks.nm_mask_2d(w, 2, 4, 0, 1, method="best")),

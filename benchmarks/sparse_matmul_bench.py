@@ -42,7 +42,7 @@ import jasp  # noqa: E402
 from jasp import sparse  # noqa: E402
 from jasp.sparse import _compress as compress_lib  # noqa: E402
 from jasp.sparse import _runtime  # noqa: E402
-from jasp.sparse import policy as policy_lib  # noqa: E402
+from jasp.sparse import autotune as policy_lib  # noqa: E402
 
 # Load the extension (and its cuSPARSELt, e.g. $CUSPARSELT_HOME's) before
 # PyTorch, which preloads the libcusparseLt.so.0 of its own wheel.

@@ -1,14 +1,16 @@
 """Choosing the mask implementation: the Pallas kernels on a GPU, XLA elsewhere.
 
-Covers :func:`jasp.nm_mask` (and :func:`nm_prune_array`) and
-``jasp.nm_mask_2d(..., method="best")``.
+Covers :func:`jasp.masks.nm_mask`, :func:`jasp.masks.nm_prune` and
+``jasp.masks.nm_mask_2d(..., method="best")``. The layering: this module
+imports the kernels and :mod:`jasp.masks` imports this module; the kernels and
+the XLA path share :mod:`jasp._nm_core`.
 
 Every decision here is static (shapes, dtypes, backend, device count), so it is
 made once at trace time and composes with ``jax.jit``, ``vmap`` and ``grad``.
 
 Precedence, highest first:
 
-1. the ``impl=`` argument of :func:`jasp.nm_mask` / :func:`nm_prune_array`;
+1. the ``impl=`` argument of :func:`jasp.masks.nm_mask` / :func:`jasp.masks.nm_prune`;
 2. the innermost :func:`mask_impl` context (``"xla"``, ``"pallas"`` or
    ``"auto"``);
 3. the environment variable ``JASP_MASK_IMPL`` (same values), read at call time;
@@ -41,23 +43,22 @@ import contextvars
 import math
 import os
 from collections.abc import Iterator
-from collections.abc import Sequence
-from typing import Literal
 
 import jax
-import jax.numpy as jnp
 
-Impl = Literal["xla", "pallas", "auto"]
-Axis = int | Sequence[int]
+from jasp.kernels import nm2d_pallas
+from jasp.kernels import nm_pallas
+from jasp.typing import Axis
+from jasp.typing import Impl
 
 __all__ = [
   "AUTO_MIN_CONTIG",
   "AUTO_MIN_ELEMENTS",
   "get_mask_impl",
   "mask_impl",
-  "nm_prune_array",
   "pallas_nm_mask",
   "pallas_nm_mask_2d",
+  "pallas_nm_prune",
   "use_pallas",
 ]
 
@@ -133,8 +134,6 @@ def _backend(w) -> str:
 
 def _contig(shape: tuple[int, ...], m: int, axis: Axis) -> int:
   """Contiguous elements per tile row of the kernel's view (see nm_pallas.plan)."""
-  from jasp.kernels import nm_pallas
-
   p = nm_pallas.plan(shape, m, axis)
   if p.member_dim == 1:
     return p.view[2]
@@ -142,8 +141,6 @@ def _contig(shape: tuple[int, ...], m: int, axis: Axis) -> int:
 
 
 def _auto(w, n: int, m: int, axis: Axis) -> bool:
-  from jasp.kernels import nm_pallas
-
   if _backend(w) not in ("gpu", "cuda"):
     return False
   if not nm_pallas.supports(w.dtype, n, m) or not nm_pallas.backend_available():
@@ -166,8 +163,6 @@ def use_pallas(w, n: int, m: int, axis: Axis, impl: Impl | None = None) -> bool:
     ValueError: if ``impl="pallas"`` is passed for a dtype or ``m`` the kernel
       does not support.
   """
-  from jasp.kernels import nm_pallas
-
   _check_impl(impl, allow_none=True)
   explicit = impl is not None
   impl = impl or get_mask_impl()
@@ -203,8 +198,6 @@ def pallas_nm_mask(w, n, m, axis, forced):
   Called by :func:`jasp.nm_mask` when its ``impl`` is ``"pallas"`` (``forced``)
   or ``None`` (the context / automatic choice).
   """
-  from jasp.kernels import nm_pallas
-
   if not use_pallas(w, n, m, axis, "pallas" if forced else None):
     return None
   interpret = _interpret(w)
@@ -219,9 +212,6 @@ def pallas_nm_mask_2d(w, n, m, axis, out_axis):
   setting uses the kernel wherever it applies (see
   :func:`jasp.kernels.nm2d_pallas.supports_2d`) and XLA elsewhere.
   """
-  from jasp.kernels import nm2d_pallas
-  from jasp.kernels import nm_pallas
-
   impl = get_mask_impl()
   if (
     impl == "xla"
@@ -237,50 +227,13 @@ def pallas_nm_mask_2d(w, n, m, axis, out_axis):
   return lambda: nm2d_pallas.nm_mask_2d_pallas(w, n, m, axis, out_axis, interpret=interpret)
 
 
-def nm_prune_array(
-  w: jax.Array,
-  n: int = 2,
-  m: int = 4,
-  axis: Axis = 0,
-  *,
-  impl: Impl | None = None,
-  with_mask: bool = True,
-) -> tuple[jax.Array, jax.Array] | jax.Array:
-  """Prunes one array to N:M: the masked weight, and its mask, in one pass.
+def pallas_nm_prune(w, n, m, axis, impl, with_mask):
+  """A thunk pruning ``w`` with the Pallas kernel (see :func:`jasp.masks.nm_prune`), or ``None``.
 
-  On a GPU the Pallas kernel reads ``w`` once and writes the pruned weight (and
-  the mask) once; elsewhere XLA fuses the same computation.
-
-  Args:
-    w: weight of rank >= 1 (fp32, bf16 or fp16 for the kernel; any float or
-      integer dtype for XLA).
-    n, m: keep the ``n`` largest ``|w|`` of every aligned group of ``m``.
-    axis: the group (input-channel) axis: 0 for a Flax ``Dense`` kernel
-      ``(in, out)``, -2 for a conv kernel ``(*spatial, in, out)``; or a run of
-      consecutive axes flattened row-major.
-    impl: ``"xla"``, ``"pallas"``, ``"auto"`` or ``None`` (the context's).
-    with_mask: also return the bool mask.
-
-  Returns:
-    ``(pruned, mask)``, or ``pruned`` when ``with_mask=False``: ``pruned`` has
-    ``w``'s shape and dtype, ``w`` where ``mask`` (= ``jasp.nm_mask(w, n, m,
-    axis)``) keeps and 0 elsewhere. Differentiable in ``w`` (the derivative is
-    the mask).
-
-  Example:
-    >>> pruned, mask = jasp.nm_prune_array(kernel, 2, 4, axis=0)
-    >>> bool(jasp.is_nm(pruned, 2, 4, axis=0))
-    True
+  ``None`` means XLA: ``impl`` and the context / environment decide as for
+  :func:`use_pallas`.
   """
-  from jasp import masks
-  from jasp.kernels import nm_pallas
-
-  w = jnp.asarray(w)
-  if w.ndim == 0:
-    raise ValueError("nm_prune_array needs an array of rank >= 1, got a scalar.")
-  masks._check_nm(n, m)
-  if use_pallas(w, n, m, axis, impl):
-    return nm_pallas.nm_prune_pallas(w, n, m, axis, with_mask=with_mask, interpret=_interpret(w))
-  mask = masks.nm_mask(w, n, m, axis, impl="xla")
-  pruned = jnp.where(mask, w, jnp.zeros_like(w))
-  return (pruned, mask) if with_mask else pruned
+  if not use_pallas(w, n, m, axis, impl):
+    return None
+  interpret = _interpret(w)
+  return lambda: nm_pallas.nm_prune_pallas(w, n, m, axis, with_mask=with_mask, interpret=interpret)

@@ -31,10 +31,9 @@ from flax import nnx
 from jax.extend import core as jcore
 
 from jasp import _tree
+from jasp.typing import PyTree
 
 __all__ = ["Model", "Traced", "adapt", "is_module"]
-
-PyTree = Any
 
 
 def is_module(fn: Any) -> bool:

@@ -18,7 +18,7 @@ from jax.tree_util import FlattenedIndexKey
 from jax.tree_util import GetAttrKey
 from jax.tree_util import SequenceKey
 
-PyTree = Any
+from jasp.typing import PyTree
 
 
 def _key_str(k) -> str:
@@ -66,11 +66,21 @@ def is_bool_dtype(dtype) -> bool:
     return False
 
 
-def is_mask_leaf(x) -> bool:
-  """None or a :class:`jasp.PackedMask`: leaves of a masks pytree besides arrays."""
-  from jasp.packing import PackedMask
+class MaskLeaf:
+  """Base of the pytree nodes that a masks tree holds as one mask leaf.
 
-  return x is None or isinstance(x, PackedMask)
+  :class:`jasp.packing.PackedMask` derives from it, so that the tree helpers
+  here treat it as a leaf without this module importing the packing layer.
+  A subclass has ``shape`` (the mask's shape).
+  """
+
+  __slots__ = ()
+
+
+def is_mask_leaf(x) -> bool:
+  """None or a :class:`MaskLeaf` (a :class:`jasp.packing.PackedMask`): leaves of a
+  masks pytree besides arrays."""
+  return x is None or isinstance(x, MaskLeaf)
 
 
 def leaves_by_path(tree: PyTree, *, keep_none: bool = False) -> dict[str, Any]:
@@ -100,8 +110,6 @@ def align(masks: PyTree, target: PyTree, *, what: str = "masks") -> list:
     TypeError: naming the path of a mask that is not a bool array or a
       :class:`jasp.PackedMask`, or of a masked leaf that is not an array.
   """
-  from jasp.packing import PackedMask
-
   by_path = leaves_by_path(masks, keep_none=True)
   flat = jax.tree_util.tree_flatten_with_path(target)[0]
   seen = set()
@@ -115,7 +123,7 @@ def align(masks: PyTree, target: PyTree, *, what: str = "masks") -> list:
       )
     mask = by_path[p]
     seen.add(p)
-    if mask is not None and not isinstance(mask, PackedMask):
+    if mask is not None and not isinstance(mask, MaskLeaf):
       dtype = getattr(mask, "dtype", None)
       if dtype is None or not hasattr(mask, "shape"):
         raise TypeError(

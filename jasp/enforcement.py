@@ -61,6 +61,7 @@ from optax import contrib as optax_contrib
 
 from jasp import _tree
 from jasp import packing
+from jasp.typing import PyTree
 
 __all__ = [
   "MaskState",
@@ -75,7 +76,6 @@ __all__ = [
   "schedule_free_eval_params",
 ]
 
-PyTree = Any
 
 _ScheduleFreeState = optax_contrib.ScheduleFreeState
 

@@ -19,69 +19,31 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Sequence
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Axis = int | Sequence[int]
+from jasp import _deprecation
+from jasp import _dispatch
+from jasp._nm_core import best_pattern_bits
+from jasp._nm_core import block_patterns
+from jasp._nm_core import check_nm
+from jasp._nm_core import group_axes
+from jasp._nm_core import innermost_group_axes
+from jasp.typing import Axis
+from jasp.typing import Impl
 
 __all__ = [
+  "block_patterns",
+  "group_axes",
+  "is_nm",
+  "magnitude",
   "nm_mask",
   "nm_mask_2d",
-  "is_nm",
-  "group_axes",
-  "magnitude",
+  "nm_prune",
 ]
-
-
-def _check_nm(n: int, m: int) -> None:
-  """Raises ``TypeError`` unless n and m are ints, ``ValueError`` unless ``1 <= n < m``."""
-  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (n, m)):
-    raise TypeError(
-      f"n and m must be integers, got n={n!r} ({type(n).__name__}), m={m!r} ({type(m).__name__})."
-    )
-  if m < 2 or not 1 <= n < m:
-    raise ValueError(f"N:M sparsity needs 1 <= n < m and m >= 2, got n={n}, m={m}.")
-
-
-def group_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
-  """Normalises ``axis`` (an int or a run of consecutive ints) to sorted axes.
-
-  Several axes are flattened in row-major order into one group axis, as a
-  ``DenseGeneral`` kernel whose contracted axes are ``(heads, head_dim)`` is
-  seen by a matmul. The axes must be consecutive.
-
-  Raises:
-    ValueError: if an axis is out of range, repeated, or the run has gaps.
-    TypeError: if ``axis`` is not an int or a sequence of ints.
-  """
-  if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
-    axes = (axis,)
-  else:
-    try:
-      axes = tuple(axis) if not isinstance(axis, (str, bytes)) else None
-    except TypeError:
-      axes = None
-    if axes is None:
-      raise TypeError(
-        f"axis must be an int or a sequence of ints, got {type(axis).__name__} {axis!r}."
-      )
-  if not axes:
-    raise ValueError("axis must name at least one axis.")
-  out = []
-  for a in axes:
-    if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
-      raise TypeError(f"axis entries must be integers, got {a!r}.")
-    if not -ndim <= a < ndim:
-      raise ValueError(f"axis {a} is out of range for an array of rank {ndim}.")
-    out.append(int(a) % ndim)
-  out = sorted(out)
-  if len(set(out)) != len(out) or out != list(range(out[0], out[0] + len(out))):
-    raise ValueError(f"group axes must be distinct and consecutive, got {axes}.")
-  return tuple(out)
 
 
 def magnitude(w: jax.Array) -> jax.Array:
@@ -105,19 +67,6 @@ def magnitude(w: jax.Array) -> jax.Array:
     return jnp.where(w == info.min, info.max, jnp.abs(w))
   a = jnp.abs(w)
   return jnp.where(jnp.isnan(a), jnp.inf, a)
-
-
-def innermost_group_axes(shape: tuple[int, ...], axes: tuple[int, ...], m: int) -> tuple[int, ...]:
-  """The same groups on fewer axes: only the innermost one when its size divides by m.
-
-  Groups of ``m`` consecutive entries of the row-major flattened run
-  ``axes`` lie inside the innermost axis when its size is a multiple of ``m``;
-  grouping along it alone avoids a reshape that merges axes, which a sharded
-  outer axis (e.g. attention heads over a mesh axis) does not allow.
-  """
-  if len(axes) > 1 and shape[axes[-1]] % m == 0:
-    return axes[-1:]
-  return axes
 
 
 def _grouped(shape: tuple[int, ...], axes: tuple[int, ...], m: int):
@@ -150,7 +99,7 @@ def topn_mask(key: jax.Array, n: int, m: int, axis: Axis = 0) -> jax.Array:
   Returns:
     bool array of ``key``'s shape with exactly ``n`` True per group.
   """
-  _check_nm(n, m)
+  check_nm(n, m)
   key = jnp.asarray(key)
   axes = innermost_group_axes(key.shape, group_axes(key.ndim, axis), m)
   view, g = _grouped(key.shape, axes, m)
@@ -211,12 +160,10 @@ def nm_mask(
   if impl not in (None, "xla", "pallas"):
     raise ValueError(f"impl must be None, 'xla' or 'pallas', got {impl!r}.")
   if impl == "pallas" or impl is None:
-    from jasp import _dispatch
-
     fn = _dispatch.pallas_nm_mask(w, n, m, axis, forced=impl == "pallas")
     if fn is not None:
       return fn()
-  _check_nm(n, m)
+  check_nm(n, m)
   return _magnitude_mask(w, n, m, group_axes(w.ndim, axis))
 
 
@@ -253,7 +200,7 @@ def is_nm(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0) -> jax.Array:
     A scalar bool array (jittable). Raises ``ValueError`` as :func:`nm_mask`
     when the group axis does not divide by ``m``.
   """
-  _check_nm(n, m)
+  check_nm(n, m)
   w = jnp.asarray(w)
   axes = innermost_group_axes(w.shape, group_axes(w.ndim, axis), m)
   view, g = _grouped(w.shape, axes, m)
@@ -261,47 +208,67 @@ def is_nm(w: jax.Array, n: int = 2, m: int = 4, axis: Axis = 0) -> jax.Array:
   return jnp.all(nz <= n)
 
 
-# ----------------------------------------------------------------------------
-# Transposable (2-D block) masks.
+def nm_prune(
+  w: jax.Array,
+  n: int = 2,
+  m: int = 4,
+  axis: Axis = 0,
+  *,
+  impl: Impl | None = None,
+  with_mask: bool = True,
+) -> tuple[jax.Array, jax.Array] | jax.Array:
+  """Prunes one array to N:M: the masked weight, and its mask, in one pass.
 
+  On a GPU the Pallas kernel reads ``w`` once and writes the pruned weight (and
+  the mask) once; elsewhere XLA fuses the same computation.
 
-@functools.lru_cache(maxsize=None)
-def block_patterns(n: int, m: int) -> np.ndarray:
-  """All ``m x m`` 0/1 blocks whose every row and column holds ``n`` ones.
-
-  Enumeration order (which defines the tie rule of ``method="best"``): each
-  *column* ``c`` (fixed out index) picks its ``n`` kept rows (group-axis
-  positions) as one of ``itertools.combinations(range(m), n)``; patterns are
-  ordered lexicographically by (choice of column 0, choice of column 1, ...).
+  Args:
+    w: weight of rank >= 1 (fp32, bf16 or fp16 for the kernel; any float or
+      integer dtype for XLA).
+    n, m: keep the ``n`` largest ``|w|`` of every aligned group of ``m``.
+    axis: the group (input-channel) axis: 0 for a Flax ``Dense`` kernel
+      ``(in, out)``, -2 for a conv kernel ``(*spatial, in, out)``; or a run of
+      consecutive axes flattened row-major.
+    impl: ``"xla"``, ``"pallas"``, ``"auto"`` or ``None`` (the context's; see
+      :func:`jasp.mask_impl`).
+    with_mask: also return the bool mask.
 
   Returns:
-    int array ``(P, m)``: for each pattern, the index of each column's choice
-    in ``itertools.combinations(range(m), n)``. For 2:4, ``P == 90``.
+    ``(pruned, mask)``, or ``pruned`` when ``with_mask=False``: ``pruned`` has
+    ``w``'s shape and dtype, ``w`` where ``mask`` (= ``nm_mask(w, n, m,
+    axis)``) keeps and 0 elsewhere. Differentiable in ``w`` (the derivative is
+    the mask).
+
+  Raises:
+    ValueError: ``w`` is a scalar, n/m are invalid, or the group axis does not
+      divide by ``m``; ``impl="pallas"`` for a dtype or ``m`` the kernel does
+      not support.
+    RuntimeError: ``impl="pallas"`` on a JAX without the Pallas Triton backend.
+
+  Example:
+    >>> pruned, mask = jasp.masks.nm_prune(kernel, 2, 4, axis=0)
+    >>> bool(jasp.is_nm(pruned, 2, 4, axis=0))
+    True
   """
-  _check_nm(n, m)
-  choices = list(itertools.combinations(range(m), n))
-  if len(choices) ** m > 5_000_000:
-    raise ValueError(
-      f"method='best' enumerates the {n}:{m} transposable blocks and supports "
-      f"m <= 5 at most (here {len(choices)}^{m} candidates); use method='greedy'."
-    )
-  counts = np.zeros((len(choices), m), np.int64)
-  for k, rows in enumerate(choices):
-    counts[k, list(rows)] = 1
-  out = []
+  w = jnp.asarray(w)
+  if w.ndim == 0:
+    raise ValueError("nm_prune needs an array of rank >= 1, got a scalar.")
+  check_nm(n, m)
+  fn = _dispatch.pallas_nm_prune(w, n, m, axis, impl, with_mask)
+  if fn is not None:
+    return fn()
+  mask = nm_mask(w, n, m, axis, impl="xla")
+  pruned = jnp.where(mask, w, jnp.zeros_like(w))
+  return (pruned, mask) if with_mask else pruned
 
-  def rec(col, acc, prefix):
-    if col == m:
-      if np.all(acc == n):
-        out.append(tuple(prefix))
-      return
-    for k in range(len(choices)):
-      nxt = acc + counts[k]
-      if np.all(nxt <= n) and np.all(nxt + n * (m - col - 1) >= n):
-        rec(col + 1, nxt, prefix + [k])
 
-  rec(0, np.zeros(m, np.int64), [])
-  return np.asarray(out, np.int32)
+nm_prune_array = _deprecation.deprecated_alias(
+  nm_prune, "jasp.nm_prune_array", "jasp.masks.nm_prune"
+)
+
+
+# ----------------------------------------------------------------------------
+# Transposable (2-D block) masks.
 
 
 def _single_axis(shape: tuple[int, ...], axis: Axis, name: str) -> int:
@@ -347,50 +314,6 @@ def _blocks(w: jax.Array, m: int, axis: int, out_axis: int):
     return jnp.moveaxis(y, (-2, -1), (a, b))
 
   return x, restore
-
-
-def best_pattern_bits(cell, n: int, m: int) -> jax.Array:
-  """The ``m*m``-bit pattern of the first best transposable block, element-wise.
-
-  ``cell(r, c)`` gives the float32 magnitudes of block entry (row ``r`` along
-  the group axis, column ``c``) for every block at once (any shape). Every
-  candidate of :func:`block_patterns` is scored as a chain of adds of
-  per-column partial sums in a fixed order (column 0 first; within a column the
-  chosen rows in increasing order), shared between candidates with a common
-  prefix; a running strict maximum keeps the first best candidate. Used by the
-  XLA path and by the Pallas kernel alike, so both sum in the same order.
-
-  Returns:
-    int32 array of ``cell``'s shape; bit ``r * m + c`` set when kept.
-  """
-  choices = list(itertools.combinations(range(m), n))
-  per_choice = {}
-  for c in range(m):
-    for k, rows in enumerate(choices):
-      s = cell(rows[0], c)
-      for r in rows[1:]:
-        s = s + cell(r, c)
-      per_choice[c, k] = s
-  prefix: dict[tuple[int, ...], jax.Array] = {}
-
-  def score(pat: tuple[int, ...]) -> jax.Array:
-    if pat not in prefix:
-      c = len(pat) - 1
-      prefix[pat] = per_choice[0, pat[0]] if c == 0 else score(pat[:-1]) + per_choice[c, pat[c]]
-    return prefix[pat]
-
-  best = bits = None
-  for pat in block_patterns(n, m):
-    pat = tuple(int(k) for k in pat)
-    pattern_bits = sum(1 << (r * m + c) for c in range(m) for r in choices[pat[c]])
-    s = score(pat)
-    if best is None:
-      best, bits = s, jnp.full(s.shape, pattern_bits, jnp.int32)
-    else:
-      better = s > best  # strict: the first best pattern wins ties
-      best = jnp.where(better, s, best)
-      bits = jnp.where(better, pattern_bits, bits)
-  return bits
 
 
 # Up to this many candidate patterns, ``method="best"`` is unrolled into one
@@ -513,7 +436,7 @@ def nm_mask_2d(
       range; the two are equal; a block axis does not divide by ``m``; invalid
       ``n``/``m`` or ``method``.
   """
-  _check_nm(n, m)
+  check_nm(n, m)
   w = jnp.asarray(w)
   if method not in ("best", "greedy"):
     raise ValueError(f"method must be 'best' or 'greedy', got {method!r}.")
@@ -521,8 +444,6 @@ def nm_mask_2d(
     raise ValueError(f"transposable masks need rank >= 2, got shape {w.shape}.")
   a, b = _single_axis(w.shape, axis, "axis"), _single_axis(w.shape, out_axis, "out_axis")
   if method == "best":  # the one-pass Pallas kernel where it applies (see jasp._dispatch)
-    from jasp import _dispatch
-
     fn = _dispatch.pallas_nm_mask_2d(w, n, m, a, b)
     if fn is not None:
       return fn()

@@ -16,17 +16,23 @@ it, so no bool array of the weight's size is ever materialised.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jasp import _tree
+from jasp._nm_core import group_axes
+from jasp._nm_core import innermost_group_axes
+from jasp._tree import is_mask_leaf
+
 __all__ = ["PackedMask", "pack", "unpack", "pack_masks", "unpack_masks", "is_mask_leaf"]
 
 
 @jax.tree_util.register_pytree_node_class
-class PackedMask:
+class PackedMask(_tree.MaskLeaf):
   """A bool mask of ``shape`` packed 8 entries per byte along ``axis``.
 
   Attributes:
@@ -41,8 +47,6 @@ class PackedMask:
   """
 
   def __init__(self, bits: jax.Array, shape: tuple[int, ...], axis: tuple[int, ...]):
-    from jasp.masks import group_axes
-
     self.bits = bits
     self.shape = tuple(int(s) for s in shape)
     try:
@@ -98,10 +102,6 @@ def pack(mask: jax.Array, axis: int | tuple[int, ...] = 0) -> PackedMask:
     TypeError: ``mask`` is not a bool array.
     ValueError: ``axis`` is out of range or not a run of consecutive axes.
   """
-  from jasp import _tree
-  from jasp.masks import group_axes
-  from jasp.masks import innermost_group_axes
-
   if not _tree.is_bool_dtype(getattr(mask, "dtype", None)):
     raise TypeError(
       f"pack() takes a bool mask, got {type(mask).__name__} of dtype "
@@ -140,11 +140,6 @@ def unpack(p: PackedMask) -> jax.Array:
   return x.reshape(p.shape).astype(bool)
 
 
-def is_mask_leaf(x: Any) -> bool:
-  """Leaves of a masks pytree: None, a PackedMask, or an array."""
-  return x is None or isinstance(x, PackedMask)
-
-
 def as_bool(mask: Any) -> jax.Array | None:
   """A mask leaf as a bool array (None stays None)."""
   if mask is None:
@@ -159,7 +154,7 @@ def pack_masks(masks: Any, axes: Any = None) -> Any:
 
   Args:
     masks: masks pytree (bool arrays or None; PackedMask leaves pass through).
-    axes: ``{path: group axes}`` (e.g. from :func:`jasp.plan`: ``{p: d.axis}``);
+    axes: ``{path: group axes}`` (e.g. from :func:`jasp.policy.plan`: ``{p: d.axis}``);
       leaves without an entry are packed along axis 0. The packed axis does not
       change the mask's meaning, only its memory layout and sharding.
 
@@ -170,15 +165,11 @@ def pack_masks(masks: Any, axes: Any = None) -> Any:
     TypeError: ``axes`` is not a mapping, or a leaf is not a bool mask (naming its path).
     ValueError: a leaf's axis does not fit its shape (naming its path).
   """
-  from collections.abc import Mapping
-
-  from jasp import _tree
-
   axes = {} if axes is None else axes
   if not isinstance(axes, Mapping):
     raise TypeError(
       f"axes must be a {{path: group axes}} mapping, got {type(axes).__name__}; "
-      "e.g. {p: d.axis for p, d in jasp.plan(params).items() if d.prune}."
+      "e.g. {p: d.axis for p, d in jasp.policy.plan(params).items() if d.prune}."
     )
 
   def one(path, x):

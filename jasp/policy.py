@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from jasp import _tree
 from jasp import layouts as layouts_lib
+from jasp._nm_core import group_axes
 
 __all__ = ["Policy", "Decision", "plan", "as_patterns", "check_layouts"]
 
@@ -173,8 +175,6 @@ def skipped_for_size(d: Decision, shape: tuple[int, ...], m: int) -> bool:
 
 
 def _norm_axes(axis, nd: int) -> tuple[int, ...]:
-  from jasp.masks import group_axes
-
   return group_axes(nd, axis)
 
 
@@ -445,8 +445,6 @@ def plan(
     TypeError: ``m`` is not an int, ``policy`` is not a :class:`Policy`,
       ``layouts`` is not a mapping or one of its values is not a Layout.
   """
-  from jasp import _tree
-
   if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
     raise TypeError(f"m must be an int, got {m!r} ({type(m).__name__}).")
   if m < 2:

@@ -9,7 +9,6 @@ leaf is pruned, ``None`` where it stays dense.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 from typing import Literal
@@ -23,12 +22,12 @@ from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
 from jasp import packing
 from jasp import policy as policy_lib
+from jasp import sharding
+from jasp.typing import Pattern
+from jasp.typing import PyTree
+from jasp.typing import ScoreFn
 
 __all__ = ["compute_masks", "apply_masks", "prune"]
-
-PyTree = Any
-Pattern = Literal["nm", "2d_best", "2d_greedy"] | Callable[..., jax.Array]
-ScoreFn = Callable[[str, jax.Array], jax.Array]
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis", "impl"))
@@ -130,7 +129,7 @@ def compute_masks(
     layouts: ``{path: Layout}`` from :func:`jasp.trace_layouts` (recommended:
       exact for any module) of this very tree, matched by path: layouts that
       match no leaf are an error, leaves absent from them stay dense (with a
-      warning when they look like weights; see :func:`jasp.plan`). None uses
+      warning when they look like weights; see :func:`jasp.policy.plan`). None uses
       flax's naming conventions.
     policy: which leaves to prune and along which axes (:class:`jasp.Policy`).
     pattern: ``"nm"`` (magnitude, :func:`jasp.nm_mask`), ``"2d_best"`` /
@@ -163,8 +162,8 @@ def compute_masks(
       inputs only); no weight can be pruned because none has an input size
       that is a multiple of ``m`` (naming how many were skipped); invalid
       ``n``/``m`` or ``pattern``; a mismatch between ``layouts`` and
-      ``params`` (see :func:`jasp.plan`).
-    TypeError: ``n``/``m`` are not ints; see :func:`jasp.plan`.
+      ``params`` (see :func:`jasp.policy.plan`).
+    TypeError: ``n``/``m`` are not ints; see :func:`jasp.policy.plan`.
   """
   masks, _ = _run(
     params,
@@ -185,15 +184,13 @@ def compute_masks(
 def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
   """One XLA program for the whole tree: masks (and pruned weights) in one pass."""
   masks, pruned, finite = [], [], []
-  from jasp import _dispatch
-
   for (path, d), w in zip(cfg, leaves):
     finite.append(
       jnp.all(jnp.isfinite(w)) if jnp.issubdtype(w.dtype, jnp.inexact) else jnp.bool_(True)
     )
     if want_pruned and pattern == "nm" and score_fn is None:
       # One pass: the pruned weight and its mask together (the Pallas kernel on a GPU).
-      pw, mask = _dispatch.nm_prune_array(w, n, m, d.axis, impl=impl, with_mask=True)
+      pw, mask = masks_lib.nm_prune(w, n, m, d.axis, impl=impl, with_mask=True)
       pruned.append(pw)
     else:
       mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
@@ -270,9 +267,8 @@ def _check_finite(paths: list[str], leaves: list, finite: list) -> None:
 
 
 def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
-  from jasp import sharding
 
-  masks_lib._check_nm(n, m)
+  masks_lib.check_nm(n, m)
   _check_options(pattern, score_fn)
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -330,7 +326,18 @@ def _apply_program(leaves, masks):
   return [jnp.where(packing.as_bool(mk), x, jnp.zeros((), x.dtype)) for x, mk in zip(leaves, masks)]
 
 
-def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyTree]:
+def prune(
+  params: PyTree,
+  n: int = 2,
+  m: int = 4,
+  *,
+  layouts: Mapping[str, layouts_lib.Layout] | None = None,
+  policy: policy_lib.Policy | None = None,
+  pattern: Pattern = "nm",
+  score_fn: ScoreFn | None = None,
+  impl: Literal["xla", "pallas"] | None = None,
+  packed: bool = False,
+) -> tuple[PyTree, PyTree]:
   """One-shot N:M magnitude pruning: ``compute_masks`` then ``apply_masks``.
 
   Example::
@@ -340,10 +347,9 @@ def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyT
     variables, masks = jasp.prune(variables, layouts=layouts)
 
   Args:
-    params: params pytree.
+    params: params pytree (linen variables, ``nnx.State``, any pytree of arrays).
     n, m: the N:M pattern (2:4 by default).
-    **kwargs: as :func:`compute_masks` (``layouts``, ``policy``, ``pattern``,
-      ``score_fn``, ``impl``, ``packed``).
+    layouts, policy, pattern, score_fn, impl, packed: as :func:`compute_masks`.
 
   The whole tree is pruned by one jitted XLA program: each weight is read once
   and its mask and pruned copy written in the same pass.
@@ -357,20 +363,16 @@ def prune(params: PyTree, n: int = 2, m: int = 4, **kwargs) -> tuple[PyTree, PyT
       prune is an error on concrete inputs only; under ``jax.jit`` the
       non-finite entries are kept (see :func:`compute_masks`).
   """
-  masks, pruned = _run(params, n, m, want_pruned=True, **_defaults(kwargs))
+  masks, pruned = _run(
+    params,
+    n,
+    m,
+    layouts=layouts,
+    policy=policy,
+    pattern=pattern,
+    score_fn=score_fn,
+    impl=impl,
+    packed=packed,
+    want_pruned=True,
+  )
   return pruned, masks
-
-
-def _defaults(kwargs):
-  allowed = {
-    "layouts": None,
-    "policy": None,
-    "pattern": "nm",
-    "score_fn": None,
-    "impl": None,
-    "packed": False,
-  }
-  extra = set(kwargs) - set(allowed)
-  if extra:
-    raise TypeError(f"prune() got unexpected keyword argument(s): {sorted(extra)}")
-  return {**allowed, **kwargs}

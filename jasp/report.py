@@ -320,11 +320,11 @@ def sparsity_report(
   Raises:
     ValueError: invalid ``n``/``m``; ``masks`` does not mirror ``params``
       (naming the path); ``layouts`` does not describe ``params`` (see
-      :func:`jasp.plan`).
+      :func:`jasp.policy.plan`).
     TypeError: ``n``/``m`` are not ints; a mask leaf is not a bool array or
       :class:`jasp.PackedMask` (naming the path).
   """
-  masks_lib._check_nm(n, m)
+  masks_lib.check_nm(n, m)
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
   leaves = _tree.leaves_by_path(params)
   mask_by_path = _tree.leaves_by_path(masks, keep_none=True) if masks is not None else {}

@@ -157,32 +157,32 @@ def test_triton_backend_is_found_in_this_jax():
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_nm_prune_array(impl):
+def test_nm_prune(impl):
   rng, seed = fresh_rng()
   w = jnp.asarray(rng.standard_normal((24, 12)), jnp.bfloat16)
-  pruned, mask = _dispatch.nm_prune_array(w, 2, 4, 0, impl=impl)
+  pruned, mask = jasp.masks.nm_prune(w, 2, 4, 0, impl=impl)
   want = np.asarray(jasp.masks.nm_mask(w, impl="xla"))
   np.testing.assert_array_equal(np.asarray(mask), want, err_msg=f"seed={seed}")
   np.testing.assert_array_equal(
     np.asarray(pruned, np.float32), np.where(want, np.asarray(w, np.float32), 0)
   )
   assert pruned.dtype == w.dtype and bool(jasp.is_nm(pruned, 2, 4, 0))
-  only = jax.jit(lambda x: _dispatch.nm_prune_array(x, 2, 4, 0, impl=impl, with_mask=False))(w)
+  only = jax.jit(lambda x: jasp.masks.nm_prune(x, 2, 4, 0, impl=impl, with_mask=False))(w)
   np.testing.assert_array_equal(np.asarray(only, np.float32), np.asarray(pruned, np.float32))
-  g = jax.grad(lambda x: _dispatch.nm_prune_array(x, impl=impl, with_mask=False).sum())(
+  g = jax.grad(lambda x: jasp.masks.nm_prune(x, impl=impl, with_mask=False).sum())(
     w.astype(jnp.float32)
   )
   np.testing.assert_array_equal(np.asarray(g), want.astype(np.float32))
 
 
-def test_nm_prune_array_integers_and_errors():
+def test_nm_prune_integers_and_errors():
   w = jnp.arange(-8, 8, dtype=jnp.int32).reshape(4, 4)
-  pruned, mask = _dispatch.nm_prune_array(w)
+  pruned, mask = jasp.masks.nm_prune(w)
   assert pruned.dtype == jnp.int32 and int((pruned != 0).sum()) <= 8
   with pytest.raises(ValueError, match="scalar"):
-    _dispatch.nm_prune_array(jnp.float32(1.0))
+    jasp.masks.nm_prune(jnp.float32(1.0))
   with pytest.raises(ValueError, match="multiple"):
-    _dispatch.nm_prune_array(jnp.ones((6, 4)))
+    jasp.masks.nm_prune(jnp.ones((6, 4)))
 
 
 def test_nm_mask_2d_best_routes_to_kernel(calls, monkeypatch):

@@ -65,7 +65,7 @@ def test_masks_keep_sharding_and_match_unsharded():
         np.testing.assert_array_equal(np.asarray(mk), np.asarray(ref[k]))
       else:
         assert not arr.sharding.is_fully_replicated, k
-        np.testing.assert_array_equal(np.asarray(jasp.unpack(mk)), np.asarray(ref[k]))
+        np.testing.assert_array_equal(np.asarray(jasp.packing.unpack(mk)), np.asarray(ref[k]))
     pruned = jasp.apply_masks(params, masks)
     for k, w in params.items():
       assert pruned[k].sharding.is_equivalent_to(w.sharding, w.ndim), k
@@ -78,7 +78,9 @@ def test_mask_computation_has_no_collectives():
     axis = layouts[k].axis
     f = jax.jit(lambda x, axis=axis: jasp.nm_mask(x, 2, 4, axis, impl="xla"))
     _no_collectives(f.lower(w).compile().as_text())
-    g = jax.jit(lambda x, axis=axis: jasp.pack(jasp.nm_mask(x, 2, 4, axis, impl="xla"), axis))
+    g = jax.jit(
+      lambda x, axis=axis: jasp.packing.pack(jasp.nm_mask(x, 2, 4, axis, impl="xla"), axis)
+    )
     _no_collectives(g.lower(w).compile().as_text())
 
 

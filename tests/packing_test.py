@@ -28,10 +28,10 @@ from jasp import _tree
 def test_roundtrip(shape, axis):
   rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
   m = jnp.asarray(rng.random(shape) > 0.5)
-  p = jasp.pack(m, axis)
+  p = jasp.packing.pack(m, axis)
   assert p.bits.dtype == jnp.uint8
-  np.testing.assert_array_equal(np.asarray(jasp.unpack(p)), np.asarray(m))
-  np.testing.assert_array_equal(np.asarray(jax.jit(jasp.unpack)(p)), np.asarray(m))
+  np.testing.assert_array_equal(np.asarray(jasp.packing.unpack(p)), np.asarray(m))
+  np.testing.assert_array_equal(np.asarray(jax.jit(jasp.packing.unpack)(p)), np.asarray(m))
   k = int(np.prod([shape[a] for a in ((axis,) if isinstance(axis, int) else axis)]))
   if k % 8 == 0:
     assert p.bits_per_weight == 1.0
@@ -116,9 +116,9 @@ def test_malformed_masks_are_named():
   with pytest.raises(
     TypeError, match=r"pack\(\) takes a bool mask, got ArrayImpl of dtype float32"
   ):
-    jasp.pack(jnp.full((8, 4), 0.5))
+    jasp.packing.pack(jnp.full((8, 4), 0.5))
   with pytest.raises(ValueError, match="out of range"):
-    jasp.pack(jnp.ones((8, 4), bool), 2)
+    jasp.packing.pack(jnp.ones((8, 4), bool), 2)
   # A PackedMask whose axis its shape does not have fails when made, not later in unpack.
   with pytest.raises(ValueError, match=r"PackedMask of shape \(8, 4\): axis \(5,\)"):
     jasp.PackedMask(jnp.zeros((1, 4), jnp.uint8), (8, 4), (5,))

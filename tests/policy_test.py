@@ -15,7 +15,7 @@ from jasp import sparse
 def _plan(**kw):
   model, variables, x = models.linen_cnn()
   lay = jasp.trace_layouts(model.apply, variables, x)
-  return jasp.plan(variables, 4, layouts=lay, policy=jasp.Policy(**kw))
+  return jasp.policy.plan(variables, 4, layouts=lay, policy=jasp.Policy(**kw))
 
 
 def test_default_prunes_weights_with_divisible_inputs():
@@ -74,7 +74,7 @@ def test_bad_override_names_path():
 
 
 def test_integer_leaves_stay_dense():
-  d = jasp.plan({"kernel": jnp.ones((8, 8), jnp.int32)}, 4)
+  d = jasp.policy.plan({"kernel": jnp.ones((8, 8), jnp.int32)}, 4)
   assert not d["kernel"].prune
 
 
@@ -124,11 +124,11 @@ def test_policy_field_types():
     jasp.Policy(include=["Dense", 3])
   _, variables, _ = models.linen_cnn()
   with pytest.raises(TypeError, match="policy must be a jasp.Policy"):
-    jasp.plan(variables, policy={"exclude": ["Dense"]})
+    jasp.policy.plan(variables, policy={"exclude": ["Dense"]})
   with pytest.raises(ValueError, match="m >= 2"):
-    jasp.plan(variables, 0)
+    jasp.policy.plan(variables, 0)
   with pytest.raises(TypeError, match="m must be an int"):
-    jasp.plan(variables, 4.0)
+    jasp.policy.plan(variables, 4.0)
 
 
 def test_rule_results_that_do_not_fit_name_the_leaf():
@@ -149,10 +149,11 @@ def _cnn_and_layouts():
   return variables, jasp.trace_layouts(model.apply, variables, x)
 
 
-@pytest.mark.parametrize("fn", ["plan", "compute_masks", "prune", "sparsity_report"])
+@pytest.mark.parametrize("fn", ["policy.plan", "compute_masks", "prune", "sparsity_report"])
 def test_layouts_of_another_tree_are_an_error(fn):
   variables, lay = _cnn_and_layouts()
-  call = lambda tree, layouts: getattr(jasp, fn)(tree, layouts=layouts)  # noqa: E731
+  target = jasp.policy.plan if fn == "policy.plan" else getattr(jasp, fn)
+  call = lambda tree, layouts: target(tree, layouts=layouts)  # noqa: E731
   # Traced on the variables dict, applied to its "params" collection: no path matches,
   # and without the check nothing would be pruned while the report says "all 2:4".
   with pytest.raises(ValueError, match="start with 'params/' and the tree's do not"):
@@ -173,20 +174,20 @@ def test_partial_layouts_warn_only_for_weights():
   variables, lay = _cnn_and_layouts()
   part = {p: v for p, v in lay.items() if p != "params/Dense_1/kernel"}
   with pytest.warns(UserWarning, match="'params/Dense_1/kernel'"):
-    d = jasp.plan(variables, layouts=part)
+    d = jasp.policy.plan(variables, layouts=part)
   assert not d["params/Dense_1/kernel"].prune and d["params/Dense_0/kernel"].prune
   # Leaves outside the traced collection that are no weights (BatchNorm statistics
   # here) stay dense quietly.
   part = {p: v for p, v in lay.items() if not p.startswith("batch_stats/")}
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    jasp.plan(variables, layouts=part)
+    jasp.policy.plan(variables, layouts=part)
 
 
 def test_bad_layout_entries_name_the_leaf():
   variables, lay = _cnn_and_layouts()
   with pytest.raises(TypeError, match=r"layouts\['params/Dense_0/kernel'\] is 0"):
-    jasp.plan(variables, layouts={**lay, "params/Dense_0/kernel": 0})
+    jasp.policy.plan(variables, layouts={**lay, "params/Dense_0/kernel": 0})
   wrong = dataclasses.replace(lay["params/Dense_0/kernel"], axis=(2,))
   with pytest.raises(ValueError, match=r"layout of 'params/Dense_0/kernel'.*does not fit"):
-    jasp.plan(variables, layouts={**lay, "params/Dense_0/kernel": wrong})
+    jasp.policy.plan(variables, layouts={**lay, "params/Dense_0/kernel": wrong})

@@ -12,8 +12,8 @@ import jasp
 from jasp import _tree
 from jasp import sparse
 from jasp.sparse import _runtime
+from jasp.sparse import autotune as policy_lib
 from jasp.sparse import build
-from jasp.sparse import policy as policy_lib
 
 needs_cpu = pytest.mark.skipif(sparse.status()[0], reason="checks the fallback without a GPU")
 

@@ -2,7 +2,7 @@
 
 A pruner supplies one jitted function per leaf,
 ``leaf_fn(w, site, stats, n, m) -> (new_w, mask, error or None)``; the driver
-decides which leaves are pruned (:func:`jasp.plan`), finds their inputs
+decides which leaves are pruned (:func:`jasp.policy.plan`), finds their inputs
 (:mod:`jasp.calibration.stats`), orders them so that a layer is calibrated on the
 outputs of the already-pruned layers before it, streams the calibration
 batches once per stage, and reports each layer (progress bar, callback,
@@ -30,10 +30,10 @@ from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
 from jasp import policy as policy_lib
 from jasp.calibration import stats as stats_lib
+from jasp.typing import PyTree
 
 __all__ = ["LayerResult", "run"]
 
-PyTree = Any
 Missing = Literal["error", "magnitude", "dense"]
 log = logging.getLogger("jasp.calibration")
 
@@ -478,7 +478,7 @@ def run(
   ``batches`` is an iterable of batches, each the model's one input (see
   :func:`calibration_batches`).
   """
-  masks_lib._check_nm(n, m)
+  masks_lib.check_nm(n, m)
   if missing not in ("error", "magnitude", "dense"):
     raise ValueError(f"missing must be 'error', 'magnitude' or 'dense', got {missing!r}.")
   params, batches = split_args(fn, params, batches)

@@ -59,10 +59,10 @@ from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
 from jasp import policy as policy_lib
 from jasp.calibration import _driver
+from jasp.typing import PyTree
 
 __all__ = ["sparsegpt_layer", "sparsegpt_prune", "reconstruction_error", "inverse_hessian_factor"]
 
-PyTree = Any
 HIGHEST = lax.Precision.HIGHEST
 
 
@@ -181,7 +181,7 @@ def _obs(
 
 
 def _check(n, m, blocksize):
-  masks_lib._check_nm(n, m)
+  masks_lib.check_nm(n, m)
   if blocksize < m or blocksize % m:
     raise ValueError(f"blocksize must be a positive multiple of m={m}, got {blocksize}.")
 

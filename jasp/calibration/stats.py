@@ -49,13 +49,13 @@ from jax import lax
 from jasp import _jaxpr
 from jasp import _model
 from jasp import weights
+from jasp.typing import PyTree
 from jasp.weights import Site
 from jasp.weights import from_matrix
 from jasp.weights import to_matrix
 
 __all__ = ["Site", "LayerStats", "collect_stats", "to_matrix", "from_matrix", "conv_patches"]
 
-PyTree = Any
 HIGHEST = jax.lax.Precision.HIGHEST
 
 

@@ -24,10 +24,9 @@ from jasp import masks as masks_lib
 from jasp import policy as policy_lib
 from jasp.calibration import _driver
 from jasp.calibration import stats as stats_lib
+from jasp.typing import PyTree
 
 __all__ = ["wanda_scores", "wanda_prune"]
-
-PyTree = Any
 
 
 def _scores(w: jax.Array, sumsq: jax.Array, site: stats_lib.Site) -> jax.Array:

@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from jasp import _tree
 from jasp.export import _safe_read
 from jasp.export._deps import require
 from jasp.export._meta import is_int
@@ -189,8 +190,6 @@ def check_params(
   Raises:
     CheckError: ``n``/``m`` or ``expect_sparse`` are invalid.
   """
-  from jasp import _tree
-
   flat = {p: np.asarray(x) for p, x in _tree.leaves_by_path(params).items()}
   return report(
     name, "pytree", tree_reader.candidates(flat, layouts=layouts), n, m, expect_sparse, min_zeros

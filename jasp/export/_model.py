@@ -24,10 +24,9 @@ from jasp import _model as model_lib
 from jasp import _tree
 from jasp import layouts as layouts_lib
 from jasp.export import _nm
+from jasp.typing import PyTree
 
 __all__ = ["Bound", "bind"]
-
-PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,11 +62,11 @@ from jasp.export import _model
 from jasp.export import _validate
 from jasp.export._deps import MissingDependencyError
 from jasp.export._deps import require
+from jasp.export._format import METADATA_KEY
+from jasp.typing import PyTree
 
 __all__ = ["to_onnx", "run_onnx", "METADATA_KEY"]
 
-PyTree = Any
-METADATA_KEY = "jasp"
 # Above this many bytes of initializers the model is saved with external data
 # (protobuf's 2 GiB limit).
 _EXTERNAL_BYTES = 1 << 30

@@ -31,11 +31,11 @@ from jasp.export import _check
 from jasp.export import _model
 from jasp.export import _validate
 from jasp.export._deps import require
+from jasp.export._format import JASP_JSON
+from jasp.typing import PyTree
 
 __all__ = ["to_saved_model", "run_saved_model", "JASP_JSON", "VAR_PREFIX"]
 
-PyTree = Any
-JASP_JSON = os.path.join("assets.extra", "jasp.json")
 VAR_PREFIX = "params"
 
 

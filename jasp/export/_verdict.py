@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jasp._nm_core import check_nm
 from jasp.export import _nm
 from jasp.export._safe_read import CheckError
 
@@ -327,10 +328,9 @@ def report(
   Raises:
     CheckError: ``n``/``m`` or a pattern of ``expect_sparse`` are invalid.
   """
-  from jasp.masks import _check_nm
 
   try:
-    _check_nm(n, m)
+    check_nm(n, m)
   except (TypeError, ValueError) as e:
     raise CheckError(str(e)) from None
   regexes = _regexes(expect_sparse)

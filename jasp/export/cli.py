@@ -1,6 +1,10 @@
 """The ``jasp`` command line: ``jasp check FILE [--json] [--n 2 --m 4] ...``.
 
-Also runs as ``python -m jasp.export.cli check FILE``.
+Also runs as ``python -m jasp.export.cli check FILE`` (or ``python -m jasp``);
+``jasp --version`` prints the installed version.
+
+The command starts without jax, flax or optax: this module imports only the
+standard library at the top, and the checker when ``check`` runs.
 
 Exit status of ``check``: 0 when every expected-sparse weight is N:M along its
 consumer's reduction axis; 1 when one is not; 2 when the file cannot be checked
@@ -14,6 +18,7 @@ prints its traceback and also exits 2: a check that did not finish never exits
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sys
@@ -21,7 +26,9 @@ import traceback
 import unicodedata
 from collections.abc import Sequence
 
-__all__ = ["main", "build_parser"]
+from jasp._version import __version__
+
+__all__ = ["build_parser", "main", "version"]
 
 EXIT_OK, EXIT_NOT_SPARSE, EXIT_ERROR = 0, 1, 2
 
@@ -30,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="jasp", description="jasp: N:M (2:4) structured sparsity for JAX."
   )
+  parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   chk = sub.add_parser(
     "check",
@@ -93,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def version() -> str:
+  """The installed distribution's version, else the source tree's ``jasp.__version__``."""
+  try:
+    return importlib.metadata.version("jasp")
+  except importlib.metadata.PackageNotFoundError:
+    return __version__
+
+
 def _size(text: str) -> int:
   units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
   t = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -107,6 +123,7 @@ def _size(text: str) -> int:
 
 
 def _check(args) -> int:
+  # Deferred to keep `jasp --help` / `jasp check --help` free of numpy and jax.
   from jasp.export import _check
   from jasp.export._deps import MissingDependencyError
 

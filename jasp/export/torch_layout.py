@@ -37,7 +37,11 @@ import numpy as np
 
 from jasp import _tree
 from jasp import layouts as layouts_lib
+from jasp import masks as masks_lib
 from jasp import packing
+from jasp import policy as policy_lib
+from jasp.export._deps import require
+from jasp.typing import PyTree
 
 __all__ = [
   "torch_weight",
@@ -50,7 +54,6 @@ __all__ = [
   "SAFETENSORS_METADATA_KEY",
 ]
 
-PyTree = Any
 SAFETENSORS_METADATA_KEY = "jasp"
 _RENAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 _STATS = {"mean": "running_mean", "var": "running_var"}
@@ -290,12 +293,10 @@ def to_torch_state_dict(
     ValueError: if two leaves map to the same key, a weight has no PyTorch
       layout or its layout does not fit it (naming the path and shape), a mask
       matches no leaf (naming the mask paths) or has another shape than its
-      leaf, or ``layouts`` matches no leaf (see :func:`jasp.plan`).
+      leaf, or ``layouts`` matches no leaf (see :func:`jasp.policy.plan`).
     TypeError: ``layouts`` is not a mapping of Layouts, or a mask is not a
       bool array or PackedMask (naming the path).
   """
-  from jasp import policy as policy_lib
-
   leaves = _tree.leaves_by_path(params)
   policy_lib.check_layouts(leaves, layouts, warn=False)
   mask_by_path = _match_masks(masks, list(leaves))
@@ -423,10 +424,7 @@ def save_safetensors(
     ValueError, TypeError: as :func:`to_torch_state_dict` (masks that match no
       leaf, a mismatch between ``layouts`` and ``params``), or invalid ``n``/``m``.
   """
-  from jasp import masks as masks_lib
-  from jasp.export._deps import require
-
-  masks_lib._check_nm(n, m)
+  masks_lib.check_nm(n, m)
   st = require("safetensors.numpy")
   state, info = to_torch_state_dict(params, layouts=layouts, masks=masks, apex_masks=apex_masks)
   meta = {
@@ -449,8 +447,6 @@ def save_safetensors(
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """``(tensors, header metadata)`` of a ``.safetensors`` file, as numpy."""
-  from jasp.export._deps import require
-
   safetensors = require("safetensors")
   path = os.fspath(path)
   with safetensors.safe_open(path, framework="numpy") as f:

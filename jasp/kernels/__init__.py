@@ -5,6 +5,8 @@ between them is made by :mod:`jasp._dispatch`. The kernels run on any backend
 in Pallas interpret mode (slow; for tests).
 """
 
+from jasp.kernels.nm2d_pallas import nm_mask_2d_pallas
+from jasp.kernels.nm2d_pallas import supports_2d
 from jasp.kernels.nm_pallas import SUPPORTED_DTYPES
 from jasp.kernels.nm_pallas import nm_mask_pallas
 from jasp.kernels.nm_pallas import nm_prune_pallas

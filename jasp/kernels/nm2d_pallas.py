@@ -32,7 +32,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jasp import masks
+from jasp._nm_core import best_pattern_bits
+from jasp._nm_core import block_patterns
+from jasp._nm_core import check_nm
 from jasp.kernels import nm_pallas
 
 __all__ = ["Plan2D", "nm_mask_2d_pallas", "plan_2d", "supports_2d"]
@@ -46,8 +48,6 @@ _NUM_WARPS = 4
 
 
 def _patterns(n: int, m: int):
-  from jasp.masks import block_patterns
-
   return block_patterns(n, m)
 
 
@@ -99,8 +99,8 @@ def plan_2d(
   cols = shape[second] // m
   tile_blocks = tile_blocks or _TILE_BLOCKS
   max_contig = max_contig or _MAX_CONTIG_BLOCKS
-  b1 = min(nm_pallas._pow2_ceil(cols), max_contig)
-  b0 = max(1, min(nm_pallas._pow2_ceil(rows), tile_blocks // b1))
+  b1 = min(nm_pallas.pow2_ceil(cols), max_contig)
+  b0 = max(1, min(nm_pallas.pow2_ceil(rows), tile_blocks // b1))
   bounds = None if (rows % b0 == 0 and cols % b1 == 0) else (rows, cols)
   return Plan2D(
     (rows, m, cols, m), a < b, (b0, b1), bounds, num_warps or _NUM_WARPS, m & (m - 1) == 0
@@ -121,7 +121,7 @@ def supports_2d(shape: Sequence[int], dtype, n: int, m: int, axis: int, out_axis
 
 def _mag32(x: jax.Array) -> jax.Array:
   """``|x|`` with NaN as +inf, as float32 (exact for bf16 / fp16 / fp32)."""
-  return lax.bitcast_convert_type(nm_pallas._keys(x), x.dtype).astype(jnp.float32)
+  return lax.bitcast_convert_type(nm_pallas.rank_keys(x), x.dtype).astype(jnp.float32)
 
 
 def _kernel(x_ref, o_ref, *, n: int, p: Plan2D):
@@ -152,7 +152,7 @@ def _kernel(x_ref, o_ref, *, n: int, p: Plan2D):
       tiles.append(row)
   mags = [[_mag32(t) for t in row] for row in tiles]
   group_first = p.group_first
-  bits = masks.best_pattern_bits(lambda r, c: mags[r][c] if group_first else mags[c][r], n, m)
+  bits = best_pattern_bits(lambda r, c: mags[r][c] if group_first else mags[c][r], n, m)
 
   def keep(i1, i3):
     r, c = (i1, i3) if group_first else (i3, i1)
@@ -160,7 +160,7 @@ def _kernel(x_ref, o_ref, *, n: int, p: Plan2D):
 
   for i1 in range(m):
     if p.split:
-      val = nm_pallas._interleave([keep(i1, i3) for i3 in range(m)])
+      val = nm_pallas.interleave([keep(i1, i3) for i3 in range(m)])
       ref = o_ref.at[:, np.int32(i1), :, :]
       if valid3 is None:
         ref[...] = val
@@ -228,9 +228,7 @@ def nm_mask_2d_pallas(
   Raises:
     ValueError: for unsupported dtypes, group sizes or layouts.
   """
-  from jasp.masks import _check_nm
-
-  _check_nm(n, m)
+  check_nm(n, m)
   w = jnp.asarray(w)
   if not supports_2d(w.shape, w.dtype, n, m, axis, out_axis):
     raise ValueError(
@@ -238,5 +236,5 @@ def nm_mask_2d_pallas(
       f"with {n}:{m} blocks over axes ({axis}, {out_axis}); use the XLA path."
     )
   p = plan_2d(w.shape, m, axis, out_axis, **tuning)
-  interpret = nm_pallas._use_interpret(interpret)
+  interpret = nm_pallas.use_interpret(interpret)
   return _run(lax.stop_gradient(w), n=n, p=p, interpret=interpret)

@@ -49,7 +49,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-Axis = int | Sequence[int]
+from jasp._nm_core import check_nm
+from jasp._nm_core import group_axes
+from jasp.typing import Axis
 
 __all__ = [
   "SUPPORTED_DTYPES",
@@ -104,7 +106,7 @@ def supports(dtype, n: int, m: int) -> bool:
   return dt in SUPPORTED_DTYPES and 2 <= m <= MAX_M and 1 <= n < m
 
 
-def _pow2_ceil(x: int) -> int:
+def pow2_ceil(x: int) -> int:
   return 1 << max(0, int(x) - 1).bit_length()
 
 
@@ -175,8 +177,6 @@ def plan(
   Raises:
     ValueError: if the group axes' size is not a multiple of ``m``.
   """
-  from jasp.masks import group_axes
-
   shape = tuple(int(s) for s in shape)
   axes = group_axes(len(shape), axis)
   tile_elems = tile_elems or _TILE_ELEMS
@@ -191,28 +191,28 @@ def plan(
     )
   if post > 1:
     view = (pre * k // m, m, post)
-    b1 = min(_pow2_ceil(post), max_contig)
+    b1 = min(pow2_ceil(post), max_contig)
     d0, d1 = view[0], post
     member_dim = 1
   else:
     groups = pre * k // m
     q = _pow2_divisor(groups, max_contig)
     qn = k // m
-    if q >= min(32, _pow2_ceil(qn)):
+    if q >= min(32, pow2_ceil(qn)):
       view = (groups // q, q, m)  # flat rows of q whole groups: no edge masks
     else:
       view = (pre, qn, m)  # natural rows, masked at the edge
-    b1 = min(_pow2_ceil(view[1]), max_contig)
+    b1 = min(pow2_ceil(view[1]), max_contig)
     d0, d1 = view[0], view[1]
     member_dim = 2
-  b0 = max(1, min(_pow2_ceil(d0), tile_elems // b1))
+  b0 = max(1, min(pow2_ceil(d0), tile_elems // b1))
   bounds = None if (d0 % b0 == 0 and d1 % b1 == 0) else (d0, d1)
   pow2 = m & (m - 1) == 0
   split = (_SPLIT if split is None else split) and member_dim == 2 and pow2
   return Plan(view, member_dim, (b0, b1), bounds, num_warps, bool(split))
 
 
-def _keys(x: jax.Array) -> jax.Array:
+def rank_keys(x: jax.Array) -> jax.Array:
   """Exact integer sort key of ``|x|`` with NaN as +inf (see module doc)."""
   itype, abs_bits, inf_bits = _KEY_BITS[jnp.dtype(x.dtype)]
   b = lax.bitcast_convert_type(x, itype) & abs_bits
@@ -266,14 +266,14 @@ def _kernel(x_ref, *out_refs, n: int, p: Plan, outputs: tuple[str, ...]):
     valid3 = None if valid is None else jnp.broadcast_to(valid[:, :, None], (b0, b1, m))
     block = x_ref[...] if valid3 is None else plgpu.load(x_ref, mask=valid3, other=0)
     xs = [t.reshape(b0, b1) for t in jnp.split(block, m, axis=-1)]
-    keeps = _keep([_keys(x) for x in xs], n)
+    keeps = _keep([rank_keys(x) for x in xs], n)
     for name, ref in zip(outputs, out_refs):
       vals = (
         keeps
         if name == "mask"
         else [jnp.where(kp, x, jnp.zeros_like(x)) for kp, x in zip(keeps, xs)]
       )
-      val = _interleave(vals)
+      val = interleave(vals)
       if valid3 is None:
         ref[...] = val
       else:
@@ -281,7 +281,7 @@ def _kernel(x_ref, *out_refs, n: int, p: Plan, outputs: tuple[str, ...]):
     return
 
   xs = [load(k) for k in range(m)]
-  keeps = _keep([_keys(x) for x in xs], n)
+  keeps = _keep([rank_keys(x) for x in xs], n)
   for name, ref in zip(outputs, out_refs):
     for k in range(m):
       if name == "mask":
@@ -290,19 +290,19 @@ def _kernel(x_ref, *out_refs, n: int, p: Plan, outputs: tuple[str, ...]):
         store(ref, k, jnp.where(keeps[k], xs[k], jnp.zeros_like(xs[k])))
 
 
-def _interleave(vals: list[jax.Array]) -> jax.Array:
+def interleave(vals: list[jax.Array]) -> jax.Array:
   """``(b0, b1)`` arrays ``vals[k]`` -> ``(b0, b1, len(vals))``; len a power of 2.
 
   Only two-way stacks along the last axis (what the Triton lowering has).
   """
   if len(vals) == 2:
     return jnp.stack(vals, axis=-1)
-  even, odd = _interleave(vals[0::2]), _interleave(vals[1::2])  # [..., i] = vals[2i (+1)]
+  even, odd = interleave(vals[0::2]), interleave(vals[1::2])  # [..., i] = vals[2i (+1)]
   both = jnp.stack([even, odd], axis=-1)  # [..., i, j] = vals[2i + j]
   return both.reshape(both.shape[:-2] + (len(vals),))
 
 
-def _use_interpret(interpret: bool | None) -> bool:
+def use_interpret(interpret: bool | None) -> bool:
   if interpret is not None:
     return bool(interpret)
   return jax.default_backend() != "gpu"
@@ -336,9 +336,7 @@ def _run(w: jax.Array, *, n: int, p: Plan, outputs: tuple[str, ...], interpret: 
 
 
 def _check(w: jax.Array, n: int, m: int) -> None:
-  from jasp.masks import _check_nm
-
-  _check_nm(n, m)
+  check_nm(n, m)
   if w.ndim == 0:
     raise ValueError("N:M masks need an array of rank >= 1, got a scalar.")
   if not supports(w.dtype, n, m):
@@ -376,7 +374,7 @@ def nm_mask_pallas(
   if w.size == 0:
     return jnp.zeros(w.shape, jnp.bool_)
   (mask,) = _run(
-    lax.stop_gradient(w), n=n, p=p, outputs=("mask",), interpret=_use_interpret(interpret)
+    lax.stop_gradient(w), n=n, p=p, outputs=("mask",), interpret=use_interpret(interpret)
   )
   return mask
 
@@ -425,5 +423,5 @@ def nm_prune_pallas(
   p = plan(w.shape, m, axis, **tuning)
   if w.size == 0:
     return (w, jnp.zeros(w.shape, jnp.bool_)) if with_mask else w
-  out = _prune(w, n, p, bool(with_mask), _use_interpret(interpret))
+  out = _prune(w, n, p, bool(with_mask), use_interpret(interpret))
   return out if with_mask else out[0]

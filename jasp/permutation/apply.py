@@ -45,10 +45,9 @@ from jasp.permutation.report import LayerReport
 from jasp.permutation.report import PermutationPlan
 from jasp.permutation.report import PermutationReport
 from jasp.permutation.report import permute_array
+from jasp.typing import PyTree
 
 __all__ = ["permute", "apply_permutation"]
-
-PyTree = Any
 
 
 def apply_permutation(tree: PyTree, plan: PermutationPlan) -> PyTree:
@@ -535,7 +534,7 @@ def permute(
     print(report)
     sparse, masks = jasp.prune(variables, 2, 4, layouts=layouts)
   """
-  masks_lib._check_nm(n, m)
+  masks_lib.check_nm(n, m)
   t0 = time.perf_counter()
   kwargs = dict(model_kwargs or {})
   model, inputs = _model.adapt(fn, variables, args, state=True, what="permute")

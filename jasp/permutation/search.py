@@ -41,7 +41,6 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from collections.abc import Sequence
 from typing import Any
 from typing import Literal
 from typing import NamedTuple
@@ -51,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jasp import masks as masks_lib
+from jasp.typing import Axis
 
 __all__ = [
   "search_permutation",
@@ -60,7 +60,6 @@ __all__ = [
   "permute_axis",
 ]
 
-Axis = int | Sequence[int]
 Strategy = Literal["auto", "windows", "swap"]
 
 # A window is solved exhaustively only while it has at most this many candidate
@@ -187,7 +186,7 @@ def permutation_score(
   Returns:
     a :class:`PermutationScore`.
   """
-  masks_lib._check_nm(n, m)
+  masks_lib.check_nm(n, m)
   w = np.asarray(jax.device_get(w))
   axes = masks_lib.group_axes(w.ndim, axis)
   mag = np.abs(w.astype(np.float64))
@@ -942,7 +941,7 @@ def search_permutation(
     >>> perm = search_permutation(w, 2, 4, axis=0, seed=0)
     >>> pruned = nm_mask(jnp.take(w, perm, axis=0)) * jnp.take(w, perm, axis=0)
   """
-  masks_lib._check_nm(n, m)
+  masks_lib.check_nm(n, m)
   if strategy not in ("auto", "windows", "swap"):
     raise ValueError(f"strategy must be 'auto', 'windows' or 'swap', got {strategy!r}.")
   t0 = time.perf_counter()

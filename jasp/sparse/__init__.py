@@ -11,23 +11,24 @@ the system C++ compiler against XLA's FFI headers and the cuSPARSELt wheel
 (``pip install nvidia-cusparselt-cu13``); see :mod:`jasp.sparse.build`.
 """
 
+from jasp import _deprecation
 from jasp.sparse._compress import A_COL
 from jasp.sparse._compress import A_ROW
 from jasp.sparse._compress import SparseWeight
 from jasp.sparse._compress import compress
 from jasp.sparse._matmul import dense_matmul
-from jasp.sparse._matmul import matmul
 from jasp.sparse._matmul import sparse_matmul
 from jasp.sparse._runtime import SparseUnavailable
 from jasp.sparse._runtime import status
+from jasp.sparse.autotune import Choice
+from jasp.sparse.autotune import MatmulPolicy
+from jasp.sparse.autotune import matmul
+from jasp.sparse.autotune import tune
 from jasp.sparse.flax import SparseLinear
 from jasp.sparse.flax import apply
 from jasp.sparse.flax import intercept
 from jasp.sparse.flax import sparsify
 from jasp.sparse.flax import sparsify_nnx
-from jasp.sparse.policy import Choice
-from jasp.sparse.policy import MatmulPolicy
-from jasp.sparse.policy import tune
 
 __all__ = [
   "A_COL",
@@ -48,3 +49,7 @@ __all__ = [
   "status",
   "tune",
 ]
+
+# The sparse-vs-dense choice was `jasp.sparse.policy`; `jasp.policy` decides
+# which leaves are pruned, so the module is now `jasp.sparse.autotune`.
+__getattr__ = _deprecation.module_getattr("jasp.sparse", {"policy": "jasp.sparse.autotune"})

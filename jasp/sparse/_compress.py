@@ -10,7 +10,7 @@ it) and ``N = prod(out_shape)``:
   sparse kernels do not take);
 * ``dense``: the masked weight ``(K, N)`` in the compute dtype, kept (unless
   ``keep_dense=False``) for the token counts where dense is faster (see
-  :mod:`jasp.sparse.policy`) and for devices without sparse tensor cores.
+  :mod:`jasp.sparse.autotune`) and for devices without sparse tensor cores.
 
 Both are pytree children (they checkpoint, shard and pass through ``jit``);
 the shapes, the compute dtype and the compressed format's tag are static

@@ -2,9 +2,9 @@
 
 :func:`sparse_matmul` always runs cuSPARSELt through the ``jax.ffi`` target
 (jittable; ``vmap`` over activations batches into one call; the weight is never
-copied or transposed per call). :func:`matmul` asks the policy
-(:mod:`jasp.sparse.policy`) per call shape and runs the dense XLA dot on the
-kept masked weight where that is faster, or where there is no sparse runtime.
+copied or transposed per call); :func:`dense_matmul` runs XLA's dense dot on the
+kept masked weight. :func:`jasp.sparse.matmul`, which picks one of the two per
+call shape, lives in :mod:`jasp.sparse.autotune`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import numpy as np
 
 from jasp.sparse import _compress as compress_lib
 from jasp.sparse import _runtime
-from jasp.sparse import policy as policy_lib
 
-__all__ = ["matmul", "sparse_matmul", "dense_matmul"]
+__all__ = ["batched_call", "check_x", "dense_matmul", "sparse_matmul"]
 
 # The workspace comes from XLA's scratch allocator; this many bytes are also
 # reserved as an output the handler falls back to (XLA reuses the buffer).
@@ -38,7 +37,7 @@ def _check_format(w: compress_lib.SparseWeight, rt: _runtime.Runtime) -> None:
     )
 
 
-def _check_x(x: jax.Array, w: compress_lib.SparseWeight) -> None:
+def check_x(x: jax.Array, w: compress_lib.SparseWeight) -> None:
   if x.ndim < 1 or x.shape[-1] != w.k:
     raise ValueError(
       f"x of shape {tuple(x.shape)} does not match the weight: its last axis "
@@ -94,7 +93,7 @@ def sparse_matmul(
   rt = _runtime.runtime()
   _check_format(w, rt)
   x = jnp.asarray(x)
-  _check_x(x, w)
+  check_x(x, w)
   b = _bias_vector(bias, w)
   use_epi = b is not None and bias_epilogue
   meta = (w.k, w.n, w.dtype, w.a_order, use_epi, bool(search))
@@ -194,66 +193,7 @@ def dense_matmul(
       "the dense path cannot run; recompress with keep_dense=True."
     )
   x = jnp.asarray(x)
-  _check_x(x, w)
+  check_x(x, w)
   y = jnp.dot(x.astype(w.dense.dtype), w.dense)
   b = _bias_vector(bias, w)
   return y if b is None else y + b.astype(y.dtype)
-
-
-def matmul(
-  x: jax.Array,
-  w: compress_lib.SparseWeight,
-  bias: jax.Array | None = None,
-  *,
-  policy: policy_lib.MatmulPolicy | None = None,
-  bias_epilogue: bool = False,
-) -> jax.Array:
-  """``x @ W (+ bias)``: the sparse kernel where it is faster, else dense.
-
-  The path is chosen when the call is traced, from ``x``'s token count
-  ``prod(x.shape[:-1])`` (under ``vmap``: the per-example count), by
-  ``policy`` (:class:`jasp.sparse.MatmulPolicy`; default: measured once per
-  shape on this GPU and cached). Without a sparse runtime (CPU, a GPU without
-  2:4 tensor cores, no cuSPARSELt) the dense dot runs, and a warning says why
-  once per process.
-
-  Args:
-    x: activations ``(..., K)``.
-    w: a :class:`jasp.sparse.SparseWeight` (from :func:`jasp.sparse.compress`).
-    bias: ``(N,)`` or None.
-    policy: a :class:`jasp.sparse.MatmulPolicy`, or None for the default.
-    bias_epilogue: see :func:`sparse_matmul`.
-
-  Returns:
-    ``(..., N)`` in ``w.dtype``; equal to ``x @ W_masked + bias`` up to the
-    accumulation order (fp32 accumulation on both paths).
-
-  Example::
-
-    sw = jasp.sparse.compress(kernel, dtype=jnp.bfloat16)   # kernel 2:4 along axis 0
-    y = jax.jit(jasp.sparse.matmul)(x, sw)                  # x (..., in) -> (..., out)
-  """
-  x = jnp.asarray(x)
-  _check_x(x, w)
-  runnable = w.is_compressed
-  if runnable:
-    ok, why = _runtime.status()
-    if not ok:
-      runnable = False
-      if w.dense is None:
-        raise _runtime.SparseUnavailable(why + " This SparseWeight kept no dense weight.")
-      _runtime.note_dense_fallback(why)
-  t = math.prod(x.shape[:-1])
-  choice = policy_lib.choose(
-    policy,
-    k=w.k,
-    n=w.n,
-    t=t,
-    dtype=w.dtype,
-    compressed=runnable,
-    has_dense=w.dense is not None,
-    a_order=w.a_order,
-  )
-  if choice.sparse:
-    return sparse_matmul(x, w, bias, bias_epilogue=bias_epilogue)
-  return dense_matmul(x, w, bias)

@@ -41,12 +41,11 @@ from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
 from jasp import policy as pruning_policy
 from jasp.sparse import _compress as compress_lib
-from jasp.sparse import _matmul as matmul_lib
-from jasp.sparse import policy as policy_lib
+from jasp.sparse import autotune
+from jasp.typing import PyTree
 
 __all__ = ["sparsify", "apply", "intercept", "SparseLinear", "sparsify_nnx"]
 
-PyTree = Any
 _SIXTEEN = ("bfloat16", "float16")
 
 
@@ -181,7 +180,7 @@ def _contract(
   if axes != trailing:
     x = jnp.moveaxis(x, axes, trailing)
   lead = x.shape[: x.ndim - len(axes)]
-  y = matmul_lib.matmul(x.reshape(*lead, w.k), w, bias, policy=policy, bias_epilogue=bias_epilogue)
+  y = autotune.matmul(x.reshape(*lead, w.k), w, bias, policy=policy, bias_epilogue=bias_epilogue)
   return y.reshape(*lead, *w.out_shape).astype(out_dtype)
 
 
@@ -218,7 +217,7 @@ def _interceptor(policy, bias_epilogue):
 
 
 @contextlib.contextmanager
-def intercept(*, policy: policy_lib.MatmulPolicy | None = None, bias_epilogue: bool = False):
+def intercept(*, policy: autotune.MatmulPolicy | None = None, bias_epilogue: bool = False):
   """Within this context, linen ``Dense``/``DenseGeneral`` layers whose kernel is a
   :class:`jasp.sparse.SparseWeight` run :func:`jasp.sparse.matmul`.
 
@@ -233,7 +232,7 @@ def apply(
   model: nn.Module,
   variables: PyTree,
   *args,
-  policy: policy_lib.MatmulPolicy | None = None,
+  policy: autotune.MatmulPolicy | None = None,
   bias_epilogue: bool = False,
   **kwargs,
 ):
@@ -272,7 +271,7 @@ class SparseLinear(nnx.Module):
     axis: Sequence[int] = (-1,),
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
-    policy: policy_lib.MatmulPolicy | None = None,
+    policy: autotune.MatmulPolicy | None = None,
     bias_epilogue: bool = False,
   ):
     self.kernel = nnx.Param(kernel)
@@ -318,7 +317,7 @@ def sparsify_nnx(
   keep_dense: bool = True,
   include: Sequence[str] | None = None,
   exclude: Sequence[str] | None = None,
-  policy: policy_lib.MatmulPolicy | None = None,
+  policy: autotune.MatmulPolicy | None = None,
   bias_epilogue: bool = False,
   a_order: int = compress_lib.DEFAULT_A_ORDER,
 ) -> dict[str, str]:

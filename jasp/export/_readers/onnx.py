@@ -8,6 +8,7 @@ import os
 from jasp.export import _onnx_graph
 from jasp.export import _safe_read
 from jasp.export._deps import require
+from jasp.export._format import METADATA_KEY
 from jasp.export._meta import jasp_meta
 from jasp.export._meta import unverified
 from jasp.export._readers import Found
@@ -150,7 +151,6 @@ def prepare(model, where: str, base: str | None, budget: Budget) -> None:
 
 def _meta(model, where: str) -> dict:
   """jasp's metadata in the model's ``metadata_props`` (``{}`` when none)."""
-  from jasp.export._onnx import METADATA_KEY
 
   values = [e.value for e in model.metadata_props if e.key == METADATA_KEY]
   if not values:

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from jasp import _tree
 from jasp.export import _safe_read
 from jasp.export._deps import require
 from jasp.export._meta import first_line
@@ -132,7 +133,6 @@ def _restore(ocp, d: str, budget: Budget):
 def read_tree(path: str, budget: Budget) -> tuple[dict[str, np.ndarray], str]:
   """``({path: array}, the item directory read)`` of the orbax checkpoint at or under ``path``."""
   ocp = require("orbax.checkpoint")
-  from jasp import _tree
 
   d = _item_dir(path)
   _safe_read.check_tree(d, budget)

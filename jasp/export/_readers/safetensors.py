@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from jasp.export import _safe_read
+from jasp.export import torch_layout
 from jasp.export._deps import require
 from jasp.export._meta import is_int
 from jasp.export._meta import jasp_meta
@@ -109,7 +110,6 @@ def header(path: str, budget: Budget) -> tuple[dict, dict]:
 
 def _jasp_meta(path: str, raw_meta: Mapping[str, str]) -> dict:
   """jasp's metadata in the header's ``__metadata__`` (``{}`` when none)."""
-  from jasp.export import torch_layout
 
   if torch_layout.SAFETENSORS_METADATA_KEY not in raw_meta:
     return {}
@@ -119,7 +119,6 @@ def _jasp_meta(path: str, raw_meta: Mapping[str, str]) -> dict:
 
 def _tensors(path: str, entries: dict, budget: Budget) -> dict[str, Any]:
   """Every tensor of the file (charged to ``budget`` first)."""
-  from jasp.export import torch_layout
 
   safetensors = require("safetensors")
   nbytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values())

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from jasp import layouts as layouts_lib
 from jasp.export import _safe_read
 from jasp.export._deps import require
+from jasp.export._format import JASP_JSON
 from jasp.export._meta import first_line
 from jasp.export._meta import jasp_meta
 from jasp.export._meta import unverified
@@ -40,7 +42,6 @@ def _unescape_tf(name: str) -> str:
 
 def _jasp_json(path: str, budget: Budget) -> tuple[dict, str]:
   """``(jasp metadata or {}, the path of jasp.json)``."""
-  from jasp.export._saved_model import JASP_JSON
 
   jp = os.path.join(path, JASP_JSON)
   if not os.path.exists(jp):
@@ -132,7 +133,6 @@ def _recorded(name: str, p: str, arr: np.ndarray, rec: dict, jp: str) -> Candida
 
 def _by_convention(name: str, p: str, arr: np.ndarray) -> Candidate | None:
   """The weight at flax path ``p`` by flax's naming conventions; None if it is no kernel."""
-  from jasp import layouts as layouts_lib
 
   lay = layouts_lib.convention_layout(p, arr)
   return None if lay.axis is None else Candidate(name, arr, lay.kind, [tuple(lay.axis)], p)

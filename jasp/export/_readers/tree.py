@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from jasp import layouts as layouts_lib
 from jasp.export._verdict import Candidate
 
 __all__ = ["candidates", "none_found"]
@@ -30,7 +31,6 @@ def candidates(
   ``opt_state`` subtrees are skipped; a ``masks`` subtree marks the weights
   it masks (a mask of another shape is ignored).
   """
-  from jasp import layouts as layouts_lib
 
   marks = _masks(flat)
   cands = []

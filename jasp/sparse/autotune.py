@@ -8,8 +8,8 @@ and the sparse kernel once on random data of that shape, keeps the result in a
 JSON cache (per GPU model, cuSPARSELt and jax version), and takes the sparse
 path only where it was at least ``min_speedup`` times faster, so that no call
 is slower than dense beyond measurement noise. The decision is made when
-:func:`jasp.sparse.matmul` is traced (shapes are static then), so a jitted
-model pays nothing per call.
+:func:`jasp.sparse.matmul` (defined here) is traced (shapes are static
+then), so a jitted model pays nothing per call.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -26,11 +27,15 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
+from jasp import masks as masks_lib
+from jasp.sparse import _compress as compress_lib
+from jasp.sparse import _matmul as matmul_lib
 from jasp.sparse import _runtime
 from jasp.sparse import build as build_lib
 
-__all__ = ["Choice", "MatmulPolicy", "TimingCache", "choose", "measure_gpu", "tune"]
+__all__ = ["Choice", "MatmulPolicy", "TimingCache", "choose", "matmul", "measure_gpu", "tune"]
 
 Measure = Callable[[int, int, int, str], tuple[float, float]]
 
@@ -234,12 +239,6 @@ def measure_gpu(
   Host-timed, so tiny calls measure dispatch for both paths (a near-tie, which
   the policy leaves on the dense path).
   """
-  import jax.numpy as jnp
-
-  from jasp import masks as masks_lib
-  from jasp.sparse import _compress as compress_lib
-  from jasp.sparse import _matmul as matmul_lib
-
   kw, kx = jax.random.split(jax.random.key(0))
   w = jax.random.normal(kw, (k, n), jnp.float32)
   w = jnp.where(masks_lib.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
@@ -274,3 +273,62 @@ def tune(
   return {
     t: choose(policy, k=k, n=n, t=t, dtype=dtype, compressed=True, has_dense=True) for t in tokens
   }
+
+
+def matmul(
+  x: jax.Array,
+  w: compress_lib.SparseWeight,
+  bias: jax.Array | None = None,
+  *,
+  policy: MatmulPolicy | None = None,
+  bias_epilogue: bool = False,
+) -> jax.Array:
+  """``x @ W (+ bias)``: the sparse kernel where it is faster, else dense.
+
+  The path is chosen when the call is traced, from ``x``'s token count
+  ``prod(x.shape[:-1])`` (under ``vmap``: the per-example count), by
+  ``policy`` (:class:`jasp.sparse.MatmulPolicy`; default: measured once per
+  shape on this GPU and cached). Without a sparse runtime (CPU, a GPU without
+  2:4 tensor cores, no cuSPARSELt) the dense dot runs, and a warning says why
+  once per process.
+
+  Args:
+    x: activations ``(..., K)``.
+    w: a :class:`jasp.sparse.SparseWeight` (from :func:`jasp.sparse.compress`).
+    bias: ``(N,)`` or None.
+    policy: a :class:`jasp.sparse.MatmulPolicy`, or None for the default.
+    bias_epilogue: see :func:`jasp.sparse.sparse_matmul`.
+
+  Returns:
+    ``(..., N)`` in ``w.dtype``; equal to ``x @ W_masked + bias`` up to the
+    accumulation order (fp32 accumulation on both paths).
+
+  Example::
+
+    sw = jasp.sparse.compress(kernel, dtype=jnp.bfloat16)   # kernel 2:4 along axis 0
+    y = jax.jit(jasp.sparse.matmul)(x, sw)                  # x (..., in) -> (..., out)
+  """
+  x = jnp.asarray(x)
+  matmul_lib.check_x(x, w)
+  runnable = w.is_compressed
+  if runnable:
+    ok, why = _runtime.status()
+    if not ok:
+      runnable = False
+      if w.dense is None:
+        raise _runtime.SparseUnavailable(why + " This SparseWeight kept no dense weight.")
+      _runtime.note_dense_fallback(why)
+  t = math.prod(x.shape[:-1])
+  choice = choose(
+    policy,
+    k=w.k,
+    n=w.n,
+    t=t,
+    dtype=w.dtype,
+    compressed=runnable,
+    has_dense=w.dense is not None,
+    a_order=w.a_order,
+  )
+  if choice.sparse:
+    return matmul_lib.sparse_matmul(x, w, bias, bias_epilogue=bias_epilogue)
+  return matmul_lib.dense_matmul(x, w, bias)
