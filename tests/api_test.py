@@ -118,5 +118,9 @@ def test_tree_argument_is_named_params():
     jasp.policy.plan,
     jasp.wanda_prune,
     jasp.sparsegpt_prune,
+    jasp.trace_layouts,
+    jasp.trace_channels,
+    jasp.permute,
+    jasp.collect_stats,
   ):
     assert "params" in inspect.signature(fn).parameters, fn.__name__

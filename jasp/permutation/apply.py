@@ -458,7 +458,7 @@ def _class_order(r: ClassReport):
 
 def permute(
   fn: Callable[..., Any] | Any,
-  variables: PyTree = None,
+  params: PyTree = None,
   *args,
   n: int = 2,
   m: int = 4,
@@ -480,9 +480,9 @@ def permute(
   Two call forms, as :func:`jasp.trace_layouts`:
 
   * flax linen or any function: ``permute(model.apply, variables, x)``, where
-    ``fn(variables, *args, **model_kwargs)`` runs the model in inference mode;
-    returns permuted ``variables`` (every collection: ``params``,
-    ``batch_stats``, ...);
+    ``fn(params, *args, **model_kwargs)`` runs the model in inference mode
+    (``params`` is everything ``model.apply`` takes: all collections); returns
+    them permuted (every collection: ``params``, ``batch_stats``, ...);
   * nnx: ``permute(module, x)``: returns a permuted copy of the module, all of
     its state (the argument is left untouched; ``nnx.update(module,
     nnx.state(new))`` updates it in place).
@@ -505,8 +505,9 @@ def permute(
   says so.
 
   Args:
-    fn: ``model.apply`` (or any ``fn(variables, *args)``), or an nnx module.
-    variables: the variables pytree (linen); for nnx, the first input.
+    fn: ``model.apply`` (or any ``fn(params, *args)``), or an nnx module.
+    params: the tree ``fn`` takes first (linen: the whole variables dict); for
+      nnx, the first input.
     *args: sample inputs (only their shapes and dtypes matter for the trace).
     n, m: the N:M pattern that pruning will use.
     layouts: ``{path: Layout}`` (:func:`jasp.trace_layouts`); None traces them.
@@ -537,10 +538,10 @@ def permute(
   masks_lib.check_nm(n, m)
   t0 = time.perf_counter()
   kwargs = dict(model_kwargs or {})
-  model, inputs = _model.adapt(fn, variables, args, state=True, what="permute")
+  model, inputs = _model.adapt(fn, params, args, state=True, what="permute")
   graph = graph_lib.trace_model(model, model.trace(inputs, kwargs))
   if layouts is None:
-    layouts = layouts_lib.trace_layouts(fn, variables, *args, **kwargs)
+    layouts = layouts_lib.trace_layouts(fn, params, *args, **kwargs)
   tree = model.tree
   decisions = policy_lib.plan(tree, m, layouts=layouts, policy=policy)
   host = _HostLeaves(dict(zip(model.paths, model.leaves)))

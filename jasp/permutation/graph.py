@@ -1283,19 +1283,22 @@ def trace_model(model: _model.Model, traced: _model.Traced) -> ChannelGraph:
   return ChannelGraph(uf, list(model.paths), [tuple(s) for s in traced.shapes], leaf_axes)
 
 
-def trace_channels(fn: Callable[..., Any] | Any, variables: Any, *args, **kwargs) -> ChannelGraph:
-  """Traces ``fn(variables, *args, **kwargs)`` and finds its channel classes.
+def trace_channels(
+  fn: Callable[..., Any] | Any, params: Any = None, *args, **kwargs
+) -> ChannelGraph:
+  """Traces ``fn(params, *args, **kwargs)`` and finds its channel classes.
 
-  ``variables`` is any pytree (a flax linen variables dict, an ``nnx.State``);
-  every leaf is a node of the analysis, so the permutations found apply to all
-  of them (params, batch statistics, ...). ``args`` are the model's inputs: their
-  axes and the outputs' axes are pinned. ``fn`` may also be an ``nnx.Module``
+  ``params`` is the tree ``fn`` takes first, any pytree (a flax linen variables
+  dict with all of its collections, an ``nnx.State``); every leaf is a node of
+  the analysis, so the permutations found apply to all of them (params, batch
+  statistics, ...). ``args`` are the model's inputs: their axes and the
+  outputs' axes are pinned. ``fn`` may also be an ``nnx.Module``
   (``trace_channels(module, *inputs)``: all of its state).
 
   Nothing is computed: the function is traced abstractly (``jax.make_jaxpr``).
 
   Returns:
-    a :class:`ChannelGraph` over the leaves of ``variables``.
+    a :class:`ChannelGraph` over the leaves of ``params``.
   """
-  model, inputs = _model.adapt(fn, variables, args, state=True, what="trace_channels")
+  model, inputs = _model.adapt(fn, params, args, state=True, what="trace_channels")
   return trace_model(model, model.trace(inputs, kwargs))
