@@ -12,7 +12,9 @@ table of the three accuracies and writes a PNG of the loss/accuracy curves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -80,7 +82,7 @@ def train(model, params, tx, data, epochs, batch, seed, desc, history, tqdm):
   opt_state = tx.init(params)
   step = make_steps(model, tx)
   rng = np.random.default_rng(seed)
-  bar = tqdm(range(epochs), desc=desc, unit="epoch", file=sys.stdout)
+  bar = tqdm(range(epochs), desc=desc, unit="epoch", file=sys.stderr)
   for _ in bar:
     perm = rng.permutation(len(xtr))
     losses = []
@@ -114,6 +116,32 @@ def kept_magnitude(dense, pruned, masks) -> float:
     kept += float(jnp.abs(p).sum())
     total += float(jnp.abs(d).sum())
   return kept / total
+
+
+class _UntypedValueInfo(logging.Filter):
+  """Drops onnx_ir's "value type for shape ... is not known" serializer warning.
+
+  The converter annotates a few intermediate values with a shape but no
+  element type; the serializer skips those annotations (they are optional
+  hints), and the model is complete without them: ``to_onnx`` checks the
+  file with ``onnx.checker``, runs it in onnxruntime and compares it with
+  JAX before writing it. Every other record of that logger passes through.
+  See KNOWN_ISSUES.md.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("The value type for shape")
+
+
+@contextlib.contextmanager
+def _quiet_untyped_value_info():
+  logger = logging.getLogger("onnx_ir.serde")
+  f = _UntypedValueInfo()
+  logger.addFilter(f)
+  try:
+    yield
+  finally:
+    logger.removeFilter(f)
 
 
 def plot(history, pruned_acc, path: Path):
@@ -289,14 +317,15 @@ def main(argv=None) -> dict:
     from jasp import export
 
     onnx_path = args.out / "model.onnx"
-    export.to_onnx(
-      model.apply,
-      {"params": params},
-      xte[:1],
-      path=onnx_path,
-      masks={"params": masks},
-      dynamic_batch=True,
-    )
+    with _quiet_untyped_value_info():
+      export.to_onnx(
+        model.apply,
+        {"params": params},
+        xte[:1],
+        path=onnx_path,
+        masks={"params": masks},
+        dynamic_batch=True,
+      )
     onnx_logits = export.run_onnx(onnx_path, xte)[0]
     jax_logits = np.asarray(jax.jit(model.apply)({"params": params}, xte))
     rel = float(np.linalg.norm(onnx_logits - jax_logits) / np.linalg.norm(jax_logits))
@@ -311,7 +340,7 @@ def main(argv=None) -> dict:
     "dense_acc": dense_acc,
     "pruned_acc": pruned_acc,
     "sparse_finetuned_acc": sparse_acc,
-    "gap_points": dense_acc - sparse_acc,
+    "gap_points": dense_acc - sparse_acc,  # dense minus fine-tuned 2:4; < 0: 2:4 is better
     "seconds": time.time() - t0,
     "pruned_leaves": len(report.pruned),
     "pattern_verified": bool(check.all_valid),
@@ -330,11 +359,18 @@ def main(argv=None) -> dict:
   print("  -----------------------------  -------------")
   for name, acc in rows:
     print(f"  {name:<29}  {acc:12.2f}%")
-  verdict = "within" if dense_acc - sparse_acc <= 1.0 else "NOT within"
+  change = sparse_acc - dense_acc  # > 0: the sparse model is more accurate
+  if change >= 0:
+    verdict = "no accuracy lost"
+  elif change >= -1.0:
+    verdict = f"{-change:.2f} points lost, within 1 point of dense"
+  else:
+    verdict = f"{-change:.2f} points lost, NOT within 1 point of dense"
   print(
-    f"\nfine-tuned {args.n}:{args.m} model is {dense_acc - sparse_acc:+.2f} points from dense "
-    f"({verdict} 1 point); curves: {args.out / 'curves.png'}; {time.time() - t0:.0f} s"
+    f"\nfine-tuned {args.n}:{args.m} model: {sparse_acc:.2f}% vs dense {dense_acc:.2f}% "
+    f"({change:+.2f} points: {verdict})"
   )
+  print(f"curves: {args.out / 'curves.png'}; {time.time() - t0:.0f} s")
   return results
 
 
