@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jasp.permutation.search import search_permutation  # noqa: E402
 
-# apex's published figures on the 64 x 128 matrix (V100; ANCHORS.md).
+# apex's published figures on the 64 x 128 matrix of its permutation_tests (V100).
 APEX = [
   ("default 2:4 (no permutation)", 2852.376, 0.0, None),
   ("channel_swap, 1000 escapes", 2920.694, 36.0, 20.2),

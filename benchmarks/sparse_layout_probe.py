@@ -89,7 +89,7 @@ def _torch_one(torch, do_bench, dt, n: int, k: int, t: int) -> dict:
 
 
 def torch_reference(problems: list[str], dtypes: list[str]) -> list[dict]:
-  """The issue's method on this card: torch.mm vs ``_cslt_sparse_mm`` (searched), do_bench medians."""
+  """PyTorch's path on this card: torch.mm vs ``_cslt_sparse_mm`` (searched), do_bench medians."""
   import torch
   from triton.testing import do_bench
 
@@ -117,7 +117,7 @@ def main():
   ap.add_argument(
     "--torch",
     action="store_true",
-    help="also time torch.mm vs torch._cslt_sparse_mm (the issue's method)",
+    help="also time torch.mm vs torch._cslt_sparse_mm (PyTorch's cuSPARSELt path, the reference)",
   )
   ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "layout_probe.json"))
   args = ap.parse_args()
