@@ -16,7 +16,6 @@ reference implementations use random training-set windows too).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
+import _meta  # noqa: E402  (benchmarks/_meta.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import lm  # noqa: E402  (examples/lm.py: the model and the corpus)
@@ -107,8 +107,7 @@ def main(argv=None) -> dict:
     print(f"| {label} | {r['val_loss']:.4f} | {math.exp(r['val_loss']):.3f} | {t} |")
   out = os.environ.get("OUT")
   if out:
-    with open(os.path.join(out, "calibration_lm.json"), "w") as f:
-      json.dump({"args": vars(args), "results": res}, f, indent=1)
+    _meta.write_json(os.path.join(out, "calibration_lm.json"), {"args": vars(args), "results": res})
   return res
 
 

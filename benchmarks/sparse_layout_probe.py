@@ -21,6 +21,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import _meta  # noqa: E402  (benchmarks/_meta.py)
+
 from jasp.sparse import build as build_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -147,8 +149,7 @@ def main():
           rows.append(note)
   if args.torch:
     rows += torch_reference(args.problems.split(), args.dtypes.split(","))
-  with open(args.out, "w") as f:
-    json.dump(rows, f, indent=1)
+  _meta.write_json(args.out, rows)
 
 
 if __name__ == "__main__":
