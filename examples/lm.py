@@ -162,7 +162,12 @@ METHOD_LABELS = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "Spars
 
 
 def plot(history, one_shot, best, k, path):
-  """Validation loss of every phase, and a marker for each one-shot 2:4 method."""
+  """Validation loss of every phase, and a marker for each one-shot 2:4 method.
+
+  ``history``: the evaluation records of :func:`run_phase` (phases "dense",
+  "2:4 fine-tune" and "dense + k steps"); ``one_shot``: ``{method: {"val_loss":
+  ...}}``; ``best``: the method that was fine-tuned.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
@@ -171,35 +176,39 @@ def plot(history, one_shot, best, k, path):
   phase = lambda name: [h for h in history if h["phase"] == name]
   dense, fine, dense_k = phase("dense"), phase("2:4 fine-tune"), phase(f"dense + {k} steps")
   last = dense[-1]["step"] if dense else 0
+  start = dense[-1]["val_loss"] if dense else None  # where both continuations start
   label = METHOD_LABELS.get(best, best)
   fig, ax = plt.subplots(figsize=(9, 5))
-  ax.plot(
-    [h["step"] for h in dense],
-    [h["val_loss"] for h in dense],
-    color="C0",
-    label="dense: validation",
-  )
-  ax.plot(
-    [last + h["step"] for h in dense_k],
-    [h["val_loss"] for h in dense_k],
-    color="C0",
-    ls="--",
-    label=f"dense + {k} steps (baseline): validation",
-  )
-  ax.plot(
-    [last + h["step"] for h in fine],
-    [h["val_loss"] for h in fine],
-    color="C1",
-    label=f"2:4 {label} + {k} fine-tuning steps: validation",
-  )
-  ax.plot(
-    [h["step"] for h in dense + fine],
-    [h["train_loss"] for h in dense] + [h["train_loss"] for h in fine],
-    color="gray",
-    alpha=0.4,
-    lw=1,
-    label="training loss (dense, then 2:4 fine-tune)",
-  )
+  curves = [
+    # (records, x offset, first point, colour, style, label)
+    (dense, 0, None, "C0", "-", "dense: validation"),
+    (dense_k, last, start, "C0", "--", f"dense + {k} more steps (baseline): validation"),
+    (
+      fine,
+      last,
+      one_shot[best]["val_loss"] if best in one_shot else None,
+      "C1",
+      "-",
+      f"2:4 {label} + {k} fine-tuning steps: validation",
+    ),
+  ]
+  for recs, offset, first, color, ls, name in curves:
+    if not recs:
+      continue
+    xs = [offset + h["step"] for h in recs]
+    ys = [h["val_loss"] for h in recs]
+    if first is not None:
+      xs, ys = [offset] + xs, [first] + ys
+    ax.plot(xs, ys, color=color, ls=ls, marker=".", label=name)
+    ax.plot(
+      [offset + h["step"] for h in recs],
+      [h["train_loss"] for h in recs],
+      color=color,
+      ls=ls,
+      alpha=0.3,
+      lw=1,
+    )
+  ax.plot([], [], color="gray", alpha=0.3, lw=1, label="training loss (faint, same colour)")
   markers = iter("ovs^D")
   for i, (name, res) in enumerate(one_shot.items()):
     ax.scatter(
