@@ -37,12 +37,10 @@ from jasp import calibration as cal  # noqa: E402
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  p.add_argument("--steps", type=int, default=400)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=lm.HelpFormatter)
+  p.add_argument("--steps", type=int, default=400, help="dense training steps before pruning")
   lm.add_model_args(p)
-  p.add_argument("--calib", type=int, default=8, help="calibration batches")
+  p.add_argument("--calib", type=int, default=8, help="calibration batches (Wanda, SparseGPT)")
   args = p.parse_args(argv)
 
   train, val = lm.stdlib_corpus(args.corpus_bytes)

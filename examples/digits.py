@@ -169,18 +169,27 @@ def plot(history, pruned_acc, path: Path):
   plt.close(fig)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """The module docstring as written, and each option's default after its help."""
+
+
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
   p.add_argument("--epochs", type=int, default=40, help="dense training epochs")
   p.add_argument("--finetune-epochs", type=int, default=20, help="sparse fine-tuning epochs")
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--lr", type=float, default=2e-3)
-  p.add_argument("--n", type=int, default=2)
-  p.add_argument("--m", type=int, default=4)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", type=Path, default=Path("runs/digits"))
+  p.add_argument("--batch", type=int, default=32, help="images per training batch")
+  p.add_argument(
+    "--lr", type=float, default=2e-3, help="Adam learning rate (halved for fine-tuning)"
+  )
+  p.add_argument("--n", type=int, default=2, help="weights kept in every group of m")
+  p.add_argument("--m", type=int, default=4, help="group size along the input axis")
+  p.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the order")
+  p.add_argument(
+    "--out",
+    type=Path,
+    default=Path("runs/digits"),
+    help="directory for the checkpoint, model.onnx, curves.png and results.json",
+  )
   p.add_argument("--quick", action="store_true", help="few epochs: a smoke test of the pipeline")
   p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (needs jasp[onnx])")
   p.add_argument(

@@ -250,12 +250,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seed", type=int, default=0, help="seed of the model and the data order")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
   """The module docstring as written, and each option's default after its help."""
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
   p.add_argument("--steps", type=int, default=800, help="dense training steps")
   p.add_argument(
     "--finetune-steps",
