@@ -369,8 +369,10 @@ def main(argv=None) -> dict:
   for name, acc in rows:
     print(f"  {name:<29}  {acc:12.2f}%")
   change = sparse_acc - dense_acc  # > 0: the sparse model is more accurate
-  if change >= 0:
-    verdict = "no accuracy lost"
+  if change > 0:
+    verdict = "more accurate than dense"
+  elif change == 0:
+    verdict = "as accurate as dense"
   elif change >= -1.0:
     verdict = f"{-change:.2f} points lost, within 1 point of dense"
   else:
