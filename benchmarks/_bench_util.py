@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+import _meta
 
 try:
   import torch
@@ -52,10 +53,10 @@ class Recorder:
 
   def __init__(self, out: dict, path: str):
     self.out, self.path = out, path
+    self.meta = _meta.run_meta()
 
   def save(self) -> None:
-    with open(self.path, "w") as f:
-      json.dump(self.out, f, indent=1, default=str)
+    _meta.write_json(self.path, self.out, self.meta)
 
   def stage(self, fn: Callable[..., Any], *args: Any) -> Any:
     """Runs ``fn(*args)``; an exception is printed and recorded under ``errors``."""

@@ -37,6 +37,7 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import _meta  # noqa: E402  (benchmarks/_meta.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -217,17 +218,15 @@ def main(argv=None):
     )
   out = os.environ.get("OUT")
   if out:
-    with open(os.path.join(out, "calibration_bench.json"), "w") as f:
-      json.dump(
-        {
-          "device": str(dev.device_kind if hasattr(dev, "device_kind") else dev),
-          "jax": jax.__version__,
-          "layers": rows,
-          "pipeline": pipe,
-        },
-        f,
-        indent=1,
-      )
+    _meta.write_json(
+      os.path.join(out, "calibration_bench.json"),
+      {
+        "device": str(dev.device_kind if hasattr(dev, "device_kind") else dev),
+        "jax": jax.__version__,
+        "layers": rows,
+        "pipeline": pipe,
+      },
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ reference implementations use random training-set windows too).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
+import _meta  # noqa: E402  (benchmarks/_meta.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import lm  # noqa: E402  (examples/lm.py: the model and the corpus)
@@ -37,12 +37,10 @@ from jasp import calibration as cal  # noqa: E402
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  p.add_argument("--steps", type=int, default=400)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=lm.HelpFormatter)
+  p.add_argument("--steps", type=int, default=400, help="dense training steps before pruning")
   lm.add_model_args(p)
-  p.add_argument("--calib", type=int, default=8, help="calibration batches")
+  p.add_argument("--calib", type=int, default=8, help="calibration batches (Wanda, SparseGPT)")
   args = p.parse_args(argv)
 
   train, val = lm.stdlib_corpus(args.corpus_bytes)
@@ -107,8 +105,7 @@ def main(argv=None) -> dict:
     print(f"| {label} | {r['val_loss']:.4f} | {math.exp(r['val_loss']):.3f} | {t} |")
   out = os.environ.get("OUT")
   if out:
-    with open(os.path.join(out, "calibration_lm.json"), "w") as f:
-      json.dump({"args": vars(args), "results": res}, f, indent=1)
+    _meta.write_json(os.path.join(out, "calibration_lm.json"), {"args": vars(args), "results": res})
   return res
 
 

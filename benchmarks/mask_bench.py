@@ -2,7 +2,7 @@
 
 Run on the device machine (H100/H200)::
 
-    python3 benchmarks/mask_bench.py            # the issue-3 table (+ JSON under $OUT)
+    python3 benchmarks/mask_bench.py            # the BENCHMARKS.md table (+ JSON under $OUT)
     python3 benchmarks/mask_bench.py --sweep    # tiling sweep first
     python3 benchmarks/mask_bench.py --quick    # two shapes, for a smoke test
 

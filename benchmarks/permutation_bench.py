@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,9 +28,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import _meta  # noqa: E402  (benchmarks/_meta.py)
+
 from jasp.permutation.search import search_permutation  # noqa: E402
 
-# apex's published figures on the 64 x 128 matrix (V100; ANCHORS.md).
+# apex's published figures on the 64 x 128 matrix of its permutation_tests (V100).
 APEX = [
   ("default 2:4 (no permutation)", 2852.376, 0.0, None),
   ("channel_swap, 1000 escapes", 2920.694, 36.0, 20.2),
@@ -151,8 +152,7 @@ def main(argv=None):
   budgets = {1024: args.budget_1024, 4096: args.budget_4096, "default": args.budget_4096}
   recs = run(args.sizes.split(","), budgets, not args.no_warm)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(recs, f, indent=1)
+    _meta.write_json(args.json, recs)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ A decoder-only transformer in bf16 (pure-JAX params dict), one GPU:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
+import _meta  # benchmarks/_meta.py (the script's directory is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,8 +233,7 @@ def main():
     "copy_GBps": bw,
   }
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+    _meta.write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ extension load), compression, the first jitted call (compilation, plan
 building and the algorithm search), a second call, and the configuration the
 search chose (or the search cache held: run it twice with the same
 ``$JASP_SPARSE_SEARCH_CACHE`` file to see a later process's first call).
-``JASP_SPARSE_DEBUG=1`` time-stamps every step of the search on stderr. Timings
-are host wall time; this measures one-off costs, not speed.
+Then one ``# meta {...}`` line (commit, versions, device: ``benchmarks/_meta.py``);
+append both to the results file. ``JASP_SPARSE_DEBUG=1`` time-stamps every
+step of the search on stderr. Timings are host wall time; this measures
+one-off costs, not speed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ T_START = time.perf_counter()
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import _meta  # noqa: E402  (benchmarks/_meta.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -70,6 +73,7 @@ def main():
     f"first_call {t3 - t2:.2f}s second {1e3 * (t4 - t3):.2f}ms plans(alg_id, search_ms, origin)={plans}",
     flush=True,
   )
+  print(_meta.header_line(), flush=True)  # commit, versions, device of this run
 
 
 if __name__ == "__main__":

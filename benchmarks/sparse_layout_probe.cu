@@ -10,7 +10,7 @@
 //               transposed, D = y^T (N x T) column-major  (jasp's layout <= 0.1)
 //       a_col   as a_row with A column-major (W (K, N) as stored)
 //       a_row_bn sparse A row-major, B = x^T (K x T) row-major, D (N x T) row-major:
-//               the layout of PyTorch's _cslt_sparse_mm(W, X) in the issue's probe
+//               the layout of PyTorch's _cslt_sparse_mm(W, X)
 //               (needs x^T and gives y^T: a reference, not a drop-in)
 //       b_row   dense A = x (T x K) row-major, sparse B = W (K x N) row-major,
 //               D = y (T x N) row-major: no transpose anywhere

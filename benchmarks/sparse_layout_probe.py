@@ -21,6 +21,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import _meta  # noqa: E402  (benchmarks/_meta.py)
+
 from jasp.sparse import build as build_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,7 +91,7 @@ def _torch_one(torch, do_bench, dt, n: int, k: int, t: int) -> dict:
 
 
 def torch_reference(problems: list[str], dtypes: list[str]) -> list[dict]:
-  """The issue's method on this card: torch.mm vs ``_cslt_sparse_mm`` (searched), do_bench medians."""
+  """PyTorch's path on this card: torch.mm vs ``_cslt_sparse_mm`` (searched), do_bench medians."""
   import torch
   from triton.testing import do_bench
 
@@ -117,7 +119,7 @@ def main():
   ap.add_argument(
     "--torch",
     action="store_true",
-    help="also time torch.mm vs torch._cslt_sparse_mm (the issue's method)",
+    help="also time torch.mm vs torch._cslt_sparse_mm (PyTorch's cuSPARSELt path, the reference)",
   )
   ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "layout_probe.json"))
   args = ap.parse_args()
@@ -147,8 +149,7 @@ def main():
           rows.append(note)
   if args.torch:
     rows += torch_reference(args.problems.split(), args.dtypes.split(","))
-  with open(args.out, "w") as f:
-    json.dump(rows, f, indent=1)
+  _meta.write_json(args.out, rows)
 
 
 if __name__ == "__main__":

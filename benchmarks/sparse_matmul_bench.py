@@ -56,7 +56,7 @@ try:
 except Exception:
   torch = None
 
-# (in, out) of the Flax kernel; the issue names them as PyTorch's (out x in).
+# (in, out) of the Flax kernel; the names are PyTorch's (out x in).
 SHAPES = {
   "8192x8192": (8192, 8192),
   "14336x4096 (up)": (4096, 14336),

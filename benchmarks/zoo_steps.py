@@ -23,20 +23,18 @@ import collections
 import json
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 
-import jax
 import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+import _meta  # noqa: E402  (benchmarks/_meta.py)
 import zoo  # noqa: E402
 import zoo_test  # noqa: E402
 
@@ -84,53 +82,14 @@ def run_case(case, tmp: str) -> dict:
   }
 
 
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-  try:
-    return subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
   ap.add_argument("--json", default="", help="write the results to this file")
   args = ap.parse_args()
-  import importlib.metadata
-
-  import flax
-  import optax
-
   want = [c for c in args.cases.split(",") if c]
   cases = [c for c in zoo.all_cases() if not want or c.name in want]
-  out = {
-    "commit": _commit(),
-    "date": time.strftime("%Y-%m-%d"),
-    "device": f"{_cpu_name()}, {os.cpu_count()} cores ({jax.default_backend()})",
-    "versions": {
-      "jax": jax.__version__,
-      "flax": flax.__version__,
-      "optax": optax.__version__,
-      "jax2onnx": importlib.metadata.version("jax2onnx"),
-      "onnxruntime": importlib.metadata.version("onnxruntime"),
-      "python": platform.python_version(),
-    },
-    "command": "python benchmarks/zoo_steps.py " + " ".join(sys.argv[1:]),
-    "cases": [],
-  }
+  out = {"cases": []}
   with tempfile.TemporaryDirectory() as tmp:
     for case in cases:
       out["cases"].append(run_case(case, tmp))
@@ -146,8 +105,7 @@ def main() -> None:
   for r in out["cases"]:
     print(r["case"], json.dumps(r["summary"]))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(out, f, indent=1)
+    _meta.write_json(args.json, out)
 
 
 if __name__ == "__main__":

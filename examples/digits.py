@@ -12,7 +12,9 @@ table of the three accuracies and writes a PNG of the loss/accuracy curves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -80,7 +82,7 @@ def train(model, params, tx, data, epochs, batch, seed, desc, history, tqdm):
   opt_state = tx.init(params)
   step = make_steps(model, tx)
   rng = np.random.default_rng(seed)
-  bar = tqdm(range(epochs), desc=desc, unit="epoch", file=sys.stdout)
+  bar = tqdm(range(epochs), desc=desc, unit="epoch", file=sys.stderr)
   for _ in bar:
     perm = rng.permutation(len(xtr))
     losses = []
@@ -116,6 +118,32 @@ def kept_magnitude(dense, pruned, masks) -> float:
   return kept / total
 
 
+class _UntypedValueInfo(logging.Filter):
+  """Drops onnx_ir's "value type for shape ... is not known" serializer warning.
+
+  The converter annotates a few intermediate values with a shape but no
+  element type; the serializer skips those annotations (they are optional
+  hints), and the model is complete without them: ``to_onnx`` checks the
+  file with ``onnx.checker``, runs it in onnxruntime and compares it with
+  JAX before writing it. Every other record of that logger passes through.
+  See KNOWN_ISSUES.md.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("The value type for shape")
+
+
+@contextlib.contextmanager
+def _quiet_untyped_value_info():
+  logger = logging.getLogger("onnx_ir.serde")
+  f = _UntypedValueInfo()
+  logger.addFilter(f)
+  try:
+    yield
+  finally:
+    logger.removeFilter(f)
+
+
 def plot(history, pruned_acc, path: Path):
   import matplotlib
 
@@ -141,18 +169,27 @@ def plot(history, pruned_acc, path: Path):
   plt.close(fig)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """The module docstring as written, and each option's default after its help."""
+
+
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
   p.add_argument("--epochs", type=int, default=40, help="dense training epochs")
   p.add_argument("--finetune-epochs", type=int, default=20, help="sparse fine-tuning epochs")
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--lr", type=float, default=2e-3)
-  p.add_argument("--n", type=int, default=2)
-  p.add_argument("--m", type=int, default=4)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", type=Path, default=Path("runs/digits"))
+  p.add_argument("--batch", type=int, default=32, help="images per training batch")
+  p.add_argument(
+    "--lr", type=float, default=2e-3, help="Adam learning rate (halved for fine-tuning)"
+  )
+  p.add_argument("--n", type=int, default=2, help="weights kept in every group of m")
+  p.add_argument("--m", type=int, default=4, help="group size along the input axis")
+  p.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the order")
+  p.add_argument(
+    "--out",
+    type=Path,
+    default=Path("runs/digits"),
+    help="directory for the checkpoint, model.onnx, curves.png and results.json",
+  )
   p.add_argument("--quick", action="store_true", help="few epochs: a smoke test of the pipeline")
   p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (needs jasp[onnx])")
   p.add_argument(
@@ -289,14 +326,15 @@ def main(argv=None) -> dict:
     from jasp import export
 
     onnx_path = args.out / "model.onnx"
-    export.to_onnx(
-      model.apply,
-      {"params": params},
-      xte[:1],
-      path=onnx_path,
-      masks={"params": masks},
-      dynamic_batch=True,
-    )
+    with _quiet_untyped_value_info():
+      export.to_onnx(
+        model.apply,
+        {"params": params},
+        xte[:1],
+        path=onnx_path,
+        masks={"params": masks},
+        dynamic_batch=True,
+      )
     onnx_logits = export.run_onnx(onnx_path, xte)[0]
     jax_logits = np.asarray(jax.jit(model.apply)({"params": params}, xte))
     rel = float(np.linalg.norm(onnx_logits - jax_logits) / np.linalg.norm(jax_logits))
@@ -311,7 +349,7 @@ def main(argv=None) -> dict:
     "dense_acc": dense_acc,
     "pruned_acc": pruned_acc,
     "sparse_finetuned_acc": sparse_acc,
-    "gap_points": dense_acc - sparse_acc,
+    "gap_points": dense_acc - sparse_acc,  # dense minus fine-tuned 2:4; < 0: 2:4 is better
     "seconds": time.time() - t0,
     "pruned_leaves": len(report.pruned),
     "pattern_verified": bool(check.all_valid),
@@ -330,11 +368,20 @@ def main(argv=None) -> dict:
   print("  -----------------------------  -------------")
   for name, acc in rows:
     print(f"  {name:<29}  {acc:12.2f}%")
-  verdict = "within" if dense_acc - sparse_acc <= 1.0 else "NOT within"
+  change = sparse_acc - dense_acc  # > 0: the sparse model is more accurate
+  if change > 0:
+    verdict = "more accurate than dense"
+  elif change == 0:
+    verdict = "as accurate as dense"
+  elif change >= -1.0:
+    verdict = f"{-change:.2f} points lost, within 1 point of dense"
+  else:
+    verdict = f"{-change:.2f} points lost, NOT within 1 point of dense"
   print(
-    f"\nfine-tuned {args.n}:{args.m} model is {dense_acc - sparse_acc:+.2f} points from dense "
-    f"({verdict} 1 point); curves: {args.out / 'curves.png'}; {time.time() - t0:.0f} s"
+    f"\nfine-tuned {args.n}:{args.m} model: {sparse_acc:.2f}% vs dense {dense_acc:.2f}% "
+    f"({change:+.2f} points: {verdict})"
   )
+  print(f"curves: {args.out / 'curves.png'}; {time.time() - t0:.0f} s")
   return results
 
 

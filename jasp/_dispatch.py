@@ -19,8 +19,8 @@ Precedence, highest first:
    a contiguous run of at least :data:`AUTO_MIN_CONTIG` elements per tile row,
    and the weight is on one device (see below); XLA otherwise.
 
-The kernels use the Pallas Triton backend, which JAX 0.11 deprecates: where a
-JAX no longer has it, ``"auto"`` and a ``"pallas"`` context or environment
+The kernels use the Pallas Triton backend, which JAX 0.11 deprecates: in a
+JAX without it, ``"auto"`` and a ``"pallas"`` context or environment
 setting use XLA, and an explicit ``impl="pallas"`` raises ``RuntimeError``.
 
 Forcing ``"pallas"`` on a backend that is not a GPU runs the kernel in Pallas

@@ -1,30 +1,17 @@
 """ONNX export of flax (linen and nnx) models with their sparse params.
 
-The exporter is `jax2onnx <https://pypi.org/project/jax2onnx/>`_, chosen over
-``jax2tf`` -> ``tf2onnx`` for these measured reasons (CPU, jax 0.10.2, flax
-0.12.8, jax2onnx 0.17.1, tf2onnx 1.17.0, TensorFlow 2.21):
-
-* ``jax2tf`` now only emits *native* serialization: the SavedModel holds one
-  ``XlaCallModule`` op with the StableHLO program inside, and ``tf2onnx``
-  fails on it ("Could not infer the attribute type ..."). The old graph mode
-  (``enable_xla=False``) is gone from JAX, so that route no longer exists.
-* ``jax2onnx`` converts the jaxpr directly, primitive by primitive, into plain
-  ONNX ops (``Conv``, ``MatMul``, ``Softmax``, norms as elementwise ops ...).
-  It ran the digits-style CNN, the linen and the nnx transformer blocks of
-  ``tests/models.py`` in onnxruntime with a relative error below 1e-6,
-  exports symbolic batch sizes, and is actively released (49 versions on
-  PyPI, 0.3.1 to 0.17.1, when this was written).
-
-Its cost, worth knowing: it depends on ``orbax-checkpoint<0.11.37`` (so an
-environment with jasp's ``onnx`` extra resolves orbax to 0.11.x; jasp's own
-checkpoint test passes there) and pulls ``onnx-ir``, ``equinox``,
-``dm-pix``, ``huggingface-hub`` and ``netron``.
+The exporter is `jax2onnx <https://pypi.org/project/jax2onnx/>`_: it converts
+the jaxpr directly, primitive by primitive, into plain ONNX ops (``Conv``,
+``MatMul``, ``Softmax``, norms as elementwise ops ...) and exports symbolic
+batch sizes. Why not ``jax2tf`` -> ``tf2onnx``, and what the dependency costs
+(it pins ``orbax-checkpoint<0.11.37`` and pulls ``onnx-ir``, ``equinox``,
+``dm-pix``, ``huggingface-hub`` and ``netron``): docs/design/onnx-export.md.
 
 jax2onnx registers its converters by importing every module of its
 ``plugins`` tree on the first export, equinox, dm-pix and example models
-included: 19 s of CPU here. jasp imports only the ``plugins/jax`` and
-``plugins/flax`` subtrees (1.6 s), which hold every converter a flax model
-needs; if that internal layout ever changes, it falls back to the full import.
+included. jasp imports only the ``plugins/jax`` and ``plugins/flax`` subtrees
+(a fraction of the import time), which hold every converter a flax model
+needs; if that internal layout changes, it falls back to the full import.
 
 jax2onnx is given the model's own jaxpr, re-evaluated by
 :mod:`jasp.export._lower` rather than the model's Python code, which works

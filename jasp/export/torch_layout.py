@@ -1,7 +1,7 @@
 """Flax params <-> a PyTorch-layout state dict (numpy), and ``.safetensors`` files.
 
 No PyTorch is needed: the state dict holds numpy arrays in PyTorch's layouts,
-and files are written with ``safetensors.numpy``. Layouts (DESIGN.md §1):
+and files are written with ``safetensors.numpy``. Layouts:
 
 | flax | PyTorch | N:M groups |
 | --- | --- | --- |

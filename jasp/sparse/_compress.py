@@ -44,14 +44,14 @@ A_COL = 1
 DEFAULT_A_ORDER = A_ROW
 
 _DTYPE_CODES = {"bfloat16": 0, "float16": 1}
-# float16 per cuSPARSELt (major, minor): the A layouts it was verified with
+# float16 per cuSPARSELt (major, minor): the A layouts it is verified with
 # (algorithm search over every configuration offered, products against the
 # reference). 0.8.x: A_ROW only, with the extension skipping the fp16
 # configurations that trap there (see Fp16ConfigCap in _ffi.cc); with A_COL
-# other fp16 configurations trapped too (H200, 2026-11-26). 0.10.x: both
-# layouts, every configuration (H100, 2026-11-26; not run on an H200). Other
-# versions and layouts take the dense path for fp16 unless
-# JASP_SPARSE_EXPERIMENTAL=1.
+# other fp16 configurations trap too. 0.10.x: both layouts, every
+# configuration (verified on an H100 only). Other versions and layouts take
+# the dense path for fp16 unless JASP_SPARSE_EXPERIMENTAL=1. Details:
+# KNOWN_ISSUES.md.
 FP16_VERIFIED = {(0, 8): (A_ROW,), (0, 10): (A_ROW, A_COL)}
 FP16_UNVERIFIED = (
   "jasp.sparse: float16 weights take the dense path here: fp16 sparse kernels were verified "
@@ -291,9 +291,9 @@ def compress(
       )
     )
     return SparseWeight(None, w2, **kw)
-  # The 2:4 check above (exact, in jasp.masks) is the authority: cuSPARSELt's
-  # cusparseLtSpMMAPruneCheck left its flag unwritten for valid weights (H200,
-  # 0.8.0), so it is not called.
+  # The 2:4 check above (exact, in jasp.masks) is the authority: cuSPARSELt
+  # 0.8.0's cusparseLtSpMMAPruneCheck can leave its flag unwritten for valid
+  # weights, so it is not called.
   comp = _ffi_compress(w2.T if a_order == A_ROW else w2, n, k, a_order, rt)
   fmt = rt.format_tag + (":col" if a_order == A_COL else ":row")
   return SparseWeight(comp, w2 if keep_dense else None, fmt=fmt, **kw)

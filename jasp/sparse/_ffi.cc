@@ -172,7 +172,7 @@ cusparseStatus_t InitA(const cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* d
 
 // One algorithm configuration: its matmul descriptor, algorithm selection and
 // execution plan, built fresh and never re-initialised (re-initialising a plan
-// over a destroyed one crashed cuSPARSELt 0.8.0 on an H200).
+// over a destroyed one crashes cuSPARSELt 0.8.0).
 struct Config {
   cusparseLtMatmulDescriptor_t mm;
   cusparseLtMatmulAlgSelection_t alg;
@@ -295,12 +295,12 @@ ffi::Error SetBias(Plan* p, const void* bias) {
   return ffi::Error::Success();
 }
 
-// cuSPARSELt 0.8.x on Hopper (seen on an H200, 2026-11-26): every fp16
-// algorithm configuration from 36 on stopped the kernel with
-// CUDA_ERROR_ILLEGAL_INSTRUCTION inside a JAX process, leaving the CUDA context
-// unusable (the same configurations ran correctly in a plain C++ process and
-// under PyTorch; the cause was not found). Configurations 0-35 ran and matched
-// the reference, so the search stops at 35 for fp16 on 0.8.x; -1: no cap.
+// cuSPARSELt 0.8.x on Hopper: every fp16 algorithm configuration from 36 on
+// stops the kernel with CUDA_ERROR_ILLEGAL_INSTRUCTION inside a JAX process,
+// leaving the CUDA context unusable (the same configurations run correctly in
+// a plain C++ process and under PyTorch; cause unknown, see KNOWN_ISSUES.md).
+// Configurations 0-35 run and match the reference, so the search stops at 35
+// for fp16 on 0.8.x; -1: no cap.
 int Fp16ConfigCap() {
   int major = 0, minor = 0;
   cusparseLtGetProperty(MAJOR_VERSION, &major);
@@ -536,9 +536,9 @@ ffi::Error CompressImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer w,
   cusparseLtHandle_t* h = nullptr;
   if (auto err = GetHandle(device, &h); err.failure()) return err;
   // The plan-based helpers (not the deprecated descriptor-based *2 ones): with
-  // cuSPARSELt 0.8.0 on an H200, fp16 data compressed by SpMMACompress2 made
-  // some algorithm configurations trap (CUDA_ERROR_ILLEGAL_INSTRUCTION) while
-  // the same configurations ran correctly on data compressed through a plan.
+  // cuSPARSELt 0.8.0, fp16 data compressed by SpMMACompress2 makes some
+  // algorithm configurations trap (CUDA_ERROR_ILLEGAL_INSTRUCTION) while the
+  // same configurations run correctly on data compressed through a plan.
   Plan cp;
   if (auto err = MakePlan(h, m, k, kCompressTokens, type, a_order, &cp); err.failure()) return err;
   JASP_CSLT(cp.Select(0));
@@ -646,7 +646,7 @@ int jasp_cslt_plans(char* buf, int len) {
 
 // Records the configuration an earlier search chose for (m, k, t, dtype,
 // a_order, bias) (dtype 0 = bf16, 1 = fp16): plans of that key made from now on
-// build it instead of searching (a configuration that no longer builds is
+// build it instead of searching (a configuration that fails to build is
 // searched for as usual). search_ms is reported back by jasp_cslt_plans.
 void jasp_cslt_preset(int64_t m, int64_t k, int64_t t, int32_t dtype, int64_t a_order,
                       int64_t bias, int32_t alg_id, float search_ms) {
