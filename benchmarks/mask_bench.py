@@ -426,7 +426,7 @@ def llama7b(out):
   ]
   params = 32 * sum(math.prod(s) for s in LLAMA7B_LAYER)
   fns = {
-    "nm_prune_array (auto)": jax.jit(lambda w: masks.nm_prune(w, 2, 4, 0)),
+    "nm_prune (auto)": jax.jit(lambda w: masks.nm_prune(w, 2, 4, 0)),
     "nm_mask (auto)": jax.jit(lambda w: masks.nm_mask(w, 2, 4, 0)),
     "nm_mask (xla)": jax.jit(lambda w: masks.nm_mask(w, 2, 4, 0, impl="xla")),
     "nm_mask_2d best (auto)": jax.jit(lambda w: masks.nm_mask_2d(w, 2, 4, 0, 1, method="best")),
