@@ -12,9 +12,7 @@ table of the three accuracies and writes a PNG of the loss/accuracy curves.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import sys
 import time
@@ -116,32 +114,6 @@ def kept_magnitude(dense, pruned, masks) -> float:
     kept += float(jnp.abs(p).sum())
     total += float(jnp.abs(d).sum())
   return kept / total
-
-
-class _UntypedValueInfo(logging.Filter):
-  """Drops onnx_ir's "value type for shape ... is not known" serializer warning.
-
-  The converter annotates a few intermediate values with a shape but no
-  element type; the serializer skips those annotations (they are optional
-  hints), and the model is complete without them: ``to_onnx`` checks the
-  file with ``onnx.checker``, runs it in onnxruntime and compares it with
-  JAX before writing it. Every other record of that logger passes through.
-  See KNOWN_ISSUES.md.
-  """
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("The value type for shape")
-
-
-@contextlib.contextmanager
-def _quiet_untyped_value_info():
-  logger = logging.getLogger("onnx_ir.serde")
-  f = _UntypedValueInfo()
-  logger.addFilter(f)
-  try:
-    yield
-  finally:
-    logger.removeFilter(f)
 
 
 def plot(history, pruned_acc, path: Path):
@@ -326,15 +298,14 @@ def main(argv=None) -> dict:
     from jasp import export
 
     onnx_path = args.out / "model.onnx"
-    with _quiet_untyped_value_info():
-      export.to_onnx(
-        model.apply,
-        {"params": params},
-        xte[:1],
-        path=onnx_path,
-        masks={"params": masks},
-        dynamic_batch=True,
-      )
+    export.to_onnx(
+      model.apply,
+      {"params": params},
+      xte[:1],
+      path=onnx_path,
+      masks={"params": masks},
+      dynamic_batch=True,
+    )
     onnx_logits = export.run_onnx(onnx_path, xte)[0]
     jax_logits = np.asarray(jax.jit(model.apply)({"params": params}, xte))
     rel = float(np.linalg.norm(onnx_logits - jax_logits) / np.linalg.norm(jax_logits))
