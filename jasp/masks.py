@@ -198,8 +198,9 @@ def nm_mask(
       invalid.
 
   Example:
+    >>> import jax.numpy as jnp, jasp
     >>> w = jnp.array([[1., -4.], [3., 2.], [-2., 1.], [0., 3.]])
-    >>> nm_mask(w, 2, 4, axis=0).astype(int)
+    >>> jasp.nm_mask(w, 2, 4, axis=0).astype(int)
     Array([[0, 1],
            [1, 0],
            [1, 0],
