@@ -5,6 +5,7 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import testing
 
 from jasp.permutation import search as search_lib
 from jasp.permutation.search import permutation_score
@@ -78,6 +79,7 @@ def test_matches_brute_force_on_12_channels_with_window_3():
     ((32, 10), 0, 1, 4),
     ((16, 10), 0, 3, 8),
   ],
+  ids=testing.param_id,
 )
 def test_valid_permutation_never_worse(shape, axis, n, m):
   w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
