@@ -287,6 +287,7 @@ def _layer_error(w, w_hat, stats):
 
 
 @pytest.mark.parametrize("which", ["block", "cnn"])
+@pytest.mark.slow
 def test_sparsegpt_beats_wanda_beats_magnitude_on_every_layer(which):
   rng = np.random.default_rng(5)
   if which == "block":
@@ -373,6 +374,7 @@ def _stacked_block(h, w):
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+@pytest.mark.slow
 def test_scan_stacked_layers_prune_like_the_unrolled_model(method):
   """Layer l+1 of a scan is calibrated on the output of pruned layer l, as when unrolled."""
   depth = 3

@@ -96,6 +96,7 @@ def test_conv_patches_reproduce_the_convolution(feats, kernel, groups, strides, 
   )
 
 
+@pytest.mark.slow
 def test_streaming_equals_one_big_batch_and_models_need_no_change():
   model = basic.DigitsCNN()
   xs = [testing.normal((4, 8, 8, 1), i) for i in range(3)]
@@ -217,6 +218,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_calibration_matches_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

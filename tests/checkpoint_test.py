@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 from zoo import basic
 
 import jasp
@@ -35,6 +36,7 @@ def _build(seed=0):
   return params, masks, tx, step
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
   params, masks, tx, step = _build()
   state = tx.init(params)

@@ -179,6 +179,7 @@ def test_nm_prune_array_integers_and_errors():
     _dispatch.nm_prune_array(jnp.ones((6, 4)))
 
 
+@pytest.mark.slow
 def test_nm_mask_2d_best_routes_to_kernel(calls, monkeypatch):
   rng, seed = testing.fresh_rng()
   w = jnp.asarray(rng.standard_normal((16, 24)), jnp.bfloat16)

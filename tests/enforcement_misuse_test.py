@@ -132,6 +132,7 @@ def _copies(kind, p):
 # Case 1: mask_updates first in a chain.
 
 
+@pytest.mark.slow
 def test_mask_updates_first_in_a_chain_leaves_params_dense_and_is_caught():
   params, masks, loss = _mlp()
   tx = optax.chain(jasp.mask_updates(masks), optax.adam(1e-2))
@@ -324,6 +325,7 @@ def test_masks_are_state_and_no_callback_without_debug(kind):
     assert ("callback" in str(jaxpr)) == debug
 
 
+@pytest.mark.slow
 def test_packed_masks_and_nnx_optimizer_with_schedule_free():
   from flax import nnx
   from zoo import basic

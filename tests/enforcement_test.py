@@ -52,6 +52,7 @@ def test_mask_updates_keeps_params_sparse_from_dense_start(inner):
     testing.assert_masked(params, masks)
 
 
+@pytest.mark.slow
 def test_kept_entries_follow_the_inner_optimizer_exactly():
   params, masks, loss = _setup()
   params = jasp.apply_masks(params, masks)
@@ -137,6 +138,7 @@ def test_update_masks_keeps_moments():
     jasp.update_masks(optax.adam(1e-3).init(params), new_masks)
 
 
+@pytest.mark.slow
 def test_nnx_optimizer():
   model, tokens = basic.nnx_token_block()
   lay = jasp.trace_layouts(model, tokens)

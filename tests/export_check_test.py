@@ -14,6 +14,8 @@ import jasp
 from jasp import export
 from jasp.export import cli
 
+pytestmark = pytest.mark.slow  # exports models in every format, then checks the files
+
 
 @pytest.fixture(scope="module")
 def cnn_msgpack(tmp_path_factory):

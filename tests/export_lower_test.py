@@ -11,6 +11,8 @@ from jasp import export
 
 pytest.importorskip("jax2onnx")
 
+pytestmark = pytest.mark.slow  # exports trace, convert and run whole models
+
 
 class _Pools(nn.Module):
   @nn.compact

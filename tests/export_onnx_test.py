@@ -21,7 +21,10 @@ from jasp.export import cli  # noqa: E402
 
 TOL = 1e-5  # relative error, fp32
 # jax2onnx 0.17's nnx converters read Variable.value, which flax 0.12 deprecates.
-pytestmark = pytest.mark.filterwarnings("ignore:'.value' access is now deprecated")
+pytestmark = [
+  pytest.mark.slow,  # exports trace, convert and run whole models
+  pytest.mark.filterwarnings("ignore:'.value' access is now deprecated"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from zoo import finetuned  # noqa: E402
 from jasp import export  # noqa: E402
 from jasp.export import cli  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports trace, convert and run whole models
+
 TOL = 1e-5  # relative error, fp32
 
 

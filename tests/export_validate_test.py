@@ -15,6 +15,8 @@ from jasp import export
 jax2onnx = pytest.importorskip("jax2onnx")
 onnx = pytest.importorskip("onnx")
 
+pytestmark = pytest.mark.slow  # exports trace, convert and run whole models
+
 
 class _MLP(nn.Module):
   @nn.compact

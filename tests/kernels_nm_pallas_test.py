@@ -56,7 +56,11 @@ def check_all(w, n, m, axis, msg, interpret=True):
   )
 
 
-@pytest.mark.parametrize("i", range(len(CASES)))
+def _case_id(shape, axis, n, m):
+  return f"{testing.param_id(shape)}-axis{testing.param_id(axis) or axis}-{n}of{m}"
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[_case_id(*c) for c in CASES])
 def test_random_values_and_ties_match_xla_and_reference(i):
   shape, axis, n, m = CASES[i]
   rng, seed = testing.fresh_rng()
@@ -68,7 +72,7 @@ def test_random_values_and_ties_match_xla_and_reference(i):
 
 
 def test_random_shapes():
-  """Fresh random shapes, axes and N:M on every run (the seed is reported)."""
+  """Random shapes, axes and N:M from the run's seed (``JASP_TEST_SEED`` varies them)."""
   rng, seed = testing.fresh_rng()
   for _ in range(4):
     m = int(rng.choice([2, 4, 4, 4, 8, 3]))
@@ -212,7 +216,11 @@ def check_2d(w, n, m, axis, out_axis, msg, interpret=True):
   return got
 
 
-@pytest.mark.parametrize("i", range(len(CASES_2D)))
+@pytest.mark.parametrize(
+  "i",
+  range(len(CASES_2D)),
+  ids=[f"{testing.param_id(s)}-axes{a}_{o}-{n}of{m}" for s, a, o, n, m in CASES_2D],
+)
 def test_2d_best_matches_xla_and_reference(i):
   shape, axis, out_axis, n, m = CASES_2D[i]
   rng, seed = testing.fresh_rng()

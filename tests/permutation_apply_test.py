@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import testing
 from flax import nnx
 from zoo import permutation as pm
@@ -39,6 +40,7 @@ def check(report, before_tree, after_tree, expect_permuted):
       assert np.isclose(k1[lr.path], k0[lr.path], rtol=1e-6), lr.path
 
 
+@pytest.mark.slow
 def test_linen_cnn_batchnorm_residual_flatten():
   model, v, x = pm.residual_cnn()
   new, rep = permute(model.apply, v, x, **KW)
@@ -79,6 +81,7 @@ def test_nnx_cnn():
   check(rep, before, after, ["c1/kernel", "c2/kernel", "c3/kernel", "fc/kernel", "head/kernel"])
 
 
+@pytest.mark.slow
 def test_linen_transformer_block():
   model, v, x = pm.prenorm_block()
   new, rep = permute(model.apply, v, x, **KW)
@@ -144,6 +147,7 @@ def test_plan_permutes_optimizer_state_and_prune_follows():
   assert mag(s1) > mag(s0)
 
 
+@pytest.mark.slow
 def test_shared_cnn_grouped_and_1d_convs_keep_function():
   """The shared test CNN (grouped conv, 1-D conv over a reshape) keeps its function."""
   from zoo import basic

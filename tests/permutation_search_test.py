@@ -56,7 +56,7 @@ def test_window_tables_count_canonical_permutations():
       assert sorted(subsets[row].reshape(-1).tolist()) == list(range(k * m))
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(4), ids=[f"seed={s}" for s in range(4)])
 def test_matches_brute_force_on_8_channels(seed):
   w = np.random.default_rng(seed).standard_normal((8, 6)).astype(np.float32)
   perm = search_permutation(w, 2, 4, escapes=2)
