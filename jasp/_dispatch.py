@@ -93,8 +93,12 @@ def mask_impl(impl: Impl) -> Iterator[None]:
       (the one-pass kernel; interpret mode off GPUs) or ``"auto"``.
 
   Example:
+    >>> import jax.numpy as jnp, jasp
+    >>> w = jnp.arange(16.0).reshape(8, 2)
     >>> with jasp.mask_impl("xla"):
     ...   mask = jasp.nm_mask(w)  # XLA even on a GPU
+    >>> mask[:, 0].astype(int)
+    Array([0, 0, 1, 1, 0, 0, 1, 1], dtype=int32)
 
   An explicit ``impl=`` argument still wins. The setting is read when a mask
   function is *traced*: a function jitted inside the block keeps its choice.

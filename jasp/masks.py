@@ -147,8 +147,9 @@ def nm_mask(
       invalid.
 
   Example:
+    >>> import jax.numpy as jnp, jasp
     >>> w = jnp.array([[1., -4.], [3., 2.], [-2., 1.], [0., 3.]])
-    >>> nm_mask(w, 2, 4, axis=0).astype(int)
+    >>> jasp.nm_mask(w, 2, 4, axis=0).astype(int)
     Array([[0, 1],
            [1, 0],
            [1, 0],
@@ -246,6 +247,8 @@ def nm_prune(
     RuntimeError: ``impl="pallas"`` on a JAX without the Pallas Triton backend.
 
   Example:
+    >>> import jax, jasp
+    >>> kernel = jax.random.normal(jax.random.key(0), (16, 8))
     >>> pruned, mask = jasp.masks.nm_prune(kernel, 2, 4, axis=0)
     >>> bool(jasp.is_nm(pruned, 2, 4, axis=0))
     True

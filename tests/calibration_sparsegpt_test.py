@@ -3,10 +3,10 @@ the ordering SparseGPT < Wanda < magnitude of per-layer reconstruction errors.""
 
 import jax
 import jax.numpy as jnp
-import models
 import numpy as np
 import pytest
 import reference as ref
+from zoo import basic
 
 import jasp
 from jasp import _tree
@@ -287,13 +287,14 @@ def _layer_error(w, w_hat, stats):
 
 
 @pytest.mark.parametrize("which", ["block", "cnn"])
+@pytest.mark.slow
 def test_sparsegpt_beats_wanda_beats_magnitude_on_every_layer(which):
   rng = np.random.default_rng(5)
   if which == "block":
-    model = models.LinenBlock()
+    model = basic.TokenBlock()
     batches = [jnp.asarray(rng.integers(0, 32, (4, 16)), jnp.int32) for _ in range(2)]
   else:
-    model = models.LinenCNN()
+    model = basic.DigitsCNN()
     pixel_scale = np.exp(rng.uniform(-2, 2, (8, 8, 1)))
     batches = [
       jnp.asarray(rng.standard_normal((32, 8, 8, 1)) * pixel_scale, jnp.float32) for _ in range(2)
@@ -373,6 +374,7 @@ def _stacked_block(h, w):
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+@pytest.mark.slow
 def test_scan_stacked_layers_prune_like_the_unrolled_model(method):
   """Layer l+1 of a scan is calibrated on the output of pruned layer l, as when unrolled."""
   depth = 3

@@ -8,19 +8,16 @@ import textwrap
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import models
 import numpy as np
 import pytest
+import testing
+from zoo import basic
 
 import jasp
 from jasp import calibration as cal
 from jasp.calibration import stats as stats_lib
 
 HI = jax.lax.Precision.HIGHEST
-
-
-def _x(seed, shape):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def test_dot_stats_match_numpy_for_every_layout():
@@ -32,8 +29,12 @@ def test_dot_stats_match_numpy_for_every_layout():
     h = h.reshape(h.shape[:-1] + (2, 8))
     return jnp.einsum("bshd,hdo->bso", h, p["general"], precision=HI)
 
-  p = {"dense": _x(0, (8, 12)), "torch_style": _x(1, (16, 12)), "general": _x(2, (2, 8, 4))}
-  xs = [_x(10 + i, (3, 5, 8)) for i in range(3)]
+  p = {
+    "dense": testing.normal((8, 12), 0),
+    "torch_style": testing.normal((16, 12), 1),
+    "general": testing.normal((2, 8, 4), 2),
+  }
+  xs = [testing.normal((3, 5, 8), 10 + i) for i in range(3)]
   st = cal.collect_stats(f, p, xs, hessian=True)
   assert set(st) == {"dense", "torch_style", "general"}
   assert st["torch_style"].site.group_axes == (1,)
@@ -63,6 +64,7 @@ def test_dot_stats_match_numpy_for_every_layout():
     (32, (3, 3), 2, (1, 1), (1, 1)),
     (8, (3,), 4, (2,), (2,)),
   ],
+  ids=["2d_groups2", "1d_groups4_stride2_dilation2"],
 )
 def test_conv_patches_reproduce_the_convolution(feats, kernel, groups, strides, dilation):
   conv = nn.Conv(
@@ -74,8 +76,8 @@ def test_conv_patches_reproduce_the_convolution(feats, kernel, groups, strides, 
     use_bias=False,
     padding="SAME",
   )
-  x = _x(0, (2,) + (7,) * len(kernel) + (8,))
-  v = {"params": {"kernel": _x(1, kernel + (8 // groups, feats))}}
+  x = testing.normal((2,) + (7,) * len(kernel) + (8,), 0)
+  v = {"params": {"kernel": testing.normal(kernel + (8 // groups, feats), 1)}}
   (st,) = cal.collect_stats(conv.apply, v, [x]).values()
   site = st.site
   assert site.kind == "conv" and site.groups == groups and site.group_axes == (len(kernel),)
@@ -94,9 +96,10 @@ def test_conv_patches_reproduce_the_convolution(feats, kernel, groups, strides, 
   )
 
 
+@pytest.mark.slow
 def test_streaming_equals_one_big_batch_and_models_need_no_change():
-  model = models.LinenCNN()
-  xs = [_x(i, (4, 8, 8, 1)) for i in range(3)]
+  model = basic.DigitsCNN()
+  xs = [testing.normal((4, 8, 8, 1), i) for i in range(3)]
   variables = jax.jit(model.init)(jax.random.key(0), xs[0])
   a = cal.collect_stats(model.apply, variables, xs, hessian=True)
   b = cal.collect_stats(model.apply, variables, [jnp.concatenate(xs)], hessian=True)
@@ -112,7 +115,7 @@ def test_streaming_equals_one_big_batch_and_models_need_no_change():
 
 
 def test_nnx_module():
-  model, tokens = models.nnx_block()
+  model, tokens = basic.nnx_token_block()
   st = cal.collect_stats(model, batches=[tokens, tokens])
   assert set(st) == {
     "conv/kernel",
@@ -146,8 +149,12 @@ def test_scan_stacked_weights_get_per_layer_statistics():
     x, _ = jax.lax.scan(layer, x, p["back"], reverse=True)
     return x
 
-  p = {"first": _x(0, (8, 8)), "stack": _x(1, (3, 8, 8)), "back": _x(5, (2, 8, 8))}
-  xs = [_x(2, (4, 8)), _x(3, (4, 8))]
+  p = {
+    "first": testing.normal((8, 8), 0),
+    "stack": testing.normal((3, 8, 8), 1),
+    "back": testing.normal((2, 8, 8), 5),
+  }
+  xs = [testing.normal((4, 8), 2), testing.normal((4, 8), 3)]
   st = cal.collect_stats(f, p, xs, hessian=True)
   assert st["stack"].stack == (0,) and st["stack"].hessian.shape == (3, 1, 8, 8)
   assert st["stack"].site.shape == (8, 8) and st["stack"].site.group_axes == (0,)
@@ -171,8 +178,8 @@ def test_flipped_and_jitted_weights_map_statistics_to_their_rows():
     w = jax.jit(lambda a: jnp.flip(a.astype(jnp.bfloat16), 0).astype(jnp.float32))(p["w"])
     return x @ w
 
-  p = {"w": _x(0, (8, 4))}
-  xs = [_x(1, (5, 8)) * jnp.arange(1.0, 9.0)]
+  p = {"w": testing.normal((8, 4), 0)}
+  xs = [testing.normal((5, 8), 1) * jnp.arange(1.0, 9.0)]
   assert jasp.trace_layouts(f, p, xs[0])["w"].axis == (0,)
   st = cal.collect_stats(f, p, xs, hessian=True)["w"]
   assert st.site.flip == (0,)
@@ -211,6 +218,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_calibration_matches_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,10 +2,10 @@
 
 import jax
 import jax.numpy as jnp
-import models
 import numpy as np
 import reference as ref
 from flax import nnx
+from zoo import basic
 
 import jasp
 from jasp import calibration as cal
@@ -70,7 +70,7 @@ def test_equal_input_norms_give_magnitude_pruning():
 
 
 def test_nnx_module_sequential():
-  model, tokens = models.nnx_block()
+  model, tokens = basic.nnx_token_block()
   before = np.asarray(model.up.kernel[...])
   stages = {}
   state, masks = cal.wanda_prune(

@@ -6,16 +6,17 @@ uninterrupted run bit for bit (CPU).
 """
 
 import jax
-import models
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
+from zoo import basic
 
 import jasp
 
 
 def _build(seed=0):
-  model, _, x = models.linen_block(0)  # the same data for both runs
+  model, _, x = basic.token_block(0)  # the same data for both runs
   variables = model.init(jax.random.key(100 + seed), x)  # a different init
   params, masks = jasp.prune(variables["params"])
   tx = jasp.sparse_optimizer(optax.adamw(3e-3, weight_decay=0.01), masks)
@@ -35,6 +36,7 @@ def _build(seed=0):
   return params, masks, tx, step
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path):
   params, masks, tx, step = _build()
   state = tx.init(params)

@@ -1,21 +1,15 @@
 """Choosing XLA or Pallas: arguments, the context manager, the environment, auto."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import testing
 
 import jasp
 from jasp import _dispatch
 from jasp.kernels import nm2d_pallas
 from jasp.kernels import nm_pallas
-
-
-def fresh_rng():
-  seed = int.from_bytes(os.urandom(4), "little")
-  return np.random.default_rng(seed), seed
 
 
 @pytest.fixture
@@ -55,7 +49,7 @@ def test_cpu_default_is_xla(calls):
 
 
 def test_context_forces_pallas_and_restores(calls):
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   w = jnp.asarray(rng.standard_normal((16, 12)), jnp.float32)
   want = np.asarray(jasp.masks.nm_mask(w, impl="xla"))
   with _dispatch.mask_impl("pallas"):
@@ -158,7 +152,7 @@ def test_triton_backend_is_found_in_this_jax():
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_nm_prune(impl):
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   w = jnp.asarray(rng.standard_normal((24, 12)), jnp.bfloat16)
   pruned, mask = jasp.masks.nm_prune(w, 2, 4, 0, impl=impl)
   want = np.asarray(jasp.masks.nm_mask(w, impl="xla"))
@@ -185,8 +179,9 @@ def test_nm_prune_integers_and_errors():
     jasp.masks.nm_prune(jnp.ones((6, 4)))
 
 
+@pytest.mark.slow
 def test_nm_mask_2d_best_routes_to_kernel(calls, monkeypatch):
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   w = jnp.asarray(rng.standard_normal((16, 24)), jnp.bfloat16)
   want = np.asarray(jasp.nm_mask_2d(w))  # CPU, auto: XLA
   assert calls["mask2d"] == 0

@@ -1,4 +1,4 @@
-"""jasp.enforcement under optimizer compositions that used to break N:M silently.
+"""jasp.enforcement under optimizer compositions that could break N:M silently.
 
 Every N:M check here is independent of jasp: NumPy counts the non-zeros in each
 group of 4 along a kernel's input axis. The model is a two-layer MLP written in
@@ -132,6 +132,7 @@ def _copies(kind, p):
 # Case 1: mask_updates first in a chain.
 
 
+@pytest.mark.slow
 def test_mask_updates_first_in_a_chain_leaves_params_dense_and_is_caught():
   params, masks, loss = _mlp()
   tx = optax.chain(jasp.mask_updates(masks), optax.adam(1e-2))
@@ -324,11 +325,12 @@ def test_masks_are_state_and_no_callback_without_debug(kind):
     assert ("callback" in str(jaxpr)) == debug
 
 
+@pytest.mark.slow
 def test_packed_masks_and_nnx_optimizer_with_schedule_free():
-  import models
   from flax import nnx
+  from zoo import basic
 
-  model, tokens = models.nnx_block()
+  model, tokens = basic.nnx_token_block()
   params = nnx.state(model, nnx.Param)
   masks = jasp.compute_masks(params, layouts=jasp.trace_layouts(model, tokens), packed=True)
   y = jax.random.randint(jax.random.key(3), tokens.shape, 0, 32)

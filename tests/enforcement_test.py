@@ -2,18 +2,19 @@
 
 import jax
 import jax.numpy as jnp
-import models
 import numpy as np
 import optax
 import pytest
+import testing
 from flax import nnx
+from zoo import basic
 
 import jasp
 from jasp import _tree
 
 
 def _setup():
-  model, variables, x = models.linen_block()
+  model, variables, x = basic.token_block()
   lay = jasp.trace_layouts(model.apply, variables, x)
   params = variables["params"]
   masks = jasp.compute_masks({"params": params}, layouts=lay)["params"]
@@ -26,13 +27,6 @@ def _setup():
   return params, masks, loss
 
 
-def _all_nm(params, masks):
-  mk = _tree.leaves_by_path(masks, keep_none=True)
-  for p, w in _tree.leaves_by_path(params).items():
-    if mk[p] is not None:
-      assert (np.asarray(w)[~np.asarray(mk[p])] == 0).all(), p
-
-
 @pytest.mark.parametrize(
   "inner",
   [
@@ -40,6 +34,7 @@ def _all_nm(params, masks):
     optax.sgd(1e-1, momentum=0.9),
     optax.chain(optax.add_decayed_weights(1.0), optax.lion(1e-3)),
   ],
+  ids=["adamw_decay", "sgd_momentum", "decay_then_lion"],
 )
 def test_mask_updates_keeps_params_sparse_from_dense_start(inner):
   params, masks, loss = _setup()  # params NOT pruned beforehand
@@ -54,9 +49,10 @@ def test_mask_updates_keeps_params_sparse_from_dense_start(inner):
 
   for _ in range(3):
     params, state = step(params, state)
-    _all_nm(params, masks)
+    testing.assert_masked(params, masks)
 
 
+@pytest.mark.slow
 def test_kept_entries_follow_the_inner_optimizer_exactly():
   params, masks, loss = _setup()
   params = jasp.apply_masks(params, masks)
@@ -79,7 +75,7 @@ def test_bf16_params_become_exact_zeros():
   g = jax.tree.map(lambda a: jnp.full(a.shape, 0.3, jnp.float32), params)
   u, _ = tx.update(g, tx.init(params), params)
   new = optax.apply_updates(params, u)
-  _all_nm(new, masks)
+  testing.assert_masked(new, masks)
 
 
 def test_needs_params():
@@ -106,7 +102,7 @@ def test_mask_gradients_keeps_moments_clean():
     g = jax.grad(loss)(params)
     u, state = tx.update(g, state, params)
     params = optax.apply_updates(params, u)
-  _all_nm(params, masks)
+  testing.assert_masked(params, masks)
   mu = _tree.leaves_by_path(state.inner_state[0].mu)
   mk = _tree.leaves_by_path(masks, keep_none=True)
   for p, v in mu.items():
@@ -137,13 +133,14 @@ def test_update_masks_keeps_moments():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   u, new_state = tx.update(jax.grad(loss)(params), new_state, params)
   params = optax.apply_updates(params, u)
-  _all_nm(params, new_masks)
+  testing.assert_masked(params, new_masks)
   with pytest.raises(ValueError, match="no jasp"):
     jasp.update_masks(optax.adam(1e-3).init(params), new_masks)
 
 
+@pytest.mark.slow
 def test_nnx_optimizer():
-  model, tokens = models.nnx_block()
+  model, tokens = basic.nnx_token_block()
   lay = jasp.trace_layouts(model, tokens)
   state = nnx.state(model, nnx.Param)
   masks = jasp.compute_masks(state, layouts=lay)
@@ -167,4 +164,4 @@ def test_nnx_optimizer():
     for _ in range(3):
       l1 = step(model, opt)
     assert l1 < l0
-    _all_nm(nnx.state(model, nnx.Param), masks)
+    testing.assert_masked(nnx.state(model, nnx.Param), masks)

@@ -7,6 +7,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 import digits  # noqa: E402
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.slow  # each runs an example end to end
 
 
 def test_digits_quick(tmp_path):

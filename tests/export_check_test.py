@@ -5,19 +5,21 @@ import os
 import subprocess
 import sys
 
-import export_models as em
 import numpy as np
 import pytest
 from flax import serialization
+from zoo import finetuned
 
 import jasp
 from jasp import export
 from jasp.export import cli
 
+pytestmark = pytest.mark.slow  # exports models in every format, then checks the files
+
 
 @pytest.fixture(scope="module")
 def cnn_msgpack(tmp_path_factory):
-  _, variables, _, _, _ = em.pruned_cnn()
+  _, variables, _, _, _ = finetuned.pruned_cnn()
   path = tmp_path_factory.mktemp("ckpt") / "cnn.msgpack"
   path.write_bytes(serialization.msgpack_serialize(jax_to_numpy(variables)))
   return path
@@ -33,7 +35,7 @@ def test_msgpack_checkpoint(cnn_msgpack):
   report = export.check_file(cnn_msgpack)
   assert report.ok and report.format == "msgpack"
   by = report.by_name()
-  for p in em.PRUNED_CNN:
+  for p in finetuned.PRUNED_CNN:
     assert by[p].nm and by[p].expected_by == "zeros", by[p]
   assert by["params/Conv_0/kernel"].status == "n/a"
   assert by["params/Conv_1/kernel"].axis == (2,)  # HWIO: along I
@@ -43,7 +45,7 @@ def test_orbax_checkpoint_with_masks(tmp_path):
   ocp = pytest.importorskip(
     "orbax.checkpoint", reason="needs the checkpoint extra: pip install 'jasp[checkpoint]'"
   )
-  _, variables, masks, _, _ = em.pruned_cnn()
+  _, variables, masks, _, _ = finetuned.pruned_cnn()
   kept = {
     mod: {"kernel": d["kernel"]}
     for mod, d in masks["params"].items()
@@ -56,7 +58,7 @@ def test_orbax_checkpoint_with_masks(tmp_path):
   report = export.check_file(path)
   assert report.ok and report.format == "orbax"
   by = report.by_name()
-  for p in em.PRUNED_CNN:
+  for p in finetuned.PRUNED_CNN:
     assert by[p].nm and by[p].expected_by == "mask", by[p]
   assert not by["params/Conv_0/kernel"].expected
   # The command line on the same checkpoint, as JSON.
@@ -64,7 +66,7 @@ def test_orbax_checkpoint_with_masks(tmp_path):
 
 
 def test_check_params_and_expect_sparse(capsys, cnn_msgpack):
-  _, variables, _, layouts, _ = em.pruned_cnn()
+  _, variables, _, layouts, _ = finetuned.pruned_cnn()
   report = export.check_params(variables, layouts=layouts)
   assert report.ok and len(report.weights) == 5
   # Expecting a weight that is dense fails; the regex replaces the default rule.
@@ -92,7 +94,7 @@ def test_check_params_and_expect_sparse(capsys, cnn_msgpack):
   )
   data = json.loads(capsys.readouterr().out)
   assert data["ok"] is False and data["n"] == 1
-  assert {w["param"] for w in data["weights"] if w["status"] == "FAIL"} == set(em.PRUNED_CNN)
+  assert {w["param"] for w in data["weights"] if w["status"] == "FAIL"} == set(finetuned.PRUNED_CNN)
 
 
 def test_dense_weights_with_many_zeros_must_be_nm():
@@ -113,6 +115,7 @@ def test_dense_weights_with_many_zeros_must_be_nm():
     (b"\xc1\xc1\xc1", "bad.msgpack"),
     (b"hello", "notes.txt"),
   ],
+  ids=["onnx", "safetensors", "msgpack", "txt"],
 )
 def test_corrupt_or_unsupported_file_exit_2(tmp_path, capsys, content, name):
   path = tmp_path / name
@@ -183,7 +186,7 @@ def test_orbax_checkpoint_manager_layout(tmp_path, capsys):
   ocp = pytest.importorskip(
     "orbax.checkpoint", reason="needs the checkpoint extra: pip install 'jasp[checkpoint]'"
   )
-  _, variables, _, _, _ = em.pruned_cnn()
+  _, variables, _, _, _ = finetuned.pruned_cnn()
   tree = {"params": jax_to_numpy(variables["params"])}
   with ocp.CheckpointManager(str(tmp_path / "run")) as mgr:
     mgr.save(1, args=ocp.args.StandardSave(tree))
@@ -286,7 +289,11 @@ def test_matmul_onnx_fixture_passes(tmp_path):
   assert report.ok and [w.expected_by for w in report.weights] == ["metadata"]
 
 
-@pytest.mark.parametrize("content", [b"", b"\x08\x07", b"\x08\x07\x12\x04jasp"])
+@pytest.mark.parametrize(
+  "content",
+  [b"", b"\x08\x07", b"\x08\x07\x12\x04jasp"],
+  ids=["empty", "ir_version", "ir_version_and_producer"],
+)
 def test_onnx_without_a_graph_exit_2(tmp_path, content):
   pytest.importorskip("onnx")
   path = tmp_path / "m.onnx"
@@ -453,6 +460,7 @@ def _orbax_plain(tmp_path):
     ([8, 4], [1 << 20, 1 << 20]),
     ([1 << 17, 1 << 17], [1 << 17, 1 << 17]),
   ],
+  ids=["huge_shape", "huge_chunks", "huge_shape_and_chunks"],
 )
 def test_orbax_zarray_declaring_a_huge_array_exit_2_not_abort(tmp_path, shape, chunks):
   path, zarray = _orbax_plain(tmp_path)
@@ -596,6 +604,18 @@ def test_onnx_external_data_read_back(tmp_path):
     ("Einsum", {"equation": "...i...,ij->j"}, (8, 4)),
     ("Flatten", {"axis": 9}, (8, 4)),
     ("Concat", {"axis": 5}, (8, 4)),
+  ],
+  ids=[
+    "transpose_repeated_perm",
+    "transpose_perm_out_of_range",
+    "squeeze_axis_out_of_range",
+    "unsqueeze_repeated_axes",
+    "gemm_bad_transB",
+    "gemm_1d_weight",
+    "conv_2d_weight",
+    "einsum_two_ellipses",
+    "flatten_axis_out_of_range",
+    "concat_axis_out_of_range",
   ],
 )
 def test_malformed_graph_attributes_are_not_followed(tmp_path, op, attrs, wshape):

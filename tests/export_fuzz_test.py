@@ -62,6 +62,7 @@ SAMPLE_EVERY = 8  # every 8th case also runs in the child
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = [
+  pytest.mark.slow,
   pytest.mark.filterwarnings("ignore:'.value' access is now deprecated"),
   # orbax, on a checkpoint whose metadata it cannot read, drops a coroutine unawaited.
   pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning"),

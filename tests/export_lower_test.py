@@ -3,22 +3,15 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+import testing
 
 import jasp
 from jasp import export
 
 pytest.importorskip("jax2onnx")
 
-
-def _x(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _rel(got, want):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+pytestmark = pytest.mark.slow  # exports trace, convert and run whole models
 
 
 class _Pools(nn.Module):
@@ -32,11 +25,11 @@ class _Pools(nn.Module):
 
 
 def test_positional_pooling_exports_and_runs_like_jax():
-  x = _x((2, 9, 9, 3))
+  x = testing.normal((2, 9, 9, 3))
   model = _Pools()
   v = model.init(jax.random.key(0), x)
   onx = export.to_onnx(model.apply, v, x)
-  assert _rel(export.run_onnx(onx, x)[0], model.apply(v, x)) < 1e-5
+  assert testing.rel_err(export.run_onnx(onx, x)[0], model.apply(v, x)) < 1e-5
   ops = {n.op_type for n in onx.graph.node}
   assert "MaxPool" in ops and "Conv" in ops
 
@@ -59,7 +52,7 @@ class _Stacked(nn.Module):
 
 
 def test_linen_scan_blocks_become_one_initializer_per_layer():
-  x = _x((2, 5, 8))
+  x = testing.normal((2, 5, 8))
   model = _Stacked()
   v = model.init(jax.random.key(0), x)
   layouts = jasp.trace_layouts(model.apply, v, x)
@@ -67,7 +60,7 @@ def test_linen_scan_blocks_become_one_initializer_per_layer():
   pruned, masks = jasp.prune(v, layouts=layouts)
   onx = export.to_onnx(model.apply, pruned, x, masks=masks)
   assert "Loop" not in {n.op_type for n in onx.graph.node}
-  assert _rel(export.run_onnx(onx, x)[0], model.apply(pruned, x)) < 1e-5
+  assert testing.rel_err(export.run_onnx(onx, x)[0], model.apply(pruned, x)) < 1e-5
   by = export.check_onnx(onx).by_param()
   for name in ("up", "down"):
     for layer in range(3):
@@ -87,24 +80,24 @@ def test_reverse_scan_with_constant_kernels_exports():
     h, ys = jax.lax.scan(cell, jnp.zeros((xs.shape[1], 8)), xs, reverse=True)
     return ys.sum(0) + h
 
-  p = {"wx": _x((8, 8), 1), "wh": _x((8, 8), 2)}
-  lay = jasp.trace_layouts(rnn, p, _x((6, 2, 8)))
+  p = {"wx": testing.normal((8, 8), 1), "wh": testing.normal((8, 8), 2)}
+  lay = jasp.trace_layouts(rnn, p, testing.normal((6, 2, 8)))
   pruned, masks = jasp.prune(p, layouts=lay)
-  xs = _x((6, 2, 8), 3)
+  xs = testing.normal((6, 2, 8), 3)
   onx = export.to_onnx(rnn, pruned, xs, masks=masks)
-  assert _rel(export.run_onnx(onx, xs)[0], rnn(pruned, xs)) < 1e-5
+  assert testing.rel_err(export.run_onnx(onx, xs)[0], rnn(pruned, xs)) < 1e-5
   by = export.check_onnx(onx).by_param()
   assert by["wx"].nm and by["wh"].nm and by["wh"].expected_by == "metadata"
 
 
 def test_dense_general_kernel_is_a_2d_matmul_weight():
   model = nn.DenseGeneral((4, 6), axis=(-2, -1))
-  x = _x((3, 2, 8))
+  x = testing.normal((3, 2, 8))
   v = model.init(jax.random.key(0), x)
   onx = export.to_onnx(model.apply, v, x)
   (w,) = [c for c in export.check_onnx(onx).weights if c.param == "params/kernel"]
   assert w.shape == (16, 24) and w.consumer == "MatMul[B]" and w.axis == (0,)
-  assert _rel(export.run_onnx(onx, x)[0], model.apply(v, x)) < 1e-5
+  assert testing.rel_err(export.run_onnx(onx, x)[0], model.apply(v, x)) < 1e-5
 
 
 class _ResBlock(nn.Module):
@@ -137,7 +130,7 @@ class _ResNet18Shape(nn.Module):
 
 
 def test_resnet18_shaped_model_exports_a_file_onnx_accepts():
-  x = _x((2, 32, 32, 3))
+  x = testing.normal((2, 32, 32, 3))
   model = _ResNet18Shape()
   v = model.init(jax.random.key(0), x)
   lay = jasp.trace_layouts(model.apply, v, x)
@@ -193,8 +186,8 @@ def test_nnx_idioms_export():
 
   for module, x in (
     (Gemma(nnx.Rngs(0)), jnp.zeros((2, 5), jnp.int32)),
-    (Stack(nnx.Rngs(0)), _x((2, 16))),
+    (Stack(nnx.Rngs(0)), testing.normal((2, 16))),
   ):
     module.eval()
     onx = export.to_onnx(module, x)
-    assert _rel(export.run_onnx(onx, x)[0], module(x)) < 1e-5
+    assert testing.rel_err(export.run_onnx(onx, x)[0], module(x)) < 1e-5

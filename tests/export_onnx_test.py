@@ -1,18 +1,19 @@
 """ONNX export (jax2onnx) of pruned flax models, run in onnxruntime, and the ONNX checker."""
 
 import pytest
+import testing
 
 pytest.importorskip("jax2onnx", reason="ONNX export needs the onnx extra: pip install 'jasp[onnx]'")
 pytest.importorskip(
   "onnxruntime", reason="running ONNX needs the onnx extra: pip install 'jasp[onnx]'"
 )
 
-import export_models as em  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import helper  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
+from zoo import finetuned  # noqa: E402
 
 import jasp  # noqa: E402
 from jasp import export  # noqa: E402
@@ -20,12 +21,15 @@ from jasp.export import cli  # noqa: E402
 
 TOL = 1e-5  # relative error, fp32
 # jax2onnx 0.17's nnx converters read Variable.value, which flax 0.12 deprecates.
-pytestmark = pytest.mark.filterwarnings("ignore:'.value' access is now deprecated")
+pytestmark = [
+  pytest.mark.slow,  # exports trace, convert and run whole models
+  pytest.mark.filterwarnings("ignore:'.value' access is now deprecated"),
+]
 
 
 @pytest.fixture(scope="module")
 def cnn_onnx(tmp_path_factory):
-  model, variables, masks, _, x = em.pruned_cnn()
+  model, variables, masks, _, x = finetuned.pruned_cnn()
   path = tmp_path_factory.mktemp("onnx") / "cnn.onnx"
   export.to_onnx(model.apply, variables, x, path=path, masks=masks)
   return path
@@ -33,7 +37,7 @@ def cnn_onnx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def block_onnx(tmp_path_factory):
-  model, variables, masks, _, tokens = em.pruned_block()
+  model, variables, masks, _, tokens = finetuned.pruned_block()
   path = tmp_path_factory.mktemp("onnx") / "block.onnx"
   export.to_onnx(model.apply, variables, tokens, path=path, masks=masks)
   return path
@@ -50,16 +54,16 @@ def _pruned_axis_ok(report, pruned, dense):
 
 
 def test_cnn_runs_in_onnxruntime_like_jax(cnn_onnx):
-  model, variables, _, _, x = em.pruned_cnn()
+  model, variables, _, _, x = finetuned.pruned_cnn()
   onnx.checker.check_model(str(cnn_onnx))
   (y,) = export.run_onnx(cnn_onnx, x)
-  assert em.rel_err(y, model.apply(variables, x)) <= TOL
+  assert testing.rel_err(y, model.apply(variables, x)) <= TOL
 
 
 def test_cnn_checker_finds_pattern_on_every_pruned_weight(cnn_onnx):
   report = export.check_file(cnn_onnx)
   assert report.ok and report.format == "onnx" and (report.n, report.m) == (2, 4)
-  _pruned_axis_ok(report, em.PRUNED_CNN, em.DENSE_CNN)
+  _pruned_axis_ok(report, finetuned.PRUNED_CNN, finetuned.DENSE_CNN)
   by_param = report.by_param()
   # The exporter stored the conv kernels as KCRS and the Dense kernels as MatMul B (in, out).
   assert by_param["params/Conv_1/kernel"].shape == (32, 8, 3, 3)
@@ -73,20 +77,20 @@ def test_cnn_checker_finds_pattern_on_every_pruned_weight(cnn_onnx):
 
 
 def test_block_runs_in_onnxruntime_like_jax(block_onnx):
-  model, variables, _, _, tokens = em.pruned_block()
+  model, variables, _, _, tokens = finetuned.pruned_block()
   (y,) = export.run_onnx(block_onnx, tokens)
-  assert em.rel_err(y, model.apply(variables, tokens)) <= TOL
+  assert testing.rel_err(y, model.apply(variables, tokens)) <= TOL
   report = export.check_file(block_onnx)
   assert report.ok
-  _pruned_axis_ok(report, em.PRUNED_BLOCK, em.DENSE_BLOCK)
+  _pruned_axis_ok(report, finetuned.PRUNED_BLOCK, finetuned.DENSE_BLOCK)
 
 
 def test_nnx_block_exports_and_checks(tmp_path):
-  module, masks, tokens = em.pruned_nnx_block()
+  module, masks, tokens = finetuned.pruned_nnx_block()
   path = tmp_path / "nnx.onnx"
   export.to_onnx(module, tokens, path=path, masks=masks)
   (y,) = export.run_onnx(path, tokens)
-  assert em.rel_err(y, module(tokens)) <= TOL
+  assert testing.rel_err(y, module(tokens)) <= TOL
   report = export.check_file(path)
   assert report.ok
   pruned = [
@@ -97,13 +101,13 @@ def test_nnx_block_exports_and_checks(tmp_path):
 
 
 def test_dynamic_batch(tmp_path):
-  model, variables, masks, _, x = em.pruned_cnn()
+  model, variables, masks, _, x = finetuned.pruned_cnn()
   path = tmp_path / "dyn.onnx"
   export.to_onnx(model.apply, variables, x, path=path, masks=masks, dynamic_batch=True)
   x7 = np.concatenate([np.asarray(x), np.asarray(x)[:3]])
   (y,) = export.run_onnx(path, x7)
   assert y.shape[0] == 7
-  assert em.rel_err(y, model.apply(variables, x7)) <= TOL
+  assert testing.rel_err(y, model.apply(variables, x7)) <= TOL
 
 
 def _corrupt(src, dst, param, fn):
@@ -143,7 +147,7 @@ def test_checker_names_the_wrong_axis(cnn_onnx, tmp_path):
   bad = tmp_path / "wrong_axis.onnx"
 
   def out_axis(a):  # MatMul B (in, out) = (2048, 64): 2:4 along out instead of in
-    return _nm_along(a.shape, 1)
+    return testing.nm_along(a.shape, 1)
 
   _corrupt(cnn_onnx, bad, "params/Dense_0/kernel", out_axis)
   w = export.check_file(bad).by_param()["params/Dense_0/kernel"]
@@ -152,11 +156,6 @@ def test_checker_names_the_wrong_axis(cnn_onnx, tmp_path):
 
 # ----------------------------------------------------------------------------
 # The consumer rules, on hand-built graphs (no exporter involved).
-
-
-def _nm_along(shape, axis, seed=0):
-  a = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-  return a * np.asarray(jasp.nm_mask(a, 2, 4, axis=axis))
 
 
 def _graph_model(nodes, inits, inputs, outputs):
@@ -173,12 +172,12 @@ def _vi(name, shape):
 def test_gemm_transb_matmul_operand_order_and_chains():
   """Gemm transB=1 reduces B along 1; MatMul's A along -1; through Transpose and Reshape."""
   inits = {
-    "gemm_tb": _nm_along((20, 48), 1),  # Gemm transB=1: B (N, K)
-    "gemm_b": _nm_along((48, 20), 0),  # Gemm transB=0: B (K, N)
-    "mm_a": _nm_along((20, 48), 1),  # MatMul(W, x): A (M, K)
-    "t_w": _nm_along((20, 48), 1),  # Transpose -> (48, 20) -> MatMul B
-    "r_w": _nm_along((2, 24, 20), (0, 1)),  # Reshape (48, 20) -> MatMul B: axes 0,1 merged
-    "wrong": _nm_along((48, 20), 1),  # MatMul B along the output axis: wrong
+    "gemm_tb": testing.nm_along((20, 48), 1),  # Gemm transB=1: B (N, K)
+    "gemm_b": testing.nm_along((48, 20), 0),  # Gemm transB=0: B (K, N)
+    "mm_a": testing.nm_along((20, 48), 1),  # MatMul(W, x): A (M, K)
+    "t_w": testing.nm_along((20, 48), 1),  # Transpose -> (48, 20) -> MatMul B
+    "r_w": testing.nm_along((2, 24, 20), (0, 1)),  # Reshape (48, 20) -> MatMul B: axes 0,1 merged
+    "wrong": testing.nm_along((48, 20), 1),  # MatMul B along the output axis: wrong
     "shape": np.asarray([48, 20], np.int64),
   }
   nodes = [
@@ -206,10 +205,10 @@ def test_gemm_transb_matmul_operand_order_and_chains():
 
 def test_conv_kcrs_grouped_and_depthwise():
   inits = {
-    "w": _nm_along((20, 12, 3, 3), 1),  # KCRS, groups along C
-    "wg": _nm_along((20, 8, 3, 3), 1),  # group=2: C/group = 8
+    "w": testing.nm_along((20, 12, 3, 3), 1),  # KCRS, groups along C
+    "wg": testing.nm_along((20, 8, 3, 3), 1),  # group=2: C/group = 8
     "wdw": np.ones((12, 1, 3, 3), np.float32),  # depthwise
-    "wrong": _nm_along((20, 12, 3, 3), 0),  # 2:4 along K: wrong for TensorRT
+    "wrong": testing.nm_along((20, 12, 3, 3), 0),  # 2:4 along K: wrong for TensorRT
   }
   nodes = [
     helper.make_node("Conv", ["x", "w"], ["y1"], pads=[1, 1, 1, 1]),
@@ -247,11 +246,11 @@ def test_positional_pooling_args_get_a_clear_error_or_export(tmp_path):
     assert "window_shape=(2, 2), strides=(2, 2)" in str(e)
   else:  # a later jax2onnx that accepts positional arguments
     (y,) = export.run_onnx(tmp_path / "pool.onnx", x)
-    assert em.rel_err(y, Pool().apply(variables, x)) <= TOL
+    assert testing.rel_err(y, Pool().apply(variables, x)) <= TOL
 
 
 def test_weights_used_inside_control_flow_subgraphs():
-  inits = {"sub_w": _nm_along((48, 20), 0), "cond": np.asarray(True)}
+  inits = {"sub_w": testing.nm_along((48, 20), 0), "cond": np.asarray(True)}
   then = helper.make_graph(
     [helper.make_node("MatMul", ["x", "sub_w"], ["t"])], "then", [], [_vi("t", [3, 20])]
   )
@@ -268,11 +267,11 @@ def test_einsum_concat_and_visit_once():
   """Einsum drops its reduced letters; Concat along another axis is followed; a graph whose
   Identity nodes fan out exponentially is walked once per name."""
   inits = {
-    "ein": _nm_along((48, 4, 5), 0),  # 'btk,khd->bthd': reduces k (axis 0)
-    "cat_a": _nm_along((48, 8), 0),  # Concat along axis 1, then MatMul B
-    "cat_b": _nm_along((48, 12), 0),
-    "cat_k": _nm_along((24, 20), 0),  # Concat along axis 0 = the reduction axis
-    "fan": _nm_along((48, 20), 0),
+    "ein": testing.nm_along((48, 4, 5), 0),  # 'btk,khd->bthd': reduces k (axis 0)
+    "cat_a": testing.nm_along((48, 8), 0),  # Concat along axis 1, then MatMul B
+    "cat_b": testing.nm_along((48, 12), 0),
+    "cat_k": testing.nm_along((24, 20), 0),  # Concat along axis 0 = the reduction axis
+    "fan": testing.nm_along((48, 20), 0),
   }
   nodes = [
     helper.make_node("Einsum", ["x3", "ein"], ["y1"], equation="btk,khd->bthd"),
@@ -327,9 +326,9 @@ def test_loop_operands_and_outer_reads_are_followed_into_the_body():
     return helper.make_graph(b_nodes, name, b_in, b_out)
 
   inits = {
-    "carried": _nm_along((48, 48), 0),
-    "carried2": _nm_along((48, 48), 0, seed=1),
-    "outer": _nm_along((48, 48), 0, seed=2),
+    "carried": testing.nm_along((48, 48), 0),
+    "carried2": testing.nm_along((48, 48), 0, seed=1),
+    "outer": testing.nm_along((48, 48), 0, seed=2),
     "trip": np.asarray(2, np.int64),
     "cond": np.asarray(True),
   }

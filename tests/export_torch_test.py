@@ -1,19 +1,15 @@
 """PyTorch layouts (numpy, no torch): every conversion both ways, safetensors files, apex masks."""
 
-import export_models as em
 import jax
 import numpy as np
 import pytest
+import testing
+from zoo import finetuned
 
 import jasp
 from jasp import export
 
 DOT = jasp.Layout((0,), (1,), kind="dot")
-
-
-def _nm_along(shape, axis, seed=0):
-  a = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-  return a * np.asarray(jasp.nm_mask(a, 2, 4, axis=axis))
 
 
 def _check_both_ways(w, layout, want_shape, index_map):
@@ -36,15 +32,15 @@ def _check_both_ways(w, layout, want_shape, index_map):
 
 
 def test_dense_in_out_to_out_in():
-  w = _nm_along((48, 20), 0)  # flax (in, out), 2:4 along in
+  w = testing.nm_along((48, 20), 0)  # flax (in, out), 2:4 along in
   t = _check_both_ways(w, DOT, (20, 48), lambda o, i: (i, o))
   assert bool(jasp.is_nm(t, 2, 4, axis=1)) and not bool(jasp.is_nm(t, 2, 4, axis=0))
 
 
-@pytest.mark.parametrize("spatial", [(3,), (3, 5), (2, 3, 5)])
+@pytest.mark.parametrize("spatial", [(3,), (3, 5), (2, 3, 5)], ids=["1d", "2d", "3d"])
 def test_conv_to_kcrs(spatial):
   nd = len(spatial) + 2
-  w = _nm_along(spatial + (12, 20), nd - 2)  # (*spatial, in, out)
+  w = testing.nm_along(spatial + (12, 20), nd - 2)  # (*spatial, in, out)
   layout = jasp.Layout((nd - 2,), (nd - 1,), kind="conv")
   t = _check_both_ways(w, layout, (20, 12) + spatial, lambda o, c, *s: tuple(s) + (c, o))
   assert bool(jasp.is_nm(t, 2, 4, axis=1)) and not bool(jasp.is_nm(t, 2, 4, axis=0))
@@ -52,12 +48,12 @@ def test_conv_to_kcrs(spatial):
 
 def test_dense_general_and_attention_flatten_to_2d():
   # DenseGeneral / attention query: (in, heads, head_dim) -> (heads*head_dim, in)
-  w = _nm_along((12, 2, 5), 0)
+  w = testing.nm_along((12, 2, 5), 0)
   layout = jasp.Layout((0,), (1, 2), kind="dot")
   t = _check_both_ways(w, layout, (10, 12), lambda o, i: (i, o // 5, o % 5))
   assert bool(jasp.is_nm(t, 2, 4, axis=1))
   # attention out / DenseGeneral(axis=(-2, -1)): (heads, head_dim, out) -> (out, heads*head_dim)
-  w = _nm_along((2, 8, 20), (0, 1))
+  w = testing.nm_along((2, 8, 20), (0, 1))
   layout = jasp.Layout((0, 1), (2,), kind="dot")
   t = _check_both_ways(w, layout, (20, 16), lambda o, i: (i // 8, i % 8, o))
   assert bool(jasp.is_nm(t, 2, 4, axis=1)) and not bool(jasp.is_nm(t, 2, 4, axis=0))
@@ -76,13 +72,13 @@ def test_non_weights_are_unchanged_and_keys_follow_pytorch():
 
 
 def test_state_dict_round_trip_with_apex_masks():
-  _, variables, masks, layouts, _ = em.pruned_cnn()
+  _, variables, masks, layouts, _ = finetuned.pruned_cnn()
   state, info = export.to_torch_state_dict(variables, layouts=layouts, masks=masks, apex_masks=True)
   assert state["Dense_0.weight"].shape == (64, 2048)
   assert state["Conv_1.weight"].shape == (32, 8, 3, 3)  # KCRS, grouped: C/groups = 8
   assert state["Conv_2.weight"].shape == (32, 32, 3)
   assert state["BatchNorm_0.running_var"].shape == (16,)
-  for p in em.PRUNED_CNN:
+  for p in finetuned.PRUNED_CNN:
     key = export.torch_key(p)
     mkey = key.rpartition(".")[0] + ".__weight_mma_mask"
     assert state[mkey].dtype == np.bool_ and state[mkey].shape == state[key].shape
@@ -98,7 +94,7 @@ def test_safetensors_file_round_trip_and_check(tmp_path):
   pytest.importorskip(
     "safetensors", reason="needs the safetensors extra: pip install 'jasp[safetensors]'"
   )
-  model, variables, masks, layouts, x = em.pruned_block()
+  model, variables, masks, layouts, x = finetuned.pruned_block()
   path = tmp_path / "block.safetensors"
   export.save_safetensors(path, variables, layouts=layouts, masks=masks)
   raw = export.load_safetensors(path)
@@ -112,9 +108,9 @@ def test_safetensors_file_round_trip_and_check(tmp_path):
   report = export.check_file(path)
   assert report.ok and report.format == "safetensors"
   by_param = report.by_param()
-  for p in em.PRUNED_BLOCK:
+  for p in finetuned.PRUNED_BLOCK:
     assert by_param[p].nm and by_param[p].expected and by_param[p].axis == (1,), by_param[p]
-  for p in em.DENSE_BLOCK:
+  for p in finetuned.DENSE_BLOCK:
     assert by_param[p].status == "dense", by_param[p]
 
 
@@ -123,8 +119,8 @@ def test_plain_safetensors_swapped_axis_fails(tmp_path):
   st = pytest.importorskip(
     "safetensors.numpy", reason="needs the safetensors extra: pip install 'jasp[safetensors]'"
   )
-  good = _nm_along((20, 48), 1)  # Linear (out, in), 2:4 along in
-  bad = _nm_along((20, 48), 0)  # 2:4 along out: the flax (in, out) rule left untransposed
+  good = testing.nm_along((20, 48), 1)  # Linear (out, in), 2:4 along in
+  bad = testing.nm_along((20, 48), 0)  # 2:4 along out: the flax (in, out) rule left untransposed
   mask = np.asarray(good != 0)
   path = tmp_path / "plain.safetensors"
   st.save_file(
@@ -154,7 +150,7 @@ def test_plain_safetensors_swapped_axis_fails(tmp_path):
 
 
 def test_masks_of_the_params_collection_or_the_whole_dict():
-  _, variables, masks, layouts, _ = em.pruned_cnn()
+  _, variables, masks, layouts, _ = finetuned.pruned_cnn()
   want, _ = export.to_torch_state_dict(variables, layouts=layouts, masks=masks)
   assert "Dense_0.weight_mask" in want
   # masks["params"] with the variables dict, and the whole masks with variables["params"].
@@ -168,7 +164,7 @@ def test_masks_of_the_params_collection_or_the_whole_dict():
       np.testing.assert_array_equal(state[key], want[key])
     assert info["Dense_0.weight"]["pruned"] and not info["Conv_0.weight"]["pruned"]
   # Packed masks are unpacked.
-  packed = jasp.pack_masks(masks, {p: layouts[p].axis for p in em.PRUNED_CNN})
+  packed = jasp.pack_masks(masks, {p: layouts[p].axis for p in finetuned.PRUNED_CNN})
   state, _ = export.to_torch_state_dict(variables, layouts=layouts, masks=packed)
   np.testing.assert_array_equal(state["Dense_0.weight_mask"], want["Dense_0.weight_mask"])
 
@@ -177,7 +173,7 @@ def test_masks_that_match_no_param_are_an_error(tmp_path):
   pytest.importorskip(
     "safetensors", reason="needs the safetensors extra: pip install 'jasp[safetensors]'"
   )
-  _, variables, masks, layouts, _ = em.pruned_cnn()
+  _, variables, masks, layouts, _ = finetuned.pruned_cnn()
   # Masks of another tree (paths under "encoder/"): without the check no mask is written
   # and every weight is marked unpruned in the file.
   other = {"encoder": masks["params"]}
@@ -198,7 +194,7 @@ def test_masks_that_match_no_param_are_an_error(tmp_path):
 
 
 def test_malformed_layouts_and_info_are_named():
-  _, variables, _, layouts, _ = em.pruned_cnn()
+  _, variables, _, layouts, _ = finetuned.pruned_cnn()
   with pytest.raises(ValueError, match="start with 'params/' and the tree's do not"):
     export.to_torch_state_dict(variables["params"], layouts=layouts)
   with pytest.raises(TypeError, match=r"layouts\['params/Dense_0/kernel'\] is 0"):

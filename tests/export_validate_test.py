@@ -2,12 +2,12 @@
 
 import os
 
-import export_models as em
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+import testing
+from zoo import finetuned
 
 import jasp
 from jasp import export
@@ -15,9 +15,7 @@ from jasp import export
 jax2onnx = pytest.importorskip("jax2onnx")
 onnx = pytest.importorskip("onnx")
 
-
-def _x(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+pytestmark = pytest.mark.slow  # exports trace, convert and run whole models
 
 
 class _MLP(nn.Module):
@@ -28,7 +26,7 @@ class _MLP(nn.Module):
 
 @pytest.fixture(scope="module")
 def mlp():
-  x = _x((3, 8))
+  x = testing.normal((3, 8))
   model = _MLP()
   v = model.init(jax.random.key(0), x)
   lay = jasp.trace_layouts(model.apply, v, x)
@@ -117,7 +115,7 @@ def test_an_accepted_export_replaces_the_previous_file(mlp, tmp_path):
 
 def test_savedmodel_failing_its_run_leaves_the_old_directory(tmp_path, monkeypatch):
   pytest.importorskip("tensorflow")
-  model, variables, masks, _, x = em.pruned_cnn()
+  model, variables, masks, _, x = finetuned.pruned_cnn()
   path = tmp_path / "sm"
   export.to_saved_model(model.apply, variables, x, path=path, masks=masks)
   before = sorted(os.listdir(path))

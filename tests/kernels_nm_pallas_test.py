@@ -5,13 +5,12 @@ tests marked ``gpu`` compile the real Triton kernels; run them on the device
 machine with ``pytest -m gpu tests/kernels_nm_pallas_test.py``.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+import testing
 
 from jasp import _dispatch
 from jasp import masks
@@ -39,22 +38,13 @@ CASES = [
 ]
 
 
-def fresh_rng():
-  seed = int.from_bytes(os.urandom(4), "little")
-  return np.random.default_rng(seed), seed
-
-
-def as_np64(x):
-  return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
-
-
 def check_all(w, n, m, axis, msg, interpret=True):
   """Mask and pruned weight equal the XLA path bit for bit and the reference."""
   want = np.asarray(masks.nm_mask(w, n, m, axis, impl="xla"))
   got = np.asarray(nm_pallas.nm_mask_pallas(w, n, m, axis, interpret=interpret))
   assert got.dtype == bool and got.shape == w.shape, msg
   np.testing.assert_array_equal(got, want, err_msg=msg)
-  np.testing.assert_array_equal(got, ref.nm_mask_ref(as_np64(w), n, m, axis), err_msg=msg)
+  np.testing.assert_array_equal(got, ref.nm_mask_ref(testing.as_np64(w), n, m, axis), err_msg=msg)
   pruned, mask2 = nm_pallas.nm_prune_pallas(w, n, m, axis, interpret=interpret)
   np.testing.assert_array_equal(np.asarray(mask2), want, err_msg=msg)
   assert pruned.dtype == w.dtype and pruned.shape == w.shape
@@ -66,10 +56,14 @@ def check_all(w, n, m, axis, msg, interpret=True):
   )
 
 
-@pytest.mark.parametrize("i", range(len(CASES)))
+def _case_id(shape, axis, n, m):
+  return f"{testing.param_id(shape)}-axis{testing.param_id(axis) or axis}-{n}of{m}"
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[_case_id(*c) for c in CASES])
 def test_random_values_and_ties_match_xla_and_reference(i):
   shape, axis, n, m = CASES[i]
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   dtype = DTYPES[i % 3]
   w = jnp.asarray(rng.standard_normal(shape) * rng.uniform(0.1, 100), dtype)
   check_all(w, n, m, axis, f"seed={seed} {shape} axis={axis} {n}:{m} {dtype}")
@@ -78,8 +72,8 @@ def test_random_values_and_ties_match_xla_and_reference(i):
 
 
 def test_random_shapes():
-  """Fresh random shapes, axes and N:M on every run (the seed is reported)."""
-  rng, seed = fresh_rng()
+  """Random shapes, axes and N:M from the run's seed (``JASP_TEST_SEED`` varies them)."""
+  rng, seed = testing.fresh_rng()
   for _ in range(4):
     m = int(rng.choice([2, 4, 4, 4, 8, 3]))
     n = int(rng.integers(1, m))
@@ -104,7 +98,7 @@ def special_values(dtype, subnormals):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_special_values(dtype):
   """NaN ranks as +inf (ties with inf go to the lower index); -0 == +0."""
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   w = jnp.asarray(rng.choice(special_values(dtype, False), size=(48, 24)), dtype)
   for n, m, axis in [(2, 4, 0), (3, 8, -1)]:
     check_all(w, n, m, axis, f"seed={seed} {n}:{m} axis={axis}")
@@ -124,18 +118,18 @@ def test_subnormals_ranked_exactly(dtype):
   (XLA on CPU flushes subnormals to zero in comparisons, so the XLA path ranks
   them as ties with 0 there; the kernel compares bit patterns and does not.)
   """
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   w = jnp.asarray(rng.choice(special_values(dtype, True), size=(48, 24)), dtype)
   for n, m, axis in [(2, 4, 0)]:
     got = np.asarray(nm_pallas.nm_mask_pallas(w, n, m, axis, interpret=True))
     np.testing.assert_array_equal(
-      got, ref.nm_mask_ref(as_np64(w), n, m, axis), err_msg=f"seed={seed}"
+      got, ref.nm_mask_ref(testing.as_np64(w), n, m, axis), err_msg=f"seed={seed}"
     )
 
 
-def test_issue_shapes_uneven():
-  """The issue's uneven shapes (scaled down where interpret mode would be slow)."""
-  rng, seed = fresh_rng()
+def test_uneven_shapes_with_partial_blocks():
+  """Shapes whose groups do not fill the kernel's blocks (scaled down for interpret mode)."""
+  rng, seed = testing.fresh_rng()
   for shape, axis in [((3, 3, 64, 10), -2), ((4100, 44), 0), ((44, 4100), -1)]:
     w = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
     check_all(w, 2, 4, axis, f"seed={seed} {shape}")
@@ -155,7 +149,7 @@ def test_plans():
 
 
 def test_jit_vmap_and_grad():
-  rng, _ = fresh_rng()
+  rng, _ = testing.fresh_rng()
   w = jnp.asarray(rng.standard_normal((3, 16, 12)), jnp.float32)
   f = jax.jit(lambda x: nm_pallas.nm_mask_pallas(x, 2, 4, 0, interpret=True))
   np.testing.assert_array_equal(np.asarray(f(w[0])), np.asarray(masks.nm_mask(w[0], impl="xla")))
@@ -222,15 +216,19 @@ def check_2d(w, n, m, axis, out_axis, msg, interpret=True):
   return got
 
 
-@pytest.mark.parametrize("i", range(len(CASES_2D)))
+@pytest.mark.parametrize(
+  "i",
+  range(len(CASES_2D)),
+  ids=[f"{testing.param_id(s)}-axes{a}_{o}-{n}of{m}" for s, a, o, n, m in CASES_2D],
+)
 def test_2d_best_matches_xla_and_reference(i):
   shape, axis, out_axis, n, m = CASES_2D[i]
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   w = jnp.asarray(rng.integers(-3, 4, shape), DTYPES[i % 3])  # ties everywhere
   msg = f"seed={seed} ties {shape} ({axis}, {out_axis}) {n}:{m}"
   got = check_2d(w, n, m, axis, out_axis, msg)
   np.testing.assert_array_equal(
-    got, ref.nm_mask_2d_best_ref(as_np64(w), n, m, axis, out_axis), err_msg=msg
+    got, ref.nm_mask_2d_best_ref(testing.as_np64(w), n, m, axis, out_axis), err_msg=msg
   )
   w = jnp.asarray(rng.standard_normal(shape), DTYPES[i % 3])
   got = check_2d(w, n, m, axis, out_axis, f"seed={seed} {shape} ({axis}, {out_axis}) {n}:{m}")
@@ -238,7 +236,7 @@ def test_2d_best_matches_xla_and_reference(i):
 
 
 def test_2d_special_values_and_layouts():
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   w = jnp.asarray(rng.choice(special_values(jnp.float32, False), size=(16, 24)), jnp.float32)
   check_2d(w, 2, 4, 0, 1, f"seed={seed}")
   assert nm2d_pallas.supports_2d((8, 16), jnp.bfloat16, 2, 4, 0, 1)
@@ -269,7 +267,7 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_kernel_matches_xla(dtype):
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   for i, (shape, axis) in enumerate(GPU_CASES):
     for n, m in [(2, 4), [(1, 4), (3, 8), (2, 8), (1, 2)][i % 4]]:
       ax = (axis,) if isinstance(axis, int) else axis
@@ -298,7 +296,7 @@ def test_gpu_kernel_matches_xla(dtype):
 
 @pytest.mark.gpu
 def test_gpu_kernel_matches_reference_small():
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   for i, (shape, axis, n, m) in enumerate(CASES):
     dtype = DTYPES[i % 3]
     w = jnp.asarray(rng.standard_normal(shape) * rng.uniform(0.1, 100), dtype)
@@ -318,7 +316,7 @@ def test_gpu_kernel_matches_reference_small():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_2d_best_matches_xla(dtype):
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   for shape, axis, out_axis, n, m in [
     ((4096, 4096), 0, 1, 2, 4),
     ((4100, 1032), 0, 1, 2, 4),

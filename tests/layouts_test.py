@@ -3,15 +3,16 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import models
 import pytest
+import testing
 from flax import nnx
+from zoo import basic
 
 import jasp
 
 
 def test_linen_cnn_trace():
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   lay = jasp.trace_layouts(model.apply, variables, x)
   assert lay["params/Conv_0/kernel"].axis == (2,) and lay["params/Conv_0/kernel"].kind == "conv"
   assert lay["params/Conv_1/kernel"].axis == (2,)  # grouped: in/groups axis
@@ -22,7 +23,7 @@ def test_linen_cnn_trace():
 
 
 def test_linen_block_trace():
-  model, variables, tokens = models.linen_block()
+  model, variables, tokens = basic.token_block()
   lay = jasp.trace_layouts(model.apply, variables, tokens)
   att = "params/MultiHeadDotProductAttention_0/"
   for k in ("query", "key", "value"):
@@ -37,7 +38,7 @@ def test_linen_block_trace():
 
 
 def test_nnx_trace():
-  model, tokens = models.nnx_block()
+  model, tokens = basic.nnx_token_block()
   lay = jasp.trace_layouts(model, tokens)
   assert lay["conv/kernel"].axis == (1,) and lay["conv/kernel"].kind == "conv"
   assert lay["up/kernel"].axis == (0,)
@@ -107,6 +108,7 @@ def test_scan_over_layers():
     ("params/Embed_0/embedding", (32, 16), None),
     ("params/Dense_0/bias", (16,), None),
   ],
+  ids=testing.param_id,
 )
 def test_convention_layout(path, shape, axis):
   lay = jasp.convention_layout(path, jnp.zeros(shape))
@@ -116,15 +118,15 @@ def test_convention_layout(path, shape, axis):
 
 
 def test_convention_agrees_with_trace_on_auto_named_modules():
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   traced = jasp.trace_layouts(model.apply, variables, x)
-  for path, leaf in models.kernels_of(variables).items():
+  for path, leaf in testing.kernels_of(variables).items():
     assert jasp.convention_layout(path, leaf).axis == traced[path].axis, path
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_params_are_traced(dtype):
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   low = jax.tree.map(lambda a: a.astype(dtype), variables)
   lay = jasp.trace_layouts(model.apply, low, x.astype(dtype))
   assert lay["params/Dense_0/kernel"].axis == (0,)

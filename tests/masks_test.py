@@ -1,26 +1,16 @@
 """jasp.masks against the float64 NumPy references, on fresh random inputs."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+import testing
 
 import jasp
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 NM = [(2, 4), (1, 4), (3, 4), (1, 2), (2, 8), (4, 8), (1, 8)]
-
-
-def fresh_rng():
-  seed = int.from_bytes(os.urandom(4), "little")
-  return np.random.default_rng(seed), seed
-
-
-def as_np64(x):
-  return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
 
 
 CASES = [
@@ -41,21 +31,21 @@ CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,m", NM)
 def test_nm_mask_matches_reference(dtype, n, m):
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   for shape, axis in CASES:
     ax = (axis,) if isinstance(axis, int) else axis
     if int(np.prod([shape[a] for a in ax])) % m:
       continue
     w = jnp.asarray(rng.standard_normal(shape) * rng.uniform(0.1, 10), dtype)
     got = np.asarray(jasp.nm_mask(w, n, m, axis))
-    want = ref.nm_mask_ref(as_np64(w), n, m, axis)
+    want = ref.nm_mask_ref(testing.as_np64(w), n, m, axis)
     assert got.dtype == bool and got.shape == shape
     np.testing.assert_array_equal(got, want, err_msg=f"seed={seed} shape={shape} axis={axis}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [jnp.int32])
 def test_ties_go_to_lower_index(dtype):
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   for shape, axis in CASES:
     w = jnp.asarray(rng.integers(-2, 3, shape), dtype)  # many ties, signs, zeros
     for n, m in [(2, 4), (1, 4), (3, 4), (1, 2)]:
@@ -75,7 +65,7 @@ def test_all_equal_group_keeps_first_two():
 
 
 def test_exactly_n_per_group_and_jit():
-  rng, _ = fresh_rng()
+  rng, _ = testing.fresh_rng()
   w = jnp.asarray(rng.standard_normal((64, 40)), jnp.bfloat16)
   f = jax.jit(jasp.nm_mask, static_argnames=("n", "m", "axis"))
   mask = np.asarray(f(w, n=2, m=4, axis=0))
@@ -89,7 +79,7 @@ def test_nan_ranks_largest():
 
 
 def test_independent_of_matmul_precision():
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   w = jnp.asarray(
     rng.standard_normal((256, 64)) * (1 + 1e-4 * rng.standard_normal((256, 64))), jnp.float32
   )
@@ -111,6 +101,7 @@ def test_independent_of_matmul_precision():
     dict(shape=(8, 4), n=2, m=4, axis=2),  # axis out of range
     dict(shape=(2, 4, 8), n=2, m=4, axis=(0, 2)),  # not consecutive
   ],
+  ids=testing.param_id,
 )
 def test_bad_inputs_raise(bad):
   w = jnp.ones(bad["shape"])
@@ -131,7 +122,7 @@ def test_not_multiple_error_names_sizes():
 
 
 def test_is_nm():
-  rng, _ = fresh_rng()
+  rng, _ = testing.fresh_rng()
   w = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
   assert not bool(jasp.is_nm(w))
   pruned = jnp.where(jasp.nm_mask(w), w, 0)
@@ -162,7 +153,7 @@ TWO_D = [
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (1, 2)])
 @pytest.mark.parametrize("method", ["best", "greedy"])
 def test_nm_mask_2d_matches_reference_on_integers(n, m, method):
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   reffn = ref.nm_mask_2d_best_ref if method == "best" else ref.nm_mask_2d_greedy_ref
   for shape, axis, out_axis in TWO_D:
     w = jnp.asarray(rng.integers(-4, 5, shape), jnp.float32)
@@ -174,14 +165,14 @@ def test_nm_mask_2d_matches_reference_on_integers(n, m, method):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nm_mask_2d_transposable_and_optimal(dtype):
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   w = jnp.asarray(rng.standard_normal((2, 16, 12)), dtype)
   best = np.asarray(jasp.nm_mask_2d(w, 2, 4, 1, 2, method="best"))
   greedy = np.asarray(jasp.nm_mask_2d(w, 2, 4, 1, 2, method="greedy"))
   for mk in (best, greedy):
     assert bool(jasp.is_nm(mk, 2, 4, axis=1)) and bool(jasp.is_nm(mk, 2, 4, axis=2))
   assert (best.reshape(2, 4, 4, 12).sum(2) == 2).all()  # best keeps exactly n
-  w64 = as_np64(w)
+  w64 = testing.as_np64(w)
   opt = ref.nm_mask_2d_best_ref(w64, 2, 4, 1, 2)
   kb, ko, kg = (ref.kept_fraction(w64, x) for x in (best, opt, greedy))
   assert kb >= ko - 1e-6, f"seed={seed}"
@@ -225,7 +216,7 @@ def test_nm_mask_2d_takes_one_axis_each():
 @pytest.mark.parametrize("method", ["best", "greedy"])
 def test_nm_mask_2d_subnormals_match_reference(dtype, method):
   """Subnormal magnitudes are ranked exactly (XLA on CPU flushes them in float arithmetic)."""
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   tiny = float(jnp.finfo(dtype).smallest_subnormal)
   want = ref.nm_mask_2d_best_ref if method == "best" else ref.nm_mask_2d_greedy_ref
   for shape, axis, out_axis in [((16, 24), 0, 1), ((3, 8, 12), 1, 2), ((12, 8), 1, 0)]:
@@ -233,14 +224,16 @@ def test_nm_mask_2d_subnormals_match_reference(dtype, method):
     w = jnp.asarray(rng.integers(-20, 21, shape) * tiny, dtype)
     got = np.asarray(jasp.nm_mask_2d(w, 2, 4, axis, out_axis, method=method))
     np.testing.assert_array_equal(
-      got, want(as_np64(w), 2, 4, axis, out_axis), err_msg=f"seed={seed} {shape} {dtype.__name__}"
+      got,
+      want(testing.as_np64(w), 2, 4, axis, out_axis),
+      err_msg=f"seed={seed} {shape} {dtype.__name__}",
     )
 
 
 @pytest.mark.parametrize("method", ["best", "greedy"])
 def test_nm_mask_2d_is_scale_invariant_below_the_normal_range(method):
   """The same weight scaled by a power of two (exactly, in NumPy) gets the same mask."""
-  rng, seed = fresh_rng()
+  rng, seed = testing.fresh_rng()
   mant = rng.standard_normal((32, 32))
   w = (mant * np.exp2(rng.integers(-150, -110, (32, 32)))).astype(np.float32)  # many subnormal
   normal = (w.astype(np.float64) * 2.0**100).astype(np.float32)  # all normal, exact

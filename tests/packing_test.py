@@ -1,14 +1,13 @@
 """jasp.packing: 1-bit masks behave exactly like bool masks everywhere."""
 
-import os
-
 import jax
 import jax.numpy as jnp
-import models
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+import testing
+from zoo import basic
 
 import jasp
 from jasp import _tree
@@ -24,9 +23,10 @@ from jasp import _tree
     ((12,), 0),
     ((8, 3, 16), -1),
   ],
+  ids=testing.param_id,
 )
 def test_roundtrip(shape, axis):
-  rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+  rng, _ = testing.fresh_rng()
   m = jnp.asarray(rng.random(shape) > 0.5)
   p = jasp.packing.pack(m, axis)
   assert p.bits.dtype == jnp.uint8
@@ -38,7 +38,7 @@ def test_roundtrip(shape, axis):
 
 
 def test_packed_masks_through_the_api(tmp_path):
-  model, variables, x = models.linen_block()
+  model, variables, x = basic.token_block()
   lay = jasp.trace_layouts(model.apply, variables, x)
   bool_masks = jasp.compute_masks(variables, layouts=lay)
   packed = jasp.compute_masks(variables, layouts=lay, packed=True)

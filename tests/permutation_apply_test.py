@@ -4,18 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import permutation_models as pm
+import pytest
+import testing
 from flax import nnx
+from zoo import permutation as pm
 
 import jasp
 from jasp.permutation.apply import permute
 
 KW = dict(escapes=3, time_limit=None)
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(a)))
 
 
 def kept_by_mask(tree, layers, n=2, m=4):
@@ -43,10 +40,11 @@ def check(report, before_tree, after_tree, expect_permuted):
       assert np.isclose(k1[lr.path], k0[lr.path], rtol=1e-6), lr.path
 
 
+@pytest.mark.slow
 def test_linen_cnn_batchnorm_residual_flatten():
-  model, v, x = pm.linen_cnn()
+  model, v, x = pm.residual_cnn()
   new, rep = permute(model.apply, v, x, **KW)
-  assert rel_err(model.apply(v, x), model.apply(new, x)) <= 1e-5
+  assert testing.rel_err(model.apply(new, x), model.apply(v, x)) <= 1e-5
   check(
     rep,
     v,
@@ -73,36 +71,37 @@ def test_linen_cnn_batchnorm_residual_flatten():
 
 
 def test_nnx_cnn():
-  model, x = pm.nnx_cnn()
+  model, x = pm.nnx_residual_cnn()
   y0 = model(x)
   new, rep = permute(model, x, **KW)
-  assert rel_err(y0, new(x)) <= 1e-5
-  assert rel_err(y0, model(x)) == 0.0  # the argument is untouched
+  assert testing.rel_err(new(x), y0) <= 1e-5
+  assert testing.rel_err(model(x), y0) == 0.0  # the argument is untouched
   before = jasp._tree.unbox(nnx.state(model))
   after = jasp._tree.unbox(nnx.state(new))
   check(rep, before, after, ["c1/kernel", "c2/kernel", "c3/kernel", "fc/kernel", "head/kernel"])
 
 
+@pytest.mark.slow
 def test_linen_transformer_block():
-  model, v, x = pm.linen_block()
+  model, v, x = pm.prenorm_block()
   new, rep = permute(model.apply, v, x, **KW)
-  assert rel_err(model.apply(v, x), model.apply(new, x)) <= 1e-5
+  assert testing.rel_err(model.apply(new, x), model.apply(v, x)) <= 1e-5
   att = "params/MultiHeadDotProductAttention_0/"
   check(rep, v, new, ["params/Dense_2/kernel", att + "out/kernel", att + "query/kernel"])
 
 
 def test_nnx_transformer_block():
-  model, x = pm.nnx_block()
+  model, x = pm.nnx_prenorm_block()
   y0 = model(x)
   new, rep = permute(model, x, **KW)
-  assert rel_err(y0, new(x)) <= 1e-5
+  assert testing.rel_err(new(x), y0) <= 1e-5
   before = jasp._tree.unbox(nnx.state(model))
   after = jasp._tree.unbox(nnx.state(new))
   check(rep, before, after, ["down/kernel", "attn/out/kernel"])
 
 
 def test_order_dependent_op_leaves_layers_unpermuted():
-  model, v, x = pm.linen_block()
+  model, v, x = pm.prenorm_block()
 
   def apply(variables, x):  # reverses the hidden channels of the MLP: order matters
     p = variables["params"]
@@ -111,14 +110,14 @@ def test_order_dependent_op_leaves_layers_unpermuted():
     return h @ p["Dense_3"]["kernel"]
 
   new, rep = permute(apply, v, x, **KW)
-  assert rel_err(apply(v, x), apply(new, x)) <= 1e-5
+  assert testing.rel_err(apply(new, x), apply(v, x)) <= 1e-5
   (c,) = [c for c in rep.classes if ("params/Dense_0/kernel", 1) in c.members]
   assert c.status == "skipped" and "rev" in c.reason
   assert not rep.permuted
 
 
 def test_plan_permutes_optimizer_state_and_prune_follows():
-  model, v, x = pm.linen_cnn()
+  model, v, x = pm.residual_cnn()
   tx = optax.adam(1e-3)
   opt_state = tx.init(v["params"])
   grads = jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, x) ** 2))(v["params"])
@@ -148,14 +147,15 @@ def test_plan_permutes_optimizer_state_and_prune_follows():
   assert mag(s1) > mag(s0)
 
 
+@pytest.mark.slow
 def test_shared_cnn_grouped_and_1d_convs_keep_function():
   """The shared test CNN (grouped conv, 1-D conv over a reshape) keeps its function."""
-  import models as shared
+  from zoo import basic
 
-  model, v, x = shared.linen_cnn()
-  v = pm.randomise(v, 5)
+  model, v, x = basic.digits_cnn()
+  v = pm.perturb(v, 5)
   new, rep = permute(model.apply, v, x, **KW)
-  assert rel_err(model.apply(v, x), model.apply(new, x)) <= 1e-5
+  assert testing.rel_err(model.apply(new, x), model.apply(v, x)) <= 1e-5
   for lr in rep.layers:
     assert lr.kept_after >= lr.kept_before - 1e-9
 

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import testing
 
 from jasp.permutation.graph import trace_channels
 
@@ -22,13 +23,8 @@ def mlp(p, x):
   return h @ p["w2"] + p["b2"]
 
 
-def params(*shapes, seed=0):
-  rng = np.random.default_rng(seed)
-  return [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
-
-
 def test_dense_relu_dense_ties_producer_bias_and_consumer():
-  w1, b1, w2, b2 = params((8, 16), (16,), (16, 4), (4,))
+  w1, b1, w2, b2 = testing.normals((8, 16), (16,), (16, 4), (4,))
   g = trace_channels(mlp, {"w1": w1, "b1": b1, "w2": w2, "b2": b2}, jnp.ones((2, 8)))
   by = classes_by_member(g)
   (hidden,) = by[("w1", 1)]
@@ -39,7 +35,7 @@ def test_dense_relu_dense_ties_producer_bias_and_consumer():
 
 
 def test_order_dependent_ops_pin_the_channels():
-  w1, b1, w2 = params((8, 16), (16,), (16, 4))
+  w1, b1, w2 = testing.normals((8, 16), (16,), (16, 4))
   cases = {
     "rev": lambda h: h[:, ::-1],
     "slice": lambda h: jnp.concatenate([h[:, :8] * 2.0, h[:, 8:]], axis=1),
@@ -61,7 +57,7 @@ def test_order_dependent_ops_pin_the_channels():
 
 
 def test_channel_reductions_and_scalars_are_fine():
-  w1, b1, w2 = params((8, 16), (16,), (16, 4))
+  w1, b1, w2 = testing.normals((8, 16), (16,), (16, 4))
 
   def f(p, x):
     h = x @ p["w1"] + p["b1"]
@@ -76,7 +72,7 @@ def test_channel_reductions_and_scalars_are_fine():
 
 
 def test_residual_add_ties_two_producers():
-  w0, w1, w2, w3 = params((8, 16), (16, 16), (16, 16), (16, 4))
+  w0, w1, w2, w3 = testing.normals((8, 16), (16, 16), (16, 16), (16, 4))
 
   def f(p, x):
     a = x @ p["w0"]
@@ -89,7 +85,7 @@ def test_residual_add_ties_two_producers():
 
 
 def test_concat_is_a_sum_and_flatten_a_product():
-  wa, wb, wc = params((8, 8), (8, 12), (20, 4))
+  wa, wb, wc = testing.normals((8, 8), (8, 12), (20, 4))
 
   def cat(p, x):
     return jnp.concatenate([x @ p["wa"], x @ p["wb"]], axis=-1) @ p["wc"]
@@ -101,7 +97,7 @@ def test_concat_is_a_sum_and_flatten_a_product():
   assert np.array_equal(g.positions("wc", (0,), a.id), np.arange(8)[None])
   assert np.array_equal(g.positions("wc", (0,), b.id), 8 + np.arange(12)[None])
 
-  k, d = params((3, 3, 2, 8), (3 * 3 * 8, 4))
+  k, d = testing.normals((3, 3, 2, 8), (3 * 3 * 8, 4))
 
   def flat(p, x):
     y = jax.lax.conv_general_dilated(
@@ -117,7 +113,7 @@ def test_concat_is_a_sum_and_flatten_a_product():
 
 
 def test_grouped_and_depthwise_convs():
-  k1, kd, k2 = params((1, 1, 4, 16), (3, 3, 1, 16), (1, 1, 16, 8))
+  k1, kd, k2 = testing.normals((1, 1, 4, 16), (3, 3, 1, 16), (1, 1, 16, 8))
 
   def f(p, x):
     conv = lambda x, k, g=1: jax.lax.conv_general_dilated(
@@ -155,7 +151,7 @@ def test_multi_dim_layernorm_maps_the_right_axis():
 
 def test_cond_ties_the_branches_outputs():
   """Each branch is walked on the same operands; the outputs of all branches are one value."""
-  wa, wb, w2 = params((8, 16), (8, 16), (16, 4))
+  wa, wb, w2 = testing.normals((8, 16), (8, 16), (16, 4))
 
   def f(p, x):
     h = jax.lax.cond(x.sum() > 0, lambda x: x @ p["wa"], lambda x: jnp.tanh(x @ p["wb"]), x)
@@ -177,7 +173,7 @@ def test_cond_ties_the_branches_outputs():
 
 def test_while_loop_ties_its_carry_in_and_out():
   """A while loop's carry is one class in every iteration: w's input and output axes tie."""
-  w0, w, w2 = params((8, 16), (16, 16), (16, 4))
+  w0, w, w2 = testing.normals((8, 16), (16, 16), (16, 4))
 
   def f(p, x):
     h = x @ p["w0"]
@@ -193,7 +189,7 @@ def test_while_loop_ties_its_carry_in_and_out():
 
 def test_scan_over_time_shares_one_class_and_pins_time():
   """A scan over a sequence (kernels as constants): one class for all steps, time pinned."""
-  wx, wh, w2 = params((8, 16), (16, 16), (16, 4))
+  wx, wh, w2 = testing.normals((8, 16), (16, 16), (16, 4))
 
   def f(p, xs):  # xs (T, B, 8)
     def step(h, x):

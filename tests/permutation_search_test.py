@@ -5,6 +5,7 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import testing
 
 from jasp.permutation import search as search_lib
 from jasp.permutation.search import permutation_score
@@ -55,7 +56,7 @@ def test_window_tables_count_canonical_permutations():
       assert sorted(subsets[row].reshape(-1).tolist()) == list(range(k * m))
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(4), ids=[f"seed={s}" for s in range(4)])
 def test_matches_brute_force_on_8_channels(seed):
   w = np.random.default_rng(seed).standard_normal((8, 6)).astype(np.float32)
   perm = search_permutation(w, 2, 4, escapes=2)
@@ -78,6 +79,7 @@ def test_matches_brute_force_on_12_channels_with_window_3():
     ((32, 10), 0, 1, 4),
     ((16, 10), 0, 3, 8),
   ],
+  ids=testing.param_id,
 )
 def test_valid_permutation_never_worse(shape, axis, n, m):
   w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)

@@ -5,15 +5,15 @@ import re
 import warnings
 
 import jax.numpy as jnp
-import models
 import pytest
+from zoo import basic
 
 import jasp
 from jasp import sparse
 
 
 def _plan(**kw):
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   lay = jasp.trace_layouts(model.apply, variables, x)
   return jasp.policy.plan(variables, 4, layouts=lay, policy=jasp.Policy(**kw))
 
@@ -95,7 +95,7 @@ def test_a_string_pattern_is_one_pattern():
 
 
 def test_sparsify_string_pattern_is_one_pattern():
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   lay = jasp.trace_layouts(model.apply, variables, x)
   pruned, _ = jasp.prune(variables, layouts=lay)
   _, report = sparse.sparsify(pruned, layouts=lay, dtype=jnp.bfloat16, include="Dense_1")
@@ -122,7 +122,7 @@ def test_policy_field_types():
     jasp.Policy(rule=3)
   with pytest.raises(TypeError, match=r"Policy\.include holds 3"):
     jasp.Policy(include=["Dense", 3])
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   with pytest.raises(TypeError, match="policy must be a jasp.Policy"):
     jasp.policy.plan(variables, policy={"exclude": ["Dense"]})
   with pytest.raises(ValueError, match="m >= 2"):
@@ -145,7 +145,7 @@ def test_rule_results_that_do_not_fit_name_the_leaf():
 
 
 def _cnn_and_layouts():
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   return variables, jasp.trace_layouts(model.apply, variables, x)
 
 

@@ -2,11 +2,11 @@
 
 import jax
 import jax.numpy as jnp
-import models
 import numpy as np
 import pytest
 import reference as ref
 from flax import nnx
+from zoo import basic
 
 import jasp
 from jasp import _tree
@@ -39,7 +39,7 @@ def _check_pruned(params, pruned, masks, layouts):
 
 @pytest.mark.parametrize("which", ["cnn", "block"])
 def test_prune_linen(which):
-  model, variables, x = models.linen_cnn() if which == "cnn" else models.linen_block()
+  model, variables, x = basic.digits_cnn() if which == "cnn" else basic.token_block()
   lay = jasp.trace_layouts(model.apply, variables, x)
   pruned, masks = jasp.prune(variables, layouts=lay)
   assert _check_pruned(variables, pruned, masks, lay) >= 4
@@ -51,7 +51,7 @@ def test_prune_linen(which):
 
 
 def test_prune_nnx_state_and_update_model():
-  model, tokens = models.nnx_block()
+  model, tokens = basic.nnx_token_block()
   state = nnx.state(model, nnx.Param)
   lay = jasp.trace_layouts(model, tokens)
   pruned, masks = jasp.prune(state, layouts=lay)
@@ -63,7 +63,7 @@ def test_prune_nnx_state_and_update_model():
 
 
 def test_prune_without_trace_uses_conventions():
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   pruned, masks = jasp.prune(variables)
   assert masks["params"]["Dense_0"]["kernel"] is not None
   assert masks["params"]["Conv_1"]["kernel"] is not None
@@ -71,7 +71,7 @@ def test_prune_without_trace_uses_conventions():
 
 
 def test_idempotent():
-  model, variables, x = models.linen_block()
+  model, variables, x = basic.token_block()
   lay = jasp.trace_layouts(model.apply, variables, x)
   p1, m1 = jasp.prune(variables, layouts=lay)
   p2, m2 = jasp.prune(p1, layouts=lay)
@@ -83,7 +83,7 @@ def test_idempotent():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_params(dtype):
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   lay = jasp.trace_layouts(model.apply, variables, x)
   low = jax.tree.map(lambda a: a.astype(dtype), variables)
   pruned, masks = jasp.prune(low, layouts=lay)
@@ -92,7 +92,7 @@ def test_low_precision_params(dtype):
 
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
 def test_non_finite_raises_with_path(bad):
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   variables = jax.tree.map(lambda a: a, variables)
   k = variables["params"]["Dense_0"]["kernel"]
   variables["params"]["Dense_0"]["kernel"] = k.at[3, 2].set(bad)
@@ -105,7 +105,7 @@ def test_non_finite_raises_with_path(bad):
 
 
 def test_apply_masks_mismatch_errors():
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   masks = jasp.compute_masks(variables)
   bad = jax.tree.map(lambda a: a, masks, is_leaf=lambda x: x is None)
   del bad["params"]["Dense_1"]
@@ -122,7 +122,7 @@ def test_apply_masks_mismatch_errors():
 
 
 def test_apply_masks_jit_and_masks_as_arguments():
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   masks = jasp.compute_masks(variables)
   f = jax.jit(jasp.apply_masks)
   out = f(variables, masks)
@@ -134,7 +134,7 @@ def test_apply_masks_jit_and_masks_as_arguments():
 
 @pytest.mark.parametrize("pattern", ["2d_best", "2d_greedy"])
 def test_transposable_patterns(pattern):
-  model, variables, x = models.linen_block()
+  model, variables, x = basic.token_block()
   lay = jasp.trace_layouts(model.apply, variables, x)
   pruned, masks = jasp.prune(
     variables, layouts=lay, pattern=pattern, policy=jasp.Policy(exclude=["Dense_0"])
@@ -158,13 +158,13 @@ def test_transposable_patterns(pattern):
 
 
 def test_transposable_needs_divisible_out():
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   with pytest.raises(ValueError, match="Dense_1/kernel"):
     jasp.compute_masks(variables, pattern="2d_best")  # Dense_1 has out=10
 
 
 def test_score_fn_and_custom_pattern():
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   k = variables["params"]["Dense_0"]["kernel"]
   scale = jnp.linspace(0.1, 3.0, k.shape[0])[:, None]  # a per-input-channel statistic
   masks = jasp.compute_masks(
@@ -190,7 +190,7 @@ def test_score_fn_and_custom_pattern():
 
 
 def test_other_nm():
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   for n, m in [(1, 4), (4, 8), (2, 8)]:
     pruned, masks = jasp.prune(variables, n, m)
     k = pruned["params"]["Dense_0"]["kernel"]
@@ -209,7 +209,7 @@ def test_other_nm():
 def test_nothing_prunable_for_this_m_is_an_error(fn):
   # No input size of the CNN (1, 8, 32, 2048, 64) is a multiple of 3: every weight would
   # be skipped and the params returned unchanged.
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   lay = jasp.trace_layouts(model.apply, variables, x)
   with pytest.raises(
     ValueError,
@@ -232,7 +232,7 @@ def test_under_jit_non_finite_weights_are_kept_not_checked():
   # On concrete arrays a NaN/Inf weight is an error; under jit its value cannot be read
   # back, and the masks rank it as the largest magnitude (kept), with or without a
   # score_fn, so it stays visible in the pruned params.
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   k = variables["params"]["Dense_0"]["kernel"]
   k = k.at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf).at[2, 2].set(-jnp.inf)
   variables["params"]["Dense_0"]["kernel"] = k
@@ -248,7 +248,7 @@ def test_under_jit_non_finite_weights_are_kept_not_checked():
 
 
 def test_malformed_arguments_are_named():
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   with pytest.raises(TypeError, match=r"n=True \(bool\)"):
     jasp.prune(variables, True, 4)
   with pytest.raises(ValueError, match="1 <= n < m"):
@@ -266,7 +266,7 @@ def test_malformed_arguments_are_named():
 
 
 def test_apply_masks_bad_mask_leaves_name_the_path():
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   masks = jasp.compute_masks(variables)
   bad = jax.tree.map(lambda a: a, masks, is_leaf=lambda x: x is None)
   bad["params"]["Dense_0"]["kernel"] = "keep"

@@ -4,15 +4,15 @@ import json
 
 import jax
 import jax.numpy as jnp
-import models
 import pytest
 from flax import nnx
+from zoo import basic
 
 import jasp
 
 
 def test_report_after_prune():
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   lay = jasp.trace_layouts(model.apply, variables, x)
   pruned, masks = jasp.prune(variables, layouts=lay)
   r = jasp.sparsity_report(pruned, masks, layouts=lay)
@@ -40,7 +40,7 @@ def test_report_after_prune():
 
 
 def test_report_without_masks_and_invalid():
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   r = jasp.sparsity_report(variables)
   by = {e.path: e for e in r.entries}
   assert by["params/Dense_0/kernel"].status == "to prune"
@@ -49,7 +49,7 @@ def test_report_without_masks_and_invalid():
 
 
 def test_header_never_says_all_nm_when_nothing_is_pruned():
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   lay = jasp.trace_layouts(model.apply, variables, x)
   for masks in (None, jax.tree.map(lambda a: None, variables)):
     r = jasp.sparsity_report(variables, masks, 2, 3, layouts=lay)
@@ -89,7 +89,7 @@ def test_nnx_state_with_rng_keys():
 
 
 def test_report_argument_errors():
-  _, variables, _ = models.linen_cnn()
+  _, variables, _ = basic.digits_cnn()
   with pytest.raises(ValueError, match="1 <= n < m"):
     jasp.sparsity_report(variables, n=4, m=4)
   with pytest.raises(TypeError, match="verbosity must be an int"):

@@ -25,6 +25,7 @@ def test_unsharded_and_traced_are_fine():
 
 
 @pytest.mark.skipif(os.environ.get("JASP_IN_SUBPROCESS") == "1", reason="already in the subprocess")
+@pytest.mark.slow
 def test_multidevice_suite_on_8_cpu_devices():
   env = dict(
     os.environ,

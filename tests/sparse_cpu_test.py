@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import testing
 
-import jasp
 from jasp import _tree
 from jasp import sparse
 from jasp.sparse import _runtime
@@ -16,11 +16,6 @@ from jasp.sparse import autotune as policy_lib
 from jasp.sparse import build
 
 needs_cpu = pytest.mark.skipif(sparse.status()[0], reason="checks the fallback without a GPU")
-
-
-def _w24(k=64, n=32, seed=0, dtype=jnp.bfloat16):
-  w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
-  return jnp.where(jasp.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
 
 
 def _fake(speedup, calls=None):
@@ -151,7 +146,7 @@ def test_status_and_dense_fallback(caplog):
   ok, why = sparse.status()
   assert not ok and "no CUDA GPU" in why and "dense path" in why
   _runtime.note_dense_fallback.cache_clear()
-  w = _w24()
+  w = testing.nm_weight()
   with caplog.at_level(logging.WARNING, logger="jasp.sparse"):
     sw = sparse.compress(w)
     sparse.compress(w)
@@ -205,20 +200,20 @@ def test_compress_rejects_dense_weights_naming_the_leaf():
 
 
 def test_compress_dtype_and_shape_errors():
-  w32 = _w24(dtype=jnp.float32)
+  w32 = testing.nm_weight(dtype=jnp.float32)
   with pytest.raises(ValueError, match=r"dtype=jnp.bfloat16"):
     sparse.compress(w32)
   assert sparse.compress(w32, dtype=jnp.float16).dtype == "float16"
   with pytest.raises(ValueError, match="in_axes"):
-    sparse.compress(_w24(), in_axes=2)
+    sparse.compress(testing.nm_weight(), in_axes=2)
   with pytest.raises(ValueError, match="not a multiple of 4"):
     sparse.compress(jnp.zeros((6, 16), jnp.bfloat16))
   with pytest.raises(ValueError, match="a_order"):
-    sparse.compress(_w24(), a_order=3)
+    sparse.compress(testing.nm_weight(), a_order=3)
 
 
 def test_matmul_shape_errors():
-  sw = sparse.compress(_w24())
+  sw = sparse.compress(testing.nm_weight())
   with pytest.raises(ValueError, match="reduction size K=64"):
     sparse.matmul(jnp.ones((2, 32), jnp.bfloat16), sw)
   with pytest.raises(ValueError, match="32 outputs"):
@@ -241,7 +236,7 @@ def test_size_rule():
 
 
 def test_sparse_weight_is_a_pytree_with_named_children():
-  sw = sparse.compress(_w24().reshape(4, 16, 32), in_axes=2)
+  sw = sparse.compress(testing.nm_weight().reshape(4, 16, 32), in_axes=2)
   assert sw.shape == (4, 16, 32) and (sw.k, sw.n) == (64, 32)
   flat, treedef = jax.tree_util.tree_flatten_with_path({"kernel": sw})
   names = [jax.tree_util.keystr(p) for p, _ in flat]
@@ -262,7 +257,7 @@ def test_sparse_weight_is_a_pytree_with_named_children():
 
 def test_sparse_weight_checkpoints(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
-  params = {"Dense_0": {"kernel": sparse.compress(_w24()), "bias": jnp.ones((32,))}}
+  params = {"Dense_0": {"kernel": sparse.compress(testing.nm_weight()), "bias": jnp.ones((32,))}}
   path = tmp_path / "ckpt"
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params)
@@ -344,7 +339,7 @@ def test_batched_call_folds_vmap_into_tokens():
   from jasp.sparse import _matmul
 
   k, n = 64, 32
-  w = _w24(k, n, dtype=jnp.float32)
+  w = testing.nm_weight(k, n, dtype=jnp.float32)
   b = jnp.arange(n, dtype=jnp.float32)
   seen = []
 
@@ -371,7 +366,7 @@ def test_batched_call_folds_vmap_into_tokens():
 
 
 def test_layouts_on_cpu_keep_the_dense_path():
-  w = _w24()
+  w = testing.nm_weight()
   for order in (sparse.A_ROW, sparse.A_COL):
     sw = sparse.compress(w, a_order=order)
     assert not sw.is_compressed

@@ -14,16 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import testing
 
-import jasp
 from jasp import sparse
 
 pytestmark = pytest.mark.gpu
-
-
-def _w24(k, n, dtype, seed=0):
-  w = jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)
-  return jnp.where(jasp.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
 
 
 def _x(shape, dtype, seed=1):
@@ -66,7 +61,7 @@ def _fp16_on(a_order=sparse.A_ROW) -> bool:
 def test_fp16_follows_the_version_gate():
   # fp16 is compressed on cuSPARSELt versions where it was verified (0.8.x),
   # else it takes the dense path with a message; both give the right product.
-  w = _w24(64, 64, jnp.float16)
+  w = testing.nm_weight(64, 64, jnp.float16)
   x = _x((16, 64), jnp.float16)
   for order in (sparse.A_ROW, sparse.A_COL):
     sw = sparse.compress(w, a_order=order)
@@ -75,7 +70,7 @@ def test_fp16_follows_the_version_gate():
 
 
 def _check_matmul(dtype, a_order, k=256, n=384, tokens=(16, 7, 33, 512)):
-  w = _w24(k, n, dtype)
+  w = testing.nm_weight(k, n, dtype)
   sw = sparse.compress(w, a_order=a_order)
   assert sw.is_compressed and sw.compressed.dtype == jnp.uint8
   assert sw.compressed.size < w.size * 2  # fewer bytes than the dense weight
@@ -108,7 +103,7 @@ def test_search_records_the_chosen_algorithm():
   from jasp.sparse import _runtime
 
   k, n, t = 512, 768, 48
-  sw = sparse.compress(_w24(k, n, jnp.bfloat16, seed=7))
+  sw = sparse.compress(testing.nm_weight(k, n, jnp.bfloat16, seed=7))
   jax.block_until_ready(sparse.sparse_matmul(_x((t, k), jnp.bfloat16, seed=8), sw))
   plans = [p for p in _runtime.runtime().plans() if (p["out"], p["in"], p["tokens"]) == (n, k, t)]
   assert len(plans) == 1
@@ -117,7 +112,7 @@ def test_search_records_the_chosen_algorithm():
 
 def test_bias_leading_dims_vmap():
   k, n, dtype = 128, 256, jnp.bfloat16
-  w = _w24(k, n, dtype, seed=3)
+  w = testing.nm_weight(k, n, dtype, seed=3)
   b = _x((n,), dtype, seed=4)
   sw = sparse.compress(w)
   x = _x((3, 5, k), dtype, seed=5)
@@ -132,7 +127,7 @@ def test_bias_leading_dims_vmap():
 
 def test_bias_epilogue():
   k, n, dtype = 128, 256, jnp.bfloat16
-  w = _w24(k, n, dtype, seed=3)
+  w = testing.nm_weight(k, n, dtype, seed=3)
   sw = sparse.compress(w)
   x = _x((3, 5, k), dtype, seed=5)
   f = jax.jit(lambda x, s, b: sparse.sparse_matmul(x, s, b, bias_epilogue=True))
@@ -142,14 +137,14 @@ def test_bias_epilogue():
 
 
 def test_vmap_over_weights_is_refused():
-  sw = sparse.compress(_w24(64, 64, jnp.bfloat16))
+  sw = sparse.compress(testing.nm_weight(64, 64, jnp.bfloat16))
   both = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), sw)
   with pytest.raises(ValueError, match="vmap over the compressed weight"):
     jax.vmap(lambda s: sparse.sparse_matmul(jnp.ones((16, 64), jnp.bfloat16), s))(both)
 
 
 def test_foreign_format_is_refused():
-  sw = sparse.compress(_w24(64, 64, jnp.bfloat16))
+  sw = sparse.compress(testing.nm_weight(64, 64, jnp.bfloat16))
   bad = sparse.SparseWeight(
     sw.compressed,
     sw.dense,
@@ -176,7 +171,7 @@ def test_policy_measures_and_caches(tmp_path):
   choices = sparse.tune(1024, 1024, [16, 4096], policy=pol)
   for c in choices.values():
     assert c.dense_s > 0 and c.sparse_s > 0
-  w = _w24(1024, 1024, jnp.bfloat16)
+  w = testing.nm_weight(1024, 1024, jnp.bfloat16)
   sw = sparse.compress(w)
   for t in (16, 4096):
     x = _x((t, 1024), jnp.bfloat16, seed=t)
@@ -185,7 +180,7 @@ def test_policy_measures_and_caches(tmp_path):
 
 
 def test_compressed_weight_roundtrips_through_host():
-  w = _w24(128, 128, jnp.bfloat16)
+  w = testing.nm_weight(128, 128, jnp.bfloat16)
   sw = sparse.compress(w)
   host = jax.device_get(sw)
   back = jax.device_put(host)

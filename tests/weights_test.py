@@ -11,13 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import testing
 from flax import nnx
 
 import jasp
-
-
-def _x(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 class _PreNorm(nn.Module):
@@ -46,9 +43,11 @@ class _NNXPreNorm(nnx.Module):
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_linen_norm_scales_stay_dense_through_prune_and_training(norm):
   model = _PreNorm(norm)
-  x = _x((4, 8))
+  x = testing.normal((4, 8))
   variables = model.init(jax.random.key(0), x)
-  variables = jax.tree_util.tree_map(lambda a: a + _x(a.shape, 1), variables)  # scales != 1
+  variables = jax.tree_util.tree_map(
+    lambda a: a + testing.normal(a.shape, 1), variables
+  )  # scales != 1
   lay = jasp.trace_layouts(model.apply, variables, x)
   (scale,) = [p for p in lay if p.endswith("scale")]
   assert lay[scale].axis is None and "activation" in lay[scale].reason
@@ -70,7 +69,7 @@ def test_linen_norm_scales_stay_dense_through_prune_and_training(norm):
 
 def test_nnx_rmsnorm_scale_is_not_a_weight_for_any_method():
   model = _NNXPreNorm(nnx.Rngs(0))
-  x = _x((16, 8))
+  x = testing.normal((16, 8))
   lay = jasp.trace_layouts(model, x)
   assert lay["norm/scale"].axis is None and lay["proj/kernel"].axis == (0,)
   for prune in (jasp.wanda_prune, jasp.sparsegpt_prune):
@@ -84,7 +83,9 @@ def test_weight_through_nested_jit_cast_and_flip_is_a_weight():
     w = jax.jit(lambda a: jnp.flip(a.astype(jnp.bfloat16), 0))(p["w"])
     return x @ w.astype(jnp.float32) @ jax.jit(lambda a: a)(p["v"])
 
-  lay = jasp.trace_layouts(f, {"w": _x((8, 12)), "v": _x((12, 4))}, _x((2, 8)))
+  lay = jasp.trace_layouts(
+    f, {"w": testing.normal((8, 12)), "v": testing.normal((12, 4))}, testing.normal((2, 8))
+  )
   assert lay["w"].axis == (0,) and lay["w"].out_axes == (1,), lay["w"]
   assert lay["v"].axis == (0,), lay["v"]
 
@@ -97,7 +98,7 @@ def test_optimized_lstm_gate_kernels_are_weights_along_their_input_axis():
     in_axes=1,
     out_axes=1,
   )(8)
-  x = _x((2, 5, 4))
+  x = testing.normal((2, 5, 4))
   carry = cell.initialize_carry(jax.random.key(0), x[:, 0].shape)
   variables = cell.init(jax.random.key(1), carry, x)
   lay = jasp.trace_layouts(lambda v, x: cell.apply(v, carry, x)[1], variables, x)
@@ -116,7 +117,7 @@ def test_lora_factors_are_low_rank_and_the_base_kernel_is_a_weight():
     def __call__(self, x):
       return self.b(nnx.relu(self.a(x)))
 
-  lay = jasp.trace_layouts(M(nnx.Rngs(0)), _x((2, 16)))
+  lay = jasp.trace_layouts(M(nnx.Rngs(0)), testing.normal((2, 16)))
   for layer in ("a", "b"):
     assert lay[f"{layer}/kernel"].axis == (0,)
     for f in ("lora_a", "lora_b"):
@@ -131,8 +132,13 @@ def test_a_linear_bottleneck_that_is_not_added_back_is_two_weights():
     mean = jax.nn.relu(x @ p["enc"]) @ p["mean"]
     return jax.nn.relu(mean @ p["dec"] + p["b"])
 
-  p = {"enc": _x((16, 32)), "mean": _x((32, 4)), "dec": _x((4, 32)), "b": _x((32,))}
-  lay = jasp.trace_layouts(f, p, _x((2, 16)))
+  p = {
+    "enc": testing.normal((16, 32)),
+    "mean": testing.normal((32, 4)),
+    "dec": testing.normal((4, 32)),
+    "b": testing.normal((32,)),
+  }
+  lay = jasp.trace_layouts(f, p, testing.normal((2, 16)))
   assert lay["mean"].axis == (0,) and lay["dec"].axis == (0,)
 
 
@@ -173,9 +179,12 @@ def test_products_with_constants_and_activations():
     gate = jax.nn.sigmoid(x)
     return (h * p["gate_scale"] * gate) @ p["out"], p["returned"]
 
-  p = {k: _x((8, 8), i) for i, k in enumerate(["masked", "where", "scaled", "out", "returned"])}
-  p["gate_scale"] = _x((8,), 9)
-  lay = jasp.trace_layouts(f, p, _x((2, 8)))
+  p = {
+    k: testing.normal((8, 8), i)
+    for i, k in enumerate(["masked", "where", "scaled", "out", "returned"])
+  }
+  p["gate_scale"] = testing.normal((8,), 9)
+  lay = jasp.trace_layouts(f, p, testing.normal((2, 8)))
   for k in ("masked", "where", "scaled", "out"):
     assert lay[k].axis == (0,), (k, lay[k])
   assert lay["gate_scale"].axis is None and "activation" in lay["gate_scale"].reason
@@ -189,11 +198,11 @@ def test_weights_under_cond_while_and_remat():
     n = jnp.int32(2) + jnp.sum(x > 0).astype(jnp.int32)
     return jax.lax.fori_loop(0, n, lambda i, a: jnp.tanh(a @ p["w"]), x)
 
-  p = {k: _x((8, 8), i) for i, k in enumerate("crw")}
-  lay = jasp.trace_layouts(f, p, _x((2, 8)))
+  p = {k: testing.normal((8, 8), i) for i, k in enumerate("crw")}
+  lay = jasp.trace_layouts(f, p, testing.normal((2, 8)))
   for k in "crw":
     assert lay[k].axis == (0,), (k, lay[k])
-  st = jasp.calibration.collect_stats(f, p, [_x((2, 8), 5)], hessian=True)
+  st = jasp.calibration.collect_stats(f, p, [testing.normal((2, 8), 5)], hessian=True)
   assert set(st) == {"c", "r", "w"}
   # The while loop ran n times: each iteration's inputs were summed.
   assert float(st["w"].count) % 2 == 0 and float(st["w"].count) >= 4
@@ -226,7 +235,7 @@ def test_stacked_kernels_of_nnx_scan_over_vmapped_blocks():
 
       return body(x, self.blocks)
 
-  lay = jasp.trace_layouts(Stack(nnx.Rngs(0)), _x((2, 8)))
+  lay = jasp.trace_layouts(Stack(nnx.Rngs(0)), testing.normal((2, 8)))
   assert lay["blocks/up/kernel"].axis == (1,) and lay["blocks/up/kernel"].stack == (0,)
   assert lay["blocks/down/kernel"].axis == (1,) and lay["blocks/down/kernel"].out_axes == (2,)
   assert lay["blocks/norm/scale"].axis is None
@@ -237,6 +246,10 @@ def test_a_weight_used_as_a_scan_carry_or_by_a_bias_add_stays_dense():
     w, _ = jax.lax.scan(lambda w, _: (w * 0.5, None), p["carried"], None, length=2)
     return (x @ w) + p["bias_like"]
 
-  lay = jasp.trace_layouts(f, {"carried": _x((8, 8)), "bias_like": _x((2, 8))}, _x((2, 8)))
+  lay = jasp.trace_layouts(
+    f,
+    {"carried": testing.normal((8, 8)), "bias_like": testing.normal((2, 8))},
+    testing.normal((2, 8)),
+  )
   assert lay["carried"].axis is None and "carry" in lay["carried"].reason
   assert lay["bias_like"].axis is None and "add" in lay["bias_like"].reason

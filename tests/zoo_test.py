@@ -36,6 +36,7 @@ import onnx
 import onnxruntime
 import optax
 import pytest
+import testing
 import zoo
 from flax import nnx
 
@@ -45,31 +46,11 @@ N, M = 2, 4
 STEPS = 20
 RTOL = 1e-4
 CASES = zoo.all_cases()
+pytestmark = pytest.mark.slow  # every case runs the whole recipe, export included
 
 
 # ----------------------------------------------------------------------------
 # Independent helpers (NumPy; no jasp internals).
-
-
-def _key(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def leaves(tree, keep_none: bool = False) -> dict:
-  """``{path: leaf}``: keys joined by '/', an nnx Variable's trailing 'value' dropped."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-    tree, is_leaf=(lambda x: x is None) if keep_none else None
-  )
-  out = {}
-  for path, x in flat:
-    keys = [_key(k) for k in path]
-    if keys and keys[-1] == "value":
-      keys = keys[:-1]
-    out["/".join(keys)] = x
-  return out
 
 
 def groups(w, axis: tuple[int, ...]) -> np.ndarray:
@@ -93,22 +74,8 @@ def out_leaves(y) -> list[np.ndarray]:
   return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(y)]
 
 
-def rel_error(y, ref) -> float:
-  """``max |y - ref| / max |ref|`` over all outputs."""
-  a, b = out_leaves(y), out_leaves(ref)
-  assert len(a) == len(b), f"{len(a)} outputs vs {len(b)}"
-  diff = max(float(np.max(np.abs(x - r))) for x, r in zip(a, b))
-  scale = max(float(np.max(np.abs(r))) for r in b)
-  return diff / max(scale, 1e-30)
-
-
 def l2_error(y, ref) -> float:
   return math.sqrt(sum(float(np.sum((x - r) ** 2)) for x, r in zip(out_leaves(y), out_leaves(ref))))
-
-
-def same_bits(a, b) -> bool:
-  a, b = np.asarray(a), np.asarray(b)
-  return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 def check_nm(
@@ -121,8 +88,8 @@ def check_nm(
   the dense ones (``kept_identical``), the kept entries the N largest ``|w|``
   (``magnitude``). Every other leaf: no mask, bit-identical to the dense leaf.
   """
-  d, p = leaves(dense), leaves(pruned)
-  mk = leaves(masks, keep_none=True) if masks is not None else {}
+  d, p = testing.leaves(dense), testing.leaves(pruned)
+  mk = testing.leaves(masks, keep_none=True) if masks is not None else {}
   errors = []
   for path, w in d.items():
     if path not in p:
@@ -136,7 +103,7 @@ def check_nm(
         errors.append(
           f"{path} {w.shape}: has a mask but the oracle keeps it dense ({ctx.why_dense(path)})"
         )
-      if not same_bits(q, w):
+      if not testing.same_bits(q, w):
         errors.append(
           f"{path} {w.shape}: changed but the oracle keeps it dense ({ctx.why_dense(path)})"
         )
@@ -228,12 +195,12 @@ def setup(case: zoo.Case):
     ctx.model, ctx.variables = build(case)
     ctx.fn = case.apply(ctx.model)
     ctx.run = jax.jit(ctx.fn)
-    ctx.all_leaves = leaves(ctx.variables)
+    ctx.all_leaves = testing.leaves(ctx.variables)
     ctx.param_tree = ctx.variables  # what jasp.prune takes
   else:
     assert len(case.sample) == 1, f"[{case.name}] nnx cases take one input"
     ctx.model = build(case)
-    ctx.all_leaves = leaves(nnx.state(ctx.model))
+    ctx.all_leaves = testing.leaves(nnx.state(ctx.model))
     ctx.param_tree = nnx.state(ctx.model, nnx.Param)
 
     graphdef, _, rest = nnx.split(ctx.model, nnx.Param, ...)
@@ -243,7 +210,7 @@ def setup(case: zoo.Case):
       return nnx.merge(graphdef, state, rest)(*xs)
 
     ctx.run = run
-  ctx.param_paths = set(leaves(ctx.param_tree))
+  ctx.param_paths = set(testing.leaves(ctx.param_tree))
   ctx.expected = {p: case.expected_axis(p, tuple(np.shape(x))) for p, x in ctx.all_leaves.items()}
   ctx.prunable = {}
   for p, ax in ctx.expected.items():
@@ -368,7 +335,7 @@ def step_finetune(ctx):
   errors = []
   if not all(np.isfinite(losses)):
     errors.append(f"non-finite losses: {losses}")
-  tuned, pruned_masks = leaves(ctx.tuned), leaves(ctx.masks, keep_none=True)
+  tuned, pruned_masks = testing.leaves(ctx.tuned), testing.leaves(ctx.masks, keep_none=True)
   for path, ax in ctx.prunable.items():
     if path not in ctx.param_paths:
       continue
@@ -403,10 +370,10 @@ def step_permute(ctx):
     y0, y1 = model(*c.other), pmodel(*c.other)
   ctx.perm_report = report
   errors = []
-  err = rel_error(y1, y0)
+  err = testing.rel_err(y1, y0)
   if not err <= RTOL:
     errors.append(f"the permuted model differs on another input: relative error {err:.3g} > {RTOL}")
-  b, a = leaves(before), leaves(after)
+  b, a = testing.leaves(before), testing.leaves(after)
   for path, ax in ctx.prunable.items():
     kb, ka = kept_fraction(b[path], ax), kept_fraction(a[path], ax)
     if ka < kb - 1e-9:
@@ -484,7 +451,7 @@ def step_export(ctx, tmp_path):
   if len(outs) != len(ys):
     errors.append(f"onnxruntime returned {len(outs)} outputs, JAX {len(ys)}")
   else:
-    err = rel_error(outs, ys)
+    err = testing.rel_err(outs, ys)
     if not err <= RTOL:
       errors.append(f"onnxruntime vs JAX: relative error {err:.3g} > {RTOL}")
   report = jasp.export.check_file(str(path))
@@ -505,7 +472,7 @@ def step_export(ctx, tmp_path):
     layers = [name for name in by_param if name.startswith(p + "[")]
     if layers:
       depth = len(layers[0][len(p) + 1 : -1].split(","))
-      want = math.prod(np.shape(leaves(ctx.param_tree)[p])[:depth])
+      want = math.prod(np.shape(testing.leaves(ctx.param_tree)[p])[:depth])
       if len(layers) != want:
         errors.append(f"{p}: check_file lists {len(layers)} layer(s) of {want}")
     for w in found:
@@ -540,7 +507,9 @@ def test_zoo_model_is_sound(case: zoo.Case):
   for xs in (case.sample, case.heldout):
     y = out_leaves(dense_out(ctx, *xs))
     assert all(np.all(np.isfinite(a)) for a in y), f"[{case.name}] non-finite dense output"
-    assert rel_error(dense_out(ctx, *xs), y) == 0.0, f"[{case.name}] eval mode is not deterministic"
+    assert testing.rel_err(dense_out(ctx, *xs), y) == 0.0, (
+      f"[{case.name}] eval mode is not deterministic"
+    )
   inputs, labels = case.train_batches()[0]
   if case.framework == "linen":
     loss, _ = case.loss(ctx.model, ctx.variables, inputs, labels, jax.random.key(0))

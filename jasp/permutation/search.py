@@ -937,9 +937,13 @@ def search_permutation(
     ValueError: if the group axis' size is not a multiple of ``m``.
 
   Example:
-    >>> w = jax.random.uniform(jax.random.PRNGKey(0), (64, 128))
-    >>> perm = search_permutation(w, 2, 4, axis=0, seed=0)
-    >>> pruned = nm_mask(jnp.take(w, perm, axis=0)) * jnp.take(w, perm, axis=0)
+    >>> import jax, jax.numpy as jnp, jasp
+    >>> w = jax.random.uniform(jax.random.key(0), (16, 32))
+    >>> perm = jasp.permutation.search_permutation(w, 2, 4, axis=0, seed=0)
+    >>> pw = jnp.take(w, perm, axis=0)  # the weight with its input channels permuted
+    >>> kept = lambda x: float(jnp.sum(jnp.abs(x) * jasp.nm_mask(x, 2, 4, axis=0)))
+    >>> kept(pw) >= kept(w)
+    True
   """
   masks_lib.check_nm(n, m)
   if strategy not in ("auto", "windows", "swap"):

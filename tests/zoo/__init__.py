@@ -1,4 +1,16 @@
-"""A conformance zoo: small models written the way the public flax families are.
+"""The tests' models: small models written the way the public flax families are.
+
+Layout:
+
+* ``basic``: a digits CNN and a token transformer block (linen and nnx), the
+  unit tests' default models; ``finetuned``: those pruned and fine-tuned, for
+  the export tests.
+* ``permutation``: residual CNNs, pre-norm blocks, ``scan``-stacked RMSNorm
+  decoders and an LSTM, every leaf perturbed so that a wrong channel
+  permutation shows in the output.
+* the conformance families (``resnet``, ``decoder_nnx``, ``decoder_linen``,
+  ``encdec``, ``bilstm``, ``vae``, ``cnn_nnx``, ``lora_mlp``, ``mobilenet``),
+  each building one :class:`Case`; :func:`all_cases` lists them.
 
 Each family module builds one :class:`Case`: the model, inputs drawn from one
 fixed distribution, a training loss with synthetic labels, and an oracle of the

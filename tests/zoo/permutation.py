@@ -17,7 +17,7 @@ from flax import nnx
 C = 32  # channels everywhere: the searches share one compiled shape
 
 
-class LinenCNN(nn.Module):
+class ResidualCNN(nn.Module):
   """Stem conv, a residual block with BatchNorm, a flatten into Dense + LayerNorm."""
 
   @nn.compact
@@ -33,8 +33,8 @@ class LinenCNN(nn.Module):
     return nn.Dense(10)(x)
 
 
-class NNXCNN(nnx.Module):
-  """The nnx counterpart of :class:`LinenCNN`."""
+class NNXResidualCNN(nnx.Module):
+  """The nnx counterpart of :class:`ResidualCNN`."""
 
   def __init__(self, rngs: nnx.Rngs, cin: int = 3, hw: int = 6):
     self.stem = nnx.Conv(cin, C, (3, 3), rngs=rngs)
@@ -56,7 +56,7 @@ class NNXCNN(nnx.Module):
     return self.head(nnx.relu(self.ln(self.fc(x))))
 
 
-class LinenBlock(nn.Module):
+class PreNormBlock(nn.Module):
   """Input projection, then attention + MLP with pre-LayerNorm and residuals."""
 
   heads: int = 4
@@ -72,8 +72,8 @@ class LinenBlock(nn.Module):
     return nn.Dense(10)(nn.LayerNorm()(x))
 
 
-class NNXBlock(nnx.Module):
-  """The nnx counterpart of :class:`LinenBlock`."""
+class NNXPreNormBlock(nnx.Module):
+  """The nnx counterpart of :class:`PreNormBlock`."""
 
   def __init__(self, rngs: nnx.Rngs, din: int = 8, heads: int = 4, hidden: int = C):
     self.proj = nnx.Linear(din, C, rngs=rngs)
@@ -94,7 +94,7 @@ class NNXBlock(nnx.Module):
     return self.head(self.ln3(x))
 
 
-def randomise(tree, seed: int):
+def perturb(tree, seed: int):
   """Adds noise to every floating leaf; leaves named ``var`` stay positive."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
   keys = jax.random.split(jax.random.key(seed), max(1, len(flat)))
@@ -110,38 +110,38 @@ def randomise(tree, seed: int):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def linen_cnn(seed: int = 0):
-  model = LinenCNN()
+def residual_cnn(seed: int = 0):
+  model = ResidualCNN()
   x = jax.random.normal(jax.random.key(seed + 1), (2, 6, 6, 3))
-  variables = randomise(model.init(jax.random.key(seed), x), seed + 2)
+  variables = perturb(model.init(jax.random.key(seed), x), seed + 2)
   return model, variables, x
 
 
-def linen_block(seed: int = 0):
-  model = LinenBlock()
+def prenorm_block(seed: int = 0):
+  model = PreNormBlock()
   x = jax.random.normal(jax.random.key(seed + 1), (2, 5, 8))
-  variables = randomise(model.init(jax.random.key(seed), x), seed + 2)
+  variables = perturb(model.init(jax.random.key(seed), x), seed + 2)
   return model, variables, x
 
 
-def _nnx_randomise(model, seed):
+def _nnx_perturb(model, seed):
   graphdef, state = nnx.split(model)
   pure = jax.tree_util.tree_map(
     lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
     state,
     is_leaf=lambda v: isinstance(v, nnx.Variable),
   )
-  return nnx.merge(graphdef, randomise(pure, seed))
+  return nnx.merge(graphdef, perturb(pure, seed))
 
 
-def nnx_cnn(seed: int = 0):
-  model = _nnx_randomise(NNXCNN(nnx.Rngs(seed)), seed + 2)
+def nnx_residual_cnn(seed: int = 0):
+  model = _nnx_perturb(NNXResidualCNN(nnx.Rngs(seed)), seed + 2)
   x = jax.random.normal(jax.random.key(seed + 1), (2, 6, 6, 3))
   return model, x
 
 
-def nnx_block(seed: int = 0):
-  model = _nnx_randomise(NNXBlock(nnx.Rngs(seed)), seed + 2)
+def nnx_prenorm_block(seed: int = 0):
+  model = _nnx_perturb(NNXPreNormBlock(nnx.Rngs(seed)), seed + 2)
   x = jax.random.normal(jax.random.key(seed + 1), (2, 5, 8))
   return model, x
 
@@ -277,12 +277,12 @@ def scan_input(seed: int = 1):
 def linen_scan(seed: int = 0):
   model = LinenScanModel()
   x = scan_input(seed + 1)
-  variables = randomise(model.init(jax.random.key(seed), x), seed + 2)
+  variables = perturb(model.init(jax.random.key(seed), x), seed + 2)
   return model, variables, x
 
 
 def nnx_scan(seed: int = 0):
-  model = _nnx_randomise(NNXScanModel(nnx.Rngs(seed)), seed + 2)
+  model = _nnx_perturb(NNXScanModel(nnx.Rngs(seed)), seed + 2)
   return model, scan_input(seed + 1)
 
 
@@ -308,5 +308,5 @@ class LinenLSTM(nn.Module):
 def linen_lstm(steps: int = 200, seed: int = 0):
   model = LinenLSTM()
   x = jax.random.normal(jax.random.key(seed + 1), (2, steps, DIN))
-  variables = randomise(model.init(jax.random.key(seed), x), seed + 2)
+  variables = perturb(model.init(jax.random.key(seed), x), seed + 2)
   return model, variables, x

@@ -1,12 +1,16 @@
-"""Small real flax models shared by the tests (linen and nnx)."""
+"""Small flax models shared by the unit tests (linen and nnx).
+
+A CNN shaped for 8x8 digits (convolutions of every kind jasp handles: BatchNorm,
+grouped, 1-D over a reshape) and a token transformer block with embeddings, in
+linen and nnx. ``finetuned`` holds them pruned and fine-tuned.
+"""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 
-class LinenCNN(nn.Module):
+class DigitsCNN(nn.Module):
   """Conv + BatchNorm + grouped conv + flatten + Dense, on 8x8x1 images."""
 
   classes: int = 10
@@ -25,7 +29,7 @@ class LinenCNN(nn.Module):
     return nn.Dense(self.classes)(x)
 
 
-class LinenBlock(nn.Module):
+class TokenBlock(nn.Module):
   """A transformer block: attention + MLP + LayerNorm + residuals, with embeddings."""
 
   vocab: int = 32
@@ -43,7 +47,7 @@ class LinenBlock(nn.Module):
     return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
-class NNXBlock(nnx.Module):
+class NNXTokenBlock(nnx.Module):
   """The nnx counterpart: attention + MLP + LayerNorm + residuals + a conv stem."""
 
   def __init__(self, dim: int = 32, heads: int = 4, vocab: int = 32, *, rngs: nnx.Rngs):
@@ -64,40 +68,21 @@ class NNXBlock(nnx.Module):
     return self.head(x)
 
 
-def linen_cnn(seed: int = 0):
-  model = LinenCNN()
+def digits_cnn(seed: int = 0):
+  model = DigitsCNN()
   x = jax.random.normal(jax.random.key(seed + 1), (4, 8, 8, 1))
   variables = model.init(jax.random.key(seed), x)
   return model, variables, x
 
 
-def linen_block(seed: int = 0):
-  model = LinenBlock()
+def token_block(seed: int = 0):
+  model = TokenBlock()
   tokens = jax.random.randint(jax.random.key(seed + 1), (2, 8), 0, 32)
   variables = model.init(jax.random.key(seed), tokens)
   return model, variables, tokens
 
 
-def nnx_block(seed: int = 0):
-  model = NNXBlock(rngs=nnx.Rngs(seed))
+def nnx_token_block(seed: int = 0):
+  model = NNXTokenBlock(rngs=nnx.Rngs(seed))
   tokens = jax.random.randint(jax.random.key(seed + 1), (2, 8), 0, 32)
   return model, tokens
-
-
-def kernels_of(tree):
-  """{path: leaf} for leaves whose path ends with 'kernel'."""
-  from jasp import _tree
-
-  return {p: x for p, x in _tree.leaves_by_path(tree).items() if p.endswith("kernel")}
-
-
-__all__ = [
-  "LinenCNN",
-  "LinenBlock",
-  "NNXBlock",
-  "linen_cnn",
-  "linen_block",
-  "nnx_block",
-  "kernels_of",
-  "jnp",
-]

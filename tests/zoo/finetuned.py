@@ -1,21 +1,13 @@
-"""Pruned and fine-tuned models shared by the export tests (built once per process)."""
+"""The models of ``basic``, 2:4-pruned and fine-tuned, shared by the export tests (built once per process)."""
 
 import functools
 
 import jax
-import jax.numpy as jnp
-import models
-import numpy as np
 import optax
 from flax import nnx
 
 import jasp
-
-
-def rel_err(got, want) -> float:
-  """max |got - want| / max |want| (the relative error the export tests bound)."""
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+from zoo import basic
 
 
 def _finetune(apply, variables, masks, x, labels, steps=3):
@@ -42,7 +34,7 @@ def _finetune(apply, variables, masks, x, labels, steps=3):
 @functools.lru_cache(maxsize=None)
 def pruned_cnn():
   """(model, variables, masks, layouts, x): the digits-style CNN, 2:4-pruned, fine-tuned."""
-  model, variables, x = models.linen_cnn()
+  model, variables, x = basic.digits_cnn()
   layouts = jasp.trace_layouts(model.apply, variables, x)
   pruned, masks = jasp.prune(variables, layouts=layouts)
   labels = jax.random.randint(jax.random.key(7), (x.shape[0],), 0, 10)
@@ -53,7 +45,7 @@ def pruned_cnn():
 @functools.lru_cache(maxsize=None)
 def pruned_block():
   """(model, variables, masks, layouts, tokens): the linen transformer block, 2:4 except its head."""
-  model, variables, tokens = models.linen_block()
+  model, variables, tokens = basic.token_block()
   layouts = jasp.trace_layouts(model.apply, variables, tokens)
   pruned, masks = jasp.prune(
     variables, layouts=layouts, policy=jasp.Policy(exclude=[r"Dense_0/kernel"])
@@ -65,7 +57,7 @@ def pruned_block():
 
 def pruned_nnx_block():
   """(module, masks, tokens): the nnx block, 2:4-pruned in place (a fresh module each call)."""
-  module, tokens = models.nnx_block()
+  module, tokens = basic.nnx_token_block()
   layouts = jasp.trace_layouts(module, tokens)
   state, masks = jasp.prune(nnx.state(module, nnx.Param), layouts=layouts)
   nnx.update(module, state)
@@ -83,5 +75,3 @@ PRUNED_BLOCK = tuple(
   f"params/MultiHeadDotProductAttention_0/{k}/kernel" for k in ("query", "key", "value", "out")
 ) + ("params/DenseGeneral_0/kernel", "params/DenseGeneral_1/kernel")
 DENSE_BLOCK = ("params/Dense_0/kernel",)
-
-__all__ = ["rel_err", "pruned_cnn", "pruned_block", "pruned_nnx_block", "jnp"]
