@@ -121,6 +121,6 @@ def test_tree_argument_is_named_params():
     jasp.trace_layouts,
     jasp.trace_channels,
     jasp.permute,
-    jasp.collect_stats,
+    jasp.calibration.collect_stats,
   ):
     assert "params" in inspect.signature(fn).parameters, fn.__name__

@@ -1,5 +1,7 @@
 """ONNX export (jax2onnx) of pruned flax models, run in onnxruntime, and the ONNX checker."""
 
+import logging
+
 import pytest
 import testing
 
@@ -108,6 +110,17 @@ def test_dynamic_batch(tmp_path):
   (y,) = export.run_onnx(path, x7)
   assert y.shape[0] == 7
   assert testing.rel_err(y, model.apply(variables, x7)) <= TOL
+
+
+def test_export_logs_no_serializer_warnings(tmp_path, caplog):
+  """A conv model with a dynamic batch exports without warnings from the ONNX serializer."""
+  model, variables, masks, _, x = finetuned.pruned_cnn()
+  with caplog.at_level(logging.WARNING):
+    export.to_onnx(
+      model.apply, variables, x, path=tmp_path / "m.onnx", masks=masks, dynamic_batch=True
+    )
+  noisy = [r.getMessage() for r in caplog.records if r.name.startswith("onnx")]
+  assert not noisy, noisy
 
 
 def _corrupt(src, dst, param, fn):

@@ -218,6 +218,11 @@ def test_matmul_shape_errors():
     sparse.matmul(jnp.ones((2, 32), jnp.bfloat16), sw)
   with pytest.raises(ValueError, match="32 outputs"):
     sparse.matmul(jnp.ones((2, 64), jnp.bfloat16), sw, jnp.ones((31,)))
+
+
+@needs_cpu
+def test_sparse_path_needs_a_compressed_weight():
+  sw = sparse.compress(testing.nm_weight())  # not compressed without a GPU
   with pytest.raises(ValueError, match="needs a compressed weight"):
     sparse.sparse_matmul(jnp.ones((2, 64), jnp.bfloat16), sw)
 
@@ -365,14 +370,18 @@ def test_batched_call_folds_vmap_into_tokens():
     jax.vmap(g)(jnp.stack([w, w]))
 
 
+@needs_cpu
 def test_layouts_on_cpu_keep_the_dense_path():
   w = testing.nm_weight()
   for order in (sparse.A_ROW, sparse.A_COL):
     sw = sparse.compress(w, a_order=order)
     assert not sw.is_compressed
     np.testing.assert_array_equal(np.asarray(sw.dense, np.float32), np.asarray(w, np.float32))
+
+
+def test_unknown_layout_is_refused():
   with pytest.raises(ValueError, match="a_order must be A_ROW"):
-    sparse.compress(w, a_order=2)
+    sparse.compress(testing.nm_weight(), a_order=2)
 
 
 def test_fp16_version_gate(monkeypatch):
