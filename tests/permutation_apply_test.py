@@ -161,7 +161,7 @@ def test_shared_cnn_grouped_and_1d_convs_keep_function():
 
 
 def test_report_text_leads_with_a_summary_defines_efficacy_and_repeats_nothing():
-  model, v, x = pm.linen_cnn()
+  model, v, x = pm.residual_cnn()
   _, rep = permute(model.apply, v, x, escapes=1, max_rounds=200, time_limit=None)
   searched = [c for c in rep.classes if c.status in ("permuted", "identity")]
   assert rep.permuted and len(rep.searched) == len(searched)
