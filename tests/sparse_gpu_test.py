@@ -181,9 +181,9 @@ def test_policy_measures_and_caches(tmp_path):
 
 def test_policy_measurement_runs_every_sparse_call_in_one_program():
   # The device-time measurement runs a chain of calls in one compiled program:
-  # no FFI call may be merged with another (the loop body's UNROLL calls and
-  # the 3 after it; all of them where XLA unrolls the loop). That none is
-  # hoisted out of the loop is checked by counting executions in
+  # no FFI call may be merged with another or dropped (the loop body's UNROLL
+  # calls and the 3 after it; all of them where XLA unrolls the loop). That
+  # none is hoisted out of the loop is checked by counting executions in
   # sparse_cpu_test.py (any backend).
   from jasp.sparse import _runtime
   from jasp.sparse import autotune

@@ -17,11 +17,11 @@ per-call dispatch (40-60 us on an H200) as much as the kernels (30-50 us for a
 4096x14336 layer at 16-256 tokens), and the two paths dispatch differently (an
 XLA dot vs an FFI custom call), so the host-timed ratio was off by up to 2x
 where it mattered. :func:`measure_gpu` therefore runs each path many times
-inside ONE compiled program (:func:`chained`: a ``fori_loop`` whose every call
-takes the previous call's input through ``lax.optimization_barrier``, so XLA
-can neither hoist the call out of the loop nor merge calls), and takes the
-difference between 3 and 1 back-to-back executions of that program over one
-host sync: JAX's dispatch and the sync are paid once per execution and cancel,
+inside ONE compiled program (:func:`chained`: a ``fori_loop`` in which every
+call's input has one element taken from the previous call's output, so XLA
+can neither hoist a call out of the loop, merge calls nor drop them), and
+takes the difference between 3 and 1 back-to-back executions of that program,
+each ending in one host sync: dispatch and the sync cancel,
 and inside the program the host launches kernels faster than the device runs
 them, so what is left is the device time per call. The alternative, CUDA
 events around the calls through the FFI extension, would need the dense path
@@ -322,17 +322,29 @@ def measure_gpu_host(
   return statistics.median(times[0]), statistics.median(times[1])
 
 
+def _feed_back(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``x`` with ``x[0, 0] = tanh(y[0, 0])``: a real dependence on ``y`` for one element's work.
+
+  One small fused kernel (an in-place dynamic-update-slice); ``tanh`` keeps the
+  value bounded however many calls are chained.
+  """
+  corner = jnp.tanh(y[:1, :1].astype(jnp.float32)).astype(x.dtype)
+  return jax.lax.dynamic_update_slice(x, corner, (0, 0))
+
+
 def chained(fn: Callable[[jax.Array, object], jax.Array], calls: int) -> Callable:
   """A jitted ``prog(x, w)`` making ``calls`` dependent calls ``fn(x, w)``; the last one's output.
 
-  A ``lax.fori_loop`` of ``calls // UNROLL`` iterations of :data:`UNROLL`
-  calls each, then the remaining calls. Every call's input is the ``x`` that
-  came out of ``lax.optimization_barrier((x, y_previous))``: to XLA a new
-  value that depends on the previous call, so no call can be hoisted out of
-  the loop (loop-invariant code motion) or merged with another (CSE), though
-  nothing is computed for the dependence (XLA drops the barrier after
-  scheduling). This holds for opaque side-effect-free calls too, such as the
-  sparse kernel's FFI custom call.
+  ``x (t, k)`` and ``fn(x, w) (t, n)`` are 2-D. A ``lax.fori_loop`` of
+  ``calls // UNROLL`` iterations of :data:`UNROLL` calls each, then the
+  remaining calls. Each call's input is the previous input with one element
+  replaced by a function of the previous output (:func:`_feed_back`), so no
+  call can be hoisted out of the loop (loop-invariant code motion), merged
+  with another (CSE) or dropped as dead code, even an opaque side-effect-free
+  one such as the sparse kernel's FFI custom call. (An
+  ``optimization_barrier`` alone does not do: XLA removes the barriers and
+  then the calls whose outputs nothing reads.) The cost is one one-element
+  kernel per call, the same on every path.
 
   Raises:
     ValueError: ``calls < 1``.
@@ -343,7 +355,8 @@ def chained(fn: Callable[[jax.Array, object], jax.Array], calls: int) -> Callabl
   def step(w, carry, count):
     x, y = carry
     for _ in range(count):
-      x, y = jax.lax.optimization_barrier((x, fn(x, w)))
+      y = fn(x, w)
+      x = _feed_back(x, y)
     return x, y
 
   def prog(x, w):
