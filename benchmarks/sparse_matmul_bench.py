@@ -36,6 +36,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -170,10 +171,7 @@ def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order):
     inner = min(500, max(3, int(2e-3 / max(est, 1e-6))))
     hd = statistics.median(host_per_call(DENSE, d_args, inner) for _ in range(5))
     hs = statistics.median(host_per_call(SPARSE, s_args, inner) for _ in range(5))
-    pol = sparse.MatmulPolicy(measure=lambda *a, hd=hd, hs=hs: (hd, hs), cache_file="")
-    choice = policy_lib.choose(
-      pol, k=k, n=n, t=t, dtype=jnp.dtype(dtype).name, compressed=True, has_dense=True
-    )
+    choice = policy_choice((hd, hs), k, n, t, jnp.dtype(dtype).name)
     sp = best(td) / best(tsp)
     t_pad = -(-t // compress_lib.SIZE_MULTIPLE) * compress_lib.SIZE_MULTIPLE
     plan = next(
@@ -231,10 +229,20 @@ def _cupti_pair(k, n, t, dtype, sw) -> tuple[dict, dict]:
   return time_fn(DENSE, d_args, est), time_fn(SPARSE, s_args, est / 1.5)
 
 
+def policy_choice(measured: tuple[float, float], k: int, n: int, t: int, dtype: str):
+  """``autotune.choose`` in "auto" mode on given (dense_s, sparse_s), through a fresh cache.
+
+  (``cache_file=""`` is one in-memory cache per process, which would hand a
+  second measurement of the same key the first one's times.)
+  """
+  with tempfile.TemporaryDirectory() as d:
+    pol = sparse.MatmulPolicy(measure=lambda *a: measured, cache_file=os.path.join(d, "t.json"))
+    return policy_lib.choose(pol, k=k, n=n, t=t, dtype=dtype, compressed=True, has_dense=True)
+
+
 def _judge(name: str, measured: tuple[float, float], d_ms: float, s_ms: float, k, n, t) -> dict:
   """The policy's choice from ``measured`` (dense_s, sparse_s) and how it fares by CUPTI time."""
-  pol = sparse.MatmulPolicy(measure=lambda *a: measured, cache_file="")
-  c = policy_lib.choose(pol, k=k, n=n, t=t, dtype="bfloat16", compressed=True, has_dense=True)
+  c = policy_choice(measured, k, n, t, "bfloat16")
   chosen = s_ms if c.sparse else d_ms
   return {
     f"{name}_dense_ms": measured[0] * 1e3,
