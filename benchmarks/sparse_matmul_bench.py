@@ -5,6 +5,7 @@ Run on the device machine::
     python3 benchmarks/sparse_matmul_bench.py                 # everything (JSON under $OUT)
     python3 benchmarks/sparse_matmul_bench.py --quick         # two shapes, a smoke test
     python3 benchmarks/sparse_matmul_bench.py --budget-s 300  # stop starting new rows after 300 s
+    python3 benchmarks/sparse_matmul_bench.py --policy-check --out policy.json  # the policy's choices
 
 ``y = x @ W`` with a Flax kernel ``W (in, out)`` 2:4 along ``in``, ``x (tokens, in)``.
 Timing: each function is jitted and warmed up (the sparse plan search
@@ -12,11 +13,20 @@ included); where PyTorch is importable its CUPTI profiler records every kernel
 the process runs, JAX's and cuSPARSELt's included, and the figure is the sum of
 kernel durations per call over back-to-back calls on 2 rotating inputs
 ("device"); else the host wall time per call. The policy column is what
-:class:`jasp.sparse.MatmulPolicy` decides from its own host-timed measurement
-(the same code path as at trace time) and the resulting time relative to dense.
+:class:`jasp.sparse.MatmulPolicy` decides from a host-timed measurement of these
+calls (the policy's former method; ``--policy-check`` compares it with the
+device-time measurement the policy now makes) and the resulting time relative
+to dense.
 Per-call overhead: host time per call for small problems (back-to-back and
 one synchronous call), jasp sparse vs jnp.dot vs PyTorch's ``_cslt_sparse_mm``
 (which builds its cuSPARSELt plan on every call).
+
+``--policy-check`` (only this, about 1-2 minutes on an H200): per row of
+POLICY_SHAPES x POLICY_TOKENS (bf16, or ``--shapes``/``--tokens``), the CUPTI
+dense and sparse times, the policy's former host-timed measurement
+(``autotune.measure_gpu_host``) and its device-time measurement
+(``autotune.measure_gpu``), the choice each makes, and whether that choice is
+within 5 % of the faster path by CUPTI time.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -67,6 +78,10 @@ SHAPES = {
   "16384x16384": (16384, 16384),
 }
 TOKENS = [16, 64, 256, 1024, 2048, 4096, 8192, 16384]
+POLICY_SHAPES = ["8192x8192", "14336x4096 (up)", "4096x14336 (down)"]
+POLICY_TOKENS = [16, 64, 256, 1024, 4096]
+# A choice is right when its path's CUPTI time is within this of the faster path's.
+POLICY_TOLERANCE = 1.05
 
 
 CLOCK = DeviceClock()
@@ -152,14 +167,11 @@ def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order):
     est = 2.0 * t * k * n / 5e14
     td = time_fn(DENSE, d_args, est)
     tsp = time_fn(SPARSE, s_args, est / 1.5)
-    # The policy's own decision, from its host-timed measurement of these calls.
+    # The policy's decision from a host-timed measurement of these calls (its former method).
     inner = min(500, max(3, int(2e-3 / max(est, 1e-6))))
     hd = statistics.median(host_per_call(DENSE, d_args, inner) for _ in range(5))
     hs = statistics.median(host_per_call(SPARSE, s_args, inner) for _ in range(5))
-    pol = sparse.MatmulPolicy(measure=lambda *a, hd=hd, hs=hs: (hd, hs), cache_file="")
-    choice = policy_lib.choose(
-      pol, k=k, n=n, t=t, dtype=jnp.dtype(dtype).name, compressed=True, has_dense=True
-    )
+    choice = policy_choice((hd, hs), k, n, t, jnp.dtype(dtype).name)
     sp = best(td) / best(tsp)
     t_pad = -(-t // compress_lib.SIZE_MULTIPLE) * compress_lib.SIZE_MULTIPLE
     plan = next(
@@ -204,6 +216,108 @@ def bench_shape(name, k, n, dtype, tokens, out, deadline, a_order):
     )
   out.setdefault("rows", []).extend(rows)
   del sw, w
+
+
+def _cupti_pair(k, n, t, dtype, sw) -> tuple[dict, dict]:
+  """Dense and sparse timings (``time_fn``: CUPTI where available) at ``t`` tokens."""
+  xs = [(rand((t, k), dtype, 10 + i),) for i in range(2)]
+  d_args = [(x, sw.dense) for (x,) in xs]
+  s_args = [(x, sw) for (x,) in xs]
+  jax.block_until_ready(SPARSE(*s_args[0]))  # compile + plan search
+  jax.block_until_ready(DENSE(*d_args[0]))
+  est = 2.0 * t * k * n / 5e14
+  return time_fn(DENSE, d_args, est), time_fn(SPARSE, s_args, est / 1.5)
+
+
+def policy_choice(measured: tuple[float, float], k: int, n: int, t: int, dtype: str):
+  """``autotune.choose`` in "auto" mode on given (dense_s, sparse_s), through a fresh cache.
+
+  (``cache_file=""`` is one in-memory cache per process, which would hand a
+  second measurement of the same key the first one's times.)
+  """
+  with tempfile.TemporaryDirectory() as d:
+    pol = sparse.MatmulPolicy(measure=lambda *a: measured, cache_file=os.path.join(d, "t.json"))
+    return policy_lib.choose(pol, k=k, n=n, t=t, dtype=dtype, compressed=True, has_dense=True)
+
+
+def _judge(name: str, measured: tuple[float, float], d_ms: float, s_ms: float, k, n, t) -> dict:
+  """The policy's choice from ``measured`` (dense_s, sparse_s) and how it fares by CUPTI time."""
+  c = policy_choice(measured, k, n, t, "bfloat16")
+  chosen = s_ms if c.sparse else d_ms
+  return {
+    f"{name}_dense_ms": measured[0] * 1e3,
+    f"{name}_sparse_ms": measured[1] * 1e3,
+    f"{name}_speedup": measured[0] / measured[1],
+    f"{name}_choice": "sparse" if c.sparse else "dense",
+    f"{name}_vs_best": chosen / min(d_ms, s_ms),
+    f"{name}_ok": chosen <= POLICY_TOLERANCE * min(d_ms, s_ms),
+  }
+
+
+def policy_check(out, names, tokens, deadline, a_order):
+  """Per shape and token count: CUPTI times, the former and the new policy measurement."""
+  dtype = jnp.bfloat16
+  rows = out.setdefault("policy_rows", [])
+  for name in names:
+    k, n = SHAPES[name]
+    sw = sparse.compress(w24(k, n, dtype), dtype=dtype, a_order=a_order)
+    for t in tokens:
+      if time.perf_counter() > deadline:
+        rows.append({"shape": name, "tokens": t, "skipped": "time budget"})
+        continue
+      td, tsp = _cupti_pair(k, n, t, dtype, sw)
+      d_ms, s_ms = best(td), best(tsp)
+      t0 = time.perf_counter()
+      old = policy_lib.measure_gpu_host(k, n, t, "bfloat16", a_order=a_order)
+      t1 = time.perf_counter()
+      new = policy_lib.measure_gpu(k, n, t, "bfloat16", a_order=a_order)
+      t2 = time.perf_counter()
+      row = {
+        "shape": name,
+        "in": k,
+        "out": n,
+        "tokens": t,
+        "dtype": "bfloat16",
+        "timing": "cupti" if td["device_ms"] is not None else "host",
+        "dense_ms": d_ms,
+        "sparse_ms": s_ms,
+        "speedup": d_ms / s_ms,
+        "faster": "sparse" if s_ms < d_ms else "dense",
+        **_judge("old", old, d_ms, s_ms, k, n, t),
+        **_judge("new", new, d_ms, s_ms, k, n, t),
+        "old_measure_s": t1 - t0,
+        "new_measure_s": t2 - t1,
+      }
+      rows.append(row)
+      print(json.dumps({a: round(v, 4) if isinstance(v, float) else v for a, v in row.items()}))
+    del sw
+  done = [r for r in rows if "skipped" not in r]
+  out["policy_summary"] = {
+    "rows": len(done),
+    "old_ok": sum(r["old_ok"] for r in done),
+    "new_ok": sum(r["new_ok"] for r in done),
+    "target_met": bool(done) and all(r["new_ok"] for r in done),
+  }
+
+
+def fmt_policy(rows) -> str:
+  lines = [
+    "| shape (out x in) | tokens | dense ms | sparse ms | speedup | old meas. | old choice |"
+    " new meas. | new choice | old ok | new ok |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    if "skipped" in r:
+      lines.append(f"| {r['shape']} | {r['tokens']} | skipped ({r['skipped']}) |||||||||")
+      continue
+    ok = lambda v: "yes" if v else "NO"
+    lines.append(
+      f"| {r['shape']} | {r['tokens']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} | "
+      f"{r['speedup']:.2f}x | {r['old_speedup']:.2f}x | {r['old_choice']} | "
+      f"{r['new_speedup']:.2f}x | {r['new_choice']} | {ok(r['old_ok'])} "
+      f"({r['old_vs_best']:.2f}) | {ok(r['new_ok'])} ({r['new_vs_best']:.2f}) |"
+    )
+  return "\n".join(lines)
 
 
 def overhead(out):
@@ -358,6 +472,42 @@ def _torch_cusparselt():
     return None
 
 
+def _header() -> dict:
+  return {
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+    "status": sparse.status()[1],
+    "torch": None if torch is None else torch.__version__,
+    "torch_cusparselt": _torch_cusparselt(),
+    "timing": "CUPTI kernel sums" if CLOCK.ok else "host",
+  }
+
+
+def main_policy_check(args):
+  """``--policy-check``: the policy's choices against CUPTI times; JSON to ``--out``."""
+  start = time.perf_counter()
+  out = {**_header(), "mode": "policy-check", "tolerance": POLICY_TOLERANCE}
+  print(json.dumps(out), flush=True)
+  path = args.out or os.path.join(os.environ.get("OUT", "/tmp"), "sparse_policy_check.json")
+  rec = Recorder(out, path)
+  if sparse.status()[0]:
+    names = POLICY_SHAPES
+    if args.shapes:
+      names = [n for n in SHAPES if any(s in n for s in args.shapes.split(","))]
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else POLICY_TOKENS
+    order = {"row": sparse.A_ROW, "col": sparse.A_COL}.get(args.layouts or "row", sparse.A_ROW)
+    budget = args.budget_s if args.budget_s < 1e9 else 110.0  # default: the 120 s target
+    rec.stage(policy_check, out, names, tokens, start + budget, order)
+  out["wall_s"] = time.perf_counter() - start
+  rec.save()
+  print(f"\n{out['device']}, jax {out['jax']}, timing: {out['timing']}; {out['status']}")
+  print(fmt_policy(out.get("policy_rows", [])))
+  print("summary:", json.dumps(out.get("policy_summary")), f"wall {out['wall_s']:.1f} s")
+  if out.get("errors"):
+    print("errors:", out["errors"])
+  print("written:", path)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
@@ -377,7 +527,17 @@ def main():
     default="2048,8192,16384",
     help="token counts of the rows beyond the first dtype and layout",
   )
+  ap.add_argument(
+    "--policy-check",
+    action="store_true",
+    help="only the policy check (POLICY_SHAPES x POLICY_TOKENS unless --shapes/--tokens)",
+  )
+  ap.add_argument(
+    "--out", default="", help="the JSON file (default: $OUT/sparse_matmul_bench.json)"
+  )
   args = ap.parse_args()
+  if args.policy_check:
+    return main_policy_check(args)
   start = time.perf_counter()
   deadline = start + args.budget_s
   dev = jax.devices()[0]
@@ -395,7 +555,7 @@ def main():
   print(json.dumps(out), flush=True)
   if not ok:
     return
-  path = os.path.join(os.environ.get("OUT", "/tmp"), "sparse_matmul_bench.json")
+  path = args.out or os.path.join(os.environ.get("OUT", "/tmp"), "sparse_matmul_bench.json")
 
   rec = Recorder(out, path)
   stage, save = rec.stage, rec.save

@@ -1,5 +1,6 @@
 """jasp.sparse without a GPU: the policy's logic, the dense fallback, errors, pytrees, the build's messages."""
 
+import json
 import logging
 import os
 
@@ -135,6 +136,85 @@ def test_measure_runs_outside_an_enclosing_jit():
 
   assert float(f(jnp.ones((3,)))[0]) == 2.0
   assert seen == [False]
+
+
+def test_default_measurement_has_its_own_cache_entries(tmp_path, monkeypatch):
+  # An entry of the former host-timed method (the key without a method) is not
+  # read as a device time: the default measurement runs and stores its own key.
+  path = str(tmp_path / "timings.json")
+  key_args = (128, 64, 256, "bfloat16", 0)
+  old = policy_lib.timing_key(*key_args)
+  new = policy_lib.timing_key(*key_args, method=policy_lib.DEVICE_METHOD)
+  assert new != old and new.startswith(old)
+  with open(path, "w") as f:
+    json.dump({old: [1e-3, 2e-3]}, f)  # host timing said: sparse 0.5x
+  calls = []
+  monkeypatch.setattr(policy_lib, "measure_gpu", _fake(1.4, calls))
+  policy_lib._CACHES.clear()
+  pol = sparse.MatmulPolicy(cache_file=path)
+  c = policy_lib.choose(pol, k=128, n=64, t=256, dtype="bfloat16", compressed=True, has_dense=True)
+  assert c.sparse and calls == [(128, 64, 256, "bfloat16")]
+  with open(path) as f:
+    stored = json.load(f)
+  assert stored[old] == [1e-3, 2e-3] and stored[new] == pytest.approx([1.4e-3, 1e-3])
+  # An injected measure keeps the former keys.
+  policy_lib._CACHES.clear()
+  c = policy_lib.choose(
+    sparse.MatmulPolicy(measure=_fake(9.0), cache_file=path),
+    k=128,
+    n=64,
+    t=256,
+    dtype="bfloat16",
+    compressed=True,
+    has_dense=True,
+  )
+  assert not c.sparse and c.speedup == pytest.approx(0.5)
+
+
+def _counting_matmul(counter):
+  """``x @ w`` through a host callback that counts its executions (opaque to XLA, pure)."""
+
+  def host(x, w):
+    counter.append(1)
+    return np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+
+  def fn(x, w):
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    return jax.pure_callback(host, out, x, w)
+
+  return fn
+
+
+@pytest.mark.parametrize("calls", [1, 2, policy_lib.UNROLL, 2 * policy_lib.UNROLL + 3])
+def test_chained_program_makes_every_call(calls):
+  # A side-effect-free opaque call, like the sparse kernel's FFI call: XLA may
+  # hoist, merge or drop it unless every call depends on the one before.
+  counter = []
+  fn = _counting_matmul(counter)
+  x = np.arange(12, dtype=np.float32).reshape(3, 4)
+  w = np.arange(8, dtype=np.float32).reshape(4, 2) / 7
+  prog = policy_lib.chained(fn, calls)
+  y = jax.block_until_ready(prog(x, w))
+  assert len(counter) == calls
+  # The chain: each call's x has x[0, 0] = tanh(previous y[0, 0]).
+  xi = x.copy()
+  for _ in range(calls):
+    ref = xi @ w
+    xi[0, 0] = np.tanh(ref[0, 0])
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5)
+  counter.clear()
+  jax.block_until_ready(prog(x, w))
+  assert len(counter) == calls  # every execution, not only the first
+  with pytest.raises(ValueError, match="calls"):
+    policy_lib.chained(fn, 0)
+
+
+def test_device_seconds_measures_each_function():
+  x = jnp.ones((64, 128), jnp.float32)
+  w = jnp.ones((128, 96), jnp.float32)
+  fns = [(lambda x, w: x @ w, (x, w)), (lambda x, w: jnp.tanh(x @ w), (x, w))]
+  secs = policy_lib.device_seconds(fns, rounds=2, target_s=2e-4, max_calls=16)
+  assert len(secs) == 2 and all(np.isfinite(s) and s > 0 for s in secs)
 
 
 # ----------------------------------------------------------------------------

@@ -179,6 +179,28 @@ def test_policy_measures_and_caches(tmp_path):
     assert _err(y, _ref(x, w)) < 1e-2
 
 
+def test_policy_measurement_runs_every_sparse_call_in_one_program():
+  # The device-time measurement runs a chain of calls in one compiled program:
+  # no FFI call may be merged with another or dropped (the loop body's UNROLL
+  # calls and the 3 after it; all of them where XLA unrolls the loop). That
+  # none is hoisted out of the loop is checked by counting executions in
+  # sparse_cpu_test.py (any backend).
+  from jasp.sparse import _runtime
+  from jasp.sparse import autotune
+
+  w = testing.nm_weight(256, 128, jnp.bfloat16)
+  sw = sparse.compress(w)
+  x = _x((32, 256), jnp.bfloat16)
+  calls = 2 * autotune.UNROLL + 3
+  prog = autotune.chained(lambda x, s: sparse.sparse_matmul(x, s), calls)
+  hlo = prog.lower(x, sw).compile().as_text()
+  n_calls = hlo.count(f'custom_call_target="{_runtime.MATMUL_TARGET}"')
+  assert n_calls == (autotune.UNROLL + 3 if " while(" in hlo else calls), n_calls
+  assert _err(prog(x, sw), _ref(x, w)) < 1e-2
+  dense_s, sparse_s = autotune.measure_gpu(256, 128, 32, "bfloat16", rounds=2, target_s=1e-3)
+  assert dense_s > 0 and sparse_s > 0
+
+
 def test_compressed_weight_roundtrips_through_host():
   w = testing.nm_weight(128, 128, jnp.bfloat16)
   sw = sparse.compress(w)

@@ -3,13 +3,32 @@
 A 2:4 matmul on the sparse tensor cores is faster than dense only for large
 enough problems (on an H100, in the thousands of tokens for 4096-wide layers);
 for few tokens it can be several times slower. :class:`MatmulPolicy` decides
-per ``(K, N, tokens, dtype)``: in ``"auto"`` mode it times the dense XLA dot
-and the sparse kernel once on random data of that shape, keeps the result in a
-JSON cache (per GPU model, cuSPARSELt and jax version), and takes the sparse
-path only where it was at least ``min_speedup`` times faster, so that no call
-is slower than dense beyond measurement noise. The decision is made when
-:func:`jasp.sparse.matmul` (defined here) is traced (shapes are static
-then), so a jitted model pays nothing per call.
+per ``(K, N, tokens, dtype)``: in ``"auto"`` mode it measures the device time
+of the dense XLA dot and of the sparse kernel once on random data of that
+shape (:func:`measure_gpu`), keeps the result in a JSON cache (per GPU model,
+cuSPARSELt and jax version, and measurement method), and takes the sparse path
+only where it was at least ``min_speedup`` times faster, so that no call is
+slower than dense beyond measurement noise. The decision is made when
+:func:`jasp.sparse.matmul` (defined here) is traced (shapes are static then),
+so a jitted model pays nothing per call.
+
+Why device time. Timing single jitted calls from the host measures JAX's
+per-call dispatch (40-60 us on an H200) as much as the kernels (30-50 us for a
+4096x14336 layer at 16-256 tokens), and the two paths dispatch differently (an
+XLA dot vs an FFI custom call), so the host-timed ratio was off by up to 2x
+where it mattered. :func:`measure_gpu` therefore runs each path many times
+inside ONE compiled program (:func:`chained`: a ``fori_loop`` in which every
+call's input has one element taken from the previous call's output, so XLA
+can neither hoist a call out of the loop, merge calls nor drop them), and
+takes the difference between 3 and 1 back-to-back executions of that program,
+each ending in one host sync: dispatch and the sync cancel,
+and inside the program the host launches kernels faster than the device runs
+them, so what is left is the device time per call. The alternative, CUDA
+events around the calls through the FFI extension, would need the dense path
+bracketed by custom calls that XLA may schedule away from the dot; CUPTI would
+need a profiler dependency. :func:`measure_gpu_host` (the former host-timed
+method) is kept for comparison (``benchmarks/sparse_matmul_bench.py
+--policy-check``).
 """
 
 from __future__ import annotations
@@ -35,9 +54,29 @@ from jasp.sparse import _matmul as matmul_lib
 from jasp.sparse import _runtime
 from jasp.sparse import build as build_lib
 
-__all__ = ["Choice", "MatmulPolicy", "TimingCache", "choose", "matmul", "measure_gpu", "tune"]
+__all__ = [
+  "Choice",
+  "MatmulPolicy",
+  "TimingCache",
+  "chained",
+  "choose",
+  "device_seconds",
+  "matmul",
+  "measure_gpu",
+  "measure_gpu_host",
+  "tune",
+]
 
 Measure = Callable[[int, int, int, str], tuple[float, float]]
+
+# Part of the timing cache key of the default measurement (:func:`measure_gpu`):
+# entries from other methods (keys without it: the former host timing, or an
+# injected ``measure``) are never read as device times, and stay in the file
+# for the versions that wrote them.
+DEVICE_METHOD = "m=device-loop-v1"
+
+# Calls per loop iteration in :func:`chained` (amortises the loop counter's kernel).
+UNROLL = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +93,8 @@ class MatmulPolicy:
     cache_file: JSON file of measurements; None for the default
       (``<cache dir>/sparse_timings.json``), ``""`` for memory only.
     measure: ``measure(k, n, tokens, dtype) -> (dense_seconds, sparse_seconds)``;
-      None times both on the GPU (:func:`measure_gpu`). Tests inject tables.
+      None measures the device time of both on the GPU (:func:`measure_gpu`).
+      Tests inject tables.
   """
 
   mode: Literal["auto", "sparse", "dense"] = "auto"
@@ -152,14 +192,20 @@ def _cache_for(policy: MatmulPolicy) -> TimingCache:
     return _CACHES[path]
 
 
-def timing_key(k: int, n: int, t: int, dtype: str, a_order: int = 0) -> str:
-  """The cache key: GPU model, cuSPARSELt and jax versions, dtype and shape."""
+def timing_key(k: int, n: int, t: int, dtype: str, a_order: int = 0, method: str = "") -> str:
+  """The cache key: GPU model, cuSPARSELt and jax versions, dtype, shape and method.
+
+  ``method`` is empty for the former host-timed measurement and injected
+  ``measure`` functions (the keys of earlier versions), :data:`DEVICE_METHOD`
+  for :func:`measure_gpu`.
+  """
   try:
     rt = _runtime.runtime()
     dev = f"{rt.device_kind}|sm{rt.compute_capability}|cslt{rt.cusparselt_version}"
   except _runtime.SparseUnavailable:
     dev = "no-sparse-runtime"
-  return f"{dev}|jax{jax.__version__}|{dtype}|a{a_order}|{k}x{n}|t{t}"
+  key = f"{dev}|jax{jax.__version__}|{dtype}|a{a_order}|{k}x{n}|t{t}"
+  return f"{key}|{method}" if method else key
 
 
 def choose(
@@ -201,7 +247,7 @@ def choose(
   if not has_dense:
     return Choice(True, "only the compressed weight was kept (keep_dense=False)")
   measure = policy.measure or measure_gpu
-  key = timing_key(k, n, t, dtype, a_order)
+  key = timing_key(k, n, t, dtype, a_order, DEVICE_METHOD if measure is measure_gpu else "")
   dense_s, sparse_s = _cache_for(policy).get(key, lambda: _off_trace(measure, k, n, t, dtype))
   speed = dense_s / sparse_s if sparse_s > 0 else 0.0
   if speed >= policy.min_speedup:
@@ -228,17 +274,8 @@ def _time_calls(fn, args, n_inner: int) -> float:
   return (time.perf_counter() - t0) / n_inner
 
 
-def measure_gpu(
-  k: int, n: int, t: int, dtype: str, *, rounds: int = 7, target_s: float = 2e-3, a_order: int = 0
-) -> tuple[float, float]:
-  """Seconds per call of the dense XLA dot and the sparse kernel for ``(t, k) @ (k, n)``.
-
-  Random inputs (a random 2:4 weight), both functions jitted and warmed up
-  (the sparse plan search included); each round times back-to-back calls
-  (enough for ``target_s``), dense and sparse interleaved; the median round.
-  Host-timed, so tiny calls measure dispatch for both paths (a near-tie, which
-  the policy leaves on the dense path).
-  """
+def _problem(k: int, n: int, t: int, dtype: str, a_order: int):
+  """Random ``x (t, k)`` and a random compressed 2:4 weight ``(k, n)`` (dense kept)."""
   kw, kx = jax.random.split(jax.random.key(0))
   w = jax.random.normal(kw, (k, n), jnp.float32)
   w = jnp.where(masks_lib.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
@@ -246,9 +283,33 @@ def measure_gpu(
   if not sw.is_compressed:
     raise _runtime.SparseUnavailable("jasp.sparse: cannot measure the sparse kernel here.")
   x = jax.random.normal(kx, (t, k), jnp.float32).astype(dtype)
-  dense = jax.jit(lambda x, w: jnp.dot(x, w))
-  sparse = jax.jit(lambda x, sw: matmul_lib.sparse_matmul(x, sw))
-  runs = [(dense, (x, sw.dense)), (sparse, (x, sw))]
+  return x, sw
+
+
+def _dense_call(x: jax.Array, sw: compress_lib.SparseWeight) -> jax.Array:
+  return matmul_lib.dense_matmul(x, sw)
+
+
+def _sparse_call(x: jax.Array, sw: compress_lib.SparseWeight) -> jax.Array:
+  return matmul_lib.sparse_matmul(x, sw)
+
+
+def measure_gpu_host(
+  k: int, n: int, t: int, dtype: str, *, rounds: int = 7, target_s: float = 2e-3, a_order: int = 0
+) -> tuple[float, float]:
+  """Host seconds per call of the dense XLA dot and the sparse kernel for ``(t, k) @ (k, n)``.
+
+  The former method, kept for comparison with :func:`measure_gpu`: both
+  functions jitted and warmed up (the sparse plan search included); each round
+  times back-to-back jitted calls from the host (enough for ``target_s``),
+  dense and sparse interleaved; the median round. For problems of tens of
+  microseconds this measures JAX's dispatch as much as the kernels.
+
+  Raises:
+    SparseUnavailable: no sparse runtime here.
+  """
+  x, sw = _problem(k, n, t, dtype, a_order)
+  runs = [(jax.jit(_dense_call), (x, sw)), (jax.jit(_sparse_call), (x, sw))]
   inner = []
   for fn, args in runs:
     jax.block_until_ready(fn(*args))
@@ -259,6 +320,137 @@ def measure_gpu(
     for i, (fn, args) in enumerate(runs):
       times[i].append(_time_calls(fn, args, inner[i]))
   return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _feed_back(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``x`` with ``x[0, 0] = tanh(y[0, 0])``: a real dependence on ``y`` for one element's work.
+
+  One small fused kernel (an in-place dynamic-update-slice); ``tanh`` keeps the
+  value bounded however many calls are chained.
+  """
+  corner = jnp.tanh(y[:1, :1].astype(jnp.float32)).astype(x.dtype)
+  return jax.lax.dynamic_update_slice(x, corner, (0, 0))
+
+
+def chained(fn: Callable[[jax.Array, object], jax.Array], calls: int) -> Callable:
+  """A jitted ``prog(x, w)`` making ``calls`` dependent calls ``fn(x, w)``; the last one's output.
+
+  ``x (t, k)`` and ``fn(x, w) (t, n)`` are 2-D. A ``lax.fori_loop`` of
+  ``calls // UNROLL`` iterations of :data:`UNROLL` calls each, then the
+  remaining calls. Each call's input is the previous input with one element
+  replaced by a function of the previous output (:func:`_feed_back`), so no
+  call can be hoisted out of the loop (loop-invariant code motion), merged
+  with another (CSE) or dropped as dead code, even an opaque side-effect-free
+  one such as the sparse kernel's FFI custom call. (An
+  ``optimization_barrier`` alone does not do: XLA removes the barriers and
+  then the calls whose outputs nothing reads.) The cost is one one-element
+  kernel per call, the same on every path.
+
+  Raises:
+    ValueError: ``calls < 1``.
+  """
+  if calls < 1:
+    raise ValueError(f"calls must be >= 1, got {calls}.")
+
+  def step(w, carry, count):
+    x, y = carry
+    for _ in range(count):
+      y = fn(x, w)
+      x = _feed_back(x, y)
+    return x, y
+
+  def prog(x, w):
+    y0 = jax.eval_shape(fn, x, w)
+    carry = (x, jnp.zeros(y0.shape, y0.dtype))
+    if calls >= UNROLL:
+      body = lambda _, c: step(w, c, UNROLL)
+      carry = jax.lax.fori_loop(0, calls // UNROLL, body, carry)
+    return step(w, carry, calls % UNROLL)[1]
+
+  return jax.jit(prog)
+
+
+def _executions_s(prog, args, n: int) -> float:
+  """Host seconds for ``n`` back-to-back executions of ``prog(*args)`` and one sync."""
+  t0 = time.perf_counter()
+  out = None
+  for _ in range(n):
+    out = prog(*args)
+  jax.block_until_ready(out)
+  return time.perf_counter() - t0
+
+
+def _calls_for(fn, args, target_s: float, max_calls: int) -> int:
+  """Warms ``jit(fn)`` up and sizes a program of about ``target_s`` of calls (host-estimated)."""
+  one = jax.jit(fn)
+  jax.block_until_ready(one(*args))  # compile; the sparse plan search happens here
+  per_call = _time_calls(one, args, 3)  # >= the device time (dispatch included)
+  return max(2, min(max_calls, math.ceil(target_s / max(per_call, 1e-7))))
+
+
+def device_seconds(
+  runs: list[tuple[Callable, tuple]],
+  *,
+  rounds: int = 5,
+  target_s: float = 4e-3,
+  max_calls: int = 256,
+) -> list[float]:
+  """Device seconds per call of each ``fn(*args)`` in ``runs``, measured from the host.
+
+  Per function, a :func:`chained` program of about ``target_s`` of calls
+  (at most ``max_calls``); each round, per function (interleaved), the host
+  time of 1 and of 3 back-to-back executions: their difference is 2
+  executions' device time (dispatch, launch latency and the sync cancel,
+  and the next execution is enqueued while the device runs the previous
+  one). The median round, over the calls per execution.
+
+  Args:
+    runs: ``[(fn, (x, w)), ...]``; ``fn(x, w)`` returns an array.
+    rounds: measurement rounds (the median is kept).
+    target_s: the wanted device time of one execution.
+    max_calls: calls per execution at most.
+
+  Returns:
+    Seconds per call, one per entry of ``runs`` (positive).
+  """
+  progs = []
+  for fn, args in runs:
+    calls = _calls_for(fn, args, target_s, max_calls)
+    prog = chained(fn, calls)
+    jax.block_until_ready(prog(*args))  # compile
+    progs.append((prog, args, calls))
+  diffs: list[list[float]] = [[] for _ in runs]
+  for _ in range(rounds):
+    for i, (prog, args, calls) in enumerate(progs):
+      one = _executions_s(prog, args, 1)
+      three = _executions_s(prog, args, 3)
+      # A negative difference (host noise beyond a tiny execution) falls back to the plain mean.
+      diffs[i].append((three - one) / (2 * calls) if three > one else three / (3 * calls))
+  return [statistics.median(d) for d in diffs]
+
+
+def measure_gpu(
+  k: int, n: int, t: int, dtype: str, *, rounds: int = 5, target_s: float = 4e-3, a_order: int = 0
+) -> tuple[float, float]:
+  """Device seconds per call of the dense XLA dot and the sparse kernel for ``(t, k) @ (k, n)``.
+
+  Random inputs (a random 2:4 weight); both paths as :func:`jasp.sparse.matmul`
+  runs them (:func:`jasp.sparse.dense_matmul` on the kept masked weight,
+  :func:`jasp.sparse.sparse_matmul` with its plan search), each measured by
+  :func:`device_seconds` (many calls in one program, timed as the difference
+  of 3 and 1 executions), dense and sparse interleaved, the median of
+  ``rounds``. JAX's per-call dispatch, which differs between the paths and
+  dominates host timing of problems of tens of microseconds, is not measured;
+  the result is what the calls cost inside a compiled model.
+
+  Raises:
+    SparseUnavailable: no sparse runtime here.
+  """
+  x, sw = _problem(k, n, t, dtype, a_order)
+  dense_s, sparse_s = device_seconds(
+    [(_dense_call, (x, sw)), (_sparse_call, (x, sw))], rounds=rounds, target_s=target_s
+  )
+  return dense_s, sparse_s
 
 
 def tune(
