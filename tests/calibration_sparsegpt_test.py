@@ -428,3 +428,55 @@ def test_scan_stacked_layers_prune_like_the_unrolled_model(method):
       np.testing.assert_allclose(
         np.asarray(a["blocks"][k][i]), np.asarray(b["blocks"][i][k]), rtol=1e-3, atol=1e-5
       )
+
+
+_COMPILES: list[str] = []
+
+
+def _count_compile(event, duration, **_):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES.append(event)
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def _compilations(run) -> int:
+  """XLA compilations while ``run()`` runs."""
+  before = len(_COMPILES)
+  run()
+  return len(_COMPILES) - before
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_deeper_stack_compiles_no_more_programs(sequential):
+  """Every layer of a scanned stack of equal blocks reuses the programs of the
+  first (statistics pass, layer slicing, the SparseGPT step): the number of
+  compilations does not grow with the depth."""
+  rng = np.random.default_rng(0)
+
+  def scanned(p, x):
+    x, _ = jax.lax.scan(lambda h, w: (_stacked_block(h, w), None), x @ p["emb"], p["blocks"])
+    return x @ p["head"]
+
+  def params(depth):
+    def r(*s):
+      return jnp.asarray(rng.standard_normal(s) / np.sqrt(s[-2]), jnp.float32)
+
+    return {  # widths of their own: no other test compiles these shapes
+      "emb": r(8, 12),
+      "blocks": {"up": r(depth, 12, 20), "down": r(depth, 20, 12)},
+      "head": r(12, 8),
+    }
+
+  xs = [jnp.asarray(rng.standard_normal((16, 8)), jnp.float32) for _ in range(2)]
+
+  def prune(depth):
+    p = params(depth)
+    return lambda: jax.block_until_ready(
+      cal.sparsegpt_prune(scanned, p, xs, blocksize=16, progress=False, sequential=sequential)
+    )
+
+  prune(2)()  # programs that do not depend on the depth
+  shallow, deep = _compilations(prune(3)), _compilations(prune(7))
+  assert deep == shallow, (shallow, deep)

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jasp import _tree
 from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
 from jasp import policy as policy_lib
@@ -64,6 +65,14 @@ from jasp.typing import PyTree
 __all__ = ["sparsegpt_layer", "sparsegpt_prune", "reconstruction_error", "inverse_hessian_factor"]
 
 HIGHEST = lax.Precision.HIGHEST
+
+# XLA options of the SparseGPT programs when they are compiled on their own (not
+# inside a caller's jit, where XLA takes options only from the outermost one).
+# On GPUs XLA autotunes every new matmul shape (Triton configurations compiled
+# and timed at the full size): seconds per layer shape, for a few milliseconds
+# of matmuls per layer. cuBLAS with its own heuristics instead: no autotuning.
+# The CPU backend ignores them.
+COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}
 
 
 def _unroll() -> int:
@@ -82,6 +91,11 @@ def inverse_hessian_factor(h: jax.Array, damp: float = 0.01) -> jax.Array:
   counting 0 (see the module docstring for why). An all-zero ``h`` therefore
   gives ``U = I`` (no damping, every feature dead).
 
+  One Cholesky factorisation and one triangular inverse, without forming
+  ``H^-1``: with ``J`` the reversal of the features and ``J H J = L L^T``,
+  ``U = J L^-1 J`` (upper, positive diagonal: the Cholesky factor of ``H^-1``,
+  which is unique).
+
   Args:
     h: ``(K, K)`` symmetric positive semi-definite float32 (``X^T X`` at any
       positive scale).
@@ -94,16 +108,16 @@ def inverse_hessian_factor(h: jax.Array, damp: float = 0.01) -> jax.Array:
   """
   h = h.astype(jnp.float32)
   k = h.shape[-1]
-  eye = jnp.eye(k, dtype=jnp.float32)
   diag = jnp.diagonal(h)
   dead = diag == 0
   mean = jnp.mean(diag)  # dead features count 0
   h = jnp.where(dead[:, None] | dead[None, :], 0.0, h)
   h = h + jnp.diag(jnp.where(dead, 1.0, 0.0) + damp * mean)
   with jax.default_matmul_precision("highest"):
-    low = jnp.linalg.cholesky(h)
-    hinv = jax.scipy.linalg.cho_solve((low, True), eye)
-    return jnp.triu(jnp.linalg.cholesky(hinv, upper=True))
+    low = lax.linalg.cholesky(h[::-1, ::-1])
+    eye = jnp.eye(k, dtype=jnp.float32)
+    low_inv = lax.linalg.triangular_solve(low, eye, left_side=True, lower=True)
+  return jnp.triu(low_inv[::-1, ::-1])
 
 
 def _obs(
@@ -186,12 +200,18 @@ def _check(n, m, blocksize):
     raise ValueError(f"blocksize must be a positive multiple of m={m}, got {blocksize}.")
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "blocksize", "damp", "unroll"))
-def _layer(w, h, n, m, blocksize, damp, unroll=1):
+def _layer_fn(w, h, n, m, blocksize, damp, unroll=1):
   q, keep = _obs(
     w.astype(jnp.float32).T, h, n=n, m=m, blocksize=blocksize, damp=damp, unroll=unroll
   )
   return q.T.astype(w.dtype), keep.T
+
+
+_LAYER_STATIC = ("n", "m", "blocksize", "damp", "unroll")
+# Traceable inside a caller's jit (which then owns the compile options).
+_layer = jax.jit(_layer_fn, static_argnames=_LAYER_STATIC)
+# Called eagerly: compiled on its own, with COMPILER_OPTIONS.
+_layer_top = jax.jit(_layer_fn, static_argnames=_LAYER_STATIC, compiler_options=COMPILER_OPTIONS)
 
 
 def sparsegpt_layer(
@@ -244,7 +264,8 @@ def sparsegpt_layer(
     )
   if w.shape[0] % m:
     raise ValueError(f"K={w.shape[0]} (rows of w) is not a multiple of m={m}.")
-  return _layer(w, hessian, n, m, blocksize, float(damp), _unroll())
+  layer = _layer if _tree.is_tracer(w) or _tree.is_tracer(hessian) else _layer_top
+  return layer(w, hessian, n, m, blocksize, float(damp), _unroll())
 
 
 def reconstruction_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> jax.Array:
@@ -253,7 +274,11 @@ def reconstruction_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> 
   return jnp.sum(jnp.matmul(hessian, d, precision=HIGHEST) * d)
 
 
-@functools.partial(jax.jit, static_argnames=("site", "n", "m", "blocksize", "damp", "unroll"))
+@functools.partial(
+  jax.jit,
+  static_argnames=("site", "n", "m", "blocksize", "damp", "unroll"),
+  compiler_options=COMPILER_OPTIONS,
+)
 def _sparsegpt_leaf(w, hessian, count, site, n, m, blocksize, damp, unroll):
   wg = _driver.leaf_matrix_groups(w, site)  # (G, K, O/G)
   h = hessian / jnp.maximum(count, 1.0)

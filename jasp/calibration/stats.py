@@ -188,18 +188,25 @@ class _Tap(_jaxpr.Interpreter):
   """Evaluates a jaxpr, adding the input statistics of ``targets`` to ``acc``.
 
   ``sites`` are the analysis' :class:`~jasp.weights.SiteUse` lists keyed by
-  equation key; ``acc`` maps each target leaf to its running sums.
+  equation key; ``acc`` maps each target leaf to its running sums; ``tables``
+  each stacked target's :meth:`Target.table` (an array: which layers it
+  collects is data, so that one program serves every choice of layers).
   """
 
   def __init__(
-    self, sites: Mapping[tuple, list], targets: Mapping[int, Target], acc: dict, hessian: bool
+    self,
+    sites: Mapping[tuple, list],
+    targets: Mapping[int, Target],
+    acc: dict,
+    hessian: bool,
+    tables: Mapping[int, jax.Array],
   ):
     super().__init__()
     self.sites = {key: [u for u in us if u.leaf in targets] for key, us in sites.items()}
     self.sites = {key: us for key, us in self.sites.items() if us}
     self.prefixes = {key[:i] for key in self.sites for i in range(len(key))}
     self.targets = targets
-    self.tables = {leaf: jnp.asarray(t.table()) for leaf, t in targets.items() if t.stack_shape}
+    self.tables = tables
     self.acc = acc
     self.hessian = hessian
     self.iters: dict[tuple, jax.Array] = {}
@@ -355,13 +362,19 @@ class Tapper:
     return traced, flow
 
   def _step(self, sig, targets: Mapping[int, Target], hessian: bool):
+    """The jitted step for ``targets``' shapes: which layers they collect is an
+    argument (the tables), so the stages of a stacked model share one program."""
     traced, flow, steps = self._cache[sig]
-    tkey = (tuple(sorted(targets.items(), key=lambda kv: kv[0])), hessian)
+    shapes = tuple(
+      sorted((leaf, t.site, t.stack_shape, len(t.layers)) for leaf, t in targets.items())
+    )
+    tkey = (shapes, hessian)
     if tkey not in steps:
       closed = traced.closed
+      first = dict(targets)  # the same sites, stack shapes and slot counts as later calls
 
-      def step(acc, leaves, extra, batch):
-        tap = _Tap(flow.sites, targets, dict(acc), hessian)
+      def step(acc, leaves, extra, batch, tables):
+        tap = _Tap(flow.sites, first, dict(acc), hessian, tables)
         args = (
           list(leaves)
           + jax.tree_util.tree_leaves(extra)
@@ -390,10 +403,11 @@ class Tapper:
     (S, G, K), "hessian": (S, G, K, K)}}`` with one slot per collected layer.
     """
     acc = {leaf: zeros(t, hessian) for leaf, t in targets.items()}
+    tables = {leaf: np.asarray(t.table()) for leaf, t in targets.items() if t.stack_shape}
     for batch in batches:
       self.traced(batch)
       step = self._step(self._signature(batch), targets, hessian)
-      acc = step(acc, list(leaves), self.model.extra, batch)
+      acc = step(acc, list(leaves), self.model.extra, batch, tables)
     return acc
 
 
