@@ -8,6 +8,8 @@ leaf is pruned, ``None`` where it stays dense.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jasp import _dispatch
 from jasp import _tree
 from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
@@ -180,14 +183,16 @@ def compute_masks(
   return masks
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
-def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
-  """One XLA program for the whole tree: masks (and pruned weights) in one pass."""
+def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
+  """The whole tree in one pass: masks, pruned weights (if wanted) and finiteness flags.
+
+  Returns ``(masks, pruned, finite)``: ``finite`` is a bool vector with one entry
+  per inexact leaf (in ``cfg`` order), True where the leaf holds no NaN/Inf.
+  """
   masks, pruned, finite = [], [], []
   for (path, d), w in zip(cfg, leaves):
-    finite.append(
-      jnp.all(jnp.isfinite(w)) if jnp.issubdtype(w.dtype, jnp.inexact) else jnp.bool_(True)
-    )
+    if jnp.issubdtype(w.dtype, jnp.inexact):
+      finite.append(jnp.all(jnp.isfinite(w)))
     if want_pruned and pattern == "nm" and score_fn is None:
       # One pass: the pruned weight and its mask together (the Pallas kernel on a GPU).
       pw, mask = masks_lib.nm_prune(w, n, m, d.axis, impl=impl, with_mask=True)
@@ -197,7 +202,21 @@ def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
       if want_pruned:
         pruned.append(jnp.where(mask, w, jnp.zeros((), w.dtype)))
     masks.append(packing.pack(mask, d.axis) if packed else mask)
-  return masks, pruned, finite
+  return masks, pruned, jnp.stack(finite) if finite else jnp.ones((0,), bool)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned):
+  return jax.jit(functools.partial(_body, cfg, n, m, pattern, score_fn, impl, packed, want_pruned))
+
+
+def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned):
+  """One jitted XLA program for the whole tree (shared by plans of equal configuration)."""
+  args = (cfg, n, m, pattern, score_fn, impl, packed, want_pruned)
+  try:
+    return _cached_program(*args)
+  except TypeError:  # an unhashable custom pattern, score_fn or rule-made Decision
+    return jax.jit(functools.partial(_body, *args))
 
 
 def _check_some_pruned(
@@ -251,29 +270,81 @@ def _check_prunable(path: str, leaf: Any) -> None:
     )
 
 
-def _check_finite(paths: list[str], leaves: list, finite: list) -> None:
-  """Raises naming the first weight whose ``finite`` flag is False (concrete values only)."""
-  if any(_is_traced(x) for x in leaves) or not finite:
-    return
-  flags = np.asarray(jax.device_get(jnp.stack(finite)))
-  for path, x, ok in zip(paths, leaves, flags):
-    if not ok:
-      bad = int(jnp.sum(~jnp.isfinite(x)))
-      raise ValueError(
-        f"the weight '{path}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
-        "value(s); fix or exclude it before pruning (under jax.jit, where values cannot be "
-        "checked, non-finite entries are kept as the largest magnitudes)."
-      )
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+  """What a call prunes, made once per tree structure, shapes and options.
+
+  Attributes:
+    todo: the flat indices of the leaves to prune.
+    paths: their path strings.
+    inexact: the positions in ``todo`` of the floating leaves (one finiteness flag each).
+    program: the jitted program over ``[leaves[i] for i in todo]``.
+    layout_items: the ``(path, Layout)`` pairs of the ``layouts`` the plan was made from
+      (a later call's ``layouts`` must hold the very same objects to reuse the plan).
+    reusable: False when making the plan warned (leaves absent from ``layouts``): such a
+      plan is made again on every call, so that every call warns.
+  """
+
+  todo: tuple[int, ...]
+  paths: tuple[str, ...]
+  inexact: tuple[int, ...]
+  program: Any
+  layout_items: tuple | None
+  reusable: bool
 
 
-def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
+# Plans of recent calls, most recent last, keyed by :func:`_plan_key`.
+_PLANS: collections.OrderedDict = collections.OrderedDict()
+_MAX_PLANS = 16
 
-  masks_lib.check_nm(n, m)
-  _check_options(pattern, score_fn)
+
+def _policy_key(policy: Any) -> Any:
+  """A hashable summary of ``policy`` (raises TypeError when it has none)."""
+  if policy is None:
+    return None
+  if type(policy) is not policy_lib.Policy or policy.rule is not None:
+    raise TypeError("not cached: a rule sees the leaves themselves")
+  axes = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in policy.axes.items())
+  return (policy.include, policy.exclude, axes, policy.tensor_core_sizes)
+
+
+def _plan_key(treedef, leaves: list, layouts: Any, policy: Any, options: tuple) -> Any:
+  """Everything a plan depends on besides the layouts' entries; None when not cacheable.
+
+  Each leaf contributes its type, shape, dtype and sharding (the checks and decisions
+  look at nothing else); ``layouts`` by identity (its entries are compared on a hit).
+  """
+  try:
+    sig = tuple(
+      (type(x), getattr(x, "shape", None), getattr(x, "dtype", None), getattr(x, "sharding", None))
+      for x in leaves
+    )
+    key = (treedef, sig, id(layouts), _policy_key(policy), options)
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
+def _layout_items(layouts: Any) -> tuple | None:
+  return None if layouts is None else tuple(layouts.items())
+
+
+def _same_layouts(items: tuple | None, layouts: Any) -> bool:
+  """Whether ``layouts`` still holds exactly the entries ``items`` (by identity)."""
+  if items is None or layouts is None:
+    return items is None and layouts is None
+  missing = object()
+  return len(layouts) == len(items) and all(layouts.get(k, missing) is v for k, v in items)
+
+
+def _make_plan(params, leaves: list, n: int, m: int, layouts, policy, options: tuple) -> _Plan:
+  """Decides every leaf, runs the checks that look at shapes, dtypes and shardings only.
+
+  Raises as :func:`compute_masks` (all but the NaN/Inf check).
+  """
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [_tree.path_str(p) for p, _ in flat]
-  leaves = [x for _, x in flat]
+  paths = [_tree.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   _check_some_pruned(decisions, {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}, n, m)
   todo = [i for i, p in enumerate(paths) if decisions[p].prune]
   for i in todo:
@@ -281,13 +352,91 @@ def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want
   for i in todo:
     sharding.check_groups_unsplit(leaves[i], decisions[paths[i]].axis, m, path=paths[i])
   cfg = tuple((paths[i], decisions[paths[i]]) for i in todo)
-  sub = [leaves[i] for i in todo]
-  masks, pruned, finite = _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, sub)
-  _check_finite([paths[i] for i in todo], sub, finite)
-  mask_tree = jax.tree_util.tree_unflatten(treedef, _scatter([None] * len(leaves), todo, masks))
+  inexact = [k for k, i in enumerate(todo) if jnp.issubdtype(leaves[i].dtype, jnp.inexact)]
+  return _Plan(
+    todo=tuple(todo),
+    paths=tuple(paths[i] for i in todo),
+    inexact=tuple(inexact),
+    program=_program(cfg, n, m, *options),
+    layout_items=_layout_items(layouts),
+    reusable=layouts is None or all(p in layouts for p in paths),
+  )
+
+
+def _get_plan(params, leaves, treedef, n, m, layouts, policy, options) -> _Plan:
+  """The cached plan for this call, or a new one (cached when the call allows)."""
+  key = _plan_key(treedef, leaves, layouts, policy, (n, m, *options))
+  plan = None if key is None else _PLANS.get(key)
+  if plan is not None and _same_layouts(plan.layout_items, layouts):
+    try:
+      _PLANS.move_to_end(key)
+    except KeyError:  # dropped meanwhile by another thread
+      pass
+    return plan
+  plan = _make_plan(params, leaves, n, m, layouts, policy, options)
+  if key is not None and plan.reusable:
+    _PLANS[key] = plan
+    while len(_PLANS) > _MAX_PLANS:
+      _PLANS.popitem(last=False)
+  return plan
+
+
+def _check_finite(plan: _Plan, sub: list, finite: jax.Array) -> None:
+  """Raises naming the first weight whose finiteness flag is False (one host transfer)."""
+  if not plan.inexact:
+    return
+  flags = np.asarray(finite)
+  if flags.all():
+    return
+  k = plan.inexact[int(np.argmin(flags))]
+  x = sub[k]
+  bad = int(jnp.sum(~jnp.isfinite(x)))
+  raise ValueError(
+    f"the weight '{plan.paths[k]}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
+    "value(s); fix or exclude it before pruning (under jax.jit, where values cannot be "
+    "checked, non-finite entries are kept as the largest magnitudes)."
+  )
+
+
+def _impl_in_force(impl: str | None) -> str | None:
+  """``impl``, or the context's / environment's choice now (so that it keys the plan).
+
+  An invalid ``JASP_MASK_IMPL`` gives None: the error is raised where a mask is computed.
+  """
+  if impl is not None:
+    return impl
+  try:
+    return _dispatch.get_mask_impl()
+  except ValueError:
+    return None
+
+
+def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
+  """Masks (and pruned params when ``want_pruned``) of ``params``: one program, one sync.
+
+  The plan (decisions, checks, the jitted program) is reused across calls on trees of the
+  same structure, shapes, dtypes and shardings with the same options; the NaN/Inf check
+  runs on the device inside the program and reads back one small flag vector.
+  """
+  masks_lib.check_nm(n, m)
+  _check_options(pattern, score_fn)
+  impl = _impl_in_force(impl)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  options = (pattern, score_fn, impl, packed, want_pruned)
+  if any(_is_traced(x) for x in leaves):  # under a trace: no values to check, nothing cached
+    plan = _make_plan(params, leaves, n, m, layouts, policy, options)
+    masks, pruned, _ = plan.program([leaves[i] for i in plan.todo])
+  else:
+    plan = _get_plan(params, leaves, treedef, n, m, layouts, policy, options)
+    sub = [leaves[i] for i in plan.todo]
+    masks, pruned, finite = plan.program(sub)
+    _check_finite(plan, sub, finite)
+  mask_tree = jax.tree_util.tree_unflatten(
+    treedef, _scatter([None] * len(leaves), plan.todo, masks)
+  )
   if not want_pruned:
     return mask_tree, None
-  return mask_tree, jax.tree_util.tree_unflatten(treedef, _scatter(list(leaves), todo, pruned))
+  return mask_tree, jax.tree_util.tree_unflatten(treedef, _scatter(list(leaves), plan.todo, pruned))
 
 
 def _scatter(out: list, at: list[int], values: list) -> list:
