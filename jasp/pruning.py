@@ -8,7 +8,6 @@ leaf is pruned, ``None`` where it stays dense.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from collections.abc import Mapping
@@ -293,8 +292,8 @@ class _Plan:
   reusable: bool
 
 
-# Plans of recent calls, most recent last, keyed by :func:`_plan_key`.
-_PLANS: collections.OrderedDict = collections.OrderedDict()
+# Plans of recent calls, the newest last, keyed by :func:`_plan_key`.
+_PLANS: dict = {}
 _MAX_PLANS = 16
 
 
@@ -315,15 +314,14 @@ def _plan_key(treedef, leaves: list, layouts: Any, policy: Any, options: tuple) 
   look at nothing else); ``layouts`` by identity (its entries are compared on a hit).
   """
   try:
-    sig = tuple(
-      (type(x), getattr(x, "shape", None), getattr(x, "dtype", None), getattr(x, "sharding", None))
-      for x in leaves
-    )
-    key = (treedef, sig, id(layouts), _policy_key(policy), options)
-    hash(key)
+    policy_key = _policy_key(policy)
   except TypeError:
     return None
-  return key
+  sig = tuple(
+    (type(x), getattr(x, "shape", None), getattr(x, "dtype", None), getattr(x, "sharding", None))
+    for x in leaves
+  )
+  return (treedef, sig, id(layouts), policy_key, options)
 
 
 def _layout_items(layouts: Any) -> tuple | None:
@@ -366,18 +364,17 @@ def _make_plan(params, leaves: list, n: int, m: int, layouts, policy, options: t
 def _get_plan(params, leaves, treedef, n, m, layouts, policy, options) -> _Plan:
   """The cached plan for this call, or a new one (cached when the call allows)."""
   key = _plan_key(treedef, leaves, layouts, policy, (n, m, *options))
-  plan = None if key is None else _PLANS.get(key)
+  try:
+    plan = None if key is None else _PLANS.get(key)
+  except TypeError:  # an unhashable option (a custom pattern or score_fn object)
+    key = plan = None
   if plan is not None and _same_layouts(plan.layout_items, layouts):
-    try:
-      _PLANS.move_to_end(key)
-    except KeyError:  # dropped meanwhile by another thread
-      pass
     return plan
   plan = _make_plan(params, leaves, n, m, layouts, policy, options)
   if key is not None and plan.reusable:
     _PLANS[key] = plan
-    while len(_PLANS) > _MAX_PLANS:
-      _PLANS.popitem(last=False)
+    while len(_PLANS) > _MAX_PLANS:  # the oldest first
+      _PLANS.pop(next(iter(_PLANS)), None)
   return plan
 
 
@@ -399,16 +396,18 @@ def _check_finite(plan: _Plan, sub: list, finite: jax.Array) -> None:
 
 
 def _impl_in_force(impl: str | None) -> str | None:
-  """``impl``, or the context's / environment's choice now (so that it keys the plan).
+  """``impl``, or for None the context's / environment's choice now, so that it keys the plan.
 
-  An invalid ``JASP_MASK_IMPL`` gives None: the error is raised where a mask is computed.
+  ``"auto"`` from the context stays None (read again, to the same effect, where the masks
+  are traced); an invalid ``JASP_MASK_IMPL`` gives None too: the error is raised there.
   """
   if impl is not None:
     return impl
   try:
-    return _dispatch.get_mask_impl()
+    in_force = _dispatch.get_mask_impl()
   except ValueError:
     return None
+  return None if in_force == "auto" else in_force
 
 
 def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
