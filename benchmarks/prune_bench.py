@@ -116,8 +116,7 @@ def _timed(fn) -> float:
 def _new_program(params, layouts, packed):
   """The new path's cached program and its inputs (the device work without the planning)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  impl = pruning._impl_in_force(None)
-  options = ("nm", None, impl, packed, True)
+  options = ("nm", None, None, packed, True, pruning._impl_in_force(None))
   plan = pruning._get_plan(params, leaves, treedef, 2, 4, layouts, None, options)
   sub = [leaves[i] for i in plan.todo]
   return lambda: plan.program(sub)

@@ -205,15 +205,20 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned):
+def _cached_program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force):
+  del in_force  # keys the cache only: the program traced under another mask_impl block
   return jax.jit(functools.partial(_body, cfg, n, m, pattern, score_fn, impl, packed, want_pruned))
 
 
-def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned):
-  """One jitted XLA program for the whole tree (shared by plans of equal configuration)."""
+def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force):
+  """One jitted XLA program for the whole tree (shared by plans of equal configuration).
+
+  ``in_force`` is the mask implementation in force when ``impl`` is None (the context's
+  choice, read where the masks are traced), so that each choice gets its own program.
+  """
   args = (cfg, n, m, pattern, score_fn, impl, packed, want_pruned)
   try:
-    return _cached_program(*args)
+    return _cached_program(*args, in_force)
   except TypeError:  # an unhashable custom pattern, score_fn or rule-made Decision
     return jax.jit(functools.partial(_body, *args))
 
@@ -396,18 +401,18 @@ def _check_finite(plan: _Plan, sub: list, finite: jax.Array) -> None:
 
 
 def _impl_in_force(impl: str | None) -> str | None:
-  """``impl``, or for None the context's / environment's choice now, so that it keys the plan.
+  """``impl``, or for None the context's / environment's choice now (None if invalid).
 
-  ``"auto"`` from the context stays None (read again, to the same effect, where the masks
-  are traced); an invalid ``JASP_MASK_IMPL`` gives None too: the error is raised there.
+  It only keys the plan: the program still gets ``impl``, so a context's choice stays a
+  preference (see :func:`jasp.mask_impl`), and an invalid ``JASP_MASK_IMPL`` is raised
+  where a mask is traced.
   """
   if impl is not None:
     return impl
   try:
-    in_force = _dispatch.get_mask_impl()
+    return _dispatch.get_mask_impl()
   except ValueError:
     return None
-  return None if in_force == "auto" else in_force
 
 
 def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
@@ -419,9 +424,8 @@ def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want
   """
   masks_lib.check_nm(n, m)
   _check_options(pattern, score_fn)
-  impl = _impl_in_force(impl)
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  options = (pattern, score_fn, impl, packed, want_pruned)
+  options = (pattern, score_fn, impl, packed, want_pruned, _impl_in_force(impl))
   if any(_is_traced(x) for x in leaves):  # under a trace: no values to check, nothing cached
     plan = _make_plan(params, leaves, n, m, layouts, policy, options)
     masks, pruned, _ = plan.program([leaves[i] for i in plan.todo])
