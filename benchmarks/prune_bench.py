@@ -56,7 +56,7 @@ def _old_program_body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, l
       pw, mask = masks_lib.nm_prune(w, n, m, d.axis, impl=impl, with_mask=True)
       pruned.append(pw)
     else:
-      mask = pruning._leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
+      mask = pruning._leaf_mask(path, w, d, n, m, pattern, score_fn, impl, impl)
       if want_pruned:
         pruned.append(jnp.where(mask, w, jnp.zeros((), w.dtype)))
     masks.append(packing.pack(mask, d.axis) if packed else mask)

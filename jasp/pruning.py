@@ -32,9 +32,21 @@ from jasp.typing import ScoreFn
 __all__ = ["compute_masks", "apply_masks", "prune"]
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "impl"))
-def _nm(w, n, m, axis, impl):
+# The per-leaf helpers are jitted so that leaves of one shape share one traced and lowered
+# mask computation; ``in_force`` (the mask implementation in force when ``impl`` is None,
+# which the helpers read at trace time) only keys their trace caches.
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "impl", "in_force"))
+def _nm(w, n, m, axis, impl, in_force):
+  del in_force
   return masks_lib.nm_mask(w, n, m, axis, impl=impl)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "impl", "in_force"))
+def _nm_prune(w, n, m, axis, impl, in_force):
+  del in_force
+  return masks_lib.nm_prune(w, n, m, axis, impl=impl, with_mask=True)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
@@ -45,8 +57,9 @@ def _nm_scores(s, n, m, axis):
   return masks_lib.topn_mask(jnp.where(jnp.isnan(s), jnp.inf, s), n, m, axis)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "out_axes", "method"))
-def _nm2d(w, n, m, axis, out_axes, method):
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "out_axes", "method", "in_force"))
+def _nm2d(w, n, m, axis, out_axes, method, in_force):
+  del in_force
   # View the weight as (..., K, ..., O, ...) with each run of axes merged by a
   # free reshape, then cut m x m blocks over (K, O).
   shape = w.shape
@@ -78,6 +91,7 @@ def _leaf_mask(
   pattern: Pattern,
   score_fn: ScoreFn | None,
   impl,
+  in_force,
 ) -> jax.Array:
   axis = d.axis
   if callable(pattern):
@@ -93,7 +107,7 @@ def _leaf_mask(
       if s.shape != w.shape:
         raise ValueError(f"score_fn returned shape {s.shape} for '{path}' (shape {w.shape}).")
       return _nm_scores(s, n, m, axis)
-    return _nm(w, n, m, axis, impl)
+    return _nm(w, n, m, axis, impl, in_force)
   if pattern in ("2d_best", "2d_greedy"):
     out = tuple(d.out_axes)
     if not out or set(out) & set(axis) or out != tuple(range(out[0], out[0] + len(out))):
@@ -107,7 +121,7 @@ def _leaf_mask(
         f"transposable masks need the output size of '{path}' (shape "
         f"{w.shape}, axes {out}) = {osize} to be a multiple of m={m}."
       )
-    return _nm2d(w, n, m, axis, out, pattern[3:])
+    return _nm2d(w, n, m, axis, out, pattern[3:], in_force)
   raise ValueError(f"pattern must be 'nm', '2d_best', '2d_greedy' or a callable, got {pattern!r}.")
 
 
@@ -182,7 +196,7 @@ def compute_masks(
   return masks
 
 
-def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
+def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, leaves):
   """The whole tree in one pass: masks, pruned weights (if wanted) and finiteness flags.
 
   Returns ``(masks, pruned, finite)``: ``finite`` is a bool vector with one entry
@@ -194,10 +208,10 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
       finite.append(jnp.all(jnp.isfinite(w)))
     if want_pruned and pattern == "nm" and score_fn is None:
       # One pass: the pruned weight and its mask together (the Pallas kernel on a GPU).
-      pw, mask = masks_lib.nm_prune(w, n, m, d.axis, impl=impl, with_mask=True)
+      pw, mask = _nm_prune(w, n, m, d.axis, impl, in_force)
       pruned.append(pw)
     else:
-      mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
+      mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl, in_force)
       if want_pruned:
         pruned.append(jnp.where(mask, w, jnp.zeros((), w.dtype)))
     masks.append(packing.pack(mask, d.axis) if packed else mask)
@@ -206,8 +220,9 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
 
 @functools.lru_cache(maxsize=32)
 def _cached_program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force):
-  del in_force  # keys the cache only: the program traced under another mask_impl block
-  return jax.jit(functools.partial(_body, cfg, n, m, pattern, score_fn, impl, packed, want_pruned))
+  return jax.jit(
+    functools.partial(_body, cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force)
+  )
 
 
 def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force):
@@ -216,9 +231,9 @@ def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force):
   ``in_force`` is the mask implementation in force when ``impl`` is None (the context's
   choice, read where the masks are traced), so that each choice gets its own program.
   """
-  args = (cfg, n, m, pattern, score_fn, impl, packed, want_pruned)
+  args = (cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force)
   try:
-    return _cached_program(*args, in_force)
+    return _cached_program(*args)
   except TypeError:  # an unhashable custom pattern, score_fn or rule-made Decision
     return jax.jit(functools.partial(_body, *args))
 

@@ -215,3 +215,7 @@ def test_prune_follows_the_context_of_each_call(calls):
   assert calls["prune"] == 1  # the float kernel, traced once for both calls
   jasp.prune(params, layouts=lay)
   assert calls["prune"] == 1
+  masks = jasp.compute_masks(params, layouts=lay)
+  with jasp.mask_impl("pallas"):
+    jax.tree.map(np.testing.assert_array_equal, jasp.compute_masks(params, layouts=lay), masks)
+  assert calls["mask"] == 1
