@@ -10,6 +10,7 @@ pure data: no global state.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -156,7 +157,7 @@ def as_patterns(
 
 
 def _size(shape, axes) -> int:
-  return int(np.prod([shape[a] for a in axes], dtype=np.int64)) if axes else 1
+  return math.prod(int(shape[a]) for a in axes) if axes else 1
 
 
 def size_reason(shape: tuple[int, ...], axis: tuple[int, ...], m: int) -> str:

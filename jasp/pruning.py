@@ -8,6 +8,7 @@ leaf is pruned, ``None`` where it stays dense.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jasp import _dispatch
 from jasp import _tree
 from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
@@ -30,9 +32,21 @@ from jasp.typing import ScoreFn
 __all__ = ["compute_masks", "apply_masks", "prune"]
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "impl"))
-def _nm(w, n, m, axis, impl):
+# The per-leaf helpers are jitted so that leaves of one shape share one traced and lowered
+# mask computation; ``in_force`` (the mask implementation in force when ``impl`` is None,
+# which the helpers read at trace time) only keys their trace caches.
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "impl", "in_force"))
+def _nm(w, n, m, axis, impl, in_force):
+  del in_force
   return masks_lib.nm_mask(w, n, m, axis, impl=impl)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "impl", "in_force"))
+def _nm_prune(w, n, m, axis, impl, in_force):
+  del in_force
+  return masks_lib.nm_prune(w, n, m, axis, impl=impl, with_mask=True)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axis"))
@@ -43,8 +57,9 @@ def _nm_scores(s, n, m, axis):
   return masks_lib.topn_mask(jnp.where(jnp.isnan(s), jnp.inf, s), n, m, axis)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "out_axes", "method"))
-def _nm2d(w, n, m, axis, out_axes, method):
+@functools.partial(jax.jit, static_argnames=("n", "m", "axis", "out_axes", "method", "in_force"))
+def _nm2d(w, n, m, axis, out_axes, method, in_force):
+  del in_force
   # View the weight as (..., K, ..., O, ...) with each run of axes merged by a
   # free reshape, then cut m x m blocks over (K, O).
   shape = w.shape
@@ -76,6 +91,7 @@ def _leaf_mask(
   pattern: Pattern,
   score_fn: ScoreFn | None,
   impl,
+  in_force,
 ) -> jax.Array:
   axis = d.axis
   if callable(pattern):
@@ -91,7 +107,7 @@ def _leaf_mask(
       if s.shape != w.shape:
         raise ValueError(f"score_fn returned shape {s.shape} for '{path}' (shape {w.shape}).")
       return _nm_scores(s, n, m, axis)
-    return _nm(w, n, m, axis, impl)
+    return _nm(w, n, m, axis, impl, in_force)
   if pattern in ("2d_best", "2d_greedy"):
     out = tuple(d.out_axes)
     if not out or set(out) & set(axis) or out != tuple(range(out[0], out[0] + len(out))):
@@ -105,7 +121,7 @@ def _leaf_mask(
         f"transposable masks need the output size of '{path}' (shape "
         f"{w.shape}, axes {out}) = {osize} to be a multiple of m={m}."
       )
-    return _nm2d(w, n, m, axis, out, pattern[3:])
+    return _nm2d(w, n, m, axis, out, pattern[3:], in_force)
   raise ValueError(f"pattern must be 'nm', '2d_best', '2d_greedy' or a callable, got {pattern!r}.")
 
 
@@ -180,24 +196,46 @@ def compute_masks(
   return masks
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
-def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, leaves):
-  """One XLA program for the whole tree: masks (and pruned weights) in one pass."""
+def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, leaves):
+  """The whole tree in one pass: masks, pruned weights (if wanted) and finiteness flags.
+
+  Returns ``(masks, pruned, finite)``: ``finite`` is a bool vector with one entry
+  per inexact leaf (in ``cfg`` order), True where the leaf holds no NaN/Inf.
+  """
   masks, pruned, finite = [], [], []
   for (path, d), w in zip(cfg, leaves):
-    finite.append(
-      jnp.all(jnp.isfinite(w)) if jnp.issubdtype(w.dtype, jnp.inexact) else jnp.bool_(True)
-    )
+    if jnp.issubdtype(w.dtype, jnp.inexact):
+      finite.append(jnp.all(jnp.isfinite(w)))
     if want_pruned and pattern == "nm" and score_fn is None:
       # One pass: the pruned weight and its mask together (the Pallas kernel on a GPU).
-      pw, mask = masks_lib.nm_prune(w, n, m, d.axis, impl=impl, with_mask=True)
+      pw, mask = _nm_prune(w, n, m, d.axis, impl, in_force)
       pruned.append(pw)
     else:
-      mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl)
+      mask = _leaf_mask(path, w, d, n, m, pattern, score_fn, impl, in_force)
       if want_pruned:
         pruned.append(jnp.where(mask, w, jnp.zeros((), w.dtype)))
     masks.append(packing.pack(mask, d.axis) if packed else mask)
-  return masks, pruned, finite
+  return masks, pruned, jnp.stack(finite) if finite else jnp.ones((0,), bool)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force):
+  return jax.jit(
+    functools.partial(_body, cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force)
+  )
+
+
+def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force):
+  """One jitted XLA program for the whole tree (shared by plans of equal configuration).
+
+  ``in_force`` is the mask implementation in force when ``impl`` is None (the context's
+  choice, read where the masks are traced), so that each choice gets its own program.
+  """
+  args = (cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force)
+  try:
+    return _cached_program(*args)
+  except TypeError:  # an unhashable custom pattern, score_fn or rule-made Decision
+    return jax.jit(functools.partial(_body, *args))
 
 
 def _check_some_pruned(
@@ -251,29 +289,80 @@ def _check_prunable(path: str, leaf: Any) -> None:
     )
 
 
-def _check_finite(paths: list[str], leaves: list, finite: list) -> None:
-  """Raises naming the first weight whose ``finite`` flag is False (concrete values only)."""
-  if any(_is_traced(x) for x in leaves) or not finite:
-    return
-  flags = np.asarray(jax.device_get(jnp.stack(finite)))
-  for path, x, ok in zip(paths, leaves, flags):
-    if not ok:
-      bad = int(jnp.sum(~jnp.isfinite(x)))
-      raise ValueError(
-        f"the weight '{path}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
-        "value(s); fix or exclude it before pruning (under jax.jit, where values cannot be "
-        "checked, non-finite entries are kept as the largest magnitudes)."
-      )
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Plan:
+  """What a call prunes, made once per tree structure, shapes and options.
+
+  Attributes:
+    todo: the flat indices of the leaves to prune.
+    paths: their path strings.
+    inexact: the positions in ``todo`` of the floating leaves (one finiteness flag each).
+    program: the jitted program over ``[leaves[i] for i in todo]``.
+    layout_items: the ``(path, Layout)`` pairs of the ``layouts`` the plan was made from
+      (a later call's ``layouts`` must hold the very same objects to reuse the plan).
+    reusable: False when making the plan warned (leaves absent from ``layouts``): such a
+      plan is made again on every call, so that every call warns.
+  """
+
+  todo: tuple[int, ...]
+  paths: tuple[str, ...]
+  inexact: tuple[int, ...]
+  program: Any
+  layout_items: tuple | None
+  reusable: bool
 
 
-def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
+# Plans of recent calls, the newest last, keyed by :func:`_plan_key`.
+_PLANS: dict = {}
+_MAX_PLANS = 16
 
-  masks_lib.check_nm(n, m)
-  _check_options(pattern, score_fn)
+
+def _policy_key(policy: Any) -> Any:
+  """A hashable summary of ``policy`` (raises TypeError when it has none)."""
+  if policy is None:
+    return None
+  if type(policy) is not policy_lib.Policy or policy.rule is not None:
+    raise TypeError("not cached: a rule sees the leaves themselves")
+  axes = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in policy.axes.items())
+  return (policy.include, policy.exclude, axes, policy.tensor_core_sizes)
+
+
+def _plan_key(treedef, leaves: list, layouts: Any, policy: Any, options: tuple) -> Any:
+  """Everything a plan depends on besides the layouts' entries; None when not cacheable.
+
+  Each leaf contributes its type, shape, dtype and sharding (the checks and decisions
+  look at nothing else); ``layouts`` by identity (its entries are compared on a hit).
+  """
+  try:
+    policy_key = _policy_key(policy)
+  except TypeError:
+    return None
+  sig = tuple(
+    (type(x), getattr(x, "shape", None), getattr(x, "dtype", None), getattr(x, "sharding", None))
+    for x in leaves
+  )
+  return (treedef, sig, id(layouts), policy_key, options)
+
+
+def _layout_items(layouts: Any) -> tuple | None:
+  return None if layouts is None else tuple(layouts.items())
+
+
+def _same_layouts(items: tuple | None, layouts: Any) -> bool:
+  """Whether ``layouts`` still holds exactly the entries ``items`` (by identity)."""
+  if items is None or layouts is None:
+    return items is None and layouts is None
+  missing = object()
+  return len(layouts) == len(items) and all(layouts.get(k, missing) is v for k, v in items)
+
+
+def _make_plan(params, leaves: list, n: int, m: int, layouts, policy, options: tuple) -> _Plan:
+  """Decides every leaf, runs the checks that look at shapes, dtypes and shardings only.
+
+  Raises as :func:`compute_masks` (all but the NaN/Inf check).
+  """
   decisions = policy_lib.plan(params, m, layouts=layouts, policy=policy)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [_tree.path_str(p) for p, _ in flat]
-  leaves = [x for _, x in flat]
+  paths = [_tree.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   _check_some_pruned(decisions, {p: tuple(np.shape(x)) for p, x in zip(paths, leaves)}, n, m)
   todo = [i for i, p in enumerate(paths) if decisions[p].prune]
   for i in todo:
@@ -281,13 +370,91 @@ def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want
   for i in todo:
     sharding.check_groups_unsplit(leaves[i], decisions[paths[i]].axis, m, path=paths[i])
   cfg = tuple((paths[i], decisions[paths[i]]) for i in todo)
-  sub = [leaves[i] for i in todo]
-  masks, pruned, finite = _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, sub)
-  _check_finite([paths[i] for i in todo], sub, finite)
-  mask_tree = jax.tree_util.tree_unflatten(treedef, _scatter([None] * len(leaves), todo, masks))
+  inexact = [k for k, i in enumerate(todo) if jnp.issubdtype(leaves[i].dtype, jnp.inexact)]
+  return _Plan(
+    todo=tuple(todo),
+    paths=tuple(paths[i] for i in todo),
+    inexact=tuple(inexact),
+    program=_program(cfg, n, m, *options),
+    layout_items=_layout_items(layouts),
+    reusable=layouts is None or all(p in layouts for p in paths),
+  )
+
+
+def _get_plan(params, leaves, treedef, n, m, layouts, policy, options) -> _Plan:
+  """The cached plan for this call, or a new one (cached when the call allows)."""
+  key = _plan_key(treedef, leaves, layouts, policy, (n, m, *options))
+  try:
+    plan = None if key is None else _PLANS.get(key)
+  except TypeError:  # an unhashable option (a custom pattern or score_fn object)
+    key = plan = None
+  if plan is not None and _same_layouts(plan.layout_items, layouts):
+    return plan
+  plan = _make_plan(params, leaves, n, m, layouts, policy, options)
+  if key is not None and plan.reusable:
+    _PLANS[key] = plan
+    while len(_PLANS) > _MAX_PLANS:  # the oldest first
+      _PLANS.pop(next(iter(_PLANS)), None)
+  return plan
+
+
+def _check_finite(plan: _Plan, sub: list, finite: jax.Array) -> None:
+  """Raises naming the first weight whose finiteness flag is False (one host transfer)."""
+  if not plan.inexact:
+    return
+  flags = np.asarray(finite)
+  if flags.all():
+    return
+  k = plan.inexact[int(np.argmin(flags))]
+  x = sub[k]
+  bad = int(jnp.sum(~jnp.isfinite(x)))
+  raise ValueError(
+    f"the weight '{plan.paths[k]}' (shape {tuple(x.shape)}) holds {bad} NaN/Inf "
+    "value(s); fix or exclude it before pruning (under jax.jit, where values cannot be "
+    "checked, non-finite entries are kept as the largest magnitudes)."
+  )
+
+
+def _impl_in_force(impl: str | None) -> str | None:
+  """``impl``, or for None the context's / environment's choice now (None if invalid).
+
+  It only keys the plan: the program still gets ``impl``, so a context's choice stays a
+  preference (see :func:`jasp.mask_impl`), and an invalid ``JASP_MASK_IMPL`` is raised
+  where a mask is traced.
+  """
+  if impl is not None:
+    return impl
+  try:
+    return _dispatch.get_mask_impl()
+  except ValueError:
+    return None
+
+
+def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want_pruned):
+  """Masks (and pruned params when ``want_pruned``) of ``params``: one program, one sync.
+
+  The plan (decisions, checks, the jitted program) is reused across calls on trees of the
+  same structure, shapes, dtypes and shardings with the same options; the NaN/Inf check
+  runs on the device inside the program and reads back one small flag vector.
+  """
+  masks_lib.check_nm(n, m)
+  _check_options(pattern, score_fn)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  options = (pattern, score_fn, impl, packed, want_pruned, _impl_in_force(impl))
+  if any(_is_traced(x) for x in leaves):  # under a trace: no values to check, nothing cached
+    plan = _make_plan(params, leaves, n, m, layouts, policy, options)
+    masks, pruned, _ = plan.program([leaves[i] for i in plan.todo])
+  else:
+    plan = _get_plan(params, leaves, treedef, n, m, layouts, policy, options)
+    sub = [leaves[i] for i in plan.todo]
+    masks, pruned, finite = plan.program(sub)
+    _check_finite(plan, sub, finite)
+  mask_tree = jax.tree_util.tree_unflatten(
+    treedef, _scatter([None] * len(leaves), plan.todo, masks)
+  )
   if not want_pruned:
     return mask_tree, None
-  return mask_tree, jax.tree_util.tree_unflatten(treedef, _scatter(list(leaves), todo, pruned))
+  return mask_tree, jax.tree_util.tree_unflatten(treedef, _scatter(list(leaves), plan.todo, pruned))
 
 
 def _scatter(out: list, at: list[int], values: list) -> list:

@@ -198,3 +198,24 @@ def test_nm_mask_2d_best_routes_to_kernel(calls, monkeypatch):
   )
   with _dispatch.mask_impl("xla"):
     assert _dispatch.pallas_nm_mask_2d(big, 2, 4, 0, 1) is None
+
+
+def test_prune_follows_the_context_of_each_call(calls):
+  # Repeated jasp.prune calls on one tree reuse their program, but each call honours the
+  # mask_impl block it runs in, as a preference: an int weight still falls back to XLA.
+  params = {"dense": {"kernel": jnp.arange(64.0).reshape(16, 4)}, "ints": jnp.ones((8, 4), int)}
+  lay = {"dense/kernel": jasp.Layout((0,), (1,), kind="dot")}
+  lay["ints"] = jasp.Layout((0,), (1,), kind="dot")
+  want, _ = jasp.prune(params, layouts=lay)
+  assert calls["prune"] == 0
+  with jasp.mask_impl("pallas"):
+    for _ in range(2):
+      got, _ = jasp.prune(params, layouts=lay)
+      jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert calls["prune"] == 1  # the float kernel, traced once for both calls
+  jasp.prune(params, layouts=lay)
+  assert calls["prune"] == 1
+  masks = jasp.compute_masks(params, layouts=lay)
+  with jasp.mask_impl("pallas"):
+    jax.tree.map(np.testing.assert_array_equal, jasp.compute_masks(params, layouts=lay), masks)
+  assert calls["mask"] == 1

@@ -276,3 +276,48 @@ def test_apply_masks_bad_mask_leaves_name_the_path():
   bad["params"]["Dense_0"]["kernel"] = masks["params"]["Dense_0"]["kernel"] * 0.5
   with pytest.raises(TypeError, match=r"mask for 'params/Dense_0/kernel' has dtype float32"):
     jasp.apply_masks(variables, bad)
+
+
+def test_repeated_prunes_follow_each_calls_values_policy_and_layouts():
+  # Calls on trees of one structure reuse the plan; every result is still that call's own:
+  # new values, a new policy and layouts edited in place between calls all count.
+  model, variables, x = basic.token_block()
+  lay = dict(jasp.trace_layouts(model.apply, variables, x))
+  for seed in range(3):
+    _, v, _ = basic.token_block(seed)
+    pruned, masks = jasp.prune(v, layouts=lay)
+    assert _check_pruned(v, pruned, masks, lay) >= 4
+  head = "params/Dense_0/kernel"
+  for _ in range(2):  # an equal policy made anew on each call
+    _, masks = jasp.prune(v, layouts=lay, policy=jasp.Policy(exclude=["Dense_0"]))
+    assert _tree.leaves_by_path(masks, keep_none=True)[head] is None
+  _, masks = jasp.prune(v, layouts=lay)
+  assert _tree.leaves_by_path(masks, keep_none=True)[head] is not None
+  lay[head] = jasp.Layout(None, reason="kept dense")  # the same dict, edited
+  pruned, masks = jasp.prune(v, layouts=lay)
+  assert _tree.leaves_by_path(masks, keep_none=True)[head] is None
+  assert _check_pruned(v, pruned, masks, lay) >= 3
+
+
+def test_non_finite_raises_after_clean_calls_on_the_same_tree():
+  _, variables, _ = basic.digits_cnn()
+  for _ in range(2):
+    jasp.prune(variables)
+  bad = jax.tree.map(lambda a: a, variables)
+  bad["params"]["Conv_1"]["kernel"] = bad["params"]["Conv_1"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
+  bad["params"]["Dense_1"]["kernel"] = bad["params"]["Dense_1"]["kernel"].at[0, 0].set(jnp.inf)
+  for fn in (jasp.prune, jasp.compute_masks):
+    # The first weight in flatten order is named, with its count of non-finite values.
+    with pytest.raises(ValueError, match=r"'params/Conv_1/kernel' \(shape .*\) holds 1 NaN/Inf"):
+      fn(bad)
+  jasp.prune(variables)
+
+
+def test_every_call_warns_about_weights_absent_from_the_layouts():
+  model, variables, x = basic.token_block()
+  lay = dict(jasp.trace_layouts(model.apply, variables, x))
+  del lay["params/Dense_0/kernel"]
+  for _ in range(2):
+    with pytest.warns(UserWarning, match="absent from the given layouts"):
+      _, masks = jasp.prune(variables, layouts=lay)
+    assert _tree.leaves_by_path(masks, keep_none=True)["params/Dense_0/kernel"] is None
