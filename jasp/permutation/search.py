@@ -81,7 +81,8 @@ _cpu_options_rejected: list[bool] = []  # set once if this XLA lacks the option
 def _cpu_tuned_jit(**jit_kwargs) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
   """``jax.jit(**jit_kwargs)`` compiled with :data:`_CPU_COMPILER_OPTIONS` on CPU.
 
-  Other backends (and an XLA that rejects the options) get a plain ``jax.jit``.
+  Other backends, calls under a trace (JAX takes compile options only at the
+  top level), and an XLA that rejects the options get a plain ``jax.jit``.
   """
 
   def wrap(fun):
@@ -90,7 +91,8 @@ def _cpu_tuned_jit(**jit_kwargs) -> Callable[[Callable[..., Any]], Callable[...,
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
-      if jax.default_backend() == "cpu" and not _cpu_options_rejected:
+      nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+      if not nested and not _cpu_options_rejected and jax.default_backend() == "cpu":
         try:
           return tuned(*args, **kwargs)
         except jax.errors.JaxRuntimeError as e:
@@ -709,23 +711,50 @@ def _windows_chunk(
     st, i = carry
     return (i < chunk) & ~st.done
 
+  # The first chunk starts from a blank state: initialising here, not in a
+  # program of its own, saves a compilation.
+  state = jax.lax.cond(state.rounds < 0, lambda: _init_state(mag, m, seed, n), lambda: state)
   st, _ = jax.lax.while_loop(cond, lambda cr: (_search_round(cx, cr[0]), cr[1] + 1), (state, 0))
   return st, _outcome(st)
 
 
 @_cpu_tuned_jit(static_argnames=("n", "m", "k", "batch", "all_batch"))
-def _windows_chunks(mag, state: _State, seeds, *, chunk, **static):
-  """:func:`_windows_chunk` for a batch of chains (one per seed)."""
+def _windows_chunks(mag, state: _State, seed, *, chunk, **static):
+  """:func:`_windows_chunk` for a batch of chains (the leading axis of ``state``)."""
+  chains = state.perm.shape[0]
+  seeds = _hash(seed, 99, jnp.arange(chains, dtype=jnp.uint32))
   return jax.vmap(lambda st, sd: _windows_chunk(mag, st, sd, chunk=chunk, **static))(state, seeds)
 
 
-@_cpu_tuned_jit(static_argnames=("m", "n"))
-def _vmapped_init(mag, m, seeds, n):
-  return jax.vmap(lambda sd: _init_state(mag, m, sd, n))(seeds)
+def _blank_state(mag, m: int, chains: int) -> _State:
+  """A numpy placeholder :class:`_State` (``rounds = -1``: not initialised yet)."""
+  c = mag.shape[0]
+  s = c // m
+  lead = (chains,) if chains > 1 else ()
+
+  def z(shape, dtype, value=0):
+    return np.full(lead + shape, value, dtype)
+
+  i32 = np.int32
+  return _State(
+    perm=z((c,), i32),
+    scores=z((s,), mag.dtype),
+    best=z((c,), i32),
+    best_total=z((), mag.dtype),
+    dirty=z((s,), bool),
+    relabel=z((s,), i32),
+    phase=z((), i32),
+    pos=z((), i32),
+    improved=z((), bool),
+    sweeps=z((), i32),
+    escapes=z((), i32),
+    rounds=z((), i32, -1),
+    done=z((), bool),
+  )
 
 
-@_cpu_tuned_jit(static_argnames=("m", "n"))
 def _init_state(mag, m, seed, n) -> _State:
+  """The window search's state at the identity."""
   c = mag.shape[0]
   s = c // m
   perm = jnp.arange(c, dtype=jnp.int32)
@@ -901,14 +930,8 @@ def _windows_job(mag, n, m, k, escape_swaps, escapes, seed, chains) -> _Job:
     max_escapes=np.int32(escapes),
   )
   cost = max(s // 2 * pair, n_all * n_sub * m * r if k > 2 else 0)
-  if chains > 1:
-    seeds = _hash(jnp.uint32(seed), 99, jnp.arange(chains, dtype=jnp.uint32))
-    run = functools.partial(_windows_chunks, **static)
-    return _Job(run, _vmapped_init(mag, m, seeds, n), seeds, cost)
-  seeds = np.uint32(seed)
-  return _Job(
-    functools.partial(_windows_chunk, **static), _init_state(mag, m, seeds, n), seeds, cost
-  )
+  run = functools.partial(_windows_chunks if chains > 1 else _windows_chunk, **static)
+  return _Job(run, _blank_state(mag, m, chains), np.uint32(seed), cost)
 
 
 def _swap_job(mag, n, m, escape_swaps, escapes, seed) -> _Job:
