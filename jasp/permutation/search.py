@@ -424,6 +424,13 @@ def _subset_scores(g: jax.Array, k: int, m: int, n: int) -> jax.Array:
   if sums is None:
     return _topn_sum([g[subsets[:, i]] for i in range(m)], n).sum(-1)
   tuples, of_subset = sums
+  if (n, m) == (2, 4):
+    # The two largest of a stripe (a, b, c, d) are (a, b), or (c, d), or the
+    # larger of a, b with the larger of c, d: 2 max and 1 add per candidate.
+    a, b = g[tuples[:, 0]], g[tuples[:, 1]]
+    pair_sum, pair_max = a + b, jnp.maximum(a, b)
+    ab, cd = of_subset[:, 0], of_subset[:, 5]
+    return jnp.maximum(jnp.maximum(pair_sum[ab], pair_sum[cd]), pair_max[ab] + pair_max[cd]).sum(-1)
   tuple_sums = g[tuples[:, 0]]
   for i in range(1, n):
     tuple_sums = tuple_sums + g[tuples[:, i]]  # (Nt, R)
