@@ -32,7 +32,7 @@ Strategies (after Pool & Yu, "Channel Permutations for N:M Sparsity", NeurIPS
 Everything runs as jitted XLA on the default backend (CPU or GPU). For a seed,
 the sequence of states is fixed; ``time_limit`` only decides where it stops.
 A search compiles one program per (layer shape, ``n``, ``m``, window, chains)
-the first time it runs in a process (about half a second on a 2-core CPU);
+the first time it runs in a process (under a second on a 2-core CPU);
 JAX's persistent compilation cache
 (``jax.config.update("jax_compilation_cache_dir", path)``) keeps it for later
 processes.
