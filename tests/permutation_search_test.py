@@ -2,6 +2,7 @@
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -139,3 +140,41 @@ def test_trivial_and_invalid():
     search_permutation(jnp.ones((8, 3)), strategy="bogus")
   with pytest.raises(ValueError):
     permutation_score(jnp.ones((8, 3)), jnp.zeros(8, jnp.int32))
+
+
+@pytest.mark.parametrize(
+  "k, m, n", [(2, 4, 2), (2, 4, 1), (2, 4, 3), (3, 4, 2), (2, 2, 1), (2, 8, 2), (2, 5, 2)]
+)
+def test_window_scores_equal_the_network_bit_for_bit(k, m, n):
+  """The pair-sum shortcut must give the compare-exchange network's values exactly."""
+  rng = np.random.default_rng(k * 100 + m * 10 + n)
+  mag = jnp.asarray(rng.random((3 * k * m, 128), np.float32))
+  wc = jnp.asarray(rng.permutation(3 * k * m)[: k * m].astype(np.int32))
+  subsets, _ = search_lib.window_tables(k, m)
+  got = jax.jit(lambda c: search_lib._subset_scores(mag[c], k, m, n))(wc)
+  want = jax.jit(lambda c: search_lib._stripe_scores(mag, c[subsets], n))(wc)
+  assert np.array_equal(np.asarray(got), np.asarray(want))
+  top = np.sort(np.asarray(mag)[np.asarray(wc)][subsets], axis=1)[:, m - n :]  # float64 oracle
+  np.testing.assert_allclose(np.asarray(got), top.astype(np.float64).sum((1, 2)), rtol=1e-5)
+
+
+def _types(tree):
+  return [
+    (x.shape, np.dtype(x.dtype), getattr(x, "weak_type", False)) for x in jax.tree.leaves(tree)
+  ]
+
+
+@pytest.mark.parametrize("kw", [dict(k=2, chains=1), dict(k=3, chains=1), dict(k=2, chains=3)])
+def test_a_window_chunk_returns_the_state_type_it_takes(kw):
+  """Else the second chunk of every search would compile the search again."""
+  mag = search_lib._padded_matrix(np.random.default_rng(0).random((32, 20), np.float32), (0,), 128)
+  job = search_lib._windows_job(mag, 2, 4, kw["k"], 2, 3, 0, kw["chains"])
+  st, _ = jax.eval_shape(lambda s: job.run(mag, s, job.seeds, chunk=np.int32(5)), job.state)
+  assert _types(st) == _types(jax.tree.map(jnp.asarray, job.state))
+
+
+def test_a_swap_chunk_returns_the_state_type_it_takes():
+  mag = search_lib._padded_matrix(np.random.default_rng(0).random((16, 20), np.float32), (0,), 128)
+  job = search_lib._swap_job(mag, 2, 4, 2, 3, 0)
+  st, _ = jax.eval_shape(lambda s: job.run(mag, s, job.seeds, chunk=np.int32(5)), job.state)
+  assert _types(st) == _types(job.state)

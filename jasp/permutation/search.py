@@ -31,6 +31,11 @@ Strategies (after Pool & Yu, "Channel Permutations for N:M Sparsity", NeurIPS
 
 Everything runs as jitted XLA on the default backend (CPU or GPU). For a seed,
 the sequence of states is fixed; ``time_limit`` only decides where it stops.
+A search compiles one program per (layer shape, ``n``, ``m``, window, chains)
+the first time it runs in a process (under a second on a 2-core CPU);
+JAX's persistent compilation cache
+(``jax.config.update("jax_compilation_cache_dir", path)``) keeps it for later
+processes.
 """
 
 from __future__ import annotations
@@ -71,6 +76,41 @@ _BATCH_ELEMS = 1 << 23
 _MAX_WINDOWS = 200_000
 
 
+# XLA:CPU compiles the search's many small kernels about twice as fast with its
+# classic loop emitters as with the newer fusion emitters, and runs them as
+# fast: the first search of a process is mostly compilation on a CPU.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+_cpu_options_rejected: list[bool] = []  # set once if this XLA lacks the option
+
+
+def _cpu_tuned_jit(**jit_kwargs) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """``jax.jit(**jit_kwargs)`` compiled with :data:`_CPU_COMPILER_OPTIONS` on CPU.
+
+  Other backends, calls under a trace (JAX takes compile options only at the
+  top level), and an XLA that rejects the options get a plain ``jax.jit``.
+  """
+
+  def wrap(fun):
+    plain = jax.jit(fun, **jit_kwargs)
+    tuned = jax.jit(fun, compiler_options=_CPU_COMPILER_OPTIONS, **jit_kwargs)
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+      nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+      if not nested and not _cpu_options_rejected and jax.default_backend() == "cpu":
+        try:
+          return tuned(*args, **kwargs)
+        except jax.errors.JaxRuntimeError as e:
+          if "compile option" not in str(e):
+            raise
+          _cpu_options_rejected.append(True)
+      return plain(*args, **kwargs)
+
+    return call
+
+  return wrap
+
+
 # ----------------------------------------------------------------------------
 # Views and scores.
 
@@ -87,7 +127,7 @@ def _matrix(w: jax.Array, axis: Axis) -> jax.Array:
   return mag.reshape(c, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("axes", "rows"))
+@_cpu_tuned_jit(static_argnames=("axes", "rows"))
 def _padded_matrix(w: jax.Array, axes: tuple[int, ...], rows: int) -> jax.Array:
   """:func:`_matrix`, zero-padded to ``rows`` rows (one compiled call)."""
   mag = _matrix(w, axes)
@@ -280,11 +320,14 @@ def _round_robin(s: int) -> np.ndarray:
 # The window search.
 
 
-# Phases of the window search (see :func:`_windows_chunk`).
-_PAIRS = 0  # round-robin sweeps over every pair of stripes
-_STAR = 1  # focused rounds: a dirty stripe against all the others
-_LOCAL_OPT = 2  # at a local optimum: keep the best, then escape or stop
-_ALL_WINDOWS = 3  # windows of k >= 3 stripes: every window at once
+# Phases of the window search (see :func:`_windows_chunk`). numpy int32, not
+# Python ints: ``jnp.where(c, _STAR, _PAIRS)`` must stay a strong int32, or the
+# state a chunk returns would not match the one it took and the next chunk
+# would compile the search a second time.
+_PAIRS = np.int32(0)  # round-robin sweeps over every pair of stripes
+_STAR = np.int32(1)  # focused rounds: a dirty stripe against all the others
+_LOCAL_OPT = np.int32(2)  # at a local optimum: keep the best, then escape or stop
+_ALL_WINDOWS = np.int32(3)  # windows of k >= 3 stripes: every window at once
 
 
 class _State(NamedTuple):
@@ -301,6 +344,23 @@ class _State(NamedTuple):
   escapes: jax.Array  # () escapes done
   rounds: jax.Array  # () rounds done
   done: jax.Array  # () bool: local optimum after the last escape
+
+
+class _Outcome(NamedTuple):
+  """What the host reads after a chunk (leading chain axis when vmapped)."""
+
+  perm: jax.Array  # (C,) the better of the current and the best partition
+  total: jax.Array  # () its objective
+  done: jax.Array  # () bool
+  rounds: jax.Array  # () int32
+  escapes: jax.Array  # () int32
+
+
+def _outcome(st) -> _Outcome:
+  """:class:`_Outcome` of a window or swap search state."""
+  cur = st.scores.sum(-1)
+  perm = jnp.where(cur > st.best_total, st.perm, st.best)
+  return _Outcome(perm, jnp.maximum(cur, st.best_total), st.done, st.rounds, st.escapes)
 
 
 def _tol(x):
@@ -337,6 +397,51 @@ def _randint(seed, tag, count, idx, hi):
   return (_hash(seed, tag, count, idx) % jnp.uint32(hi)).astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=None)
+def _member_sums(k: int, m: int, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """Tables for :func:`_subset_scores`'s sums of ``n`` members; None where it uses a network.
+
+  Returns:
+    ``tuples``: int32 ``(Nt, n)``, every ``n``-subset of the window's ``k*m``
+    channels; ``of_subset``: int32 ``(Ns, C(m, n))``, for each stripe of
+    :func:`window_tables` the indices in ``tuples`` of its ``n``-subsets.
+  """
+  if n > 2 or math.comb(m, n) > 2 * m:
+    return None
+  tuples = list(itertools.combinations(range(k * m), n))
+  index = {t: i for i, t in enumerate(tuples)}
+  subsets, _ = window_tables(k, m)
+  of_subset = [[index[t] for t in itertools.combinations(sub, n)] for sub in subsets.tolist()]
+  return np.asarray(tuples, np.int32), np.asarray(of_subset, np.int32)
+
+
+def _subset_scores(g: jax.Array, k: int, m: int, n: int) -> jax.Array:
+  """Scores of every candidate stripe of a window: ``g (k*m, R)`` -> ``(Ns,)``.
+
+  The same values as :func:`_stripe_scores` of the window's ``subsets``. For
+  ``n <= 2`` the sum of the ``n`` largest of a stripe is the largest sum of
+  ``n`` of its members, and a sum of two rounds once and monotonically, so the
+  max over the members' pair sums (each computed once per window) is exactly
+  the network's value, at a fraction of the work (no gather per candidate).
+  """
+  subsets, _ = window_tables(k, m)
+  sums = _member_sums(k, m, n)
+  if sums is None:
+    return _topn_sum([g[subsets[:, i]] for i in range(m)], n).sum(-1)
+  tuples, of_subset = sums
+  if (n, m) == (2, 4):
+    # The two largest of a stripe (a, b, c, d) are (a, b), or (c, d), or the
+    # larger of a, b with the larger of c, d: 2 max and 1 add per candidate.
+    a, b = g[tuples[:, 0]], g[tuples[:, 1]]
+    pair_sum, pair_max = a + b, jnp.maximum(a, b)
+    ab, cd = of_subset[:, 0], of_subset[:, 5]
+    return jnp.maximum(jnp.maximum(pair_sum[ab], pair_sum[cd]), pair_max[ab] + pair_max[cd]).sum(-1)
+  tuple_sums = g[tuples[:, 0]]
+  for i in range(1, n):
+    tuple_sums = tuple_sums + g[tuples[:, i]]  # (Nt, R)
+  return tuple_sums[of_subset].max(1).sum(-1)
+
+
 def _solve_windows(mag, perm, wins, valid, n, m, k, batch):
   """Best partition of each window of stripes.
 
@@ -355,7 +460,7 @@ def _solve_windows(mag, perm, wins, valid, n, m, k, batch):
   cols = stripes[jnp.minimum(wins, s - 1)].reshape(wins.shape[0], k * m)
 
   def one(wc):
-    sub = _stripe_scores(mag, wc[subsets], n)  # (Ns,)
+    sub = _subset_scores(mag[wc], k, m, n)  # (Ns,)
     tot = sub[parts].sum(-1)  # (Np,)
     b = jnp.argmax(tot)  # first maximum: the identity (index 0) wins ties
     gain = tot[b] - tot[0]
@@ -469,7 +574,7 @@ def _local_opt(cx: _Win, st: _State, fresh) -> _State:
     phase=jnp.where(done, _LOCAL_OPT, _STAR),
     escapes=st.escapes + (~done).astype(jnp.int32),
     done=done,
-    pos=0,
+    pos=jnp.zeros((), jnp.int32),
   )
 
 
@@ -580,7 +685,7 @@ def _search_round(cx: _Win, st: _State) -> _State:
   return st._replace(rounds=st.rounds + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "k", "batch", "all_batch"))
+@_cpu_tuned_jit(static_argnames=("n", "m", "k", "batch", "all_batch"))
 def _windows_chunk(
   mag, state: _State, seed, *, n, m, k, batch, all_batch, escape_swaps, max_escapes, chunk
 ):
@@ -618,23 +723,50 @@ def _windows_chunk(
     st, i = carry
     return (i < chunk) & ~st.done
 
+  # The first chunk starts from a blank state: initialising here, not in a
+  # program of its own, saves a compilation.
+  state = jax.lax.cond(state.rounds < 0, lambda: _init_state(mag, m, seed, n), lambda: state)
   st, _ = jax.lax.while_loop(cond, lambda cr: (_search_round(cx, cr[0]), cr[1] + 1), (state, 0))
-  return st
+  return st, _outcome(st)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m", "k", "batch", "all_batch"))
-def _windows_chunks(mag, state: _State, seeds, *, chunk, **static):
-  """:func:`_windows_chunk` for a batch of chains (one per seed)."""
+@_cpu_tuned_jit(static_argnames=("n", "m", "k", "batch", "all_batch"))
+def _windows_chunks(mag, state: _State, seed, *, chunk, **static):
+  """:func:`_windows_chunk` for a batch of chains (the leading axis of ``state``)."""
+  chains = state.perm.shape[0]
+  seeds = _hash(seed, 99, jnp.arange(chains, dtype=jnp.uint32))
   return jax.vmap(lambda st, sd: _windows_chunk(mag, st, sd, chunk=chunk, **static))(state, seeds)
 
 
-@functools.partial(jax.jit, static_argnames=("m", "n"))
-def _vmapped_init(mag, m, seeds, n):
-  return jax.vmap(lambda sd: _init_state(mag, m, sd, n))(seeds)
+def _blank_state(mag, m: int, chains: int) -> _State:
+  """A numpy placeholder :class:`_State` (``rounds = -1``: not initialised yet)."""
+  c = mag.shape[0]
+  s = c // m
+  lead = (chains,) if chains > 1 else ()
+
+  def z(shape, dtype, value=0):
+    return np.full(lead + shape, value, dtype)
+
+  i32 = np.int32
+  return _State(
+    perm=z((c,), i32),
+    scores=z((s,), mag.dtype),
+    best=z((c,), i32),
+    best_total=z((), mag.dtype),
+    dirty=z((s,), bool),
+    relabel=z((s,), i32),
+    phase=z((), i32),
+    pos=z((), i32),
+    improved=z((), bool),
+    sweeps=z((), i32),
+    escapes=z((), i32),
+    rounds=z((), i32, -1),
+    done=z((), bool),
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("m", "n"))
 def _init_state(mag, m, seed, n) -> _State:
+  """The window search's state at the identity."""
   c = mag.shape[0]
   s = c // m
   perm = jnp.arange(c, dtype=jnp.int32)
@@ -687,7 +819,26 @@ def _replacement(mag, stripes, n):
   return _stripe_scores(mag, cand, n)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "m"))
+@_cpu_tuned_jit(static_argnames=("m", "n"))
+def _swap_init(mag, m, n) -> _SwapState:
+  """The swap search's state at the identity."""
+  c = mag.shape[0]
+  stripes = jnp.arange(c, dtype=jnp.int32).reshape(c // m, m)
+  scores = _stripe_scores(mag, stripes, n)
+  z = jnp.zeros((), jnp.int32)
+  return _SwapState(
+    perm=stripes.reshape(-1),
+    repl=_replacement(mag, stripes, n),
+    scores=scores,
+    best=stripes.reshape(-1),
+    best_total=scores.sum(),
+    escapes=z,
+    rounds=z,
+    done=jnp.zeros((), bool),
+  )
+
+
+@_cpu_tuned_jit(static_argnames=("n", "m"))
 def _swap_chunk(mag, st: _SwapState, seed, *, n, m, escape_swaps, max_escapes, chunk):
   c = mag.shape[0]
   s = c // m
@@ -739,7 +890,7 @@ def _swap_chunk(mag, st: _SwapState, seed, *, n, m, escape_swaps, max_escapes, c
     return (i < chunk) & ~st.done
 
   st, _ = jax.lax.while_loop(cond, lambda cr: (step(cr[0]), cr[1] + 1), (st, 0))
-  return st
+  return st, _outcome(st)
 
 
 # ----------------------------------------------------------------------------
@@ -747,8 +898,8 @@ def _swap_chunk(mag, st: _SwapState, seed, *, n, m, escape_swaps, max_escapes, c
 
 
 def _row_bucket(r: int) -> int:
-  """Rows padded to: a power of two (at least 256) up to 4096, then multiples of 4096."""
-  return max(256, 1 << max(0, (r - 1).bit_length())) if r <= 4096 else -(-r // 4096) * 4096
+  """Rows padded to: a power of two (at least 128) up to 4096, then multiples of 4096."""
+  return max(128, 1 << max(0, (r - 1).bit_length())) if r <= 4096 else -(-r // 4096) * 4096
 
 
 def _window_stripes(window: int | None, s: int) -> int:
@@ -787,72 +938,56 @@ def _windows_job(mag, n, m, k, escape_swaps, escapes, seed, chains) -> _Job:
     k=k,
     batch=batch,
     all_batch=all_batch,
-    escape_swaps=jnp.int32(escape_swaps),
-    max_escapes=jnp.int32(escapes),
+    escape_swaps=np.int32(escape_swaps),
+    max_escapes=np.int32(escapes),
   )
   cost = max(s // 2 * pair, n_all * n_sub * m * r if k > 2 else 0)
-  if chains > 1:
-    seeds = _hash(jnp.uint32(seed), 99, jnp.arange(chains, dtype=jnp.uint32))
-    run = functools.partial(_windows_chunks, **static)
-    return _Job(run, _vmapped_init(mag, m, seeds, n), seeds, cost)
-  seeds = jnp.uint32(seed)
-  return _Job(
-    functools.partial(_windows_chunk, **static), _init_state(mag, m, seeds, n), seeds, cost
-  )
+  run = functools.partial(_windows_chunks if chains > 1 else _windows_chunk, **static)
+  return _Job(run, _blank_state(mag, m, chains), np.uint32(seed), cost)
 
 
 def _swap_job(mag, n, m, escape_swaps, escapes, seed) -> _Job:
   """The greedy swap search."""
   c, r = mag.shape
-  s = c // m
-  stripes = jnp.arange(c, dtype=jnp.int32).reshape(s, m)
-  scores = _stripe_scores(mag, stripes, n)
-  z = jnp.zeros((), jnp.int32)
-  st = _SwapState(
-    perm=stripes.reshape(-1),
-    repl=_replacement(mag, stripes, n),
-    scores=scores,
-    best=stripes.reshape(-1),
-    best_total=scores.sum(),
-    escapes=z,
-    rounds=z,
-    done=jnp.zeros((), bool),
-  )
   run = functools.partial(
-    _swap_chunk, n=n, m=m, escape_swaps=jnp.int32(escape_swaps), max_escapes=jnp.int32(escapes)
+    _swap_chunk, n=n, m=m, escape_swaps=np.int32(escape_swaps), max_escapes=np.int32(escapes)
   )
-  return _Job(run, st, jnp.uint32(seed), max(1, 2 * m * c * r + c * c))
+  return _Job(run, _swap_init(mag, m, n), np.uint32(seed), max(1, 2 * m * c * r + c * c))
 
 
-def _run_job(job: _Job, mag, budget: int, time_limit: float | None, t0: float):
-  """Runs ``job`` in chunks until done, ``budget`` rounds, or ``time_limit`` after ``t0``."""
+def _run_job(job: _Job, mag, budget: int, time_limit: float | None, t0: float) -> _Outcome:
+  """Runs ``job`` in chunks until done, ``budget`` rounds, or ``time_limit`` after ``t0``.
+
+  Host-side bookkeeping is numpy on fetched values: an eager ``jnp`` op here
+  would compile a program of its own on the first call.
+  """
   # Chunks of rounds between host checks: about 1e8 elements of work, so a
   # check comes every few ms on a GPU and well under a second on a CPU.
   chunk = int(min(4096, max(1, 1e8 // job.cost)))
   st, done_rounds = job.state, 0
   while True:
-    this = int(min(chunk, budget - done_rounds))
-    if this <= 0:
-      return st
-    st = job.run(mag, st, job.seeds, chunk=jnp.int32(this))
-    done, rounds = jax.device_get((jnp.all(st.done), jnp.max(st.rounds)))
-    done_rounds = int(rounds)
-    if bool(done) or (time_limit is not None and time.perf_counter() - t0 >= time_limit):
-      return st
+    this = int(max(0, min(chunk, budget - done_rounds)))
+    st, out = job.run(mag, st, job.seeds, chunk=np.int32(this))
+    out = jax.device_get(out)
+    done_rounds = int(np.max(out.rounds))
+    if (
+      this == 0
+      or bool(np.all(out.done))
+      or done_rounds >= budget
+      or (time_limit is not None and time.perf_counter() - t0 >= time_limit)
+    ):
+      return out
 
 
-def _result(st, chains: int) -> tuple[jax.Array, int, bool]:
-  """``(perm, escapes, converged)`` of a finished search.
-
-  ``perm`` is the better of the current and the best-so-far partition (of the
-  best chain).
-  """
-  cur_total = st.scores.sum(-1)
-  perm = jnp.where((cur_total > st.best_total)[..., None], st.perm, st.best)
-  escapes_done, all_done = int(jnp.max(st.escapes)), bool(jnp.all(st.done))
-  if chains > 1:
-    perm = perm[jnp.argmax(jnp.maximum(cur_total, st.best_total))]
-  return jax.block_until_ready(perm), escapes_done, all_done
+def _result(out: _Outcome, chains: int) -> tuple[jax.Array, int, bool, int]:
+  """``(perm, escapes, converged, rounds)`` of a finished search (of its best chain)."""
+  perm = out.perm[np.argmax(out.total)] if chains > 1 else out.perm
+  return (
+    jax.device_put(np.asarray(perm, np.int32)),
+    int(np.max(out.escapes)),
+    bool(np.all(out.done)),
+    int(np.max(out.rounds)),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -949,7 +1084,8 @@ def search_permutation(
   if strategy not in ("auto", "windows", "swap"):
     raise ValueError(f"strategy must be 'auto', 'windows' or 'swap', got {strategy!r}.")
   t0 = time.perf_counter()
-  w = jnp.asarray(w)
+  # Not jnp.asarray: for a numpy weight that compiles a copy program of its own.
+  w = w if isinstance(w, (jax.Array, np.ndarray)) else np.asarray(w)
   axes = masks_lib.group_axes(w.ndim, axis)
   c = int(np.prod([w.shape[a] for a in axes], dtype=np.int64))
   if c % m:
@@ -978,15 +1114,15 @@ def search_permutation(
   else:
     job = _swap_job(mag, n, m, escape_swaps, escapes, seed)
   budget = max_rounds if max_rounds is not None else np.iinfo(np.int32).max
-  st = _run_job(job, mag, budget, time_limit, t0)
-  perm, escapes_done, all_done = _result(st, chains)
+  out = _run_job(job, mag, budget, time_limit, t0)
+  perm, escapes_done, all_done, rounds = _result(out, chains)
   seconds = time.perf_counter() - t0
   if not return_info:
     return perm
   info = SearchInfo(
     strategy,
     k * m,
-    int(jnp.max(st.rounds)),
+    rounds,
     escapes_done,
     all_done,
     seconds,
