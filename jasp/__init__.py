@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ lo
   from jasp.enforcement import schedule_free_eval_params
   from jasp.enforcement import sparse_optimizer
   from jasp.enforcement import update_masks
+  from jasp.enforcement import with_bool_masks
   from jasp.layouts import Layout
   from jasp.layouts import convention_layout
   from jasp.layouts import trace_layouts
@@ -121,6 +122,7 @@ __all__ = [
   "unpack_masks",
   "update_masks",
   "wanda_prune",
+  "with_bool_masks",
 ]
 
 # name -> the module that defines it.
@@ -164,6 +166,7 @@ _LAZY = {
   "unpack_masks": "jasp.packing",
   "update_masks": "jasp.enforcement",
   "wanda_prune": "jasp.calibration",
+  "with_bool_masks": "jasp.enforcement",
 }
 
 # Old top-level names: they still work and warn (see CHANGELOG.md).

@@ -45,6 +45,30 @@ given are non-zero at a pruned entry (a host callback, off by default), and
 
 :func:`update_masks` replaces the masks inside an optimizer state (apex's
 ``allow_recompute_mask``) while keeping the inner optimizer's moments.
+
+Masks in the state are 1 bit per weight, whatever form they are given in. A
+bool mask is packed (:func:`jasp.packing.pack`) along its innermost axis whose
+size divides by 8, also on each shard of a sharded mask (no padding; the bits
+keep the mask's sharding), else along its last axis, padded; a
+:class:`jasp.PackedMask` is kept as it is. The unpacking is a bitwise ``and``
+and a compare that XLA fuses into the ``where`` of the update, so a step reads
+1/8 byte per weight for the mask instead of a bool's 1 byte. Two kinds of leaf
+stay bool: a scalar or empty mask (nothing to pack along), and a mask sharded
+along its last axis with no axis that divides by 8 on every shard (packing it
+would reshard it). :func:`get_masks` returns the masks in the form they were
+given (each leaf's pytree node type records it, a static fact, never a traced
+value), or all packed or all bool when asked.
+
+Checkpoints: the state is a pytree of arrays (``uint8`` bits under each packed
+leaf), so orbax saves and restores it. A state saved by a jasp that held bool
+masks restores into the layout that :func:`with_bool_masks` gives::
+
+  target = jasp.with_bool_masks(tx.init(params))
+  opt_state = ocp.StandardCheckpointer().restore(path, target)
+  opt_state = jasp.update_masks(opt_state, jasp.get_masks(opt_state))  # packed again
+
+The transformations run on either layout (the same updates bit for bit); the
+last line only brings the state back to 1 bit per weight.
 """
 
 from __future__ import annotations
@@ -71,6 +95,7 @@ __all__ = [
   "sparse_optimizer",
   "update_masks",
   "get_masks",
+  "with_bool_masks",
   "count_unmasked",
   "assert_masked",
   "schedule_free_eval_params",
@@ -81,16 +106,31 @@ _ScheduleFreeState = optax_contrib.ScheduleFreeState
 
 
 class MaskState(NamedTuple):
-  """State of :func:`mask_updates` / :func:`mask_gradients`: the masks pytree."""
+  """State of :func:`mask_updates` / :func:`mask_gradients`: the masks pytree.
+
+  Its leaves are :class:`jasp.PackedMask` (1 bit per weight; see the module
+  docstring for the leaves that stay bool arrays) or None; read them with
+  :func:`get_masks`, which gives them back in the form they were given in.
+  """
 
   masks: PyTree
 
 
 class SparseState(NamedTuple):
-  """State of :func:`sparse_optimizer`: the masks and the inner optimizer's state."""
+  """State of :func:`sparse_optimizer`: the masks (as in :class:`MaskState`) and the inner state."""
 
   masks: PyTree
   inner_state: optax.OptState
+
+
+@jax.tree_util.register_pytree_node_class
+class _PackedFromBool(packing.PackedMask):
+  """A mask given as a bool array, held packed in a jasp state.
+
+  The node type, part of the state's tree structure, is what records the form
+  the mask was given in: :func:`get_masks` unpacks it. Children and aux data
+  are :class:`jasp.PackedMask`'s (the bits; shape and axis).
+  """
 
 
 def _pure_masks(masks: PyTree) -> PyTree:
@@ -100,6 +140,73 @@ def _pure_masks(masks: PyTree) -> PyTree:
     if x is None or isinstance(x, packing.PackedMask):
       return x
     return jnp.asarray(x, bool)
+
+  return jax.tree_util.tree_map(one, masks, is_leaf=_tree.is_mask_leaf)
+
+
+def _shard_shape(x) -> tuple[int, ...]:
+  """The shape of each shard of ``x``: its shape unless it is a sharded concrete array."""
+  shape = tuple(x.shape)
+  if _tree.is_tracer(x):
+    return shape
+  try:
+    return tuple(x.sharding.shard_shape(shape))
+  except (AttributeError, TypeError, ValueError):
+    return shape
+
+
+def _pack_axis(mask) -> int | None:
+  """The axis a bool mask is packed along in a jasp state; None keeps it bool.
+
+  The innermost axis whose size divides by 8, on every shard too; else the
+  last axis (padded), unless the mask is sharded along it. None for a scalar
+  or empty mask and for a mask sharded along its last axis with no axis that
+  fits (packing would reshard it).
+  """
+  shape = tuple(mask.shape)
+  if not shape or 0 in shape:
+    return None
+  shard = _shard_shape(mask)
+  for a in reversed(range(len(shape))):
+    if shape[a] % 8 == 0 and shard[a] % 8 == 0:
+      return a
+  return len(shape) - 1 if shard[-1] == shape[-1] else None
+
+
+def _hold(mask):
+  """One mask leaf as a jasp state holds it: a bool array packed, if it can be."""
+  if mask is None or isinstance(mask, packing.PackedMask):
+    return mask
+  mask = jnp.asarray(mask, bool)
+  axis = _pack_axis(mask)
+  if axis is None:
+    return mask
+  p = packing.pack(mask, axis)
+  return _PackedFromBool(p.bits, p.shape, p.axis)
+
+
+def _held_masks(masks: PyTree) -> PyTree:
+  """The masks as a jasp state holds them (see the module docstring)."""
+  return jax.tree_util.tree_map(_hold, _pure_masks(masks), is_leaf=_tree.is_mask_leaf)
+
+
+def _in_form(masks: PyTree, packed: bool | None) -> PyTree:
+  """Held masks in the form given (``packed=None``), all packed (True) or all bool (False)."""
+  if packed is not None and not isinstance(packed, bool):
+    raise ValueError(f"packed must be None (the form given), True or False; got {packed!r}.")
+
+  def one(x):
+    if x is None:
+      return x
+    if packed is None:
+      return packing.unpack(x) if isinstance(x, _PackedFromBool) else x
+    if not packed:
+      return packing.as_bool(x)
+    if isinstance(x, _PackedFromBool):
+      return packing.PackedMask(x.bits, x.shape, x.axis)
+    if isinstance(x, packing.PackedMask) or _pack_axis(x) is None:
+      return x
+    return packing.pack(x, _pack_axis(x))
 
   return jax.tree_util.tree_map(one, masks, is_leaf=_tree.is_mask_leaf)
 
@@ -251,7 +358,9 @@ def mask_updates(masks: PyTree, *, debug: bool = False) -> optax.GradientTransfo
   Args:
     masks: pytree mirroring the params (bool arrays or :class:`jasp.PackedMask`,
       None for dense leaves), as :func:`jasp.prune` returns; matched to the updates by path, so masks of
-      an ``nnx.State`` work with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``.
+      an ``nnx.State`` work with ``nnx.Optimizer(model, tx, wrt=nnx.Param)``. Held packed in the
+      state, 1 bit per weight, whatever the form (module docstring); :func:`get_masks` gives
+      them back in this form.
     debug: check in every ``update`` that the params it is given are zero at
       every pruned entry, through a host callback (a sync per step; off by
       default). It requires the params to be pruned before the first step.
@@ -269,7 +378,7 @@ def mask_updates(masks: PyTree, *, debug: bool = False) -> optax.GradientTransfo
 
   def init_fn(params):
     del params
-    return MaskState(_pure_masks(masks))
+    return MaskState(_held_masks(masks))
 
   def update_fn(updates, state, params=None):
     _need_params("mask_updates", params)
@@ -297,7 +406,7 @@ def mask_gradients(masks: PyTree) -> optax.GradientTransformation:
 
   Args:
     masks: pytree mirroring the params (bool arrays, :class:`jasp.PackedMask`
-      or None), matched to the gradients by path.
+      or None), matched to the gradients by path; held packed, as in :func:`mask_updates`.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is :class:`MaskState`.
@@ -308,7 +417,7 @@ def mask_gradients(masks: PyTree) -> optax.GradientTransformation:
 
   def init_fn(params):
     del params
-    return MaskState(_pure_masks(masks))
+    return MaskState(_held_masks(masks))
 
   def update_fn(updates, state, params=None):
     del params
@@ -352,7 +461,7 @@ def sparse_optimizer(
     inner: any ``optax.GradientTransformation`` (``optax.adamw(...)``, a chain,
       a wrapper).
     masks: pytree mirroring the params (bool arrays, :class:`jasp.PackedMask`
-      or None).
+      or None); held packed, as in :func:`mask_updates`.
     mask_gradients: zero pruned gradients before ``inner`` sees them.
     debug: as in :func:`mask_updates`: raise from the jitted step when the
       params it is given are non-zero at a pruned entry (a host callback; off
@@ -369,7 +478,7 @@ def sparse_optimizer(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return SparseState(_pure_masks(masks), inner.init(params))
+    return SparseState(_held_masks(masks), inner.init(params))
 
   def update_fn(updates, state, params=None, **extra):
     _need_params("sparse_optimizer", params)
@@ -413,11 +522,17 @@ def update_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
   ``nnx.as_pure`` gives, or update the optimizer's state in place with
   ``nnx.update``).
 
+  The new masks may be bool arrays or :class:`jasp.PackedMask` (any mix); they
+  are held packed as in :func:`mask_updates`, and
+  :func:`get_masks` then returns them in this new form. The state's tree
+  structure changes when the form does (a bool leaf given where a packed one
+  was), so a jitted step retraces once.
+
   Raises:
     ValueError: if ``opt_state`` holds no jasp state, or the new masks'
       structure differs from the old ones'.
   """
-  new = _pure_masks(masks)
+  new = _held_masks(masks)
   found = []
 
   def swap(x):
@@ -443,21 +558,58 @@ def update_masks(opt_state: optax.OptState, masks: PyTree) -> optax.OptState:
   return out
 
 
-def get_masks(opt_state: optax.OptState) -> PyTree:
-  """The masks held by the first jasp state inside ``opt_state``.
-
-  Raises:
-    ValueError: if ``opt_state`` holds no jasp state.
-  """
+def _state_masks(opt_state: optax.OptState) -> PyTree:
+  """The masks of the first jasp state inside ``opt_state``, as held (packed)."""
   found = _find(opt_state, _is_mask_state)
   if not found:
     raise ValueError("opt_state holds no jasp mask state.")
   return found[0].masks
 
 
+def get_masks(opt_state: optax.OptState, *, packed: bool | None = None) -> PyTree:
+  """The masks held by the first jasp state inside ``opt_state``.
+
+  Args:
+    opt_state: an optimizer state holding a jasp state (anywhere inside).
+    packed: None (default): each leaf in the form it was given in to the
+      transformation or to :func:`update_masks` (a bool array, unpacked here,
+      or a :class:`jasp.PackedMask`); True: every leaf a ``PackedMask``
+      (except those a state keeps bool, see the module docstring); False:
+      every leaf a bool array.
+
+  Returns:
+    The masks pytree (None for dense leaves). Jittable.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no jasp state, or ``packed`` is not
+      None, True or False.
+  """
+  return _in_form(_state_masks(opt_state), packed)
+
+
+def with_bool_masks(opt_state: optax.OptState) -> optax.OptState:
+  """``opt_state`` with the masks of every jasp state inside as bool arrays.
+
+  The layout of the states that jasp wrote before it held masks packed: build
+  the orbax restore target of such a checkpoint with it (module docstring).
+  The transformations accept this layout too; :func:`update_masks` with
+  :func:`get_masks` packs it again.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no jasp state.
+  """
+  if not _find(opt_state, _is_mask_state):
+    raise ValueError("opt_state holds no jasp mask state.")
+
+  def one(x):
+    return x._replace(masks=_in_form(x.masks, False)) if _is_mask_state(x) else x
+
+  return jax.tree_util.tree_map(one, opt_state, is_leaf=_is_mask_state)
+
+
 def _masks_of(masks_or_state: PyTree) -> PyTree:
   if _find(masks_or_state, _is_mask_state):
-    return get_masks(masks_or_state)
+    return _state_masks(masks_or_state)
   return _pure_masks(masks_or_state)
 
 
@@ -556,6 +708,6 @@ def schedule_free_eval_params(
       f"opt_state holds {len(states)} schedule-free states "
       "(optax.contrib.schedule_free and its aliases); one is needed."
     )
-  masks = get_masks(opt_state) if masks is None else _pure_masks(masks)
+  masks = _state_masks(opt_state) if masks is None else _pure_masks(masks)
   x = optax_contrib.schedule_free_eval_params(states[0], params)
   return _zero_pruned_tree(x, masks)

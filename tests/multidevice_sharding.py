@@ -91,6 +91,9 @@ def test_training_step_sharded_no_collectives():
     masks = jasp.compute_masks(params, layouts=layouts, packed=packed)
     tx = jasp.sparse_optimizer(optax.adamw(1e-2, weight_decay=0.1), masks)
     state = tx.init(params)
+    for k, held in state.masks.items():  # bool masks too are held packed, still sharded
+      assert isinstance(held, jasp.PackedMask), k
+      assert not held.bits.sharding.is_fully_replicated, (k, held.bits.sharding)
 
     def step(p, s, g, tx=tx):
       u, s = tx.update(g, s, p)
@@ -132,3 +135,24 @@ def test_shard_map_local_masks_equal_global():
     out_specs=P("model", None),
   )(w)
   np.testing.assert_array_equal(np.asarray(local), np.asarray(jasp.nm_mask(jax.device_get(w))))
+
+
+def test_state_packs_along_an_axis_that_keeps_the_sharding():
+  mesh = _mesh()
+  n_model = mesh.shape["model"]
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  masks = {
+    # last axis 8 per shard: packed along it, the bits sharded the same way
+    "last": put(jnp.ones((6, 8 * n_model), bool), P(None, "model")),
+    # last axis 5 per shard, axis 0 8 per shard: packed along axis 0
+    "first": put(jnp.ones((8 * n_model, 5 * n_model), bool), P("model", None)),
+    # no axis divides by 8 and the last one is sharded: packing would reshard it, kept bool
+    "kept": put(jnp.ones((6, 5 * n_model), bool), P(None, "model")),
+  }
+  params = {k: jnp.zeros(m.shape) for k, m in masks.items()}
+  held = jasp.mask_updates(masks).init(params).masks
+  assert held["last"].axis == (1,) and held["first"].axis == (0,)
+  assert not held["last"].bits.sharding.is_fully_replicated
+  assert not isinstance(held["kept"], jasp.PackedMask)
+  for k, m in jasp.get_masks(jasp.MaskState(held)).items():
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(masks[k]))
