@@ -293,7 +293,10 @@ def test_checkpoint_round_trip_and_a_state_saved_with_bool_masks(tmp_path):
   back = _restore(tmp_path / "new", {"p": params, "s": tx.init(params)})
   s = resume(back["p"], back["s"])
   for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(ref_s)):
-    np.testing.assert_array_equal(a, b)
+    if jax.default_backend() == "cpu":
+      np.testing.assert_array_equal(a, b)
+    else:  # the restored state's program may fuse the moments' arithmetic differently (1 ulp)
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=0)
   # A state as jasp saved it before (bool masks) restores into with_bool_masks'
   # layout, runs as it is, and packs again through update_masks.
   old = jasp.with_bool_masks(state)
