@@ -209,20 +209,8 @@ def test_nnx_optimizer_holds_packed_masks():
   lay = jasp.trace_layouts(model, tokens)
   masks = jasp.compute_masks(nnx.state(model, nnx.Param), layouts=lay)
   y = jax.random.randint(jax.random.key(3), tokens.shape, 0, 32)
-  opt = nnx.Optimizer(model, jasp.sparse_optimizer(optax.adamw(1e-2), masks), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, opt):
-    def loss(m):
-      return optax.softmax_cross_entropy_with_integer_labels(m(tokens), y).mean()
-
-    l, g = nnx.value_and_grad(loss)(model)
-    opt.update(model, g)
-    return l
-
-  l0 = step(model, opt)
-  for _ in range(5):
-    l1 = step(model, opt)
+  tx = jasp.sparse_optimizer(optax.adamw(1e-2), masks)
+  l0, l1, opt = testing.nnx_token_steps(model, tx, tokens, y, steps=5)
   assert l1 < l0
   testing.assert_masked(nnx.state(model, nnx.Param), masks)
   got = jasp.get_masks(opt.opt_state)

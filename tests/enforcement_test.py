@@ -149,19 +149,6 @@ def test_nnx_optimizer():
     optax.chain(optax.adamw(1e-2, weight_decay=0.1), jasp.mask_updates(masks)),
     jasp.sparse_optimizer(optax.adamw(1e-2), masks),
   ):
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt):
-      def loss(m):
-        return optax.softmax_cross_entropy_with_integer_labels(m(tokens), y).mean()
-
-      l, g = nnx.value_and_grad(loss)(model)
-      opt.update(model, g)
-      return l
-
-    l0 = step(model, opt)
-    for _ in range(3):
-      l1 = step(model, opt)
+    l0, l1, _ = testing.nnx_token_steps(model, tx, tokens, y, steps=3)
     assert l1 < l0
     testing.assert_masked(nnx.state(model, nnx.Param), masks)

@@ -147,3 +147,30 @@ def param_id(value):
   if isinstance(value, dict):
     return ",".join(f"{k}={param_id(v) or v}" for k, v in value.items())
   return None
+
+
+def nnx_token_steps(model, tx, tokens, labels, steps: int):
+  """Trains an nnx token model with ``tx`` through ``nnx.Optimizer`` (cross-entropy).
+
+  Returns:
+    ``(first, last, optimizer)``: the losses of the first and of the last of
+    ``steps + 1`` jitted steps, and the ``nnx.Optimizer`` (its ``opt_state``).
+  """
+  import optax
+  from flax import nnx
+
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt):
+    def loss(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(tokens), labels).mean()
+
+    value, grads = nnx.value_and_grad(loss)(model)
+    opt.update(model, grads)
+    return value
+
+  first = last = step(model, opt)
+  for _ in range(steps):
+    last = step(model, opt)
+  return float(first), float(last), opt
