@@ -43,6 +43,7 @@ from _bench_util import Recorder  # noqa: E402
 from jasp import _dispatch  # noqa: E402
 from jasp import masks  # noqa: E402
 from jasp.kernels import nm2d_pallas  # noqa: E402
+from jasp.kernels import nm_mosaic  # noqa: E402
 from jasp.kernels import nm_pallas  # noqa: E402
 
 SHAPES = [(4096, 4096), (8192, 8192), (16384, 16384), (4096, 11008), (11008, 4096)]
@@ -267,6 +268,7 @@ def main_table(out, shapes, dtypes, tuning=None):
     t = time_jax(pallas_mask(0, **tune0), xs)
     r["pallas_host_s"], r["pallas_dev_s"] = t
     r["pallas_s"] = best_time(t)
+    stage_mosaic(r, xs, want)
     # The masked weight (+ mask) in one pass, and the XLA equivalent.
     t = time_jax(
       lambda w, tune0=tune0: nm_pallas.nm_prune_pallas(w, 2, 4, 0, interpret=False, **tune0), xs
@@ -300,6 +302,51 @@ def main_table(out, shapes, dtypes, tuning=None):
     print(json.dumps(r), flush=True)
   out["table"] = rows
   return rows
+
+
+def mosaic(outputs):
+  return lambda w: nm_mosaic.nm_mosaic(w, 2, 4, 0, outputs, interpret=False)
+
+
+def stage_mosaic(r, xs, want):
+  """The Pallas Mosaic GPU kernel on the same inputs: mask, masked weight + mask, packed bits."""
+  if not (nm_mosaic.available() and jax.default_backend() == "gpu"):
+    return
+  try:
+    got = np.asarray(mosaic(("mask",))(xs[0])[0])
+    r["mosaic_exact"] = bool((got == want).all())
+    pw, mk = mosaic(("weight", "mask"))(xs[0])
+    r["mosaic_prune_exact"] = bool(
+      (np.asarray(mk) == want).all() and jnp.array_equal(pw, jnp.where(want, xs[0], 0))
+    )
+    r["mosaic_s"] = best_time(time_jax(lambda w: mosaic(("mask",))(w)[0], xs))
+    r["mosaic_prune_s"] = best_time(time_jax(mosaic(("weight", "mask")), xs))
+    r["mosaic_bits_s"] = best_time(time_jax(lambda w: mosaic(("bits",))(w)[0], xs))
+  except Exception as e:
+    r["mosaic_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+
+
+def fmt_mosaic_table(rows):
+  """Triton vs Mosaic GPU kernels, each against a copy of the bytes it moves."""
+  lines = [
+    "| weight | dtype | copy (w + 1 B) | Triton mask | % of copy | Mosaic mask | % of copy | "
+    "Mosaic bits | % of copy | w + mask: Triton / Mosaic | exact |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for r in rows:
+    if "mosaic_s" not in r or not r.get("copy_s"):
+      continue
+    isz = jnp.dtype(r["dtype"]).itemsize
+    copy_bits = r["copy_s"] * (isz + 0.125) / (isz + 1)  # copy time of w + 1 bit per entry
+    lines.append(
+      f"| {r['shape'][0]}x{r['shape'][1]} | {r['dtype']} | {r['copy_s'] * 1e3:.3f} ms | "
+      f"{r['pallas_s'] * 1e3:.3f} ms | {100 * r['copy_s'] / r['pallas_s']:.0f}% | "
+      f"{r['mosaic_s'] * 1e3:.3f} ms | {100 * r['copy_s'] / r['mosaic_s']:.0f}% | "
+      f"{r['mosaic_bits_s'] * 1e3:.3f} ms | {100 * copy_bits / r['mosaic_bits_s']:.0f}% | "
+      f"{r['prune_pallas_s'] * 1e3:.3f} / {r['mosaic_prune_s'] * 1e3:.3f} ms | "
+      f"{r['mosaic_exact'] and r['mosaic_prune_exact']} |"
+    )
+  return "\n".join(lines)
 
 
 def fmt_table(rows):
@@ -488,6 +535,7 @@ def main():
   )
   if rows:
     print(fmt_table(rows))
+    print(fmt_mosaic_table(rows))
   for k, v in out.get("transposable", {}).items():
     print(f"nm_mask_2d {k} 8192x8192: {v}")
   if "llama7b" in out:

@@ -1,4 +1,4 @@
-"""Choosing the mask implementation: the Pallas kernels on a GPU, XLA elsewhere.
+"""Choosing the mask implementation: a Pallas kernel on a GPU, XLA elsewhere.
 
 Covers :func:`jasp.masks.nm_mask`, :func:`jasp.masks.nm_prune` and
 ``jasp.masks.nm_mask_2d(..., method="best")``. The layering: this module
@@ -19,12 +19,17 @@ Precedence, highest first:
    a contiguous run of at least :data:`AUTO_MIN_CONTIG` elements per tile row,
    and the weight is on one device (see below); XLA otherwise.
 
-The kernels use the Pallas Triton backend, which JAX 0.11 deprecates: in a
-JAX without it, ``"auto"`` and a ``"pallas"`` context or environment
-setting use XLA, and an explicit ``impl="pallas"`` raises ``RuntimeError``.
+Which kernel ("pallas" names both): on a GPU of compute capability 9.0 or
+newer (Hopper), the Pallas Mosaic GPU kernels (:mod:`jasp.kernels.nm_mosaic`)
+where they apply (groups not along the last axis, evenly tiled shapes); the
+Pallas Triton kernels (:mod:`jasp.kernels.nm_pallas`) otherwise, while JAX
+still has that backend (JAX 0.11 deprecates it). In a JAX with neither,
+``"auto"`` and a ``"pallas"`` context or environment setting use XLA, and an
+explicit ``impl="pallas"`` raises ``RuntimeError``.
 
-Forcing ``"pallas"`` on a backend that is not a GPU runs the kernel in Pallas
-interpret mode (slow, exact: what the CPU tests do). An explicit
+Forcing ``"pallas"`` on a backend that is not a GPU runs a kernel in Pallas
+interpret mode (slow, exact: what the CPU tests do): the Triton kernel where
+JAX has it, the Mosaic GPU kernel otherwise. An explicit
 ``impl="pallas"`` for a dtype or group size the kernel does not support (fp64,
 integers, ``m > 8``) raises ``ValueError``; a ``"pallas"`` context or
 environment setting uses XLA for those instead.
@@ -45,8 +50,10 @@ import os
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 
 from jasp.kernels import nm2d_pallas
+from jasp.kernels import nm_mosaic
 from jasp.kernels import nm_pallas
 from jasp.typing import Axis
 from jasp.typing import Impl
@@ -59,6 +66,8 @@ __all__ = [
   "pallas_nm_mask",
   "pallas_nm_mask_2d",
   "pallas_nm_prune",
+  "pallas_nm_fused",
+  "pick_kernel",
   "use_pallas",
 ]
 
@@ -137,25 +146,61 @@ def _backend(w) -> str:
 
 
 def _contig(shape: tuple[int, ...], m: int, axis: Axis) -> int:
-  """Contiguous elements per tile row of the kernel's view (see nm_pallas.plan)."""
+  """Contiguous elements per tile row of the Triton kernel's view (see nm_pallas.plan)."""
   p = nm_pallas.plan(shape, m, axis)
   if p.member_dim == 1:
     return p.view[2]
   return p.view[1] * m
 
 
-def _auto(w, n: int, m: int, axis: Axis) -> bool:
+def _capability(w) -> float | None:
+  """The compute capability of the GPU ``w`` is (or will be) on, e.g. 9.0; None if unknown."""
+  device = None
+  if not isinstance(w, jax.core.Tracer) and hasattr(w, "devices"):
+    devices = w.devices()
+    device = next(iter(devices)) if len(devices) == 1 else None
+  device = device or jax.devices()[0]
+  try:
+    return float(getattr(device, "compute_capability", None))
+  except (TypeError, ValueError):
+    return None
+
+
+def _mosaic_plan(w, n: int, m: int, axis: Axis, packed: bool, on_gpu: bool):
+  if not (nm_mosaic.available() and nm_mosaic.supports(w.dtype, n, m)):
+    return None
+  if not packed and not nm_mosaic.bool_stores():
+    return None
+  if on_gpu and (_capability(w) or 0.0) < 9.0:
+    return None
+  return nm_mosaic.plan(w.shape, m, axis, packed=packed, itemsize=jnp.dtype(w.dtype).itemsize)
+
+
+def _kernels(w, n: int, m: int, axis: Axis, on_gpu: bool, auto: bool) -> list[str]:
+  """The kernels that apply to ``w``, preferred first ("mosaic", "triton")."""
+  found = []
+  p = _mosaic_plan(w, n, m, axis, packed=False, on_gpu=on_gpu)
+  if p is not None and (not auto or p.block[1] >= AUTO_MIN_CONTIG):
+    found.append("mosaic")
+  if nm_pallas.backend_available() and nm_pallas.supports(w.dtype, n, m):
+    if not auto or _contig(tuple(w.shape), m, axis) >= AUTO_MIN_CONTIG:
+      found.append("triton")
+  return found if on_gpu else found[::-1]  # interpret mode: Triton's is the lighter one
+
+
+def _auto(w, n: int, m: int, axis: Axis) -> str | None:
   if _backend(w) not in ("gpu", "cuda"):
-    return False
-  if not nm_pallas.supports(w.dtype, n, m) or not nm_pallas.backend_available():
-    return False
+    return None
   if math.prod(w.shape) < AUTO_MIN_ELEMENTS or not _single_device(w):
-    return False
-  return _contig(tuple(w.shape), m, axis) >= AUTO_MIN_CONTIG
+    return None
+  found = _kernels(w, n, m, axis, on_gpu=True, auto=True)
+  return found[0] if found else None
 
 
-def use_pallas(w, n: int, m: int, axis: Axis, impl: Impl | None = None) -> bool:
-  """Whether the Pallas kernel computes the mask of ``w`` (static decision).
+def pick_kernel(w, n: int, m: int, axis: Axis, impl: Impl | None = None) -> str | None:
+  """The kernel that computes the mask of ``w``: ``"mosaic"``, ``"triton"`` or None (XLA).
+
+  A static decision (see the module doc for the rules).
 
   Args:
     w: the weight (a concrete array or a tracer); only its shape, dtype,
@@ -164,32 +209,41 @@ def use_pallas(w, n: int, m: int, axis: Axis, impl: Impl | None = None) -> bool:
     impl: the caller's explicit choice, or ``None`` for the context / default.
 
   Raises:
-    ValueError: if ``impl="pallas"`` is passed for a dtype or ``m`` the kernel
-      does not support.
+    ValueError: if ``impl="pallas"`` is passed for a dtype or ``m`` no kernel
+      supports.
+    RuntimeError: if ``impl="pallas"`` is passed and this JAX has no kernel
+      backend for ``w`` (neither Pallas Triton nor Pallas Mosaic GPU applies).
   """
   _check_impl(impl, allow_none=True)
   explicit = impl is not None
   impl = impl or get_mask_impl()
   if impl == "xla":
-    return False
-  if impl == "pallas":
-    if not nm_pallas.backend_available():
-      if not explicit:
-        return False
-      raise RuntimeError(
-        "impl='pallas': this JAX has no Pallas Triton backend "
-        "(jax.experimental.pallas.triton), which jasp's mask kernels are written for. "
-        "Use impl='xla'."
-      )
-    if not nm_pallas.supports(w.dtype, n, m):
-      if not explicit:
-        return False  # a context / environment setting prefers, never breaks
-      raise ValueError(
-        f"impl='pallas' supports float32, bfloat16 and float16 weights with m <= "
-        f"{nm_pallas.MAX_M}; got dtype {w.dtype}, n={n}, m={m}. Use impl='xla'."
-      )
-    return True
-  return _auto(w, n, m, axis)
+    return None
+  if impl == "auto":
+    return _auto(w, n, m, axis)
+  if not (nm_pallas.supports(w.dtype, n, m) or nm_mosaic.supports(w.dtype, n, m)):
+    if not explicit:
+      return None  # a context / environment setting prefers, never breaks
+    raise ValueError(
+      f"impl='pallas' supports float32, bfloat16 and float16 weights with m <= "
+      f"{nm_pallas.MAX_M}; got dtype {w.dtype}, n={n}, m={m}. Use impl='xla'."
+    )
+  found = _kernels(w, n, m, axis, on_gpu=_backend(w) in ("gpu", "cuda"), auto=False)
+  if found:
+    return found[0]
+  if not explicit:
+    return None
+  raise RuntimeError(
+    "impl='pallas': no Pallas kernel applies here. This JAX has "
+    + ("the Pallas Triton backend" if nm_pallas.backend_available() else "no Pallas Triton backend")
+    + "; the Pallas Mosaic GPU kernels need a GPU of compute capability 9.0+ and groups that are "
+    "not along the last axis. Use impl='xla'."
+  )
+
+
+def use_pallas(w, n: int, m: int, axis: Axis, impl: Impl | None = None) -> bool:
+  """Whether a Pallas kernel computes the mask of ``w`` (see :func:`pick_kernel`)."""
+  return pick_kernel(w, n, m, axis, impl) is not None
 
 
 def _interpret(w) -> bool:
@@ -202,9 +256,12 @@ def pallas_nm_mask(w, n, m, axis, forced):
   Called by :func:`jasp.nm_mask` when its ``impl`` is ``"pallas"`` (``forced``)
   or ``None`` (the context / automatic choice).
   """
-  if not use_pallas(w, n, m, axis, "pallas" if forced else None):
+  kernel = pick_kernel(w, n, m, axis, "pallas" if forced else None)
+  if kernel is None:
     return None
   interpret = _interpret(w)
+  if kernel == "mosaic":
+    return lambda: nm_mosaic.nm_mosaic(w, n, m, axis, ("mask",), interpret=interpret)[0]
   return lambda: nm_pallas.nm_mask_pallas(w, n, m, axis, interpret=interpret)
 
 
@@ -237,7 +294,30 @@ def pallas_nm_prune(w, n, m, axis, impl, with_mask):
   ``None`` means XLA: ``impl`` and the context / environment decide as for
   :func:`use_pallas`.
   """
-  if not use_pallas(w, n, m, axis, impl):
+  kernel = pick_kernel(w, n, m, axis, impl)
+  if kernel is None:
     return None
   interpret = _interpret(w)
+  if kernel == "mosaic":
+    outputs = ("weight", "mask") if with_mask else ("weight",)
+    return lambda: nm_mosaic.prune(w, n, m, axis, outputs, interpret=interpret)
   return lambda: nm_pallas.nm_prune_pallas(w, n, m, axis, with_mask=with_mask, interpret=interpret)
+
+
+def pallas_nm_fused(w, n, m, axis, impl, *, weight, packed):
+  """A thunk computing ``([pruned,] mask, finite)`` in one kernel pass, or ``None``.
+
+  Only the Mosaic GPU kernel writes them all at once: the pruned weight (when
+  ``weight``), the mask (:class:`jasp.packing.PackedMask` bits when
+  ``packed``, as :func:`jasp.packing.pack` lays them out) and whether ``w`` is
+  all finite (a scalar bool). ``None`` means the caller composes them.
+  """
+  if pick_kernel(w, n, m, axis, impl) != "mosaic":
+    return None
+  interpret = _interpret(w)
+  if _mosaic_plan(w, n, m, axis, packed=packed, on_gpu=not interpret) is None:
+    return None
+  outputs = ("bits" if packed else "mask", "finite")
+  if weight:
+    return lambda: nm_mosaic.prune(w, n, m, axis, ("weight", *outputs), interpret=interpret)
+  return lambda: nm_mosaic.nm_mosaic(w, n, m, axis, outputs, interpret=interpret)

@@ -136,7 +136,8 @@ def nm_mask(
       count from the end. A Flax ``Dense`` kernel ``(in, out)`` uses 0, a
       ``Conv`` kernel ``(*spatial, in, out)`` uses -2.
     impl: ``"xla"`` for the fused element-wise XLA computation, ``"pallas"``
-      for the Pallas GPU kernel, ``None`` to choose by backend and shape.
+      for a Pallas GPU kernel (Mosaic GPU on Hopper, Triton before), ``None``
+      to choose by backend and shape.
 
   Returns:
     bool array of ``w.shape``; exactly ``n`` True per group. Ties go to the
@@ -220,8 +221,9 @@ def nm_prune(
 ) -> tuple[jax.Array, jax.Array] | jax.Array:
   """Prunes one array to N:M: the masked weight, and its mask, in one pass.
 
-  On a GPU the Pallas kernel reads ``w`` once and writes the pruned weight (and
-  the mask) once; elsewhere XLA fuses the same computation.
+  On a GPU a Pallas kernel (Mosaic GPU on Hopper, Triton before) reads ``w``
+  once and writes the pruned weight (and the mask) once; elsewhere XLA fuses
+  the same computation.
 
   Args:
     w: weight of rank >= 1 (fp32, bf16 or fp16 for the kernel; any float or
@@ -244,7 +246,9 @@ def nm_prune(
     ValueError: ``w`` is a scalar, n/m are invalid, or the group axis does not
       divide by ``m``; ``impl="pallas"`` for a dtype or ``m`` the kernel does
       not support.
-    RuntimeError: ``impl="pallas"`` on a JAX without the Pallas Triton backend.
+    RuntimeError: ``impl="pallas"`` where no Pallas kernel applies (no Pallas
+      Triton backend in this JAX, and the Mosaic GPU kernel needs a Hopper GPU
+      and groups that are not along the last axis).
 
   Example:
     >>> import jax, jasp

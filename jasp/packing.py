@@ -28,7 +28,15 @@ from jasp._nm_core import group_axes
 from jasp._nm_core import innermost_group_axes
 from jasp._tree import is_mask_leaf
 
-__all__ = ["PackedMask", "pack", "unpack", "pack_masks", "unpack_masks", "is_mask_leaf"]
+__all__ = [
+  "PackedMask",
+  "pack",
+  "packed_axes",
+  "unpack",
+  "pack_masks",
+  "unpack_masks",
+  "is_mask_leaf",
+]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -89,6 +97,17 @@ def _k(shape, axis) -> int:
   return int(np.prod([shape[a] for a in axis], dtype=np.int64))
 
 
+def packed_axes(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> tuple[int, ...]:
+  """The axes :func:`pack` packs a mask of ``shape`` along, for group ``axis``.
+
+  The group axes, or only the innermost of them when its size divides by 8.
+
+  Raises:
+    ValueError: ``axis`` is out of range or not a run of consecutive axes.
+  """
+  return innermost_group_axes(tuple(shape), group_axes(len(shape), axis), 8)
+
+
 def pack(mask: jax.Array, axis: int | tuple[int, ...] = 0) -> PackedMask:
   """Packs a bool ``mask`` 8 entries per byte along its (flattened) group ``axis``.
 
@@ -110,7 +129,7 @@ def pack(mask: jax.Array, axis: int | tuple[int, ...] = 0) -> PackedMask:
   mask = jnp.asarray(mask)
   if mask.ndim == 0:
     raise ValueError("pack() needs a mask of rank >= 1, got a scalar.")
-  axes = innermost_group_axes(mask.shape, group_axes(mask.ndim, axis), 8)
+  axes = packed_axes(mask.shape, axis)
   a0, a1 = axes[0], axes[-1]
   k = _k(mask.shape, axes)
   kb = -(-k // 8)

@@ -204,6 +204,13 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, lea
   """
   masks, pruned, finite = [], [], []
   for (path, d), w in zip(cfg, leaves):
+    fused = _fused(w, n, m, d.axis, impl, packed, want_pruned, pattern, score_fn)
+    if fused is not None:  # one kernel pass: pruned weight, mask and finiteness
+      *pw, mask, ok = fused
+      pruned += pw
+      masks.append(mask)
+      finite.append(ok)
+      continue
     if jnp.issubdtype(w.dtype, jnp.inexact):
       finite.append(jnp.all(jnp.isfinite(w)))
     if want_pruned and pattern == "nm" and score_fn is None:
@@ -216,6 +223,19 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, lea
         pruned.append(jnp.where(mask, w, jnp.zeros((), w.dtype)))
     masks.append(packing.pack(mask, d.axis) if packed else mask)
   return masks, pruned, jnp.stack(finite) if finite else jnp.ones((0,), bool)
+
+
+def _fused(w, n, m, axis, impl, packed, want_pruned, pattern, score_fn):
+  """``([pruned,] mask, finite)`` from one kernel pass where one applies, else None."""
+  if pattern != "nm" or score_fn is not None:
+    return None
+  fn = _dispatch.pallas_nm_fused(w, n, m, axis, impl, weight=want_pruned, packed=packed)
+  if fn is None:
+    return None
+  out = list(fn())
+  if packed:
+    out[-2] = packing.PackedMask(out[-2], w.shape, packing.packed_axes(w.shape, axis))
+  return out
 
 
 @functools.lru_cache(maxsize=32)

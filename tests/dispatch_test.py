@@ -9,6 +9,7 @@ import testing
 import jasp
 from jasp import _dispatch
 from jasp.kernels import nm2d_pallas
+from jasp.kernels import nm_mosaic
 from jasp.kernels import nm_pallas
 
 
@@ -128,8 +129,9 @@ def test_auto_rules(monkeypatch):
   assert not _dispatch.use_pallas(big, 2, 4, 0)
 
 
-def test_without_the_triton_backend_masks_use_xla(calls, monkeypatch):
+def test_without_a_kernel_backend_masks_use_xla(calls, monkeypatch):
   monkeypatch.setattr(nm_pallas, "backend_available", lambda: False)
+  monkeypatch.setattr(nm_mosaic, "available", lambda: False)
   monkeypatch.setattr(_dispatch, "_backend", lambda w: "gpu")
   big = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)
   assert not _dispatch.use_pallas(big, 2, 4, 0)  # auto
@@ -141,7 +143,7 @@ def test_without_the_triton_backend_masks_use_xla(calls, monkeypatch):
   assert calls == {"mask": 0, "prune": 0, "mask2d": 0}
   with jasp.mask_impl("xla"):
     np.testing.assert_array_equal(got, jasp.nm_mask_2d(w, 2, 4, method="best"))
-  with pytest.raises(RuntimeError, match="no Pallas Triton backend"):
+  with pytest.raises(RuntimeError, match="no Pallas kernel applies.*no Pallas Triton backend"):
     jasp.nm_mask(w, impl="pallas")
 
 

@@ -86,20 +86,11 @@ def test_random_shapes():
     check_all(w, n, m, axis, f"seed={seed} {shape} axis={axis} {n}:{m} {dtype}")
 
 
-def special_values(dtype, subnormals):
-  info = jnp.finfo(dtype)
-  vals = [np.nan, np.inf, -np.inf, -0.0, 0.0, float(info.max), 1.0, -1.0, float(info.tiny)]
-  if subnormals:
-    tiny = float(info.smallest_subnormal)
-    vals += [tiny, 2 * tiny, -tiny, 3 * tiny]
-  return np.asarray(vals, np.float64)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_special_values(dtype):
   """NaN ranks as +inf (ties with inf go to the lower index); -0 == +0."""
   rng, seed = testing.fresh_rng()
-  w = jnp.asarray(rng.choice(special_values(dtype, False), size=(48, 24)), dtype)
+  w = jnp.asarray(rng.choice(testing.special_values(dtype, False), size=(48, 24)), dtype)
   for n, m, axis in [(2, 4, 0), (3, 8, -1)]:
     check_all(w, n, m, axis, f"seed={seed} {n}:{m} axis={axis}")
   w = jnp.asarray([[np.inf], [np.nan], [1.0], [np.nan]], dtype)
@@ -119,7 +110,7 @@ def test_subnormals_ranked_exactly(dtype):
   them as ties with 0 there; the kernel compares bit patterns and does not.)
   """
   rng, seed = testing.fresh_rng()
-  w = jnp.asarray(rng.choice(special_values(dtype, True), size=(48, 24)), dtype)
+  w = jnp.asarray(rng.choice(testing.special_values(dtype, True), size=(48, 24)), dtype)
   for n, m, axis in [(2, 4, 0)]:
     got = np.asarray(nm_pallas.nm_mask_pallas(w, n, m, axis, interpret=True))
     np.testing.assert_array_equal(
@@ -237,7 +228,9 @@ def test_2d_best_matches_xla_and_reference(i):
 
 def test_2d_special_values_and_layouts():
   rng, seed = testing.fresh_rng()
-  w = jnp.asarray(rng.choice(special_values(jnp.float32, False), size=(16, 24)), jnp.float32)
+  w = jnp.asarray(
+    rng.choice(testing.special_values(jnp.float32, False), size=(16, 24)), jnp.float32
+  )
   check_2d(w, 2, 4, 0, 1, f"seed={seed}")
   assert nm2d_pallas.supports_2d((8, 16), jnp.bfloat16, 2, 4, 0, 1)
   assert not nm2d_pallas.supports_2d((8, 3, 8), jnp.float32, 2, 4, 0, 2)  # axis in between
@@ -302,7 +295,7 @@ def test_gpu_kernel_matches_reference_small():
     w = jnp.asarray(rng.standard_normal(shape) * rng.uniform(0.1, 100), dtype)
     check_all(w, n, m, axis, f"seed={seed} {shape} axis={axis} {n}:{m} {dtype}", interpret=False)
   for dtype in DTYPES:
-    w = jnp.asarray(rng.choice(special_values(dtype, True), size=(48, 24)), dtype)
+    w = jnp.asarray(rng.choice(testing.special_values(dtype, True), size=(48, 24)), dtype)
     check_all(
       w,
       2,

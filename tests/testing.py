@@ -78,6 +78,16 @@ def nm_weight(k: int = 64, n: int = 32, dtype=jnp.bfloat16, seed: int = 0) -> ja
   return jnp.where(jasp.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
 
 
+def special_values(dtype, subnormals: bool) -> np.ndarray:
+  """NaN, +-inf, +-0, the largest and smallest normal of ``dtype`` (and subnormals), as float64."""
+  info = jnp.finfo(dtype)
+  vals = [np.nan, np.inf, -np.inf, -0.0, 0.0, float(info.max), 1.0, -1.0, float(info.tiny)]
+  if subnormals:
+    tiny = float(info.smallest_subnormal)
+    vals += [tiny, 2 * tiny, -tiny, 3 * tiny]
+  return np.asarray(vals, np.float64)
+
+
 def as_np64(x) -> np.ndarray:
   """Any array (bf16 and fp16 included) as float64 NumPy, through float32."""
   return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)

@@ -1,4 +1,4 @@
-"""Accelerator kernels for jasp (Pallas; the Triton backend on GPUs).
+"""Accelerator kernels for jasp: Pallas Mosaic GPU (Hopper) and Pallas Triton.
 
 Every kernel here has an exact XLA counterpart in :mod:`jasp.masks`; the choice
 between them is made by :mod:`jasp._dispatch`. The kernels run on any backend

@@ -36,6 +36,7 @@ from jasp._nm_core import best_pattern_bits
 from jasp._nm_core import block_patterns
 from jasp._nm_core import check_nm
 from jasp.kernels import nm_pallas
+from jasp.kernels.ranking import rank_keys
 
 __all__ = ["Plan2D", "nm_mask_2d_pallas", "plan_2d", "supports_2d"]
 
@@ -121,7 +122,7 @@ def supports_2d(shape: Sequence[int], dtype, n: int, m: int, axis: int, out_axis
 
 def _mag32(x: jax.Array) -> jax.Array:
   """``|x|`` with NaN as +inf, as float32 (exact for bf16 / fp16 / fp32)."""
-  return lax.bitcast_convert_type(nm_pallas.rank_keys(x), x.dtype).astype(jnp.float32)
+  return lax.bitcast_convert_type(rank_keys(x), x.dtype).astype(jnp.float32)
 
 
 def _kernel(x_ref, o_ref, *, n: int, p: Plan2D):

@@ -27,13 +27,7 @@ the weight is viewed for free (a reshape) as one of two 3-D arrays:
 Shapes that do not tile evenly are handled with masked loads and stores on the
 edge blocks (the bounds are static, so evenly tiled shapes carry no masks).
 
-Ranking. The key of an entry is the bit pattern of ``|w|`` read as an integer,
-with NaN clamped to the bit pattern of +inf: for non-negative floats the integer
-order *is* the float order, so the comparison is exact (denormals included) and
-matches :func:`jasp.masks.magnitude` (XLA on CPU flushes subnormals to zero
-in comparisons; the kernel, like the float64 reference, does not). Entry ``i`` is kept when fewer than ``n``
-group members beat it (larger key, or equal key at a lower index): the same
-rank rule as :func:`jasp.masks.topn_mask`, so results are identical bit for bit.
+Ranking: :mod:`jasp.kernels.ranking` (shared with the Mosaic GPU kernels).
 """
 
 from __future__ import annotations
@@ -51,6 +45,9 @@ from jax.experimental import pallas as pl
 
 from jasp._nm_core import check_nm
 from jasp._nm_core import group_axes
+from jasp.kernels.ranking import SUPPORTED_DTYPES
+from jasp.kernels.ranking import keep_top_n
+from jasp.kernels.ranking import rank_keys
 from jasp.typing import Axis
 
 __all__ = [
@@ -60,18 +57,9 @@ __all__ = [
   "supports",
 ]
 
-#: Weight dtypes the kernels accept. Others (fp64, integers) use the XLA path.
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 #: Largest group size the kernels accept (m*(m-1)/2 comparisons per group).
 MAX_M = 8
-
-# dtype -> (integer dtype of the same width, |x| bit mask, +inf bit pattern).
-_KEY_BITS = {
-  jnp.dtype(jnp.float32): (jnp.int32, 0x7FFFFFFF, 0x7F800000),
-  jnp.dtype(jnp.bfloat16): (jnp.int16, 0x7FFF, 0x7F80),
-  jnp.dtype(jnp.float16): (jnp.int16, 0x7FFF, 0x7C00),
-}
 
 # Default tiling: elements per member tile, widest tile along the contiguous
 # axis (in elements), warps per program, whole-block loads for the "cols" view.
@@ -212,25 +200,6 @@ def plan(
   return Plan(view, member_dim, (b0, b1), bounds, num_warps, bool(split))
 
 
-def rank_keys(x: jax.Array) -> jax.Array:
-  """Exact integer sort key of ``|x|`` with NaN as +inf (see module doc)."""
-  itype, abs_bits, inf_bits = _KEY_BITS[jnp.dtype(x.dtype)]
-  b = lax.bitcast_convert_type(x, itype) & abs_bits
-  return jnp.minimum(b, inf_bits)
-
-
-def _keep(keys: list[jax.Array], n: int) -> list[jax.Array]:
-  """Rank rule: member i is kept when fewer than n members beat it."""
-  m = len(keys)
-  beaten = [jnp.zeros(keys[0].shape, jnp.int32) for _ in range(m)]
-  for i in range(m):
-    for j in range(i + 1, m):
-      j_wins = keys[j] > keys[i]  # on a tie the lower index (i) wins
-      beaten[i] = beaten[i] + j_wins.astype(jnp.int32)
-      beaten[j] = beaten[j] + jnp.logical_not(j_wins).astype(jnp.int32)
-  return [b < n for b in beaten]
-
-
 def _kernel(x_ref, *out_refs, n: int, p: Plan, outputs: tuple[str, ...]):
   """One program: ``m`` member tiles in, their masks / masked values out."""
   from jax.experimental.pallas import triton as plgpu
@@ -266,7 +235,7 @@ def _kernel(x_ref, *out_refs, n: int, p: Plan, outputs: tuple[str, ...]):
     valid3 = None if valid is None else jnp.broadcast_to(valid[:, :, None], (b0, b1, m))
     block = x_ref[...] if valid3 is None else plgpu.load(x_ref, mask=valid3, other=0)
     xs = [t.reshape(b0, b1) for t in jnp.split(block, m, axis=-1)]
-    keeps = _keep([rank_keys(x) for x in xs], n)
+    keeps = keep_top_n([rank_keys(x) for x in xs], n)
     for name, ref in zip(outputs, out_refs):
       vals = (
         keeps
@@ -281,7 +250,7 @@ def _kernel(x_ref, *out_refs, n: int, p: Plan, outputs: tuple[str, ...]):
     return
 
   xs = [load(k) for k in range(m)]
-  keeps = _keep([rank_keys(x) for x in xs], n)
+  keeps = keep_top_n([rank_keys(x) for x in xs], n)
   for name, ref in zip(outputs, out_refs):
     for k in range(m):
       if name == "mask":
