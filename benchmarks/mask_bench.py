@@ -42,6 +42,8 @@ from _bench_util import Recorder  # noqa: E402
 
 from jasp import _dispatch  # noqa: E402
 from jasp import masks  # noqa: E402
+from jasp.kernels import mosaic  # noqa: E402
+from jasp.kernels import nm2d_mosaic  # noqa: E402
 from jasp.kernels import nm2d_pallas  # noqa: E402
 from jasp.kernels import nm_mosaic  # noqa: E402
 from jasp.kernels import nm_pallas  # noqa: E402
@@ -251,6 +253,44 @@ def sweep(out):
   return best
 
 
+def sweep_mosaic(out):
+  """Tile sweep of the Mosaic GPU kernel on 8192^2, every output set (docs/design/mosaic-kernels.md)."""
+  res = []
+  shape = (8192, 8192)
+  outsets = [("mask",), ("bits",), ("weight", "mask"), ("weight", "bits", "finite")]
+  for dtype in DTYPES:
+    xs = make_inputs(shape, dtype)
+    want = masks.nm_mask(xs[0], 2, 4, 0, impl="xla")
+    for tile, outputs in itertools.product([512, 1024, 2048], outsets):
+      p = nm_mosaic.plan(
+        shape, 4, 0, packed="bits" in outputs, itemsize=jnp.dtype(dtype).itemsize, tile_elems=tile
+      )
+      fn = lambda w, p=p, o=outputs: nm_mosaic.nm_mosaic(w, 2, 4, 0, o, p=p, interpret=False)
+      try:
+        got = fn(xs[0])
+        ok = "mask" not in outputs or bool(jnp.array_equal(got[outputs.index("mask")], want))
+        t = time_jax(fn, xs, iters=5)
+        res.append(
+          {
+            "dtype": dtype,
+            "tile_elems": tile,
+            "outputs": outputs,
+            "ok": ok,
+            "block": p.block,
+            "vec": p.vec,
+            "dev_us": None if t[1] is None else t[1] * 1e6,
+            "host_us": t[0] * 1e6,
+          }
+        )
+        print(json.dumps(res[-1]), flush=True)
+      except Exception as e:
+        print(
+          f"sweep_mosaic {dtype} {tile} {outputs}: {type(e).__name__}: {str(e)[:300]}", flush=True
+        )
+  out["sweep_mosaic"] = res
+  return res
+
+
 def main_table(out, shapes, dtypes, tuning=None):
   tuning = tuning or {}
   rows = []
@@ -290,6 +330,10 @@ def main_table(out, shapes, dtypes, tuning=None):
     want_t = np.asarray(masks.nm_mask(wt[0], 2, 4, -1, impl="xla"))
     r["pallas_cols_exact"] = bool((np.asarray(pallas_mask(-1, **tune1)(wt[0])) == want_t).all())
     r["pallas_cols_s"] = best_time(time_jax(pallas_mask(-1, **tune1), wt))
+    if "mosaic_s" in r:  # the Mosaic kernel's strided "cols" view
+      cols = lambda w: nm_mosaic.nm_mosaic(w, 2, 4, -1, ("mask",), interpret=False)[0]
+      r["mosaic_cols_exact"] = bool((np.asarray(cols(wt[0])) == want_t).all())
+      r["mosaic_cols_s"] = best_time(time_jax(cols, wt))
     r["xla_cols_s"] = best_time(time_jax(lambda w: masks.nm_mask(w, 2, 4, -1, impl="xla"), wt))
     del xs, wt
     if torch is not None:
@@ -304,24 +348,24 @@ def main_table(out, shapes, dtypes, tuning=None):
   return rows
 
 
-def mosaic(outputs):
+def mosaic_fn(outputs):
   return lambda w: nm_mosaic.nm_mosaic(w, 2, 4, 0, outputs, interpret=False)
 
 
 def stage_mosaic(r, xs, want):
   """The Pallas Mosaic GPU kernel on the same inputs: mask, masked weight + mask, packed bits."""
-  if not (nm_mosaic.available() and jax.default_backend() == "gpu"):
+  if not (mosaic.available() and jax.default_backend() == "gpu"):
     return
   try:
-    got = np.asarray(mosaic(("mask",))(xs[0])[0])
+    got = np.asarray(mosaic_fn(("mask",))(xs[0])[0])
     r["mosaic_exact"] = bool((got == want).all())
-    pw, mk = mosaic(("weight", "mask"))(xs[0])
+    pw, mk = mosaic_fn(("weight", "mask"))(xs[0])
     r["mosaic_prune_exact"] = bool(
       (np.asarray(mk) == want).all() and jnp.array_equal(pw, jnp.where(want, xs[0], 0))
     )
-    r["mosaic_s"] = best_time(time_jax(lambda w: mosaic(("mask",))(w)[0], xs))
-    r["mosaic_prune_s"] = best_time(time_jax(mosaic(("weight", "mask")), xs))
-    r["mosaic_bits_s"] = best_time(time_jax(lambda w: mosaic(("bits",))(w)[0], xs))
+    r["mosaic_s"] = best_time(time_jax(lambda w: mosaic_fn(("mask",))(w)[0], xs))
+    r["mosaic_prune_s"] = best_time(time_jax(mosaic_fn(("weight", "mask")), xs))
+    r["mosaic_bits_s"] = best_time(time_jax(lambda w: mosaic_fn(("bits",))(w)[0], xs))
   except Exception as e:
     r["mosaic_error"] = f"{type(e).__name__}: {str(e)[:400]}"
 
@@ -330,8 +374,8 @@ def fmt_mosaic_table(rows):
   """Triton vs Mosaic GPU kernels, each against a copy of the bytes it moves."""
   lines = [
     "| weight | dtype | copy (w + 1 B) | Triton mask | % of copy | Mosaic mask | % of copy | "
-    "Mosaic bits | % of copy | w + mask: Triton / Mosaic | exact |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "Mosaic bits | % of copy | w + mask: Triton / Mosaic | axis -1: Triton / Mosaic | exact |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for r in rows:
     if "mosaic_s" not in r or not r.get("copy_s"):
@@ -344,7 +388,8 @@ def fmt_mosaic_table(rows):
       f"{r['mosaic_s'] * 1e3:.3f} ms | {100 * r['copy_s'] / r['mosaic_s']:.0f}% | "
       f"{r['mosaic_bits_s'] * 1e3:.3f} ms | {100 * copy_bits / r['mosaic_bits_s']:.0f}% | "
       f"{r['prune_pallas_s'] * 1e3:.3f} / {r['mosaic_prune_s'] * 1e3:.3f} ms | "
-      f"{r['mosaic_exact'] and r['mosaic_prune_exact']} |"
+      f"{r['pallas_cols_s'] * 1e3:.3f} / {r.get('mosaic_cols_s', float('nan')) * 1e3:.3f} ms | "
+      f"{r['mosaic_exact'] and r['mosaic_prune_exact'] and r.get('mosaic_cols_exact', True)} |"
     )
   return "\n".join(lines)
 
@@ -435,13 +480,14 @@ def sweep_2d(out):
 
 
 def transposable(out, dtypes):
-  """nm_mask_2d on 8192^2: best (Pallas kernel, the GPU default), best (XLA), greedy (XLA)."""
+  """nm_mask_2d on 8192^2: best (Pallas Triton and Mosaic GPU kernels), best (XLA), greedy (XLA)."""
   res = {}
   shape = (8192, 8192)
   for dtype in dtypes:
     xs = make_inputs(shape, dtype, k=2)
     fns = {
       "best_pallas": best_pallas(),
+      "best_mosaic": lambda w: nm2d_mosaic.nm_mask_2d_mosaic(w, 2, 4, 0, 1, interpret=False),
       "best_xla": best_xla,
       "greedy_xla": lambda w: masks.nm_mask_2d(w, 2, 4, 0, 1, method="greedy"),
     }
@@ -453,7 +499,7 @@ def transposable(out, dtypes):
         t = time_jax(fn, xs, iters=3, breakdown=True)
         r = res[f"{name}_{dtype}"] = {"s": best_time(t), "host_s": t[0]}
         r["GB/s"] = nbytes / r["s"] / 1e9
-        if name == "best_pallas":
+        if name in ("best_pallas", "best_mosaic"):
           r["exact"] = bool((np.asarray(fn(xs[0])) == want).all())
       except Exception as e:
         res[f"{name}_{dtype}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -501,6 +547,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sweep", action="store_true")
   ap.add_argument("--sweep2d", action="store_true")
+  ap.add_argument("--sweep-mosaic", action="store_true", help="tile sweep of the Mosaic GPU kernel")
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--no-table", action="store_true")
   ap.add_argument("--no-2d", action="store_true")
@@ -526,6 +573,8 @@ def main():
     rows = stage(main_table, out, SHAPES[:2] if args.quick else SHAPES, DTYPES, tuning) or []
   if args.sweep2d:
     stage(sweep_2d, out)
+  if args.sweep_mosaic:
+    stage(sweep_mosaic, out)
   if not args.no_2d:
     stage(transposable, out, DTYPES)
     stage(llama7b, out)

@@ -10,8 +10,12 @@ layer). In one process, for bool and packed masks:
     every call;
   * ``new``: jasp.prune (the plan and program reused across calls of the same
     tree; the NaN/Inf flags computed in the program, one small read back);
+  * ``triton`` (GPU with Pallas Triton): ``new`` with the Triton kernel the
+    dispatcher picks before Hopper (mask kernel, then XLA packing and NaN/Inf
+    check), the path before the Mosaic GPU kernel;
   * ``program``: the new path's jitted program alone (the device work plus its
-    dispatch, no planning);
+    dispatch, no planning), and the sum of its GPU kernels' time (CUPTI, where
+    PyTorch's profiler is importable);
 
 each as the first call (trace + compile + run) and the median of warm calls,
 the variants interleaved round by round. ``--overhead-dim`` repeats old/new on
@@ -30,17 +34,20 @@ import _meta  # benchmarks/_meta.py (the script's directory is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench_util import DeviceClock
 from scale_bench import copy_bandwidth
 from scale_bench import forward
 from scale_bench import init_params
 
 import jasp
+from jasp import _dispatch
 from jasp import _tree
 from jasp import masks as masks_lib
 from jasp import packing
 from jasp import policy as policy_lib
 from jasp import pruning
 from jasp import sharding
+from jasp.kernels import nm_pallas
 
 # ----------------------------------------------------------------------------
 # The previous path (before plans were cached), kept here to measure against.
@@ -122,6 +129,20 @@ def _new_program(params, layouts, packed):
   return lambda: plan.program(sub)
 
 
+def _triton(fn):
+  """``fn`` with the dispatcher told the GPU predates Hopper: the Triton kernel, as before Mosaic."""
+
+  def run():
+    real = _dispatch._capability
+    _dispatch._capability = lambda w: 8.0
+    try:
+      return fn()
+    finally:
+      _dispatch._capability = real
+
+  return run
+
+
 def measure(params, layouts, warm: int) -> dict:
   """First and warm (median) seconds of old / new / program, bool and packed masks."""
   calls = {}
@@ -129,6 +150,12 @@ def measure(params, layouts, warm: int) -> dict:
     kind = "packed" if packed else "bool"
     calls[f"new {kind}"] = lambda p=packed: jasp.prune(params, layouts=layouts, packed=p)
     calls[f"old {kind}"] = lambda p=packed: old_prune(params, layouts=layouts, packed=p)
+    if jax.default_backend() == "gpu" and nm_pallas.backend_available():
+      # The previous kernel in the same run: impl="pallas" keys a program of its own in
+      # the prune cache, traced (and kept) with the Triton kernel.
+      calls[f"triton {kind}"] = _triton(
+        lambda p=packed: jasp.prune(params, layouts=layouts, packed=p, impl="pallas")
+      )
   first = {name: _timed(fn) for name, fn in calls.items()}
   for packed in (False, True):
     kind = "packed" if packed else "bool"
@@ -138,7 +165,20 @@ def measure(params, layouts, warm: int) -> dict:
   for _ in range(warm):
     for name, fn in calls.items():
       times[name].append(_timed(fn))
-  return {"first_s": first, "warm_s": {k: float(np.median(v)) for k, v in times.items()}}
+  device = {}
+  clock = DeviceClock()
+  for name in ("program bool", "program packed"):
+
+    def run(fn=calls[name]):
+      for _ in range(5):
+        jax.block_until_ready(fn())
+
+    device[name] = clock.measure(run, 5)  # GPU kernel time per call (CUPTI); None without it
+  return {
+    "first_s": first,
+    "warm_s": {k: float(np.median(v)) for k, v in times.items()},
+    "device_s": device,
+  }
 
 
 def check_same(params, layouts) -> None:
@@ -168,6 +208,10 @@ def _print_table(res: dict, floor: dict | None) -> None:
     warm = res["warm_s"][name]
     ratio = f"{warm / floor[name.split()[-1]]:8.2f}x" if floor else ""
     print(f"{name:<16} {'':>12} {warm * 1e3:12.3f}ms {ratio:>9}")
+    dev = res["device_s"].get(name)
+    if dev is not None:
+      ratio = f"{dev / floor[name.split()[-1]]:8.2f}x" if floor else ""
+      print(f"{'  GPU kernels':<16} {'':>12} {dev * 1e3:12.3f}ms {ratio:>9}")
 
 
 def main():

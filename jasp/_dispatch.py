@@ -21,9 +21,10 @@ Precedence, highest first:
 
 Which kernel ("pallas" names both): on a GPU of compute capability 9.0 or
 newer (Hopper), the Pallas Mosaic GPU kernels (:mod:`jasp.kernels.nm_mosaic`)
-where they apply (groups not along the last axis, evenly tiled shapes); the
-Pallas Triton kernels (:mod:`jasp.kernels.nm_pallas`) otherwise, while JAX
-still has that backend (JAX 0.11 deprecates it). In a JAX with neither,
+for groups not along the last axis; the Pallas Triton kernels
+(:mod:`jasp.kernels.nm_pallas`) for the rest and for older GPUs, while JAX
+still has that backend (JAX 0.11 deprecates it), and the Mosaic kernel's
+strided view of last-axis groups where it does not. In a JAX with neither,
 ``"auto"`` and a ``"pallas"`` context or environment setting use XLA, and an
 explicit ``impl="pallas"`` raises ``RuntimeError``.
 
@@ -52,6 +53,8 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
+from jasp.kernels import mosaic
+from jasp.kernels import nm2d_mosaic
 from jasp.kernels import nm2d_pallas
 from jasp.kernels import nm_mosaic
 from jasp.kernels import nm_pallas
@@ -167,9 +170,9 @@ def _capability(w) -> float | None:
 
 
 def _mosaic_plan(w, n: int, m: int, axis: Axis, packed: bool, on_gpu: bool):
-  if not (nm_mosaic.available() and nm_mosaic.supports(w.dtype, n, m)):
+  if not (mosaic.available() and nm_mosaic.supports(w.dtype, n, m)):
     return None
-  if not packed and not nm_mosaic.bool_stores():
+  if not packed and not mosaic.bool_stores():
     return None
   if on_gpu and (_capability(w) or 0.0) < 9.0:
     return None
@@ -177,15 +180,23 @@ def _mosaic_plan(w, n: int, m: int, axis: Axis, packed: bool, on_gpu: bool):
 
 
 def _kernels(w, n: int, m: int, axis: Axis, on_gpu: bool, auto: bool) -> list[str]:
-  """The kernels that apply to ``w``, preferred first ("mosaic", "triton")."""
+  """The kernels that apply to ``w``, preferred first ("mosaic", "triton").
+
+  On a GPU the Mosaic kernel comes first for the "rows" layouts; for groups
+  along the last axis (its strided "cols" view, one element per access) the
+  Triton kernel comes first while JAX has it. Interpreted, Triton's is the
+  lighter one.
+  """
   found = []
   p = _mosaic_plan(w, n, m, axis, packed=False, on_gpu=on_gpu)
-  if p is not None and (not auto or p.block[1] >= AUTO_MIN_CONTIG):
+  if p is not None and (not auto or p.block[1] * (p.entries if p.cols else 1) >= AUTO_MIN_CONTIG):
     found.append("mosaic")
   if nm_pallas.backend_available() and nm_pallas.supports(w.dtype, n, m):
     if not auto or _contig(tuple(w.shape), m, axis) >= AUTO_MIN_CONTIG:
       found.append("triton")
-  return found if on_gpu else found[::-1]  # interpret mode: Triton's is the lighter one
+  if not on_gpu or (p is not None and p.cols):
+    found.reverse()
+  return found
 
 
 def _auto(w, n: int, m: int, axis: Axis) -> str | None:
@@ -236,8 +247,8 @@ def pick_kernel(w, n: int, m: int, axis: Axis, impl: Impl | None = None) -> str 
   raise RuntimeError(
     "impl='pallas': no Pallas kernel applies here. This JAX has "
     + ("the Pallas Triton backend" if nm_pallas.backend_available() else "no Pallas Triton backend")
-    + "; the Pallas Mosaic GPU kernels need a GPU of compute capability 9.0+ and groups that are "
-    "not along the last axis. Use impl='xla'."
+    + "; the Pallas Mosaic GPU kernels need a GPU of compute capability 9.0+ and a shape whose "
+    "tiles hold a multiple of 128 elements. Use impl='xla'."
   )
 
 
@@ -270,22 +281,33 @@ def pallas_nm_mask_2d(w, n, m, axis, out_axis):
 
   ``axis`` and ``out_axis`` are normalised (non-negative). There is no ``impl``
   argument: the context, the environment or ``"auto"`` decide; a ``"pallas"``
-  setting uses the kernel wherever it applies (see
-  :func:`jasp.kernels.nm2d_pallas.supports_2d`) and XLA elsewhere.
+  setting uses a kernel wherever one applies (see
+  :func:`jasp.kernels.nm2d_pallas.supports_2d` and
+  :func:`jasp.kernels.nm2d_mosaic.supports_2d`) and XLA elsewhere. The Triton
+  kernel comes first while JAX has it; the Mosaic GPU kernel (compute
+  capability 9.0+) serves where it does not.
   """
   impl = get_mask_impl()
-  if (
-    impl == "xla"
-    or not nm_pallas.backend_available()
-    or not nm2d_pallas.supports_2d(w.shape, w.dtype, n, m, axis, out_axis)
-  ):
+  if impl == "xla":
     return None
+  on_gpu = _backend(w) in ("gpu", "cuda")
   if impl == "auto" and not (
-    _backend(w) in ("gpu", "cuda") and _single_device(w) and math.prod(w.shape) >= AUTO_MIN_ELEMENTS
+    on_gpu and _single_device(w) and math.prod(w.shape) >= AUTO_MIN_ELEMENTS
   ):
     return None
-  interpret = _interpret(w)
-  return lambda: nm2d_pallas.nm_mask_2d_pallas(w, n, m, axis, out_axis, interpret=interpret)
+  interpret = not on_gpu
+  if nm_pallas.backend_available() and nm2d_pallas.supports_2d(
+    w.shape, w.dtype, n, m, axis, out_axis
+  ):
+    return lambda: nm2d_pallas.nm_mask_2d_pallas(w, n, m, axis, out_axis, interpret=interpret)
+  if (
+    mosaic.available()
+    and mosaic.bool_stores()
+    and nm2d_mosaic.supports_2d(w.shape, w.dtype, n, m, axis, out_axis)
+    and (interpret or (_capability(w) or 0.0) >= 9.0)
+  ):
+    return lambda: nm2d_mosaic.nm_mask_2d_mosaic(w, n, m, axis, out_axis, interpret=interpret)
+  return None
 
 
 def pallas_nm_prune(w, n, m, axis, impl, with_mask):

@@ -248,7 +248,7 @@ def nm_prune(
       not support.
     RuntimeError: ``impl="pallas"`` where no Pallas kernel applies (no Pallas
       Triton backend in this JAX, and the Mosaic GPU kernel needs a Hopper GPU
-      and groups that are not along the last axis).
+      and tiles of a multiple of 128 elements).
 
   Example:
     >>> import jax, jasp

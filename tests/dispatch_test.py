@@ -8,8 +8,8 @@ import testing
 
 import jasp
 from jasp import _dispatch
+from jasp.kernels import mosaic
 from jasp.kernels import nm2d_pallas
-from jasp.kernels import nm_mosaic
 from jasp.kernels import nm_pallas
 
 
@@ -131,7 +131,7 @@ def test_auto_rules(monkeypatch):
 
 def test_without_a_kernel_backend_masks_use_xla(calls, monkeypatch):
   monkeypatch.setattr(nm_pallas, "backend_available", lambda: False)
-  monkeypatch.setattr(nm_mosaic, "available", lambda: False)
+  monkeypatch.setattr(mosaic, "available", lambda: False)
   monkeypatch.setattr(_dispatch, "_backend", lambda w: "gpu")
   big = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)
   assert not _dispatch.use_pallas(big, 2, 4, 0)  # auto

@@ -32,6 +32,8 @@ CASES = [
   ((48, 64), 0, 1, 3),  # m not a power of two (no packed plan)
   ((32, 128), 0, 3, 8),
   ((16, 4, 32), 1, 1, 2),
+  ((32, 64), -1, 2, 4),  # PyTorch (out, in): the strided "cols" view
+  ((4, 32, 48), (1, 2), 3, 8),  # multi-axis groups reaching the last axis
 ]
 
 
@@ -88,7 +90,8 @@ def test_plan_applies_to_row_layouts_that_tile():
   assert p.view == (1024, 4, 11008) and p.grid == (11008 // p.block[1], 1024 // p.block[0])
   assert (p.block[0] * p.block[1]) % (128 * p.vec) == 0 and p.vec * 2 <= 16
   assert nm_mosaic.plan((4096, 11008), 4, 0, packed=True).view == (512, 8, 11008)
-  assert nm_mosaic.plan((64, 128), 4, -1) is None  # groups along the last axis
+  cols = nm_mosaic.plan((64, 128), 4, -1)  # groups along the last axis
+  assert cols.cols and cols.view == (8, 256, 4, 1) and cols.vec == 1 and cols.tile == (2, 256, 1)
   assert nm_mosaic.plan((12, 128), 4, 0, packed=True) is None  # 12 entries: not whole bytes
   assert nm_mosaic.plan((48, 64), 3, 0, packed=True) is None  # a byte would split a group
   assert nm_mosaic.plan((4, 3), 4, 0) is None  # a tile of 3 elements: not 128
@@ -105,7 +108,7 @@ def test_errors():
   with pytest.raises(ValueError, match="supports"):
     nm_mosaic.nm_mosaic(w.astype(jnp.int32), 2, 4, 0, ("mask",))
   with pytest.raises(ValueError, match="does not tile"):
-    nm_mosaic.nm_mosaic(w, 2, 4, -1, ("mask",))
+    nm_mosaic.nm_mosaic(w[:8, :4], 2, 4, 0, ("mask",))
   with pytest.raises(ValueError, match="start with 'weight'"):
     nm_mosaic.prune(w, 2, 4, 0, ("mask", "weight"))
   with pytest.raises(ValueError, match="1 <= n < m"):
@@ -132,7 +135,7 @@ def test_dispatch_picks_mosaic_on_hopper_and_triton_before(monkeypatch):
   cap = {"value": 9.0}
   monkeypatch.setattr(_dispatch, "_capability", lambda w: cap["value"])
   assert _dispatch.pick_kernel(big, 2, 4, 0) == "mosaic"
-  assert _dispatch.pick_kernel(big, 2, 4, -1) == "triton"  # groups along the last axis
+  assert _dispatch.pick_kernel(big, 2, 4, -1) == "triton"  # last axis: Triton while JAX has it
   narrow = jax.ShapeDtypeStruct((65536, 16), jnp.float32)  # 16 contiguous elements: XLA
   assert _dispatch.pick_kernel(narrow, 2, 4, 0) is None
   cap["value"] = 8.0  # Ampere: Triton only
@@ -143,7 +146,7 @@ def test_dispatch_picks_mosaic_on_hopper_and_triton_before(monkeypatch):
     _dispatch.pick_kernel(big, 2, 4, 0, "pallas")
   cap["value"] = 9.0
   assert _dispatch.pick_kernel(big, 2, 4, 0) == "mosaic"
-  assert _dispatch.pick_kernel(big, 2, 4, -1) is None
+  assert _dispatch.pick_kernel(big, 2, 4, -1) == "mosaic"
 
 
 def test_public_api_uses_the_kernel_without_triton(monkeypatch):
@@ -158,8 +161,10 @@ def test_public_api_uses_the_kernel_without_triton(monkeypatch):
   pruned, mask = masks.nm_prune(w, impl="pallas")
   np.testing.assert_array_equal(np.asarray(mask), want)
   assert calls == [("mask",), ("weight", "mask")]
+  np.testing.assert_array_equal(np.asarray(jasp.nm_mask(w.T, 2, 4, -1, impl="pallas")), want.T)
+  assert calls[-1] == ("mask",)
   with pytest.raises(RuntimeError, match="no Pallas kernel applies"):
-    jasp.nm_mask(w.T, 2, 4, -1, impl="pallas")
+    jasp.nm_mask(w[:4, :8], 2, 4, 0, impl="pallas")  # a 2 x 8 tile: not 128 elements
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["bool", "packed"])
@@ -203,6 +208,7 @@ def test_prune_tree_in_one_pass(monkeypatch, packed):
 
 GPU_CASES = [
   ((4096, 11008), 0),
+  ((11008, 4096), -1),  # PyTorch (out, in): the strided "cols" view
   ((11008, 4096), 0),
   ((3, 3, 256, 512), -2),
   ((8, 512, 1024), (0, 1)),

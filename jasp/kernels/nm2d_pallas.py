@@ -36,7 +36,7 @@ from jasp._nm_core import best_pattern_bits
 from jasp._nm_core import block_patterns
 from jasp._nm_core import check_nm
 from jasp.kernels import nm_pallas
-from jasp.kernels.ranking import rank_keys
+from jasp.kernels.ranking import magnitude_f32
 
 __all__ = ["Plan2D", "nm_mask_2d_pallas", "plan_2d", "supports_2d"]
 
@@ -120,11 +120,6 @@ def supports_2d(shape: Sequence[int], dtype, n: int, m: int, axis: int, out_axis
   return plan_2d(shape, m, axis, out_axis) is not None
 
 
-def _mag32(x: jax.Array) -> jax.Array:
-  """``|x|`` with NaN as +inf, as float32 (exact for bf16 / fp16 / fp32)."""
-  return lax.bitcast_convert_type(rank_keys(x), x.dtype).astype(jnp.float32)
-
-
 def _kernel(x_ref, o_ref, *, n: int, p: Plan2D):
   from jax.experimental.pallas import triton as plgpu
 
@@ -151,7 +146,7 @@ def _kernel(x_ref, o_ref, *, n: int, p: Plan2D):
         ref = x_ref.at[:, np.int32(i1), :, np.int32(i3)]
         row.append(ref[...] if valid is None else plgpu.load(ref, mask=valid, other=0))
       tiles.append(row)
-  mags = [[_mag32(t) for t in row] for row in tiles]
+  mags = [[magnitude_f32(t) for t in row] for row in tiles]
   group_first = p.group_first
   bits = best_pattern_bits(lambda r, c: mags[r][c] if group_first else mags[c][r], n, m)
 

@@ -5,15 +5,19 @@ JAX deprecates): the same rank rule (:mod:`jasp.kernels.ranking`), so every
 output is identical to XLA's bit for bit.
 
 Layout. The group axis is never transposed. With ``pre`` the product of the
-sizes before the group axes, ``k`` their flattened size and ``post > 1`` the
+sizes before the group axes, ``k`` their flattened size and ``post`` the
 product of the sizes after them, and ``E`` the entries a program row holds
 (``m``, or 8 when packed bits are written: one byte covers ``8 / m`` groups),
-the weight is viewed (a free reshape) as ``(pre * k / E, E, post)``. A Flax
-``Dense`` kernel ``(in, out)`` is ``(in / E, E, out)``; each member's tile is
-contiguous along ``out``, so every thread reads ``vec`` consecutive elements
-at a time. Groups along the last axis (``post == 1``, the PyTorch layout) are
-not planned: their members are strided in memory, and Mosaic GPU's vector
-loads need a unit-stride minor dimension.
+the weight is viewed (a free reshape) as one of
+
+* ``post > 1`` ("rows"): ``(pre * k / E, E, post)``. A Flax ``Dense`` kernel
+  ``(in, out)`` is ``(in / E, E, out)``; each member's tile is contiguous along
+  ``out``, so every thread reads ``vec`` consecutive elements at a time.
+* ``post == 1`` ("cols", groups along the last axis, the PyTorch layout):
+  ``(R, C, E, 1)`` with ``C * E`` consecutive elements per row. A member's tile
+  ``[rows, cols, e, :]`` is strided by ``E``; the trailing unit axis gives it
+  the unit-stride minor dimension Mosaic GPU's vector loads need, one element
+  per access.
 
 Each program is one warpgroup (128 threads). It loads the ``E`` member tiles
 ``(br, bc)`` from global memory straight into registers, ranks them, and
@@ -26,8 +30,7 @@ Outputs, any subset, in one pass:
 * ``"weight"``: the masked weight (``w``'s dtype);
 * ``"mask"``: the bool mask. Mosaic GPU's own stores treat a ``bool`` array
   as packed bits, so each tile is stored as bytes through a byte view of the
-  output (XLA keeps a ``bool`` as one byte, 0 or 1) with ``plgpu.inline_mgpu``;
-  :func:`bool_stores` says whether this JAX has what that needs;
+  output (:func:`jasp.kernels.mosaic.store_bool`);
 * ``"bits"``: the mask packed as :class:`jasp.packing.PackedMask` bits
   (``uint8``, bit ``e`` of a byte is entry ``e`` of its 8 along the group
   axis);
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 from collections.abc import Sequence
 
@@ -51,6 +53,7 @@ from jax.experimental import pallas as pl
 from jasp._nm_core import check_nm
 from jasp._nm_core import group_axes
 from jasp._nm_core import innermost_group_axes
+from jasp.kernels import mosaic
 from jasp.kernels.ranking import KEY_BITS
 from jasp.kernels.ranking import SUPPORTED_DTYPES
 from jasp.kernels.ranking import keep_top_n
@@ -60,7 +63,6 @@ from jasp.typing import Axis
 __all__ = [
   "OUTPUTS",
   "Plan",
-  "available",
   "nm_mosaic",
   "plan",
   "supports",
@@ -80,17 +82,6 @@ _VEC_BYTES = 16
 _WARPGROUP = 128
 
 
-@functools.lru_cache(maxsize=None)
-def available() -> bool:
-  """Whether this JAX has the Pallas Mosaic GPU API the kernels are written for."""
-  try:
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-  except ImportError:
-    return False
-  needed = ("kernel", "load", "Layout", "CompilerParams", "LoweringSemantics")
-  return all(hasattr(plgpu, a) for a in needed) and hasattr(plgpu.Layout, "WG_STRIDED")
-
-
 def supports(dtype, n: int, m: int) -> bool:
   """Whether the kernels handle weights of ``dtype`` with ``n:m`` groups."""
   try:
@@ -100,44 +91,55 @@ def supports(dtype, n: int, m: int) -> bool:
   return dt in SUPPORTED_DTYPES and 2 <= m <= MAX_M and 1 <= n < m
 
 
-def _pow2_divisor(x: int, cap: int) -> int:
-  """Largest power of two that divides ``x`` and is at most ``cap``."""
-  p = 1
-  while p < cap and x % (2 * p) == 0:
-    p *= 2
-  return p
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Static launch plan.
 
   Attributes:
-    view: 3-D view ``(R, E, C)`` of the weight: ``E`` entries per row unit.
-    block: ``(br, bc)``, one member's tile over view dims 0 and 2.
-    vec: elements per thread access (a power of two).
+    view: the weight's view: ``(R, E, C)`` ("rows") or ``(R, C, E, 1)``
+      ("cols"), ``E`` entries per row unit.
+    block: ``(br, bc)``, one member's tile over the ``R`` and ``C`` dims.
+    vec: elements per thread access (a power of two; 1 for "cols").
     m: group size (``E`` is ``m`` or 8).
   """
 
-  view: tuple[int, int, int]
+  view: tuple[int, ...]
   block: tuple[int, int]
   vec: int
   m: int
 
   @property
+  def cols(self) -> bool:
+    return len(self.view) == 4
+
+  @property
   def entries(self) -> int:
-    return self.view[1]
+    return self.view[2] if self.cols else self.view[1]
+
+  @property
+  def width(self) -> int:
+    """``C``: row units' contiguous extent (rows) or groups per row (cols)."""
+    return self.view[1] if self.cols else self.view[2]
+
+  @property
+  def tile(self) -> tuple[int, ...]:
+    """The shape of one member's tile (and of every array in a program)."""
+    return self.block + ((1,) if self.cols else ())
 
   @property
   def grid(self) -> tuple[int, int]:
     """``(C / bc, R / br)``: consecutive programs read neighbouring columns."""
-    return (self.view[2] // self.block[1], self.view[0] // self.block[0])
+    return (self.width // self.block[1], self.view[0] // self.block[0])
+
+  def index(self, rows, cols, e) -> tuple:
+    """The index of member ``e``'s tile in the view."""
+    return (rows, cols, e, slice(None)) if self.cols else (rows, e, cols)
 
   def out_shape(self, output: str) -> tuple[int, ...]:
     if output in ("weight", "mask"):
       return self.view
     if output == "bits":
-      return (self.view[0], self.view[2])
+      return (self.view[0], self.width) + ((1,) if self.cols else ())
     return self.grid[::-1]
 
 
@@ -154,8 +156,8 @@ def plan(
 ) -> Plan | None:
   """The view and tiling for a weight of ``shape``, or ``None`` where the kernel does not apply.
 
-  ``None``: groups along the last axis, a packed plan whose group axes' size
-  is not a multiple of 8, or a tile that is not a multiple of 128 elements.
+  ``None``: a packed plan whose group axes' size is not a multiple of 8 (or
+  ``m`` does not divide 8), or a tile that is not a multiple of 128 elements.
 
   Args:
     shape: the weight's shape.
@@ -181,79 +183,20 @@ def plan(
   entries = 8 if packed else m
   if k % entries or entries % m:
     return None
-  if post == 1:
-    return None
-  view = (pre * k // entries, entries, post)
-  bc = _pow2_divisor(post, max_cols or _MAX_COLS)
-  vec = max(1, min((vec_bytes or _VEC_BYTES) // itemsize, bc))
-  br = _pow2_divisor(view[0], max(1, (tile_elems or _TILE_ELEMS) // bc))
+  units = pre * k // entries
+  if post > 1:
+    view = (units, entries, post)
+    bc = mosaic.pow2_divisor(post, max_cols or _MAX_COLS)
+    vec = max(1, min((vec_bytes or _VEC_BYTES) // itemsize, bc))
+  else:
+    bc = mosaic.pow2_divisor(units, max_cols or _MAX_COLS)
+    view, vec = (units // bc, bc, entries, 1), 1
+  br = mosaic.pow2_divisor(view[0], max(1, (tile_elems or _TILE_ELEMS) // bc))
   while vec > 1 and (br * bc) % (_WARPGROUP * vec):
     vec //= 2
   if (br * bc) % _WARPGROUP:
     return None
   return Plan(view, (br, bc), vec, m)
-
-
-def _load(plgpu, ref, idx, layout):
-  """``ref[idx]`` into registers with ``layout`` (both signatures of ``plgpu.load``)."""
-  param = inspect.signature(plgpu.load).parameters.get("idx")
-  if param is not None and param.default is inspect.Parameter.empty:
-    return plgpu.load(ref, idx, layout=layout)
-  return plgpu.load(ref.at[idx], layout=layout)  # newer JAX: index the ref itself
-
-
-@functools.lru_cache(maxsize=None)
-def bool_stores() -> bool:
-  """Whether this JAX has what the ``"mask"`` output's byte stores need."""
-  if not available():
-    return False
-  try:
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-    from jaxlib.mlir.dialects import builtin  # noqa: F401
-    from jaxlib.mlir.dialects import llvm  # noqa: F401
-  except ImportError:
-    return False
-  return all(hasattr(plgpu, a) for a in ("inline_mgpu", "RefType")) and all(
-    hasattr(mgpu_utils, a) for a in ("ptr_as_memref", "get_memref_llvm_address_space")
-  )
-
-
-def _store_bool(plgpu, ref, value, layout) -> None:
-  """Stores ``value`` (``uint8`` 0/1) into the ``bool`` GMEM tile ``ref``, one byte per entry.
-
-  The tile's memref (element type ``i1``) is re-read as a strided ``i8``
-  memref at the same address: its descriptor's aligned pointer plus its
-  offset, counted in bytes because XLA stores one byte per ``bool``.
-  """
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jaxlib.mlir import ir
-  from jaxlib.mlir.dialects import builtin
-  from jaxlib.mlir.dialects import llvm
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout))
-  def store(ctx, tile, val):
-    del ctx
-    ty = ir.MemRefType(tile.type)
-    strides, _ = ty.get_strides_and_offset()
-    i64 = ir.IntegerType.get_signless(64)
-    ptr = llvm.PointerType.get(mgpu_utils.get_memref_llvm_address_space(ty) or 0)
-    rank_arrays = [llvm.ArrayType.get(i64, len(ty.shape))] * 2
-    desc = builtin.unrealized_conversion_cast(
-      [llvm.StructType.get_literal([ptr, ptr, i64, *rank_arrays])], [tile]
-    )
-    base = llvm.ptrtoint(i64, llvm.extractvalue(ptr, desc, [1]))
-    offset = llvm.extractvalue(i64, desc, [2])
-    addr = llvm.inttoptr(ptr, llvm.add(base, offset, overflow_flags=llvm.IntegerOverflowFlags.none))
-    bytes_ty = ir.MemRefType.get(
-      ty.shape,
-      ir.IntegerType.get_signless(8),
-      layout=ir.StridedLayoutAttr.get(0, strides),
-      memory_space=ty.memory_space,
-    )
-    val.store_untiled(mgpu_utils.ptr_as_memref(addr, bytes_ty))
-
-  store(ref, value)
 
 
 def _kernel(x_ref, *o_refs, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
@@ -263,15 +206,9 @@ def _kernel(x_ref, *o_refs, n: int, p: Plan, outputs: tuple[str, ...], interpret
   rows, cols = pl.ds(i * br, br), pl.ds(j * bc, bc)
 
   def at(e):
-    return (rows, e, cols)
+    return p.index(rows, cols, e)
 
-  if interpret:
-    xs = [x_ref[at(e)] for e in range(p.entries)]
-  else:
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    layout = plgpu.Layout.WG_STRIDED((br, bc), vec_size=p.vec)
-    xs = [_load(plgpu, x_ref, at(e), layout) for e in range(p.entries)]
+  xs = [mosaic.load(x_ref, at(e), p.tile, p.vec, interpret) for e in range(p.entries)]
   keys = [rank_keys(x) for x in xs]
   keeps = []
   for g in range(0, p.entries, p.m):
@@ -282,15 +219,12 @@ def _kernel(x_ref, *o_refs, n: int, p: Plan, outputs: tuple[str, ...], interpret
         ref[at(e)] = jnp.where(kp, x, jnp.zeros_like(x))
     elif name == "mask":
       for e, kp in enumerate(keeps):
-        if interpret:
-          ref[at(e)] = kp
-        else:
-          _store_bool(plgpu, ref.at[at(e)], kp.astype(jnp.uint8), layout)
+        mosaic.store_bool(ref, at(e), kp, p.vec, interpret)
     elif name == "bits":
       acc = keeps[0].astype(jnp.int32)
       for e in range(1, p.entries):
         acc = acc | (keeps[e].astype(jnp.int32) << e)
-      ref[rows, cols] = acc.astype(jnp.uint8)
+      ref[(rows, cols) + ((slice(None),) if p.cols else ())] = acc.astype(jnp.uint8)
     else:  # finite
       worst = keys[0]
       for key in keys[1:]:
@@ -299,44 +233,16 @@ def _kernel(x_ref, *o_refs, n: int, p: Plan, outputs: tuple[str, ...], interpret
       ref[i, j] = (jnp.max(worst.astype(jnp.int32)) < inf_bits).astype(jnp.int32)
 
 
-def _interpret_params():
-  """GPU interpret mode (simulates the kernel on the CPU; tests only).
-
-  JAX exposes it only under a private path; without it, interpreting raises.
-  """
-  try:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-  except ImportError as e:  # pragma: no cover - depends on the JAX release
-    raise RuntimeError(
-      "this JAX has no Pallas Mosaic GPU interpret mode; the Mosaic GPU kernels run on a GPU only."
-    ) from e
-  return InterpretGPUParams()
-
-
-def _compiler_params():
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-
-  fields = {f.name for f in dataclasses.fields(plgpu.CompilerParams)}
-  kwargs = {"lowering_semantics": plgpu.LoweringSemantics.Lane}
-  if "unsafe_no_auto_barriers" in fields:  # no region is read and written
-    kwargs["unsafe_no_auto_barriers"] = True
-  return plgpu.CompilerParams(**kwargs)
-
-
 @functools.partial(jax.jit, static_argnames=("n", "p", "outputs", "interpret"))
 def _run(w: jax.Array, *, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-
   dtypes = {"weight": w.dtype, "mask": jnp.bool_, "bits": jnp.uint8, "finite": jnp.int32}
   out_type = tuple(jax.ShapeDtypeStruct(p.out_shape(o), dtypes[o]) for o in outputs)
-  call = plgpu.kernel(
+  call = mosaic.launch(
     functools.partial(_kernel, n=n, p=p, outputs=outputs, interpret=interpret),
-    out_type=out_type,
-    grid=p.grid,
-    grid_names=("c", "r"),
-    compiler_params=None if interpret else _compiler_params(),
-    interpret=_interpret_params() if interpret else None,
-    kernel_name=f"jasp_nm_{'_'.join(outputs)}",
+    out_type,
+    p.grid,
+    f"jasp_nm_{'_'.join(outputs)}",
+    interpret,
   )
   return call(w.reshape(p.view))
 

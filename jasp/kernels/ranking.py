@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["KEY_BITS", "SUPPORTED_DTYPES", "keep_top_n", "rank_keys"]
+__all__ = ["KEY_BITS", "SUPPORTED_DTYPES", "keep_top_n", "magnitude_f32", "rank_keys"]
 
 #: Weight dtypes the kernels accept. Others (fp64, integers) use the XLA path.
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -47,6 +47,14 @@ def rank_keys(x: jax.Array) -> jax.Array:
   itype, abs_bits, inf_bits = KEY_BITS[jnp.dtype(x.dtype)]
   b = lax.bitcast_convert_type(x, itype) & itype(abs_bits)
   return jnp.minimum(b, itype(inf_bits))
+
+
+def magnitude_f32(x: jax.Array) -> jax.Array:
+  """``|x|`` with NaN as +inf, as float32 (exact for bf16, fp16 and fp32).
+
+  The magnitudes the transposable kernels score blocks with.
+  """
+  return lax.bitcast_convert_type(rank_keys(x), x.dtype).astype(jnp.float32)
 
 
 def keep_top_n(keys: list[jax.Array], n: int) -> list[jax.Array]:

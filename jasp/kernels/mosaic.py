@@ -1,0 +1,169 @@
+"""Shared plumbing of jasp's Pallas Mosaic GPU kernels.
+
+Launching a kernel (one warpgroup per program, Lane semantics, no automatic
+barriers), loading a tile straight from global memory into registers, storing
+a ``bool`` tile as XLA's one byte per entry, and the CPU interpret mode the
+tests use. The kernels themselves: :mod:`jasp.kernels.nm_mosaic` (1-D masks)
+and :mod:`jasp.kernels.nm2d_mosaic` (transposable masks). Why they are built
+this way: ``docs/design/mosaic-kernels.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+
+import jax
+
+__all__ = ["available", "bool_stores", "launch", "load", "pow2_divisor", "store_bool"]
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+  """Whether this JAX has the Pallas Mosaic GPU API the kernels are written for."""
+  try:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+  except ImportError:
+    return False
+  needed = ("kernel", "load", "Layout", "CompilerParams", "LoweringSemantics")
+  return all(hasattr(plgpu, a) for a in needed) and hasattr(plgpu.Layout, "WG_STRIDED")
+
+
+@functools.lru_cache(maxsize=None)
+def bool_stores() -> bool:
+  """Whether this JAX has what :func:`store_bool` needs."""
+  if not available():
+    return False
+  try:
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jaxlib.mlir.dialects import builtin  # noqa: F401
+    from jaxlib.mlir.dialects import llvm  # noqa: F401
+  except ImportError:
+    return False
+  return all(hasattr(plgpu, a) for a in ("inline_mgpu", "RefType")) and all(
+    hasattr(mgpu_utils, a) for a in ("ptr_as_memref", "get_memref_llvm_address_space")
+  )
+
+
+def pow2_divisor(x: int, cap: int) -> int:
+  """The largest power of two that divides ``x`` and is at most ``cap``."""
+  p = 1
+  while p < cap and x % (2 * p) == 0:
+    p *= 2
+  return p
+
+
+def load(ref, idx: tuple, tile: tuple[int, ...], vec: int, interpret: bool) -> jax.Array:
+  """``ref[idx]``, a tile of shape ``tile``, into registers.
+
+  On the GPU the tile is loaded straight from global memory in the
+  ``WG_STRIDED`` layout, ``vec`` consecutive elements per thread access (the
+  tile's minor dimension must have unit stride). Interpreted, a plain read.
+  """
+  if interpret:
+    return ref[idx]
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  layout = plgpu.Layout.WG_STRIDED(tile, vec_size=vec)
+  param = inspect.signature(plgpu.load).parameters.get("idx")
+  if param is not None and param.default is inspect.Parameter.empty:
+    return plgpu.load(ref, idx, layout=layout)
+  return plgpu.load(ref.at[idx], layout=layout)  # newer JAX: index the ref itself
+
+
+def store_bool(ref, idx: tuple, keep: jax.Array, vec: int, interpret: bool) -> None:
+  """``ref[idx] = keep`` for a ``bool`` output, one byte per entry.
+
+  Mosaic GPU's own stores treat a ``bool`` memref as packed bits, whereas XLA
+  keeps one byte (0 or 1) per ``bool``. On the GPU the tile's memref (element
+  type ``i1``) is therefore re-read as a strided ``i8`` memref at the same
+  address (its descriptor's aligned pointer plus its offset, counted in bytes)
+  and ``keep`` is stored as ``uint8`` through it, inside ``plgpu.inline_mgpu``.
+  Interpreted, a plain write.
+  """
+  if interpret:
+    ref[idx] = keep
+    return
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from jaxlib.mlir import ir
+  from jaxlib.mlir.dialects import builtin
+  from jaxlib.mlir.dialects import llvm
+
+  layout = plgpu.Layout.WG_STRIDED(keep.shape, vec_size=vec)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout))
+  def store(ctx, tile, val):
+    del ctx
+    ty = ir.MemRefType(tile.type)
+    strides, _ = ty.get_strides_and_offset()
+    i64 = ir.IntegerType.get_signless(64)
+    ptr = llvm.PointerType.get(mgpu_utils.get_memref_llvm_address_space(ty) or 0)
+    rank_arrays = [llvm.ArrayType.get(i64, len(ty.shape))] * 2
+    desc = builtin.unrealized_conversion_cast(
+      [llvm.StructType.get_literal([ptr, ptr, i64, *rank_arrays])], [tile]
+    )
+    base = llvm.ptrtoint(i64, llvm.extractvalue(ptr, desc, [1]))
+    offset = llvm.extractvalue(i64, desc, [2])
+    addr = llvm.inttoptr(ptr, llvm.add(base, offset, overflow_flags=llvm.IntegerOverflowFlags.none))
+    bytes_ty = ir.MemRefType.get(
+      ty.shape,
+      ir.IntegerType.get_signless(8),
+      layout=ir.StridedLayoutAttr.get(0, strides),
+      memory_space=ty.memory_space,
+    )
+    val.store_untiled(mgpu_utils.ptr_as_memref(addr, bytes_ty))
+
+  store(ref.at[idx], keep.astype("uint8"))
+
+
+def _interpret_params():
+  """GPU interpret mode (simulates the kernel on the CPU; tests only).
+
+  JAX exposes it only under a private path; without it, interpreting raises.
+  """
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  except ImportError as e:  # pragma: no cover - depends on the JAX release
+    raise RuntimeError(
+      "this JAX has no Pallas Mosaic GPU interpret mode; the Mosaic GPU kernels run on a GPU only."
+    ) from e
+  return InterpretGPUParams()
+
+
+def _compiler_params():
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  fields = {f.name for f in dataclasses.fields(plgpu.CompilerParams)}
+  kwargs = {"lowering_semantics": plgpu.LoweringSemantics.Lane}
+  if "unsafe_no_auto_barriers" in fields:  # no region is read and written
+    kwargs["unsafe_no_auto_barriers"] = True
+  return plgpu.CompilerParams(**kwargs)
+
+
+def launch(
+  body: Callable[..., None],
+  out_type: tuple[jax.ShapeDtypeStruct, ...],
+  grid: tuple[int, int],
+  name: str,
+  interpret: bool,
+) -> Callable[..., tuple[jax.Array, ...]]:
+  """A Mosaic GPU kernel: ``body(*in_refs, *out_refs)`` over ``grid``.
+
+  The grid's axes are named ``"c"`` (first, fastest) and ``"r"``; a program
+  reads its indices with ``lax.axis_index``. One warpgroup per program.
+  """
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  return plgpu.kernel(
+    body,
+    out_type=out_type,
+    grid=grid,
+    grid_names=("c", "r"),
+    compiler_params=None if interpret else _compiler_params(),
+    interpret=_interpret_params() if interpret else None,
+    kernel_name=name,
+  )
