@@ -55,6 +55,7 @@ def test_plan_and_support():
   assert not nm2d_mosaic.plan_2d((1024, 4096), 4, 1, 0).group_first
   assert nm2d_mosaic.plan_2d((8, 3, 8), 4, 0, 2) is None  # an axis between the block axes
   assert nm2d_mosaic.plan_2d((8, 8), 4, 0, 1) is None  # 4 blocks: no 128-block tile
+  assert nm2d_mosaic.plan_2d((0, 128), 4, 0, 1) is None  # empty
   assert not nm2d_mosaic.supports_2d((64, 128), jnp.int32, 2, 4, 0, 1)
   assert not nm2d_mosaic.supports_2d((64, 128), jnp.float32, 4, 8, 0, 1)  # too many patterns
   with pytest.raises(ValueError, match="does not support"):

@@ -95,6 +95,10 @@ def test_plan_applies_to_row_layouts_that_tile():
   assert nm_mosaic.plan((12, 128), 4, 0, packed=True) is None  # 12 entries: not whole bytes
   assert nm_mosaic.plan((48, 64), 3, 0, packed=True) is None  # a byte would split a group
   assert nm_mosaic.plan((4, 3), 4, 0) is None  # a tile of 3 elements: not 128
+  assert nm_mosaic.plan((0, 128), 4, 0) is None  # empty: nothing to launch
+  tall = nm_mosaic.plan((4 * 4 * 65536, 256), 4, 0)  # 131072 tiles of 2 rows: past CUDA's limit
+  assert tall.block == (8, 256) and tall.grid == (1, 32768)
+  assert nm_mosaic.plan((4 * 3 * 65537, 256), 4, 0) is None  # an odd row count cannot grow
   with pytest.raises(ValueError, match="multiple of m"):
     nm_mosaic.plan((6, 128), 4, 0)
 
@@ -165,6 +169,8 @@ def test_public_api_uses_the_kernel_without_triton(monkeypatch):
   assert calls[-1] == ("mask",)
   with pytest.raises(RuntimeError, match="no Pallas kernel applies"):
     jasp.nm_mask(w[:4, :8], 2, 4, 0, impl="pallas")  # a 2 x 8 tile: not 128 elements
+  with jasp.mask_impl("pallas"):  # a preference: XLA where no kernel applies
+    assert jasp.nm_mask(jnp.ones((0, 128)), 2, 4, 0).shape == (0, 128)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["bool", "packed"])

@@ -17,7 +17,18 @@ from collections.abc import Callable
 
 import jax
 
-__all__ = ["available", "bool_stores", "launch", "load", "pow2_divisor", "store_bool"]
+__all__ = [
+  "available",
+  "bool_stores",
+  "grid_fits",
+  "launch",
+  "load",
+  "pow2_divisor",
+  "store_bool",
+]
+
+#: CUDA's limit on the second and third grid dimensions (the first allows 2**31 - 1).
+MAX_GRID_YZ = 65535
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,6 +65,11 @@ def pow2_divisor(x: int, cap: int) -> int:
   while p < cap and x % (2 * p) == 0:
     p *= 2
   return p
+
+
+def grid_fits(grid: tuple[int, int]) -> bool:
+  """Whether a ``(c, r)`` grid launches: ``c`` below 2**31, ``r`` at most :data:`MAX_GRID_YZ`."""
+  return 0 < grid[0] < 2**31 and 0 < grid[1] <= MAX_GRID_YZ
 
 
 def load(ref, idx: tuple, tile: tuple[int, ...], vec: int, interpret: bool) -> jax.Array:

@@ -90,15 +90,16 @@ def plan_2d(
   first, second = min(a, b), max(a, b)
   if math.prod(shape[first + 1 : second]) != 1 or math.prod(shape[second + 1 :]) != 1:
     return None
-  if shape[first] % m or shape[second] % m:
+  if shape[first] % m or shape[second] % m or 0 in shape:
     return None
   rows = math.prod(shape[: first + 1]) // m
   cols = shape[second] // m
   b1 = mosaic.pow2_divisor(cols, max_cols or _MAX_COLS)
   b0 = mosaic.pow2_divisor(rows, max(1, (tile_blocks or _TILE_BLOCKS) // b1))
-  if (b0 * b1) % 128:
+  p = Plan2D((rows, m, cols, m, 1), a < b, (b0, b1))
+  if (b0 * b1) % 128 or not mosaic.grid_fits(p.grid):
     return None
-  return Plan2D((rows, m, cols, m, 1), a < b, (b0, b1))
+  return p
 
 
 def supports_2d(shape: Sequence[int], dtype, n: int, m: int, axis: int, out_axis: int) -> bool:

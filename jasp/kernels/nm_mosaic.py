@@ -156,8 +156,9 @@ def plan(
 ) -> Plan | None:
   """The view and tiling for a weight of ``shape``, or ``None`` where the kernel does not apply.
 
-  ``None``: a packed plan whose group axes' size is not a multiple of 8 (or
-  ``m`` does not divide 8), or a tile that is not a multiple of 128 elements.
+  ``None``: an empty shape, a packed plan whose group axes' size is not a
+  multiple of 8 (or ``m`` does not divide 8), a tile that is not a multiple
+  of 128 elements, or a grid CUDA cannot launch.
 
   Args:
     shape: the weight's shape.
@@ -181,7 +182,7 @@ def plan(
       f"the group axes {axes} of shape {shape} have size {k}, not a multiple of m={m}."
     )
   entries = 8 if packed else m
-  if k % entries or entries % m:
+  if k % entries or entries % m or 0 in shape:
     return None
   units = pre * k // entries
   if post > 1:
@@ -192,11 +193,14 @@ def plan(
     bc = mosaic.pow2_divisor(units, max_cols or _MAX_COLS)
     view, vec = (units // bc, bc, entries, 1), 1
   br = mosaic.pow2_divisor(view[0], max(1, (tile_elems or _TILE_ELEMS) // bc))
+  while view[0] // br > mosaic.MAX_GRID_YZ and view[0] % (2 * br) == 0:
+    br *= 2  # taller tiles rather than more row tiles than CUDA launches
   while vec > 1 and (br * bc) % (_WARPGROUP * vec):
     vec //= 2
-  if (br * bc) % _WARPGROUP:
+  p = Plan(view, (br, bc), vec, m)
+  if (br * bc) % _WARPGROUP or not mosaic.grid_fits(p.grid):
     return None
-  return Plan(view, (br, bc), vec, m)
+  return p
 
 
 def _kernel(x_ref, *o_refs, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
