@@ -366,6 +366,81 @@ class _Reporter:
 
 
 @dataclasses.dataclass
+class _Stream:
+  """Block streaming of a sequential run over a scan-stacked model.
+
+  Keeps, for every calibration batch, the carry entering one iteration (layer)
+  of the stacked scan: the block's input activations, computed with the layers
+  before it already pruned. A stage whose units all sit in that scan then runs
+  only its own layers from those carries (nothing before the scan is
+  re-evaluated past its input, nothing after it at all); moving on to a later
+  layer runs the layers in between once. Without it each stage would run the
+  whole model. Memory: one carry per batch.
+  """
+
+  tapper: stats_lib.Tapper
+  batches: Sequence[Any]
+  tapped: Mapping[int, _Tapped]
+  flow: Any
+  key: tuple | None = None
+  at: int = 0
+  carries: list | None = None
+
+  @classmethod
+  def of(cls, tapper, batches, tapped) -> _Stream | None:
+    """A stream for these batches, or None when their shapes differ (one trace each)."""
+    flow = tapper.single_trace(batches)
+    return None if flow is None else cls(tapper, batches, tapped, flow)
+
+  def window(self, stage: Sequence[Unit]) -> tuple[tuple, int, int] | None:
+    """``(scan key, first layer, end layer)`` when every unit of ``stage`` is one
+    layer of the same forward, top-level stacked scan; else None."""
+    keys, layers = set(), []
+    for k, idx in stage:
+      stacks = {use.stack for use in self.tapped[k].uses}
+      if len(stacks) != 1 or len(next(iter(stacks))) != 1:
+        return None
+      ((_, key),) = next(iter(stacks))
+      keys.add(key)
+      layers.append(idx[0])
+    if len(keys) != 1:
+      return None
+    key = keys.pop()
+    if self.flow.scans.get(key, True) or any(part != "call" for _, part in key[:-1]):
+      return None  # a reverse scan, or one inside a loop or branch
+    return key, min(layers), max(layers) + 1
+
+  def accumulate(self, leaves, targets, key: tuple, start: int, end: int, hessian: bool):
+    """The statistics of ``targets`` (layers ``start`` to ``end`` - 1) from the cached carries."""
+    if self.key != key or self.at > start:
+      self.key, self.at, self.carries = key, 0, None
+    if self.carries is None or self.at < start:
+      _, self.carries = self.tapper.accumulate_window(
+        leaves,
+        self.batches,
+        {},
+        stats_lib.Window(key, start - self.at),
+        self.at,
+        self.carries,
+        hessian=False,
+      )
+      self.at = start
+    acc, _ = self.tapper.accumulate_window(
+      leaves,
+      self.batches,
+      targets,
+      stats_lib.Window(key, end - start),
+      start,
+      self.carries,
+      hessian=hessian,
+    )
+    return acc
+
+  def reset(self) -> None:
+    self.key, self.at, self.carries = None, 0, None
+
+
+@dataclasses.dataclass
 class _Pruning:
   """The state of one calibration run: the leaves as pruned so far and their masks."""
 
@@ -377,6 +452,7 @@ class _Pruning:
   report: _Reporter
   leaves: list = dataclasses.field(default_factory=list)
   masks: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+  stream: _Stream | None = None
 
   def magnitude(self, k: int, axis: Sequence[int], why: str) -> None:
     """Prunes leaf ``k`` by magnitude (a fallback without calibration inputs)."""
@@ -447,7 +523,13 @@ class _Pruning:
     targets = {
       k: dataclasses.replace(tapped[k].target, layers=tuple(idxs)) for k, idxs in want.items()
     }
-    acc = tapper.accumulate(self.leaves, batches, targets, hessian=hessian)
+    window = None if self.stream is None else self.stream.window(stage)
+    if window is not None:
+      acc = self.stream.accumulate(self.leaves, targets, *window, hessian)
+    else:
+      if self.stream is not None:
+        self.stream.reset()  # this stage may change what the cached carries came from
+      acc = tapper.accumulate(self.leaves, batches, targets, hessian=hessian)
     jax.block_until_ready(acc)
     stage_s = time.perf_counter() - t0
     for k, idx in stage:
@@ -499,7 +581,8 @@ def run(
   preds = {u: _predecessors(u, tapped, flow.scans) for u in units}
   total = len(units) + (len(fallback) if missing == "magnitude" else 0)
   reporter = _Reporter(method, _progress(total, progress, method), callback)
-  state = _Pruning(method, model, leaf_fn, n, m, reporter, list(model.leaves))
+  stream = _Stream.of(tapper, batches, tapped) if sequential else None
+  state = _Pruning(method, model, leaf_fn, n, m, reporter, list(model.leaves), stream=stream)
   try:
     for k, why in fallback.items():
       log.warning("%s: '%s' falls back to %s: %s", method, model.paths[k], missing, why)

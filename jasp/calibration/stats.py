@@ -54,7 +54,15 @@ from jasp.weights import Site
 from jasp.weights import from_matrix
 from jasp.weights import to_matrix
 
-__all__ = ["Site", "LayerStats", "collect_stats", "to_matrix", "from_matrix", "conv_patches"]
+__all__ = [
+  "Site",
+  "LayerStats",
+  "Window",
+  "collect_stats",
+  "to_matrix",
+  "from_matrix",
+  "conv_patches",
+]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -184,6 +192,29 @@ def zeros(target: Target, hessian: bool) -> dict:
   return a
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+  """Run only ``length`` iterations of one stacked scan, then stop (block streaming).
+
+  Attributes:
+    key: the scan's equation key (a :class:`~jasp.weights.SiteUse` ``stack``
+      key); the scan must be reached through calls only (no enclosing loop or
+      branch) and run forward.
+    length: iterations to run, from a start given at run time.
+  """
+
+  key: tuple
+  length: int
+
+
+class _Stop(Exception):  # noqa: N818 - control flow, not an error
+  """Ends a windowed evaluation at the stacked scan, carrying its final carry."""
+
+  def __init__(self, carry: list):
+    super().__init__()
+    self.carry = carry
+
+
 class _Tap(_jaxpr.Interpreter):
   """Evaluates a jaxpr, adding the input statistics of ``targets`` to ``acc``.
 
@@ -200,8 +231,12 @@ class _Tap(_jaxpr.Interpreter):
     acc: dict,
     hessian: bool,
     tables: Mapping[int, jax.Array],
+    window: Window | None = None,
+    start: jax.Array | None = None,
+    carry: list | None = None,
   ):
     super().__init__()
+    self.window, self.start, self.carry = window, start, carry
     self.sites = {key: [u for u in us if u.leaf in targets] for key, us in sites.items()}
     self.sites = {key: us for key, us in self.sites.items() if us}
     self.prefixes = {key[:i] for key in self.sites for i in range(len(key))}
@@ -261,9 +296,25 @@ class _Tap(_jaxpr.Interpreter):
 
   # -- loops and branches that hold a tapped weight are rebuilt ---------------
   def scan(self, eqn, scan, ins):
+    key = self.key(eqn)
+    if self.window is not None and key == self.window.key:
+      return self._window(eqn, scan, ins)
     if not self._inside(eqn, ("body",)):
       return self.primitive(eqn, ins)
-    key = self.key(eqn)
+    return self._rebuilt(eqn, scan, ins, key)
+
+  def _window(self, eqn, scan, ins):
+    """Iterations ``[start, start + length)`` of the stacked scan, from the cached carry; stops."""
+    consts, init, xs = scan.split_in(ins)
+    if self.carry is not None:
+      init = self.carry
+    n = self.window.length
+    xs = [lax.dynamic_slice_in_dim(x, self.start, n, axis=0) for x in xs]
+    windowed = dataclasses.replace(scan, length=n)
+    outs = self._rebuilt(eqn, windowed, list(consts) + list(init) + xs, self.key(eqn), self.start)
+    raise _Stop(scan.split_out(outs)[0])
+
+  def _rebuilt(self, eqn, scan, ins, key, offset=0):
     consts, init, xs = scan.split_in(ins)
     n = scan.length
 
@@ -271,7 +322,7 @@ class _Tap(_jaxpr.Interpreter):
       c, acc, i = carry
       outer = self.acc
       self.acc = acc
-      self.iters[key] = n - 1 - i if scan.reverse else i
+      self.iters[key] = n - 1 - i if scan.reverse else i + offset
       try:
         outs = self.walk(eqn, "body", scan.body, list(consts) + list(c) + list(x))
         acc = self.acc
@@ -361,32 +412,78 @@ class Tapper:
     traced, flow, _ = self._cache[sig]
     return traced, flow
 
-  def _step(self, sig, targets: Mapping[int, Target], hessian: bool):
+  def _step(self, sig, targets: Mapping[int, Target], hessian: bool, window: Window | None = None):
     """The jitted step for ``targets``' shapes: which layers they collect is an
-    argument (the tables), so the stages of a stacked model share one program."""
+    argument (the tables), so the stages of a stacked model share one program.
+    With a ``window``, the step also takes the scan's start and carry and
+    returns the carry after the window (and stops the model there)."""
     traced, flow, steps = self._cache[sig]
     shapes = tuple(
       sorted((leaf, t.site, t.stack_shape, len(t.layers)) for leaf, t in targets.items())
     )
-    tkey = (shapes, hessian)
+    tkey = (shapes, hessian, window)
     if tkey not in steps:
       closed = traced.closed
       first = dict(targets)  # the same sites, stack shapes and slot counts as later calls
 
-      def step(acc, leaves, extra, batch, tables):
-        tap = _Tap(flow.sites, first, dict(acc), hessian, tables)
+      def step(acc, leaves, extra, batch, tables, start=None, carry=None):
+        tap = _Tap(flow.sites, first, dict(acc), hessian, tables, window, start, carry)
         args = (
           list(leaves)
           + jax.tree_util.tree_leaves(extra)
           + [x for x in jax.tree_util.tree_leaves(batch) if isinstance(x, (jax.Array, np.ndarray))]
         )
-        with jax.default_matmul_precision("highest"):
-          tap.run(closed.jaxpr, closed.consts, args)
+        try:
+          with jax.default_matmul_precision("highest"):
+            tap.run(closed.jaxpr, closed.consts, args)
+        except _Stop as stop:
+          return tap.acc, stop.carry
+        if window is not None:
+          raise ValueError(f"the model never reached the stacked scan {window.key}")
         return tap.acc
 
       donate = (0,) if jax.default_backend() != "cpu" else ()
       steps[tkey] = jax.jit(step, donate_argnums=donate)
     return steps[tkey]
+
+  def single_trace(self, batches: Sequence[Any]) -> weights.WeightFlow | None:
+    """The analysis all ``batches`` share, or None when their shapes differ."""
+    sigs = {self._signature(b) for b in batches}
+    if len(sigs) != 1:
+      return None
+    self.traced(batches[0])
+    return self._cache[next(iter(sigs))][1]
+
+  def accumulate_window(
+    self,
+    leaves: Sequence[jax.Array],
+    batches: Sequence[Any],
+    targets: Mapping[int, Target],
+    window: Window,
+    start: int,
+    carries: Sequence[Any] | None,
+    *,
+    hessian: bool,
+  ) -> tuple[dict[int, dict], list]:
+    """:meth:`accumulate` over ``window.length`` iterations of the stacked scan only.
+
+    Each batch enters the scan at iteration ``start`` with its carry from
+    ``carries`` (``None``: the model's own carry, computed from its input,
+    which must then be at ``start=0``); nothing after the scan runs. Returns
+    the running sums and every batch's carry after the window: the inputs of
+    iteration ``start + window.length``. Batches must share one shape
+    (:meth:`single_trace`).
+    """
+    acc = {leaf: zeros(t, hessian) for leaf, t in targets.items()}
+    tables = {leaf: np.asarray(t.table()) for leaf, t in targets.items() if t.stack_shape}
+    out = []
+    for b, batch in enumerate(batches):
+      self.traced(batch)
+      step = self._step(self._signature(batch), targets, hessian, window)
+      carry = None if carries is None else carries[b]
+      acc, c = step(acc, list(leaves), self.model.extra, batch, tables, jnp.int32(start), carry)
+      out.append(c)
+    return acc, out
 
   def accumulate(
     self,

@@ -1,0 +1,112 @@
+"""Block streaming in the calibration driver: sequential runs over scan-stacked models.
+
+The oracle is the driver's whole-model path (every stage runs the full model),
+itself checked against unrolled models and the authors' algorithm in
+``calibration_sparsegpt_test``: the streamed run must give the same masks and
+weights while never running the full model.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import testing
+import zoo.decoder_linen as decoder_linen
+import zoo.decoder_nnx as decoder_nnx
+from flax import nnx
+
+import jasp
+from jasp.calibration import _driver
+from jasp.calibration import stats as stats_lib
+
+
+@pytest.fixture
+def passes(monkeypatch):
+  """Counts whole-model passes and windowed passes over the batches."""
+  count = {"full": 0, "window": 0, "carries": []}
+  full, window = stats_lib.Tapper.accumulate, stats_lib.Tapper.accumulate_window
+
+  def counted_full(self, *a, **k):
+    count["full"] += 1
+    return full(self, *a, **k)
+
+  def counted_window(self, *a, **k):
+    count["window"] += 1
+    acc, carries = window(self, *a, **k)
+    count["carries"].append(carries)
+    return acc, carries
+
+  monkeypatch.setattr(stats_lib.Tapper, "accumulate", counted_full)
+  monkeypatch.setattr(stats_lib.Tapper, "accumulate_window", counted_window)
+  return count
+
+
+def _whole_model(monkeypatch):
+  monkeypatch.setattr(_driver._Stream, "of", classmethod(lambda cls, *a: None))
+
+
+def _same(a, b, what):
+  for (path, x), (_, y) in zip(testing.leaves(a).items(), testing.leaves(b).items()):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{what}: {path}")
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_linen_decoder_streams_block_by_block(method, passes, monkeypatch):
+  model, variables = decoder_linen.build()
+  batches = [decoder_linen.tokens(s) for s in range(3)]
+  prune = jasp.sparsegpt_prune if method == "sparsegpt" else jasp.wanda_prune
+  got, got_masks = prune(model.apply, variables, batches, sequential=True, progress=False)
+  layers = decoder_linen.LAYERS
+  # q, k, v together; o; gate and up together; down: 4 stages per layer, each on its
+  # own layer only, plus moving the cached block inputs to each layer once.
+  assert passes["full"] == 0
+  assert passes["window"] == 4 * layers + layers
+  for carries in passes["carries"]:
+    assert len(carries) == len(batches)
+    (x,) = jax.tree.leaves(carries[0])
+    assert x.shape == (decoder_linen.BATCH, decoder_linen.LENGTH, decoder_linen.D)
+  _whole_model(monkeypatch)
+  want, want_masks = prune(model.apply, variables, batches, sequential=True, progress=False)
+  assert passes["full"] == 4 * layers
+  _same(got_masks, want_masks, "masks")
+  _same(got, want, "pruned params")
+
+
+def test_nnx_decoder_streams(passes, monkeypatch):
+  batches = [decoder_nnx.tokens(s) for s in range(2)]
+  model = decoder_nnx.build()
+  got, got_masks = jasp.sparsegpt_prune(model, batches, sequential=True, progress=False)
+  assert passes["full"] == 0 and passes["window"] > 0
+  _whole_model(monkeypatch)
+  model = decoder_nnx.build()
+  want, want_masks = jasp.sparsegpt_prune(model, batches, sequential=True, progress=False)
+  _same(got_masks, want_masks, "masks")
+  _same(nnx.to_pure_dict(got), nnx.to_pure_dict(want), "pruned params")
+
+
+def test_batches_of_different_shapes_run_the_whole_model(passes):
+  model, variables = decoder_linen.build()
+  batches = [decoder_linen.tokens(0), decoder_linen.tokens(1, n=2)]
+  jasp.wanda_prune(model.apply, variables, batches, sequential=True, progress=False)
+  assert passes["window"] == 0 and passes["full"] > 0
+
+
+def test_one_pass_runs_without_streaming(passes):
+  model, variables = decoder_linen.build()
+  jasp.wanda_prune(model.apply, variables, [decoder_linen.tokens(0)], progress=False)
+  assert passes == {"full": 1, "window": 0, "carries": []}
+
+
+def test_a_reverse_scan_runs_the_whole_model(passes):
+  def fn(params, x):
+    def body(h, w):
+      return jnp.tanh(h @ w), None
+
+    h, _ = jax.lax.scan(body, x, params["w"], reverse=True)
+    return h @ params["head"]
+
+  params = {"w": testing.normal((2, 16, 16)), "head": testing.normal((16, 8), seed=1)}
+  xs = [testing.normal((4, 16), seed=2)]
+  got, _ = jasp.wanda_prune(fn, params, xs, sequential=True, progress=False)
+  assert bool(jasp.is_nm(got["w"], 2, 4, 1))  # pruned along `in` of each layer
+  assert passes["window"] == 0 and passes["full"] > 0
