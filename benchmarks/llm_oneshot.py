@@ -1,0 +1,187 @@
+"""One-shot 2:4 pruning of a LLaMA-shaped decoder: SparseGPT (sequential) and Wanda, end to end.
+
+The decoder is written the way LLaMA is (pre-norm RMSNorm blocks, RoPE, grouped
+or multi-head attention, a SiLU-gated MLP, no biases), as a pure-JAX params
+dict whose blocks are stacked on a leading layer axis and run by ``lax.scan``.
+Weights are random (scaled like an initialised model) in bf16; calibration
+batches are token sequences from a generated bigram chain (nothing is
+downloaded). For each method the script records the end-to-end wall time of
+``jasp.sparsegpt_prune`` / ``jasp.wanda_prune`` (statistics in float32), the
+peak device memory, and the relative error of the pruned model's final hidden
+states against the dense model's on held-out batches.
+
+    python benchmarks/llm_oneshot.py --preset 7b --out llm_oneshot_h200.json   # GPU
+    python benchmarks/llm_oneshot.py --preset tiny                              # CPU smoke
+
+``--preset 7b``: 32 blocks, width 4096, MLP 11008, 32 heads (``--kv-heads 8``
+for GQA), 128 sequences of 2048 tokens in batches of ``--batch``. Sequential
+SparseGPT streams the blocks: each batch's input to the current block is kept
+(one ``(batch, seq, width)`` array per batch), never every layer's activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import _meta  # benchmarks/_meta.py (the script's directory is on sys.path)
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jasp
+
+PRESETS = {
+  "7b": dict(layers=32, dim=4096, hidden=11008, heads=32, vocab=32000, samples=128, seq=2048),
+  "small": dict(layers=4, dim=1024, hidden=2816, heads=8, vocab=8192, samples=32, seq=512),
+  "tiny": dict(layers=2, dim=64, hidden=176, heads=4, vocab=256, samples=4, seq=32),
+}
+
+
+def init_params(key, layers, dim, hidden, heads, kv_heads, vocab, dtype=jnp.bfloat16):
+  """LLaMA-style params; the blocks' kernels are stacked ``(layers, in, ...)``."""
+  head_dim = dim // heads
+  ks = iter(jax.random.split(key, 16))
+
+  def w(shape, fan_in):
+    return (jax.random.normal(next(ks), shape, jnp.float32) * fan_in**-0.5).astype(dtype)
+
+  blocks = {
+    "attn_norm": jnp.ones((layers, dim), dtype),
+    "q": w((layers, dim, heads, head_dim), dim),
+    "k": w((layers, dim, kv_heads, head_dim), dim),
+    "v": w((layers, dim, kv_heads, head_dim), dim),
+    "o": w((layers, heads, head_dim, dim), dim),
+    "mlp_norm": jnp.ones((layers, dim), dtype),
+    "gate": w((layers, dim, hidden), dim),
+    "up": w((layers, dim, hidden), dim),
+    "down": w((layers, hidden, dim), hidden),
+  }
+  return {
+    "embed": w((vocab, dim), 1.0) * jnp.asarray(0.02, dtype),
+    "blocks": blocks,
+    "final_norm": jnp.ones((dim,), dtype),
+  }
+
+
+def rms_norm(x, scale, eps=1e-6):
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (xf * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x, theta=10_000.0):
+  """Rotary embedding, rotate-half form, on ``x (B, T, N, Dh)``."""
+  t, half = x.shape[1], x.shape[-1] // 2
+  inv = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  ang = jnp.arange(t, dtype=jnp.float32)[:, None] * inv[None, :]
+  sin, cos = jnp.sin(ang)[None, :, None, :], jnp.cos(ang)[None, :, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def block(x, p):
+  """One pre-norm block; the scan body over the stacked params."""
+  b, t, _ = x.shape
+  h = rms_norm(x, p["attn_norm"])
+  q = rope(jnp.einsum("btd,dnh->btnh", h, p["q"]))
+  k = rope(jnp.einsum("btd,dnh->btnh", h, p["k"]))
+  v = jnp.einsum("btd,dnh->btnh", h, p["v"])
+  rep = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+  s = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -1e30)
+  a = jnp.einsum("bnqk,bknh->bqnh", jax.nn.softmax(s, -1).astype(v.dtype), v)
+  x = x + jnp.einsum("btnh,nhd->btd", a, p["o"])
+  h = rms_norm(x, p["mlp_norm"])
+  g = jnp.einsum("btd,df->btf", h, p["gate"])
+  u = jnp.einsum("btd,df->btf", h, p["up"])
+  return x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, p["down"])
+
+
+def hidden_states(params, tokens):
+  """The final normed hidden states ``(B, T, dim)`` (the LM head is the tied embedding)."""
+  x = params["embed"][tokens]
+  x, _ = jax.lax.scan(lambda h, p: (block(h, p), None), x, params["blocks"])
+  return rms_norm(x, params["final_norm"])
+
+
+def bigram_tokens(seed, n, length, vocab):
+  """``(n, length)`` int32 tokens from a fixed random bigram chain (a stand-in for text)."""
+  rng = np.random.default_rng(1234)
+  nxt = rng.integers(0, vocab, size=(vocab, 8))
+  r = np.random.default_rng(seed)
+  out = np.empty((n, length), np.int32)
+  out[:, 0] = r.integers(0, vocab, n)
+  for i in range(1, length):
+    out[:, i] = nxt[out[:, i - 1], r.integers(0, 8, n)]
+  return jnp.asarray(out)
+
+
+def peak_bytes() -> int | None:
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+  return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def output_error(params, pruned, held_out) -> float:
+  """``||h_pruned - h_dense|| / ||h_dense||`` over the held-out batches (float32)."""
+  f = jax.jit(hidden_states)
+  num = den = 0.0
+  for x in held_out:
+    d = f(params, x).astype(jnp.float32)
+    s = f(pruned, x).astype(jnp.float32)
+    num += float(jnp.sum((s - d) ** 2))
+    den += float(jnp.sum(d**2))
+  return math.sqrt(num / den)
+
+
+def run_method(name, params, batches, held_out) -> dict:
+  prune = {"sparsegpt": jasp.sparsegpt_prune, "wanda": jasp.wanda_prune}[name]
+  kwargs = {"sequential": True} if name == "sparsegpt" else {}
+  t0 = time.perf_counter()
+  pruned, masks = prune(hidden_states, params, batches, progress=False, **kwargs)
+  jax.block_until_ready((pruned, masks))
+  wall = time.perf_counter() - t0
+  kept = [float(jnp.mean(m)) for m in jax.tree.leaves(masks)]
+  return {
+    "wall_s": wall,
+    "peak_bytes": peak_bytes(),
+    "pruned_leaves": len(kept),
+    "kept_fraction": float(np.mean(kept)) if kept else None,
+    "output_rel_error": output_error(params, pruned, held_out),
+  }
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+  ap.add_argument("--kv-heads", type=int, default=0, help="0: as many as heads (MHA)")
+  ap.add_argument("--batch", type=int, default=8, help="sequences per calibration batch")
+  ap.add_argument("--methods", default="wanda,sparsegpt")
+  ap.add_argument("--held-out", type=int, default=2, help="held-out batches for the error")
+  ap.add_argument("--out", default="")
+  args = ap.parse_args()
+  cfg = dict(PRESETS[args.preset])
+  kv = args.kv_heads or cfg["heads"]
+  dev = jax.devices()[0]
+  out = {"preset": args.preset, "config": dict(cfg, kv_heads=kv), "device": dev.device_kind}
+  print(f"device: {dev.device_kind}, JAX {jax.__version__}; {out['config']}", flush=True)
+  params = init_params(
+    jax.random.key(0), cfg["layers"], cfg["dim"], cfg["hidden"], cfg["heads"], kv, cfg["vocab"]
+  )
+  n_batches = max(1, cfg["samples"] // args.batch)
+  batches = [bigram_tokens(s, args.batch, cfg["seq"], cfg["vocab"]) for s in range(n_batches)]
+  held_out = [
+    bigram_tokens(10_000 + s, args.batch, cfg["seq"], cfg["vocab"]) for s in range(args.held_out)
+  ]
+  out["calibration_tokens"] = n_batches * args.batch * cfg["seq"]
+  for name in args.methods.split(","):
+    res = out[name] = run_method(name, params, batches, held_out)
+    print(f"{name}: {res}", flush=True)
+  if args.out:
+    _meta.write_json(args.out, out)
+
+
+if __name__ == "__main__":
+  main()
