@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ __all__ = [
   "check_nm",
   "group_axes",
   "innermost_group_axes",
+  "split_around",
 ]
 
 
@@ -71,6 +73,22 @@ def group_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
   if len(set(out)) != len(out) or out != list(range(out[0], out[0] + len(out))):
     raise ValueError(f"group axes must be distinct and consecutive, got {axes}.")
   return tuple(out)
+
+
+def split_around(shape: tuple[int, ...], axis: Axis, m: int) -> tuple[int, int, int]:
+  """``(pre, k, post)``: the sizes before, of, and after the group axes (flattened).
+
+  Raises:
+    ValueError: ``k`` is not a multiple of ``m`` (or ``axis`` is invalid).
+  """
+  shape = tuple(int(s) for s in shape)
+  axes = group_axes(len(shape), axis)
+  k = math.prod(shape[axes[0] : axes[-1] + 1])
+  if k % m:
+    raise ValueError(
+      f"the group axes {axes} of shape {shape} have size {k}, not a multiple of m={m}."
+    )
+  return math.prod(shape[: axes[0]]), k, math.prod(shape[axes[-1] + 1 :])
 
 
 def innermost_group_axes(shape: tuple[int, ...], axes: tuple[int, ...], m: int) -> tuple[int, ...]:

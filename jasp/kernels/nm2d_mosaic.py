@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -35,11 +34,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jasp._nm_core import best_pattern_bits
-from jasp._nm_core import block_patterns
 from jasp._nm_core import check_nm
 from jasp.kernels import mosaic
-from jasp.kernels.nm2d_pallas import MAX_PATTERNS
-from jasp.kernels.ranking import SUPPORTED_DTYPES
+from jasp.kernels.nm2d_pallas import block_view
+from jasp.kernels.nm2d_pallas import supports_blocks
 from jasp.kernels.ranking import magnitude_f32
 
 __all__ = ["Plan2D", "nm_mask_2d_mosaic", "plan_2d", "supports_2d"]
@@ -82,21 +80,13 @@ def plan_2d(
   max_cols: int | None = None,
 ) -> Plan2D | None:
   """The view and tiling, or ``None`` (a layout that needs a transpose, or no 128-block tile)."""
-  shape = tuple(int(s) for s in shape)
-  nd = len(shape)
-  a, b = axis % nd, out_axis % nd
-  if a == b:
+  view = block_view(shape, m, axis, out_axis)
+  if view is None:
     return None
-  first, second = min(a, b), max(a, b)
-  if math.prod(shape[first + 1 : second]) != 1 or math.prod(shape[second + 1 :]) != 1:
-    return None
-  if shape[first] % m or shape[second] % m or 0 in shape:
-    return None
-  rows = math.prod(shape[: first + 1]) // m
-  cols = shape[second] // m
+  rows, cols, group_first = view
   b1 = mosaic.pow2_divisor(cols, max_cols or _MAX_COLS)
   b0 = mosaic.pow2_divisor(rows, max(1, (tile_blocks or _TILE_BLOCKS) // b1))
-  p = Plan2D((rows, m, cols, m, 1), a < b, (b0, b1))
+  p = Plan2D((rows, m, cols, m, 1), group_first, (b0, b1))
   if (b0 * b1) % 128 or not mosaic.grid_fits(p.grid):
     return None
   return p
@@ -104,17 +94,7 @@ def plan_2d(
 
 def supports_2d(shape: Sequence[int], dtype, n: int, m: int, axis: int, out_axis: int) -> bool:
   """Whether the kernel handles this weight and block layout (see module doc)."""
-  try:
-    dt = jnp.dtype(dtype)
-    check_nm(n, m)
-  except (TypeError, ValueError):
-    return False
-  if dt not in SUPPORTED_DTYPES or len(shape) < 2 or math.prod(shape) == 0:
-    return False
-  try:
-    if len(block_patterns(n, m)) > MAX_PATTERNS:
-      return False
-  except ValueError:
+  if not supports_blocks(dtype, n, m) or len(shape) < 2:
     return False
   return plan_2d(shape, m, axis, out_axis) is not None
 
@@ -169,7 +149,7 @@ def nm_mask_2d_mosaic(
     w: fp32, bf16 or fp16 array of rank >= 2 whose block axes allow the view of
       the module doc (see :func:`supports_2d`).
     n, m: ``n`` kept per row and per column of every ``m x m`` block (at most
-      ``MAX_PATTERNS`` candidate patterns: 2:4, 1:4, 3:4, 1:2, 1:3, 2:3).
+      ``nm2d_pallas.MAX_PATTERNS`` candidate patterns: 2:4, 1:4, 3:4, 1:2, 1:3, 2:3).
     axis: the group (reduction) axis; 0 for a Dense kernel ``(in, out)``.
     out_axis: the other block axis (the output channels), default -1.
     interpret: Mosaic GPU interpret mode; ``None`` interprets off GPUs.

@@ -37,8 +37,9 @@ from jasp._nm_core import block_patterns
 from jasp._nm_core import check_nm
 from jasp.kernels import nm_pallas
 from jasp.kernels.ranking import magnitude_f32
+from jasp.kernels.ranking import supports
 
-__all__ = ["Plan2D", "nm_mask_2d_pallas", "plan_2d", "supports_2d"]
+__all__ = ["Plan2D", "block_view", "nm_mask_2d_pallas", "plan_2d", "supports_2d", "supports_blocks"]
 
 #: Largest number of candidate patterns the kernel unrolls (2:4 has 90).
 MAX_PATTERNS = 128
@@ -75,6 +76,40 @@ class Plan2D:
   split: bool
 
 
+def block_view(
+  shape: Sequence[int], m: int, axis: int, out_axis: int
+) -> tuple[int, int, bool] | None:
+  """``(A, B, group_first)`` of the free ``(A, m, B, m)`` view (module doc), or ``None``.
+
+  ``None`` when a transpose would be needed (an axis of size > 1 between the
+  two block axes or after the later one), a block axis does not divide by
+  ``m``, or the weight is empty. ``group_first``: the group ``axis`` is the
+  earlier block axis.
+  """
+  shape = tuple(int(s) for s in shape)
+  nd = len(shape)
+  a, b = axis % nd, out_axis % nd
+  if a == b or 0 in shape:
+    return None
+  first, second = min(a, b), max(a, b)
+  if math.prod(shape[first + 1 : second]) != 1 or math.prod(shape[second + 1 :]) != 1:
+    return None
+  if shape[first] % m or shape[second] % m:
+    return None
+  return math.prod(shape[: first + 1]) // m, shape[second] // m, a < b
+
+
+def supports_blocks(dtype, n: int, m: int) -> bool:
+  """Whether a transposable kernel handles ``dtype`` and ``n:m`` blocks (at most
+  :data:`MAX_PATTERNS` candidate patterns)."""
+  if not supports(dtype, n, m):
+    return False
+  try:
+    return len(_patterns(n, m)) <= MAX_PATTERNS
+  except ValueError:
+    return False
+
+
 def plan_2d(
   shape: Sequence[int],
   m: int,
@@ -86,36 +121,23 @@ def plan_2d(
   num_warps: int | None = None,
 ) -> Plan2D | None:
   """The view and tiling, or ``None`` when the layout would need a transpose."""
-  shape = tuple(int(s) for s in shape)
-  nd = len(shape)
-  a, b = axis % nd, out_axis % nd
-  if a == b:
+  view = block_view(shape, m, axis, out_axis)
+  if view is None:
     return None
-  first, second = min(a, b), max(a, b)
-  if math.prod(shape[first + 1 : second]) != 1 or math.prod(shape[second + 1 :]) != 1:
-    return None
-  if shape[first] % m or shape[second] % m:
-    return None
-  rows = math.prod(shape[: first + 1]) // m
-  cols = shape[second] // m
+  rows, cols, group_first = view
   tile_blocks = tile_blocks or _TILE_BLOCKS
   max_contig = max_contig or _MAX_CONTIG_BLOCKS
   b1 = min(nm_pallas.pow2_ceil(cols), max_contig)
   b0 = max(1, min(nm_pallas.pow2_ceil(rows), tile_blocks // b1))
   bounds = None if (rows % b0 == 0 and cols % b1 == 0) else (rows, cols)
   return Plan2D(
-    (rows, m, cols, m), a < b, (b0, b1), bounds, num_warps or _NUM_WARPS, m & (m - 1) == 0
+    (rows, m, cols, m), group_first, (b0, b1), bounds, num_warps or _NUM_WARPS, m & (m - 1) == 0
   )
 
 
 def supports_2d(shape: Sequence[int], dtype, n: int, m: int, axis: int, out_axis: int) -> bool:
   """Whether the kernel handles this weight and block layout (see module doc)."""
-  if not nm_pallas.supports(dtype, n, m) or len(shape) < 2 or math.prod(shape) == 0:
-    return False
-  try:
-    if len(_patterns(n, m)) > MAX_PATTERNS:
-      return False
-  except ValueError:
+  if not supports_blocks(dtype, n, m) or len(shape) < 2:
     return False
   return plan_2d(shape, m, axis, out_axis) is not None
 

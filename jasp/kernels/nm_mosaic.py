@@ -53,11 +53,14 @@ from jax.experimental import pallas as pl
 from jasp._nm_core import check_nm
 from jasp._nm_core import group_axes
 from jasp._nm_core import innermost_group_axes
+from jasp._nm_core import split_around
 from jasp.kernels import mosaic
 from jasp.kernels.ranking import KEY_BITS
+from jasp.kernels.ranking import MAX_M
 from jasp.kernels.ranking import SUPPORTED_DTYPES
 from jasp.kernels.ranking import keep_top_n
 from jasp.kernels.ranking import rank_keys
+from jasp.kernels.ranking import supports
 from jasp.typing import Axis
 
 __all__ = [
@@ -71,24 +74,12 @@ __all__ = [
 #: What a kernel can write (see the module doc).
 OUTPUTS = ("weight", "mask", "bits", "finite")
 
-#: Largest group size the kernels accept (m*(m-1)/2 comparisons per group).
-MAX_M = 8
-
 # Default tiling: elements per member tile, widest tile along the contiguous
 # axis, bytes per thread access (rows view). From benchmarks/mask_bench.py.
 _TILE_ELEMS = 512
 _MAX_COLS = 256
 _VEC_BYTES = 16
 _WARPGROUP = 128
-
-
-def supports(dtype, n: int, m: int) -> bool:
-  """Whether the kernels handle weights of ``dtype`` with ``n:m`` groups."""
-  try:
-    dt = jnp.dtype(dtype)
-  except TypeError:
-    return False
-  return dt in SUPPORTED_DTYPES and 2 <= m <= MAX_M and 1 <= n < m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,14 +164,7 @@ def plan(
     ValueError: if the group axes' size is not a multiple of ``m``.
   """
   shape = tuple(int(s) for s in shape)
-  axes = group_axes(len(shape), axis)
-  pre = math.prod(shape[: axes[0]])
-  k = math.prod(shape[axes[0] : axes[-1] + 1])
-  post = math.prod(shape[axes[-1] + 1 :])
-  if k % m:
-    raise ValueError(
-      f"the group axes {axes} of shape {shape} have size {k}, not a multiple of m={m}."
-    )
+  pre, k, post = split_around(shape, axis, m)
   entries = 8 if packed else m
   if k % entries or entries % m or 0 in shape:
     return None

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -44,10 +43,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jasp._nm_core import check_nm
-from jasp._nm_core import group_axes
+from jasp._nm_core import split_around
+from jasp.kernels.ranking import MAX_M
 from jasp.kernels.ranking import SUPPORTED_DTYPES
 from jasp.kernels.ranking import keep_top_n
 from jasp.kernels.ranking import rank_keys
+from jasp.kernels.ranking import supports
 from jasp.typing import Axis
 
 __all__ = [
@@ -57,9 +58,6 @@ __all__ = [
   "supports",
 ]
 
-
-#: Largest group size the kernels accept (m*(m-1)/2 comparisons per group).
-MAX_M = 8
 
 # Default tiling: elements per member tile, widest tile along the contiguous
 # axis (in elements), warps per program, whole-block loads for the "cols" view.
@@ -83,15 +81,6 @@ def backend_available() -> bool:
   except ImportError:
     return False
   return True
-
-
-def supports(dtype, n: int, m: int) -> bool:
-  """Whether the kernels handle weights of ``dtype`` with ``n:m`` groups."""
-  try:
-    dt = jnp.dtype(dtype)
-  except TypeError:
-    return False
-  return dt in SUPPORTED_DTYPES and 2 <= m <= MAX_M and 1 <= n < m
 
 
 def pow2_ceil(x: int) -> int:
@@ -166,17 +155,10 @@ def plan(
     ValueError: if the group axes' size is not a multiple of ``m``.
   """
   shape = tuple(int(s) for s in shape)
-  axes = group_axes(len(shape), axis)
   tile_elems = tile_elems or _TILE_ELEMS
   max_contig = max_contig or _MAX_CONTIG
   num_warps = num_warps or _NUM_WARPS
-  pre = math.prod(shape[: axes[0]])
-  k = math.prod(shape[axes[0] : axes[-1] + 1])
-  post = math.prod(shape[axes[-1] + 1 :])
-  if k % m:
-    raise ValueError(
-      f"the group axes {axes} of shape {shape} have size {k}, not a multiple of m={m}."
-    )
+  pre, k, post = split_around(shape, axis, m)
   if post > 1:
     view = (pre * k // m, m, post)
     b1 = min(pow2_ceil(post), max_contig)

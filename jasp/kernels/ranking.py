@@ -21,10 +21,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["KEY_BITS", "SUPPORTED_DTYPES", "keep_top_n", "magnitude_f32", "rank_keys"]
+__all__ = [
+  "KEY_BITS",
+  "MAX_M",
+  "SUPPORTED_DTYPES",
+  "keep_top_n",
+  "magnitude_f32",
+  "rank_keys",
+  "supports",
+]
 
 #: Weight dtypes the kernels accept. Others (fp64, integers) use the XLA path.
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+#: Largest group size the kernels accept (m*(m-1)/2 comparisons per group).
+MAX_M = 8
 
 #: dtype -> (integer dtype of the same width, ``|x|`` bit mask, +inf bit pattern).
 KEY_BITS = {
@@ -32,6 +43,15 @@ KEY_BITS = {
   jnp.dtype(jnp.bfloat16): (jnp.int16, 0x7FFF, 0x7F80),
   jnp.dtype(jnp.float16): (jnp.int16, 0x7FFF, 0x7C00),
 }
+
+
+def supports(dtype, n: int, m: int) -> bool:
+  """Whether the kernels handle weights of ``dtype`` with ``n:m`` groups."""
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    return False
+  return dt in SUPPORTED_DTYPES and 2 <= m <= MAX_M and 1 <= n < m
 
 
 def rank_keys(x: jax.Array) -> jax.Array:
