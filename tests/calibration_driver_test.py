@@ -6,9 +6,6 @@ itself checked against unrolled models and the authors' algorithm in
 weights while never running the full model.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -159,15 +156,5 @@ _SHARDED_STREAM = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_streaming_with_batches_sharded_over_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  r = subprocess.run(
-    [sys.executable, "-c", _SHARDED_STREAM],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    cwd=root,
-  )
+  r = testing.run_on_cpu_devices(_SHARDED_STREAM, 4)
   assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

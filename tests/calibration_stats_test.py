@@ -1,8 +1,5 @@
 """jasp.calibration.stats: the jaxpr tap that collects each weight's input statistics."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -220,10 +217,5 @@ _SHARDED = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_calibration_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  r = subprocess.run(
-    [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
-  )
+  r = testing.run_on_cpu_devices(_SHARDED, 8)
   assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

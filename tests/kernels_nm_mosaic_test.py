@@ -203,10 +203,14 @@ def test_prune_tree_in_one_pass(monkeypatch, packed):
   calls.clear()
   only = jasp.compute_masks(params, impl="pallas", packed=packed)
   assert sorted(calls) == [(mask_kind, "finite")] * 2
+  only = packing.unpack_masks(only) if packed else only
+  for name in ("up", "down"):
+    np.testing.assert_array_equal(
+      np.asarray(only[name]["kernel"]), np.asarray(want_m[name]["kernel"])
+    )
   bad = {"up": {"kernel": params["up"]["kernel"].at[3, 7].set(jnp.nan)}}
   with pytest.raises(ValueError, match="'up/kernel'.*1 NaN/Inf"):
     jasp.prune(bad, impl="pallas", packed=packed)
-  del only
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,8 @@ prints the seed in its header and under every failure (``conftest.py``).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -184,3 +186,22 @@ def nnx_token_steps(model, tx, tokens, labels, steps: int):
   for _ in range(steps):
     last = step(model, opt)
   return float(first), float(last), opt
+
+
+def run_on_cpu_devices(code: str, devices: int, timeout: int = 300) -> subprocess.CompletedProcess:
+  """Runs ``python -c code`` from the repository root on ``devices`` simulated CPU devices.
+
+  The multi-device tests run this way: XLA fixes the device count at start-up,
+  so it cannot change inside the test process. The repository root is on
+  ``PYTHONPATH`` and is the working directory.
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  return subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=root
+  )

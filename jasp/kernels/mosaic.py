@@ -72,6 +72,15 @@ def grid_fits(grid: tuple[int, int]) -> bool:
   return 0 < grid[0] < 2**31 and 0 < grid[1] <= MAX_GRID_YZ
 
 
+@functools.lru_cache(maxsize=None)
+def _load_takes_index() -> bool:
+  """Whether this JAX's ``plgpu.load`` requires the index (older releases)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  param = inspect.signature(plgpu.load).parameters.get("idx")
+  return param is not None and param.default is inspect.Parameter.empty
+
+
 def load(ref, idx: tuple, tile: tuple[int, ...], vec: int, interpret: bool) -> jax.Array:
   """``ref[idx]``, a tile of shape ``tile``, into registers.
 
@@ -84,8 +93,7 @@ def load(ref, idx: tuple, tile: tuple[int, ...], vec: int, interpret: bool) -> j
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   layout = plgpu.Layout.WG_STRIDED(tile, vec_size=vec)
-  param = inspect.signature(plgpu.load).parameters.get("idx")
-  if param is not None and param.default is inspect.Parameter.empty:
+  if _load_takes_index():
     return plgpu.load(ref, idx, layout=layout)
   return plgpu.load(ref.at[idx], layout=layout)  # newer JAX: index the ref itself
 
