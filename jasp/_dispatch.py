@@ -331,8 +331,9 @@ def pallas_nm_fused(w, n, m, axis, impl, *, weight, packed):
 
   Only the Mosaic GPU kernel writes them all at once: the pruned weight (when
   ``weight``), the mask (:class:`jasp.packing.PackedMask` bits when
-  ``packed``, as :func:`jasp.packing.pack` lays them out) and whether ``w`` is
-  all finite (a scalar bool). ``None`` means the caller composes them.
+  ``packed``, as :func:`jasp.packing.pack` lays them out) and finiteness
+  flags (``int32``, all nonzero exactly when ``w`` is all finite). ``None``
+  means the caller composes them.
   """
   if pick_kernel(w, n, m, axis, impl) != "mosaic":
     return None

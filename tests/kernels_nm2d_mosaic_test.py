@@ -83,18 +83,31 @@ def test_dispatch_uses_it_without_triton(monkeypatch):
   assert _dispatch.pallas_nm_mask_2d(big, 2, 4, 0, 1) is not None
 
 
+GPU_CASES = [
+  ((4096, 4096), 0, 1, 2, 4),
+  ((1024, 4096), 1, 0, 2, 4),
+  ((3, 3, 64, 128), -2, -1, 2, 4),
+  ((96, 384), 0, 1, 1, 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
+def test_every_gpu_case_lowers_for_cuda(dtype):
+  # Lowering for CUDA runs Mosaic GPU's layout and memory-access checks on the CPU.
+  for shape, axis, out_axis, n, m in GPU_CASES:
+    p = nm2d_mosaic.plan_2d(shape, m, axis, out_axis)
+    assert p is not None, shape
+    run = lambda w, n=n, p=p: nm2d_mosaic._run(w, n=n, p=p, interpret=False)
+    testing.lowers_for_cuda(run, jax.ShapeDtypeStruct(shape, dtype))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_gpu_matches_xla(dtype):
   if jax.default_backend() != "gpu" or (_dispatch._capability(jnp.zeros(1)) or 0) < 9.0:
     pytest.skip("the Mosaic GPU kernels need compute capability 9.0+")
   rng, seed = testing.fresh_rng()
-  for shape, axis, out_axis, n, m in [
-    ((4096, 4096), 0, 1, 2, 4),
-    ((1024, 4096), 1, 0, 2, 4),
-    ((3, 3, 64, 128), -2, -1, 2, 4),
-    ((96, 384), 0, 1, 1, 4),
-  ]:
+  for shape, axis, out_axis, n, m in GPU_CASES:
     for w in [
       jnp.asarray(rng.standard_normal(shape), dtype),
       jnp.asarray(rng.integers(-3, 4, shape), dtype),

@@ -54,7 +54,8 @@ def _outputs_match(w, n, m, axis, outputs, msg, interpret=True):
         np.asarray(g), np.asarray(packing.pack(jnp.asarray(want), axis).bits), err_msg=msg
       )
     else:
-      assert g.shape == () and bool(g) == bool(np.isfinite(testing.as_np64(w)).all()), msg
+      assert g.dtype == jnp.int32 and g.ndim == 1, msg
+      assert bool(jnp.all(g != 0)) == bool(np.isfinite(testing.as_np64(w)).all()), msg
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{testing.param_id(c[0])}-{c[2]}of{c[3]}")
@@ -91,7 +92,7 @@ def test_plan_applies_to_row_layouts_that_tile():
   assert (p.block[0] * p.block[1]) % (128 * p.vec) == 0 and p.vec * 2 <= 16
   assert nm_mosaic.plan((4096, 11008), 4, 0, packed=True).view == (512, 8, 11008)
   cols = nm_mosaic.plan((64, 128), 4, -1)  # groups along the last axis
-  assert cols.cols and cols.view == (8, 256, 4, 1) and cols.vec == 1 and cols.tile == (2, 256, 1)
+  assert cols.cols and cols.view == (8, 256, 4, 1) and cols.vec == 1 and cols.tile == (8, 256, 1)
   assert nm_mosaic.plan((12, 128), 4, 0, packed=True) is None  # 12 entries: not whole bytes
   assert nm_mosaic.plan((48, 64), 3, 0, packed=True) is None  # a byte would split a group
   assert nm_mosaic.plan((4, 3), 4, 0) is None  # a tile of 3 elements: not 128
@@ -213,6 +214,24 @@ def test_prune_tree_in_one_pass(monkeypatch, packed):
     jasp.prune(bad, impl="pallas", packed=packed)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_every_gpu_case_lowers_for_cuda(dtype):
+  # Lowering for CUDA runs Mosaic GPU's layout and memory-access checks on the CPU.
+  lowered = 0
+  for i, (shape, axis) in enumerate(GPU_CASES):
+    for n, m in [(2, 4), [(1, 4), (3, 8), (2, 8), (1, 2)][i % 4]]:
+      for outputs in [("weight", "mask", "finite"), ("bits",)]:
+        p = nm_mosaic.plan(
+          shape, m, axis, packed="bits" in outputs, itemsize=jnp.dtype(dtype).itemsize
+        )
+        if p is None:
+          continue
+        run = lambda w, n=n, p=p, o=outputs: nm_mosaic._run(w, n=n, p=p, outputs=o, interpret=False)
+        testing.lowers_for_cuda(run, jax.ShapeDtypeStruct(shape, dtype))
+        lowered += 1
+  assert lowered >= 2 * len(GPU_CASES)
+
+
 # ---------------------------------------------------------------------------
 # On the GPU (Hopper).
 
@@ -247,7 +266,7 @@ def test_gpu_kernel_matches_xla(dtype):
       pruned, mask, finite = nm_mosaic.nm_mosaic(w, n, m, axis, ("weight", "mask", "finite"))
       np.testing.assert_array_equal(np.asarray(mask), np.asarray(want), err_msg=msg)
       assert testing.same_bits(pruned, jnp.where(want, w, jnp.zeros_like(w))), msg
-      assert not bool(finite), msg
+      assert not bool(jnp.all(finite != 0)), msg
       if nm_mosaic.plan(shape, m, axis, packed=True) is not None:
         (bits,) = nm_mosaic.nm_mosaic(w, n, m, axis, ("bits",))
         np.testing.assert_array_equal(

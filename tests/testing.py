@@ -205,3 +205,14 @@ def run_on_cpu_devices(code: str, devices: int, timeout: int = 300) -> subproces
   return subprocess.run(
     [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=root
   )
+
+
+def lowers_for_cuda(fn, *args) -> None:
+  """Lower jitted ``fn`` on ``args`` (arrays or ``ShapeDtypeStruct``) for CUDA, on any host.
+
+  A Pallas Mosaic GPU kernel is lowered to Mosaic's IR (its layouts, loads
+  and stores checked) when it is lowered for CUDA, which needs no GPU; the
+  PTX is built later, on the GPU. Raises what the lowering raises.
+  """
+  specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+  jax.export.export(jax.jit(fn), platforms=["cuda"])(*specs)

@@ -1,9 +1,9 @@
 """Shared plumbing of jasp's Pallas Mosaic GPU kernels.
 
 Launching a kernel (one warpgroup per program, Lane semantics, no automatic
-barriers), loading a tile straight from global memory into registers, storing
-a ``bool`` tile as XLA's one byte per entry, and the CPU interpret mode the
-tests use. The kernels themselves: :mod:`jasp.kernels.nm_mosaic` (1-D masks)
+barriers), loading a tile straight from global memory into registers and
+storing it back (a ``bool`` tile as XLA's one byte per entry), and the CPU
+interpret mode the tests use. The kernels themselves: :mod:`jasp.kernels.nm_mosaic` (1-D masks)
 and :mod:`jasp.kernels.nm2d_mosaic` (transposable masks). Why they are built
 this way: ``docs/design/mosaic-kernels.md``.
 """
@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 __all__ = [
   "available",
@@ -24,7 +25,7 @@ __all__ = [
   "launch",
   "load",
   "pow2_divisor",
-  "store_bool",
+  "store",
 ]
 
 #: CUDA's limit on the second and third grid dimensions (the first allows 2**31 - 1).
@@ -38,13 +39,21 @@ def available() -> bool:
     from jax.experimental.pallas import mosaic_gpu as plgpu
   except ImportError:
     return False
-  needed = ("kernel", "load", "Layout", "CompilerParams", "LoweringSemantics")
+  needed = (
+    "kernel",
+    "load",
+    "inline_mgpu",
+    "RefType",
+    "Layout",
+    "CompilerParams",
+    "LoweringSemantics",
+  )
   return all(hasattr(plgpu, a) for a in needed) and hasattr(plgpu.Layout, "WG_STRIDED")
 
 
 @functools.lru_cache(maxsize=None)
 def bool_stores() -> bool:
-  """Whether this JAX has what :func:`store_bool` needs."""
+  """Whether this JAX has what :func:`store` needs for ``bool`` tiles (the byte view)."""
   if not available():
     return False
   try:
@@ -55,7 +64,8 @@ def bool_stores() -> bool:
   except ImportError:
     return False
   return all(hasattr(plgpu, a) for a in ("inline_mgpu", "RefType")) and all(
-    hasattr(mgpu_utils, a) for a in ("ptr_as_memref", "get_memref_llvm_address_space")
+    hasattr(mgpu_utils, a)
+    for a in ("getelementptr", "ptr_as_memref", "get_memref_llvm_address_space")
   )
 
 
@@ -98,50 +108,60 @@ def load(ref, idx: tuple, tile: tuple[int, ...], vec: int, interpret: bool) -> j
   return plgpu.load(ref.at[idx], layout=layout)  # newer JAX: index the ref itself
 
 
-def store_bool(ref, idx: tuple, keep: jax.Array, vec: int, interpret: bool) -> None:
-  """``ref[idx] = keep`` for a ``bool`` output, one byte per entry.
+def store(ref, idx: tuple, val: jax.Array, vec: int, interpret: bool) -> None:
+  """``ref[idx] = val``, a tile in the ``WG_STRIDED`` layout of :func:`load`.
 
-  Mosaic GPU's own stores treat a ``bool`` memref as packed bits, whereas XLA
-  keeps one byte (0 or 1) per ``bool``. On the GPU the tile's memref (element
-  type ``i1``) is therefore re-read as a strided ``i8`` memref at the same
-  address (its descriptor's aligned pointer plus its offset, counted in bytes)
-  and ``keep`` is stored as ``uint8`` through it, inside ``plgpu.inline_mgpu``.
+  On the GPU the tile is written straight from registers through the output's
+  memref (``FragmentedArray.store_untiled`` inside ``plgpu.inline_mgpu``),
+  ``vec`` elements per thread access. A plain Pallas store would not do: it
+  first reads the tile's old value with a vector width of its own choosing,
+  which a strided tile (unit minor dimension) does not allow.
+
+  A ``bool`` tile is stored as XLA keeps it, one byte (0 or 1) per entry,
+  whereas Mosaic GPU treats an ``i1`` memref as packed bits: the memref is
+  re-read as a strided ``i8`` memref at the same address (its descriptor's
+  aligned pointer advanced by its offset in bytes, a ``getelementptr``, so
+  that the compiler still sees the output's alignment and keeps the stores
+  vectorised) and ``val`` is stored as ``uint8`` through it.
+
   Interpreted, a plain write.
   """
   if interpret:
-    ref[idx] = keep
+    ref[idx] = val
     return
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  is_bool = val.dtype == jnp.bool_
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_STRIDED(val.shape, vec_size=vec)))
+  def write(ctx, tile, v):
+    del ctx
+    v.store_untiled(_as_bytes(tile) if is_bool else tile)
+
+  write(ref.at[idx], val.astype(jnp.uint8) if is_bool else val)
+
+
+def _as_bytes(tile):
+  """The ``i1`` memref ``tile`` re-read as a strided ``i8`` memref at the same address."""
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jaxlib.mlir import ir
   from jaxlib.mlir.dialects import builtin
   from jaxlib.mlir.dialects import llvm
 
-  layout = plgpu.Layout.WG_STRIDED(keep.shape, vec_size=vec)
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout))
-  def store(ctx, tile, val):
-    del ctx
-    ty = ir.MemRefType(tile.type)
-    strides, _ = ty.get_strides_and_offset()
-    i64 = ir.IntegerType.get_signless(64)
-    ptr = llvm.PointerType.get(mgpu_utils.get_memref_llvm_address_space(ty) or 0)
-    rank_arrays = [llvm.ArrayType.get(i64, len(ty.shape))] * 2
-    desc = builtin.unrealized_conversion_cast(
-      [llvm.StructType.get_literal([ptr, ptr, i64, *rank_arrays])], [tile]
-    )
-    base = llvm.ptrtoint(i64, llvm.extractvalue(ptr, desc, [1]))
-    offset = llvm.extractvalue(i64, desc, [2])
-    addr = llvm.inttoptr(ptr, llvm.add(base, offset, overflow_flags=llvm.IntegerOverflowFlags.none))
-    bytes_ty = ir.MemRefType.get(
-      ty.shape,
-      ir.IntegerType.get_signless(8),
-      layout=ir.StridedLayoutAttr.get(0, strides),
-      memory_space=ty.memory_space,
-    )
-    val.store_untiled(mgpu_utils.ptr_as_memref(addr, bytes_ty))
-
-  store(ref.at[idx], keep.astype("uint8"))
+  ty = ir.MemRefType(tile.type)
+  strides, _ = ty.get_strides_and_offset()
+  i8, i64 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(64)
+  ptr = llvm.PointerType.get(mgpu_utils.get_memref_llvm_address_space(ty) or 0)
+  rank_arrays = [llvm.ArrayType.get(i64, len(ty.shape))] * 2
+  desc = builtin.unrealized_conversion_cast(
+    [llvm.StructType.get_literal([ptr, ptr, i64, *rank_arrays])], [tile]
+  )
+  base = llvm.extractvalue(ptr, desc, [1])
+  addr = mgpu_utils.getelementptr(base, [llvm.extractvalue(i64, desc, [2])], i8)
+  bytes_ty = ir.MemRefType.get(
+    ty.shape, i8, layout=ir.StridedLayoutAttr.get(0, strides), memory_space=ty.memory_space
+  )
+  return mgpu_utils.ptr_as_memref(addr, bytes_ty)
 
 
 def _interpret_params():

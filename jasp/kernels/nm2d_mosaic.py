@@ -19,7 +19,7 @@ the unit axis gives it the unit-stride minor dimension Mosaic GPU's vector
 loads need (one element per access). Each program loads the ``m * m`` cells,
 scores every candidate pattern with a running strict maximum and stores the
 mask (``bool``, one byte per entry, through
-:func:`jasp.kernels.mosaic.store_bool`).
+:func:`jasp.kernels.mosaic.store`).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _kernel(x_ref, o_ref, *, n: int, p: Plan2D, interpret: bool):
     for i3 in range(m):
       r, c = (i1, i3) if group_first else (i3, i1)
       keep = ((bits >> (r * m + c)) & 1) != 0
-      mosaic.store_bool(o_ref, at(i1, i3), keep, 1, interpret)
+      mosaic.store(o_ref, at(i1, i3), keep, 1, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "p", "interpret"))

@@ -30,7 +30,7 @@ Outputs, any subset, in one pass:
 * ``"weight"``: the masked weight (``w``'s dtype);
 * ``"mask"``: the bool mask. Mosaic GPU's own stores treat a ``bool`` array
   as packed bits, so each tile is stored as bytes through a byte view of the
-  output (:func:`jasp.kernels.mosaic.store_bool`);
+  output (:func:`jasp.kernels.mosaic.store`);
 * ``"bits"``: the mask packed as :class:`jasp.packing.PackedMask` bits
   (``uint8``, bit ``e`` of a byte is entry ``e`` of its 8 along the group
   axis);
@@ -74,9 +74,10 @@ __all__ = [
 #: What a kernel can write (see the module doc).
 OUTPUTS = ("weight", "mask", "bits", "finite")
 
-# Default tiling: elements per member tile, widest tile along the contiguous
-# axis, bytes per thread access (rows view). From benchmarks/mask_bench.py.
-_TILE_ELEMS = 512
+# Default tiling: bytes of weight per member tile, widest tile along the
+# contiguous axis, bytes per thread access (rows view). From
+# benchmarks/mask_bench.py --sweep-mosaic on an H200.
+_TILE_BYTES = 4096
 _MAX_COLS = 256
 _VEC_BYTES = 16
 _WARPGROUP = 128
@@ -176,7 +177,7 @@ def plan(
   else:
     bc = mosaic.pow2_divisor(units, max_cols or _MAX_COLS)
     view, vec = (units // bc, bc, entries, 1), 1
-  br = mosaic.pow2_divisor(view[0], max(1, (tile_elems or _TILE_ELEMS) // bc))
+  br = mosaic.pow2_divisor(view[0], max(1, (tile_elems or _TILE_BYTES // itemsize) // bc))
   while view[0] // br > mosaic.MAX_GRID_YZ and view[0] % (2 * br) == 0:
     br *= 2  # taller tiles rather than more row tiles than CUDA launches
   while vec > 1 and (br * bc) % (_WARPGROUP * vec):
@@ -204,15 +205,21 @@ def _kernel(x_ref, *o_refs, n: int, p: Plan, outputs: tuple[str, ...], interpret
   for name, ref in zip(outputs, o_refs):
     if name == "weight":
       for e, (x, kp) in enumerate(zip(xs, keeps)):
-        ref[at(e)] = jnp.where(kp, x, jnp.zeros_like(x))
+        mosaic.store(ref, at(e), jnp.where(kp, x, jnp.zeros_like(x)), p.vec, interpret)
     elif name == "mask":
       for e, kp in enumerate(keeps):
-        mosaic.store_bool(ref, at(e), kp, p.vec, interpret)
+        mosaic.store(ref, at(e), kp, p.vec, interpret)
     elif name == "bits":
       acc = keeps[0].astype(jnp.int32)
       for e in range(1, p.entries):
         acc = acc | (keeps[e].astype(jnp.int32) << e)
-      ref[(rows, cols) + ((slice(None),) if p.cols else ())] = acc.astype(jnp.uint8)
+      mosaic.store(
+        ref,
+        (rows, cols) + ((slice(None),) if p.cols else ()),
+        acc.astype(jnp.uint8),
+        p.vec,
+        interpret,
+      )
     else:  # finite
       worst = keys[0]
       for key in keys[1:]:
@@ -260,7 +267,10 @@ def nm_mosaic(
   Returns:
     One array per name: ``"weight"`` of ``w``'s shape and dtype; ``"mask"``
     bool of ``w``'s shape (identical to ``jasp.nm_mask(..., impl="xla")``); ``"bits"`` the packed bits, shaped as
-    :func:`jasp.packing.pack` lays them out; ``"finite"`` a scalar ``bool``.
+    :func:`jasp.packing.pack` lays them out; ``"finite"`` a 1-D ``int32``
+    array, one flag per program, all nonzero exactly when ``w`` is all
+    finite (reduce with ``jnp.all(f != 0)``; a caller with many weights can
+    reduce all their flags in one pass).
 
   Raises:
     ValueError: for unsupported dtypes, ``n``/``m``, or unknown outputs, or if
@@ -291,7 +301,7 @@ def nm_mosaic(
     "weight": lambda o: o.reshape(w.shape),
     "mask": lambda o: o.reshape(w.shape),
     "bits": lambda o: o.reshape(bits_shape),
-    "finite": lambda o: jnp.all(o != 0),
+    "finite": lambda o: o.reshape(-1),
   }
   return tuple(shaped[name](o) for name, o in zip(outputs, outs))
 
