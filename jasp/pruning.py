@@ -199,10 +199,8 @@ def compute_masks(
 def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, leaves):
   """The whole tree in one pass: masks, pruned weights (if wanted) and finiteness flags.
 
-  Returns ``(masks, pruned, (all_finite, finite))``: ``finite`` holds one array per
-  inexact leaf (in ``cfg`` order), all nonzero where the leaf holds no NaN/Inf (a
-  kernel's per-tile flags, or a scalar); ``all_finite`` is their conjunction, reduced in
-  one pass (one kernel, not one per leaf).
+  Returns ``(masks, pruned, finite)``: ``finite`` is a bool vector with one entry
+  per inexact leaf (in ``cfg`` order), True where the leaf holds no NaN/Inf.
   """
   masks, pruned, finite = [], [], []
   for (path, d), w in zip(cfg, leaves):
@@ -211,7 +209,7 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, lea
       *pw, mask, ok = fused
       pruned += pw
       masks.append(mask)
-      finite.append(ok)
+      finite.append(jnp.all(ok != 0))  # the kernel's per-tile flags
       continue
     if jnp.issubdtype(w.dtype, jnp.inexact):
       finite.append(jnp.all(jnp.isfinite(w)))
@@ -224,8 +222,7 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, lea
       if want_pruned:
         pruned.append(jnp.where(mask, w, jnp.zeros((), w.dtype)))
     masks.append(packing.pack(mask, d.axis) if packed else mask)
-  flat = [jnp.ravel(f != 0) for f in finite]
-  return masks, pruned, (jnp.all(jnp.concatenate(flat)) if flat else jnp.bool_(True), finite)
+  return masks, pruned, jnp.stack(finite) if finite else jnp.ones((0,), bool)
 
 
 def _fused(w, n, m, axis, impl, packed, want_pruned, pattern, score_fn):
@@ -421,13 +418,14 @@ def _get_plan(params, leaves, treedef, n, m, layouts, policy, options) -> _Plan:
   return plan
 
 
-def _check_finite(plan: _Plan, sub: list, finite: tuple) -> None:
-  """Raises naming the first weight that holds a NaN/Inf (one scalar read when none does)."""
-  all_finite, flags = finite
-  if not plan.inexact or bool(all_finite):
+def _check_finite(plan: _Plan, sub: list, finite: jax.Array) -> None:
+  """Raises naming the first weight whose finiteness flag is False (one host transfer)."""
+  if not plan.inexact:
     return
-  first = next(i for i, f in enumerate(flags) if not bool(jnp.all(f != 0)))
-  k = plan.inexact[first]
+  flags = np.asarray(finite)
+  if flags.all():
+    return
+  k = plan.inexact[int(np.argmin(flags))]
   x = sub[k]
   bad = int(jnp.sum(~jnp.isfinite(x)))
   raise ValueError(

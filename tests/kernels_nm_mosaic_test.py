@@ -92,7 +92,7 @@ def test_plan_applies_to_row_layouts_that_tile():
   assert (p.block[0] * p.block[1]) % (128 * p.vec) == 0 and p.vec * 2 <= 16
   assert nm_mosaic.plan((4096, 11008), 4, 0, packed=True).view == (512, 8, 11008)
   cols = nm_mosaic.plan((64, 128), 4, -1)  # groups along the last axis
-  assert cols.cols and cols.view == (8, 256, 4, 1) and cols.vec == 1 and cols.tile == (8, 256, 1)
+  assert cols.cols and cols.view == (8, 256, 4, 1) and cols.vec == 1 and cols.tile == (2, 256, 1)
   assert nm_mosaic.plan((12, 128), 4, 0, packed=True) is None  # 12 entries: not whole bytes
   assert nm_mosaic.plan((48, 64), 3, 0, packed=True) is None  # a byte would split a group
   assert nm_mosaic.plan((4, 3), 4, 0) is None  # a tile of 3 elements: not 128

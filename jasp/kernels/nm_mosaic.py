@@ -74,10 +74,12 @@ __all__ = [
 #: What a kernel can write (see the module doc).
 OUTPUTS = ("weight", "mask", "bits", "finite")
 
-# Default tiling: bytes of weight per member tile, widest tile along the
-# contiguous axis, bytes per thread access (rows view). From
+# Default tiling: elements per member tile (more for a lone bool mask of a
+# 16-bit weight: 8 consecutive mask bytes per thread access), widest tile
+# along the contiguous axis, bytes per thread access (rows view). From
 # benchmarks/mask_bench.py --sweep-mosaic on an H200.
-_TILE_BYTES = 4096
+_TILE_ELEMS = 512
+_MASK_TILE_ELEMS_16BIT = 2048
 _MAX_COLS = 256
 _VEC_BYTES = 16
 _WARPGROUP = 128
@@ -177,7 +179,7 @@ def plan(
   else:
     bc = mosaic.pow2_divisor(units, max_cols or _MAX_COLS)
     view, vec = (units // bc, bc, entries, 1), 1
-  br = mosaic.pow2_divisor(view[0], max(1, (tile_elems or _TILE_BYTES // itemsize) // bc))
+  br = mosaic.pow2_divisor(view[0], max(1, (tile_elems or _TILE_ELEMS) // bc))
   while view[0] // br > mosaic.MAX_GRID_YZ and view[0] % (2 * br) == 0:
     br *= 2  # taller tiles rather than more row tiles than CUDA launches
   while vec > 1 and (br * bc) % (_WARPGROUP * vec):
@@ -288,7 +290,8 @@ def nm_mosaic(
   if unknown or not outputs:
     raise ValueError(f"outputs must be a non-empty tuple of {OUTPUTS}, got {outputs!r}.")
   packed = "bits" in outputs
-  p = p or plan(w.shape, m, axis, packed=packed, itemsize=w.dtype.itemsize)
+  tile = _MASK_TILE_ELEMS_16BIT if tuple(outputs) == ("mask",) and w.dtype.itemsize == 2 else None
+  p = p or plan(w.shape, m, axis, packed=packed, itemsize=w.dtype.itemsize, tile_elems=tile)
   if p is None:
     raise ValueError(f"shape {w.shape} (axis {axis}, m={m}) does not tile for the kernel.")
   if interpret is None:
