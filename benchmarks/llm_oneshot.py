@@ -13,6 +13,20 @@ states against the dense model's on held-out batches.
     python benchmarks/llm_oneshot.py --preset 7b --out llm_oneshot_h200.json   # GPU
     python benchmarks/llm_oneshot.py --preset tiny                              # CPU smoke
 
+``--sparsegpt-dir PATH`` adds the authors' SparseGPT side by side on the same
+weights, card and calibration tokens, in this process: their
+``llama_sequential`` loop (true-sequential 2:4, damping 0.01, block 128),
+imported from a checkout of IST-DASLab/sparsegpt at ``PATH`` (never part of this
+project) and run on a PyTorch copy of the decoder (``llm_oneshot_torch.py``);
+``--compare-layers K`` runs both on the first ``K`` blocks only. ``--devices N``
+shards the calibration batches over ``N`` devices and the block kernels along
+their output axes (``jax.sharding``; no communication written by hand);
+``--devices 1,2`` runs each count in turn and compares the masks with the first
+count's (fraction of equal entries).
+``--finetune-steps S`` times ``S`` steps of next-token training of the pruned
+model with ``jasp.sparse_optimizer`` (packed masks) around AdamW against plain
+AdamW, on one sequence of ``seq`` tokens per step.
+
 ``--preset 7b``: 32 blocks, width 4096, MLP 11008, 32 heads (``--kv-heads 8``
 for GQA), 128 sequences of 2048 tokens in batches of ``--batch``. Sequential
 SparseGPT streams the blocks: each batch's input to the current block is kept
@@ -136,7 +150,38 @@ def output_error(params, pruned, held_out) -> float:
   return math.sqrt(num / den)
 
 
-def run_method(name, params, batches, held_out) -> dict:
+def shard(params, batches, held_out, devices: int):
+  """Params' block kernels split along their output axes, batches along sequences."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((devices,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  out_axes = {
+    "q": P(None, None, "d", None),
+    "k": P(None, None, "d", None),
+    "v": P(None, None, "d", None),
+    "o": P(None, None, None, "d"),
+    "gate": P(None, None, "d"),
+    "up": P(None, None, "d"),
+    "down": P(None, None, "d"),
+  }
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  blocks = {k: put(v, out_axes.get(k, P())) for k, v in params["blocks"].items()}
+  params = {**jax.tree.map(lambda x: put(x, P()), params), "blocks": blocks}
+  by_seq = lambda xs: [put(x, P("d")) for x in xs]
+  return params, by_seq(batches), by_seq(held_out)
+
+
+def agreement(masks, ref) -> dict:
+  """Fraction of equal mask entries against ``ref``'s: mean and worst over the pruned leaves."""
+  fr = [
+    float(jnp.mean(jax.device_get(a) == jax.device_get(b)))
+    for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(ref))
+  ]
+  return {"mean": float(np.mean(fr)), "min": float(np.min(fr)), "leaves": len(fr)}
+
+
+def run_method(name, params, batches, held_out, keep: dict | None = None) -> dict:
   prune = {"sparsegpt": jasp.sparsegpt_prune, "wanda": jasp.wanda_prune}[name]
   kwargs = {"sequential": True} if name == "sparsegpt" else {}
   t0 = time.perf_counter()
@@ -144,6 +189,8 @@ def run_method(name, params, batches, held_out) -> dict:
   jax.block_until_ready((pruned, masks))
   wall = time.perf_counter() - t0
   kept = [float(jnp.mean(m)) for m in jax.tree.leaves(masks)]
+  if keep is not None:
+    keep[name] = masks
   return {
     "wall_s": wall,
     "peak_bytes": peak_bytes(),
@@ -153,6 +200,84 @@ def run_method(name, params, batches, held_out) -> dict:
   }
 
 
+def first_layers(params, k: int):
+  """The model cut to its first ``k`` blocks."""
+  return {**params, "blocks": jax.tree.map(lambda x: x[:k], params["blocks"])}
+
+
+def side_by_side(params, cfg, batches, held_out, sparsegpt_dir: str) -> dict:
+  """jasp's sequential SparseGPT and the authors' on the same weights and tokens."""
+  import llm_oneshot_torch as lt  # PyTorch: only for the comparison
+  import torch
+
+  out = {"layers": int(params["blocks"]["q"].shape[0])}
+  out["jasp"] = run_method("sparsegpt", params, batches, held_out)
+  print(f"  jasp sparsegpt: {out['jasp']}", flush=True)
+  t0 = time.perf_counter()
+  model = lt.from_jax(params, {"seq": cfg["seq"]})
+  out["torch_copy_s"] = time.perf_counter() - t0
+  dev = "cuda:0" if torch.cuda.is_available() else "cpu"
+  res = lt.run_authors(model, [np.asarray(b) for b in batches], sparsegpt_dir, dev)
+  res["output_rel_error"] = output_error(params, lt.to_jax(model, params), held_out)
+  out["authors"] = res
+  out["speedup"] = res["wall_s"] / out["jasp"]["wall_s"]
+  out["error_ratio"] = out["jasp"]["output_rel_error"] / res["output_rel_error"]
+  print(f"  authors: {res}", flush=True)
+  return out
+
+
+def next_token_loss(params, tokens):
+  h = hidden_states(params, tokens[:, :-1])
+  logits = jnp.einsum("btd,vd->btv", h, params["embed"]).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, -1)
+  return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+
+def finetune(pruned, masks, tokens, steps: int) -> dict:
+  """Step time and peak memory: AdamW, and ``sparse_optimizer`` (packed masks) around it."""
+  import optax
+
+  out = {}
+  packed = jasp.pack_masks(masks)
+  for name, tx in [
+    ("adamw", optax.adamw(1e-5)),
+    ("sparse_optimizer(adamw), packed", jasp.sparse_optimizer(optax.adamw(1e-5), packed)),
+  ]:
+
+    @jax.jit
+    def step(p, s, x, tx=tx):
+      loss, g = jax.value_and_grad(next_token_loss)(p, x)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s, loss
+
+    p, s = pruned, tx.init(pruned)
+    t0 = time.perf_counter()
+    p, s, loss = step(p, s, tokens)
+    jax.block_until_ready(loss)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      p, s, loss = step(p, s, tokens)
+      jax.block_until_ready(loss)
+      times.append(time.perf_counter() - t0)
+    kept = all(bool(jasp.is_nm(p["blocks"][k], 2, 4, a)) for k, a in _AXES.items())
+    out[name] = {
+      "first_s": first,
+      "step_s": float(np.median(times)),
+      "loss": float(loss),
+      "peak_bytes": peak_bytes(),
+      "still_2to4": kept,
+    }
+    print(f"  {name}: {out[name]}", flush=True)
+    del p, s
+  return out
+
+
+# The input axes of the blocks' stacked kernels (after the layer axis).
+_AXES = {"q": 1, "k": 1, "v": 1, "o": (1, 2), "gate": 1, "up": 1, "down": 1}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -160,6 +285,10 @@ def main():
   ap.add_argument("--batch", type=int, default=8, help="sequences per calibration batch")
   ap.add_argument("--methods", default="wanda,sparsegpt")
   ap.add_argument("--held-out", type=int, default=2, help="held-out batches for the error")
+  ap.add_argument("--devices", default="1", help="device counts to shard over, e.g. 1,2")
+  ap.add_argument("--sparsegpt-dir", default="", help="a checkout of IST-DASLab/sparsegpt")
+  ap.add_argument("--compare-layers", type=int, default=0, help="0: every block")
+  ap.add_argument("--finetune-steps", type=int, default=0)
   ap.add_argument("--out", default="")
   args = ap.parse_args()
   cfg = dict(PRESETS[args.preset])
@@ -176,11 +305,35 @@ def main():
     bigram_tokens(10_000 + s, args.batch, cfg["seq"], cfg["vocab"]) for s in range(args.held_out)
   ]
   out["calibration_tokens"] = n_batches * args.batch * cfg["seq"]
-  for name in args.methods.split(","):
-    res = out[name] = run_method(name, params, batches, held_out)
-    print(f"{name}: {res}", flush=True)
-  if args.out:
-    _meta.write_json(args.out, out)
+  save = (lambda: _meta.write_json(args.out, out)) if args.out else (lambda: None)
+  counts = [int(d) for d in args.devices.split(",")]
+  first: dict = {}
+  for d in counts:
+    p, b, h = (params, batches, held_out) if d == 1 else shard(params, batches, held_out, d)
+    for name in [m for m in args.methods.split(",") if m]:
+      masks: dict = {}
+      res = run_method(name, p, b, h, keep=masks)
+      if name in first:
+        res["mask_agreement_vs_first"] = agreement(masks[name], first[name])
+      else:
+        first[name] = masks[name]
+      out[name if len(counts) == 1 else f"{name} x{d}"] = res
+      print(f"{name} on {d} device(s): {res}", flush=True)
+      save()
+    del p, b, h
+  first.clear()
+  if args.sparsegpt_dir:
+    k = args.compare_layers or cfg["layers"]
+    print(f"side by side with the authors' SparseGPT, {k} blocks:", flush=True)
+    out["side_by_side"] = side_by_side(
+      first_layers(params, k), cfg, batches, held_out, args.sparsegpt_dir
+    )
+    save()
+  if args.finetune_steps:
+    pruned, masks = jasp.wanda_prune(hidden_states, params, batches[:1], progress=False)
+    print("fine-tune steps:", flush=True)
+    out["finetune"] = finetune(pruned, masks, batches[0][:1], args.finetune_steps)
+    save()
 
 
 if __name__ == "__main__":
