@@ -265,6 +265,7 @@ def run_authors(
   cuda = dev.type == "cuda"
   model.to("cpu").eval()
   if cuda:
+    torch.zeros(1, device=dev)  # the allocator must exist before its statistics are reset
     torch.cuda.reset_peak_memory_stats(dev)
     torch.cuda.synchronize(dev)
   # fasterprune calls torch.cuda.synchronize() unconditionally; it raises without CUDA.
