@@ -20,11 +20,10 @@ Precedence, highest first:
    and the weight is on one device (see below); XLA otherwise.
 
 Which kernel ("pallas" names both): on a GPU of compute capability 9.0 or
-newer (Hopper), the Pallas Mosaic GPU kernels (:mod:`jasp.kernels.nm_mosaic`)
-for groups not along the last axis; the Pallas Triton kernels
-(:mod:`jasp.kernels.nm_pallas`) for the rest and for older GPUs, while JAX
-still has that backend (JAX 0.11 deprecates it), and the Mosaic kernel's
-strided view of last-axis groups where it does not. In a JAX with neither,
+newer (Hopper), the Pallas Mosaic GPU kernels (:mod:`jasp.kernels.nm_mosaic`,
+:mod:`jasp.kernels.nm2d_mosaic`), for every layout; the Pallas Triton kernels
+(:mod:`jasp.kernels.nm_pallas`, :mod:`jasp.kernels.nm2d_pallas`) on older
+GPUs, while JAX still has that backend (JAX 0.11 deprecates it). In a JAX with neither,
 ``"auto"`` and a ``"pallas"`` context or environment setting use XLA, and an
 explicit ``impl="pallas"`` raises ``RuntimeError``.
 
@@ -182,10 +181,8 @@ def _mosaic_plan(w, n: int, m: int, axis: Axis, packed: bool, on_gpu: bool):
 def _kernels(w, n: int, m: int, axis: Axis, on_gpu: bool, auto: bool) -> list[str]:
   """The kernels that apply to ``w``, preferred first ("mosaic", "triton").
 
-  On a GPU the Mosaic kernel comes first for the "rows" layouts; for groups
-  along the last axis (its strided "cols" view, one element per access) the
-  Triton kernel comes first while JAX has it. Interpreted, Triton's is the
-  lighter one.
+  On a GPU the Mosaic kernel comes first (compute capability 9.0+, where it
+  plans); interpreted, Triton's is the lighter one.
   """
   found = []
   p = _mosaic_plan(w, n, m, axis, packed=False, on_gpu=on_gpu)
@@ -194,7 +191,7 @@ def _kernels(w, n: int, m: int, axis: Axis, on_gpu: bool, auto: bool) -> list[st
   if nm_pallas.backend_available() and nm_pallas.supports(w.dtype, n, m):
     if not auto or _contig(tuple(w.shape), m, axis) >= AUTO_MIN_CONTIG:
       found.append("triton")
-  if not on_gpu or (p is not None and p.cols):
+  if not on_gpu:
     found.reverse()
   return found
 
@@ -283,9 +280,9 @@ def pallas_nm_mask_2d(w, n, m, axis, out_axis):
   argument: the context, the environment or ``"auto"`` decide; a ``"pallas"``
   setting uses a kernel wherever one applies (see
   :func:`jasp.kernels.nm2d_pallas.supports_2d` and
-  :func:`jasp.kernels.nm2d_mosaic.supports_2d`) and XLA elsewhere. The Triton
-  kernel comes first while JAX has it; the Mosaic GPU kernel (compute
-  capability 9.0+) serves where it does not.
+  :func:`jasp.kernels.nm2d_mosaic.supports_2d`) and XLA elsewhere. On a GPU
+  of compute capability 9.0+ the Mosaic GPU kernel comes first; interpreted,
+  and on older GPUs while JAX has it, the Triton kernel.
   """
   impl = get_mask_impl()
   if impl == "xla":
@@ -296,16 +293,19 @@ def pallas_nm_mask_2d(w, n, m, axis, out_axis):
   ):
     return None
   interpret = not on_gpu
-  if nm_pallas.backend_available() and nm2d_pallas.supports_2d(
-    w.shape, w.dtype, n, m, axis, out_axis
-  ):
-    return lambda: nm2d_pallas.nm_mask_2d_pallas(w, n, m, axis, out_axis, interpret=interpret)
-  if (
+  mosaic_ok = (
     mosaic.available()
     and mosaic.bool_stores()
     and nm2d_mosaic.supports_2d(w.shape, w.dtype, n, m, axis, out_axis)
     and (interpret or (_capability(w) or 0.0) >= 9.0)
+  )
+  if mosaic_ok and on_gpu:
+    return lambda: nm2d_mosaic.nm_mask_2d_mosaic(w, n, m, axis, out_axis, interpret=False)
+  if nm_pallas.backend_available() and nm2d_pallas.supports_2d(
+    w.shape, w.dtype, n, m, axis, out_axis
   ):
+    return lambda: nm2d_pallas.nm_mask_2d_pallas(w, n, m, axis, out_axis, interpret=interpret)
+  if mosaic_ok:
     return lambda: nm2d_mosaic.nm_mask_2d_mosaic(w, n, m, axis, out_axis, interpret=interpret)
   return None
 

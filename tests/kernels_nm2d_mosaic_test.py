@@ -14,6 +14,7 @@ import testing
 import jasp
 from jasp import _dispatch
 from jasp.kernels import nm2d_mosaic
+from jasp.kernels import nm2d_pallas
 from jasp.kernels import nm_pallas
 
 # (shape, axis, out_axis, n, m): Dense (in, out), PyTorch (out, in), conv HWIO, 1:3.
@@ -81,6 +82,19 @@ def test_dispatch_uses_it_without_triton(monkeypatch):
   assert _dispatch.pallas_nm_mask_2d(big, 2, 4, 0, 1) is None
   monkeypatch.setattr(_dispatch, "_capability", lambda w: 9.0)
   assert _dispatch.pallas_nm_mask_2d(big, 2, 4, 0, 1) is not None
+
+
+def test_dispatch_prefers_it_on_hopper(monkeypatch):
+  monkeypatch.delenv("JASP_MASK_IMPL", raising=False)
+  called = []
+  monkeypatch.setattr(nm2d_mosaic, "nm_mask_2d_mosaic", lambda *a, **k: called.append("mosaic"))
+  monkeypatch.setattr(nm2d_pallas, "nm_mask_2d_pallas", lambda *a, **k: called.append("triton"))
+  monkeypatch.setattr(_dispatch, "_backend", lambda w: "gpu")
+  big = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)
+  for cap, want in [(9.0, "mosaic"), (8.0, "triton")]:
+    monkeypatch.setattr(_dispatch, "_capability", lambda w, cap=cap: cap)
+    _dispatch.pallas_nm_mask_2d(big, 2, 4, 0, 1)()
+    assert called[-1] == want, cap
 
 
 GPU_CASES = [

@@ -140,7 +140,7 @@ def test_dispatch_picks_mosaic_on_hopper_and_triton_before(monkeypatch):
   cap = {"value": 9.0}
   monkeypatch.setattr(_dispatch, "_capability", lambda w: cap["value"])
   assert _dispatch.pick_kernel(big, 2, 4, 0) == "mosaic"
-  assert _dispatch.pick_kernel(big, 2, 4, -1) == "triton"  # last axis: Triton while JAX has it
+  assert _dispatch.pick_kernel(big, 2, 4, -1) == "mosaic"  # last axis: the strided view
   narrow = jax.ShapeDtypeStruct((65536, 16), jnp.float32)  # 16 contiguous elements: XLA
   assert _dispatch.pick_kernel(narrow, 2, 4, 0) is None
   cap["value"] = 8.0  # Ampere: Triton only
@@ -285,3 +285,6 @@ def test_gpu_no_deprecation_warning_from_jasp_calls():
     jax.block_until_ready(jasp.nm_mask(w))
     jax.block_until_ready(masks.nm_prune(w))
     jax.block_until_ready(jasp.prune({"k": w}, packed=True))
+    assert _dispatch.pick_kernel(w.T, 2, 4, -1) == "mosaic"  # PyTorch (out, in) layout
+    jax.block_until_ready(jasp.nm_mask(w.T, 2, 4, -1))
+    jax.block_until_ready(jasp.nm_mask_2d(w, 2, 4, 0, 1))
