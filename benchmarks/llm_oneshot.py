@@ -227,18 +227,21 @@ def side_by_side(params, cfg, batches, held_out, sparsegpt_dir: str) -> dict:
 
 
 def next_token_loss(params, tokens):
-  h = hidden_states(params, tokens[:, :-1])
+  """Mean next-token cross-entropy (tied embedding as the LM head); blocks rematerialised."""
+  x = params["embed"][tokens[:, :-1]]
+  step = jax.checkpoint(lambda c, p: (block(c, p), None))
+  x, _ = jax.lax.scan(step, x, params["blocks"])
+  h = rms_norm(x, params["final_norm"])
   logits = jnp.einsum("btd,vd->btv", h, params["embed"]).astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, -1)
   return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
 
-def finetune(pruned, masks, tokens, steps: int) -> dict:
-  """Step time and peak memory: AdamW, and ``sparse_optimizer`` (packed masks) around it."""
+def finetune(pruned, packed, tokens, steps: int) -> dict:
+  """Step time and peak memory: AdamW, and ``sparse_optimizer`` (``packed`` masks) around it."""
   import optax
 
   out = {}
-  packed = jasp.pack_masks(masks)
   for name, tx in [
     ("adamw", optax.adamw(1e-5)),
     ("sparse_optimizer(adamw), packed", jasp.sparse_optimizer(optax.adamw(1e-5), packed)),
@@ -331,8 +334,10 @@ def main():
     save()
   if args.finetune_steps:
     pruned, masks = jasp.wanda_prune(hidden_states, params, batches[:1], progress=False)
+    packed, tokens = jasp.pack_masks(masks), batches[0][:1]
+    del params, batches, held_out, masks  # only the pruned model stays on the device
     print("fine-tune steps:", flush=True)
-    out["finetune"] = finetune(pruned, masks, batches[0][:1], args.finetune_steps)
+    out["finetune"] = finetune(pruned, packed, tokens, args.finetune_steps)
     save()
 
 
