@@ -19,8 +19,9 @@ weights, card and calibration tokens, in this process: their
 imported from a checkout of IST-DASLab/sparsegpt at ``PATH`` (never part of this
 project) and run on a PyTorch copy of the decoder (``llm_oneshot_torch.py``);
 ``--compare-layers K`` runs both on the first ``K`` blocks only. ``--devices N``
-shards the calibration batches over ``N`` devices and the block kernels along
-their output axes (``jax.sharding``; no communication written by hand);
+shards the calibration batches over ``N`` devices, params replicated
+(``jax.sharding``; no communication written by hand): statistics are
+data-parallel, and each weight's SparseGPT solve is split by output columns;
 ``--devices 1,2`` runs each count in turn and compares the masks with the first
 count's (fraction of equal entries).
 ``--finetune-steps S`` times ``S`` steps of next-token training of the pruned
@@ -151,23 +152,19 @@ def output_error(params, pruned, held_out) -> float:
 
 
 def shard(params, batches, held_out, devices: int):
-  """Params' block kernels split along their output axes, batches along sequences."""
+  """Batches split along sequences over ``devices``; params replicated.
+
+  The statistics are then data-parallel, and jasp splits each weight's
+  SparseGPT solve by output columns over the same devices. (Splitting the
+  params along their output axes too, over the same mesh axis, makes every
+  block's forward gather the activations.)
+  """
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
   mesh = jax.make_mesh((devices,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
-  out_axes = {
-    "q": P(None, None, "d", None),
-    "k": P(None, None, "d", None),
-    "v": P(None, None, "d", None),
-    "o": P(None, None, None, "d"),
-    "gate": P(None, None, "d"),
-    "up": P(None, None, "d"),
-    "down": P(None, None, "d"),
-  }
   put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
-  blocks = {k: put(v, out_axes.get(k, P())) for k, v in params["blocks"].items()}
-  params = {**jax.tree.map(lambda x: put(x, P()), params), "blocks": blocks}
+  params = jax.tree.map(lambda x: put(x, P()), params)
   by_seq = lambda xs: [put(x, P("d")) for x in xs]
   return params, by_seq(batches), by_seq(held_out)
 

@@ -1,11 +1,14 @@
 """jasp.calibration.sparsegpt: OBS prune-and-update against a float64 reference and
 the ordering SparseGPT < Wanda < magnitude of per-layer reconstruction errors."""
 
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+import testing
 from zoo import basic
 
 import jasp
@@ -480,3 +483,42 @@ def test_a_deeper_stack_compiles_no_more_programs(sequential):
   prune(2)()  # programs that do not depend on the depth
   shallow, deep = _compilations(prune(3)), _compilations(prune(7))
   assert deep == shallow, (shallow, deep)
+
+
+_SPLIT_SOLVE = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    sys.path.insert(0, "benchmarks")
+    import jasp, llm_oneshot as lo
+    from jasp.calibration import _driver, sparsegpt as sg
+    params = lo.init_params(jax.random.key(0), 2, 64, 176, 4, 4, 256)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    batches = [jax.device_put(lo.bigram_tokens(s, 2, 32, 256), NamedSharding(mesh, P("data")))
+               for s in range(2)]
+    outs, shardings = [], []
+    real_leaf = sg._sparsegpt_leaf
+    def spy(*a):
+      out = real_leaf(*a)
+      shardings.append(out[0].sharding)
+      return out
+    sg._sparsegpt_leaf = spy
+    got = jasp.sparsegpt_prune(lo.hidden_states, params, batches, sequential=True, progress=False)
+    assert any(not s.is_fully_replicated for s in shardings)  # solves split over the devices
+    assert all(x.sharding == NamedSharding(mesh, P()) for x in jax.tree.leaves(got[0]))
+    _driver.solve_split = lambda data, site: None  # the same run, every solve on every device
+    want = jasp.sparsegpt_prune(lo.hidden_states, params, batches, sequential=True, progress=False)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    print("ok")
+""")
+
+
+@pytest.mark.slow
+def test_solve_split_over_the_batches_devices_changes_nothing():
+  # Each output's OBS solve is independent given the Hessian: splitting the
+  # outputs over devices gives the very same weights and masks, and the params
+  # keep the layout they were given.
+  r = testing.run_on_cpu_devices(_SPLIT_SOLVE, 2)
+  assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -1,18 +1,25 @@
 """The loop shared by the calibration pruners: plan, tap, schedule, prune layer by layer.
 
 A pruner supplies one jitted function per leaf,
-``leaf_fn(w, site, stats, n, m) -> (new_w, mask, error or None)``; the driver
+``leaf_fn(w, site, stats, n, m, split) -> (new_w, mask, error or None)``; the driver
 decides which leaves are pruned (:func:`jasp.policy.plan`), finds their inputs
 (:mod:`jasp.calibration.stats`), orders them so that a layer is calibrated on the
 outputs of the already-pruned layers before it, streams the calibration
 batches once per stage, and reports each layer (progress bar, callback,
 ``logging``).
+
+Batches sharded along their leading axis over a mesh (``jax.sharding``) make
+the statistics data-parallel (the sums become all-reduces); ``split`` then
+names how a weight's ``(G, K, O/G)`` matrix view may be split over the same
+devices by output columns (:func:`solve_split`), for a pruner whose per-leaf
+work is independent per output (SparseGPT's solve), or None.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -225,7 +232,48 @@ def _check_finite(method: str, model: _model.Model, cand: Sequence[int]) -> None
       )
 
 
-LeafFn = Callable[[jax.Array, stats_lib.Site, dict, int, int], tuple]
+LeafFn = Callable[[jax.Array, stats_lib.Site, dict, int, int, Any], tuple]
+
+
+def data_axes(batches: Sequence[Any]) -> tuple[Any, tuple[str, ...]] | None:
+  """``(mesh, axes)`` the batches' leading axis is sharded along, or None.
+
+  Read from the first array of the first batch that has a
+  :class:`jax.sharding.NamedSharding` splitting its leading axis over more
+  than one device.
+  """
+  for x in jax.tree_util.tree_leaves(batches[0] if batches else None):
+    s = getattr(x, "sharding", None)
+    if not isinstance(s, jax.sharding.NamedSharding) or not getattr(x, "ndim", 0):
+      continue
+    spec = tuple(s.spec) + (None,) * x.ndim
+    axes = spec[0]
+    if axes is None:
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    if math.prod(s.mesh.shape[a] for a in axes) > 1:
+      return s.mesh, axes
+  return None
+
+
+def solve_split(data: Any, site: stats_lib.Site) -> jax.sharding.NamedSharding | None:
+  """How to split a weight's ``(G, K, O/G)`` matrix view by output columns, or None.
+
+  ``data``: :func:`data_axes` of the batches. None when the batches are not
+  sharded, their mesh axes are explicit (``jax.sharding.AxisType.Explicit``:
+  the program's shardings are then the user's to state), or ``O/G`` does not
+  divide over the devices.
+  """
+  if data is None:
+    return None
+  mesh, axes = data
+  types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or ()))
+  if any(types.get(a) == jax.sharding.AxisType.Explicit for a in axes):
+    return None
+  if (site.o // site.groups) % math.prod(mesh.shape[a] for a in axes):
+    return None
+  spec = jax.sharding.PartitionSpec(None, None, axes if len(axes) > 1 else axes[0])
+  return jax.sharding.NamedSharding(mesh, spec)
 
 
 def _index(stack_axes: Sequence[int], layer: Sequence[int], ndim: int) -> tuple:
@@ -453,6 +501,7 @@ class _Pruning:
   leaves: list = dataclasses.field(default_factory=list)
   masks: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
   stream: _Stream | None = None
+  data: Any = None  # data_axes(batches)
 
   def magnitude(self, k: int, axis: Sequence[int], why: str) -> None:
     """Prunes leaf ``k`` by magnitude (a fallback without calibration inputs)."""
@@ -482,7 +531,8 @@ class _Pruning:
     a = {name: v[slot] for name, v in acc.items()}
     sel = _index(stack_axes, idx, np.ndim(self.leaves[k]))
     w = self.leaves[k][sel] if stack_axes else self.leaves[k]
-    new, mask, err = self.leaf_fn(w, target.site, a, self.n, self.m)
+    split = solve_split(self.data, target.site)
+    new, mask, err = self.leaf_fn(w, target.site, a, self.n, self.m, split)
     err, rows = jax.device_get((err, a["count"]))
     if err is not None and not np.isfinite(err):
       raise FloatingPointError(
@@ -506,13 +556,22 @@ class _Pruning:
     )
 
   def _store(self, k: int, sel: tuple | None, new: jax.Array, mask: jax.Array) -> None:
-    """Writes a pruned leaf (``sel``: one layer of it) and its mask."""
+    """Writes a pruned leaf (``sel``: one layer of it) and its mask, in the leaf's sharding.
+
+    A solve split over devices returns its result split too; a leaf laid out over
+    a mesh (``NamedSharding``) keeps that layout, so the later stages' forward
+    passes run as the user laid the params out.
+    """
+    old = self.leaves[k]
     if sel is None:
-      self.leaves[k], self.masks[k] = new, mask
-      return
-    self.leaves[k] = self.leaves[k].at[sel].set(new)
-    full = self.masks.get(k, jnp.zeros(np.shape(self.leaves[k]), bool))
-    self.masks[k] = full.at[sel].set(mask)
+      new, full = new, mask
+    else:
+      new = old.at[sel].set(new)
+      full = self.masks.get(k, jnp.zeros(np.shape(old), bool)).at[sel].set(mask)
+    sharding = getattr(old, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and new.sharding != sharding:
+      new, full = jax.device_put((new, full), sharding)
+    self.leaves[k], self.masks[k] = new, full
 
   def stage(self, si: int, stage: Sequence[Unit], tapped, tapper, batches, hessian) -> None:
     """One pass over the batches for the units of ``stage``, then prunes each."""
@@ -582,7 +641,17 @@ def run(
   total = len(units) + (len(fallback) if missing == "magnitude" else 0)
   reporter = _Reporter(method, _progress(total, progress, method), callback)
   stream = _Stream.of(tapper, batches, tapped) if sequential else None
-  state = _Pruning(method, model, leaf_fn, n, m, reporter, list(model.leaves), stream=stream)
+  state = _Pruning(
+    method,
+    model,
+    leaf_fn,
+    n,
+    m,
+    reporter,
+    list(model.leaves),
+    stream=stream,
+    data=data_axes(batches),
+  )
   try:
     for k, why in fallback.items():
       log.warning("%s: '%s' falls back to %s: %s", method, model.paths[k], missing, why)

@@ -18,7 +18,11 @@ order, in blocks of ``blocksize``:
 Everything runs in float32 with ``Precision.HIGHEST`` matmuls (on GPUs JAX
 would otherwise use TF32 or bf16 passes), jitted, one ``fori_loop`` over blocks
 and one over groups; the output columns are independent, so a weight sharded
-along ``O`` stays sharded.
+along ``O`` stays sharded. Across devices: with calibration batches sharded
+along their leading axis over a mesh (``jax.sharding``, automatic axes),
+:func:`sparsegpt_prune` computes the Hessians data-parallel and splits each
+weight's solve by output columns over the same devices, with the very same
+result as solving on every device; the params keep the layout they were given.
 
 Dead input features, as the reference code (``fasterprune``) handles them: a
 feature whose diagonal ``H_ii`` is exactly 0 (always zero in the calibration
@@ -54,6 +58,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jasp import _tree
 from jasp import layouts as layouts_lib
@@ -276,12 +281,18 @@ def reconstruction_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> 
 
 @functools.partial(
   jax.jit,
-  static_argnames=("site", "n", "m", "blocksize", "damp", "unroll"),
+  static_argnames=("site", "n", "m", "blocksize", "damp", "unroll", "split"),
   compiler_options=COMPILER_OPTIONS,
 )
-def _sparsegpt_leaf(w, hessian, count, site, n, m, blocksize, damp, unroll):
+def _sparsegpt_leaf(w, hessian, count, site, n, m, blocksize, damp, unroll, split=None):
+  """One leaf's solve; ``split`` (a ``NamedSharding`` of the ``(G, K, O/G)`` view, or None)
+  splits it by output columns over devices: each output's OBS solve is independent given
+  the (replicated) Hessian, so the split needs no communication."""
   wg = _driver.leaf_matrix_groups(w, site)  # (G, K, O/G)
   h = hessian / jnp.maximum(count, 1.0)
+  if split is not None:
+    wg = jax.lax.with_sharding_constraint(wg, split)
+    h = jax.lax.with_sharding_constraint(h, jax.sharding.NamedSharding(split.mesh, P()))
   obs = functools.partial(_obs, n=n, m=m, blocksize=blocksize, damp=damp, unroll=unroll)
   if site.groups == 1:  # no vmap: a smaller program to compile
     q, keep = obs(wg[0].T, h[0])
@@ -354,9 +365,9 @@ def sparsegpt_prune(
   """
   _check(n, m, blocksize)
 
-  def leaf(w, site, acc, n, m):
+  def leaf(w, site, acc, n, m, split):
     return _sparsegpt_leaf(
-      w, acc["hessian"], acc["count"], site, n, m, blocksize, float(damp), _unroll()
+      w, acc["hessian"], acc["count"], site, n, m, blocksize, float(damp), _unroll(), split
     )
 
   return _driver.run(

@@ -70,7 +70,8 @@ def _wanda_leaf(w, sumsq, site, n, m):
   return jnp.where(mask, w, jnp.zeros((), w.dtype)), mask
 
 
-def _leaf(w, site, acc, n, m):
+def _leaf(w, site, acc, n, m, split):
+  del split  # element-wise per weight: nothing to split
   new, mask = _wanda_leaf(w, acc["sumsq"], site, n, m)
   return new, mask, None
 
