@@ -13,6 +13,9 @@ layer). In one process, for bool and packed masks:
   * ``triton`` (GPU with Pallas Triton): ``new`` with the Triton kernel the
     dispatcher picks before Hopper (mask kernel, then XLA packing and NaN/Inf
     check), the path before the Mosaic GPU kernel;
+  * ``grouped``: ``new`` with same-shaped leaves sharing kernel launches
+    (``jasp.kernels.nm_mosaic.nm_mosaic_many``, one launch per shape and up to
+    16 leaves instead of one per leaf; off by default in ``jasp.prune``);
   * ``program``: the new path's jitted program alone (the device work plus its
     dispatch, no planning), and the sum of its GPU kernels' time (CUPTI, where
     PyTorch's profiler is importable);
@@ -120,11 +123,15 @@ def _timed(fn) -> float:
   return time.perf_counter() - t
 
 
-def _new_program(params, layouts, packed):
+def _new_program(params, layouts, packed, group=False):
   """The new path's cached program and its inputs (the device work without the planning)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
   options = ("nm", None, None, packed, True, pruning._impl_in_force(None))
-  plan = pruning._get_plan(params, leaves, treedef, 2, 4, layouts, None, options)
+  pruning._GROUP_SAME_SHAPES = group
+  try:
+    plan = pruning._get_plan(params, leaves, treedef, 2, 4, layouts, None, options)
+  finally:
+    pruning._GROUP_SAME_SHAPES = False
   sub = [leaves[i] for i in plan.todo]
   return lambda: plan.program(sub)
 
@@ -143,6 +150,19 @@ def _triton(fn):
   return run
 
 
+def _grouped(fn):
+  """``fn`` with same-shaped leaves sharing kernel launches (``nm_mosaic_many``)."""
+
+  def run():
+    pruning._GROUP_SAME_SHAPES = True
+    try:
+      return fn()
+    finally:
+      pruning._GROUP_SAME_SHAPES = False
+
+  return run
+
+
 def measure(params, layouts, warm: int) -> dict:
   """First and warm (median) seconds of old / new / program, bool and packed masks."""
   calls = {}
@@ -156,18 +176,24 @@ def measure(params, layouts, warm: int) -> dict:
       calls[f"triton {kind}"] = _triton(
         lambda p=packed: jasp.prune(params, layouts=layouts, packed=p, impl="pallas")
       )
+    # Same-shaped leaves in shared launches (a plan and program of their own).
+    calls[f"grouped {kind}"] = _grouped(
+      lambda p=packed: jasp.prune(params, layouts=layouts, packed=p)
+    )
   first = {name: _timed(fn) for name, fn in calls.items()}
   for packed in (False, True):
     kind = "packed" if packed else "bool"
     calls[f"program {kind}"] = _new_program(params, layouts, packed)
+    calls[f"grouped program {kind}"] = _grouped(_new_program(params, layouts, packed, group=True))
     _timed(calls[f"program {kind}"])
+    _timed(calls[f"grouped program {kind}"])
   times = {name: [] for name in calls}
   for _ in range(warm):
     for name, fn in calls.items():
       times[name].append(_timed(fn))
   device = {}
   clock = DeviceClock()
-  for name in ("program bool", "program packed"):
+  for name in ("program bool", "program packed", "grouped program bool", "grouped program packed"):
 
     def run(fn=calls[name]):
       for _ in range(5):
@@ -199,19 +225,19 @@ def _model(args, dim, vocab):
 
 
 def _print_table(res: dict, floor: dict | None) -> None:
-  print(f"{'path':<16} {'first call':>12} {'warm (median)':>14} {'vs floor':>9}")
+  print(f"{'path':<24} {'first call':>12} {'warm (median)':>14} {'vs floor':>9}")
   for name, first in res["first_s"].items():
     warm = res["warm_s"][name]
     ratio = f"{warm / floor[name.split()[-1]]:8.2f}x" if floor else ""
-    print(f"{name:<16} {first * 1e3:10.1f}ms {warm * 1e3:12.3f}ms {ratio:>9}")
-  for name in ("program bool", "program packed"):
+    print(f"{name:<24} {first * 1e3:10.1f}ms {warm * 1e3:12.3f}ms {ratio:>9}")
+  for name in ("program bool", "program packed", "grouped program bool", "grouped program packed"):
     warm = res["warm_s"][name]
     ratio = f"{warm / floor[name.split()[-1]]:8.2f}x" if floor else ""
-    print(f"{name:<16} {'':>12} {warm * 1e3:12.3f}ms {ratio:>9}")
+    print(f"{name:<24} {'':>12} {warm * 1e3:12.3f}ms {ratio:>9}")
     dev = res["device_s"].get(name)
     if dev is not None:
       ratio = f"{dev / floor[name.split()[-1]]:8.2f}x" if floor else ""
-      print(f"{'  GPU kernels':<16} {'':>12} {dev * 1e3:12.3f}ms {ratio:>9}")
+      print(f"{'  GPU kernels':<24} {'':>12} {dev * 1e3:12.3f}ms {ratio:>9}")
 
 
 def main():

@@ -69,6 +69,7 @@ __all__ = [
   "pallas_nm_mask_2d",
   "pallas_nm_prune",
   "pallas_nm_fused",
+  "pallas_nm_fused_many",
   "pick_kernel",
   "use_pallas",
 ]
@@ -344,3 +345,20 @@ def pallas_nm_fused(w, n, m, axis, impl, *, weight, packed):
   if weight:
     return lambda: nm_mosaic.prune(w, n, m, axis, ("weight", *outputs), interpret=interpret)
   return lambda: nm_mosaic.nm_mosaic(w, n, m, axis, outputs, interpret=interpret)
+
+
+def pallas_nm_fused_many(ws, n, m, axis, impl, *, weight, packed):
+  """:func:`pallas_nm_fused` for weights of one shape and dtype in shared launches.
+
+  A thunk returning one ``([pruned,] mask, finite)`` tuple per weight
+  (:func:`jasp.kernels.nm_mosaic.nm_mosaic_many`), or ``None`` where
+  :func:`pallas_nm_fused` would return ``None`` for the first weight.
+  """
+  if not ws or pallas_nm_fused(ws[0], n, m, axis, impl, weight=weight, packed=packed) is None:
+    return None
+  interpret = _interpret(ws[0])
+  outputs = ("bits" if packed else "mask", "finite")
+  if weight:
+    outputs = ("weight", *outputs)
+    return lambda: nm_mosaic.prune_many(ws, n, m, axis, outputs, interpret=interpret)
+  return lambda: nm_mosaic.nm_mosaic_many(ws, n, m, axis, outputs, interpret=interpret)

@@ -196,15 +196,20 @@ def compute_masks(
   return masks
 
 
-def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, leaves):
+def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, group, leaves):
   """The whole tree in one pass: masks, pruned weights (if wanted) and finiteness flags.
 
   Returns ``(masks, pruned, finite)``: ``finite`` is a bool vector with one entry
   per inexact leaf (in ``cfg`` order), True where the leaf holds no NaN/Inf.
   """
   masks, pruned, finite = [], [], []
-  for (path, d), w in zip(cfg, leaves):
-    fused = _fused(w, n, m, d.axis, impl, packed, want_pruned, pattern, score_fn)
+  grouped = {}
+  if group:
+    grouped = _fused_groups(cfg, leaves, n, m, impl, packed, want_pruned, pattern, score_fn)
+  for k, ((path, d), w) in enumerate(zip(cfg, leaves)):
+    fused = grouped.get(k)
+    if fused is None:
+      fused = _fused(w, n, m, d.axis, impl, packed, want_pruned, pattern, score_fn)
     if fused is not None:  # one kernel pass: pruned weight, mask and finiteness
       *pw, mask, ok = fused
       pruned += pw
@@ -230,18 +235,48 @@ def _fused(w, n, m, axis, impl, packed, want_pruned, pattern, score_fn):
   if pattern != "nm" or score_fn is not None:
     return None
   fn = _dispatch.pallas_nm_fused(w, n, m, axis, impl, weight=want_pruned, packed=packed)
-  if fn is None:
-    return None
-  out = list(fn())
+  return None if fn is None else _wrap_fused(list(fn()), w.shape, axis, packed)
+
+
+def _wrap_fused(out: list, shape, axis, packed: bool) -> list:
   if packed:
-    out[-2] = packing.PackedMask(out[-2], w.shape, packing.packed_axes(w.shape, axis))
+    out[-2] = packing.PackedMask(out[-2], shape, packing.packed_axes(shape, axis))
+  return out
+
+
+#: Same-shaped leaves share kernel launches (:func:`jasp.kernels.nm_mosaic.nm_mosaic_many`)
+#: when True. Exact (tests); off until its GPU timing shows fewer launches pay for
+#: the kernel's one branch per leaf (``benchmarks/prune_bench.py``, "grouped").
+_GROUP_SAME_SHAPES = False
+
+
+def _fused_groups(cfg, leaves, n, m, impl, packed, want_pruned, pattern, score_fn) -> dict:
+  """``{position: ([pruned,] mask, finite)}`` for leaves pruned in shared launches."""
+  if pattern != "nm" or score_fn is not None:
+    return {}
+  groups: dict = {}
+  for k, ((_, d), w) in enumerate(zip(cfg, leaves)):
+    axis = tuple(d.axis) if isinstance(d.axis, (list, tuple)) else d.axis
+    groups.setdefault((tuple(w.shape), jnp.dtype(w.dtype), axis), []).append(k)
+  out = {}
+  for (shape, _, axis), ks in groups.items():
+    if len(ks) < 2:
+      continue
+    ws = [leaves[k] for k in ks]
+    fn = _dispatch.pallas_nm_fused_many(ws, n, m, axis, impl, weight=want_pruned, packed=packed)
+    if fn is None:
+      continue
+    for k, o in zip(ks, fn()):
+      out[k] = _wrap_fused(list(o), shape, axis, packed)
   return out
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force):
+def _cached_program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, group):
   return jax.jit(
-    functools.partial(_body, cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force)
+    functools.partial(
+      _body, cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, group
+    )
   )
 
 
@@ -251,7 +286,7 @@ def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force):
   ``in_force`` is the mask implementation in force when ``impl`` is None (the context's
   choice, read where the masks are traced), so that each choice gets its own program.
   """
-  args = (cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force)
+  args = (cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, _GROUP_SAME_SHAPES)
   try:
     return _cached_program(*args)
   except TypeError:  # an unhashable custom pattern, score_fn or rule-made Decision
@@ -403,7 +438,7 @@ def _make_plan(params, leaves: list, n: int, m: int, layouts, policy, options: t
 
 def _get_plan(params, leaves, treedef, n, m, layouts, policy, options) -> _Plan:
   """The cached plan for this call, or a new one (cached when the call allows)."""
-  key = _plan_key(treedef, leaves, layouts, policy, (n, m, *options))
+  key = _plan_key(treedef, leaves, layouts, policy, (n, m, *options, _GROUP_SAME_SHAPES))
   try:
     plan = None if key is None else _PLANS.get(key)
   except TypeError:  # an unhashable option (a custom pattern or score_fn object)

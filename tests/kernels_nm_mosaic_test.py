@@ -18,6 +18,7 @@ import jasp
 from jasp import _dispatch
 from jasp import masks
 from jasp import packing
+from jasp import pruning
 from jasp.kernels import nm_mosaic
 from jasp.kernels import nm_pallas
 
@@ -214,6 +215,86 @@ def test_prune_tree_in_one_pass(monkeypatch, packed):
     jasp.prune(bad, impl="pallas", packed=packed)
 
 
+@pytest.mark.parametrize(
+  "shape,axis,outputs",
+  [
+    ((64, 256), 0, ("weight", "mask", "finite")),
+    ((32, 64), -1, ("weight", "bits", "finite")),  # the "cols" view
+    ((3, 3, 16, 64), -2, ("mask",)),
+  ],
+)
+def test_many_weights_in_one_launch_match_one_by_one(shape, axis, outputs, monkeypatch):
+  rng, seed = testing.fresh_rng()
+  ws = [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(5)]
+  ws[1] = ws[1].at[(0,) * len(shape)].set(jnp.nan)
+  monkeypatch.setattr(nm_mosaic, "MAX_GROUP", 2)  # 5 weights: launches of 2, 2 and 1
+  launches = []
+  real = nm_mosaic._run_many
+  monkeypatch.setattr(
+    nm_mosaic, "_run_many", lambda ws, **k: launches.append(len(ws)) or real(ws, **k)
+  )
+  many = nm_mosaic.nm_mosaic_many(ws, 2, 4, axis, outputs)
+  assert launches == [2, 2, 1] and len(many) == len(ws)
+  for i, (w, got) in enumerate(zip(ws, many)):
+    want = ref.nm_mask_ref(testing.as_np64(w), 2, 4, axis)
+    for name, g in zip(outputs, got):
+      msg = f"seed={seed} weight {i} {name}"
+      if name == "mask":
+        np.testing.assert_array_equal(np.asarray(g), want, err_msg=msg)
+      elif name == "weight":
+        assert testing.same_bits(g, jnp.where(jnp.asarray(want), w, jnp.zeros_like(w))), msg
+      elif name == "bits":
+        bits = packing.pack(jnp.asarray(want), axis).bits
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(bits), err_msg=msg)
+      else:
+        assert bool(jnp.all(g != 0)) == (i != 1), msg
+  with pytest.raises(ValueError, match="one shape and dtype"):
+    nm_mosaic.nm_mosaic_many([ws[0], ws[0].astype(jnp.float32)], 2, 4, axis, outputs)
+
+
+def test_prune_many_gradient_is_each_mask():
+  ws = [testing.normal((64, 256), seed=s) for s in range(3)]
+  grads = jax.grad(
+    lambda ws: sum(jnp.sum(o[0] * 1.5) for o in nm_mosaic.prune_many(ws, 2, 4, 0, ("weight",)))
+  )(ws)
+  for w, g in zip(ws, grads):
+    want = jnp.asarray(ref.nm_mask_ref(testing.as_np64(w), 2, 4, 0))
+    assert testing.same_bits(g, jnp.where(want, 1.5, 0.0).astype(g.dtype))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_prune_tree_with_shared_launches(monkeypatch, packed):
+  """jasp.prune with same-shaped leaves grouped: one launch per shape, same results."""
+  _hide_triton(monkeypatch)
+  monkeypatch.setattr(pruning, "_GROUP_SAME_SHAPES", True)
+  launches = []
+  real = nm_mosaic._run_many
+  monkeypatch.setattr(
+    nm_mosaic, "_run_many", lambda ws, **k: launches.append(len(ws)) or real(ws, **k)
+  )
+  rng, seed = testing.fresh_rng()
+  params = {
+    f"layer{i}": {
+      "up": {"kernel": jnp.asarray(rng.standard_normal((64, 128)), jnp.bfloat16)},
+      "down": {"kernel": jnp.asarray(rng.standard_normal((128, 64)), jnp.bfloat16)},
+    }
+    for i in range(3)
+  }
+  params["head"] = {"kernel": jnp.asarray(rng.standard_normal((64, 256)), jnp.float32)}
+  want_p, want_m = jasp.prune(params, impl="xla")
+  got_p, got_m = jasp.prune(params, impl="pallas", packed=packed)
+  assert sorted(launches) == [3, 3]
+  got_m = packing.unpack_masks(got_m) if packed else got_m
+  for (path, a), b in zip(testing.leaves(got_m).items(), testing.leaves(want_m).values()):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"seed={seed} {path}")
+  for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(want_p)):
+    assert testing.same_bits(a, b)
+  down = params["layer1"]["down"]["kernel"].at[0, 0].set(jnp.inf)
+  bad = dict(params, layer1={**params["layer1"], "down": {"kernel": down}})
+  with pytest.raises(ValueError, match="'layer1/down/kernel'.*1 NaN/Inf"):
+    jasp.prune(bad, impl="pallas", packed=packed)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_every_gpu_case_lowers_for_cuda(dtype):
   # Lowering for CUDA runs Mosaic GPU's layout and memory-access checks on the CPU.
@@ -230,6 +311,14 @@ def test_every_gpu_case_lowers_for_cuda(dtype):
         testing.lowers_for_cuda(run, jax.ShapeDtypeStruct(shape, dtype))
         lowered += 1
   assert lowered >= 2 * len(GPU_CASES)
+
+
+@pytest.mark.parametrize("shape,axis", [((2048, 5632), 0), ((11008, 4096), -1)], ids=str)
+def test_shared_launches_lower_for_cuda(shape, axis):
+  for outputs in [("weight", "mask", "finite"), ("weight", "bits", "finite")]:
+    p = nm_mosaic.plan(shape, 4, axis, packed="bits" in outputs, itemsize=2)
+    run = lambda *ws, p=p, o=outputs: nm_mosaic._run_many(ws, n=2, p=p, outputs=o, interpret=False)
+    testing.lowers_for_cuda(run, *[jax.ShapeDtypeStruct(shape, jnp.bfloat16)] * 3)
 
 
 # ---------------------------------------------------------------------------

@@ -67,12 +67,19 @@ __all__ = [
   "OUTPUTS",
   "Plan",
   "nm_mosaic",
+  "nm_mosaic_many",
+  "prune",
+  "prune_many",
   "plan",
   "supports",
 ]
 
 #: What a kernel can write (see the module doc).
 OUTPUTS = ("weight", "mask", "bits", "finite")
+
+#: At most this many weights share one launch of :func:`nm_mosaic_many` (the
+#: kernel holds one branch per weight).
+MAX_GROUP = 16
 
 # Default tiling: elements per member tile (more for a lone bool mask of a
 # 16-bit weight: 8 consecutive mask bytes per thread access), widest tile
@@ -192,8 +199,26 @@ def plan(
 
 def _kernel(x_ref, *o_refs, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
   """One program: ``E`` member tiles in, the outputs' tiles out."""
+  _tile(x_ref, o_refs, lax.axis_index("r"), lax.axis_index("c"), n, p, outputs, interpret)
+
+
+def _kernel_many(*refs, count: int, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
+  """Programs over ``count`` weights of one plan: row tile ``r`` of the grid is tile
+  ``r % R`` of weight ``r // R`` (``R`` row tiles per weight)."""
+  x_refs, o_refs = refs[:count], refs[count:]
+  per, rows = len(outputs), p.grid[1]
+  r, j = lax.axis_index("r"), lax.axis_index("c")
+  which, i = r // rows, r % rows
+  for g in range(count):
+
+    @pl.when(which == g)
+    def _(g=g):
+      _tile(x_refs[g], o_refs[g * per : (g + 1) * per], i, j, n, p, outputs, interpret)
+
+
+def _tile(x_ref, o_refs, i, j, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
+  """Row tile ``i``, column tile ``j`` of one weight: its outputs' tiles."""
   br, bc = p.block
-  i, j = lax.axis_index("r"), lax.axis_index("c")
   rows, cols = pl.ds(i * br, br), pl.ds(j * bc, bc)
 
   def at(e):
@@ -244,6 +269,21 @@ def _run(w: jax.Array, *, n: int, p: Plan, outputs: tuple[str, ...], interpret: 
   return call(w.reshape(p.view))
 
 
+@functools.partial(jax.jit, static_argnames=("n", "p", "outputs", "interpret"))
+def _run_many(ws: tuple, *, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
+  dtypes = {"weight": ws[0].dtype, "mask": jnp.bool_, "bits": jnp.uint8, "finite": jnp.int32}
+  one = tuple(jax.ShapeDtypeStruct(p.out_shape(o), dtypes[o]) for o in outputs)
+  call = mosaic.launch(
+    functools.partial(_kernel_many, count=len(ws), n=n, p=p, outputs=outputs, interpret=interpret),
+    one * len(ws),
+    (p.grid[0], p.grid[1] * len(ws)),
+    f"jasp_nm_{len(ws)}x_{'_'.join(outputs)}",
+    interpret,
+  )
+  flat = call(*(w.reshape(p.view) for w in ws))
+  return tuple(flat[g * len(outputs) : (g + 1) * len(outputs)] for g in range(len(ws)))
+
+
 def nm_mosaic(
   w: jax.Array,
   n: int,
@@ -280,6 +320,61 @@ def nm_mosaic(
   """
   check_nm(n, m)
   w = jnp.asarray(w)
+  p = p or _checked_plan(w, n, m, axis, tuple(outputs))
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  outs = _run(lax.stop_gradient(w), n=n, p=p, outputs=tuple(outputs), interpret=bool(interpret))
+  return _shaped(w.shape, axis, outputs, outs)
+
+
+def nm_mosaic_many(
+  ws: Sequence[jax.Array],
+  n: int,
+  m: int,
+  axis: Axis,
+  outputs: tuple[str, ...],
+  *,
+  interpret: bool | None = None,
+) -> list[tuple[jax.Array, ...]]:
+  """:func:`nm_mosaic` of several weights of one shape and dtype, in one kernel launch.
+
+  The launch covers every weight's tiles (its row tiles follow each other
+  along the grid's second dimension), so a tree of many same-shaped weights
+  costs a few launches instead of one per weight; at most
+  ``65535 // row_tiles`` (and :data:`MAX_GROUP`) weights share a launch.
+
+  Returns:
+    One tuple per weight, as :func:`nm_mosaic` returns it.
+
+  Raises:
+    ValueError: as :func:`nm_mosaic`, or if the weights differ in shape or
+      dtype.
+  """
+  ws = [jnp.asarray(w) for w in ws]
+  if not ws:
+    return []
+  shape, dtype = ws[0].shape, ws[0].dtype
+  if any(w.shape != shape or w.dtype != dtype for w in ws):
+    raise ValueError(
+      "nm_mosaic_many needs weights of one shape and dtype, got "
+      f"{sorted({(tuple(w.shape), str(w.dtype)) for w in ws})}."
+    )
+  check_nm(n, m)
+  outputs = tuple(outputs)
+  p = _checked_plan(ws[0], n, m, axis, outputs)
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  size = max(1, min(MAX_GROUP, mosaic.MAX_GRID_YZ // p.grid[1]))
+  out = []
+  for s in range(0, len(ws), size):
+    chunk = tuple(lax.stop_gradient(w) for w in ws[s : s + size])
+    for outs in _run_many(chunk, n=n, p=p, outputs=outputs, interpret=bool(interpret)):
+      out.append(_shaped(shape, axis, outputs, outs))
+  return out
+
+
+def _checked_plan(w: jax.Array, n: int, m: int, axis: Axis, outputs: tuple[str, ...]) -> Plan:
+  """The default plan for ``w`` and ``outputs``; raises where the kernel does not apply."""
   if not supports(w.dtype, n, m) or w.ndim == 0:
     raise ValueError(
       f"the Mosaic GPU N:M kernel supports {', '.join(str(d) for d in SUPPORTED_DTYPES)} "
@@ -289,20 +384,22 @@ def nm_mosaic(
   unknown = [o for o in outputs if o not in OUTPUTS]
   if unknown or not outputs:
     raise ValueError(f"outputs must be a non-empty tuple of {OUTPUTS}, got {outputs!r}.")
+  tile = _MASK_TILE_ELEMS_16BIT if outputs == ("mask",) and w.dtype.itemsize == 2 else None
   packed = "bits" in outputs
-  tile = _MASK_TILE_ELEMS_16BIT if tuple(outputs) == ("mask",) and w.dtype.itemsize == 2 else None
-  p = p or plan(w.shape, m, axis, packed=packed, itemsize=w.dtype.itemsize, tile_elems=tile)
+  p = plan(w.shape, m, axis, packed=packed, itemsize=w.dtype.itemsize, tile_elems=tile)
   if p is None:
     raise ValueError(f"shape {w.shape} (axis {axis}, m={m}) does not tile for the kernel.")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  outs = _run(lax.stop_gradient(w), n=n, p=p, outputs=tuple(outputs), interpret=bool(interpret))
-  a = innermost_group_axes(w.shape, group_axes(w.ndim, axis), 8)  # as jasp.packing lays bits
-  k = math.prod(w.shape[a[0] : a[-1] + 1])
-  bits_shape = w.shape[: a[0]] + (k // 8,) + w.shape[a[-1] + 1 :]
+  return p
+
+
+def _shaped(shape, axis: Axis, outputs: tuple[str, ...], outs) -> tuple[jax.Array, ...]:
+  """The kernel's outputs in the weight's layout (bits as :func:`jasp.packing.pack`)."""
+  a = innermost_group_axes(shape, group_axes(len(shape), axis), 8)  # as jasp.packing lays bits
+  k = math.prod(shape[a[0] : a[-1] + 1])
+  bits_shape = tuple(shape[: a[0]]) + (k // 8,) + tuple(shape[a[-1] + 1 :])
   shaped = {
-    "weight": lambda o: o.reshape(w.shape),
-    "mask": lambda o: o.reshape(w.shape),
+    "weight": lambda o: o.reshape(shape),
+    "mask": lambda o: o.reshape(shape),
     "bits": lambda o: o.reshape(bits_shape),
     "finite": lambda o: o.reshape(-1),
   }
@@ -355,3 +452,47 @@ def _prune_jvp(n, m, axis, outputs, interpret, primals, tangents):
   dpruned = jnp.where(mask, dw, jnp.zeros_like(dw))
   rest = [np.zeros(o.shape, jax.dtypes.float0) for o in outs[1 : len(outputs)]]
   return tuple(outs[: len(outputs)]), (dpruned, *rest)
+
+
+def prune_many(
+  ws: Sequence[jax.Array],
+  n: int,
+  m: int,
+  axis: Axis,
+  outputs: tuple[str, ...] = ("weight", "mask"),
+  *,
+  interpret: bool | None = None,
+) -> list[tuple[jax.Array, ...]]:
+  """:func:`prune` of several weights of one shape and dtype (:func:`nm_mosaic_many`).
+
+  Returns one tuple of ``outputs`` per weight; each pruned weight's
+  derivative is its mask.
+
+  Raises:
+    ValueError: as :func:`nm_mosaic_many`, or if ``outputs`` does not start
+      with ``"weight"``.
+  """
+  outputs = tuple(outputs)
+  if not outputs or outputs[0] != "weight":
+    raise ValueError(f"prune_many() outputs must start with 'weight', got {outputs!r}.")
+  axis = tuple(axis) if isinstance(axis, list) else axis
+  return list(_prune_many(tuple(ws), n, m, axis, outputs, interpret))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _prune_many(ws, n, m, axis, outputs, interpret):
+  return tuple(nm_mosaic_many(ws, n, m, axis, outputs, interpret=interpret))
+
+
+@_prune_many.defjvp
+def _prune_many_jvp(n, m, axis, outputs, interpret, primals, tangents):
+  (ws,), (dws,) = primals, tangents
+  want = outputs if "mask" in outputs else outputs + ("mask",)
+  outs = nm_mosaic_many(ws, n, m, axis, want, interpret=interpret)
+  primal_out, tangent_out = [], []
+  for o, dw in zip(outs, dws):
+    mask = o[want.index("mask")]
+    rest = [np.zeros(x.shape, jax.dtypes.float0) for x in o[1 : len(outputs)]]
+    primal_out.append(tuple(o[: len(outputs)]))
+    tangent_out.append((jnp.where(mask, dw, jnp.zeros_like(dw)), *rest))
+  return tuple(primal_out), tuple(tangent_out)
