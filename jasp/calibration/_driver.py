@@ -562,10 +562,8 @@ class _Pruning:
     a mesh (``NamedSharding``) keeps that layout, so the later stages' forward
     passes run as the user laid the params out.
     """
-    old = self.leaves[k]
-    if sel is None:
-      new, full = new, mask
-    else:
+    old, full = self.leaves[k], mask
+    if sel is not None:
       new = old.at[sel].set(new)
       full = self.masks.get(k, jnp.zeros(np.shape(old), bool)).at[sel].set(mask)
     sharding = getattr(old, "sharding", None)

@@ -285,9 +285,12 @@ def reconstruction_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> 
   compiler_options=COMPILER_OPTIONS,
 )
 def _sparsegpt_leaf(w, hessian, count, site, n, m, blocksize, damp, unroll, split=None):
-  """One leaf's solve; ``split`` (a ``NamedSharding`` of the ``(G, K, O/G)`` view, or None)
-  splits it by output columns over devices: each output's OBS solve is independent given
-  the (replicated) Hessian, so the split needs no communication."""
+  """One leaf's SparseGPT: ``(pruned w, mask, calibration error)``.
+
+  ``split``: a ``NamedSharding`` of the ``(G, K, O/G)`` matrix view splitting it by
+  output columns over devices, or None. Each output's OBS solve is independent
+  given the (replicated) Hessian, so the split needs no communication.
+  """
   wg = _driver.leaf_matrix_groups(w, site)  # (G, K, O/G)
   h = hessian / jnp.maximum(count, 1.0)
   if split is not None:

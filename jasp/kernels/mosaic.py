@@ -3,9 +3,10 @@
 Launching a kernel (one warpgroup per program, Lane semantics, no automatic
 barriers), loading a tile straight from global memory into registers and
 storing it back (a ``bool`` tile as XLA's one byte per entry), and the CPU
-interpret mode the tests use. The kernels themselves: :mod:`jasp.kernels.nm_mosaic` (1-D masks)
-and :mod:`jasp.kernels.nm2d_mosaic` (transposable masks). Why they are built
-this way: ``docs/design/mosaic-kernels.md``.
+interpret mode the tests use. The kernels themselves:
+:mod:`jasp.kernels.nm_mosaic` (1-D masks) and :mod:`jasp.kernels.nm2d_mosaic`
+(transposable masks). Why they are built this way:
+``docs/design/mosaic-kernels.md``.
 """
 
 from __future__ import annotations
