@@ -158,3 +158,37 @@ _SHARDED_STREAM = textwrap.dedent("""
 def test_streaming_with_batches_sharded_over_devices():
   r = testing.run_on_cpu_devices(_SHARDED_STREAM, 4)
   assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+_DATA_AXES = textwrap.dedent("""
+    import dataclasses
+    import jax, jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jasp import weights as st
+    from jasp.calibration import _driver
+    auto = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    explicit = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+    x = jnp.zeros((8, 16))
+    put = lambda mesh, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    assert _driver.data_axes([x]) is None  # one device
+    assert _driver.data_axes([put(auto, P(None, "data"))]) is None  # not along the batch
+    assert _driver.data_axes([put(auto, P("model"))]) == (auto, ("model",))
+    assert _driver.data_axes([{"ids": put(auto, P(("data", "model")))}]) == (auto, ("data", "model"))
+    site = st.Site(path="w", shape=(16, 12), perm=(0, 1), rows=1, group_axes=(0,))
+    for data, o, want in [
+      ((auto, ("model",)), 12, P(None, None, "model")),
+      ((auto, ("data", "model")), 12, P(None, None, ("data", "model"))),
+      ((auto, ("data", "model")), 6, None),  # 6 outputs do not divide over 4 devices
+      ((explicit, ("data",)), 12, None),  # explicit axes: the user states shardings
+      (None, 12, None),
+    ]:
+      got = _driver.solve_split(data, dataclasses.replace(site, shape=(16, o)))
+      assert (got.spec if got is not None else None) == want, (data, o, got)
+    print("ok")
+""")
+
+
+@pytest.mark.slow
+def test_data_axes_and_solve_split():
+  r = testing.run_on_cpu_devices(_DATA_AXES, 4)
+  assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
