@@ -445,7 +445,9 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 def _compilations(run) -> int:
-  """XLA compilations while ``run()`` runs."""
+  """XLA compilations while ``run()`` runs, from empty JAX caches (so that what other
+  tests in the process compiled before cannot change the count)."""
+  jax.clear_caches()
   before = len(_COMPILES)
   run()
   return len(_COMPILES) - before
