@@ -126,12 +126,8 @@ def _timed(fn) -> float:
 def _new_program(params, layouts, packed, group=False):
   """The new path's cached program and its inputs (the device work without the planning)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  options = ("nm", None, None, packed, True, pruning._impl_in_force(None))
-  pruning._GROUP_SAME_SHAPES = group
-  try:
-    plan = pruning._get_plan(params, leaves, treedef, 2, 4, layouts, None, options)
-  finally:
-    pruning._GROUP_SAME_SHAPES = False
+  options = ("nm", None, None, packed, True, pruning._impl_in_force(None), group)
+  plan = pruning._get_plan(params, leaves, treedef, 2, 4, layouts, None, options)
   sub = [leaves[i] for i in plan.todo]
   return lambda: plan.program(sub)
 
@@ -184,7 +180,7 @@ def measure(params, layouts, warm: int) -> dict:
   for packed in (False, True):
     kind = "packed" if packed else "bool"
     calls[f"program {kind}"] = _new_program(params, layouts, packed)
-    calls[f"grouped program {kind}"] = _grouped(_new_program(params, layouts, packed, group=True))
+    calls[f"grouped program {kind}"] = _new_program(params, layouts, packed, group=True)
     _timed(calls[f"program {kind}"])
     _timed(calls[f"grouped program {kind}"])
   times = {name: [] for name in calls}

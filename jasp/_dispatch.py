@@ -68,7 +68,6 @@ __all__ = [
   "pallas_nm_mask",
   "pallas_nm_mask_2d",
   "pallas_nm_prune",
-  "pallas_nm_fused",
   "pallas_nm_fused_many",
   "pick_kernel",
   "use_pallas",
@@ -327,38 +326,26 @@ def pallas_nm_prune(w, n, m, axis, impl, with_mask):
   return lambda: nm_pallas.nm_prune_pallas(w, n, m, axis, with_mask=with_mask, interpret=interpret)
 
 
-def pallas_nm_fused(w, n, m, axis, impl, *, weight, packed):
-  """A thunk computing ``([pruned,] mask, finite)`` in one kernel pass, or ``None``.
+def pallas_nm_fused_many(ws, n, m, axis, impl, *, weight, packed):
+  """A thunk computing ``([pruned,] mask, finite)`` of each of ``ws`` in one kernel pass,
+  or ``None``.
 
   Only the Mosaic GPU kernel writes them all at once: the pruned weight (when
   ``weight``), the mask (:class:`jasp.packing.PackedMask` bits when
   ``packed``, as :func:`jasp.packing.pack` lays them out) and finiteness
-  flags (``int32``, all nonzero exactly when ``w`` is all finite). ``None``
-  means the caller composes them.
+  flags (``int32``, all nonzero exactly when the weight is all finite).
+  ``ws`` share one shape and dtype; several share launches
+  (:func:`jasp.kernels.nm_mosaic.nm_mosaic_many`). ``None`` means the caller
+  composes the outputs.
   """
-  if pick_kernel(w, n, m, axis, impl) != "mosaic":
-    return None
-  interpret = _interpret(w)
-  if _mosaic_plan(w, n, m, axis, packed=packed, on_gpu=not interpret) is None:
-    return None
-  outputs = ("bits" if packed else "mask", "finite")
-  if weight:
-    return lambda: nm_mosaic.prune(w, n, m, axis, ("weight", *outputs), interpret=interpret)
-  return lambda: nm_mosaic.nm_mosaic(w, n, m, axis, outputs, interpret=interpret)
-
-
-def pallas_nm_fused_many(ws, n, m, axis, impl, *, weight, packed):
-  """:func:`pallas_nm_fused` for weights of one shape and dtype in shared launches.
-
-  A thunk returning one ``([pruned,] mask, finite)`` tuple per weight
-  (:func:`jasp.kernels.nm_mosaic.nm_mosaic_many`), or ``None`` where
-  :func:`pallas_nm_fused` would return ``None`` for the first weight.
-  """
-  if not ws or pallas_nm_fused(ws[0], n, m, axis, impl, weight=weight, packed=packed) is None:
+  if not ws or pick_kernel(ws[0], n, m, axis, impl) != "mosaic":
     return None
   interpret = _interpret(ws[0])
-  outputs = ("bits" if packed else "mask", "finite")
-  if weight:
-    outputs = ("weight", *outputs)
-    return lambda: nm_mosaic.prune_many(ws, n, m, axis, outputs, interpret=interpret)
-  return lambda: nm_mosaic.nm_mosaic_many(ws, n, m, axis, outputs, interpret=interpret)
+  if _mosaic_plan(ws[0], n, m, axis, packed=packed, on_gpu=not interpret) is None:
+    return None
+  outputs = (("weight",) if weight else ()) + ("bits" if packed else "mask", "finite")
+  if len(ws) == 1:  # the one-weight entry points
+    one = nm_mosaic.prune if weight else nm_mosaic.nm_mosaic
+    return lambda: [one(ws[0], n, m, axis, outputs, interpret=interpret)]
+  many = nm_mosaic.prune_many if weight else nm_mosaic.nm_mosaic_many
+  return lambda: many(ws, n, m, axis, outputs, interpret=interpret)

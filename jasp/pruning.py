@@ -203,13 +203,9 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, gro
   per inexact leaf (in ``cfg`` order), True where the leaf holds no NaN/Inf.
   """
   masks, pruned, finite = [], [], []
-  grouped = {}
-  if group:
-    grouped = _fused_groups(cfg, leaves, n, m, impl, packed, want_pruned, pattern, score_fn)
+  fused_at = _fused(cfg, leaves, n, m, impl, packed, want_pruned, pattern, score_fn, group)
   for k, ((path, d), w) in enumerate(zip(cfg, leaves)):
-    fused = grouped.get(k)
-    if fused is None:
-      fused = _fused(w, n, m, d.axis, impl, packed, want_pruned, pattern, score_fn)
+    fused = fused_at.get(k)
     if fused is not None:  # one kernel pass: pruned weight, mask and finiteness
       *pw, mask, ok = fused
       pruned += pw
@@ -230,44 +226,37 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, gro
   return masks, pruned, jnp.stack(finite) if finite else jnp.ones((0,), bool)
 
 
-def _fused(w, n, m, axis, impl, packed, want_pruned, pattern, score_fn):
-  """``([pruned,] mask, finite)`` from one kernel pass where one applies, else None."""
-  if pattern != "nm" or score_fn is not None:
-    return None
-  fn = _dispatch.pallas_nm_fused(w, n, m, axis, impl, weight=want_pruned, packed=packed)
-  return None if fn is None else _wrap_fused(list(fn()), w.shape, axis, packed)
-
-
-def _wrap_fused(out: list, shape, axis, packed: bool) -> list:
-  if packed:
-    out[-2] = packing.PackedMask(out[-2], shape, packing.packed_axes(shape, axis))
-  return out
-
-
 #: Same-shaped leaves share kernel launches (:func:`jasp.kernels.nm_mosaic.nm_mosaic_many`)
 #: when True. Exact (tests); off until its GPU timing shows fewer launches pay for
 #: the kernel's one branch per leaf (``benchmarks/prune_bench.py``, "grouped").
 _GROUP_SAME_SHAPES = False
 
 
-def _fused_groups(cfg, leaves, n, m, impl, packed, want_pruned, pattern, score_fn) -> dict:
-  """``{position: ([pruned,] mask, finite)}`` for leaves pruned in shared launches."""
+def _fused(cfg, leaves, n, m, impl, packed, want_pruned, pattern, score_fn, group) -> dict:
+  """``{position: ([pruned,] mask, finite)}`` for the leaves a kernel prunes in one pass.
+
+  Each leaf is its own launch; with ``group``, leaves of one shape, dtype and
+  group axis share launches.
+  """
   if pattern != "nm" or score_fn is not None:
     return {}
-  groups: dict = {}
+  launches: dict = {}
   for k, ((_, d), w) in enumerate(zip(cfg, leaves)):
     axis = tuple(d.axis) if isinstance(d.axis, (list, tuple)) else d.axis
-    groups.setdefault((tuple(w.shape), jnp.dtype(w.dtype), axis), []).append(k)
+    key = (tuple(w.shape), jnp.dtype(w.dtype), axis) if group else k
+    launches.setdefault(key, (axis, []))[1].append(k)
   out = {}
-  for (shape, _, axis), ks in groups.items():
-    if len(ks) < 2:
-      continue
+  for axis, ks in launches.values():
     ws = [leaves[k] for k in ks]
     fn = _dispatch.pallas_nm_fused_many(ws, n, m, axis, impl, weight=want_pruned, packed=packed)
     if fn is None:
       continue
     for k, o in zip(ks, fn()):
-      out[k] = _wrap_fused(list(o), shape, axis, packed)
+      o = list(o)
+      if packed:
+        shape = tuple(leaves[k].shape)
+        o[-2] = packing.PackedMask(o[-2], shape, packing.packed_axes(shape, axis))
+      out[k] = o
   return out
 
 
@@ -280,13 +269,14 @@ def _cached_program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_
   )
 
 
-def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force):
+def _program(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, group):
   """One jitted XLA program for the whole tree (shared by plans of equal configuration).
 
   ``in_force`` is the mask implementation in force when ``impl`` is None (the context's
-  choice, read where the masks are traced), so that each choice gets its own program.
+  choice, read where the masks are traced), so that each choice gets its own program;
+  ``group``: :data:`_GROUP_SAME_SHAPES` when the plan was made.
   """
-  args = (cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, _GROUP_SAME_SHAPES)
+  args = (cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, group)
   try:
     return _cached_program(*args)
   except TypeError:  # an unhashable custom pattern, score_fn or rule-made Decision
@@ -438,7 +428,7 @@ def _make_plan(params, leaves: list, n: int, m: int, layouts, policy, options: t
 
 def _get_plan(params, leaves, treedef, n, m, layouts, policy, options) -> _Plan:
   """The cached plan for this call, or a new one (cached when the call allows)."""
-  key = _plan_key(treedef, leaves, layouts, policy, (n, m, *options, _GROUP_SAME_SHAPES))
+  key = _plan_key(treedef, leaves, layouts, policy, (n, m, *options))
   try:
     plan = None if key is None else _PLANS.get(key)
   except TypeError:  # an unhashable option (a custom pattern or score_fn object)
@@ -495,7 +485,7 @@ def _run(params, n, m, *, layouts, policy, pattern, score_fn, impl, packed, want
   masks_lib.check_nm(n, m)
   _check_options(pattern, score_fn)
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  options = (pattern, score_fn, impl, packed, want_pruned, _impl_in_force(impl))
+  options = (pattern, score_fn, impl, packed, want_pruned, _impl_in_force(impl), _GROUP_SAME_SHAPES)
   if any(_is_traced(x) for x in leaves):  # under a trace: no values to check, nothing cached
     plan = _make_plan(params, leaves, n, m, layouts, policy, options)
     masks, pruned, _ = plan.program([leaves[i] for i in plan.todo])

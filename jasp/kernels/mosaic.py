@@ -57,17 +57,14 @@ def bool_stores() -> bool:
   """Whether this JAX has what :func:`store` needs for ``bool`` tiles (the byte view)."""
   if not available():
     return False
-  try:
+  try:  # inline_mgpu and RefType: checked by available()
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
-    from jax.experimental.pallas import mosaic_gpu as plgpu
     from jaxlib.mlir.dialects import builtin  # noqa: F401
     from jaxlib.mlir.dialects import llvm  # noqa: F401
   except ImportError:
     return False
-  return all(hasattr(plgpu, a) for a in ("inline_mgpu", "RefType")) and all(
-    hasattr(mgpu_utils, a)
-    for a in ("getelementptr", "ptr_as_memref", "get_memref_llvm_address_space")
-  )
+  needed = ("getelementptr", "ptr_as_memref", "get_memref_llvm_address_space")
+  return all(hasattr(mgpu_utils, a) for a in needed)
 
 
 def pow2_divisor(x: int, cap: int) -> int:

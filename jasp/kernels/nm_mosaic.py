@@ -197,17 +197,16 @@ def plan(
   return p
 
 
-def _kernel(x_ref, *o_refs, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
-  """One program: ``E`` member tiles in, the outputs' tiles out."""
-  _tile(x_ref, o_refs, lax.axis_index("r"), lax.axis_index("c"), n, p, outputs, interpret)
-
-
-def _kernel_many(*refs, count: int, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
-  """Programs over ``count`` weights of one plan: row tile ``r`` of the grid is tile
-  ``r % R`` of weight ``r // R`` (``R`` row tiles per weight)."""
+def _kernel(*refs, count: int, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
+  """One program over ``count`` weights of one plan (``count`` inputs, then their
+  outputs): row tile ``r`` of the grid is tile ``r % R`` of weight ``r // R``
+  (``R`` row tiles per weight)."""
   x_refs, o_refs = refs[:count], refs[count:]
   per, rows = len(outputs), p.grid[1]
   r, j = lax.axis_index("r"), lax.axis_index("c")
+  if count == 1:
+    _tile(x_refs[0], o_refs, r, j, n, p, outputs, interpret)
+    return
   which, i = r // rows, r % rows
   for g in range(count):
 
@@ -255,33 +254,26 @@ def _tile(x_ref, o_refs, i, j, n: int, p: Plan, outputs: tuple[str, ...], interp
       ref[i, j] = (jnp.max(worst.astype(jnp.int32)) < inf_bits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "p", "outputs", "interpret"))
-def _run(w: jax.Array, *, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
-  dtypes = {"weight": w.dtype, "mask": jnp.bool_, "bits": jnp.uint8, "finite": jnp.int32}
-  out_type = tuple(jax.ShapeDtypeStruct(p.out_shape(o), dtypes[o]) for o in outputs)
-  call = mosaic.launch(
-    functools.partial(_kernel, n=n, p=p, outputs=outputs, interpret=interpret),
-    out_type,
-    p.grid,
-    f"jasp_nm_{'_'.join(outputs)}",
-    interpret,
-  )
-  return call(w.reshape(p.view))
-
-
-@functools.partial(jax.jit, static_argnames=("n", "p", "outputs", "interpret"))
-def _run_many(ws: tuple, *, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool):
+def _launch(ws: tuple, *, n: int, p: Plan, outputs: tuple[str, ...], interpret: bool) -> tuple:
+  """One kernel launch over the weights ``ws``: one tuple of ``outputs`` per weight (views)."""
+  count = len(ws)
   dtypes = {"weight": ws[0].dtype, "mask": jnp.bool_, "bits": jnp.uint8, "finite": jnp.int32}
   one = tuple(jax.ShapeDtypeStruct(p.out_shape(o), dtypes[o]) for o in outputs)
   call = mosaic.launch(
-    functools.partial(_kernel_many, count=len(ws), n=n, p=p, outputs=outputs, interpret=interpret),
-    one * len(ws),
-    (p.grid[0], p.grid[1] * len(ws)),
-    f"jasp_nm_{len(ws)}x_{'_'.join(outputs)}",
+    functools.partial(_kernel, count=count, n=n, p=p, outputs=outputs, interpret=interpret),
+    one * count,
+    (p.grid[0], p.grid[1] * count),
+    f"jasp_nm_{'' if count == 1 else f'{count}x_'}{'_'.join(outputs)}",
     interpret,
   )
   flat = call(*(w.reshape(p.view) for w in ws))
-  return tuple(flat[g * len(outputs) : (g + 1) * len(outputs)] for g in range(len(ws)))
+  return tuple(flat[g * len(outputs) : (g + 1) * len(outputs)] for g in range(count))
+
+
+_STATIC = ("n", "p", "outputs", "interpret")
+#: One weight (``w``), and several of one plan (``ws``, a tuple), per launch.
+_run = jax.jit(lambda w, **kw: _launch((w,), **kw)[0], static_argnames=_STATIC)
+_run_many = jax.jit(_launch, static_argnames=_STATIC)
 
 
 def nm_mosaic(
@@ -311,8 +303,7 @@ def nm_mosaic(
     bool of ``w``'s shape (identical to ``jasp.nm_mask(..., impl="xla")``); ``"bits"`` the packed bits, shaped as
     :func:`jasp.packing.pack` lays them out; ``"finite"`` a 1-D ``int32``
     array, one flag per program, all nonzero exactly when ``w`` is all
-    finite (reduce with ``jnp.all(f != 0)``; a caller with many weights can
-    reduce all their flags in one pass).
+    finite (reduce with ``jnp.all(f != 0)``).
 
   Raises:
     ValueError: for unsupported dtypes, ``n``/``m``, or unknown outputs, or if
@@ -320,10 +311,12 @@ def nm_mosaic(
   """
   check_nm(n, m)
   w = jnp.asarray(w)
-  p = p or _checked_plan(w, n, m, axis, tuple(outputs))
+  outputs = tuple(outputs)
+  _check(w, n, m, outputs)
+  p = p or _default_plan(w, m, axis, outputs)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  outs = _run(lax.stop_gradient(w), n=n, p=p, outputs=tuple(outputs), interpret=bool(interpret))
+  outs = _run(lax.stop_gradient(w), n=n, p=p, outputs=outputs, interpret=bool(interpret))
   return _shaped(w.shape, axis, outputs, outs)
 
 
@@ -361,7 +354,8 @@ def nm_mosaic_many(
     )
   check_nm(n, m)
   outputs = tuple(outputs)
-  p = _checked_plan(ws[0], n, m, axis, outputs)
+  _check(ws[0], n, m, outputs)
+  p = _default_plan(ws[0], m, axis, outputs)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   size = max(1, min(MAX_GROUP, mosaic.MAX_GRID_YZ // p.grid[1]))
@@ -373,8 +367,18 @@ def nm_mosaic_many(
   return out
 
 
-def _checked_plan(w: jax.Array, n: int, m: int, axis: Axis, outputs: tuple[str, ...]) -> Plan:
-  """The default plan for ``w`` and ``outputs``; raises where the kernel does not apply."""
+def _default_plan(w: jax.Array, m: int, axis: Axis, outputs: tuple[str, ...]) -> Plan:
+  """The default plan for ``w`` and ``outputs``; raises where the shape does not tile."""
+  tile = _MASK_TILE_ELEMS_16BIT if outputs == ("mask",) and w.dtype.itemsize == 2 else None
+  packed = "bits" in outputs
+  p = plan(w.shape, m, axis, packed=packed, itemsize=w.dtype.itemsize, tile_elems=tile)
+  if p is None:
+    raise ValueError(f"shape {w.shape} (axis {axis}, m={m}) does not tile for the kernel.")
+  return p
+
+
+def _check(w: jax.Array, n: int, m: int, outputs: tuple[str, ...]) -> None:
+  """Raises for a dtype, ``n:m`` or outputs the kernel does not take."""
   if not supports(w.dtype, n, m) or w.ndim == 0:
     raise ValueError(
       f"the Mosaic GPU N:M kernel supports {', '.join(str(d) for d in SUPPORTED_DTYPES)} "
@@ -384,12 +388,6 @@ def _checked_plan(w: jax.Array, n: int, m: int, axis: Axis, outputs: tuple[str, 
   unknown = [o for o in outputs if o not in OUTPUTS]
   if unknown or not outputs:
     raise ValueError(f"outputs must be a non-empty tuple of {OUTPUTS}, got {outputs!r}.")
-  tile = _MASK_TILE_ELEMS_16BIT if outputs == ("mask",) and w.dtype.itemsize == 2 else None
-  packed = "bits" in outputs
-  p = plan(w.shape, m, axis, packed=packed, itemsize=w.dtype.itemsize, tile_elems=tile)
-  if p is None:
-    raise ValueError(f"shape {w.shape} (axis {axis}, m={m}) does not tile for the kernel.")
-  return p
 
 
 def _shaped(shape, axis: Axis, outputs: tuple[str, ...], outs) -> tuple[jax.Array, ...]:
@@ -446,12 +444,20 @@ def _prune(w, n, m, axis, outputs, interpret):
 @_prune.defjvp
 def _prune_jvp(n, m, axis, outputs, interpret, primals, tangents):
   (w,), (dw,) = primals, tangents
-  want = outputs if "mask" in outputs else outputs + ("mask",)
-  outs = nm_mosaic(w, n, m, axis, want, interpret=interpret)
+  want = _with_mask(outputs)
+  return _pruned_jvp(nm_mosaic(w, n, m, axis, want, interpret=interpret), want, outputs, dw)
+
+
+def _with_mask(outputs: tuple[str, ...]) -> tuple[str, ...]:
+  return outputs if "mask" in outputs else outputs + ("mask",)
+
+
+def _pruned_jvp(outs, want, outputs, dw) -> tuple[tuple, tuple]:
+  """One weight's ``(outputs, tangents)`` from its kernel outputs ``want`` (mask included):
+  the pruned weight's tangent is ``dw`` where kept, the other outputs are constant."""
   mask = outs[want.index("mask")]
-  dpruned = jnp.where(mask, dw, jnp.zeros_like(dw))
   rest = [np.zeros(o.shape, jax.dtypes.float0) for o in outs[1 : len(outputs)]]
-  return tuple(outs[: len(outputs)]), (dpruned, *rest)
+  return tuple(outs[: len(outputs)]), (jnp.where(mask, dw, jnp.zeros_like(dw)), *rest)
 
 
 def prune_many(
@@ -487,12 +493,7 @@ def _prune_many(ws, n, m, axis, outputs, interpret):
 @_prune_many.defjvp
 def _prune_many_jvp(n, m, axis, outputs, interpret, primals, tangents):
   (ws,), (dws,) = primals, tangents
-  want = outputs if "mask" in outputs else outputs + ("mask",)
+  want = _with_mask(outputs)
   outs = nm_mosaic_many(ws, n, m, axis, want, interpret=interpret)
-  primal_out, tangent_out = [], []
-  for o, dw in zip(outs, dws):
-    mask = o[want.index("mask")]
-    rest = [np.zeros(x.shape, jax.dtypes.float0) for x in o[1 : len(outputs)]]
-    primal_out.append(tuple(o[: len(outputs)]))
-    tangent_out.append((jnp.where(mask, dw, jnp.zeros_like(dw)), *rest))
-  return tuple(primal_out), tuple(tangent_out)
+  pairs = [_pruned_jvp(o, want, outputs, dw) for o, dw in zip(outs, dws)]
+  return tuple(a for a, _ in pairs), tuple(t for _, t in pairs)
