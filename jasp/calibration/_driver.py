@@ -461,7 +461,8 @@ class _Stream:
   def accumulate(self, leaves, targets, key: tuple, start: int, end: int, hessian: bool):
     """The statistics of ``targets`` (layers ``start`` to ``end`` - 1) from the cached carries."""
     if self.key != key or self.at > start:
-      self.key, self.at, self.carries = key, 0, None
+      self.reset()
+      self.key = key
     if self.carries is None or self.at < start:
       _, self.carries = self.tapper.accumulate_window(
         leaves,
