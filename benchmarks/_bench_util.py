@@ -1,4 +1,4 @@
-"""Helpers shared by the GPU benchmarks: device timing and crash-safe result files."""
+"""Helpers shared by the GPU benchmarks: device timing, compile phases and crash-safe result files."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import _meta
+import jax
 
 try:
   import torch
@@ -46,6 +47,47 @@ class DeviceClock:
       print(f"device clock unavailable: {type(e).__name__}: {e}", flush=True)
       self.ok = False
       return None
+
+
+#: ``jax.monitoring`` duration events of a compilation, and the keys they are summed under.
+EVENTS = {
+  "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+  "/jax/core/compile/backend_compile_duration": "backend_compile_s",
+}
+
+
+class Phases:
+  """Sums (and counts) the compile phases that ``jax.monitoring`` reports while active.
+
+  ``with phases: ...`` resets ``totals`` (seconds per key of :data:`EVENTS`)
+  and ``counts`` (events per key), then adds every event reported inside.
+  """
+
+  def __init__(self):
+    self.totals: dict[str, float] = {}
+    self.counts: dict[str, int] = {}
+    self.active = False
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **_):
+    if self.active and event in EVENTS:
+      key = EVENTS[event]
+      self.totals[key] = self.totals.get(key, 0.0) + duration
+      self.counts[key] = self.counts.get(key, 0) + 1
+
+  def __enter__(self):
+    self.totals, self.counts, self.active = {}, {}, True
+    return self
+
+  def __exit__(self, *exc):
+    self.active = False
+
+  def summary(self) -> dict:
+    """``{key: seconds}`` rounded to ms, plus ``programs``: how many were compiled."""
+    out = {k: round(v, 3) for k, v in self.totals.items()}
+    out["programs"] = self.counts.get("backend_compile_s", 0)
+    return out
 
 
 class Recorder:

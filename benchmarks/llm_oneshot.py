@@ -45,6 +45,7 @@ import _meta  # benchmarks/_meta.py (the script's directory is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _bench_util import Phases
 
 import jasp
 
@@ -179,18 +180,26 @@ def agreement(masks, ref) -> dict:
   return {"mean": float(np.mean(fr)), "min": float(np.min(fr)), "leaves": len(fr)}
 
 
+_PHASES = None
+
+
 def run_method(name, params, batches, held_out, keep: dict | None = None) -> dict:
+  """Prunes with ``name``; wall time, the compile phases inside it, memory, mask and output figures."""
+  global _PHASES
+  _PHASES = _PHASES or Phases()
   prune = {"sparsegpt": jasp.sparsegpt_prune, "wanda": jasp.wanda_prune}[name]
   kwargs = {"sequential": True} if name == "sparsegpt" else {}
-  t0 = time.perf_counter()
-  pruned, masks = prune(hidden_states, params, batches, progress=False, **kwargs)
-  jax.block_until_ready((pruned, masks))
-  wall = time.perf_counter() - t0
+  with _PHASES:
+    t0 = time.perf_counter()
+    pruned, masks = prune(hidden_states, params, batches, progress=False, **kwargs)
+    jax.block_until_ready((pruned, masks))
+    wall = time.perf_counter() - t0
   kept = [float(jnp.mean(m)) for m in jax.tree.leaves(masks)]
   if keep is not None:
     keep[name] = masks
   return {
     "wall_s": wall,
+    "compile": _PHASES.summary(),
     "peak_bytes": peak_bytes(),
     "pruned_leaves": len(kept),
     "kept_fraction": float(np.mean(kept)) if kept else None,
@@ -291,12 +300,26 @@ def main():
   ap.add_argument("--sparsegpt-dir", default="", help="a checkout of IST-DASLab/sparsegpt")
   ap.add_argument("--compare-layers", type=int, default=0, help="0: every block")
   ap.add_argument("--finetune-steps", type=int, default=0)
+  ap.add_argument(
+    "--tc-hessian",
+    type=int,
+    default=-1,
+    help="SparseGPT's Hessian from the bf16 activations on the tensor cores, summed in float32 "
+    "over chunks of this many rows (0: one product); -1 (default): float32 at HIGHEST",
+  )
   ap.add_argument("--out", default="")
   args = ap.parse_args()
   cfg = dict(PRESETS[args.preset])
   kv = args.kv_heads or cfg["heads"]
   dev = jax.devices()[0]
   out = {"preset": args.preset, "config": dict(cfg, kv_heads=kv), "device": dev.device_kind}
+  if args.tc_hessian >= 0:
+    from jasp.calibration import stats
+
+    stats._HESSIAN_TC_CHUNK = args.tc_hessian
+  out["hessian"] = (
+    "float32 HIGHEST" if args.tc_hessian < 0 else f"bf16 tensor cores, chunk {args.tc_hessian}"
+  )
   print(f"device: {dev.device_kind}, JAX {jax.__version__}; {out['config']}", flush=True)
   params = init_params(
     jax.random.key(0), cfg["layers"], cfg["dim"], cfg["hidden"], cfg["heads"], kv, cfg["vocab"]

@@ -39,6 +39,7 @@ import _meta  # noqa: E402  (benchmarks/_meta.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _bench_util import Phases  # noqa: E402
 from jax import lax  # noqa: E402
 
 from jasp import masks as masks_lib  # noqa: E402
@@ -47,13 +48,6 @@ from jasp.calibration import sparsegpt as sgpt  # noqa: E402
 
 HIGHEST = lax.Precision.HIGHEST
 LLAMA_7B = ((4096, 4096), (4096, 11008), (11008, 4096))
-EVENTS = {
-  "/jax/core/compile/jaxpr_trace_duration": "trace_s",
-  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
-  "/jax/core/compile/backend_compile_duration": "backend_compile_s",
-}
-
-
 # -- the old per-layer program (as it was before the change), for a dense kernel --
 
 
@@ -182,27 +176,6 @@ def problem(k, o, tokens, seed=0):
   w = jnp.asarray(rng.standard_normal((k, o), np.float32) / np.sqrt(k))
   h = _gram(jnp.asarray(x))[None]
   return jax.block_until_ready((w, h, jnp.float32(tokens)))
-
-
-class Phases:
-  """Sums the compile phases that ``jax.monitoring`` reports while active."""
-
-  def __init__(self):
-    self.totals: dict[str, float] = {}
-    self.active = False
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-  def _listen(self, event, duration, **_):
-    if self.active and event in EVENTS:
-      key = EVENTS[event]
-      self.totals[key] = self.totals.get(key, 0.0) + duration
-
-  def __enter__(self):
-    self.totals, self.active = {}, True
-    return self
-
-  def __exit__(self, *exc):
-    self.active = False
 
 
 def timed_calls(fn, args, kw, reps, phases):

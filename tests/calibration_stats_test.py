@@ -219,3 +219,46 @@ _SHARDED = textwrap.dedent("""
 def test_sharded_calibration_matches_single_device():
   r = testing.run_on_cpu_devices(_SHARDED, 8)
   assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("chunk", [0, 5, 64])
+def test_tensor_core_hessian_of_16_bit_inputs(monkeypatch, chunk):
+  """The tensor-core switch: bf16 inputs' X^T X from the 16-bit operands, chunked or not.
+
+  Every product of two bf16 numbers is exact in float32, so the result is the
+  float64 Gram matrix up to float32 summation; float32 inputs keep the float32
+  path whatever the switch says.
+  """
+
+  def f(p, x):
+    h = jnp.einsum("btd,dh->bth", x, p["up"])
+    return jnp.einsum("bth,ho->bto", jnp.tanh(h).astype(x.dtype), p["down"])
+
+  p = {"up": testing.normal((16, 24), 0), "down": testing.normal((24, 8), 1)}
+  p16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), p)
+  xs = [testing.normal((2, 13, 16), 10 + i).astype(jnp.bfloat16) for i in range(2)]
+  monkeypatch.setattr(stats_lib, "_HESSIAN_TC_CHUNK", chunk)
+  calls = []
+  tc = stats_lib._tc_hessian
+  monkeypatch.setattr(
+    stats_lib, "_tc_hessian", lambda x16, c: calls.append(x16.dtype) or tc(x16, c)
+  )
+  st = cal.collect_stats(f, p16, xs, hessian=True)
+  assert calls == [jnp.bfloat16, jnp.bfloat16]  # both weights, traced once
+  x = np.concatenate([_np(b).reshape(-1, 16) for b in xs])
+  np.testing.assert_allclose(_np(st["up"].hessian[0]), x.T @ x, rtol=1e-5, atol=1e-4)
+  # The second weight's input is the model's own bf16 activation: compare with
+  # the float32 path on the same run (the switch off).
+  monkeypatch.setattr(stats_lib, "_HESSIAN_TC_CHUNK", None)
+  ref = cal.collect_stats(f, p16, xs, hessian=True)
+  np.testing.assert_allclose(
+    _np(st["down"].hessian[0]), _np(ref["down"].hessian[0]), rtol=1e-5, atol=1e-4
+  )
+  # float32 inputs: unchanged by the switch.
+  monkeypatch.setattr(stats_lib, "_HESSIAN_TC_CHUNK", chunk)
+  xs32 = [b.astype(jnp.float32) for b in xs]
+  a = cal.collect_stats(f, p, xs32, hessian=True)["up"].hessian
+  assert len(calls) == 2
+  monkeypatch.setattr(stats_lib, "_HESSIAN_TC_CHUNK", None)
+  b = cal.collect_stats(f, p, xs32, hessian=True)["up"].hessian
+  np.testing.assert_array_equal(_np(a), _np(b))

@@ -66,6 +66,15 @@ __all__ = [
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
+#: How ``X^T X`` is summed when the weight's input is bf16 or fp16 (every
+#: product of two such numbers is exact in float32; only the summation
+#: differs). ``None``: from float32 copies at ``Precision.HIGHEST`` (the
+#: default). An int ``c``: the 16-bit operands on the tensor cores with float32
+#: results, over chunks of ``c`` rows added in float32 (``0``: all rows in one
+#: product). A benchmark switch (``benchmarks/hessian_bench.py`` measures the
+#: error and the masks each gives); part of the statistics programs' trace.
+_HESSIAN_TC_CHUNK: int | None = None
+
 
 @dataclasses.dataclass
 class LayerStats:
@@ -138,11 +147,35 @@ def _explicit(x) -> bool:
   return any(t == jax.sharding.AxisType.Explicit for t in types)
 
 
-def _row_stats(x: jax.Array, hessian: bool) -> dict:
-  """``x``: float32 ``(*rows, G, K)`` -> count, sumsq ``(G, K)``, hessian ``(G, K, K)``."""
+def _tc_hessian(x16: jax.Array, chunk: int) -> jax.Array:
+  """``X^T X`` per group of 16-bit ``x16`` ``(T, G, K)`` on the tensor cores, float32 ``(G, K, K)``."""
+  dims = (((0,), (0,)), ((1,), (1,)))
+
+  def gram(xc):
+    return jax.lax.dot_general(
+      xc, xc, dims, precision=jax.lax.Precision.DEFAULT, preferred_element_type=jnp.float32
+    )
+
+  t = x16.shape[0]
+  if not chunk or t <= chunk:
+    return gram(x16)
+  whole = t - t % chunk
+  xs = x16[:whole].reshape(whole // chunk, chunk, *x16.shape[1:])
+  h, _ = jax.lax.scan(lambda h, xc: (h + gram(xc), None), gram(xs[0]), xs[1:])
+  return h + gram(x16[whole:]) if whole < t else h
+
+
+def _row_stats(x: jax.Array, hessian: bool, x16: jax.Array | None = None) -> dict:
+  """``x``: float32 ``(*rows, G, K)`` -> count, sumsq ``(G, K)``, hessian ``(G, K, K)``.
+
+  ``x16``: the same rows in their 16-bit input dtype, for the tensor-core
+  Hessian of :data:`_HESSIAN_TC_CHUNK` (ignored when that is None).
+  """
   rows = tuple(range(x.ndim - 2))
   out = {"count": jnp.float32(np.prod(x.shape[:-2])), "sumsq": jnp.sum(jnp.square(x), axis=rows)}
-  if hessian:
+  if hessian and x16 is not None and _HESSIAN_TC_CHUNK is not None and not _explicit(x):
+    out["hessian"] = _tc_hessian(x16.reshape(-1, *x16.shape[-2:]), _HESSIAN_TC_CHUNK)
+  elif hessian:
     # Under explicit sharding the contracted rows may be sharded: ask for a
     # replicated result (an all-reduce), never a gather of X.
     kw = {"out_sharding": jax.sharding.PartitionSpec()} if _explicit(x) else {}
@@ -276,9 +309,10 @@ class _Tap(_jaxpr.Interpreter):
       x = conv_patches(x, eqn.params, ins[1].shape)
     else:
       rest = [d for d in range(x.ndim) if d not in use.x_order]
-      x = jnp.transpose(x.astype(jnp.float32), rest + list(use.x_order))
+      x = jnp.transpose(x, rest + list(use.x_order))
       x = x.reshape(x.shape[: len(rest)] + (1, use.site.k))
-    st = _row_stats(x, self.hessian)
+    x16 = x if x.dtype in (jnp.bfloat16, jnp.float16) else None
+    st = _row_stats(x.astype(jnp.float32), self.hessian, x16)
     a = self.acc[use.leaf]
     target = self.targets[use.leaf]
     if not target.stack_shape:
@@ -421,7 +455,7 @@ class Tapper:
     shapes = tuple(
       sorted((leaf, t.site, t.stack_shape, len(t.layers)) for leaf, t in targets.items())
     )
-    tkey = (shapes, hessian, window)
+    tkey = (shapes, hessian, window, _HESSIAN_TC_CHUNK)
     if tkey not in steps:
       closed = traced.closed
       first = dict(targets)  # the same sites, stack shapes and slot counts as later calls
