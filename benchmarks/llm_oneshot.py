@@ -245,7 +245,10 @@ def next_token_loss(params, tokens):
 
 
 def finetune(pruned, packed, tokens, steps: int) -> dict:
-  """Step time and peak memory: AdamW, and ``sparse_optimizer`` (``packed`` masks) around it."""
+  """Step time and peak memory: AdamW, and ``sparse_optimizer`` (``packed`` masks) around it.
+
+  ``pruned``: the params in host memory; each variant trains its own device copy.
+  """
   import optax
 
   out = {}
@@ -260,7 +263,7 @@ def finetune(pruned, packed, tokens, steps: int) -> dict:
       u, s = tx.update(g, s, p)
       return optax.apply_updates(p, u), s, loss
 
-    p = jax.tree.map(jnp.copy, pruned)  # the donated copy; ``pruned`` serves the next variant
+    p = jax.tree.map(lambda a: jnp.array(a, copy=True), pruned)  # its own copy, donated
     s = tx.init(p)
     t0 = time.perf_counter()
     p, s, loss = step(p, s, tokens)
@@ -303,9 +306,9 @@ def main():
   ap.add_argument(
     "--tc-hessian",
     type=int,
-    default=-1,
+    default=2048,
     help="SparseGPT's Hessian from the bf16 activations on the tensor cores, summed in float32 "
-    "over chunks of this many rows (0: one product); -1 (default): float32 at HIGHEST",
+    "over chunks of this many rows (jasp's default 2048; 0: one product); -1: float32 at HIGHEST",
   )
   ap.add_argument("--out", default="")
   args = ap.parse_args()
@@ -313,10 +316,9 @@ def main():
   kv = args.kv_heads or cfg["heads"]
   dev = jax.devices()[0]
   out = {"preset": args.preset, "config": dict(cfg, kv_heads=kv), "device": dev.device_kind}
-  if args.tc_hessian >= 0:
-    from jasp.calibration import stats
+  from jasp.calibration import stats
 
-    stats._HESSIAN_TC_CHUNK = args.tc_hessian
+  stats._HESSIAN_TC_CHUNK = args.tc_hessian if args.tc_hessian >= 0 else None
   out["hessian"] = (
     "float32 HIGHEST" if args.tc_hessian < 0 else f"bf16 tensor cores, chunk {args.tc_hessian}"
   )
@@ -357,7 +359,8 @@ def main():
   if args.finetune_steps:
     pruned, masks = jasp.wanda_prune(hidden_states, params, batches[:1], progress=False)
     packed, tokens = jasp.pack_masks(masks), batches[0][:1]
-    del params, batches, held_out, masks  # only the pruned model stays on the device
+    pruned = jax.device_get(pruned)  # to host: one model on the device at a time
+    del params, batches, held_out, masks
     print("fine-tune steps:", flush=True)
     out["finetune"] = finetune(pruned, packed, tokens, args.finetune_steps)
     save()

@@ -66,14 +66,18 @@ __all__ = [
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-#: How ``X^T X`` is summed when the weight's input is bf16 or fp16 (every
-#: product of two such numbers is exact in float32; only the summation
-#: differs). ``None``: from float32 copies at ``Precision.HIGHEST`` (the
-#: default). An int ``c``: the 16-bit operands on the tensor cores with float32
-#: results, over chunks of ``c`` rows added in float32 (``0``: all rows in one
-#: product). A benchmark switch (``benchmarks/hessian_bench.py`` measures the
-#: error and the masks each gives); part of the statistics programs' trace.
-_HESSIAN_TC_CHUNK: int | None = None
+#: How ``X^T X`` is summed when the weight's input is bf16 or fp16. Every
+#: product of two such numbers is exact in float32, so only the summation
+#: differs: an int ``c`` (default 2048) multiplies the 16-bit operands on the
+#: tensor cores with float32 results over chunks of ``c`` rows and adds the
+#: chunks in float32 (``0``: all rows in one product); ``None`` sums float32
+#: copies at ``Precision.HIGHEST``. Measured against a float64 Hessian at
+#: LLaMA-7B widths over 16384 tokens (``benchmarks/hessian_bench.py``, H100):
+#: relative error 5.2e-6 / 4.9e-6 (K 4096 / 11008) against 5.5e-6 / 4.7e-6 for
+#: float32 HIGHEST, SparseGPT masks as close to the float64 Hessian's, in a
+#: tenth of the time (one product of all rows: 6e-5). Part of the statistics
+#: programs' cache key.
+_HESSIAN_TC_CHUNK: int | None = 2048
 
 
 @dataclasses.dataclass
