@@ -1,0 +1,259 @@
+"""Decode-time 2:4 matmul: the compressed-weight kernel against XLA's dense dot.
+
+``y = x @ W`` with ``x (T, K)`` bf16, ``T`` from 1 to 256 tokens, and ``W (K, N)``
+2:4 along ``K``. Dense: ``jnp.dot(x, W)`` of the masked dense weight. Compressed:
+:func:`jasp.kernels.decode24.matmul_24` of :func:`~jasp.kernels.decode24.compress_24`
+(kept values and 2-bit positions, 56% of the dense bytes), default plan, plus the
+``--sweep`` tuning variants.
+
+Run on the device machine::
+
+    python3 benchmarks/decode_bench.py --out $OUT/decode_h100.json        # everything
+    python3 benchmarks/decode_bench.py --quick --out $OUT/decode.json     # 2 shapes x 3 T
+    python3 benchmarks/decode_bench.py --sweep --quick                    # tuning variants too
+    python3 benchmarks/decode_bench.py --smoke                            # CPU, interpret mode
+
+Before timing, every output is checked against a float32 ``Precision.HIGHEST``
+product of the same bf16 operands; a mismatch beyond bf16 output rounding stops
+the run (exit status 1) after recording it.
+
+Timing: every function is jitted and warmed up; ``W`` rotates over enough
+copies to exceed 4x the 50 MB L2 (a decode step reads each layer's weight from
+HBM once). Where PyTorch is importable, its CUPTI profiler sums the durations of
+every kernel run per call ("device": the kernel and its split-K reduction for
+the compressed path, XLA's GEMM and any helper kernels for dense); else host
+wall time per call, which at these sizes measures dispatch as much as the
+kernels (the JSON says which). Bandwidth: bytes read and written per call
+(format or dense weight, ``x``, ``y``) over the time, against a device copy's
+(read + write) bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from _bench_util import DeviceClock  # noqa: E402
+from _bench_util import Recorder  # noqa: E402
+
+import jasp  # noqa: E402
+from jasp.kernels import decode24  # noqa: E402
+
+SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096), (16384, 16384))
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+QUICK_SHAPES = ((4096, 4096), (14336, 4096))
+QUICK_TOKENS = (1, 16, 256)
+SMOKE_SHAPES = ((256, 128), (160, 96))
+SMOKE_TOKENS = (1, 3, 16)
+L2_BYTES = 50 << 20
+
+#: ``--sweep`` variants: plan overrides, and ``tile_n`` (a different format).
+SWEEP = (
+  {"block_g": 16},
+  {"block_g": 64},
+  {"num_warps": 8},
+  {"num_stages": 2},
+  {"num_stages": 4},
+  {"target_programs": 132},
+  {"target_programs": 528},
+  {"tile_n": 64},
+  {"tile_n": 256},
+)
+
+
+class Mismatch(AssertionError):
+  """An output differs from the reference product beyond bf16 rounding."""
+
+
+def weight_24(key: jax.Array, k: int, n: int, dtype) -> jax.Array:
+  """A ``(k, n)`` normal weight in ``dtype``, 2:4 along ``k`` (``jasp.nm_prune``: ties broken)."""
+  w = jax.random.normal(key, (k, n), jnp.float32).astype(dtype)
+  return jasp.nm_prune(w, 2, 4, axis=0, with_mask=False)
+
+
+def check(y: jax.Array, x: jax.Array, w: jax.Array, what: str) -> float:
+  """Raises :class:`Mismatch` unless ``y`` is ``x @ w`` within output rounding; returns the
+  largest error relative to ``max |x @ w|``.
+
+  Bound per entry: ``u |ref| + 2 K 2^-24 (|x| @ |w|)``, ``u`` the output dtype's
+  unit roundoff, ``ref`` the float32 ``HIGHEST`` product.
+  """
+  hi = jax.lax.Precision.HIGHEST
+  xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
+  ref = jnp.dot(xf, wf, precision=hi)
+  mag = jnp.dot(jnp.abs(xf), jnp.abs(wf), precision=hi)
+  u = float(jnp.finfo(y.dtype).eps) / 2
+  err = jnp.abs(y.astype(jnp.float32) - ref)
+  excess = float(jnp.max(err - (u * jnp.abs(ref) + 2 * x.shape[-1] * 2.0**-24 * mag)))
+  rel = float(jnp.max(err) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+  if not excess <= 0:  # NaN fails too
+    raise Mismatch(
+      f"{what}: output off the reference by {excess:.3g} beyond the bound (rel {rel:.3g})"
+    )
+  return rel
+
+
+def timed(fn, args_list, clock: DeviceClock, reps: int) -> tuple[float, bool]:
+  """``(seconds per call, device timing?)`` of ``fn(*args)`` over ``args_list`` back to back."""
+  for args in args_list:
+    jax.block_until_ready(fn(*args))
+
+  def run():
+    out = None
+    for _ in range(reps):
+      for args in args_list:
+        out = fn(*args)
+    jax.block_until_ready(out)
+
+  calls = reps * len(args_list)
+  dev = clock.measure(run, calls)
+  if dev is not None:
+    return dev, True
+  t0 = time.perf_counter()
+  run()
+  return (time.perf_counter() - t0) / calls, False
+
+
+def copy_bandwidth(clock: DeviceClock, nbytes: int, reps: int) -> float:
+  """Bytes per second of a device copy (``nbytes`` read and ``nbytes`` written)."""
+  bufs = [(jnp.full((nbytes,), i, jnp.uint8),) for i in range(2)]
+  seconds, _ = timed(jax.jit(lambda a: a ^ jnp.uint8(1)), bufs, clock, reps)
+  return 2 * nbytes / seconds
+
+
+def variants(sweep: bool) -> list[tuple[str, dict]]:
+  out = [("default", {})]
+  if sweep:
+    out += [(",".join(f"{k}={v}" for k, v in t.items()), t) for t in SWEEP]
+  return out
+
+
+def bench_shape(k: int, n: int, args, clock: DeviceClock, copy_bw: float, records: list) -> None:
+  """Every token count of one ``(K, N)``: checks, then times, dense and each variant."""
+  dtype = jnp.bfloat16
+  dense_bytes = k * n * 2
+  copies = 1 if args.smoke else int(min(8, max(1, math.ceil(4 * L2_BYTES / dense_bytes))))
+  keys = jax.random.split(jax.random.key(k * 7 + n), copies + 1)
+  ws = [weight_24(kk, k, n, dtype) for kk in keys[:copies]]
+  interpret = True if args.smoke else None
+  dense = jax.jit(lambda x, w: jnp.dot(x, w))
+  formats: dict[int | None, list] = {}  # tile_n -> one compressed weight per copy
+  fns = []
+  for name, tuning in variants(args.sweep):
+    tile_n = tuning.get("tile_n")
+    if n % (tile_n or 32):
+      continue
+    if tile_n not in formats:
+      formats[tile_n] = [decode24.compress_24(w, tile_n=tile_n) for w in ws]
+    plan_kw = {a: b for a, b in tuning.items() if a != "tile_n"}
+    fn = jax.jit(lambda x, c, kw=plan_kw: decode24.matmul_24(x, c, interpret=interpret, **kw))
+    fns.append((name, tile_n, plan_kw, fn))
+  for t in args.tokens:
+    if args.deadline and time.time() > args.deadline:
+      print(f"budget spent: skipping {k}x{n} T={t} onwards", flush=True)
+      return
+    x = jax.random.normal(jax.random.key(t), (t, k), jnp.float32).astype(dtype)
+    io_bytes = (t * k + t * n) * 2
+    rec = {"K": k, "N": n, "T": t, "dtype": "bfloat16", "weight_copies": copies}
+    rec["dense_rel_err"] = check(dense(x, ws[0]), x, ws[0], f"dense {k}x{n} T={t}")
+    sec, on_dev = timed(dense, [(x, w) for w in ws], clock, args.reps)
+    rec.update(dense_s=sec, device_timing=on_dev, dense_bytes_per_s=(dense_bytes + io_bytes) / sec)
+    for name, tile_n, plan_kw, fn in fns:
+      cs = formats[tile_n]
+      what = f"compressed[{name}] {k}x{n} T={t}"
+      p = decode24.plan(t, k, n, cs[0].tile_n, **plan_kw)
+      row = {"variant": name, "tile_n": cs[0].tile_n, "grid": p.grid, "splits": p.splits}
+      row["rel_err"] = check(fn(x, cs[0]), x, ws[0], what)
+      sec, _ = timed(fn, [(x, c) for c in cs], clock, args.reps)
+      moved = decode24.nbytes(cs[0]) + io_bytes
+      row.update(
+        seconds=sec,
+        speedup_vs_dense=rec["dense_s"] / sec,
+        bytes_moved=moved,
+        bytes_per_s=moved / sec,
+        fraction_of_copy_bw=moved / sec / copy_bw,
+      )
+      rec.setdefault("compressed", []).append(row)
+    best = min(rec["compressed"], key=lambda r: r["seconds"])
+    records.append(rec)
+    print(
+      f"{k:>6}x{n:<6} T={t:<4} dense {rec['dense_s'] * 1e6:8.1f} us  "
+      f"compressed {rec['compressed'][0]['seconds'] * 1e6:8.1f} us "
+      f"(x{rec['compressed'][0]['speedup_vs_dense']:.2f}, "
+      f"{100 * rec['compressed'][0]['fraction_of_copy_bw']:.0f}% of copy bw)  "
+      f"best {best['variant']} x{best['speedup_vs_dense']:.2f}",
+      flush=True,
+    )
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+  return tuple(tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s)
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--shapes", default="", help="K x N list, e.g. 4096x4096,14336x4096")
+  ap.add_argument("--tokens", default="", help="token counts T, e.g. 1,16,256")
+  ap.add_argument("--quick", action="store_true", help=f"{QUICK_SHAPES} x T {QUICK_TOKENS}")
+  ap.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny shapes, interpret")
+  ap.add_argument("--sweep", action="store_true", help="also time the tuning variants")
+  ap.add_argument("--reps", type=int, default=0, help="rounds over the weight copies")
+  ap.add_argument("--budget-s", type=float, default=0, help="start no new row after this")
+  ap.add_argument("--out", default="", help="JSON results file")
+  args = ap.parse_args(argv)
+  shapes, tokens = SHAPES, TOKENS
+  if args.quick:
+    shapes, tokens = QUICK_SHAPES, QUICK_TOKENS
+  if args.smoke:
+    shapes, tokens = SMOKE_SHAPES, SMOKE_TOKENS
+  args.shapes = parse_shapes(args.shapes) or shapes
+  args.tokens = tuple(int(v) for v in args.tokens.split(",") if v) or tokens
+  args.reps = args.reps or (2 if args.smoke else 20)
+  args.deadline = time.time() + args.budget_s if args.budget_s else 0
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  clock = DeviceClock()
+  dev = jax.devices()[0]
+  if not args.smoke and dev.platform != "gpu":
+    raise SystemExit("decode_bench times a GPU; use --smoke on a CPU.")
+  copy_bytes = (1 << 20) if args.smoke else (256 << 20)
+  copy_bw = copy_bandwidth(clock, copy_bytes, args.reps)
+  res = {
+    "device": dev.device_kind,
+    "timing": "device (CUPTI kernel sums)" if clock.ok else "host wall time per call",
+    "copy_bytes_per_s": copy_bw,
+    "records": [],
+  }
+  print(f"device: {dev.device_kind}, JAX {jax.__version__}, {res['timing']}", flush=True)
+  print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
+  rec = Recorder(res, args.out) if args.out else None
+  for k, n in args.shapes:
+    try:
+      bench_shape(k, n, args, clock, copy_bw, res["records"])
+    except Mismatch as e:
+      res.setdefault("errors", []).append(str(e))
+      if rec:
+        rec.save()
+      raise
+    if rec:
+      rec.save()
+  return res
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except Mismatch as e:
+    print(f"MISMATCH: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)

@@ -1,0 +1,62 @@
+"""benchmarks/decode_bench.py: its CPU smoke run, and its correctness gate (float64 oracle here)."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import decode_bench as db  # noqa: E402
+
+
+def test_smoke_run_writes_checked_records(tmp_path):
+  out = tmp_path / "decode.json"
+  res = db.main(["--smoke", "--out", str(out)])
+  data = json.loads(out.read_text())
+  assert data["meta"]["device"]["platform"] == jax.default_backend()
+  assert data["records"] == json.loads(json.dumps(res["records"], default=str))
+  shapes = {(r["K"], r["N"], r["T"]) for r in data["records"]}
+  assert shapes == {(k, n, t) for k, n in db.SMOKE_SHAPES for t in db.SMOKE_TOKENS}
+  for r in data["records"]:
+    (row,) = r["compressed"]
+    assert row["variant"] == "default" and 0 <= row["rel_err"] < 2**-7
+    k, n, t = r["K"], r["N"], r["T"]
+    assert row["bytes_moved"] == k * n + k * n // 8 + 2 * t * (k + n)
+    assert row["speedup_vs_dense"] == pytest.approx(r["dense_s"] / row["seconds"])
+  assert "errors" not in data
+
+
+def test_sweep_smoke_times_every_variant_that_fits():
+  res = db.main(["--smoke", "--sweep", "--shapes", "256x128", "--tokens", "3"])
+  (r,) = res["records"]
+  names = [row["variant"] for row in r["compressed"]]
+  assert names == ["default"] + [n for n, t in db.variants(True)[1:] if t.get("tile_n") != 256]
+  assert {row["tile_n"] for row in r["compressed"]} == {64, 128}
+
+
+def test_weight_is_2_of_4_with_the_two_largest_kept():
+  w = np.asarray(db.weight_24(jax.random.key(0), 64, 48, jnp.float32), np.float64)
+  dense = np.asarray(jax.random.normal(jax.random.key(0), (64, 48), jnp.float32), np.float64)
+  g, d = w.reshape(16, 4, 48), np.abs(dense).reshape(16, 4, 48)
+  assert ((g != 0).sum(axis=1) == 2).all()
+  kept = np.sort(np.abs(g), axis=1)[:, 2:]
+  np.testing.assert_array_equal(kept, np.sort(d, axis=1)[:, 2:])
+
+
+def test_check_passes_rounded_products_and_fails_loudly():
+  rng, seed = testing.fresh_rng(3)
+  x = jnp.asarray(rng.standard_normal((4, 256)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((256, 32)), jnp.bfloat16)
+  ref = testing.as_np64(x) @ testing.as_np64(w)
+  y = jnp.asarray(ref, jnp.bfloat16)  # the float64 product rounded once
+  assert db.check(y, x, w, "rounded") < 2**-8
+  off = y.at[1, 2].add(jnp.bfloat16(0.25 + abs(float(ref[1, 2])) * 2**-5))
+  with pytest.raises(db.Mismatch, match=r"bad: output off .* beyond the bound"):
+    db.check(off, x, w, "bad")
+  with pytest.raises(db.Mismatch):
+    db.check(y.at[0, 0].set(jnp.nan), x, w, "nan")
