@@ -478,3 +478,127 @@ def test_fp16_version_gate(monkeypatch):
   assert _compress.fp16_enabled(1100) and _compress.fp16_enabled(800, sparse.A_COL)
   msg = _compress.FP16_UNVERIFIED.format(version="0.11.0", layout="A_ROW")
   assert "0.11.0" in msg and "JASP_SPARSE_EXPERIMENTAL=1" in msg
+
+
+# ----------------------------------------------------------------------------
+# The compact (decode-time) format: the policy's three-way choice, the path.
+
+
+def _times(dense_s, path_s):
+  def measure(k, n, t, dtype):
+    return dense_s, path_s
+
+  return measure
+
+
+@pytest.mark.parametrize(
+  "sparse_x,compact_x,path",
+  [(1.3, 1.6, "compact"), (1.6, 1.3, "sparse"), (0.7, 1.02, "dense"), (0.5, 1.2, "compact")],
+)
+def test_auto_picks_the_fastest_of_three(sparse_x, compact_x, path):
+  policy_lib._CACHES.clear()  # the in-memory timings of other tests' injected tables
+  pol = sparse.MatmulPolicy(
+    measure=_fake(sparse_x), measure_compact=_fake(compact_x), cache_file=""
+  )
+  c = policy_lib.choose(
+    pol, k=64, n=32, t=16, dtype="bfloat16", compressed=True, has_dense=True, compact=True
+  )
+  assert c.path == path and c.sparse == (path == "sparse")
+  assert c.speedup == pytest.approx(sparse_x) and c.compact_speedup == pytest.approx(compact_x)
+  assert f"compact measured {compact_x:.2f}x dense" in c.reason
+  assert f"sparse measured {sparse_x:.2f}x dense" in c.reason
+
+
+def test_compact_without_cusparselt_and_without_dense():
+  policy_lib._CACHES.clear()
+  kw = dict(k=64, n=32, t=8, dtype="bfloat16", compressed=False, compact=True)
+  fast = sparse.MatmulPolicy(measure_compact=_fake(1.5), cache_file="")
+  assert policy_lib.choose(fast, has_dense=True, **kw).path == "compact"
+  policy_lib._CACHES.clear()
+  slow = sparse.MatmulPolicy(measure_compact=_fake(0.9), cache_file="")
+  c = policy_lib.choose(slow, has_dense=True, **kw)
+  assert c.path == "dense" and "compact measured 0.90x dense (< 1.05)" in c.reason
+  # Without the dense weight: the only form kept, unmeasured; with both sparse forms, the faster.
+  c = policy_lib.choose(slow, has_dense=False, **kw)
+  assert c.path == "compact" and c.compact_s is None
+  policy_lib._CACHES.clear()
+  both = sparse.MatmulPolicy(
+    measure=_times(1e-3, 4e-4), measure_compact=_times(1e-3, 3e-4), cache_file=""
+  )
+  c = policy_lib.choose(both, has_dense=False, **{**kw, "compressed": True})
+  assert c.path == "compact" and "no dense weight kept" in c.reason
+  # mode="sparse": cuSPARSELt where it exists, else the compact kernel.
+  mode = sparse.MatmulPolicy(mode="sparse")
+  assert policy_lib.choose(mode, has_dense=True, **kw).path == "compact"
+  assert policy_lib.choose(mode, has_dense=True, **{**kw, "compressed": True}).path == "sparse"
+  with pytest.raises(ValueError, match="path"):
+    policy_lib.Choice(True, "contradiction", path="compact")
+
+
+def _pruned_bf16(k, n, seed):
+  w = testing.normal((k, n), seed)
+  keep = np.argsort(np.argsort(-np.abs(np.asarray(w)).reshape(k // 4, 4, n), axis=1), axis=1) < 2
+  return (w * keep.reshape(k, n)).astype(jnp.bfloat16)
+
+
+def test_compress_keeps_the_compact_format():
+  w = _pruned_bf16(64, 96, 0)
+  sw = sparse.compress(w, compact=True)
+  assert sw.is_compact and sw.dense is not None
+  from jasp.kernels import decode24
+
+  np.testing.assert_array_equal(np.asarray(decode24.decompress_24(sw.compact)), np.asarray(w))
+  leaves, treedef = jax.tree_util.tree_flatten(sw)
+  assert len(leaves) == 3  # dense, compact values, compact codes (no cuSPARSELt bytes here)
+  back = jax.tree_util.tree_unflatten(treedef, leaves)
+  assert back.is_compact and back.shape == sw.shape
+  assert not sparse.compress(w).is_compact  # only when asked
+
+
+def test_compact_format_needs_a_kernel_sized_output(caplog):
+  w = _pruned_bf16(64, 40, 1)  # N = 40: not a multiple of 32
+  with caplog.at_level(logging.WARNING, logger="jasp.sparse"):
+    sw = sparse.compress(w, compact=True, path="head")
+  assert not sw.is_compact and sw.dense is not None
+  assert any("'head' no compact (decode) format: N=40" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("lead", [(3,), (2, 5)])
+def test_matmul_takes_the_compact_path(monkeypatch, lead):
+  """The compact kernel (interpreted here) as the policy's choice, against a float64 product."""
+  from jasp.kernels import decode24
+
+  monkeypatch.setattr(decode24, "native", lambda: True)  # as on a GPU
+  w = _pruned_bf16(128, 64, 2)
+  b = testing.normal((64,), 3).astype(jnp.bfloat16)
+  x = testing.normal((*lead, 128), 4).astype(jnp.bfloat16)
+  sw = sparse.compress(w, compact=True)
+  policy_lib._CACHES.clear()
+  pol = sparse.MatmulPolicy(measure_compact=_fake(1.7), cache_file="")
+  calls = []
+  real = decode24.matmul_24
+  monkeypatch.setattr(decode24, "matmul_24", lambda *a, **k: calls.append(1) or real(*a, **k))
+  y = jax.jit(lambda x, sw: sparse.matmul(x, sw, b, policy=pol))(x, sw)
+  assert calls and y.shape == (*lead, 64) and y.dtype == jnp.bfloat16
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+  scale = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64))
+  # bf16 output rounding (2^-8 relative) of a float32-accumulated product, plus the bias add.
+  assert np.all(
+    np.abs(np.asarray(y, np.float64) - want) <= 2**-7 * (np.abs(want) + 1) + 1e-5 * scale
+  )
+
+
+def test_a_weight_kept_only_compact_runs_interpreted_off_gpu(caplog):
+  from jasp.kernels import decode24
+
+  w = _pruned_bf16(64, 32, 5)
+  sw = sparse.SparseWeight(
+    None, None, in_shape=(64,), out_shape=(32,), dtype="bfloat16", compact=decode24.compress_24(w)
+  )
+  x = testing.normal((2, 64), 6).astype(jnp.bfloat16)
+  with caplog.at_level(logging.WARNING, logger="jasp.sparse"):
+    y = sparse.matmul(x, sw)
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2**-7, atol=1e-2)
+  with pytest.raises(ValueError, match="no compact"):
+    sparse.compact_matmul(x, sparse.compress(w))

@@ -82,7 +82,7 @@ def test_linen_sparsify_and_apply():
   _close(y, ref)
 
 
-def _nnx(policy):
+def _nnx(policy, **kw):
   model = NNXNet(rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 8, 32))
   pruned, _ = jasp.prune(
@@ -92,7 +92,7 @@ def _nnx(policy):
   )
   nnx.update(model, pruned)
   ref = model(x)
-  report = sparse.sparsify_nnx(model, dtype=BF16, policy=policy)
+  report = sparse.sparsify_nnx(model, dtype=BF16, policy=policy, **kw)
   y = nnx.jit(lambda m, x: m(x))(model, x)
   return ref, y, report, model
 
@@ -136,4 +136,36 @@ def test_linen_sparse_kernel_gpu():
 def test_nnx_sparse_kernel_gpu():
   ref, y, report, model = _nnx(sparse.MatmulPolicy(mode="sparse"))
   assert model.inp.kernel.get_value().is_compressed, report
+  _close(y, ref)
+
+
+def _compact_first():
+  """A policy whose injected timings make the compact kernel the fastest path."""
+  return sparse.MatmulPolicy(
+    measure=lambda k, n, t, d: (1e-3, 2e-3),
+    measure_compact=lambda k, n, t, d: (1e-3, 5e-4),
+    cache_file="",
+  )
+
+
+def test_nnx_sparsify_with_the_compact_format(monkeypatch):
+  """compact=True: every swapped layer holds the compact format and runs the decode-time kernel."""
+  from jasp.kernels import decode24
+
+  monkeypatch.setattr(decode24, "native", lambda: True)  # as on a GPU: the kernel interprets here
+  calls = []
+  real = decode24.matmul_24
+  monkeypatch.setattr(decode24, "matmul_24", lambda *a, **k: calls.append(1) or real(*a, **k))
+  ref, y, report, model = _nnx(_compact_first(), compact=True)
+  assert model.inp.kernel.get_value().is_compact
+  assert model.attn.out.kernel.get_value().is_compact  # LinearGeneral (heads, head_dim) -> dim
+  assert "with the compact (decode) format" in report["inp/kernel"]
+  assert len(calls) == 7  # inp, q, k, v, out, blocks[0], blocks[1]: one trace each
+  _close(y, ref)
+
+
+@pytest.mark.gpu
+def test_nnx_compact_kernel_gpu():
+  ref, y, report, model = _nnx(_compact_first(), compact=True)
+  assert model.inp.kernel.get_value().is_compact, report
   _close(y, ref)

@@ -61,8 +61,10 @@ __all__ = [
   "compress_24",
   "decompress_24",
   "matmul_24",
+  "native",
   "nbytes",
   "plan",
+  "shape_ok",
 ]
 
 #: Column tiles :func:`compress_24` tries by default, widest first.
@@ -113,6 +115,22 @@ class Compressed24:
 def nbytes(c: Compressed24) -> int:
   """Bytes of ``c``'s arrays: ``K * N * itemsize / 2 + K * N / 8`` (times any batch)."""
   return int(c.values.size * c.values.dtype.itemsize + c.meta.size * c.meta.dtype.itemsize)
+
+
+def shape_ok(k: int, n: int, dtype) -> tuple[bool, str]:
+  """Whether :func:`matmul_24` takes a ``(k, n)`` weight of ``dtype`` with the default tile, and why not."""
+  if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+    return False, f"dtype {jnp.dtype(dtype).name} (the kernel takes bf16, fp16, fp32)"
+  if k <= 0 or k % 4:
+    return False, f"K={k} is not a positive multiple of 4"
+  if n <= 0 or not any(n % t == 0 for t in _TILE_N_CHOICES):
+    return False, f"N={n} is not a multiple of 32"
+  return True, ""
+
+
+def native() -> bool:
+  """Whether :func:`matmul_24` runs compiled here (a GPU backend with Pallas Triton), not interpreted."""
+  return jax.default_backend() == "gpu" and backend_available()
 
 
 def _check_dtype(dtype, what: str) -> None:

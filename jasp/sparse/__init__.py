@@ -3,7 +3,10 @@
 The pipeline: compress a pruned 2:4 kernel once (:func:`compress`, or a whole
 tree with :func:`sparsify` / :func:`sparsify_nnx`), then multiply with
 :func:`matmul`, which takes the sparse kernel where the policy measured it
-faster on this GPU and the dense dot elsewhere. On CPU, or a GPU without 2:4
+faster on this GPU and the dense dot elsewhere. With ``compact=True`` the
+weight also keeps jasp's compact format, read by a decode-time kernel
+(:func:`compact_matmul`, :mod:`jasp.kernels.decode24`) that the policy weighs
+too: at the few tokens of LLM decoding, cuSPARSELt is slower than dense. On CPU, or a GPU without 2:4
 tensor cores, everything runs dense and a warning says why.
 
 The C++ extension (``_ffi.cc``, host code only) is compiled on first use with
@@ -16,6 +19,7 @@ from jasp.sparse._compress import A_COL
 from jasp.sparse._compress import A_ROW
 from jasp.sparse._compress import SparseWeight
 from jasp.sparse._compress import compress
+from jasp.sparse._matmul import compact_matmul
 from jasp.sparse._matmul import dense_matmul
 from jasp.sparse._matmul import sparse_matmul
 from jasp.sparse._runtime import SparseUnavailable
@@ -39,6 +43,7 @@ __all__ = [
   "SparseUnavailable",
   "SparseWeight",
   "apply",
+  "compact_matmul",
   "compress",
   "dense_matmul",
   "intercept",

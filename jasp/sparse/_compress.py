@@ -10,9 +10,14 @@ it) and ``N = prod(out_shape)``:
   sparse kernels do not take);
 * ``dense``: the masked weight ``(K, N)`` in the compute dtype, kept (unless
   ``keep_dense=False``) for the token counts where dense is faster (see
-  :mod:`jasp.sparse.autotune`) and for devices without sparse tensor cores.
+  :mod:`jasp.sparse.autotune`) and for devices without sparse tensor cores;
+* ``compact``: with ``compress(..., compact=True)``, the weight as a
+  :class:`jasp.kernels.decode24.Compressed24` (kept values and 4-bit position
+  codes, 56% of the dense bf16 bytes, in jasp's own layout), which the
+  decode-time kernel :func:`jasp.kernels.decode24.matmul_24` reads at small
+  token counts, where cuSPARSELt is slower than dense; else None.
 
-Both are pytree children (they checkpoint, shard and pass through ``jit``);
+All three are pytree children (they checkpoint, shard and pass through ``jit``);
 the shapes, the compute dtype and the compressed format's tag are static
 metadata. The compressed bytes are specific to the cuSPARSELt version and GPU
 architecture named by ``fmt``: :func:`jasp.sparse.matmul` refuses a mismatch
@@ -32,6 +37,7 @@ import numpy as np
 
 from jasp import _tree
 from jasp import masks as masks_lib
+from jasp.kernels import decode24
 from jasp.sparse import _runtime
 
 __all__ = ["SparseWeight", "compress", "sparse_shape_ok", "A_ROW", "A_COL"]
@@ -98,6 +104,8 @@ class SparseWeight:
       when ``compressed`` is None).
     fmt: the compressed format (``cusparselt<version>:sm<cc>:<a_order>``), ``""``
       when ``compressed`` is None.
+    compact: the :class:`jasp.kernels.decode24.Compressed24` of ``(K, N)`` for
+      the decode-time kernel, or None.
   """
 
   def __init__(
@@ -109,9 +117,11 @@ class SparseWeight:
     out_shape: Sequence[int],
     dtype: Any,
     fmt: str = "",
+    compact: decode24.Compressed24 | None = None,
   ):
     self.compressed = compressed
     self.dense = dense
+    self.compact = compact
     self.in_shape = tuple(int(s) for s in in_shape)
     self.out_shape = tuple(int(s) for s in out_shape)
     self.dtype = jnp.dtype(dtype).name
@@ -141,21 +151,28 @@ class SparseWeight:
   def is_compressed(self) -> bool:
     return self.compressed is not None
 
+  @property
+  def is_compact(self) -> bool:
+    """Whether the decode-time format (``compact``) is held."""
+    return self.compact is not None
+
   def tree_flatten_with_keys(self):
     children = (
       (jax.tree_util.GetAttrKey("compressed"), self.compressed),
       (jax.tree_util.GetAttrKey("dense"), self.dense),
+      (jax.tree_util.GetAttrKey("compact"), self.compact),
     )
     return children, (self.in_shape, self.out_shape, self.dtype, self.fmt)
 
   def tree_flatten(self):
-    return (self.compressed, self.dense), (self.in_shape, self.out_shape, self.dtype, self.fmt)
+    children = (self.compressed, self.dense, self.compact)
+    return children, (self.in_shape, self.out_shape, self.dtype, self.fmt)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     in_shape, out_shape, dtype, fmt = aux
     obj = object.__new__(cls)
-    obj.compressed, obj.dense = children
+    obj.compressed, obj.dense, obj.compact = children
     obj.in_shape, obj.out_shape, obj.dtype, obj.fmt = in_shape, out_shape, dtype, fmt
     return obj
 
@@ -165,6 +182,8 @@ class SparseWeight:
       parts.append(f"compressed={getattr(self.compressed, 'shape', '?')} bytes, {self.fmt}")
     if self.dense is not None:
       parts.append("dense kept")
+    if self.compact is not None:
+      parts.append("compact (decode) format")
     return (
       f"SparseWeight(kernel {self.shape} -> ({self.k}, {self.n}) {self.dtype}; "
       + ("; ".join(parts) or "empty")
@@ -204,6 +223,17 @@ def _ffi_compress(wt: jax.Array, m: int, k: int, a_order: int, rt: _runtime.Runt
   return comp
 
 
+def _compact(w2: jax.Array, wanted: bool, where: str) -> decode24.Compressed24 | None:
+  """The decode-time format of the checked ``(K, N)`` weight ``w2``, if wanted and the kernel takes it."""
+  if not wanted:
+    return None
+  ok, why = decode24.shape_ok(*w2.shape, w2.dtype)
+  if not ok:
+    _runtime.note_dense_fallback(f"jasp.sparse: {where}no compact (decode) format: {why}.")
+    return None
+  return decode24.compress_24(w2, check=False)
+
+
 def compress(
   w: jax.Array,
   *,
@@ -213,6 +243,7 @@ def compress(
   a_order: int = DEFAULT_A_ORDER,
   check: bool = True,
   path: str = "",
+  compact: bool = False,
 ) -> SparseWeight:
   """Compresses a 2:4 kernel once for the sparse tensor cores.
 
@@ -229,11 +260,18 @@ def compress(
     a_order: :data:`A_ROW` (default) or :data:`A_COL`, the stored layout.
     check: verify the 2:4 pattern first (skipped under ``jit``).
     path: the leaf's name, for error messages.
+    compact: also keep the decode-time format (:class:`SparseWeight`'s
+      ``compact``, 56% of the dense bf16 bytes) for
+      :func:`jasp.kernels.decode24.matmul_24`, which the policy weighs against
+      dense and cuSPARSELt at every token count. Built wherever the kernel
+      takes the shape (``N`` a multiple of 32), CPU included; otherwise left
+      out, with a warning once per process.
 
   Returns:
     A :class:`SparseWeight`. Without a usable GPU (CPU, compute capability
-    < 8.0, no cuSPARSELt) or with sizes the kernels do not take, it holds only
-    the dense weight, and a warning says why once per process.
+    < 8.0, no cuSPARSELt) or with sizes the kernels do not take, it holds no
+    cuSPARSELt data (only the dense weight and, if asked, the compact one),
+    and a warning says why once per process.
 
   Raises:
     ValueError: if ``w`` is not 2:4 along its ``in`` axes (naming ``path``,
@@ -272,7 +310,7 @@ def compress(
         f"{bad} of {nz.size} groups of 4 hold more than 2 non-zeros. Prune it first "
         "(jasp.prune) or keep it dense."
       )
-  kw = dict(in_shape=in_shape, out_shape=out_shape, dtype=dt)
+  kw = dict(in_shape=in_shape, out_shape=out_shape, dtype=dt, compact=_compact(w2, compact, where))
   shape_ok, why = sparse_shape_ok(k, n)
   try:
     rt = _runtime.runtime()

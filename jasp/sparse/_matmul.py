@@ -3,8 +3,10 @@
 :func:`sparse_matmul` always runs cuSPARSELt through the ``jax.ffi`` target
 (jittable; ``vmap`` over activations batches into one call; the weight is never
 copied or transposed per call); :func:`dense_matmul` runs XLA's dense dot on the
-kept masked weight. :func:`jasp.sparse.matmul`, which picks one of the two per
-call shape, lives in :mod:`jasp.sparse.autotune`.
+kept masked weight; :func:`compact_matmul` runs jasp's decode-time kernel
+(:func:`jasp.kernels.decode24.matmul_24`) on the compact format.
+:func:`jasp.sparse.matmul`, which picks one of them per call shape, lives in
+:mod:`jasp.sparse.autotune`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jasp.kernels import decode24
 from jasp.sparse import _compress as compress_lib
 from jasp.sparse import _runtime
 
-__all__ = ["batched_call", "check_x", "dense_matmul", "sparse_matmul"]
+__all__ = ["batched_call", "check_x", "compact_matmul", "dense_matmul", "sparse_matmul"]
 
 # The workspace comes from XLA's scratch allocator; this many bytes are also
 # reserved as an output the handler falls back to (XLA reuses the buffer).
@@ -195,5 +198,38 @@ def dense_matmul(
   x = jnp.asarray(x)
   check_x(x, w)
   y = jnp.dot(x.astype(w.dense.dtype), w.dense)
+  b = _bias_vector(bias, w)
+  return y if b is None else y + b.astype(y.dtype)
+
+
+def compact_matmul(
+  x: jax.Array,
+  w: compress_lib.SparseWeight,
+  bias: jax.Array | None = None,
+  *,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """``x @ W (+ bias)`` with the decode-time kernel on ``w.compact``.
+
+  Args:
+    x: ``(..., K)``; cast to ``w.dtype``.
+    w: a :class:`SparseWeight` compressed with ``compact=True``.
+    bias: ``(N,)`` or None.
+    interpret: Pallas interpret mode (None: off a GPU; tests).
+
+  Returns:
+    ``(..., N)`` in ``w.dtype`` (float32 accumulation).
+
+  Raises:
+    ValueError: ``w`` holds no compact format, or ``x`` does not match it.
+  """
+  if w.compact is None:
+    raise ValueError(
+      f"the SparseWeight {w.shape} holds no compact (decode) format; compress it with "
+      "jasp.sparse.compress(..., compact=True)."
+    )
+  x = jnp.asarray(x)
+  check_x(x, w)
+  y = decode24.matmul_24(x.astype(w.dtype), w.compact, interpret=interpret)
   b = _bias_vector(bias, w)
   return y if b is None else y + b.astype(y.dtype)

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from jasp import masks as masks_lib
+from jasp.kernels import decode24
 from jasp.sparse import _compress as compress_lib
 from jasp.sparse import _matmul as matmul_lib
 from jasp.sparse import _runtime
@@ -62,6 +63,7 @@ __all__ = [
   "choose",
   "device_seconds",
   "matmul",
+  "measure_compact_gpu",
   "measure_gpu",
   "measure_gpu_host",
   "tune",
@@ -75,8 +77,16 @@ Measure = Callable[[int, int, int, str], tuple[float, float]]
 # for the versions that wrote them.
 DEVICE_METHOD = "m=device-loop-v1"
 
+# The same for the compact kernel's measurement (:func:`measure_compact_gpu`),
+# whose entries are keyed by the device, not the cuSPARSELt runtime.
+COMPACT_METHOD = "compact-device-loop-v1"
+
 # Calls per loop iteration in :func:`chained` (amortises the loop counter's kernel).
 UNROLL = 8
+
+#: The paths :func:`jasp.sparse.matmul` takes: XLA's dense dot, cuSPARSELt,
+#: jasp's decode-time kernel on the compact format.
+PATHS = ("dense", "sparse", "compact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,23 +94,29 @@ class MatmulPolicy:
   """How :func:`jasp.sparse.matmul` picks its path.
 
   Attributes:
-    mode: ``"auto"`` (measured, the default), ``"sparse"`` (always the sparse
-      kernel where a compressed weight exists) or ``"dense"`` (always the dense
-      dot on the kept masked weight).
-    min_speedup: in ``"auto"`` mode, the sparse kernel must be at least this
-      much faster than dense (dense time / sparse time) to be used. 1.05 keeps
-      near-ties, where timing noise could flip the order, on the dense path.
+    mode: ``"auto"`` (measured, the default), ``"sparse"`` (always a sparse
+      kernel: cuSPARSELt where a compressed weight exists, else the compact
+      kernel) or ``"dense"`` (always the dense dot on the kept masked weight).
+    min_speedup: in ``"auto"`` mode, a sparse kernel (cuSPARSELt, or the
+      compact kernel where the weight holds the compact format) must be at
+      least this much faster than dense (dense time / its time) to be used;
+      the faster of the two wins. 1.05 keeps near-ties, where timing noise
+      could flip the order, on the dense path.
     cache_file: JSON file of measurements; None for the default
       (``<cache dir>/sparse_timings.json``), ``""`` for memory only.
     measure: ``measure(k, n, tokens, dtype) -> (dense_seconds, sparse_seconds)``;
       None measures the device time of both on the GPU (:func:`measure_gpu`).
       Tests inject tables.
+    measure_compact: ``measure_compact(k, n, tokens, dtype) -> (dense_seconds,
+      compact_seconds)``; None measures the device time of both on the GPU
+      (:func:`measure_compact_gpu`).
   """
 
   mode: Literal["auto", "sparse", "dense"] = "auto"
   min_speedup: float = 1.05
   cache_file: str | None = None
   measure: Measure | None = None
+  measure_compact: Measure | None = None
 
   def __post_init__(self):
     if self.mode not in ("auto", "sparse", "dense"):
@@ -114,21 +130,46 @@ class Choice:
   """One decision.
 
   Attributes:
-    sparse: True for the sparse kernel, False for the dense dot.
+    sparse: True for the cuSPARSELt kernel, False otherwise.
     reason: why, in words.
     dense_s, sparse_s: the measured seconds per call (``"auto"`` mode only).
+    path: one of :data:`PATHS`: ``"dense"``, ``"sparse"`` (cuSPARSELt) or
+      ``"compact"`` (the decode-time kernel); by default from ``sparse``.
+    compact_s: the compact kernel's measured seconds per call, and
+      ``compact_dense_s`` the dense time measured beside it (``"auto"`` mode,
+      weights with the compact format).
+
+  Raises:
+    ValueError: ``path`` is not one of :data:`PATHS` or contradicts ``sparse``.
   """
 
   sparse: bool
   reason: str
   dense_s: float | None = None
   sparse_s: float | None = None
+  path: str = ""
+  compact_s: float | None = None
+  compact_dense_s: float | None = None
+
+  def __post_init__(self):
+    if not self.path:
+      object.__setattr__(self, "path", "sparse" if self.sparse else "dense")
+    if self.path not in PATHS or self.sparse != (self.path == "sparse"):
+      raise ValueError(f"Choice: path {self.path!r} with sparse={self.sparse} (paths: {PATHS}).")
 
   @property
   def speedup(self) -> float | None:
+    """Dense time over cuSPARSELt's, when both were measured."""
     if self.dense_s is None or not self.sparse_s:
       return None
     return self.dense_s / self.sparse_s
+
+  @property
+  def compact_speedup(self) -> float | None:
+    """Dense time over the compact kernel's, when both were measured."""
+    if self.compact_dense_s is None or not self.compact_s:
+      return None
+    return self.compact_dense_s / self.compact_s
 
 
 class TimingCache:
@@ -208,6 +249,12 @@ def timing_key(k: int, n: int, t: int, dtype: str, a_order: int = 0, method: str
   return f"{key}|{method}" if method else key
 
 
+def compact_key(k: int, n: int, t: int, dtype: str) -> str:
+  """The cache key of the compact kernel's measurement: device kind, jax version, dtype, shape."""
+  dev = jax.devices()[0].device_kind if jax.devices() else "no-device"
+  return f"{dev}|jax{jax.__version__}|{dtype}|{k}x{n}|t{t}|{COMPACT_METHOD}"
+
+
 def choose(
   policy: MatmulPolicy | None,
   *,
@@ -218,6 +265,7 @@ def choose(
   compressed: bool,
   has_dense: bool,
   a_order: int = 0,
+  compact: bool = False,
 ) -> Choice:
   """The path for one call of ``x (t, k) @ W (k, n)``.
 
@@ -225,15 +273,16 @@ def choose(
     policy: the policy (None: ``MatmulPolicy()``).
     k, n, t: reduction size, output size, tokens (rows of ``x``).
     dtype: the compute dtype's name.
-    compressed: whether a compressed weight exists (else dense, always).
+    compressed: whether a runnable cuSPARSELt weight exists.
     has_dense: whether the dense masked weight was kept.
     a_order: the compressed layout (part of the cache key).
+    compact: whether the compact format exists and its kernel runs here.
 
   Raises:
     ValueError: ``mode="dense"`` without a kept dense weight.
   """
   policy = policy or MatmulPolicy()
-  if not compressed:
+  if not compressed and not compact:
     return Choice(False, "no compressed weight (the sparse path is unavailable here)")
   if policy.mode == "dense":
     if not has_dense:
@@ -243,20 +292,44 @@ def choose(
       )
     return Choice(False, "policy mode 'dense'")
   if policy.mode == "sparse":
-    return Choice(True, "policy mode 'sparse'")
-  if not has_dense:
-    return Choice(True, "only the compressed weight was kept (keep_dense=False)")
-  measure = policy.measure or measure_gpu
-  key = timing_key(k, n, t, dtype, a_order, DEVICE_METHOD if measure is measure_gpu else "")
-  dense_s, sparse_s = _cache_for(policy).get(key, lambda: _off_trace(measure, k, n, t, dtype))
-  speed = dense_s / sparse_s if sparse_s > 0 else 0.0
-  if speed >= policy.min_speedup:
+    if compressed:
+      return Choice(True, "policy mode 'sparse'")
     return Choice(
-      True, f"sparse measured {speed:.2f}x dense (>= {policy.min_speedup})", dense_s, sparse_s
+      False, "policy mode 'sparse': the compact kernel (no cuSPARSELt weight)", path="compact"
     )
-  return Choice(
-    False, f"sparse measured {speed:.2f}x dense (< {policy.min_speedup})", dense_s, sparse_s
+  if not has_dense and not (compressed and compact):
+    path = "sparse" if compressed else "compact"
+    what = "the compressed weight" if compressed else "the compact format"
+    return Choice(path == "sparse", f"only {what} was kept (keep_dense=False)", path=path)
+  cache = _cache_for(policy)
+  times: dict[str, tuple[float, float]] = {}  # path -> (dense_s, path_s)
+  if compressed:
+    measure = policy.measure or measure_gpu
+    key = timing_key(k, n, t, dtype, a_order, DEVICE_METHOD if measure is measure_gpu else "")
+    times["sparse"] = cache.get(key, lambda: _off_trace(measure, k, n, t, dtype))
+  if compact:
+    measure_c = policy.measure_compact or measure_compact_gpu
+    key = compact_key(k, n, t, dtype)
+    if policy.measure_compact is not None:
+      key += "|injected"
+    times["compact"] = cache.get(key, lambda: _off_trace(measure_c, k, n, t, dtype))
+  dense_s, sparse_s = times.get("sparse", (None, None))
+  compact_dense_s, compact_s = times.get("compact", (None, None))
+  kw = dict(
+    dense_s=dense_s, sparse_s=sparse_s, compact_s=compact_s, compact_dense_s=compact_dense_s
   )
+  speed = {p: d / x if x > 0 else 0.0 for p, (d, x) in times.items()}
+  said = {p: f"{p} measured {v:.2f}x dense" for p, v in speed.items()}
+  if not has_dense:  # both sparse forms: the faster
+    best = min(times, key=lambda p: times[p][1])
+    why = "; ".join(said.values())
+    return Choice(best == "sparse", f"no dense weight kept: {best} ({why})", path=best, **kw)
+  best = max(speed, key=lambda p: speed[p])
+  others = "".join(f"; {v}" for p, v in said.items() if p != best)
+  if speed[best] >= policy.min_speedup:
+    reason = f"{said[best]} (>= {policy.min_speedup}){others}"
+    return Choice(best == "sparse", reason, path=best, **kw)
+  return Choice(False, f"{said[best]} (< {policy.min_speedup}){others}", **kw)
 
 
 def _off_trace(fn: Measure, k: int, n: int, t: int, dtype: str) -> tuple[float, float]:
@@ -453,17 +526,71 @@ def measure_gpu(
   return dense_s, sparse_s
 
 
+def _compact_problem(k: int, n: int, t: int, dtype: str):
+  """Random ``x (t, k)`` and a random 2:4 weight ``(k, n)`` with its dense and compact forms."""
+  kw, kx = jax.random.split(jax.random.key(0))
+  w = jax.random.normal(kw, (k, n), jnp.float32)
+  w = jnp.where(masks_lib.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
+  sw = compress_lib.SparseWeight(
+    None,
+    w,
+    in_shape=(k,),
+    out_shape=(n,),
+    dtype=dtype,
+    compact=decode24.compress_24(w, check=False),
+  )
+  x = jax.random.normal(kx, (t, k), jnp.float32).astype(dtype)
+  return x, sw
+
+
+def _compact_call(x: jax.Array, sw: compress_lib.SparseWeight) -> jax.Array:
+  return matmul_lib.compact_matmul(x, sw)
+
+
+def measure_compact_gpu(
+  k: int, n: int, t: int, dtype: str, *, rounds: int = 5, target_s: float = 4e-3
+) -> tuple[float, float]:
+  """Device seconds per call of the dense XLA dot and the compact kernel for ``(t, k) @ (k, n)``.
+
+  As :func:`measure_gpu`, with :func:`jasp.sparse.compact_matmul` (the
+  decode-time kernel, :func:`jasp.kernels.decode24.matmul_24`) in place of
+  cuSPARSELt.
+
+  Raises:
+    RuntimeError: the compact kernel does not run compiled here (no GPU).
+  """
+  if not decode24.native():
+    raise RuntimeError("jasp.sparse: the compact kernel is measured on a GPU only.")
+  x, sw = _compact_problem(k, n, t, dtype)
+  dense_s, compact_s = device_seconds(
+    [(_dense_call, (x, sw)), (_compact_call, (x, sw))], rounds=rounds, target_s=target_s
+  )
+  return dense_s, compact_s
+
+
 def tune(
-  k: int, n: int, tokens: list[int], dtype: str = "bfloat16", policy: MatmulPolicy | None = None
+  k: int,
+  n: int,
+  tokens: list[int],
+  dtype: str = "bfloat16",
+  policy: MatmulPolicy | None = None,
+  *,
+  compressed: bool = True,
+  compact: bool = False,
 ) -> dict[int, Choice]:
   """Measures (or reads from the cache) the decisions for several token counts.
 
   Run it once per model shape ahead of serving so that tracing never waits on
-  a measurement. Returns ``{tokens: Choice}``.
+  a measurement. ``compressed`` / ``compact``: which sparse forms the weights
+  hold (cuSPARSELt's; the compact one of ``compress(..., compact=True)``).
+  Returns ``{tokens: Choice}``.
   """
   policy = policy or MatmulPolicy()
   return {
-    t: choose(policy, k=k, n=n, t=t, dtype=dtype, compressed=True, has_dense=True) for t in tokens
+    t: choose(
+      policy, k=k, n=n, t=t, dtype=dtype, compressed=compressed, has_dense=True, compact=compact
+    )
+    for t in tokens
   }
 
 
@@ -475,14 +602,16 @@ def matmul(
   policy: MatmulPolicy | None = None,
   bias_epilogue: bool = False,
 ) -> jax.Array:
-  """``x @ W (+ bias)``: the sparse kernel where it is faster, else dense.
+  """``x @ W (+ bias)``: a sparse kernel where it is faster, else dense.
 
   The path is chosen when the call is traced, from ``x``'s token count
   ``prod(x.shape[:-1])`` (under ``vmap``: the per-example count), by
   ``policy`` (:class:`jasp.sparse.MatmulPolicy`; default: measured once per
-  shape on this GPU and cached). Without a sparse runtime (CPU, a GPU without
-  2:4 tensor cores, no cuSPARSELt) the dense dot runs, and a warning says why
-  once per process.
+  shape on this GPU and cached), among XLA's dense dot, cuSPARSELt (where
+  ``w`` holds its compressed form) and jasp's decode-time kernel (where ``w``
+  holds the compact form, ``compress(..., compact=True)``; on a GPU). Without
+  a sparse runtime (CPU, a GPU without 2:4 tensor cores, no cuSPARSELt) the
+  dense dot runs, and a warning says why once per process.
 
   Args:
     x: activations ``(..., K)``.
@@ -507,9 +636,17 @@ def matmul(
     ok, why = _runtime.status()
     if not ok:
       runnable = False
-      if w.dense is None:
+      if w.dense is None and not w.is_compact:
         raise _runtime.SparseUnavailable(why + " This SparseWeight kept no dense weight.")
       _runtime.note_dense_fallback(why)
+  compact = w.is_compact and decode24.native()
+  if w.dense is None and not runnable and not compact:
+    # Only the compact form can run: interpreted off a GPU (slow, but exact).
+    _runtime.note_dense_fallback(
+      "jasp.sparse: a weight kept only in the compact format runs its kernel interpreted "
+      "here (no GPU): slow."
+    )
+    return matmul_lib.compact_matmul(x, w, bias)
   t = math.prod(x.shape[:-1])
   choice = choose(
     policy,
@@ -520,7 +657,10 @@ def matmul(
     compressed=runnable,
     has_dense=w.dense is not None,
     a_order=w.a_order,
+    compact=compact,
   )
-  if choice.sparse:
+  if choice.path == "sparse":
     return matmul_lib.sparse_matmul(x, w, bias, bias_epilogue=bias_epilogue)
+  if choice.path == "compact":
+    return matmul_lib.compact_matmul(x, w, bias)
   return matmul_lib.dense_matmul(x, w, bias)

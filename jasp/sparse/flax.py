@@ -40,6 +40,7 @@ from jasp import _tree
 from jasp import layouts as layouts_lib
 from jasp import masks as masks_lib
 from jasp import policy as pruning_policy
+from jasp.kernels import decode24
 from jasp.sparse import _compress as compress_lib
 from jasp.sparse import autotune
 from jasp.typing import PyTree
@@ -65,7 +66,7 @@ def _matches(path: str, include: Sequence[str] | None, exclude: Sequence[str] | 
 
 
 def _compress_leaf(
-  path: str, w: jax.Array, in_axes: int, dtype, keep_dense: bool, a_order: int
+  path: str, w: jax.Array, in_axes: int, dtype, keep_dense: bool, a_order: int, compact: bool
 ) -> tuple[Any, str]:
   """(new leaf, report line) for one candidate kernel."""
   if not _is_24(w, in_axes):
@@ -76,12 +77,22 @@ def _compress_leaf(
       "to run it on the 16-bit sparse tensor cores"
     )
   sw = compress_lib.compress(
-    w, in_axes=in_axes, dtype=dtype, keep_dense=keep_dense, a_order=a_order, check=False, path=path
+    w,
+    in_axes=in_axes,
+    dtype=dtype,
+    keep_dense=keep_dense,
+    a_order=a_order,
+    check=False,
+    path=path,
+    compact=compact,
   )
+  with_compact = ", with the compact (decode) format" if sw.is_compact else ""
+  if compact and not sw.is_compact:
+    with_compact = f", no compact format ({decode24.shape_ok(sw.k, sw.n, sw.dtype)[1]})"
   if sw.is_compressed:
-    return sw, f"compressed ({sw.k} in x {sw.n} out, {sw.dtype})"
+    return sw, f"compressed ({sw.k} in x {sw.n} out, {sw.dtype}){with_compact}"
   ok, why = compress_lib.sparse_shape_ok(sw.k, sw.n)
-  return sw, ("dense path: " + (why if not ok else "no sparse runtime here"))
+  return sw, ("dense path: " + (why if not ok else "no sparse runtime here") + with_compact)
 
 
 def sparsify(
@@ -93,6 +104,7 @@ def sparsify(
   include: Sequence[str] | None = None,
   exclude: Sequence[str] | None = None,
   a_order: int = compress_lib.DEFAULT_A_ORDER,
+  compact: bool = False,
 ) -> tuple[PyTree, dict[str, str]]:
   """Replaces the 2:4 Dense/DenseGeneral kernels of a params tree by SparseWeights.
 
@@ -108,6 +120,8 @@ def sparsify(
     include, exclude: regular expressions on leaf paths (``re.search``); a
       single string is one pattern.
     a_order: the compressed layout (:data:`jasp.sparse.A_ROW` or ``A_COL``).
+    compact: also keep each kernel's compact (decode) format for the
+      decode-time kernel (see :func:`jasp.sparse.compress`).
 
   Returns:
     ``(params with SparseWeight leaves, {path: what happened})``: one report
@@ -145,7 +159,7 @@ def sparsify(
       report[path] = f"kept: {skip}"
       out.append(leaf)
       continue
-    new, line = _compress_leaf(path, leaf, a, dtype, keep_dense, a_order)
+    new, line = _compress_leaf(path, leaf, a, dtype, keep_dense, a_order, compact)
     report[path] = line
     out.append(new)
   return jax.tree_util.tree_unflatten(treedef, out), report
@@ -320,12 +334,13 @@ def sparsify_nnx(
   policy: autotune.MatmulPolicy | None = None,
   bias_epilogue: bool = False,
   a_order: int = compress_lib.DEFAULT_A_ORDER,
+  compact: bool = False,
 ) -> dict[str, str]:
   """Replaces, in place, every 2:4 ``nnx.Linear``/``LinearGeneral`` by a :class:`SparseLinear`.
 
   Args:
     model: an nnx module, already pruned (its kernels 2:4 along the input axes).
-    dtype, keep_dense, include, exclude, a_order: as :func:`sparsify`.
+    dtype, keep_dense, include, exclude, a_order, compact: as :func:`sparsify`.
     policy, bias_epilogue: stored on each SparseLinear (see :func:`jasp.sparse.matmul`).
 
   Returns:
@@ -357,7 +372,7 @@ def sparsify_nnx(
         continue
       in_axes = len(node.in_features)
       axis = tuple(node.axis)
-    new, line = _compress_leaf(name, w, in_axes, dtype, keep_dense, a_order)
+    new, line = _compress_leaf(name, w, in_axes, dtype, keep_dense, a_order, compact)
     report[name] = line
     if not isinstance(new, compress_lib.SparseWeight):
       continue
