@@ -22,6 +22,8 @@ format's ``tile_n``:
   contiguous bytes per group and gets two half tiles, with no interleaving
   in registers.
 
+Design note: ``docs/design/decode-kernel.md``.
+
 Kernel (:func:`matmul_24`, Pallas; the Triton backend on GPUs, interpret mode
 elsewhere). The sum over ``k`` is reordered by position within the group,
 ``y = sum_j x[:, j::4] @ D_j`` with ``D_j (G, N) = where(p0 == j, v0, where(p1
