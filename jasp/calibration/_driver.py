@@ -18,6 +18,7 @@ work is independent per output (SparseGPT's solve), or None.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -276,12 +277,38 @@ def solve_split(data: Any, site: stats_lib.Site) -> jax.sharding.NamedSharding |
   return jax.sharding.NamedSharding(mesh, spec)
 
 
-def _index(stack_axes: Sequence[int], layer: Sequence[int], ndim: int) -> tuple:
-  """The numpy index that selects ``layer`` along ``stack_axes`` of an ``ndim`` array."""
-  idx: list = [slice(None)] * ndim
-  for a, i in zip(stack_axes, layer):
-    idx[a] = int(i)
-  return tuple(idx)
+@functools.partial(jax.jit, static_argnames=("axes",))
+def _take(x: jax.Array, layer: tuple, axes: tuple[int, ...]) -> jax.Array:
+  """``x``'s layer ``layer`` along its stacked ``axes`` (those axes removed).
+
+  The layer index is traced: one program per shape, whatever the layer.
+  """
+  for a, i in sorted(zip(axes, layer), reverse=True):
+    x = jax.lax.dynamic_index_in_dim(x, i, a, keepdims=False)
+  return x
+
+
+@jax.jit
+def _slot(acc: Mapping[str, jax.Array], slot) -> dict:
+  """Slot ``slot`` (traced) of every accumulated statistic."""
+  return {name: jax.lax.dynamic_index_in_dim(v, slot, 0, keepdims=False) for name, v in acc.items()}
+
+
+def _put_layer(x, full, new, mask, layer, axes):
+  """``x`` and the bool mask ``full`` (zeros when None) with layer ``layer`` set to ``new`` / ``mask``."""
+  full = jnp.zeros(x.shape, bool) if full is None else full
+  starts = [0] * x.ndim
+  for a, i in zip(axes, layer):
+    starts[a] = i
+  expand = lambda v: jnp.expand_dims(v, tuple(sorted(axes)))
+  x = jax.lax.dynamic_update_slice(x, expand(new).astype(x.dtype), starts)
+  return x, jax.lax.dynamic_update_slice(full, expand(mask), starts)
+
+
+# The first store of a leaf copies it (the user's array is never overwritten);
+# later stores update the run's own copy in place (donated).
+_put_copy = jax.jit(_put_layer, static_argnames=("axes",))
+_put_in_place = jax.jit(_put_layer, static_argnames=("axes",), donate_argnums=(0, 1))
 
 
 def _local_axes(axes: Sequence[int], stack_axes: Sequence[int]) -> tuple[int, ...]:
@@ -503,6 +530,7 @@ class _Pruning:
   masks: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
   stream: _Stream | None = None
   data: Any = None  # data_axes(batches)
+  owned: set[int] = dataclasses.field(default_factory=set)  # stacked leaves copied by the run
 
   def magnitude(self, k: int, axis: Sequence[int], why: str) -> None:
     """Prunes leaf ``k`` by magnitude (a fallback without calibration inputs)."""
@@ -528,10 +556,8 @@ class _Pruning:
   def unit(self, stage: int, k: int, idx: tuple, target, acc: Mapping, stack_axes, stage_s):
     """Prunes one unit (leaf ``k``, layer ``idx``) on its accumulated statistics."""
     t1 = time.perf_counter()
-    slot = target.layers.index(idx)
-    a = {name: v[slot] for name, v in acc.items()}
-    sel = _index(stack_axes, idx, np.ndim(self.leaves[k]))
-    w = self.leaves[k][sel] if stack_axes else self.leaves[k]
+    a = _slot(acc, target.layers.index(idx))
+    w = _take(self.leaves[k], idx, stack_axes) if stack_axes else self.leaves[k]
     split = solve_split(self.data, target.site)
     new, mask, err = self.leaf_fn(w, target.site, a, self.n, self.m, split)
     err, rows = jax.device_get((err, a["count"]))
@@ -541,7 +567,7 @@ class _Pruning:
         f"{list(idx) if idx else ''} (shape {tuple(np.shape(new))}); raise the damping or "
         "check the calibration data."
       )
-    self._store(k, sel if stack_axes else None, new, mask)
+    self._store(k, (idx, stack_axes) if stack_axes else None, new, mask)
     self.report(
       LayerResult(
         self.model.paths[k],
@@ -556,18 +582,24 @@ class _Pruning:
       )
     )
 
-  def _store(self, k: int, sel: tuple | None, new: jax.Array, mask: jax.Array) -> None:
-    """Writes a pruned leaf (``sel``: one layer of it) and its mask, in the leaf's sharding.
+  def _store(self, k: int, layer: tuple | None, new: jax.Array, mask: jax.Array) -> None:
+    """Writes a pruned leaf (``layer``: ``(index, stacked axes)`` of one layer of it)
+    and its mask, in the leaf's sharding.
 
-    A solve split over devices returns its result split too; a leaf laid out over
-    a mesh (``NamedSharding``) keeps that layout, so the later stages' forward
-    passes run as the user laid the params out.
+    A stacked leaf is copied at its first store and updated in place after
+    that. A solve split over devices returns its result split too; a leaf laid
+    out over a mesh (``NamedSharding``) keeps that layout, so the later stages'
+    forward passes run as the user laid the params out.
     """
     old, full = self.leaves[k], mask
-    if sel is not None:
-      new = old.at[sel].set(new)
-      full = self.masks.get(k, jnp.zeros(np.shape(old), bool)).at[sel].set(mask)
-    sharding = getattr(old, "sharding", None)
+    sharding = getattr(old, "sharding", None)  # read before ``old`` is donated
+    if layer is not None:
+      idx, axes = layer
+      # (XLA's CPU backend would warn that it cannot use the donation.)
+      in_place = k in self.owned and jax.default_backend() != "cpu"
+      put = _put_in_place if in_place else _put_copy
+      new, full = put(old, self.masks.get(k), new, mask, idx, axes=axes)
+      self.owned.add(k)
     if isinstance(sharding, jax.sharding.NamedSharding) and new.sharding != sharding:
       new, full = jax.device_put((new, full), sharding)
     self.leaves[k], self.masks[k] = new, full

@@ -60,6 +60,12 @@ def _bias_vector(bias, w: compress_lib.SparseWeight):
   return b.reshape(w.n).astype(w.dtype)
 
 
+def _plus_bias(y: jax.Array, bias, w: compress_lib.SparseWeight) -> jax.Array:
+  """``y + bias`` (checked against ``w``, in ``y``'s dtype); ``y`` when ``bias`` is None."""
+  b = _bias_vector(bias, w)
+  return y if b is None else y + b.astype(y.dtype)
+
+
 def sparse_matmul(
   x: jax.Array,
   w: compress_lib.SparseWeight,
@@ -197,9 +203,7 @@ def dense_matmul(
     )
   x = jnp.asarray(x)
   check_x(x, w)
-  y = jnp.dot(x.astype(w.dense.dtype), w.dense)
-  b = _bias_vector(bias, w)
-  return y if b is None else y + b.astype(y.dtype)
+  return _plus_bias(jnp.dot(x.astype(w.dense.dtype), w.dense), bias, w)
 
 
 def compact_matmul(
@@ -230,6 +234,4 @@ def compact_matmul(
     )
   x = jnp.asarray(x)
   check_x(x, w)
-  y = decode24.matmul_24(x.astype(w.dtype), w.compact, interpret=interpret)
-  b = _bias_vector(bias, w)
-  return y if b is None else y + b.astype(y.dtype)
+  return _plus_bias(decode24.matmul_24(x.astype(w.dtype), w.compact, interpret=interpret), bias, w)
