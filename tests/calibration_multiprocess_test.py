@@ -4,7 +4,8 @@ Two processes on this machine, two simulated CPU devices each, joined by
 ``jax.distributed`` with Gloo collectives: each process holds half of every
 calibration batch (``jax.make_array_from_process_local_data``), and both run the
 same ``wanda_prune`` / ``sparsegpt_prune`` call. The oracle is the same pruning
-on one device in this process.
+on one device in this process: Wanda's masks equal it; SparseGPT's equal it for
+the first stage and agree closely after it (float sums in another order).
 """
 
 import os
@@ -98,9 +99,16 @@ def test_two_processes_prune_like_one_device(tmp_path):
     for k, want in masks["blocks"].items():
       if want is None:
         continue
-      have = got[prune.__name__ + "/" + k]
+      have, want = got[prune.__name__ + "/" + k], np.asarray(want)
       assert have.shape == want.shape, k
-      # Wanda: sums of squares, the same masks. SparseGPT: the first block's masks are the
-      # same; later blocks see float sums in another order (docs/design/calibration-across-devices.md).
-      layers = slice(None) if prune is jasp.wanda_prune else 0
-      np.testing.assert_array_equal(have[layers], np.asarray(want)[layers], err_msg=k)
+      if prune is jasp.wanda_prune:  # sums of squares: the same masks
+        np.testing.assert_array_equal(have, want, err_msg=k)
+        continue
+      # SparseGPT: the first stage (q, k, v of block 0: the same inputs) gives the same masks;
+      # after it the sharded float sums run in another order and near-ties can flip
+      # (docs/design/calibration-across-devices.md): block 0 agrees to 99.9%.
+      if k in ("q", "k", "v"):
+        np.testing.assert_array_equal(have[0], want[0], err_msg=k)
+      assert np.mean(have[0] == want[0]) >= 0.999, k
+      # A wrong layout or a lost batch shard changes about half of a mask's entries.
+      assert np.mean(have == want) >= 0.9, k
