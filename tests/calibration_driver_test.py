@@ -52,6 +52,35 @@ def _same(a, b, what):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{what}: {path}")
 
 
+def test_stacked_leaves_are_updated_in_place_after_their_first_copy(monkeypatch):
+  """The donating store (used on accelerators) gives the copying store's result, and the
+  user's params are never donated: each stacked leaf is copied once, then updated in place."""
+  model, variables = decoder_linen.build()
+  batches = [decoder_linen.tokens(s) for s in range(2)]
+  want, want_masks = jasp.sparsegpt_prune(
+    model.apply, variables, batches, sequential=True, progress=False
+  )
+  calls = {"copy": 0, "in_place": 0}
+  for name in calls:
+    real = getattr(_driver, f"_put_{name}")
+
+    def counted(*a, _real=real, _name=name, **k):
+      calls[_name] += 1
+      return _real(*a, **k)
+
+    monkeypatch.setattr(_driver, f"_put_{name}", counted)
+  monkeypatch.setattr(_driver, "_in_place_ok", lambda: True)
+  got, got_masks = jasp.sparsegpt_prune(
+    model.apply, variables, batches, sequential=True, progress=False
+  )
+  stacked = sum(1 for m in jax.tree.leaves(got_masks) if m.ndim >= 3)  # (layers, in, out...)
+  assert calls["copy"] == stacked  # one copy per stacked leaf
+  assert calls["in_place"] == stacked * (decoder_linen.LAYERS - 1)
+  assert not any(x.is_deleted() for x in jax.tree.leaves(variables))
+  _same(got_masks, want_masks, "masks")
+  _same(got, want, "pruned params")
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
 def test_linen_decoder_streams_block_by_block(method, passes, monkeypatch):
   model, variables = decoder_linen.build()

@@ -311,6 +311,11 @@ _put_copy = jax.jit(_put_layer, static_argnames=("axes",))
 _put_in_place = jax.jit(_put_layer, static_argnames=("axes",), donate_argnums=(0, 1))
 
 
+def _in_place_ok() -> bool:
+  """Whether stores donate the run's own copies (XLA's CPU backend would warn that it cannot)."""
+  return jax.default_backend() != "cpu"
+
+
 def _local_axes(axes: Sequence[int], stack_axes: Sequence[int]) -> tuple[int, ...]:
   """Leaf axes -> axes of one layer (the stacked axes removed)."""
   return tuple(a - sum(1 for s in stack_axes if s < a) for a in axes)
@@ -595,9 +600,7 @@ class _Pruning:
     sharding = getattr(old, "sharding", None)  # read before ``old`` is donated
     if layer is not None:
       idx, axes = layer
-      # (XLA's CPU backend would warn that it cannot use the donation.)
-      in_place = k in self.owned and jax.default_backend() != "cpu"
-      put = _put_in_place if in_place else _put_copy
+      put = _put_in_place if k in self.owned and _in_place_ok() else _put_copy
       new, full = put(old, self.masks.get(k), new, mask, idx, axes=axes)
       self.owned.add(k)
     if isinstance(sharding, jax.sharding.NamedSharding) and new.sharding != sharding:
