@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import _meta
@@ -90,15 +92,52 @@ class Phases:
     return out
 
 
+def timed(
+  fn: Callable[..., Any], args_list: Sequence[tuple], clock: DeviceClock, reps: int
+) -> tuple[float, bool]:
+  """``(seconds per call, device timing?)`` of ``fn(*args)`` over ``args_list``, back to back.
+
+  After one warm-up call per ``args``, ``reps`` rounds over ``args_list``: the
+  GPU kernel time per call (``clock``), else the host time per call.
+  """
+  for args in args_list:
+    jax.block_until_ready(fn(*args))
+
+  def run():
+    out = None
+    for _ in range(reps):
+      for args in args_list:
+        out = fn(*args)
+    jax.block_until_ready(out)
+
+  calls = reps * len(args_list)
+  dev = clock.measure(run, calls)
+  if dev is not None:
+    return dev, True
+  t0 = time.perf_counter()
+  run()
+  return (time.perf_counter() - t0) / calls, False
+
+
+def peak_bytes() -> int | None:
+  """The first device's peak bytes in use so far in this process (None where not reported)."""
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+  return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
 class Recorder:
-  """Keeps a results dict on disk after every stage, so a crash loses nothing."""
+  """Keeps a results dict on disk after every stage, so a crash loses nothing.
+
+  With an empty ``path`` the results stay in memory only.
+  """
 
   def __init__(self, out: dict, path: str):
     self.out, self.path = out, path
     self.meta = _meta.run_meta()
 
   def save(self) -> None:
-    _meta.write_json(self.path, self.out, self.meta)
+    if self.path:
+      _meta.write_json(self.path, self.out, self.meta)
 
   def stage(self, fn: Callable[..., Any], *args: Any) -> Any:
     """Runs ``fn(*args)``; an exception is printed and recorded under ``errors``."""

@@ -43,6 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from _bench_util import DeviceClock  # noqa: E402
 from _bench_util import Recorder  # noqa: E402
+from _bench_util import timed  # noqa: E402
 
 import jasp  # noqa: E402
 from jasp.kernels import decode24  # noqa: E402
@@ -99,27 +100,6 @@ def check(y: jax.Array, x: jax.Array, w: jax.Array, what: str) -> float:
       f"{what}: output off the reference by {excess:.3g} beyond the bound (rel {rel:.3g})"
     )
   return rel
-
-
-def timed(fn, args_list, clock: DeviceClock, reps: int) -> tuple[float, bool]:
-  """``(seconds per call, device timing?)`` of ``fn(*args)`` over ``args_list`` back to back."""
-  for args in args_list:
-    jax.block_until_ready(fn(*args))
-
-  def run():
-    out = None
-    for _ in range(reps):
-      for args in args_list:
-        out = fn(*args)
-    jax.block_until_ready(out)
-
-  calls = reps * len(args_list)
-  dev = clock.measure(run, calls)
-  if dev is not None:
-    return dev, True
-  t0 = time.perf_counter()
-  run()
-  return (time.perf_counter() - t0) / calls, False
 
 
 def copy_bandwidth(clock: DeviceClock, nbytes: int, reps: int) -> float:
@@ -237,17 +217,15 @@ def main(argv=None) -> dict:
   }
   print(f"device: {dev.device_kind}, JAX {jax.__version__}, {res['timing']}", flush=True)
   print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
-  rec = Recorder(res, args.out) if args.out else None
+  rec = Recorder(res, args.out)
   for k, n in args.shapes:
     try:
       bench_shape(k, n, args, clock, copy_bw, res["records"])
     except Mismatch as e:
       res.setdefault("errors", []).append(str(e))
-      if rec:
-        rec.save()
-      raise
-    if rec:
       rec.save()
+      raise
+    rec.save()
   return res
 
 

@@ -77,6 +77,7 @@ import jax.numpy as jnp  # noqa: E402
 import lm  # noqa: E402  (examples/lm.py: the model)
 import numpy as np  # noqa: E402
 from _bench_util import Recorder  # noqa: E402
+from _bench_util import peak_bytes  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jasp  # noqa: E402
@@ -300,12 +301,6 @@ def param_bytes(model: nnx.Module) -> int:
   return sum(seen.values())
 
 
-def peak_bytes() -> int | None:
-  """The device's peak bytes in use so far in this process (None where not reported)."""
-  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
-  return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
-
-
 def reference_error(pruned: nnx.Module, cfg: dict, prompt: np.ndarray, seed: int) -> dict:
   """Relative error of the bf16 baseline's first-step logits vs the same weights in float32."""
   m32 = build_model(cfg, jnp.float32, seed)
@@ -388,13 +383,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   wanted = {int(v) for v in args.variants.split(",") if v} | {2}
   args.variants = tuple(VARIANTS[i - 1] for i in sorted(wanted))
   return args
-
-
-class _Memory(Recorder):
-  """A :class:`Recorder` without a file (no ``--out``)."""
-
-  def save(self) -> None:
-    pass
 
 
 def make_variant(name: str, pruned: nnx.Module, dense: nnx.Module) -> tuple[nnx.Module, dict]:
@@ -515,7 +503,7 @@ def main(argv=None) -> dict:
     "sparse_runtime": list(jasp.sparse.status()),
     "variants": {},
   }
-  rec = Recorder(res, args.out) if args.out else _Memory(res, "")
+  rec = Recorder(res, args.out)
   print(f"device: {dev.device_kind}, JAX {jax.__version__}; {res['config']}", flush=True)
   prompts = make_prompts(args.seed, max(args.batches + (1,)), args.prompt)
 

@@ -26,13 +26,13 @@ the measure that decides whether a faster Hessian is good enough.
 from __future__ import annotations
 
 import argparse
-import time
 
 import _meta  # benchmarks/_meta.py (the script's directory is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
 from _bench_util import DeviceClock
+from _bench_util import timed
 from jax import lax
 
 from jasp.calibration import sparsegpt_layer
@@ -66,21 +66,6 @@ def activations(key, tokens: int, k: int) -> jax.Array:
   a, b = jax.random.split(key)
   scale = jnp.exp(jax.random.uniform(b, (k,), minval=-2.0, maxval=2.0))
   return (jax.random.normal(a, (tokens, k)) * scale).astype(jnp.bfloat16)
-
-
-def timed(fn, x, clock: DeviceClock, reps: int = 5) -> float:
-  jax.block_until_ready(fn(x))
-
-  def run():
-    for _ in range(reps):
-      jax.block_until_ready(fn(x))
-
-  dev = clock.measure(run, reps)
-  if dev is not None:
-    return dev
-  t0 = time.perf_counter()
-  run()
-  return (time.perf_counter() - t0) / reps
 
 
 def main():
@@ -119,7 +104,7 @@ def main():
       row = {
         "K": k,
         "variant": name,
-        "seconds": timed(fn, x, clock),
+        "seconds": timed(fn, [(x,)], clock, reps=5)[0],
         "device_timing": clock.ok,
         "rel_error_vs_f64": err,
         "mask_equal_to_f64_hessians": float(jnp.mean(mask == want)),

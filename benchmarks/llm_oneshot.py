@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _bench_util import Phases
+from _bench_util import peak_bytes
 
 import jasp
 
@@ -134,11 +135,6 @@ def bigram_tokens(seed, n, length, vocab):
   for i in range(1, length):
     out[:, i] = nxt[out[:, i - 1], r.integers(0, 8, n)]
   return jnp.asarray(out)
-
-
-def peak_bytes() -> int | None:
-  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
-  return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
 
 
 def output_error(params, pruned, held_out) -> float:
