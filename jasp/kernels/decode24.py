@@ -54,6 +54,7 @@ from jax.experimental import pallas as pl
 
 from jasp.kernels.nm_pallas import backend_available
 from jasp.kernels.nm_pallas import pow2_ceil
+from jasp.kernels.nm_pallas import triton_params
 from jasp.kernels.nm_pallas import use_interpret
 from jasp.kernels.ranking import SUPPORTED_DTYPES
 
@@ -477,11 +478,6 @@ def _run(x2: jax.Array, values: jax.Array, meta: jax.Array, *, p: Plan, interpre
   else:
     out_shape = jax.ShapeDtypeStruct((p.splits, p.t, p.n), jnp.float32)
     out_spec = pl.BlockSpec((pl.squeezed, bt, bn), lambda t, j, s: (s, t, j))
-  kwargs = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
   out = pl.pallas_call(
     functools.partial(_kernel, p=p),
     out_shape=out_shape,
@@ -490,7 +486,7 @@ def _run(x2: jax.Array, values: jax.Array, meta: jax.Array, *, p: Plan, interpre
     out_specs=out_spec,
     interpret=interpret,
     name="jasp_matmul_24",
-    **kwargs,
+    **triton_params(interpret, p.num_warps, p.num_stages),
   )(x2.reshape(p.t, p.groups, 4), values, meta)
   if p.splits > 1:
     out = jnp.sum(out, axis=0).astype(x2.dtype)

@@ -199,11 +199,6 @@ def _run(w: jax.Array, *, n: int, p: Plan2D, interpret: bool) -> jax.Array:
   rows, m = view[0], view[1]
   b0, b1 = p.block
   spec = pl.BlockSpec((b0, m, b1, m), lambda j, i: (i, 0, j, 0))
-  kwargs = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=p.num_warps, num_stages=1)
   out = pl.pallas_call(
     functools.partial(_kernel, n=n, p=p),
     out_shape=jax.ShapeDtypeStruct(view, jnp.bool_),
@@ -212,7 +207,7 @@ def _run(w: jax.Array, *, n: int, p: Plan2D, interpret: bool) -> jax.Array:
     out_specs=spec,
     interpret=interpret,
     name="jasp_nm_mask_2d_best",
-    **kwargs,
+    **nm_pallas.triton_params(interpret, p.num_warps),
   )(w.reshape(view))
   return out.reshape(w.shape)
 

@@ -253,6 +253,15 @@ def interleave(vals: list[jax.Array]) -> jax.Array:
   return both.reshape(both.shape[:-2] + (len(vals),))
 
 
+def triton_params(interpret: bool, num_warps: int, num_stages: int = 1) -> dict:
+  """``pallas_call`` keyword arguments for the Triton backend (none when interpreting)."""
+  if interpret:
+    return {}
+  from jax.experimental.pallas import triton as plgpu
+
+  return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+
+
 def use_interpret(interpret: bool | None) -> bool:
   if interpret is not None:
     return bool(interpret)
@@ -268,11 +277,6 @@ def _run(w: jax.Array, *, n: int, p: Plan, outputs: tuple[str, ...], interpret: 
   out_shape = tuple(
     jax.ShapeDtypeStruct(p.view, jnp.bool_ if o == "mask" else w.dtype) for o in outputs
   )
-  kwargs = {}
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-
-    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=p.num_warps, num_stages=1)
   outs = pl.pallas_call(
     functools.partial(_kernel, n=n, p=p, outputs=outputs),
     out_shape=out_shape,
@@ -281,7 +285,7 @@ def _run(w: jax.Array, *, n: int, p: Plan, outputs: tuple[str, ...], interpret: 
     out_specs=tuple(spec for _ in outputs),
     interpret=interpret,
     name=f"jasp_nm_{'_'.join(outputs)}",
-    **kwargs,
+    **triton_params(interpret, p.num_warps),
   )(x)
   return tuple(o.reshape(w.shape) for o in outs)
 
