@@ -82,7 +82,6 @@ from flax import nnx  # noqa: E402
 
 import jasp  # noqa: E402
 import jasp.sparse  # noqa: E402
-from jasp.kernels import decode24  # noqa: E402
 from jasp.sparse import autotune  # noqa: E402
 
 VOCAB = 256
@@ -251,30 +250,18 @@ def generate(
 def policy_choices(model: nnx.Module, tokens: int) -> list[dict]:
   """The dense/sparse decision of each SparseLinear's shape at ``tokens`` rows per call.
 
-  Calls :func:`jasp.sparse.autotune.choose` as :func:`jasp.sparse.matmul` does
-  when it is traced (on a GPU this measures once per shape and caches it, so
-  compiling afterwards does not wait on measurements).
+  :func:`jasp.sparse.autotune.choice_for`, the decision :func:`jasp.sparse.matmul`
+  makes when it is traced (on a GPU this measures once per shape and caches it,
+  so compiling afterwards does not wait on measurements).
   """
-  ok, _ = jasp.sparse.status()
   by_shape: dict[tuple, dict] = {}
   for path, node in nnx.iter_graph(model):
     if not isinstance(node, jasp.sparse.SparseLinear):
       continue
     w = node.kernel.get_value()
-    has_compact = w.is_compact
-    key = (w.k, w.n, tokens, w.dtype, has_compact)
+    key = (w.k, w.n, tokens, w.dtype, w.is_compact)
     if key not in by_shape:
-      c = autotune.choose(
-        node.policy,
-        k=w.k,
-        n=w.n,
-        t=tokens,
-        dtype=w.dtype,
-        compressed=bool(w.is_compressed and ok),
-        has_dense=w.dense is not None,
-        a_order=w.a_order,
-        compact=has_compact and decode24.native(),
-      )
+      c = autotune.choice_for(w, tokens, node.policy)
       by_shape[key] = {
         "k": w.k,
         "n": w.n,
@@ -285,7 +272,7 @@ def policy_choices(model: nnx.Module, tokens: int) -> list[dict]:
         "sparse_s": c.sparse_s,
         "compact_s": c.compact_s,
         "compact_dense_s": c.compact_dense_s,
-        "holds_compact": has_compact,
+        "holds_compact": w.is_compact,
         "layers": [],
       }
     by_shape[key]["layers"].append("/".join(str(p) for p in path))

@@ -60,6 +60,7 @@ __all__ = [
   "MatmulPolicy",
   "TimingCache",
   "chained",
+  "choice_for",
   "choose",
   "device_seconds",
   "matmul",
@@ -347,15 +348,20 @@ def _time_calls(fn, args, n_inner: int) -> float:
   return (time.perf_counter() - t0) / n_inner
 
 
-def _problem(k: int, n: int, t: int, dtype: str, a_order: int):
-  """Random ``x (t, k)`` and a random compressed 2:4 weight ``(k, n)`` (dense kept)."""
+def _random_24(k: int, n: int, t: int, dtype: str) -> tuple[jax.Array, jax.Array]:
+  """Random ``x (t, k)`` and a random ``(k, n)`` weight, 2:4 along ``k``, in ``dtype``."""
   kw, kx = jax.random.split(jax.random.key(0))
   w = jax.random.normal(kw, (k, n), jnp.float32)
   w = jnp.where(masks_lib.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
+  return jax.random.normal(kx, (t, k), jnp.float32).astype(dtype), w
+
+
+def _problem(k: int, n: int, t: int, dtype: str, a_order: int):
+  """Random ``x (t, k)`` and a random compressed 2:4 weight ``(k, n)`` (dense kept)."""
+  x, w = _random_24(k, n, t, dtype)
   sw = compress_lib.compress(w, dtype=dtype, check=False, a_order=a_order)
   if not sw.is_compressed:
     raise _runtime.SparseUnavailable("jasp.sparse: cannot measure the sparse kernel here.")
-  x = jax.random.normal(kx, (t, k), jnp.float32).astype(dtype)
   return x, sw
 
 
@@ -528,9 +534,7 @@ def measure_gpu(
 
 def _compact_problem(k: int, n: int, t: int, dtype: str):
   """Random ``x (t, k)`` and a random 2:4 weight ``(k, n)`` with its dense and compact forms."""
-  kw, kx = jax.random.split(jax.random.key(0))
-  w = jax.random.normal(kw, (k, n), jnp.float32)
-  w = jnp.where(masks_lib.nm_mask(w, 2, 4, 0), w, 0).astype(dtype)
+  x, w = _random_24(k, n, t, dtype)
   sw = compress_lib.SparseWeight(
     None,
     w,
@@ -539,7 +543,6 @@ def _compact_problem(k: int, n: int, t: int, dtype: str):
     dtype=dtype,
     compact=decode24.compress_24(w, check=False),
   )
-  x = jax.random.normal(kx, (t, k), jnp.float32).astype(dtype)
   return x, sw
 
 
@@ -631,6 +634,25 @@ def matmul(
   """
   x = jnp.asarray(x)
   matmul_lib.check_x(x, w)
+  choice = choice_for(w, math.prod(x.shape[:-1]), policy)
+  if choice.path == "sparse":
+    return matmul_lib.sparse_matmul(x, w, bias, bias_epilogue=bias_epilogue)
+  if choice.path == "compact":
+    return matmul_lib.compact_matmul(x, w, bias)
+  return matmul_lib.dense_matmul(x, w, bias)
+
+
+def choice_for(
+  w: compress_lib.SparseWeight, tokens: int, policy: MatmulPolicy | None = None
+) -> Choice:
+  """The path :func:`matmul` takes for ``tokens`` rows of ``x`` times ``w``, here.
+
+  Which forms of ``w`` can run on this process (cuSPARSELt's needs its
+  runtime, the compact kernel a GPU), then :func:`choose` among them.
+
+  Raises:
+    SparseUnavailable: ``w`` holds only cuSPARSELt's form and it cannot run here.
+  """
   runnable = w.is_compressed
   if runnable:
     ok, why = _runtime.status()
@@ -646,21 +668,15 @@ def matmul(
       "jasp.sparse: a weight kept only in the compact format runs its kernel interpreted "
       "here (no GPU): slow."
     )
-    return matmul_lib.compact_matmul(x, w, bias)
-  t = math.prod(x.shape[:-1])
-  choice = choose(
+    return Choice(False, "only the compact format was kept; interpreted here", path="compact")
+  return choose(
     policy,
     k=w.k,
     n=w.n,
-    t=t,
+    t=tokens,
     dtype=w.dtype,
     compressed=runnable,
     has_dense=w.dense is not None,
     a_order=w.a_order,
     compact=compact,
   )
-  if choice.path == "sparse":
-    return matmul_lib.sparse_matmul(x, w, bias, bias_epilogue=bias_epilogue)
-  if choice.path == "compact":
-    return matmul_lib.compact_matmul(x, w, bias)
-  return matmul_lib.dense_matmul(x, w, bias)
