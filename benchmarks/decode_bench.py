@@ -31,6 +31,7 @@ kernels (the JSON says which). Bandwidth: bytes read and written per call
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -47,6 +48,7 @@ from _bench_util import timed  # noqa: E402
 
 import jasp  # noqa: E402
 from jasp.kernels import decode24  # noqa: E402
+from jasp.kernels import decode24_mosaic  # noqa: E402
 
 SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096), (16384, 16384))
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -56,7 +58,11 @@ SMOKE_SHAPES = ((256, 128), (160, 96))
 SMOKE_TOKENS = (1, 3, 16)
 L2_BYTES = 50 << 20
 
-#: ``--sweep`` variants: plan overrides, and ``tile_n`` (a different format).
+#: Variants always timed besides ``default`` (the ``"kn"`` layout, Triton):
+#: the ``"nk"`` layout's Mosaic GPU kernel, where it compiles (Hopper) or in the smoke run.
+LAYOUT_VARIANTS = ({"layout": "nk"},)
+
+#: ``--sweep`` variants: plan overrides, and ``tile`` (a different format).
 SWEEP = (
   {"block_g": 16},
   {"block_g": 64},
@@ -65,8 +71,12 @@ SWEEP = (
   {"num_stages": 4},
   {"target_programs": 132},
   {"target_programs": 528},
-  {"tile_n": 64},
-  {"tile_n": 256},
+  {"tile": 64},
+  {"tile": 256},
+  {"layout": "nk", "stages": 2},
+  {"layout": "nk", "target_programs": 132},
+  {"layout": "nk", "target_programs": 528},
+  {"layout": "nk", "tile": 64},
 )
 
 
@@ -110,10 +120,27 @@ def copy_bandwidth(clock: DeviceClock, nbytes: int, reps: int) -> float:
 
 
 def variants(sweep: bool) -> list[tuple[str, dict]]:
-  out = [("default", {})]
+  name = lambda t: ",".join(f"{k}={v}" for k, v in t.items())
+  out = [("default", {})] + [(name(t), t) for t in LAYOUT_VARIANTS]
   if sweep:
-    out += [(",".join(f"{k}={v}" for k, v in t.items()), t) for t in SWEEP]
+    out += [(name(t), t) for t in SWEEP]
   return out
+
+
+def applies(k: int, n: int, tuning: dict, smoke: bool) -> bool:
+  """Whether a variant runs on ``(K, N)`` here (its format fits; ``"nk"`` compiled or smoke)."""
+  layout, tile = tuning.get("layout", "kn"), tuning.get("tile")
+  if layout == "nk":
+    ok = decode24.shape_ok(k, n, jnp.bfloat16, "nk")[0] and (smoke or decode24.native("nk"))
+    return ok and (tile is None or (k // 4) % tile == 0)
+  return n % (tile or 32) == 0
+
+
+def plan_of(c, t: int, plan_kw: dict):
+  """The launch plan a compressed weight ``c`` gets at ``t`` tokens."""
+  if c.layout == "nk":
+    return decode24_mosaic.plan(t, *c.shape, c.tile, **plan_kw)
+  return decode24.plan(t, *c.shape, c.tile, **plan_kw)
 
 
 def bench_shape(k: int, n: int, args, clock: DeviceClock, copy_bw: float, records: list) -> None:
@@ -125,17 +152,17 @@ def bench_shape(k: int, n: int, args, clock: DeviceClock, copy_bw: float, record
   ws = [weight_24(kk, k, n, dtype) for kk in keys[:copies]]
   interpret = True if args.smoke else None
   dense = jax.jit(lambda x, w: jnp.dot(x, w))
-  formats: dict[int | None, list] = {}  # tile_n -> one compressed weight per copy
+  formats: dict[tuple, list] = {}  # (layout, tile) -> one compressed weight per copy
   fns = []
   for name, tuning in variants(args.sweep):
-    tile_n = tuning.get("tile_n")
-    if n % (tile_n or 32):
+    if not applies(k, n, tuning, args.smoke):
       continue
-    if tile_n not in formats:
-      formats[tile_n] = [decode24.compress_24(w, tile_n=tile_n) for w in ws]
-    plan_kw = {a: b for a, b in tuning.items() if a != "tile_n"}
+    fmt = (tuning.get("layout", "kn"), tuning.get("tile"))
+    if fmt not in formats:
+      formats[fmt] = [decode24.compress_24(w, layout=fmt[0], tile=fmt[1]) for w in ws]
+    plan_kw = {a: b for a, b in tuning.items() if a not in ("tile", "layout")}
     fn = jax.jit(lambda x, c, kw=plan_kw: decode24.matmul_24(x, c, interpret=interpret, **kw))
-    fns.append((name, tile_n, plan_kw, fn))
+    fns.append((name, fmt, plan_kw, fn))
   for t in args.tokens:
     if args.deadline and time.time() > args.deadline:
       print(f"budget spent: skipping {k}x{n} T={t} onwards", flush=True)
@@ -146,11 +173,12 @@ def bench_shape(k: int, n: int, args, clock: DeviceClock, copy_bw: float, record
     rec["dense_rel_err"] = check(dense(x, ws[0]), x, ws[0], f"dense {k}x{n} T={t}")
     sec, on_dev = timed(dense, [(x, w) for w in ws], clock, args.reps)
     rec.update(dense_s=sec, device_timing=on_dev, dense_bytes_per_s=(dense_bytes + io_bytes) / sec)
-    for name, tile_n, plan_kw, fn in fns:
-      cs = formats[tile_n]
+    for name, fmt, plan_kw, fn in fns:
+      cs = formats[fmt]
       what = f"compressed[{name}] {k}x{n} T={t}"
-      p = decode24.plan(t, k, n, cs[0].tile_n, **plan_kw)
-      row = {"variant": name, "tile_n": cs[0].tile_n, "grid": p.grid, "splits": p.splits}
+      p = plan_of(cs[0], t, plan_kw)
+      row = {"variant": name, "layout": cs[0].layout, "tile": cs[0].tile, "splits": p.splits}
+      row["plan"] = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
       row["rel_err"] = check(fn(x, cs[0]), x, ws[0], what)
       sec, _ = timed(fn, [(x, c) for c in cs], clock, args.reps)
       moved = decode24.nbytes(cs[0]) + io_bytes

@@ -6,7 +6,8 @@ definition) and float64 NumPy products of the same low-precision operands.
 
 On CPU the kernel runs in Pallas interpret mode (small shapes); the Pallas to
 Triton lowering is checked for CUDA without a GPU. The tests marked ``gpu``
-compile and run the Triton kernel: ``pytest -m gpu tests/kernels_decode24_test.py``.
+compile and run the Triton kernel (``"kn"`` layout) and the Mosaic GPU kernel
+(``"nk"``, Hopper): ``pytest -m gpu tests/kernels_decode24_test.py``.
 """
 
 import dataclasses
@@ -47,7 +48,7 @@ def random_24(rng, k, n, dtype, *, ints=False, zero_frac=0.25):
   return np.asarray(jnp.asarray(w, dtype))
 
 
-def pack_ref(w, tile_n):
+def pack_ref(w, tile):
   """``(values, meta)`` of the format, entry by entry from its definition."""
   k, n = w.shape
   values = np.zeros((2, k // 4, n), w.dtype)
@@ -59,20 +60,20 @@ def pack_ref(w, tile_n):
       assert len(nonzero) <= 2
       kept = sorted(nonzero + [i for i in range(4) if col[i] == 0][: 2 - len(nonzero)])
       values[:, g, c] = col[kept]
-      tile, i = divmod(c, tile_n)
-      half, i = divmod(i, tile_n // 2)
-      meta[g, tile * tile_n // 2 + i] |= (kept[0] | kept[1] << 2) << (4 * half)
+      j, i = divmod(c, tile)
+      half, i = divmod(i, tile // 2)
+      meta[g, j * tile // 2 + i] |= (kept[0] | kept[1] << 2) << (4 * half)
   return values, meta
 
 
-def dense_ref(values, meta, tile_n):
+def dense_ref(values, meta, tile):
   """The dense weight of a packed pair (entry by entry; unkept entries +0)."""
   _, groups, n = values.shape
   w = np.zeros((4 * groups, n), values.dtype)
   for c in range(n):
-    tile, i = divmod(c, tile_n)
-    half, i = divmod(i, tile_n // 2)
-    code = (meta[:, tile * tile_n // 2 + i] >> (4 * half)) & 15
+    j, i = divmod(c, tile)
+    half, i = divmod(i, tile // 2)
+    code = (meta[:, j * tile // 2 + i] >> (4 * half)) & 15
     for g in range(groups):
       w[4 * g + (code[g] & 3), c] = values[0, g, c]
       w[4 * g + (code[g] >> 2), c] = values[1, g, c]
@@ -122,16 +123,16 @@ def pallas_calls(jaxpr):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-  "shape,tile_n", [((16, 64), 32), ((40, 96), None), ((64, 256), 128), ((8, 12), 6)]
+  "shape,tile", [((16, 64), 32), ((40, 96), None), ((64, 256), 128), ((8, 12), 6)]
 )
-def test_compress_matches_numpy_packing(shape, tile_n, dtype):
-  rng, seed = testing.fresh_rng(hash((shape, str(tile_n))) % 1000)
+def test_compress_matches_numpy_packing(shape, tile, dtype):
+  rng, seed = testing.fresh_rng(hash((shape, str(tile))) % 1000)
   w = random_24(rng, *shape, dtype)
-  c = decode24.compress_24(jnp.asarray(w), tile_n=tile_n)
-  tile = tile_n or {64: 64, 96: 32, 256: 128}[shape[1]]
+  c = decode24.compress_24(jnp.asarray(w), tile=tile)
+  tile = tile or {64: 64, 96: 32, 256: 128}[shape[1]]
   values, meta = pack_ref(w, tile)
-  msg = f"seed={seed} {shape} tile_n={tile}"
-  assert c.shape == shape and c.tile_n == tile and c.dtype == dtype, msg
+  msg = f"seed={seed} {shape} tile={tile}"
+  assert c.shape == shape and c.tile == tile and c.dtype == dtype, msg
   assert c.values.dtype == dtype and c.meta.dtype == np.uint8, msg
   np.testing.assert_array_equal(bits(c.values), bits(values), err_msg=msg)
   np.testing.assert_array_equal(np.asarray(c.meta), meta, err_msg=msg)
@@ -176,9 +177,9 @@ def test_compress_rejects_bad_inputs():
   with pytest.raises(ValueError, match="multiple of 4"):
     decode24.compress_24(jnp.zeros((6, 64)))
   with pytest.raises(ValueError, match="divide N=64"):
-    decode24.compress_24(jnp.asarray(ok), tile_n=48)
+    decode24.compress_24(jnp.asarray(ok), tile=48)
   with pytest.raises(ValueError, match="even"):
-    decode24.compress_24(jnp.asarray(ok), tile_n=1)
+    decode24.compress_24(jnp.asarray(ok), tile=1)
   with pytest.raises(ValueError, match="default column tile"):
     decode24.compress_24(jnp.zeros((16, 20)))
   for dtype in (jnp.int32, jnp.float64 if jax.config.jax_enable_x64 else jnp.int8):
@@ -208,9 +209,9 @@ def test_pytree():
   leaves, tree = jax.tree_util.tree_flatten(c)
   assert len(leaves) == 2
   c2 = jax.tree_util.tree_unflatten(tree, leaves)
-  assert c2.shape == (8, 64) and c2.tile_n == 64
+  assert c2.shape == (8, 64) and c2.tile == 64
   with pytest.raises(dataclasses.FrozenInstanceError):
-    c.tile_n = 32
+    c.tile = 32
 
 
 # ----------------------------------------------------------------------------
@@ -218,14 +219,25 @@ def test_pytree():
 
 
 def run_case(
-  t, k, n, dtype, *, seed_salt=0, lead=None, tile_n=None, ints=False, interpret=True, **tuning
+  t,
+  k,
+  n,
+  dtype,
+  *,
+  seed_salt=0,
+  lead=None,
+  tile=None,
+  layout=None,
+  ints=False,
+  interpret=True,
+  **tuning,
 ):
   rng, seed = testing.fresh_rng(seed_salt)
   w = random_24(rng, k, n, dtype, ints=ints)
   x_shape = (lead or ()) + (t,) + (k,)
   x = (rng.integers(-3, 4, x_shape) if ints else rng.standard_normal(x_shape)).astype(np.float32)
   x = jnp.asarray(x, dtype)
-  c = decode24.compress_24(jnp.asarray(w), tile_n=tile_n)
+  c = decode24.compress_24(jnp.asarray(w), tile=tile, layout=layout)
   y = decode24.matmul_24(x, c, interpret=interpret, **tuning)
   assert y.dtype == dtype and y.shape == x.shape[:-1] + (n,)
   return x, w, y, f"seed={seed} T={t} K={k} N={n} {jnp.dtype(dtype)} {tuning}"
@@ -257,7 +269,7 @@ def test_matmul_256_tokens(dtype):
 
 
 @pytest.mark.parametrize(
-  "k,n,tile_n",
+  "k,n,tile",
   [
     (64, 64, None),  # fewer groups than one chunk: the tail alone
     (160, 96, 32),  # one chunk and a tail, three column tiles
@@ -266,8 +278,8 @@ def test_matmul_256_tokens(dtype):
     (4, 32, None),  # one group
   ],
 )
-def test_matmul_shapes(k, n, tile_n):
-  x, w, y, msg = run_case(3, k, n, jnp.bfloat16, seed_salt=k + n, tile_n=tile_n)
+def test_matmul_shapes(k, n, tile):
+  x, w, y, msg = run_case(3, k, n, jnp.bfloat16, seed_salt=k + n, tile=tile)
   assert_product(y, x, w, jnp.bfloat16, msg)
 
 
@@ -368,11 +380,11 @@ def test_matmul_rejects_bad_inputs():
     decode24.matmul_24(jnp.zeros((2, 64), jnp.int32), c)
   with pytest.raises(ValueError, match="Compressed24"):
     decode24.matmul_24(jnp.zeros((2, 64), jnp.bfloat16), w)
-  c6 = decode24.compress_24(jnp.zeros((64, 96), jnp.bfloat16), tile_n=6)
+  c6 = decode24.compress_24(jnp.zeros((64, 96), jnp.bfloat16), tile=6)
   with pytest.raises(ValueError, match="power of two >= 32"):
     decode24.matmul_24(jnp.zeros((2, 64), jnp.bfloat16), c6)
   for broken in (
-    decode24.Compressed24(c.values[:, :8], c.meta, c.shape, c.tile_n),
+    decode24.Compressed24(c.values[:, :8], c.meta, c.shape, c.tile),
     decode24.Compressed24(c.values, c.meta, c.shape, 64),  # 64 does not divide N=96
   ):
     with pytest.raises(ValueError, match="inconsistent"):
@@ -451,3 +463,126 @@ def test_gpu_dtypes_and_exact_integers(dtype):
   ref = testing.as_np64(x) @ testing.as_np64(w)
   assert np.abs(ref).max() < 256  # exact in bf16 too
   np.testing.assert_array_equal(testing.as_np64(y), ref, err_msg=msg)
+
+
+# ----------------------------------------------------------------------------
+# The "nk" layout and its Mosaic GPU kernel (jasp.kernels.decode24_mosaic).
+
+
+def pack_nk_ref(w, tile):
+  """``(values (2, N, G), meta (N, G/2))`` of the ``"nk"`` layout, entry by entry."""
+  k, n = w.shape
+  values = np.zeros((2, n, k // 4), w.dtype)
+  meta = np.zeros((n, k // 8), np.uint8)
+  for g in range(k // 4):
+    for c in range(n):
+      col = w[4 * g : 4 * g + 4, c]
+      nonzero = [i for i in range(4) if col[i] != 0]
+      kept = sorted(nonzero + [i for i in range(4) if col[i] == 0][: 2 - len(nonzero)])
+      values[:, c, g] = col[kept]
+      chunk, i = divmod(g, tile)
+      half, i = divmod(i, tile // 2)
+      meta[c, chunk * tile // 2 + i] |= (kept[0] | kept[1] << 2) << (4 * half)
+  return values, meta
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape,tile", [((256, 64), None), ((512, 128), 64), ((1024, 64), None)])
+def test_nk_compress_matches_numpy_packing(shape, tile, dtype):
+  rng, seed = testing.fresh_rng(shape[0] + (tile or 0))
+  w = random_24(rng, *shape, dtype)
+  c = decode24.compress_24(jnp.asarray(w), layout="nk", tile=tile)
+  want_tile = tile or (128 if (shape[0] // 4) % 128 == 0 else 64)
+  msg = f"seed={seed} {shape} tile={want_tile}"
+  assert (c.layout, c.tile, c.shape) == ("nk", want_tile, shape), msg
+  values, meta = pack_nk_ref(w, want_tile)
+  np.testing.assert_array_equal(bits(c.values), bits(values), err_msg=msg)
+  np.testing.assert_array_equal(np.asarray(c.meta), meta, err_msg=msg)
+  assert c.nbytes == values.nbytes + meta.nbytes
+  back = decode24.decompress_24(c)
+  np.testing.assert_array_equal(testing.as_np64(back), testing.as_np64(w), err_msg=msg)
+
+
+def test_nk_rejects_what_it_cannot_take():
+  w = jnp.zeros((256, 64), jnp.bfloat16)
+  assert decode24.shape_ok(256, 64, jnp.bfloat16, "nk") == (True, "")
+  for (k, n, dtype), why in {
+    (256, 64, jnp.float32): "dtype float32",
+    (128, 64, jnp.bfloat16): "K=128",
+    (256, 96, jnp.bfloat16): "N=96",
+  }.items():
+    ok, msg = decode24.shape_ok(k, n, dtype, "nk")
+    assert not ok and why in msg
+    with pytest.raises(ValueError, match="no 'nk' layout"):
+      decode24.compress_24(jnp.zeros((k, n), dtype), layout="nk")
+  with pytest.raises(ValueError, match="'nk' tile must be one of"):
+    decode24.compress_24(w, layout="nk", tile=32)
+  with pytest.raises(ValueError, match="layout must be one of"):
+    decode24.compress_24(w, layout="mn")
+  c = decode24.compress_24(jnp.zeros((512, 64), jnp.bfloat16), layout="nk")
+  with pytest.raises(ValueError, match="inconsistent Compressed24"):
+    decode24.matmul_24(jnp.zeros((1, 512), jnp.bfloat16), dataclasses.replace(c, layout="kn"))
+  with pytest.raises(ValueError, match="splits must divide"):
+    decode24.matmul_24(jnp.zeros((1, 512), jnp.bfloat16), c, interpret=True, splits=3)
+
+
+@pytest.mark.parametrize(
+  "t,k,n,tuning",
+  [
+    (1, 1024, 128, {}),  # split-K over the 2 chunks of 128 groups
+    (3, 512, 64, {"splits": 1}),
+    (16, 256, 64, {}),  # chunk of 64 groups
+    pytest.param(70, 512, 64, {}, marks=pytest.mark.slow),  # two token tiles (64 + 6)
+  ],
+)
+def test_nk_matmul_interpret(t, k, n, tuning):
+  x, w, y, msg = run_case(t, k, n, jnp.bfloat16, seed_salt=t + k, layout="nk", **tuning)
+  assert_product(y, x, w, jnp.bfloat16, msg)
+
+
+def test_nk_plans():
+  p = decode24.decode24_mosaic.plan(1, 8192, 8192, 128)
+  assert (p.tokens, p.token_tiles, p.chunks) == (8, 1, 16)
+  assert p.chunks % p.splits == 0 and 128 * p.splits >= 132  # fills the GPU
+  assert p.stages * p.stage_bytes <= 200 * 1024
+  p = decode24.decode24_mosaic.plan(100, 4096, 4096, 128)
+  assert (p.tokens, p.token_tiles) == (64, 2)
+  assert decode24.decode24_mosaic.plan(64, 4096, 4096, 128, stages=9).stages < 9  # shared memory
+
+
+def test_nk_lowers_to_mosaic_gpu_for_cuda():
+  c = decode24.compress_24(jnp.zeros((1024, 128), jnp.bfloat16), layout="nk")
+
+  p = decode24.decode24_mosaic.plan(16, 1024, 128, c.tile)
+
+  def fn(x, v, m):  # the kernel itself: matmul_24 refuses to compile it off Hopper
+    return decode24.decode24_mosaic.run(x, v, m, p=p, interpret=False)
+
+  shapes = (
+    jax.ShapeDtypeStruct((16, 1024), jnp.bfloat16),
+    jax.ShapeDtypeStruct(c.values.shape, c.values.dtype),
+    jax.ShapeDtypeStruct(c.meta.shape, c.meta.dtype),
+  )
+  text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+  "t,k,n",
+  [(t, k, n) for k, n in [(4096, 4096), (1280, 384)] for t in (1, 2, 16, 100)]
+  + [(1, 14336, 4096), (64, 4096, 14336), (256, 11008, 4096)],
+)
+def test_gpu_nk_matches_float64(t, k, n):
+  if not decode24.native("nk"):
+    pytest.skip("the 'nk' kernel needs Pallas Mosaic GPU on compute capability 9.0+")
+  rng, seed = testing.fresh_rng(t + k + 1)
+  w = random_24(rng, k, n, jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((t, k)), jnp.bfloat16)
+  c = decode24.compress_24(jnp.asarray(w), layout="nk")
+  y = jax.jit(decode24.matmul_24)(x, c)
+  assert_product(y, x, w, jnp.bfloat16, f"seed={seed} T={t} {k}x{n}")
+  xi = jnp.asarray(rng.integers(-3, 4, (t, k)), jnp.float16)
+  wi = jnp.asarray(random_24(rng, k, n, jnp.float16, ints=True))
+  yi = decode24.matmul_24(xi, decode24.compress_24(wi, layout="nk"))
+  assert_product(yi, xi, wi, jnp.float16, f"fp16 ints seed={seed} T={t} {k}x{n}")

@@ -7,8 +7,10 @@ small ``T`` the product is bound by reading ``W``; the compressed weight
 (:class:`Compressed24`) is ``K * N * itemsize / 2 + K * N / 8`` bytes, 56% of
 the dense bf16 bytes, so a kernel that reads it can approach 1.78x over dense.
 
-Format (:class:`Compressed24`), with ``G = K / 4`` groups and ``BN`` the
-format's ``tile_n``:
+Format (:class:`Compressed24`), with ``G = K / 4`` groups, in one of two
+layouts. ``"nk"`` (columns major, for the Mosaic GPU kernel on Hopper) is
+described in :mod:`jasp.kernels.decode24_mosaic`. ``"kn"`` (groups major, for
+the Triton kernel below), with ``BN`` the format's ``tile``:
 
 * ``values (2, G, N)``, ``W``'s dtype: slot ``s`` of group ``g``, column ``n``
   is the ``s``-th kept entry, in increasing row order, of rows ``4g .. 4g + 3``
@@ -24,8 +26,8 @@ format's ``tile_n``:
 
 Design note: ``docs/design/decode-kernel.md``.
 
-Kernel (:func:`matmul_24`, Pallas; the Triton backend on GPUs, interpret mode
-elsewhere). The sum over ``k`` is reordered by position within the group,
+:func:`matmul_24` runs the kernel of the weight's layout. The ``"kn"`` kernel
+(Pallas; the Triton backend on GPUs, interpret mode elsewhere): The sum over ``k`` is reordered by position within the group,
 ``y = sum_j x[:, j::4] @ D_j`` with ``D_j (G, N) = where(p0 == j, v0, where(p1
 == j, v1, 0))``. ``x`` is viewed for free as ``(T, G, 4)``; a program owns
 ``block_t`` rows of ``y`` and one column tile, and walks its share of the
@@ -52,6 +54,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jasp.kernels import decode24_mosaic
 from jasp.kernels.nm_pallas import backend_available
 from jasp.kernels.nm_pallas import pow2_ceil
 from jasp.kernels.nm_pallas import triton_params
@@ -60,8 +63,10 @@ from jasp.kernels.ranking import SUPPORTED_DTYPES
 
 __all__ = [
   "Compressed24",
+  "LAYOUTS",
   "Plan",
   "compress_24",
+  "default_layout",
   "decompress_24",
   "matmul_24",
   "native",
@@ -70,8 +75,11 @@ __all__ = [
   "shape_ok",
 ]
 
-#: Column tiles :func:`compress_24` tries by default, widest first.
-_TILE_N_CHOICES = (128, 64, 32)
+#: The layouts of :class:`Compressed24`: groups major (Triton kernel), columns major (Mosaic GPU).
+LAYOUTS = ("kn", "nk")
+
+#: Column tiles of the ``"kn"`` layout :func:`compress_24` tries by default, widest first.
+KN_TILES = (128, 64, 32)
 
 # Default tiling (see Plan). The program target keeps about two programs per
 # SM of a 132-SM H100 busy when T * N alone gives too few.
@@ -84,27 +92,34 @@ _MIN_DOT = 16  # Triton's smallest dot dimension
 
 
 @functools.partial(
-  jax.tree_util.register_dataclass, data_fields=["values", "meta"], meta_fields=["shape", "tile_n"]
+  jax.tree_util.register_dataclass,
+  data_fields=["values", "meta"],
+  meta_fields=["shape", "tile", "layout"],
 )
 @dataclasses.dataclass(frozen=True)
 class Compressed24:
   """A ``(K, N)`` weight, 2:4 along ``K``, as kept values and 2-bit positions.
 
   A pytree: ``values`` and ``meta`` are its children (they pass through
-  ``jit``, checkpoint and shard), ``shape`` and ``tile_n`` static. Built by
-  :func:`compress_24`; see the module doc for the layout.
+  ``jit``, checkpoint and shard), ``shape``, ``tile`` and ``layout`` static.
+  Built by :func:`compress_24`; see the module doc for the layouts.
 
   Attributes:
-    values: ``(2, K / 4, N)`` in the weight's dtype.
-    meta: ``(K / 4, N / 2)`` ``uint8``, two 4-bit position codes per byte.
+    values: ``(2, K / 4, N)`` (``"kn"``) or ``(2, N, K / 4)`` (``"nk"``), in
+      the weight's dtype.
+    meta: ``(K / 4, N / 2)`` (``"kn"``) or ``(N, K / 8)`` (``"nk"``)
+      ``uint8``, two 4-bit position codes per byte.
     shape: ``(K, N)``, the dense weight's shape.
-    tile_n: ``BN``, the column tile the nibbles of ``meta`` are laid out for.
+    tile: the tile the nibbles of ``meta`` are laid out for: ``BN`` columns
+      (``"kn"``) or a chunk of groups (``"nk"``).
+    layout: ``"kn"`` or ``"nk"``.
   """
 
   values: jax.Array
   meta: jax.Array
   shape: tuple[int, int]
-  tile_n: int
+  tile: int
+  layout: str = "kn"
 
   @property
   def dtype(self) -> np.dtype:
@@ -120,20 +135,38 @@ def nbytes(c: Compressed24) -> int:
   return int(c.values.size * c.values.dtype.itemsize + c.meta.size * c.meta.dtype.itemsize)
 
 
-def shape_ok(k: int, n: int, dtype) -> tuple[bool, str]:
-  """Whether :func:`matmul_24` takes a ``(k, n)`` weight of ``dtype`` with the default tile, and why not."""
+def shape_ok(k: int, n: int, dtype, layout: str | None = None) -> tuple[bool, str]:
+  """Whether :func:`matmul_24` takes a ``(k, n)`` weight of ``dtype`` in ``layout``
+  (by default :func:`default_layout`) with the default tile, and why not."""
+  layout = layout or default_layout(k, n, dtype)
+  if layout == "nk":
+    return decode24_mosaic.shape_ok(k, n, dtype)
   if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
     return False, f"dtype {jnp.dtype(dtype).name} (the kernel takes bf16, fp16, fp32)"
   if k <= 0 or k % 4:
     return False, f"K={k} is not a positive multiple of 4"
-  if n <= 0 or not any(n % t == 0 for t in _TILE_N_CHOICES):
+  if n <= 0 or not any(n % t == 0 for t in KN_TILES):
     return False, f"N={n} is not a multiple of 32"
   return True, ""
 
 
-def native() -> bool:
-  """Whether :func:`matmul_24` runs compiled here (a GPU backend with Pallas Triton), not interpreted."""
+def native(layout: str = "kn") -> bool:
+  """Whether :func:`matmul_24` runs compiled here for ``layout``, not interpreted:
+  a GPU backend with Pallas Triton (``"kn"``), or Pallas Mosaic GPU on a
+  Hopper-or-newer GPU (``"nk"``)."""
+  if layout == "nk":
+    return decode24_mosaic.native()
   return jax.default_backend() == "gpu" and backend_available()
+
+
+def default_layout(k: int, n: int, dtype) -> str:
+  """The layout :func:`compress_24` picks: ``"kn"``.
+
+  The ``"nk"`` Mosaic GPU kernel is taken only when asked for
+  (``layout="nk"``) until it is measured on a GPU.
+  """
+  del k, n, dtype
+  return "kn"
 
 
 def _check_dtype(dtype, what: str) -> None:
@@ -143,21 +176,21 @@ def _check_dtype(dtype, what: str) -> None:
     )
 
 
-def _tile_n(n: int, tile_n: int | None) -> int:
-  """The column tile for ``N = n``: ``tile_n`` checked, or the widest default dividing ``n``."""
-  if tile_n is None:
-    for t in _TILE_N_CHOICES:
+def _kn_tile(n: int, tile: int | None) -> int:
+  """The column tile for ``N = n``: ``tile`` checked, or the widest default dividing ``n``."""
+  if tile is None:
+    for t in KN_TILES:
       if n % t == 0:
         return t
     raise ValueError(
-      f"N={n} is not a multiple of any default column tile {_TILE_N_CHOICES}; pass an even "
-      "tile_n that divides N (the kernel needs a power of two >= 32)."
+      f"N={n} is not a multiple of any default column tile {KN_TILES}; pass an even "
+      "tile that divides N (the kernel needs a power of two >= 32)."
     )
-  if isinstance(tile_n, bool) or not isinstance(tile_n, (int, np.integer)):
-    raise ValueError(f"tile_n must be an int, got {tile_n!r}.")
-  if tile_n < 2 or tile_n % 2 or n % tile_n:
-    raise ValueError(f"tile_n must be even, positive and divide N={n}; got tile_n={tile_n}.")
-  return int(tile_n)
+  if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)):
+    raise ValueError(f"tile must be an int, got {tile!r}.")
+  if tile < 2 or tile % 2 or n % tile:
+    raise ValueError(f"tile must be even, positive and divide N={n}; got tile={tile}.")
+  return int(tile)
 
 
 def _positions(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -176,17 +209,17 @@ def _positions(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return count, p0, p1
 
 
-def _pack_codes(code: jax.Array, tile_n: int) -> jax.Array:
+def _pack_codes(code: jax.Array, tile: int) -> jax.Array:
   """``(G, N)`` 4-bit codes -> ``(G, N / 2)`` bytes, two half tiles per tile (module doc)."""
   g, n = code.shape
-  halves = code.astype(jnp.uint8).reshape(g, n // tile_n, 2, tile_n // 2)
+  halves = code.astype(jnp.uint8).reshape(g, n // tile, 2, tile // 2)
   return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(g, n // 2)
 
 
-def _unpack_codes(meta: jax.Array, tile_n: int) -> jax.Array:
+def _unpack_codes(meta: jax.Array, tile: int) -> jax.Array:
   """Inverse of :func:`_pack_codes`: ``(G, N / 2)`` bytes -> ``(G, N)`` int32 codes."""
   g, half = meta.shape
-  b = meta.astype(jnp.int32).reshape(g, 2 * half // tile_n, 1, tile_n // 2)
+  b = meta.astype(jnp.int32).reshape(g, 2 * half // tile, 1, tile // 2)
   return jnp.concatenate([b & 15, b >> 4], axis=2).reshape(g, 2 * half)
 
 
@@ -198,16 +231,22 @@ def _first_offender(count: np.ndarray) -> str:
   )
 
 
-def compress_24(w: jax.Array, *, tile_n: int | None = None, check: bool = True) -> Compressed24:
+def compress_24(
+  w: jax.Array, *, tile: int | None = None, layout: str | None = None, check: bool = True
+) -> Compressed24:
   """Compresses a ``(K, N)`` weight that is 2:4 along ``K`` (axis 0).
 
   Args:
     w: bf16, fp16 or fp32 ``(K, N)`` array, ``K`` a multiple of 4, with at
       most two nonzeros in every group of four consecutive rows of a column
       (e.g. a kernel pruned by ``jasp.prune``).
-    tile_n: the column tile ``BN`` the codes are laid out for: even and
-      dividing ``N`` (:func:`matmul_24` needs a power of two >= 32); by
-      default the widest of 128, 64, 32 that divides ``N``.
+    tile: ``"kn"``: the column tile ``BN`` the codes are laid out for, even
+      and dividing ``N`` (:func:`matmul_24` needs a power of two >= 32); by
+      default the widest of 128, 64, 32 that divides ``N``. ``"nk"``: the
+      chunk of groups, 128 or 64 dividing ``K / 4``; by default the widest.
+    layout: ``"kn"`` or ``"nk"`` (module doc); by default
+      :func:`default_layout`. ``"nk"`` takes bf16 and fp16, ``K`` a multiple
+      of 256 and ``N`` of 64.
     check: verify that ``w`` is 2:4 (needs a concrete ``w``). With
       ``check=False`` (inside ``jit``), a group with more than two nonzeros
       keeps only its first two: the caller promises there is none.
@@ -218,7 +257,8 @@ def compress_24(w: jax.Array, *, tile_n: int | None = None, check: bool = True) 
 
   Raises:
     ValueError: ``w`` is not 2-D, ``K`` is not a multiple of 4, the dtype is
-      not supported, ``tile_n`` does not fit ``N``, or (``check``) a group
+      not supported, ``layout`` is unknown or does not take the shape or
+      dtype, ``tile`` does not fit, or (``check``) a group
       holds more than two nonzeros (the message names the first one), or
       ``check`` is on and ``w`` is traced.
   """
@@ -229,7 +269,22 @@ def compress_24(w: jax.Array, *, tile_n: int | None = None, check: bool = True) 
   if k % 4 or k == 0 or n == 0:
     raise ValueError(f"K (axis 0) must be a positive multiple of 4, got shape {w.shape}.")
   _check_dtype(w.dtype, "the weight's dtype")
-  tile_n = _tile_n(n, tile_n)
+  layout = layout or default_layout(k, n, w.dtype)
+  if layout == "nk":
+    ok, why = decode24_mosaic.shape_ok(k, n, w.dtype)
+    if not ok:
+      raise ValueError(f"no 'nk' layout for a {w.shape} {w.dtype} weight: {why}.")
+    if tile is None:
+      tile = decode24_mosaic.default_tile(k)
+    elif tile not in decode24_mosaic.NK_TILES or (k // 4) % tile:
+      raise ValueError(
+        f"the 'nk' tile must be one of {decode24_mosaic.NK_TILES} dividing K/4={k // 4}, "
+        f"got {tile!r}."
+      )
+  elif layout == "kn":
+    tile = _kn_tile(n, tile)
+  else:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
   count, p0, p1 = _positions(w)
   if check:
     if isinstance(w, jax.core.Tracer):
@@ -243,21 +298,26 @@ def compress_24(w: jax.Array, *, tile_n: int | None = None, check: bool = True) 
   grouped = w.reshape(k // 4, 4, n)
   v0 = jnp.take_along_axis(grouped, p0[:, None, :], axis=1)[:, 0]
   v1 = jnp.take_along_axis(grouped, p1[:, None, :], axis=1)[:, 0]
-  meta = _pack_codes(p0 | (p1 << 2), tile_n)
-  return Compressed24(jnp.stack([v0, v1]), meta, (k, n), tile_n)
+  code = p0 | (p1 << 2)
+  if layout == "nk":
+    return Compressed24(jnp.stack([v0.T, v1.T]), _pack_codes(code.T, tile), (k, n), tile, "nk")
+  return Compressed24(jnp.stack([v0, v1]), _pack_codes(code, tile), (k, n), tile, "kn")
 
 
 def _check_compressed(c: Compressed24) -> None:
   if not isinstance(c, Compressed24):
     raise ValueError(f"expected a Compressed24 (from compress_24), got {type(c).__name__}.")
   k, n = c.shape
-  t = c.tile_n
-  bad_tile = not isinstance(t, (int, np.integer)) or t < 2 or t % 2 or n % t
-  if bad_tile or c.values.shape[-3:] != (2, k // 4, n) or c.meta.shape[-2:] != (k // 4, n // 2):
+  t = c.tile
+  if c.layout not in LAYOUTS:
+    raise ValueError(f"Compressed24.layout must be one of {LAYOUTS}, got {c.layout!r}.")
+  rows, cols = (k // 4, n) if c.layout == "kn" else (n, k // 4)
+  bad_tile = not isinstance(t, (int, np.integer)) or t < 2 or t % 2 or cols % t
+  if bad_tile or c.values.shape[-3:] != (2, rows, cols) or c.meta.shape[-2:] != (rows, cols // 2):
     raise ValueError(
-      f"inconsistent Compressed24 of shape {c.shape}, tile_n {t}: values {c.values.shape}, "
-      f"meta {c.meta.shape} (want (2, {k // 4}, {n}), ({k // 4}, {n // 2}) and an even "
-      "tile_n dividing N)."
+      f"inconsistent Compressed24 of shape {c.shape}, layout {c.layout}, tile {t}: values "
+      f"{c.values.shape}, meta {c.meta.shape} (want (2, {rows}, {cols}), ({rows}, "
+      f"{cols // 2}) and an even tile dividing {cols})."
     )
   if c.meta.dtype != jnp.uint8:
     raise ValueError(f"Compressed24.meta must be uint8, got {c.meta.dtype}.")
@@ -275,9 +335,11 @@ def decompress_24(c: Compressed24) -> jax.Array:
   if c.values.ndim != 3:
     raise ValueError(f"decompress_24 takes one weight; values have shape {c.values.shape}.")
   k, n = c.shape
-  code = _unpack_codes(c.meta, c.tile_n)
-  p0, p1 = code & 3, code >> 2
+  code = _unpack_codes(c.meta, c.tile)
   v0, v1 = c.values[0], c.values[1]
+  if c.layout == "nk":
+    code, v0, v1 = code.T, v0.T, v1.T
+  p0, p1 = code & 3, code >> 2
   zero = jnp.zeros_like(v0)
   d = [jnp.where(p0 == j, v0, jnp.where(p1 == j, v1, zero)) for j in range(4)]
   return jnp.stack(d, axis=1).reshape(k, n)
@@ -294,7 +356,7 @@ class Plan:
   Attributes:
     t, k, n: the product's sizes (``x (t, k)``, ``W (k, n)``).
     block_t: rows of ``y`` per program (a power of two >= 16).
-    block_n: columns per program, the format's ``tile_n``.
+    block_n: columns per program, the format's ``tile``.
     block_g: groups (4 rows of ``W``) per chunk of the K loop (power of two >= 16).
     splits: programs that share one output tile (split-K).
     chunks: whole chunks per split; split ``s`` takes chunks
@@ -343,7 +405,7 @@ def plan(
   t: int,
   k: int,
   n: int,
-  tile_n: int,
+  tile: int,
   *,
   block_t: int | None = None,
   block_g: int | None = None,
@@ -352,18 +414,18 @@ def plan(
   num_warps: int | None = None,
   num_stages: int | None = None,
 ) -> Plan:
-  """The tiling of ``x (t, k) @ W (k, n)`` for a format of column tile ``tile_n``.
+  """The tiling of ``x (t, k) @ W (k, n)`` for a format of column tile ``tile``.
 
   ``splits`` (by default about ``target_programs`` programs in all, and a
   divisor of the whole chunks so that every split does the same work) and
   the other arguments are tuning overrides (benchmarks).
 
   Raises:
-    ValueError: ``tile_n`` is not a power of two >= 32, a block is not a power
+    ValueError: ``tile`` is not a power of two >= 32, a block is not a power
       of two >= 16, or ``splits`` is more than the whole chunks (or < 1).
   """
-  if tile_n < 2 * _MIN_DOT or tile_n & (tile_n - 1):
-    raise ValueError(f"matmul_24 needs tile_n a power of two >= 32, got {tile_n}.")
+  if tile < 2 * _MIN_DOT or tile & (tile - 1):
+    raise ValueError(f"matmul_24 needs tile a power of two >= 32, got {tile}.")
   block_t = block_t or min(_BLOCK_T, max(_MIN_DOT, pow2_ceil(t)))
   block_g = block_g or _BLOCK_G
   for name, b in (("block_t", block_t), ("block_g", block_g)):
@@ -371,7 +433,7 @@ def plan(
       raise ValueError(f"{name} must be a power of two >= {_MIN_DOT}, got {b}.")
   groups = k // 4
   full, tail = divmod(groups, block_g)
-  tiles = pl.cdiv(t, block_t) * (n // tile_n)
+  tiles = pl.cdiv(t, block_t) * (n // tile)
   if splits is None:
     splits = _pick_splits(full, pl.cdiv(target_programs or _TARGET_PROGRAMS, tiles))
   elif not 1 <= splits <= max(full, 1) or (full and full % splits):
@@ -383,7 +445,7 @@ def plan(
     k=k,
     n=n,
     block_t=block_t,
-    block_n=tile_n,
+    block_n=tile,
     block_g=block_g,
     splits=splits,
     chunks=full // splits,
@@ -494,7 +556,9 @@ def _run(x2: jax.Array, values: jax.Array, meta: jax.Array, *, p: Plan, interpre
 
 
 @functools.lru_cache(maxsize=None)
-def _batched(shape: tuple[int, int], tile_n: int, interpret: bool, tuning: tuple) -> Callable:
+def _batched(
+  shape: tuple[int, int], tile: int, layout: str, interpret: bool, tuning: tuple
+) -> Callable:
   """``f(x2, values, meta)``: the product of one weight, with its own ``vmap`` rule.
 
   Under ``vmap`` over ``x`` alone the mapped rows are folded into ``T`` (one
@@ -505,7 +569,10 @@ def _batched(shape: tuple[int, int], tile_n: int, interpret: bool, tuning: tuple
 
   @jax.custom_batching.custom_vmap
   def f(x2, values, meta):
-    p = plan(x2.shape[0], k, n, tile_n, **dict(tuning))
+    if layout == "nk":
+      p = decode24_mosaic.plan(x2.shape[0], k, n, tile, **dict(tuning))
+      return decode24_mosaic.run(x2, values, meta, p=p, interpret=interpret)
+    p = plan(x2.shape[0], k, n, tile, **dict(tuning))
     return _run(x2, values, meta, p=p, interpret=interpret)
 
   @f.def_vmap
@@ -530,15 +597,20 @@ def matmul_24(
     x: ``(..., K)``, the dtype of ``c`` (bf16, fp16 or fp32); the leading
       axes (``T`` rows in all, any number; the kernel is made for 1 to 256)
       are flattened and restored.
-    c: the weight, from :func:`compress_24` (``tile_n`` a power of two >= 32).
+    c: the weight, from :func:`compress_24` (``"kn"``: ``tile`` a power of
+      two >= 32). Its layout picks the kernel: ``"kn"`` Pallas Triton,
+      ``"nk"`` Pallas Mosaic GPU (Hopper; :mod:`jasp.kernels.decode24_mosaic`).
     interpret: run in Pallas interpret mode; ``None`` interprets everywhere but
       on a GPU backend.
-    **tuning: :func:`plan`'s overrides (``block_t``, ``block_g``, ``splits``,
-      ``target_programs``, ``num_warps``, ``num_stages``; benchmarks).
+    **tuning: the plan's overrides: ``"kn"``, :func:`plan`'s (``block_t``,
+      ``block_g``, ``splits``, ``target_programs``, ``num_warps``,
+      ``num_stages``); ``"nk"``, :func:`jasp.kernels.decode24_mosaic.plan`'s
+      (``splits``, ``stages``, ``target_programs``). For benchmarks.
 
   Returns:
     ``(..., N)`` in ``x``'s dtype: float32 products accumulated in float32
-    (fp32 inputs at full precision, not TF32), rounded once.
+    (fp32 inputs at full precision, not TF32; ``"nk"`` takes no fp32),
+    rounded once.
 
   Works under ``jit`` and ``vmap``: mapped over ``x`` only, the mapped rows
   join ``T`` (one kernel launch, ``W`` read once); mapped over ``c`` (a
@@ -548,7 +620,8 @@ def matmul_24(
     ValueError: ``c`` is not a :class:`Compressed24` (or is inconsistent),
       ``x``'s last axis is not ``K``, the dtypes differ or are not supported,
       or the tiling does not apply (see :func:`plan`).
-    RuntimeError: compiled (not interpreted) without the Pallas Triton backend.
+    RuntimeError: compiled (not interpreted) without the Pallas backend the
+      layout needs (Triton; Mosaic GPU on compute capability 9.0+).
   """
   _check_compressed(c)
   if c.values.ndim != 3:
@@ -564,12 +637,23 @@ def matmul_24(
   if x.dtype != c.dtype:
     raise ValueError(f"x is {x.dtype} but the weight is {c.dtype}; cast one to the other.")
   interpret = use_interpret(interpret)
-  if not interpret and not backend_available():
-    raise RuntimeError("matmul_24 needs the Pallas Triton backend, which this JAX lacks.")
+  if not interpret and not (backend_available() if c.layout == "kn" else native("nk")):
+    raise RuntimeError(
+      "matmul_24 needs the Pallas Triton backend, which this JAX lacks."
+      if c.layout == "kn"
+      else "the 'nk' layout's kernel needs Pallas Mosaic GPU on a GPU of compute capability "
+      "9.0+ (Hopper); compress with layout='kn' for the Triton kernel."
+    )
   lead = x.shape[:-1]
   t = math.prod(lead)
-  plan(max(t, 1), k, n, c.tile_n, **tuning)  # checks the tiling before tracing
+  if c.layout == "nk":  # checks the plan before tracing
+    ok, why = decode24_mosaic.shape_ok(k, n, x.dtype)
+    if not ok:
+      raise ValueError(f"the 'nk' kernel does not take this weight: {why}.")
+    decode24_mosaic.plan(max(t, 1), k, n, c.tile, **tuning)
+  else:
+    plan(max(t, 1), k, n, c.tile, **tuning)
   if t == 0:
     return jnp.zeros((*lead, n), x.dtype)
-  f = _batched((k, n), c.tile_n, interpret, tuple(sorted(tuning.items())))
+  f = _batched((k, n), c.tile, c.layout, interpret, tuple(sorted(tuning.items())))
   return f(x.reshape(t, k), c.values, c.meta).reshape(*lead, n)

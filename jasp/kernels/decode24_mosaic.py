@@ -1,0 +1,252 @@
+"""The decode-time 2:4 matmul as a Pallas Mosaic GPU kernel (Hopper), on the ``"nk"`` layout.
+
+``y = x @ W`` for ``x (T, K)`` and a ``(K, N)`` weight, 2:4 along ``K``, held
+as :class:`jasp.kernels.decode24.Compressed24` in its ``"nk"`` layout (``G = K
+/ 4`` groups, ``C`` the format's group chunk, ``tile``):
+
+* ``values (2, N, G)``: the kept entries, slot ``s`` of group ``g`` of column
+  ``n`` at ``[s, n, g]`` (groups minor, so a column's weights are contiguous);
+* ``meta (N, G / 2)`` ``uint8``: the 4-bit code ``p0 | p1 << 2`` of each
+  (column, group). Within chunk ``c`` of ``C`` groups, byte ``(n, c * C / 2 +
+  i)`` holds group ``c * C + i`` in its low nibble and group ``c * C + C / 2 +
+  i`` in its high nibble.
+
+The kernel computes the transpose, ``y^T (N, T) = sum_j D_j^T (N, G) @ x_j^T
+(G, T)`` with ``x_j = x[:, j::4]`` and ``D_j = where(p0 == j, v0, where(p1 ==
+j, v1, 0))``, so that the weight is the warpgroup matrix multiply's left
+operand, which Hopper takes from registers: each program owns 64 columns of
+``W`` (the multiply's ``M``), streams chunks of values and codes through
+shared memory (TMA, a ``stages``-deep pipeline), builds the eight ``(64, C /
+2)`` tiles ``D_j`` of a chunk in registers with compares and selects, and
+multiplies each with ``x_j``'s chunk, which waits in shared memory as the
+right operand (``T`` padded to a multiple of 8, the multiply's ``N``, at most
+64 per program; more tokens take more programs). Nothing dense is written to
+shared memory. When the column tiles are too few to fill the GPU, the chunks
+are split over programs (split-K) and the float32 partial sums are added
+afterwards.
+
+Outside the kernel (XLA, ``T * K`` elements): ``x`` is padded and regrouped to
+``(4, T, G)``, and the ``(splits, N, T)`` float32 output is summed, transposed
+and rounded to ``x``'s dtype.
+
+Interpreted (CPU tests), the multiply is a ``dot_general`` into a float32
+accumulator in shared memory, since the Mosaic GPU interpreter takes neither a
+register operand nor a transposed one; the streaming, the code unpacking and
+the selects are the kernel's own.
+
+Design note: ``docs/design/decode-kernel.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+__all__ = ["NK_TILES", "Plan", "native", "plan", "run", "shape_ok"]
+
+#: Group chunks (the format's ``tile``) the ``"nk"`` layout may use, widest first.
+NK_TILES = (128, 64)
+#: Dtypes of the warpgroup multiply at full input precision (fp32 would be TF32).
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+_BLOCK_N = 64  # wgmma's M: columns of W per program
+_MAX_TOKENS = 64  # tokens per program (wgmma's N)
+_TARGET_PROGRAMS = 264  # about two programs per SM of a 132-SM H100
+_SMEM_BUDGET = 200 * 1024  # bytes of pipeline buffers per program
+_STAGES = 4
+
+
+@functools.lru_cache(maxsize=None)
+def native() -> bool:
+  """Whether the kernel compiles here: a Hopper-or-newer GPU backend with Pallas Mosaic GPU."""
+  from jasp.kernels import mosaic
+
+  if jax.default_backend() != "gpu" or not mosaic.available():
+    return False
+  try:
+    return float(getattr(jax.devices()[0], "compute_capability", 0) or 0) >= 9.0
+  except (TypeError, ValueError):
+    return False
+
+
+def shape_ok(k: int, n: int, dtype) -> tuple[bool, str]:
+  """Whether a ``(k, n)`` weight of ``dtype`` has an ``"nk"`` layout, and why not."""
+  if jnp.dtype(dtype) not in DTYPES:
+    return False, f"dtype {jnp.dtype(dtype).name} (the Mosaic kernel takes bf16 and fp16)"
+  if k <= 0 or k % (4 * NK_TILES[-1]):
+    return False, f"K={k} is not a positive multiple of {4 * NK_TILES[-1]}"
+  if n <= 0 or n % _BLOCK_N:
+    return False, f"N={n} is not a multiple of {_BLOCK_N}"
+  return True, ""
+
+
+def default_tile(k: int) -> int:
+  """The widest group chunk of :data:`NK_TILES` that divides ``K / 4``."""
+  for t in NK_TILES:
+    if (k // 4) % t == 0:
+      return t
+  raise ValueError(f"K={k} is not a multiple of {4 * NK_TILES[-1]}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static launch plan of :func:`run`.
+
+  Attributes:
+    t, k, n: the product's sizes.
+    tile: groups per chunk (the format's ``tile``).
+    tokens: tokens per program, ``T`` padded to a multiple of 8 (at most 64).
+    token_tiles: programs along ``T``.
+    splits: programs sharing one output tile (split-K); a divisor of the chunks.
+    stages: chunks in flight per program (shared memory buffers).
+  """
+
+  t: int
+  k: int
+  n: int
+  tile: int
+  tokens: int
+  token_tiles: int
+  splits: int
+  stages: int
+
+  @property
+  def chunks(self) -> int:
+    return self.k // 4 // self.tile
+
+  @property
+  def per_split(self) -> int:
+    return self.chunks // self.splits
+
+  @property
+  def stage_bytes(self) -> int:
+    itemsize = 2
+    return (4 * self.tokens + 2 * _BLOCK_N) * self.tile * itemsize + _BLOCK_N * self.tile // 2
+
+
+def plan(
+  t: int,
+  k: int,
+  n: int,
+  tile: int,
+  *,
+  splits: int | None = None,
+  stages: int | None = None,
+  target_programs: int | None = None,
+) -> Plan:
+  """The launch plan of ``x (t, k) @ W (k, n)`` for a format of group chunk ``tile``.
+
+  Raises:
+    ValueError: the shape has no ``"nk"`` layout of ``tile``, or ``splits``
+      does not divide the chunks, or ``stages < 1``.
+  """
+  if tile not in NK_TILES or (k // 4) % tile or k % 4 or n % _BLOCK_N or t < 1:
+    raise ValueError(f"no 'nk' plan for T={t}, K={k}, N={n}, tile={tile} (tiles {NK_TILES}).")
+  tokens = min(_MAX_TOKENS, -(-t // 8) * 8)
+  token_tiles = -(-t // tokens)
+  chunks = (k // 4) // tile
+  programs = (n // _BLOCK_N) * token_tiles
+  if splits is None:
+    want = max(1, -(-(target_programs or _TARGET_PROGRAMS) // programs))
+    divisors = [d for d in range(1, chunks + 1) if chunks % d == 0]
+    splits = min(divisors, key=lambda d: (abs(math.log(d / want)), -d))
+  elif splits < 1 or chunks % splits:
+    raise ValueError(f"splits must divide the {chunks} chunks of {tile} groups, got {splits}.")
+  p = Plan(t, k, n, tile, tokens, token_tiles, splits, 1)
+  if stages is not None and stages < 1:
+    raise ValueError(f"stages must be >= 1, got {stages}.")
+  fit = max(1, _SMEM_BUDGET // p.stage_bytes)
+  return dataclasses.replace(p, stages=max(1, min(stages or _STAGES, fit, p.per_split)))
+
+
+def _transforms(minor: int, dtype):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  bits = jnp.dtype(dtype).itemsize * 8
+  swizzle = plgpu.find_swizzle(minor * bits)
+  return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+
+def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: bool):
+  """One program: column tile ``"n"``, token tile ``"t"``, split ``"s"`` (see :class:`Plan`)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  bn, tp, c, h = _BLOCK_N, p.tokens, p.tile, p.tile // 2
+  dtype = v_gmem.dtype
+  ni, ti, si = lax.axis_index("n"), lax.axis_index("t"), lax.axis_index("s")
+  groups = pl.ds(si * p.per_split * c, p.per_split * c)
+  cols = pl.ds(ni * bn, bn)
+  in_specs = [
+    plgpu.BlockSpec((4, tp, c), lambda i: (0, 0, i), transforms=_transforms(c, dtype)),
+    plgpu.BlockSpec((2, bn, c), lambda i: (0, 0, i), transforms=_transforms(c, dtype)),
+    plgpu.BlockSpec((bn, h), lambda i: (0, i), transforms=_transforms(h, jnp.uint8)),
+  ]
+
+  def step(acc_ref, x_smem, v_smem, m_smem):
+    codes = m_smem[...].astype(jnp.int16)  # 8-bit registers allow bitwise ops only
+    for half in range(2):
+      code = (codes & 15) if half == 0 else (codes >> 4)
+      p0, p1 = code & 3, code >> 2
+      part = pl.ds(half * h, h)
+      v0, v1 = v_smem[0, :, part], v_smem[1, :, part]
+      zero = jnp.zeros_like(v0)
+      for j in range(4):
+        d = jnp.where(p0 == j, v0, jnp.where(p1 == j, v1, zero))
+        if interpret:
+          xj = x_smem[j, :, part]
+          acc_ref[...] += lax.dot_general(
+            d, xj, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+          )
+        else:
+          plgpu.wgmma(acc_ref, d, plgpu.transpose_ref(x_smem.at[j, :, part], (1, 0)))
+    if not interpret:
+      plgpu.wgmma_wait(0)
+
+  acc_type = (plgpu.SMEM if interpret else plgpu.ACC)((bn, tp), jnp.float32)
+
+  @functools.partial(pl.run_scoped, acc_ref=acc_type)
+  def _(acc_ref):
+    if interpret:
+      acc_ref[...] = jnp.zeros((bn, tp), jnp.float32)
+    plgpu.emit_pipeline(
+      lambda _, *refs: step(acc_ref, *refs),
+      grid=(p.per_split,),
+      in_specs=in_specs,
+      max_concurrent_steps=p.stages,
+    )(
+      x_gmem.at[:, pl.ds(ti * tp, tp), groups],
+      v_gmem.at[:, cols, groups],
+      m_gmem.at[cols, pl.ds(si * p.per_split * h, p.per_split * h)],
+    )
+    out_smem[...] = acc_ref[...]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, cols, pl.ds(ti * tp, tp)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("p", "interpret"))
+def run(x2: jax.Array, values: jax.Array, meta: jax.Array, *, p: Plan, interpret: bool):
+  """``x2 (T, K) @ W`` of one ``"nk"`` weight (``values (2, N, G)``, ``meta (N, G/2)``): ``(T, N)``."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  from jasp.kernels import mosaic
+
+  tpad = p.tokens * p.token_tiles
+  xg = jnp.pad(x2, ((0, tpad - p.t), (0, 0))).reshape(tpad, p.k // 4, 4).transpose(2, 0, 1)
+  out = plgpu.kernel(
+    functools.partial(_kernel, p=p, interpret=interpret),
+    out_type=jax.ShapeDtypeStruct((p.splits, p.n, tpad), jnp.float32),
+    grid=(p.n // _BLOCK_N, p.token_tiles, p.splits),
+    grid_names=("n", "t", "s"),
+    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    scratch_types=dict(out_smem=plgpu.SMEM((_BLOCK_N, p.tokens), jnp.float32)),
+    interpret=mosaic._interpret_params() if interpret else None,
+    kernel_name="jasp_matmul_24_nk",
+  )(xg, values, meta)
+  return jnp.sum(out, axis=0).T[: p.t].astype(x2.dtype)
