@@ -48,6 +48,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jasp.kernels import mosaic
+
 __all__ = ["NK_TILES", "Plan", "native", "plan", "run", "shape_ok"]
 
 #: Group chunks (the format's ``tile``) the ``"nk"`` layout may use, widest first.
@@ -65,8 +67,6 @@ _STAGES = 4
 @functools.lru_cache(maxsize=None)
 def native() -> bool:
   """Whether the kernel compiles here: a Hopper-or-newer GPU backend with Pallas Mosaic GPU."""
-  from jasp.kernels import mosaic
-
   if jax.default_backend() != "gpu" or not mosaic.available():
     return False
   try:
@@ -235,8 +235,6 @@ def run(x2: jax.Array, values: jax.Array, meta: jax.Array, *, p: Plan, interpret
   """``x2 (T, K) @ W`` of one ``"nk"`` weight (``values (2, N, G)``, ``meta (N, G/2)``): ``(T, N)``."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  from jasp.kernels import mosaic
-
   tpad = p.tokens * p.token_tiles
   xg = jnp.pad(x2, ((0, tpad - p.t), (0, 0))).reshape(tpad, p.k // 4, 4).transpose(2, 0, 1)
   out = plgpu.kernel(
@@ -246,7 +244,7 @@ def run(x2: jax.Array, values: jax.Array, meta: jax.Array, *, p: Plan, interpret
     grid_names=("n", "t", "s"),
     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     scratch_types=dict(out_smem=plgpu.SMEM((_BLOCK_N, p.tokens), jnp.float32)),
-    interpret=mosaic._interpret_params() if interpret else None,
+    interpret=mosaic.interpret_params() if interpret else None,
     kernel_name="jasp_matmul_24_nk",
   )(xg, values, meta)
   return jnp.sum(out, axis=0).T[: p.t].astype(x2.dtype)

@@ -23,6 +23,7 @@ __all__ = [
   "available",
   "bool_stores",
   "grid_fits",
+  "interpret_params",
   "launch",
   "load",
   "pow2_divisor",
@@ -162,7 +163,7 @@ def _as_bytes(tile):
   return mgpu_utils.ptr_as_memref(addr, bytes_ty)
 
 
-def _interpret_params():
+def interpret_params():
   """GPU interpret mode (simulates the kernel on the CPU; tests only).
 
   JAX exposes it only under a private path; without it, interpreting raises.
@@ -206,6 +207,6 @@ def launch(
     grid=grid,
     grid_names=("c", "r"),
     compiler_params=None if interpret else _compiler_params(),
-    interpret=_interpret_params() if interpret else None,
+    interpret=interpret_params() if interpret else None,
     kernel_name=name,
   )
