@@ -550,16 +550,16 @@ def test_nk_plans():
   assert decode24.decode24_mosaic.plan(64, 4096, 4096, 128, stages=9).stages < 9  # shared memory
 
 
-def test_nk_lowers_to_mosaic_gpu_for_cuda():
-  c = decode24.compress_24(jnp.zeros((1024, 128), jnp.bfloat16), layout="nk")
-
-  p = decode24.decode24_mosaic.plan(16, 1024, 128, c.tile)
+@pytest.mark.parametrize("k,n", [(1024, 128), (1280, 384)])  # chunks of 128 and of 64 groups
+def test_nk_lowers_to_mosaic_gpu_for_cuda(k, n):
+  c = decode24.compress_24(jnp.zeros((k, n), jnp.bfloat16), layout="nk")
+  p = decode24.decode24_mosaic.plan(16, k, n, c.tile)
 
   def fn(x, v, m):  # the kernel itself: matmul_24 refuses to compile it off Hopper
     return decode24.decode24_mosaic.run(x, v, m, p=p, interpret=False)
 
   shapes = (
-    jax.ShapeDtypeStruct((16, 1024), jnp.bfloat16),
+    jax.ShapeDtypeStruct((16, k), jnp.bfloat16),
     jax.ShapeDtypeStruct(c.values.shape, c.values.dtype),
     jax.ShapeDtypeStruct(c.meta.shape, c.meta.dtype),
   )

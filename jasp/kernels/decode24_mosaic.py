@@ -183,8 +183,8 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
   groups = pl.ds(si * p.per_split * c, p.per_split * c)
   cols = pl.ds(ni * bn, bn)
   in_specs = [
-    plgpu.BlockSpec((4, tp, c), lambda i: (0, 0, i), transforms=_transforms(c, dtype)),
-    plgpu.BlockSpec((2, bn, c), lambda i: (0, 0, i), transforms=_transforms(c, dtype)),
+    plgpu.BlockSpec((4, tp, c), lambda i: (0, 0, i), transforms=_transforms(h, dtype)),
+    plgpu.BlockSpec((2, bn, c), lambda i: (0, 0, i), transforms=_transforms(h, dtype)),
     plgpu.BlockSpec((bn, h), lambda i: (0, i), transforms=_transforms(h, jnp.uint8)),
   ]
 
