@@ -532,6 +532,7 @@ def test_nk_rejects_what_it_cannot_take():
     (1, 1024, 128, {}),  # split-K over the 2 chunks of 128 groups
     (3, 512, 64, {"splits": 1}),
     (16, 256, 64, {}),  # chunk of 64 groups
+    (8, 1024, 64, {"accumulators": 4, "stages": 1}),
     pytest.param(70, 512, 64, {}, marks=pytest.mark.slow),  # two token tiles (64 + 6)
   ],
 )
@@ -548,12 +549,17 @@ def test_nk_plans():
   p = decode24.decode24_mosaic.plan(100, 4096, 4096, 128)
   assert (p.tokens, p.token_tiles) == (64, 2)
   assert decode24.decode24_mosaic.plan(64, 4096, 4096, 128, stages=9).stages < 9  # shared memory
+  assert decode24.decode24_mosaic.plan(1, 4096, 4096, 128, accumulators=8).accumulators == 8
+  with pytest.raises(ValueError, match="accumulators must be"):
+    decode24.decode24_mosaic.plan(1, 4096, 4096, 128, accumulators=3)
 
 
-@pytest.mark.parametrize("k,n", [(1024, 128), (1280, 384)])  # chunks of 128 and of 64 groups
-def test_nk_lowers_to_mosaic_gpu_for_cuda(k, n):
+@pytest.mark.parametrize(
+  "k,n,accumulators", [(1024, 128, 1), (1280, 384, 1), (1024, 64, 4)]
+)  # chunks of 128 and of 64 groups
+def test_nk_lowers_to_mosaic_gpu_for_cuda(k, n, accumulators):
   c = decode24.compress_24(jnp.zeros((k, n), jnp.bfloat16), layout="nk")
-  p = decode24.decode24_mosaic.plan(16, k, n, c.tile)
+  p = decode24.decode24_mosaic.plan(16, k, n, c.tile, accumulators=accumulators)
 
   def fn(x, v, m):  # the kernel itself: matmul_24 refuses to compile it off Hopper
     return decode24.decode24_mosaic.run(x, v, m, p=p, interpret=False)

@@ -105,6 +105,9 @@ class Plan:
     token_tiles: programs along ``T``.
     splits: programs sharing one output tile (split-K); a divisor of the chunks.
     stages: chunks in flight per program (shared memory buffers).
+    accumulators: float32 accumulators the eight multiplies of a chunk
+      rotate over (1, 2, 4 or 8): more break the chain of multiplies that
+      wait on one accumulator, at 8 registers per thread each (16 tokens).
   """
 
   t: int
@@ -115,6 +118,7 @@ class Plan:
   token_tiles: int
   splits: int
   stages: int
+  accumulators: int = 1
 
   @property
   def chunks(self) -> int:
@@ -138,13 +142,15 @@ def plan(
   *,
   splits: int | None = None,
   stages: int | None = None,
+  accumulators: int | None = None,
   target_programs: int | None = None,
 ) -> Plan:
   """The launch plan of ``x (t, k) @ W (k, n)`` for a format of group chunk ``tile``.
 
   Raises:
     ValueError: the shape has no ``"nk"`` layout of ``tile``, or ``splits``
-      does not divide the chunks, or ``stages < 1``.
+      does not divide the chunks, ``stages < 1``, or ``accumulators`` is not
+      1, 2, 4 or 8.
   """
   if tile not in NK_TILES or (k // 4) % tile or k % 4 or n % _BLOCK_N or t < 1:
     raise ValueError(f"no 'nk' plan for T={t}, K={k}, N={n}, tile={tile} (tiles {NK_TILES}).")
@@ -161,6 +167,9 @@ def plan(
   p = Plan(t, k, n, tile, tokens, token_tiles, splits, 1)
   if stages is not None and stages < 1:
     raise ValueError(f"stages must be >= 1, got {stages}.")
+  if accumulators not in (None, 1, 2, 4, 8):
+    raise ValueError(f"accumulators must be 1, 2, 4 or 8, got {accumulators!r}.")
+  p = dataclasses.replace(p, accumulators=accumulators or 1)
   fit = max(1, _SMEM_BUDGET // p.stage_bytes)
   return dataclasses.replace(p, stages=max(1, min(stages or _STAGES, fit, p.per_split)))
 
@@ -188,7 +197,7 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
     plgpu.BlockSpec((bn, h), lambda i: (0, i), transforms=_transforms(h, jnp.uint8)),
   ]
 
-  def step(acc_ref, x_smem, v_smem, m_smem):
+  def step(accs, x_smem, v_smem, m_smem):
     codes = m_smem[...].astype(jnp.int16)  # 8-bit registers allow bitwise ops only
     for half in range(2):
       code = (codes & 15) if half == 0 else (codes >> 4)
@@ -198,24 +207,26 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
       zero = jnp.zeros_like(v0)
       for j in range(4):
         d = jnp.where(p0 == j, v0, jnp.where(p1 == j, v1, zero))
+        acc_ref = accs[(4 * half + j) % len(accs)]
         if interpret:
           xj = x_smem[j, :, part]
           acc_ref[...] += lax.dot_general(
             d, xj, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
           )
         else:
-          plgpu.wgmma(acc_ref, d, plgpu.transpose_ref(x_smem.at[j, :, part], (1, 0)))
+          plgpu.wgmma(acc_ref, d, x_smem.at[j, :, part].transpose((1, 0)))
     if not interpret:
       plgpu.wgmma_wait(0)
 
   acc_type = (plgpu.SMEM if interpret else plgpu.ACC)((bn, tp), jnp.float32)
 
-  @functools.partial(pl.run_scoped, acc_ref=acc_type)
-  def _(acc_ref):
+  @functools.partial(pl.run_scoped, accs=tuple(acc_type for _ in range(p.accumulators)))
+  def _(accs):
     if interpret:
-      acc_ref[...] = jnp.zeros((bn, tp), jnp.float32)
+      for acc_ref in accs:
+        acc_ref[...] = jnp.zeros((bn, tp), jnp.float32)
     plgpu.emit_pipeline(
-      lambda _, *refs: step(acc_ref, *refs),
+      lambda _, *refs: step(accs, *refs),
       grid=(p.per_split,),
       in_specs=in_specs,
       max_concurrent_steps=p.stages,
@@ -224,7 +235,10 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
       v_gmem.at[:, cols, groups],
       m_gmem.at[cols, pl.ds(si * p.per_split * h, p.per_split * h)],
     )
-    out_smem[...] = acc_ref[...]
+    total = accs[0][...]
+    for acc_ref in accs[1:]:
+      total = total + acc_ref[...]
+    out_smem[...] = total
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, cols, pl.ds(ti * tp, tp)])
     plgpu.wait_smem_to_gmem(0)
