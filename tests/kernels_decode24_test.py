@@ -592,3 +592,15 @@ def test_gpu_nk_matches_float64(t, k, n):
   wi = jnp.asarray(random_24(rng, k, n, jnp.float16, ints=True))
   yi = decode24.matmul_24(xi, decode24.compress_24(wi, layout="nk"))
   assert_product(yi, xi, wi, jnp.float16, f"fp16 ints seed={seed} T={t} {k}x{n}")
+
+
+def test_default_layout_is_nk_where_the_mosaic_kernel_compiles_and_fits(monkeypatch):
+  assert decode24.default_layout(4096, 4096, jnp.bfloat16) == (
+    "nk" if decode24.decode24_mosaic.native() else "kn"
+  )
+  monkeypatch.setattr(decode24.decode24_mosaic, "native", lambda: True)
+  assert decode24.default_layout(4096, 4096, jnp.bfloat16) == "nk"
+  assert decode24.default_layout(4096, 4096, jnp.float32) == "kn"  # would be TF32
+  assert decode24.default_layout(1056, 128, jnp.bfloat16) == "kn"  # K not a multiple of 256
+  monkeypatch.setattr(decode24.decode24_mosaic, "native", lambda: False)
+  assert decode24.default_layout(4096, 4096, jnp.bfloat16) == "kn"

@@ -251,9 +251,11 @@ def timing_key(k: int, n: int, t: int, dtype: str, a_order: int = 0, method: str
 
 
 def compact_key(k: int, n: int, t: int, dtype: str) -> str:
-  """The cache key of the compact kernel's measurement: device kind, jax version, dtype, shape."""
+  """The cache key of the compact kernel's measurement: device kind, jax version, dtype, shape
+  and the layout (hence kernel) :func:`jasp.kernels.decode24.compress_24` picks for it."""
   dev = jax.devices()[0].device_kind if jax.devices() else "no-device"
-  return f"{dev}|jax{jax.__version__}|{dtype}|{k}x{n}|t{t}|{COMPACT_METHOD}"
+  layout = decode24.default_layout(k, n, jnp.dtype(dtype))
+  return f"{dev}|jax{jax.__version__}|{dtype}|{k}x{n}|t{t}|{layout}|{COMPACT_METHOD}"
 
 
 def choose(
