@@ -44,6 +44,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from _bench_util import DeviceClock  # noqa: E402
 from _bench_util import Recorder  # noqa: E402
+from _bench_util import copy_bandwidth  # noqa: E402
 from _bench_util import timed  # noqa: E402
 
 import jasp  # noqa: E402
@@ -114,17 +115,6 @@ def check(y: jax.Array, x: jax.Array, w: jax.Array, what: str) -> float:
       f"{what}: output off the reference by {excess:.3g} beyond the bound (rel {rel:.3g})"
     )
   return rel
-
-
-def copy_bandwidth(clock: DeviceClock, nbytes: int, reps: int) -> float:
-  """Bytes per second of a device copy (``nbytes`` read and ``nbytes`` written).
-
-  The copy is an XLA element-wise op on 4-byte words (``uint8`` elements
-  measured 1.69 TB/s on an H100, less than the 2.9 TB/s a dense GEMV reads).
-  """
-  bufs = [(jnp.full((nbytes // 4,), i, jnp.uint32),) for i in range(2)]
-  seconds, _ = timed(jax.jit(lambda a: a ^ jnp.uint32(1)), bufs, clock, reps)
-  return 2 * (nbytes // 4 * 4) / seconds
 
 
 def variants(sweep: bool) -> list[tuple[str, dict]]:
@@ -244,7 +234,7 @@ def main(argv=None) -> dict:
   if not args.smoke and dev.platform != "gpu":
     raise SystemExit("decode_bench times a GPU; use --smoke on a CPU.")
   copy_bytes = (1 << 20) if args.smoke else (256 << 20)
-  copy_bw = copy_bandwidth(clock, copy_bytes, args.reps)
+  copy_bw = copy_bandwidth(copy_bytes, clock, args.reps)
   res = {
     "device": dev.device_kind,
     "timing": "device (CUPTI kernel sums)" if clock.ok else "host wall time per call",

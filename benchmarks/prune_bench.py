@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _bench_util import DeviceClock
-from scale_bench import copy_bandwidth
+from scale_bench import copy_gbps
 from scale_bench import forward
 from scale_bench import init_params
 
@@ -259,7 +259,7 @@ def main():
   out["pruned_leaves"] = len(jax.tree.leaves(masks))
   out["pruned_weights"] = n_pruned
   del masks
-  bw = copy_bandwidth(min(1 << 30, max(1 << 20, 4 * n_pruned)))
+  bw = copy_gbps(min(1 << 30, max(1 << 20, 4 * n_pruned)))
   out["copy_GBps"] = bw
   out["floor_s"] = {
     "bool": n_pruned * (2 + 2 + 1) / (bw * 1e9),

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _bench_util import copy_bandwidth
 
 import jasp
 
@@ -85,17 +86,9 @@ def make_step(tx, heads):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def copy_bandwidth(nbytes: int) -> float:
-  """Device-to-device copy GB/s (read + write counted), median of 10."""
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  f = jax.jit(lambda a: a + 0)  # one read, one write
-  f(x).block_until_ready()
-  ts = []
-  for _ in range(10):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    ts.append(time.perf_counter() - t)
-  return 2 * x.nbytes / np.median(ts) / 1e9
+def copy_gbps(nbytes: int) -> float:
+  """Device copy GB/s (read + write counted), host-timed median of 10 (``_bench_util``)."""
+  return copy_bandwidth(nbytes) / 1e9
 
 
 def main():
@@ -135,7 +128,7 @@ def main():
   bool_masks = jasp.compute_masks(params, layouts=layouts)
   packed_masks = jasp.compute_masks(params, layouts=layouts, packed=True)
   n_pruned = sum(m.size for m in jax.tree.leaves(bool_masks))
-  bw = copy_bandwidth(1 << 30)
+  bw = copy_gbps(1 << 30)
   floor_bool = n_pruned * (2 + 2 + 1) / (bw * 1e9)
   floor_packed = n_pruned * (2 + 2 + 0.125) / (bw * 1e9)
 
