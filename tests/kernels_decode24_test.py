@@ -604,3 +604,19 @@ def test_default_layout_is_nk_where_the_mosaic_kernel_compiles_and_fits(monkeypa
   assert decode24.default_layout(1056, 128, jnp.bfloat16) == "kn"  # K not a multiple of 256
   monkeypatch.setattr(decode24.decode24_mosaic, "native", lambda: False)
   assert decode24.default_layout(4096, 4096, jnp.bfloat16) == "kn"
+
+
+def test_nk_vmap_over_x_folds_rows_into_one_launch(monkeypatch):
+  rng, seed = testing.fresh_rng(29)
+  w = random_24(rng, 256, 64, jnp.bfloat16)
+  c = decode24.compress_24(jnp.asarray(w), layout="nk")
+  x = jnp.asarray(rng.standard_normal((3, 2, 256)), jnp.bfloat16)
+  launches = []
+  real = decode24.decode24_mosaic.run
+  monkeypatch.setattr(
+    decode24.decode24_mosaic, "run", lambda *a, p, **k: launches.append(p.t) or real(*a, p=p, **k)
+  )
+  y = jax.vmap(lambda x: decode24.matmul_24(x, c, interpret=True))(x)
+  # custom_vmap traces the unbatched body once (2 rows); the launch made is of all 6 rows.
+  assert y.shape == (3, 2, 64) and launches[-1] == 6 and set(launches) <= {2, 6}
+  assert_product(y.reshape(6, 64), x.reshape(6, 256), w, jnp.bfloat16, f"seed={seed}")

@@ -602,3 +602,19 @@ def test_a_weight_kept_only_compact_runs_interpreted_off_gpu(caplog):
   np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2**-7, atol=1e-2)
   with pytest.raises(ValueError, match="no compact"):
     sparse.compact_matmul(x, sparse.compress(w))
+
+
+def test_a_weight_kept_in_the_nk_layout_runs_its_mosaic_kernel_interpreted(caplog):
+  """The compact form in the Mosaic GPU kernel's layout (Hopper's default) goes through matmul."""
+  from jasp.kernels import decode24
+
+  w = _pruned_bf16(256, 64, 7)
+  c = decode24.compress_24(w, layout="nk")
+  sw = sparse.SparseWeight(
+    None, None, in_shape=(256,), out_shape=(64,), dtype="bfloat16", compact=c
+  )
+  x = testing.normal((3, 256), 8).astype(jnp.bfloat16)
+  with caplog.at_level(logging.WARNING, logger="jasp.sparse"):
+    y = sparse.matmul(x, sw)
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2**-7, atol=1e-2)
