@@ -82,6 +82,8 @@ SWEEP = (
   {"layout": "nk", "accumulators": 4},
   {"layout": "nk", "accumulators": 8},
   {"layout": "nk", "tile": 64, "accumulators": 4},
+  {"layout": "nk", "stages": 3},
+  {"layout": "nk", "stages": 4},
 )
 
 
