@@ -27,9 +27,9 @@ the Triton kernel below), with ``BN`` the format's ``tile``:
 Design note: ``docs/design/decode-kernel.md``.
 
 :func:`matmul_24` runs the kernel of the weight's layout. The ``"kn"`` kernel
-(Pallas; the Triton backend on GPUs, interpret mode elsewhere): The sum over ``k`` is reordered by position within the group,
-``y = sum_j x[:, j::4] @ D_j`` with ``D_j (G, N) = where(p0 == j, v0, where(p1
-== j, v1, 0))``. ``x`` is viewed for free as ``(T, G, 4)``; a program owns
+(Pallas; the Triton backend on GPUs, interpret mode elsewhere) reorders the
+sum over ``k`` by position within the group, ``y = sum_j x[:, j::4] @ D_j``
+with ``D_j (G, N) = where(p0 == j, v0, where(p1 == j, v1, 0))``. ``x`` is viewed for free as ``(T, G, 4)``; a program owns
 ``block_t`` rows of ``y`` and one column tile, and walks its share of the
 groups in chunks of ``block_g``: it loads ``x[:, chunk, j]`` (strided by 4),
 both slots' values and the codes of the chunk, builds the eight
