@@ -396,14 +396,6 @@ class Plan:
     return (pl.cdiv(self.t, self.block_t), self.n // self.block_n, self.splits)
 
 
-def _pick_splits(full: int, want: int) -> int:
-  """The divisor of ``full`` chunks closest to ``want`` splits (log scale), at least 1."""
-  if full <= 1 or want <= 1:
-    return 1
-  divisors = [d for d in range(1, full + 1) if full % d == 0]
-  return min(divisors, key=lambda d: (abs(math.log(d / want)), -d))
-
-
 def plan(
   t: int,
   k: int,
@@ -438,7 +430,7 @@ def plan(
   full, tail = divmod(groups, block_g)
   tiles = pl.cdiv(t, block_t) * (n // tile)
   if splits is None:
-    splits = _pick_splits(full, pl.cdiv(target_programs or _TARGET_PROGRAMS, tiles))
+    splits = decode24_mosaic.pick_splits(full, pl.cdiv(target_programs or _TARGET_PROGRAMS, tiles))
   elif not 1 <= splits <= max(full, 1) or (full and full % splits):
     raise ValueError(
       f"splits must divide the {full} whole chunks of {block_g} groups, got {splits}."

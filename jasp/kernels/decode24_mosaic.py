@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 
 from jasp.kernels import mosaic
 
-__all__ = ["NK_TILES", "Plan", "native", "plan", "run", "shape_ok"]
+__all__ = ["NK_TILES", "Plan", "native", "pick_splits", "plan", "run", "shape_ok"]
 
 #: Group chunks (the format's ``tile``) the ``"nk"`` layout may use, widest first.
 NK_TILES = (128, 64)
@@ -88,6 +88,17 @@ def shape_ok(k: int, n: int, dtype) -> tuple[bool, str]:
   if n <= 0 or n % _BLOCK_N:
     return False, f"N={n} is not a multiple of {_BLOCK_N}"
   return True, ""
+
+
+def pick_splits(chunks: int, want: int) -> int:
+  """The divisor of ``chunks`` closest to ``want`` splits (log scale), at least 1.
+
+  The split-K rule of both decode kernels (:func:`jasp.kernels.decode24.plan` too).
+  """
+  if chunks <= 1 or want <= 1:
+    return 1
+  divisors = [d for d in range(1, chunks + 1) if chunks % d == 0]
+  return min(divisors, key=lambda d: (abs(math.log(d / want)), -d))
 
 
 def default_tile(k: int) -> int:
@@ -136,8 +147,12 @@ class Plan:
 
   @property
   def stage_bytes(self) -> int:
-    itemsize = 2
-    return (4 * self.tokens + 2 * _BLOCK_N) * self.tile * itemsize + _BLOCK_N * self.tile // 2
+    return _stage_bytes(self.tokens, self.tile)
+
+
+def _stage_bytes(tokens: int, tile: int) -> int:
+  """Shared memory of one pipeline stage: ``x``'s chunk, both slots' values (16-bit) and the codes."""
+  return (4 * tokens + 2 * _BLOCK_N) * tile * 2 + _BLOCK_N * tile // 2
 
 
 def plan(
@@ -165,20 +180,17 @@ def plan(
   chunks = (k // 4) // tile
   programs = (n // _BLOCK_N) * token_tiles
   if splits is None:
-    want = max(1, -(-(target_programs or _TARGET_PROGRAMS) // programs))
-    divisors = [d for d in range(1, chunks + 1) if chunks % d == 0]
-    splits = min(divisors, key=lambda d: (abs(math.log(d / want)), -d))
+    splits = pick_splits(chunks, -(-(target_programs or _TARGET_PROGRAMS) // programs))
   elif splits < 1 or chunks % splits:
     raise ValueError(f"splits must divide the {chunks} chunks of {tile} groups, got {splits}.")
-  p = Plan(t, k, n, tile, tokens, token_tiles, splits, 1)
   if stages is not None and stages < 1:
     raise ValueError(f"stages must be >= 1, got {stages}.")
   if accumulators not in (None, 1, 2, 4, 8):
     raise ValueError(f"accumulators must be 1, 2, 4 or 8, got {accumulators!r}.")
-  p = dataclasses.replace(p, accumulators=accumulators or 1)
   # An explicit ``stages`` may take up to the whole SM (one program per SM).
-  fit = max(1, (_SMEM_MAX if stages else _SMEM_BUDGET) // p.stage_bytes)
-  return dataclasses.replace(p, stages=max(1, min(stages or _STAGES, fit, p.per_split)))
+  fit = max(1, (_SMEM_MAX if stages else _SMEM_BUDGET) // _stage_bytes(tokens, tile))
+  stages = max(1, min(stages or _STAGES, fit, chunks // splits))
+  return Plan(t, k, n, tile, tokens, token_tiles, splits, stages, accumulators or 1)
 
 
 def _transforms(minor: int, dtype):
