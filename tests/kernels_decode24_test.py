@@ -48,6 +48,20 @@ def random_24(rng, k, n, dtype, *, ints=False, zero_frac=0.25):
   return np.asarray(jnp.asarray(w, dtype))
 
 
+def kept_ref(group):
+  """The two kept positions of a group of 4: its nonzeros, completed by its first zeros."""
+  nonzero = [i for i in range(4) if group[i] != 0]
+  assert len(nonzero) <= 2
+  return sorted(nonzero + [i for i in range(4) if group[i] == 0][: 2 - len(nonzero)])
+
+
+def nibble_ref(i, tile):
+  """``(byte, shift)`` of entry ``i`` along the packed axis: two half tiles per tile."""
+  j, i = divmod(i, tile)
+  half, i = divmod(i, tile // 2)
+  return j * tile // 2 + i, 4 * half
+
+
 def pack_ref(w, tile):
   """``(values, meta)`` of the format, entry by entry from its definition."""
   k, n = w.shape
@@ -55,14 +69,10 @@ def pack_ref(w, tile):
   meta = np.zeros((k // 4, n // 2), np.uint8)
   for g in range(k // 4):
     for c in range(n):
-      col = w[4 * g : 4 * g + 4, c]
-      nonzero = [i for i in range(4) if col[i] != 0]
-      assert len(nonzero) <= 2
-      kept = sorted(nonzero + [i for i in range(4) if col[i] == 0][: 2 - len(nonzero)])
-      values[:, g, c] = col[kept]
-      j, i = divmod(c, tile)
-      half, i = divmod(i, tile // 2)
-      meta[g, j * tile // 2 + i] |= (kept[0] | kept[1] << 2) << (4 * half)
+      kept = kept_ref(w[4 * g : 4 * g + 4, c])
+      values[:, g, c] = w[4 * g : 4 * g + 4, c][kept]
+      byte, shift = nibble_ref(c, tile)
+      meta[g, byte] |= (kept[0] | kept[1] << 2) << shift
   return values, meta
 
 
@@ -71,9 +81,8 @@ def dense_ref(values, meta, tile):
   _, groups, n = values.shape
   w = np.zeros((4 * groups, n), values.dtype)
   for c in range(n):
-    j, i = divmod(c, tile)
-    half, i = divmod(i, tile // 2)
-    code = (meta[:, j * tile // 2 + i] >> (4 * half)) & 15
+    byte, shift = nibble_ref(c, tile)
+    code = (meta[:, byte] >> shift) & 15
     for g in range(groups):
       w[4 * g + (code[g] & 3), c] = values[0, g, c]
       w[4 * g + (code[g] >> 2), c] = values[1, g, c]
@@ -476,13 +485,10 @@ def pack_nk_ref(w, tile):
   meta = np.zeros((n, k // 8), np.uint8)
   for g in range(k // 4):
     for c in range(n):
-      col = w[4 * g : 4 * g + 4, c]
-      nonzero = [i for i in range(4) if col[i] != 0]
-      kept = sorted(nonzero + [i for i in range(4) if col[i] == 0][: 2 - len(nonzero)])
-      values[:, c, g] = col[kept]
-      chunk, i = divmod(g, tile)
-      half, i = divmod(i, tile // 2)
-      meta[c, chunk * tile // 2 + i] |= (kept[0] | kept[1] << 2) << (4 * half)
+      kept = kept_ref(w[4 * g : 4 * g + 4, c])
+      values[:, c, g] = w[4 * g : 4 * g + 4, c][kept]
+      byte, shift = nibble_ref(g, tile)  # chunks of groups, halves within a chunk
+      meta[c, byte] |= (kept[0] | kept[1] << 2) << shift
   return values, meta
 
 
