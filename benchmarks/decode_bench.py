@@ -49,7 +49,6 @@ from _bench_util import timed  # noqa: E402
 
 import jasp  # noqa: E402
 from jasp.kernels import decode24  # noqa: E402
-from jasp.kernels import decode24_mosaic  # noqa: E402
 
 SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096), (16384, 16384))
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -128,19 +127,18 @@ def variants(sweep: bool) -> list[tuple[str, dict]]:
 
 
 def applies(k: int, n: int, tuning: dict, smoke: bool) -> bool:
-  """Whether a variant runs on ``(K, N)`` here (its format fits; ``"nk"`` compiled or smoke)."""
+  """Whether a variant runs on ``(K, N)`` here: its format and kernel take the shape, and
+  its kernel compiles here (or the smoke run interprets it)."""
   layout, tile = tuning.get("layout", "kn"), tuning.get("tile")
-  if layout == "nk":
-    ok = decode24.shape_ok(k, n, jnp.bfloat16, "nk")[0] and (smoke or decode24.native("nk"))
-    return ok and (tile is None or (k // 4) % tile == 0)
-  return n % (tile or 32) == 0
-
-
-def plan_of(c, t: int, plan_kw: dict):
-  """The launch plan a compressed weight ``c`` gets at ``t`` tokens."""
-  if c.layout == "nk":
-    return decode24_mosaic.plan(t, *c.shape, c.tile, **plan_kw)
-  return decode24.plan(t, *c.shape, c.tile, **plan_kw)
+  if not decode24.shape_ok(k, n, jnp.bfloat16, layout)[0]:
+    return False
+  if not (smoke or layout == "kn" or decode24.native(layout)):
+    return False
+  try:
+    decode24.tile_for(k, n, jnp.bfloat16, layout, tile)
+  except ValueError:
+    return False
+  return True
 
 
 def bench_shape(k: int, n: int, args, clock: DeviceClock, copy_bw: float, records: list) -> None:
@@ -176,7 +174,7 @@ def bench_shape(k: int, n: int, args, clock: DeviceClock, copy_bw: float, record
     for name, fmt, plan_kw, fn in fns:
       cs = formats[fmt]
       what = f"compressed[{name}] {k}x{n} T={t}"
-      p = plan_of(cs[0], t, plan_kw)
+      p = decode24.plan_for(cs[0], t, **plan_kw)
       row = {"variant": name, "layout": cs[0].layout, "tile": cs[0].tile, "splits": p.splits}
       row["plan"] = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
       row["rel_err"] = check(fn(x, cs[0]), x, ws[0], what)

@@ -161,11 +161,7 @@ def _capability(w) -> float | None:
   if not isinstance(w, jax.core.Tracer) and hasattr(w, "devices"):
     devices = w.devices()
     device = next(iter(devices)) if len(devices) == 1 else None
-  device = device or jax.devices()[0]
-  try:
-    return float(getattr(device, "compute_capability", None))
-  except (TypeError, ValueError):
-    return None
+  return mosaic.compute_capability(device)
 
 
 def _mosaic_plan(w, n: int, m: int, axis: Axis, packed: bool, on_gpu: bool):

@@ -530,6 +530,48 @@ def test_nk_rejects_what_it_cannot_take():
     decode24.matmul_24(jnp.zeros((1, 512), jnp.bfloat16), dataclasses.replace(c, layout="kn"))
   with pytest.raises(ValueError, match="splits must divide"):
     decode24.matmul_24(jnp.zeros((1, 512), jnp.bfloat16), c, interpret=True, splits=3)
+  # An "nk" weight of fp32 values (which the multiply would round to TF32) is refused
+  # wherever it is read, not only by the kernel.
+  c32 = dataclasses.replace(c, values=c.values.astype(jnp.float32))
+  for read in (
+    decode24.decompress_24,
+    lambda c: decode24.plan_for(c, 1),
+    lambda c: decode24.matmul_24(jnp.zeros((1, 512), jnp.float32), c, interpret=True),
+  ):
+    with pytest.raises(ValueError, match="'nk' Compressed24 holds bfloat16, float16 values"):
+      read(c32)
+  with pytest.raises(ValueError, match="layout must be one of"):
+    decode24.decompress_24(dataclasses.replace(c, layout="mn"))
+  with pytest.raises(ValueError, match="layout must be one of"):
+    decode24.shape_ok(256, 64, jnp.bfloat16, "mn")
+
+
+def test_plan_for_and_tile_for_follow_the_layout():
+  """The plan of each layout comes from that layout's planner; the tile is compress_24's."""
+  w = jnp.zeros((1024, 128), jnp.bfloat16)
+  kn = decode24.compress_24(w, layout="kn")
+  nk = decode24.compress_24(w, layout="nk")
+  assert decode24.plan_for(kn, 5) == decode24.plan(5, 1024, 128, 128)
+  assert decode24.plan_for(nk, 5) == decode24.decode24_mosaic.plan(5, 1024, 128, 128)
+  assert decode24.plan_for(nk, 5, splits=1, stages=2).stages == 2
+  assert decode24.plan_for(kn, 5, block_g=64).block_g == 64
+  with pytest.raises(TypeError):
+    decode24.plan_for(nk, 5, block_g=64)  # a "kn" knob
+  assert (kn.tile, nk.tile) == (
+    decode24.tile_for(1024, 128, jnp.bfloat16, "kn"),
+    decode24.tile_for(1024, 128, jnp.bfloat16, "nk"),
+  )
+  assert decode24.tile_for(1024, 96, jnp.float32, "kn") == 32
+  assert decode24.tile_for(1024, 128, jnp.bfloat16, "nk", 64) == 64
+  with pytest.raises(ValueError, match="divide N=96"):
+    decode24.tile_for(1024, 96, jnp.float32, "kn", 64)
+  with pytest.raises(ValueError, match="no 'nk' layout"):
+    decode24.tile_for(1024, 96, jnp.bfloat16, "nk")
+  # A "kn" format of a tile the kernel cannot run decompresses, but has no plan.
+  odd = decode24.compress_24(jnp.zeros((8, 6), jnp.float32), tile=2)
+  assert decode24.decompress_24(odd).shape == (8, 6)
+  with pytest.raises(ValueError, match="'kn' kernel does not take this weight: N=6"):
+    decode24.plan_for(odd, 1)
 
 
 @pytest.mark.parametrize(

@@ -568,7 +568,7 @@ def test_matmul_takes_the_compact_path(monkeypatch, lead):
   """The compact kernel (interpreted here) as the policy's choice, against a float64 product."""
   from jasp.kernels import decode24
 
-  monkeypatch.setattr(decode24, "native", lambda: True)  # as on a GPU
+  monkeypatch.setattr(decode24, "native", lambda layout="kn": True)  # as on a GPU
   w = _pruned_bf16(128, 64, 2)
   b = testing.normal((64,), 3).astype(jnp.bfloat16)
   x = testing.normal((*lead, 128), 4).astype(jnp.bfloat16)
@@ -586,6 +586,30 @@ def test_matmul_takes_the_compact_path(monkeypatch, lead):
   assert np.all(
     np.abs(np.asarray(y, np.float64) - want) <= 2**-7 * (np.abs(want) + 1) + 1e-5 * scale
   )
+
+
+def test_the_compact_path_needs_the_kernel_of_the_weights_layout(monkeypatch):
+  """As on a Hopper GPU whose JAX has Mosaic GPU but not Triton: an "nk" weight runs
+  compact, a "kn" one falls back to dense."""
+  from jasp.kernels import decode24
+
+  monkeypatch.setattr(decode24, "native", lambda layout="kn": layout == "nk")
+  w = _pruned_bf16(256, 64, 2)
+  x = testing.normal((3, 256), 4).astype(jnp.bfloat16)
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  pol = sparse.MatmulPolicy(measure_compact=_fake(1.7), cache_file="")
+  real, calls = decode24.matmul_24, []
+  monkeypatch.setattr(decode24, "matmul_24", lambda *a, **k: calls.append(1) or real(*a, **k))
+  for layout, runs_compact in (("nk", True), ("kn", False)):
+    compact = decode24.compress_24(w, layout=layout)
+    sw = sparse.SparseWeight(
+      None, w, in_shape=(256,), out_shape=(64,), dtype="bfloat16", compact=compact
+    )
+    policy_lib._CACHES.clear()
+    calls.clear()
+    y = sparse.matmul(x, sw, policy=pol)
+    assert bool(calls) == runs_compact, layout
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2**-7, atol=0.05)
 
 
 def test_a_weight_kept_only_compact_runs_interpreted_off_gpu(caplog):

@@ -152,7 +152,9 @@ def test_nnx_sparsify_with_the_compact_format(monkeypatch):
   """compact=True: every swapped layer holds the compact format and runs the decode-time kernel."""
   from jasp.kernels import decode24
 
-  monkeypatch.setattr(decode24, "native", lambda: True)  # as on a GPU: the kernel interprets here
+  monkeypatch.setattr(
+    decode24, "native", lambda layout="kn": True
+  )  # as on a GPU: the kernel interprets here
   calls = []
   real = decode24.matmul_24
   monkeypatch.setattr(decode24, "matmul_24", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,9 @@ __all__ = [
   "native",
   "nbytes",
   "plan",
+  "plan_for",
   "shape_ok",
+  "tile_for",
 ]
 
 #: The layouts of :class:`Compressed24`: groups major (Triton kernel), columns major (Mosaic GPU).
@@ -137,26 +140,23 @@ def nbytes(c: Compressed24) -> int:
 
 def shape_ok(k: int, n: int, dtype, layout: str | None = None) -> tuple[bool, str]:
   """Whether :func:`matmul_24` takes a ``(k, n)`` weight of ``dtype`` in ``layout``
-  (by default :func:`default_layout`) with the default tile, and why not."""
-  layout = layout or default_layout(k, n, dtype)
-  if layout == "nk":
-    return decode24_mosaic.shape_ok(k, n, dtype)
-  if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
-    return False, f"dtype {jnp.dtype(dtype).name} (the kernel takes bf16, fp16, fp32)"
-  if k <= 0 or k % 4:
-    return False, f"K={k} is not a positive multiple of 4"
-  if n <= 0 or not any(n % t == 0 for t in KN_TILES):
-    return False, f"N={n} is not a multiple of 32"
-  return True, ""
+  (by default :func:`default_layout`) with the default tile, and why not.
+
+  Raises:
+    ValueError: ``layout`` is not one of :data:`LAYOUTS`.
+  """
+  return _kernel_of(layout or default_layout(k, n, dtype)).shape_ok(k, n, dtype)
 
 
 def native(layout: str = "kn") -> bool:
   """Whether :func:`matmul_24` runs compiled here for ``layout``, not interpreted:
   a GPU backend with Pallas Triton (``"kn"``), or Pallas Mosaic GPU on a
-  Hopper-or-newer GPU (``"nk"``)."""
-  if layout == "nk":
-    return decode24_mosaic.native()
-  return jax.default_backend() == "gpu" and backend_available()
+  Hopper-or-newer GPU (``"nk"``).
+
+  Raises:
+    ValueError: ``layout`` is not one of :data:`LAYOUTS`.
+  """
+  return _kernel_of(layout).native()
 
 
 def default_layout(k: int, n: int, dtype) -> str:
@@ -172,6 +172,22 @@ def default_layout(k: int, n: int, dtype) -> str:
   return "kn"
 
 
+def tile_for(k: int, n: int, dtype, layout: str | None = None, tile: int | None = None) -> int:
+  """The ``tile`` :func:`compress_24` lays a ``(k, n)`` weight of ``dtype`` out for.
+
+  Args:
+    k, n: the weight's shape.
+    dtype: its dtype.
+    layout: as :func:`compress_24`'s (default :func:`default_layout`).
+    tile: an explicit tile to check, or None for the layout's default.
+
+  Raises:
+    ValueError: ``layout`` is unknown, does not take the shape or dtype, or
+      ``tile`` does not fit (see :func:`compress_24`).
+  """
+  return _kernel_of(layout or default_layout(k, n, dtype)).tile(k, n, dtype, tile)
+
+
 def _check_dtype(dtype, what: str) -> None:
   if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
     raise ValueError(
@@ -179,8 +195,19 @@ def _check_dtype(dtype, what: str) -> None:
     )
 
 
-def _kn_tile(n: int, tile: int | None) -> int:
+def _kn_shape_ok(k: int, n: int, dtype) -> tuple[bool, str]:
+  if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+    return False, f"dtype {jnp.dtype(dtype).name} (the kernel takes bf16, fp16, fp32)"
+  if k <= 0 or k % 4:
+    return False, f"K={k} is not a positive multiple of 4"
+  if n <= 0 or not any(n % t == 0 for t in KN_TILES):
+    return False, f"N={n} is not a multiple of 32"
+  return True, ""
+
+
+def _kn_tile(k: int, n: int, dtype, tile: int | None) -> int:
   """The column tile for ``N = n``: ``tile`` checked, or the widest default dividing ``n``."""
+  del k, dtype  # any K (a multiple of 4) and supported dtype: checked by compress_24
   if tile is None:
     for t in KN_TILES:
       if n % t == 0:
@@ -193,6 +220,22 @@ def _kn_tile(n: int, tile: int | None) -> int:
     raise ValueError(f"tile must be an int, got {tile!r}.")
   if tile < 2 or tile % 2 or n % tile:
     raise ValueError(f"tile must be even, positive and divide N={n}; got tile={tile}.")
+  return int(tile)
+
+
+def _nk_tile(k: int, n: int, dtype, tile: int | None) -> int:
+  """The group chunk of a ``(k, n)`` weight of ``dtype`` in the ``"nk"`` layout: ``tile``
+  checked, or the widest that divides ``K / 4``."""
+  ok, why = decode24_mosaic.shape_ok(k, n, dtype)
+  if not ok:
+    raise ValueError(f"no 'nk' layout for a ({k}, {n}) {jnp.dtype(dtype).name} weight: {why}.")
+  if tile is None:
+    return decode24_mosaic.default_tile(k)
+  if tile not in decode24_mosaic.NK_TILES or (k // 4) % tile:
+    raise ValueError(
+      f"the 'nk' tile must be one of {decode24_mosaic.NK_TILES} dividing K/4={k // 4}, "
+      f"got {tile!r}."
+    )
   return int(tile)
 
 
@@ -273,21 +316,8 @@ def compress_24(
     raise ValueError(f"K (axis 0) must be a positive multiple of 4, got shape {w.shape}.")
   _check_dtype(w.dtype, "the weight's dtype")
   layout = layout or default_layout(k, n, w.dtype)
-  if layout == "nk":
-    ok, why = decode24_mosaic.shape_ok(k, n, w.dtype)
-    if not ok:
-      raise ValueError(f"no 'nk' layout for a {w.shape} {w.dtype} weight: {why}.")
-    if tile is None:
-      tile = decode24_mosaic.default_tile(k)
-    elif tile not in decode24_mosaic.NK_TILES or (k // 4) % tile:
-      raise ValueError(
-        f"the 'nk' tile must be one of {decode24_mosaic.NK_TILES} dividing K/4={k // 4}, "
-        f"got {tile!r}."
-      )
-  elif layout == "kn":
-    tile = _kn_tile(n, tile)
-  else:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+  kernel = _kernel_of(layout)
+  tile = kernel.tile(k, n, w.dtype, tile)
   count, p0, p1 = _positions(w)
   if check:
     if isinstance(w, jax.core.Tracer):
@@ -302,9 +332,9 @@ def compress_24(
   v0 = jnp.take_along_axis(grouped, p0[:, None, :], axis=1)[:, 0]
   v1 = jnp.take_along_axis(grouped, p1[:, None, :], axis=1)[:, 0]
   code = p0 | (p1 << 2)
-  if layout == "nk":
-    return Compressed24(jnp.stack([v0.T, v1.T]), _pack_codes(code.T, tile), (k, n), tile, "nk")
-  return Compressed24(jnp.stack([v0, v1]), _pack_codes(code, tile), (k, n), tile, "kn")
+  if kernel.columns_major:
+    v0, v1, code = v0.T, v1.T, code.T
+  return Compressed24(jnp.stack([v0, v1]), _pack_codes(code, tile), (k, n), tile, layout)
 
 
 def _check_compressed(c: Compressed24) -> None:
@@ -312,9 +342,8 @@ def _check_compressed(c: Compressed24) -> None:
     raise ValueError(f"expected a Compressed24 (from compress_24), got {type(c).__name__}.")
   k, n = c.shape
   t = c.tile
-  if c.layout not in LAYOUTS:
-    raise ValueError(f"Compressed24.layout must be one of {LAYOUTS}, got {c.layout!r}.")
-  rows, cols = (k // 4, n) if c.layout == "kn" else (n, k // 4)
+  kernel = _kernel_of(c.layout)
+  rows, cols = (n, k // 4) if kernel.columns_major else (k // 4, n)
   bad_tile = not isinstance(t, (int, np.integer)) or t < 2 or t % 2 or cols % t
   if bad_tile or c.values.shape[-3:] != (2, rows, cols) or c.meta.shape[-2:] != (rows, cols // 2):
     raise ValueError(
@@ -324,6 +353,11 @@ def _check_compressed(c: Compressed24) -> None:
     )
   if c.meta.dtype != jnp.uint8:
     raise ValueError(f"Compressed24.meta must be uint8, got {c.meta.dtype}.")
+  if c.dtype not in kernel.dtypes:
+    raise ValueError(
+      f"a {c.layout!r} Compressed24 holds {', '.join(d.name for d in kernel.dtypes)} values, "
+      f"got {c.dtype}."
+    )
 
 
 def decompress_24(c: Compressed24) -> jax.Array:
@@ -340,7 +374,7 @@ def decompress_24(c: Compressed24) -> jax.Array:
   k, n = c.shape
   code = _unpack_codes(c.meta, c.tile)
   v0, v1 = c.values[0], c.values[1]
-  if c.layout == "nk":
+  if _kernel_of(c.layout).columns_major:
     code, v0, v1 = code.T, v0.T, v1.T
   p0, p1 = code & 3, code >> 2
   zero = jnp.zeros_like(v0)
@@ -562,13 +596,12 @@ def _batched(
   """
   k, n = shape
 
+  kernel = _kernel_of(layout)
+
   @jax.custom_batching.custom_vmap
   def f(x2, values, meta):
-    if layout == "nk":
-      p = decode24_mosaic.plan(x2.shape[0], k, n, tile, **dict(tuning))
-      return decode24_mosaic.run(x2, values, meta, p=p, interpret=interpret)
-    p = plan(x2.shape[0], k, n, tile, **dict(tuning))
-    return _run(x2, values, meta, p=p, interpret=interpret)
+    p = kernel.plan(x2.shape[0], k, n, tile, **dict(tuning))
+    return kernel.run(x2, values, meta, p=p, interpret=interpret)
 
   @f.def_vmap
   def rule(axis_size, in_batched, x2, values, meta):
@@ -632,23 +665,106 @@ def matmul_24(
   if x.dtype != c.dtype:
     raise ValueError(f"x is {x.dtype} but the weight is {c.dtype}; cast one to the other.")
   interpret = use_interpret(interpret)
-  if not interpret and not (backend_available() if c.layout == "kn" else native("nk")):
-    raise RuntimeError(
-      "matmul_24 needs the Pallas Triton backend, which this JAX lacks."
-      if c.layout == "kn"
-      else "the 'nk' layout's kernel needs Pallas Mosaic GPU on a GPU of compute capability "
-      "9.0+ (Hopper); compress with layout='kn' for the Triton kernel."
-    )
+  kernel = _kernel_of(c.layout)
+  if not interpret and not kernel.buildable():
+    raise RuntimeError(kernel.unbuildable)
   lead = x.shape[:-1]
   t = math.prod(lead)
-  if c.layout == "nk":  # checks the plan before tracing
-    ok, why = decode24_mosaic.shape_ok(k, n, x.dtype)
-    if not ok:
-      raise ValueError(f"the 'nk' kernel does not take this weight: {why}.")
-    decode24_mosaic.plan(max(t, 1), k, n, c.tile, **tuning)
-  else:
-    plan(max(t, 1), k, n, c.tile, **tuning)
+  plan_for(c, max(t, 1), **tuning)  # checks the weight and the tuning before tracing
   if t == 0:
     return jnp.zeros((*lead, n), x.dtype)
   f = _batched((k, n), c.tile, c.layout, interpret, tuple(sorted(tuning.items())))
   return f(x.reshape(t, k), c.values, c.meta).reshape(*lead, n)
+
+
+def plan_for(c: Compressed24, t: int, **tuning) -> Any:
+  """The launch plan :func:`matmul_24` runs ``c`` with at ``t`` tokens.
+
+  Args:
+    c: the weight, from :func:`compress_24`.
+    t: tokens (rows of ``x``), at least 1.
+    **tuning: as :func:`matmul_24`'s.
+
+  Returns:
+    A :class:`Plan` (``"kn"``) or a :class:`jasp.kernels.decode24_mosaic.Plan` (``"nk"``).
+
+  Raises:
+    ValueError: ``c`` is inconsistent, its layout's kernel does not take its
+      shape, or the tuning does not apply (see the plan functions).
+  """
+  _check_compressed(c)
+  kernel = _kernel_of(c.layout)
+  k, n = c.shape
+  ok, why = kernel.shape_ok(k, n, c.dtype)
+  if not ok:
+    raise ValueError(f"matmul_24's {c.layout!r} kernel does not take this weight: {why}.")
+  return kernel.plan(t, k, n, c.tile, **tuning)
+
+
+# ----------------------------------------------------------------------------
+# The layouts: the one place that tells them apart.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+  """One layout of :class:`Compressed24`: its format rules and the kernel that reads it.
+
+  Attributes:
+    columns_major: ``values (2, N, G)`` and ``meta (N, G / 2)``, the
+      ``"kn"`` arrays transposed (the nibbles then pair groups, not columns).
+    dtypes: the value dtypes the layout holds.
+    shape_ok: ``(k, n, dtype) -> (ok, why not)`` for :func:`matmul_24`.
+    tile: ``(k, n, dtype, tile) -> tile``, ``tile`` checked or the default;
+      raises ValueError.
+    native: whether the kernel runs compiled here.
+    buildable: whether :func:`matmul_24` may build the kernel uninterpreted
+      here (the Triton kernel lowers for CUDA from any host).
+    unbuildable: the RuntimeError message when it may not.
+    plan: ``(t, k, n, tile, **tuning) -> plan``.
+    run: ``(x2, values, meta, *, p, interpret) -> (T, N)``.
+  """
+
+  columns_major: bool
+  dtypes: tuple
+  shape_ok: Callable[[int, int, Any], tuple[bool, str]]
+  tile: Callable[[int, int, Any, int | None], int]
+  native: Callable[[], bool]
+  buildable: Callable[[], bool]
+  unbuildable: str
+  plan: Callable[..., Any]
+  run: Callable[..., jax.Array]
+
+
+# The "nk" entries look decode24_mosaic's functions up at call time (tests spy on them).
+_KERNELS = {
+  "kn": _Kernel(
+    columns_major=False,
+    dtypes=SUPPORTED_DTYPES,
+    shape_ok=_kn_shape_ok,
+    tile=_kn_tile,
+    native=lambda: jax.default_backend() == "gpu" and backend_available(),
+    buildable=backend_available,
+    unbuildable="matmul_24 needs the Pallas Triton backend, which this JAX lacks.",
+    plan=plan,
+    run=_run,
+  ),
+  "nk": _Kernel(
+    columns_major=True,
+    dtypes=decode24_mosaic.DTYPES,
+    shape_ok=decode24_mosaic.shape_ok,
+    tile=_nk_tile,
+    native=lambda: decode24_mosaic.native(),
+    buildable=lambda: decode24_mosaic.native(),
+    unbuildable="the 'nk' layout's kernel needs Pallas Mosaic GPU on a GPU of compute "
+    "capability 9.0+ (Hopper); compress with layout='kn' for the Triton kernel.",
+    plan=lambda *a, **kw: decode24_mosaic.plan(*a, **kw),
+    run=lambda *a, **kw: decode24_mosaic.run(*a, **kw),
+  ),
+}
+
+
+def _kernel_of(layout: str) -> _Kernel:
+  try:
+    return _KERNELS[layout]
+  except (KeyError, TypeError):
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.") from None

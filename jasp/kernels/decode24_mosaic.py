@@ -73,10 +73,7 @@ def native() -> bool:
   """Whether the kernel compiles here: a Hopper-or-newer GPU backend with Pallas Mosaic GPU."""
   if jax.default_backend() != "gpu" or not mosaic.available():
     return False
-  try:
-    return float(getattr(jax.devices()[0], "compute_capability", 0) or 0) >= 9.0
-  except (TypeError, ValueError):
-    return False
+  return (mosaic.compute_capability() or 0.0) >= 9.0
 
 
 def shape_ok(k: int, n: int, dtype) -> tuple[bool, str]:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 __all__ = [
   "available",
   "bool_stores",
+  "compute_capability",
   "grid_fits",
   "interpret_params",
   "launch",
@@ -51,6 +52,16 @@ def available() -> bool:
     "LoweringSemantics",
   )
   return all(hasattr(plgpu, a) for a in needed) and hasattr(plgpu.Layout, "WG_STRIDED")
+
+
+def compute_capability(device=None) -> float | None:
+  """The compute capability of ``device`` (default: JAX's first device), e.g. 9.0; None if it
+  has none (not a CUDA GPU) or it cannot be read."""
+  device = device or jax.devices()[0]
+  try:
+    return float(getattr(device, "compute_capability", None))
+  except (TypeError, ValueError):
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -564,9 +564,9 @@ def measure_compact_gpu(
   Raises:
     RuntimeError: the compact kernel does not run compiled here (no GPU).
   """
-  if not decode24.native():
-    raise RuntimeError("jasp.sparse: the compact kernel is measured on a GPU only.")
   x, sw = _compact_problem(k, n, t, dtype)
+  if not decode24.native(sw.compact.layout):
+    raise RuntimeError("jasp.sparse: the compact kernel is measured on a GPU only.")
   dense_s, compact_s = device_seconds(
     [(_dense_call, (x, sw)), (_compact_call, (x, sw))], rounds=rounds, target_s=target_s
   )
@@ -663,7 +663,7 @@ def choice_for(
       if w.dense is None and not w.is_compact:
         raise _runtime.SparseUnavailable(why + " This SparseWeight kept no dense weight.")
       _runtime.note_dense_fallback(why)
-  compact = w.is_compact and decode24.native()
+  compact = w.is_compact and decode24.native(w.compact.layout)
   if w.dense is None and not runnable and not compact:
     # Only the compact form can run: interpreted off a GPU (slow, but exact).
     _runtime.note_dense_fallback(
