@@ -11,6 +11,7 @@ Run on the device machine::
     python3 benchmarks/decode_bench.py --out $OUT/decode_h100.json        # everything
     python3 benchmarks/decode_bench.py --quick --out $OUT/decode.json     # 2 shapes x 3 T
     python3 benchmarks/decode_bench.py --sweep --quick                    # tuning variants too
+    python3 benchmarks/decode_bench.py --probe --quick                    # the selects' share
     python3 benchmarks/decode_bench.py --smoke                            # CPU, interpret mode
 
 Before timing, every output is checked against a float32 ``Precision.HIGHEST``
@@ -26,11 +27,18 @@ wall time per call, which at these sizes measures dispatch as much as the
 kernels (the JSON says which). Bandwidth: bytes read and written per call
 (format or dense weight, ``x``, ``y``) over the time, against a device copy's
 (read + write) bandwidth measured in the same run.
+
+``--probe`` also times each layout's default format with the selects that
+build the dense tiles cut to one per code (:func:`one_select_per_code`): the
+same bytes with almost no work per weight, so wrong products (unchecked, kept
+apart under ``"probes"``). What the probe gains over the real kernel bounds
+what any cheaper decoding of the positions can gain.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -49,6 +57,7 @@ from _bench_util import timed  # noqa: E402
 
 import jasp  # noqa: E402
 from jasp.kernels import decode24  # noqa: E402
+from jasp.kernels import decode24_mosaic  # noqa: E402
 
 SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096), (16384, 16384))
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -84,6 +93,29 @@ SWEEP = (
   {"layout": "nk", "stages": 3},
   {"layout": "nk", "stages": 4},
 )
+
+
+@contextlib.contextmanager
+def one_select_per_code():
+  """Within: both decode kernels trace with one compare and select per code where they
+  take six (:func:`jasp.kernels.decode24_mosaic.position_tile`), so their products are
+  wrong; they read the same bytes (the codes are still used). JAX's caches are cleared
+  on entry and exit, so nothing traced within runs outside."""
+  real = decode24_mosaic.position_tile
+
+  def stand_in(j, p0, p1, v0, v1):
+    del p1
+    if j == 0:
+      return jnp.where(p0 == 0, v0, v1)
+    return v0 if j == 2 else v1
+
+  jax.clear_caches()
+  decode24_mosaic.position_tile = stand_in
+  try:
+    yield
+  finally:
+    decode24_mosaic.position_tile = real
+    jax.clear_caches()
 
 
 class Mismatch(AssertionError):
@@ -188,6 +220,8 @@ def bench_shape(k: int, n: int, args, clock: DeviceClock, copy_bw: float, record
         fraction_of_copy_bw=moved / sec / copy_bw,
       )
       rec.setdefault("compressed", []).append(row)
+    if args.probe:
+      rec["probes"] = probes(x, formats, rec["dense_s"], clock, args.reps, interpret)
     best = min(rec["compressed"], key=lambda r: r["seconds"])
     records.append(rec)
     print(
@@ -198,6 +232,30 @@ def bench_shape(k: int, n: int, args, clock: DeviceClock, copy_bw: float, record
       f"best {best['variant']} x{best['speedup_vs_dense']:.2f}",
       flush=True,
     )
+
+
+def probes(x, formats: dict, dense_s: float, clock, reps: int, interpret) -> list[dict]:
+  """Each layout's default format timed under :func:`one_select_per_code`."""
+  rows = []
+  defaults = {fmt: cs for fmt, cs in formats.items() if fmt[1] is None}
+  real = {fmt: decode24.matmul_24(x, cs[0], interpret=interpret) for fmt, cs in defaults.items()}
+  with one_select_per_code():
+    for (layout, tile), cs in defaults.items():
+      fn = jax.jit(lambda x, c: decode24.matmul_24(x, c, interpret=interpret))
+      sec, _ = timed(fn, [(x, c) for c in cs], clock, reps)
+      rows.append(
+        {
+          "variant": f"probe:{layout}",
+          "probe": "one select per code (wrong products, unchecked)",
+          "layout": layout,
+          "seconds": sec,
+          "speedup_vs_dense": dense_s / sec,
+          "differs_from_product": bool(jnp.any(fn(x, cs[0]) != real[layout, tile])),
+        }
+      )
+  for row in rows:
+    print(f"  {row['variant']}: x{row['speedup_vs_dense']:.2f} of dense", flush=True)
+  return rows
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
@@ -211,6 +269,7 @@ def parse_args(argv=None):
   ap.add_argument("--quick", action="store_true", help=f"{QUICK_SHAPES} x T {QUICK_TOKENS}")
   ap.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny shapes, interpret")
   ap.add_argument("--sweep", action="store_true", help="also time the tuning variants")
+  ap.add_argument("--probe", action="store_true", help="also time one select per code")
   ap.add_argument("--reps", type=int, default=0, help="rounds over the weight copies")
   ap.add_argument("--budget-s", type=float, default=0, help="start no new row after this")
   ap.add_argument("--out", default="", help="JSON results file")

@@ -13,6 +13,8 @@ import testing
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import decode_bench as db  # noqa: E402
 
+from jasp.kernels import decode24
+
 
 def test_smoke_run_writes_checked_records(tmp_path):
   out = tmp_path / "decode.json"
@@ -41,6 +43,21 @@ def test_sweep_smoke_times_every_variant_that_fits():
   assert names == ["default"] + [n for n, t in db.variants(True)[1:] if t.get("tile") != 256]
   got = {(row["layout"], row["tile"]) for row in r["compressed"]}
   assert got == {("kn", 128), ("kn", 64), ("nk", 64)}  # K / 4 = 64 groups: the 'nk' chunk is 64
+
+
+def test_probe_cuts_the_selects_only_within_and_is_kept_apart():
+  res = db.main(["--smoke", "--probe", "--shapes", "256x128", "--tokens", "3,5"])
+  for r in res["records"]:
+    # every variant's product was checked; the probes are rows of their own
+    assert [row["variant"] for row in r["compressed"]] == ["default", "layout=nk"]
+    assert [row["variant"] for row in r["probes"]] == ["probe:kn", "probe:nk"]
+    assert all(row["differs_from_product"] for row in r["probes"])
+  # outside the probe, the kernels decode with six selects again
+  w = db.weight_24(jax.random.key(1), 256, 128, jnp.bfloat16)
+  x = jnp.ones((2, 256), jnp.bfloat16)
+  for layout in ("kn", "nk"):
+    y = decode24.matmul_24(x, decode24.compress_24(w, layout=layout), interpret=True)
+    db.check(y, x, w, layout)
 
 
 def test_weight_is_2_of_4_with_the_two_largest_kept():

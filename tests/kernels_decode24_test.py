@@ -670,3 +670,43 @@ def test_nk_vmap_over_x_folds_rows_into_one_launch(monkeypatch):
   # custom_vmap traces the unbatched body once (2 rows); the launch made is of all 6 rows.
   assert y.shape == (3, 2, 64) and launches[-1] == 6 and set(launches) <= {2, 6}
   assert_product(y.reshape(6, 64), x.reshape(6, 256), w, jnp.bfloat16, f"seed={seed}")
+
+
+def decode_any_ref(values, meta, tile, layout):
+  """The dense weight of a format holding any codes (``p0 >= p1`` too), entry by entry:
+  position 0 reads slot 0 only, position 3 slot 1 only, slot 0 wins at 1 and 2."""
+  if layout == "nk":
+    values = values.transpose(0, 2, 1)
+  _, groups, n = values.shape
+  w = np.zeros((4 * groups, n), values.dtype)
+  for g in range(groups):
+    for c in range(n):
+      row, i = (g, c) if layout == "kn" else (c, g)
+      byte, shift = nibble_ref(i, tile)
+      code = (int(meta[row, byte]) >> shift) & 15
+      p0, p1 = code & 3, code >> 2
+      for j in range(4):
+        if j == p0 and j != 3:
+          w[4 * g + j, c] = values[0, g, c]
+        elif j == p1 and j != 0:
+          w[4 * g + j, c] = values[1, g, c]
+  return w
+
+
+@pytest.mark.parametrize(
+  "layout,dtype", [("kn", jnp.bfloat16), ("kn", jnp.float32), ("nk", jnp.bfloat16)]
+)
+def test_any_code_decodes_alike_in_decompress_and_the_kernel(layout, dtype):
+  """Codes compress_24 never writes (p0 >= p1) still give one weight, in both readers."""
+  rng, seed = testing.fresh_rng(31)
+  k, n, tile = 256, 64, 64
+  dims = (k // 4, n) if layout == "kn" else (n, k // 4)
+  values = jnp.asarray(rng.standard_normal((2, *dims)), dtype)
+  meta = rng.integers(0, 256, (dims[0], dims[1] // 2), dtype=np.uint8)
+  c = decode24.Compressed24(values, jnp.asarray(meta), (k, n), tile, layout)
+  w = decode_any_ref(np.asarray(values), meta, tile, layout)
+  assert {int(b) & 15 for b in meta.ravel()} == set(range(16))  # every code occurs
+  np.testing.assert_array_equal(bits(decode24.decompress_24(c)), bits(w), err_msg=f"seed={seed}")
+  x = jnp.asarray(rng.standard_normal((3, k)), dtype)
+  y = decode24.matmul_24(x, c, interpret=True)
+  assert_product(y, x, w, dtype, f"seed={seed} {layout}")

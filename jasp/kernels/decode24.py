@@ -29,16 +29,18 @@ Design note: ``docs/design/decode-kernel.md``.
 :func:`matmul_24` runs the kernel of the weight's layout. The ``"kn"`` kernel
 (Pallas; the Triton backend on GPUs, interpret mode elsewhere) reorders the
 sum over ``k`` by position within the group, ``y = sum_j x[:, j::4] @ D_j``
-with ``D_j (G, N) = where(p0 == j, v0, where(p1 == j, v1, 0))``. ``x`` is viewed for free as ``(T, G, 4)``; a program owns
-``block_t`` rows of ``y`` and one column tile, and walks its share of the
-groups in chunks of ``block_g``: it loads ``x[:, chunk, j]`` (strided by 4),
-both slots' values and the codes of the chunk, builds the eight
-``(block_g, BN / 2)`` tiles ``D_j`` (two halves) with compares and selects,
-and accumulates eight dots in float32. For small ``T * N`` the groups are
-split over ``splits`` programs (split-K) so that enough programs run to fill
-a GPU; their float32 partial sums are added afterwards (one small XLA
-reduction). Rows past ``T`` and groups past ``G`` are masked at load and
-store: neither ``x`` nor ``W`` is padded or copied.
+with ``D_j (G, N) = where(p0 == j, v0, where(p1 == j, v1, 0))``. ``x`` is
+viewed for free as ``(T, G, 4)``; a program owns ``block_t`` rows of ``y``
+and one column tile, and walks its share of the groups in chunks of
+``block_g``: it loads ``x[:, chunk, j]`` (strided by 4), both slots' values
+and the codes of the chunk, builds the eight ``(block_g, BN / 2)`` tiles
+``D_j`` (two halves) with compares and selects (six per code, since ``p0 <
+p1``: :func:`jasp.kernels.decode24_mosaic.position_tile`), and accumulates
+eight dots in float32. For small ``T * N`` the groups are split over
+``splits`` programs (split-K) so that enough programs run to fill a GPU;
+their float32 partial sums are added afterwards (one small XLA reduction).
+Rows past ``T`` and groups past ``G`` are masked at load and store: neither
+``x`` nor ``W`` is padded or copied.
 """
 
 from __future__ import annotations
@@ -362,8 +364,9 @@ def _check_compressed(c: Compressed24) -> None:
 
 def decompress_24(c: Compressed24) -> jax.Array:
   """The dense ``(K, N)`` weight of ``c``, in ``c.dtype`` (XLA; the exact inverse of
-  :func:`compress_24`). Unkept entries are ``+0``; where both slots name one
-  position, slot 0 wins (as in :func:`matmul_24`).
+  :func:`compress_24`). Unkept entries are ``+0``. Codes with ``p0 >= p1``
+  (:func:`compress_24` writes none) decode as :func:`matmul_24` reads them
+  (:func:`jasp.kernels.decode24_mosaic.position_tile`).
 
   Raises:
     ValueError: ``c`` is not a consistent :class:`Compressed24` (or is batched).
@@ -377,8 +380,7 @@ def decompress_24(c: Compressed24) -> jax.Array:
   if _kernel_of(c.layout).columns_major:
     code, v0, v1 = code.T, v0.T, v1.T
   p0, p1 = code & 3, code >> 2
-  zero = jnp.zeros_like(v0)
-  d = [jnp.where(p0 == j, v0, jnp.where(p1 == j, v1, zero)) for j in range(4)]
+  d = [decode24_mosaic.position_tile(j, p0, p1, v0, v1) for j in range(4)]
   return jnp.stack(d, axis=1).reshape(k, n)
 
 
@@ -513,10 +515,9 @@ def _chunk(x_ref, v_ref, m_ref, start, acc, p: Plan, row_ok, g_ok):
     v1 = _load(v_ref.at[np.int32(1), rows, cols], col_mask)
     code = (codes >> (4 * half)) & 15
     p0, p1 = code & 3, code >> 2
-    zero = jnp.zeros_like(v0)
     a = acc[half]
     for j in range(4):
-      d = jnp.where(p0 == j, v0, jnp.where(p1 == j, v1, zero))
+      d = decode24_mosaic.position_tile(j, p0, p1, v0, v1)
       a = a + lax.dot(xs[j], d, precision=precision, preferred_element_type=jnp.float32)
     out.append(a)
   return tuple(out)

@@ -17,7 +17,8 @@ j, v1, 0))``, so that the weight is the warpgroup matrix multiply's left
 operand, which Hopper takes from registers: each program owns 64 columns of
 ``W`` (the multiply's ``M``), streams chunks of values and codes through
 shared memory (TMA, a ``stages``-deep pipeline), builds the eight ``(64, C /
-2)`` tiles ``D_j`` of a chunk in registers with compares and selects, and
+2)`` tiles ``D_j`` of a chunk in registers with compares and selects
+(:func:`position_tile`: six selects per code, not eight), and
 multiplies each with ``x_j``'s chunk, which waits in shared memory as the
 right operand (``T`` padded to a multiple of 8, the multiply's ``N``, at most
 64 per program; more tokens take more programs). Nothing dense is written to
@@ -50,7 +51,16 @@ from jax.experimental import pallas as pl
 
 from jasp.kernels import mosaic
 
-__all__ = ["NK_TILES", "Plan", "native", "pick_splits", "plan", "run", "shape_ok"]
+__all__ = [
+  "NK_TILES",
+  "Plan",
+  "native",
+  "pick_splits",
+  "plan",
+  "position_tile",
+  "run",
+  "shape_ok",
+]
 
 #: Group chunks (the format's ``tile``) the ``"nk"`` layout may use, widest first.
 NK_TILES = (128, 64)
@@ -96,6 +106,33 @@ def pick_splits(chunks: int, want: int) -> int:
     return 1
   divisors = [d for d in range(1, chunks + 1) if chunks % d == 0]
   return min(divisors, key=lambda d: (abs(math.log(d / want)), -d))
+
+
+def position_tile(j: int, p0: jax.Array, p1: jax.Array, v0: jax.Array, v1: jax.Array) -> jax.Array:
+  """Position ``j``'s entries of the dense weight, from the slots' values and positions.
+
+  ``v0`` where ``p0 == j``, ``v1`` where ``p1 == j``, else 0, for codes with
+  ``p0 < p1`` (all that :func:`jasp.kernels.decode24.compress_24` writes):
+  position 0 can then be slot 0's only and position 3 slot 1's only, so the
+  four positions take six selects, not eight. For other codes this is the
+  definition: position 0 reads slot 0 only, position 3 slot 1 only, and slot
+  0 wins at 1 and 2. The decoding of both decode kernels and of
+  :func:`jasp.kernels.decode24.decompress_24`.
+
+  Args:
+    j: the position, 0..3 (static).
+    p0, p1: int arrays of one shape (or broadcasting), the positions.
+    v0, v1: the values, of that shape.
+
+  Returns:
+    An array like ``v0``.
+  """
+  zero = jnp.zeros_like(v0)
+  if j == 0:
+    return jnp.where(p0 == 0, v0, zero)
+  if j == 3:
+    return jnp.where(p1 == 3, v1, zero)
+  return jnp.where(p0 == j, v0, jnp.where(p1 == j, v1, zero))
 
 
 def default_tile(k: int) -> int:
@@ -220,9 +257,8 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
       p0, p1 = code & 3, code >> 2
       part = pl.ds(half * h, h)
       v0, v1 = v_smem[0, :, part], v_smem[1, :, part]
-      zero = jnp.zeros_like(v0)
       for j in range(4):
-        d = jnp.where(p0 == j, v0, jnp.where(p1 == j, v1, zero))
+        d = position_tile(j, p0, p1, v0, v1)
         acc_ref = accs[(4 * half + j) % len(accs)]
         if interpret:
           xj = x_smem[j, :, part]
