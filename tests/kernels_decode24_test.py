@@ -605,17 +605,24 @@ def test_nk_plans():
 
 
 @pytest.mark.parametrize(
-  "k,n,accumulators", [(1024, 128, 1), (1280, 384, 1), (1024, 64, 4)]
-)  # chunks of 128 and of 64 groups
-def test_nk_lowers_to_mosaic_gpu_for_cuda(k, n, accumulators):
+  "t,k,n,accumulators",
+  [
+    (16, 1024, 128, 1),
+    (16, 1280, 384, 1),
+    (16, 1024, 64, 4),
+    (1, 1024, 128, 2),
+    (100, 1280, 384, 1),
+  ],
+)  # chunks of 128 and of 64 groups; 8, 16 and 64 tokens a program, one or two token tiles
+def test_nk_lowers_to_mosaic_gpu_for_cuda(t, k, n, accumulators):
   c = decode24.compress_24(jnp.zeros((k, n), jnp.bfloat16), layout="nk")
-  p = decode24.decode24_mosaic.plan(16, k, n, c.tile, accumulators=accumulators)
+  p = decode24.decode24_mosaic.plan(t, k, n, c.tile, accumulators=accumulators)
 
   def fn(x, v, m):  # the kernel itself: matmul_24 refuses to compile it off Hopper
     return decode24.decode24_mosaic.run(x, v, m, p=p, interpret=False)
 
   shapes = (
-    jax.ShapeDtypeStruct((16, k), jnp.bfloat16),
+    jax.ShapeDtypeStruct((t, k), jnp.bfloat16),
     jax.ShapeDtypeStruct(c.values.shape, c.values.dtype),
     jax.ShapeDtypeStruct(c.meta.shape, c.meta.dtype),
   )
