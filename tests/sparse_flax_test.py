@@ -82,6 +82,85 @@ def test_linen_sparsify_and_apply():
   _close(y, ref)
 
 
+class EinsumNet(nn.Module):
+  """A Gemma-style gated MLP of ``nn.Einsum`` kernels, and an einsum that reorders its output."""
+
+  @nn.compact
+  def __call__(self, x):
+    gate = nn.Einsum((32, 64), "btd,df->btf", use_bias=False, dtype=BF16, name="gate")(x)
+    up = nn.Einsum((32, 64), "btd,df->btf", use_bias=False, dtype=BF16, name="up")(x)
+    h = nn.Einsum((64, 32), "btf,fd->btd", use_bias=True, dtype=BF16, name="down")(
+      nn.silu(gate) * up
+    )
+    return nn.Einsum((32, 2, 16), "btd,dhe->bhte", use_bias=True, dtype=BF16, name="heads")(h)
+
+
+def test_linen_einsum_layers_run_sparse(monkeypatch):
+  from jasp.sparse import autotune
+
+  model = EinsumNet()
+  x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+  variables = model.init(jax.random.key(0), x)
+  variables = jax.tree.map(
+    lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), variables
+  )
+  layouts = jasp.trace_layouts(model.apply, variables, x)
+  pruned, _ = jasp.prune(variables, layouts=layouts)
+  sp_vars, report = sparse.sparsify(pruned, layouts=layouts, dtype=BF16)
+  names = ("gate", "up", "down", "heads")
+  assert all(isinstance(sp_vars["params"][n]["kernel"], sparse.SparseWeight) for n in names)
+  assert not any(r.startswith("kept") for r in report.values()), report
+  calls = []
+  real = autotune.matmul
+  monkeypatch.setattr(autotune, "matmul", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+  y = jax.jit(lambda v, x: sparse.apply(model, v, x))(sp_vars, x)
+  assert sorted(calls) == sorted([(32, 64), (32, 64), (64, 32), (32, 2, 16)])
+  ref = model.apply(pruned, x)  # flax's own einsums on the pruned kernels
+  assert y.shape == ref.shape == (2, 2, 5, 16) and y.dtype == ref.dtype
+  _close(y, ref)
+
+
+class CallTimeEinsum(nn.Module):
+  """An ``nn.Einsum`` given at call time an equation that contracts the kernel's last axis."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Einsum((32, 32), use_bias=False, name="mix")(x, "btd,fd->btf")
+
+
+def test_linen_einsum_without_a_sparse_form_raises():
+  model = CallTimeEinsum()
+  x = jnp.ones((1, 3, 32))
+  variables = model.init(jax.random.key(0), x)
+  pruned, _ = jasp.prune(variables)  # naming conventions: groups along the kernel's axis 0
+  sp_vars, _ = sparse.sparsify(pruned, dtype=BF16)
+  assert isinstance(sp_vars["params"]["mix"]["kernel"], sparse.SparseWeight)
+  with pytest.raises(ValueError, match=r"mix: einsum 'btd,fd->btf' has no sparse form"):
+    sparse.apply(model, sp_vars, x)
+
+
+class RawKernel(nn.Module):
+  """A module that reads its kernel itself (no Dense/DenseGeneral/Einsum)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x @ self.param("kernel", nn.initializers.lecun_normal(), (32, 16))
+
+
+def test_a_sparse_weight_read_as_an_array_says_how_to_keep_it_dense():
+  model = RawKernel()
+  x = jnp.ones((2, 32))
+  variables = model.init(jax.random.key(0), x)
+  layouts = jasp.trace_layouts(model.apply, variables, x)
+  pruned, _ = jasp.prune(variables, layouts=layouts)
+  sp_vars, _ = sparse.sparsify(pruned, layouts=layouts, dtype=BF16)
+  with pytest.raises(TypeError, match=r"exclude=\[<its path>\]"):
+    sparse.apply(model, sp_vars, x)
+  kept, report = sparse.sparsify(pruned, layouts=layouts, dtype=BF16, exclude=[r"kernel"])
+  assert report["params/kernel"] == "kept: matched by exclude"
+  np.testing.assert_array_equal(sparse.apply(model, kept, x), model.apply(pruned, x))
+
+
 def _nnx(policy, **kw):
   model = NNXNet(rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 8, 32))
@@ -171,3 +250,40 @@ def test_nnx_compact_kernel_gpu():
   ref, y, report, model = _nnx(_compact_first(), compact=True)
   assert model.inp.kernel.get_value().is_compact, report
   _close(y, ref)
+
+
+def test_scanned_layers_stay_dense_and_the_report_says_why():
+  """The zoo's scan-stacked linen decoder, and nnx blocks stacked by nnx.vmap."""
+  from zoo import decoder_linen
+
+  model, variables = decoder_linen.build()
+  tokens = decoder_linen.tokens(0)
+  layouts = jasp.trace_layouts(model.apply, variables, tokens)
+  pruned, _ = jasp.prune(variables, layouts=layouts)
+  sp_vars, report = sparse.sparsify(pruned, layouts=layouts, dtype=BF16)
+  stacked = [p for p in report if p.startswith("params/layers/")]
+  assert sorted(stacked) == [
+    f"params/layers/{n}/kernel" for n in ("down", "gate", "k", "o", "q", "up", "v")
+  ]
+  for p in stacked:
+    assert report[p].startswith("kept: a stack of 2 scanned layers' kernels (axes (0,)"), report[p]
+  np.testing.assert_array_equal(
+    sparse.apply(model, sp_vars, tokens), model.apply(pruned, tokens)
+  )  # nothing swapped: the same program
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(32, 32, rngs=rngs)
+
+  @nnx.split_rngs(splits=4)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def blocks(rngs):
+    return Block(rngs)
+
+  stack = blocks(nnx.Rngs(0))
+  report = sparse.sparsify_nnx(stack, dtype=BF16)
+  assert report == {
+    "lin/kernel": "kept: a stack of 4 layers' kernels (4, 32, 32) (nnx.vmap / nnx.scan); "
+    "jasp.sparse runs unstacked kernels only"
+  }
+  assert isinstance(stack.lin, nnx.Linear)

@@ -156,6 +156,14 @@ class SparseWeight:
     """Whether the decode-time format (``compact``) is held."""
     return self.compact is not None
 
+  def __jax_array__(self):
+    raise TypeError(
+      f"a jasp.sparse.SparseWeight (kernel {self.shape}) was used as an array. Only the "
+      "layers jasp.sparse runs take one: linen Dense, DenseGeneral and Einsum under "
+      "jasp.sparse.apply / intercept, nnx SparseLinear, or jasp.sparse.matmul. Keep this "
+      "kernel dense: jasp.sparse.sparsify(..., exclude=[<its path>])."
+    )
+
   def tree_flatten_with_keys(self):
     children = (
       (jax.tree_util.GetAttrKey("compressed"), self.compressed),

@@ -5,18 +5,21 @@ unchanged)::
 
     pruned, masks = jasp.prune(variables, layouts=layouts)
     sparse_vars, report = jasp.sparse.sparsify(pruned, layouts=layouts, dtype=jnp.bfloat16)
-    y = jasp.sparse.apply(model, sparse_vars, x)   # model.apply, Dense/DenseGeneral sparse
+    y = jasp.sparse.apply(model, sparse_vars, x)   # model.apply, Dense/DenseGeneral/Einsum sparse
 
 nnx (modules swapped in place)::
 
     report = jasp.sparse.sparsify_nnx(model, dtype=jnp.bfloat16)
     y = model(x)
 
-Every ``Dense``/``DenseGeneral`` (linen) or ``Linear``/``LinearGeneral`` (nnx)
-whose kernel is 2:4 along its input axes is compressed
+Every ``Dense``/``DenseGeneral``/``Einsum`` (linen) or ``Linear``/``LinearGeneral``
+(nnx) whose kernel is 2:4 along its input axes is compressed
 (:func:`jasp.sparse.compress`); the others, and every other leaf, stay as
 they are, and the report says why. Attention projections are
-``DenseGeneral``/``LinearGeneral`` layers, so they are covered. Each call then
+``DenseGeneral``/``LinearGeneral`` layers, so they are covered. linen's
+:func:`sparsify` sees only the params, so it compresses any kernel whose
+contracted axes lead; a module other than those three that reads such a
+kernel as an array raises TypeError naming the way out (``exclude``). Each call then
 goes through :func:`jasp.sparse.matmul`: the sparse tensor cores where the
 policy measured them faster, the dense dot on the kept masked weight
 otherwise, and on CPU.
@@ -147,6 +150,14 @@ def sparsify(
       out.append(leaf)
       continue
     a = len(lay.axis)
+    if lay.stack:
+      report[path] = (
+        f"kept: a stack of {math.prod(leaf.shape[i] for i in lay.stack)} scanned layers' "
+        f"kernels (axes {lay.stack} of {tuple(leaf.shape)}); jasp.sparse runs unstacked "
+        "kernels only"
+      )
+      out.append(leaf)
+      continue
     if tuple(lay.axis) != tuple(range(a)) or tuple(lay.out_axes) != tuple(range(a, nd)):
       report[path] = (
         f"kept: contracted axes {lay.axis} are not the leading axes of the kernel "
@@ -202,12 +213,51 @@ def _linen_out_dtype(mod, x) -> Any:
   return mod.dtype if mod.dtype is not None else jnp.result_type(x.dtype, mod.param_dtype)
 
 
+def _einsum(mod, x, eq, kernel, policy, bias_epilogue) -> jax.Array:
+  """``nn.Einsum`` with a SparseWeight kernel: ``eq`` must contract the kernel's leading
+  axes with axes of ``x`` and keep every other axis of either operand."""
+  import opt_einsum  # a dependency of jax
+
+  eq = eq.replace(" ", "")
+  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, x.dtype))
+  try:
+    operands, out, _ = opt_einsum.parser.parse_einsum_input((eq, *shapes))
+    lhs, rhs = operands.split(",")
+  except ValueError as e:
+    raise ValueError(f"{mod.name}: einsum {eq!r} with the input {x.shape}: {e}") from None
+  contracted = [c for c in rhs if c not in out]
+  free = [c for c in rhs if c in out]
+  kept = [c for c in lhs if c not in contracted]
+  if (
+    rhs[: len(contracted)] != "".join(contracted)
+    or any(c not in lhs for c in contracted)
+    or any(c in lhs for c in free)
+    or sorted(kept + free) != sorted(out)
+    or len(set(lhs)) != len(lhs)
+  ):
+    raise ValueError(
+      f"{mod.name}: einsum {eq!r} has no sparse form (jasp.sparse runs equations that "
+      "contract the kernel's leading axes with input axes and keep every other axis, "
+      "e.g. 'btd,df->btf'); keep this kernel dense (sparsify(..., exclude=[...]))."
+    )
+  axes = tuple(lhs.index(c) for c in contracted)
+  out_dtype = _linen_out_dtype(mod, x)
+  y = _contract(x, kernel, axes, None, out_dtype, policy, bias_epilogue)
+  have = kept + free
+  y = jnp.transpose(y, [have.index(c) for c in out])
+  if mod.use_bias:
+    bias = jnp.asarray(mod.get_variable("params", "bias"))
+    shape = [kernel.shape[rhs.index(c)] if c in free else 1 for c in out]
+    y = y + bias.reshape(shape).astype(y.dtype)
+  return y
+
+
 def _interceptor(policy, bias_epilogue):
   def intercept_fn(next_fun, args, kwargs, context):
     mod = context.module
     if (
       context.method_name != "__call__"
-      or not isinstance(mod, (nn.Dense, nn.DenseGeneral))
+      or not isinstance(mod, (nn.Dense, nn.DenseGeneral, nn.Einsum))
       or not mod.has_variable("params", "kernel")
     ):
       return next_fun(*args, **kwargs)
@@ -215,6 +265,9 @@ def _interceptor(policy, bias_epilogue):
     if not isinstance(kernel, compress_lib.SparseWeight):
       return next_fun(*args, **kwargs)
     x = jnp.asarray(args[0] if args else kwargs["inputs"])
+    if isinstance(mod, nn.Einsum):
+      eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+      return _einsum(mod, x, eq or mod.einsum_str, kernel, policy, bias_epilogue)
     bias = mod.get_variable("params", "bias") if mod.use_bias else None
     if isinstance(mod, nn.Dense):
       axes = (x.ndim - 1,)
@@ -232,8 +285,12 @@ def _interceptor(policy, bias_epilogue):
 
 @contextlib.contextmanager
 def intercept(*, policy: autotune.MatmulPolicy | None = None, bias_epilogue: bool = False):
-  """Within this context, linen ``Dense``/``DenseGeneral`` layers whose kernel is a
-  :class:`jasp.sparse.SparseWeight` run :func:`jasp.sparse.matmul`.
+  """Within this context, linen ``Dense``/``DenseGeneral``/``Einsum`` layers whose kernel
+  is a :class:`jasp.sparse.SparseWeight` run :func:`jasp.sparse.matmul`.
+
+  An ``Einsum`` runs sparse when its equation contracts the kernel's leading
+  axes with input axes and keeps every other axis (``"btd,df->btf"``,
+  ``"btnh,nhd->btd"``); with another equation it raises ValueError.
 
   Layers with array kernels run unchanged. Usable around ``model.apply`` and
   inside ``jax.jit``.
@@ -365,13 +422,20 @@ def sparsify_nnx(
       continue
     w = node.kernel.get_value()
     if isinstance(node, nnx.Linear):
-      in_axes, axis = 1, (-1,)
+      in_axes, axis, layer_ndim = 1, (-1,), 2
     else:
       if node.batch_axis:
         report[name] = "kept: LinearGeneral with batch_axis has no sparse form"
         continue
       in_axes = len(node.in_features)
       axis = tuple(node.axis)
+      layer_ndim = in_axes + len(node.out_features)
+    if w.ndim > layer_ndim:
+      report[name] = (
+        f"kept: a stack of {math.prod(w.shape[: w.ndim - layer_ndim])} layers' kernels "
+        f"{tuple(w.shape)} (nnx.vmap / nnx.scan); jasp.sparse runs unstacked kernels only"
+      )
+      continue
     new, line = _compress_leaf(name, w, in_axes, dtype, keep_dense, a_order, compact)
     report[name] = line
     if not isinstance(new, compress_lib.SparseWeight):
