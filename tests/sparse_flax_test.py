@@ -252,38 +252,123 @@ def test_nnx_compact_kernel_gpu():
   _close(y, ref)
 
 
-def test_scanned_layers_stay_dense_and_the_report_says_why():
-  """The zoo's scan-stacked linen decoder, and nnx blocks stacked by nnx.vmap."""
+def test_linen_scanned_decoder_runs_sparse_layer_by_layer(monkeypatch):
+  """The zoo's Llama-style linen decoder: nn.scan over nn.remat blocks, DenseGeneral
+  attention and an nn.Einsum gated MLP, every kernel stacked on a layer axis."""
   from zoo import decoder_linen
+
+  from jasp.sparse import autotune
 
   model, variables = decoder_linen.build()
   tokens = decoder_linen.tokens(0)
   layouts = jasp.trace_layouts(model.apply, variables, tokens)
   pruned, _ = jasp.prune(variables, layouts=layouts)
   sp_vars, report = sparse.sparsify(pruned, layouts=layouts, dtype=BF16)
-  stacked = [p for p in report if p.startswith("params/layers/")]
-  assert sorted(stacked) == [
-    f"params/layers/{n}/kernel" for n in ("down", "gate", "k", "o", "q", "up", "v")
+  names = ("down", "gate", "k", "o", "q", "up", "v")
+  assert sorted(p for p in report if p.startswith("params/layers/")) == [
+    f"params/layers/{n}/kernel" for n in names
   ]
-  for p in stacked:
-    assert report[p].startswith("kept: a stack of 2 scanned layers' kernels (axes (0,)"), report[p]
-  np.testing.assert_array_equal(
-    sparse.apply(model, sp_vars, tokens), model.apply(pruned, tokens)
-  )  # nothing swapped: the same program
+  for n in names:
+    assert report[f"params/layers/{n}/kernel"].endswith("; a stack of 2 layers"), report
+    sw = sp_vars["params"]["layers"][n]["kernel"]
+    kernel = pruned["params"]["layers"][n]["kernel"]
+    assert isinstance(sw, sparse.SparseWeight) and sw.stack == (2,)
+    assert sw.shape == kernel.shape[1:]
+    for layer in range(2):  # layer i's weight is layer i's kernel, flattened to (K, N)
+      np.testing.assert_array_equal(
+        np.asarray(sw.dense[layer], np.float32),
+        np.asarray(kernel[layer].astype(BF16), np.float32).reshape(sw.k, sw.n),
+      )
+  seen = set()
+  real = autotune.matmul
+  monkeypatch.setattr(autotune, "matmul", lambda *a, **k: seen.add(a[1].shape) or real(*a, **k))
+  y = jax.jit(lambda v, t: sparse.apply(model, v, t))(sp_vars, tokens)
+  assert seen == {sp_vars["params"]["layers"][n]["kernel"].shape for n in names}
+  ref = model.apply(pruned, tokens)
+  assert y.shape == ref.shape
+  _close(y, ref)
+  with pytest.raises(ValueError, match=r"holds a stack of \(2,\) layers' weights"):
+    sparse.matmul(jnp.ones((1, 32), BF16), sp_vars["params"]["layers"]["q"]["kernel"])
+
+
+class ScannedMLP(nnx.Module):
+  """nnx blocks of ``nnx.Linear`` layers stacked by ``nnx.vmap`` and run by ``nnx.scan``."""
+
+  def __init__(self, layers=3, dim=32, *, rngs):
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return ScannedMLP.Block(dim, rngs)
+
+    self.blocks = make(rngs)
 
   class Block(nnx.Module):
-    def __init__(self, rngs):
-      self.lin = nnx.Linear(32, 32, rngs=rngs)
+    def __init__(self, dim, rngs):
+      self.norm = nnx.RMSNorm(dim, rngs=rngs)
+      self.up = nnx.Linear(dim, 2 * dim, rngs=rngs)
+      self.down = nnx.Linear(2 * dim, dim, use_bias=False, rngs=rngs)
 
-  @nnx.split_rngs(splits=4)
-  @nnx.vmap(in_axes=(0,), out_axes=0)
-  def blocks(rngs):
-    return Block(rngs)
+    def __call__(self, x):
+      return x + self.down(nnx.gelu(self.up(self.norm(x))))
 
-  stack = blocks(nnx.Rngs(0))
-  report = sparse.sparsify_nnx(stack, dtype=BF16)
-  assert report == {
-    "lin/kernel": "kept: a stack of 4 layers' kernels (4, 32, 32) (nnx.vmap / nnx.scan); "
-    "jasp.sparse runs unstacked kernels only"
-  }
-  assert isinstance(stack.lin, nnx.Linear)
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, block):
+      return block(x)
+
+    return run(x, self.blocks)
+
+
+def test_nnx_scanned_blocks_run_sparse_layer_by_layer():
+  model = ScannedMLP(rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+  pruned, _ = jasp.prune(nnx.state(model, nnx.Param), layouts=jasp.trace_layouts(model, x))
+  nnx.update(model, pruned)
+  ref = model(x)
+  report = sparse.sparsify_nnx(model, dtype=BF16)
+  assert sorted(report) == ["blocks/down/kernel", "blocks/up/kernel"]
+  for line in report.values():  # "dense path: ..." here, "compressed (...)" on a GPU
+    assert not line.startswith("kept") and line.endswith("; a stack of 3 layers"), report
+  assert isinstance(model.blocks.up, sparse.SparseLinear)
+  assert model.blocks.up.kernel.get_value().stack == (3,)
+  assert model.blocks.up.bias.get_value().shape == (3, 64)
+  y = nnx.jit(lambda m, x: m(x))(model, x)
+  assert y.shape == ref.shape
+  _close(y, ref)
+
+
+def test_a_stack_with_a_layer_not_2_of_4_stays_dense():
+  model = ScannedMLP(layers=2, rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 3, 32))
+  pruned, _ = jasp.prune(nnx.state(model, nnx.Param), layouts=jasp.trace_layouts(model, x))
+  dense = pruned["blocks"]["up"]["kernel"].get_value()
+  pruned["blocks"]["up"]["kernel"].set_value(dense.at[1].set(1.0))  # layer 1: all nonzero
+  nnx.update(model, pruned)
+  report = sparse.sparsify_nnx(model, dtype=BF16)
+  assert report["blocks/up/kernel"].startswith("kept: not 2:4"), report
+  assert report["blocks/up/kernel"].endswith("(layer 1 of a stack of 2)")
+  assert isinstance(model.blocks.up, nnx.Linear)
+  assert isinstance(model.blocks.down, sparse.SparseLinear)
+
+
+def test_nnx_scanned_blocks_with_the_compact_format(monkeypatch):
+  """The compact (decode) format stacks too; the scan hands each step one layer's."""
+  from jasp.kernels import decode24
+
+  monkeypatch.setattr(decode24, "native", lambda layout="kn": True)  # interprets here
+  shapes = []
+  real = decode24.matmul_24
+  monkeypatch.setattr(
+    decode24, "matmul_24", lambda x, c, **k: shapes.append(c.values.shape) or real(x, c, **k)
+  )
+  model = ScannedMLP(rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+  pruned, _ = jasp.prune(nnx.state(model, nnx.Param), layouts=jasp.trace_layouts(model, x))
+  nnx.update(model, pruned)
+  ref = model(x)
+  report = sparse.sparsify_nnx(model, dtype=BF16, policy=_compact_first(), compact=True)
+  assert "with the compact (decode) format; a stack of 3 layers" in report["blocks/up/kernel"]
+  assert model.blocks.up.kernel.get_value().compact.values.shape == (3, 2, 8, 64)
+  y = model(x)
+  assert sorted(set(shapes)) == [(2, 8, 64), (2, 16, 32)]  # one layer's up and down
+  _close(y, ref)

@@ -148,6 +148,22 @@ class SparseWeight:
     return A_COL if self.fmt.endswith(":col") else A_ROW
 
   @property
+  def stack(self) -> tuple[int, ...]:
+    """The leading axes of a stack of layers' weights, ``()`` for one weight.
+
+    :func:`jasp.sparse.sparsify` of a scanned model stacks its layers'
+    SparseWeights along the kernel's stack axes; the scan over the layers
+    slices them, one layer a step.
+    """
+    if self.dense is not None:
+      return tuple(self.dense.shape[:-2])
+    if self.compressed is not None:
+      return tuple(self.compressed.shape[:-1])
+    if self.compact is not None:
+      return tuple(self.compact.values.shape[:-3])
+    return ()
+
+  @property
   def is_compressed(self) -> bool:
     return self.compressed is not None
 

@@ -41,6 +41,12 @@ def _check_format(w: compress_lib.SparseWeight, rt: _runtime.Runtime) -> None:
 
 
 def check_x(x: jax.Array, w: compress_lib.SparseWeight) -> None:
+  if w.stack:
+    raise ValueError(
+      f"this SparseWeight holds a stack of {w.stack} layers' weights (kernel {w.shape} "
+      "each); it runs one layer at a time, inside the scan over its layers (nn.scan, "
+      "nnx.scan or lax.scan slice it)."
+    )
   if x.ndim < 1 or x.shape[-1] != w.k:
     raise ValueError(
       f"x of shape {tuple(x.shape)} does not match the weight: its last axis "

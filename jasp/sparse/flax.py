@@ -19,7 +19,10 @@ they are, and the report says why. Attention projections are
 ``DenseGeneral``/``LinearGeneral`` layers, so they are covered. linen's
 :func:`sparsify` sees only the params, so it compresses any kernel whose
 contracted axes lead; a module other than those three that reads such a
-kernel as an array raises TypeError naming the way out (``exclude``). Each call then
+kernel as an array raises TypeError naming the way out (``exclude``). The
+stacked kernel of scanned layers (``nn.scan``; ``nnx.vmap`` + ``nnx.scan``) is
+compressed layer by layer into one stacked SparseWeight, which the scan
+slices: each step runs its layer's. Each call then
 goes through :func:`jasp.sparse.matmul`: the sparse tensor cores where the
 policy measured them faster, the dense dot on the kept masked weight
 otherwise, and on CPU.
@@ -109,7 +112,12 @@ def sparsify(
   a_order: int = compress_lib.DEFAULT_A_ORDER,
   compact: bool = False,
 ) -> tuple[PyTree, dict[str, str]]:
-  """Replaces the 2:4 Dense/DenseGeneral kernels of a params tree by SparseWeights.
+  """Replaces the 2:4 Dense/DenseGeneral/Einsum kernels of a params tree by SparseWeights.
+
+  A kernel stacked over scanned layers (its layout's ``stack`` axes leading,
+  e.g. ``(L, in, out)`` under ``nn.scan``) becomes one SparseWeight whose
+  arrays carry the stack axes (:attr:`SparseWeight.stack`), compressed layer
+  by layer; it is kept whole if any layer is not 2:4.
 
   Args:
     params: a linen variables dict (or any pytree of arrays), already pruned.
@@ -149,19 +157,16 @@ def sparsify(
     if lay.kind != "dot" or lay.axis is None:
       out.append(leaf)
       continue
-    a = len(lay.axis)
-    if lay.stack:
+    a, st = len(lay.axis), len(lay.stack)
+    if (
+      tuple(lay.stack) != tuple(range(st))
+      or tuple(lay.axis) != tuple(range(st, st + a))
+      or tuple(lay.out_axes) != tuple(range(st + a, nd))
+    ):
       report[path] = (
-        f"kept: a stack of {math.prod(leaf.shape[i] for i in lay.stack)} scanned layers' "
-        f"kernels (axes {lay.stack} of {tuple(leaf.shape)}); jasp.sparse runs unstacked "
-        "kernels only"
-      )
-      out.append(leaf)
-      continue
-    if tuple(lay.axis) != tuple(range(a)) or tuple(lay.out_axes) != tuple(range(a, nd)):
-      report[path] = (
-        f"kept: contracted axes {lay.axis} are not the leading axes of the kernel "
-        f"{tuple(leaf.shape)} (not a Dense/DenseGeneral kernel layout)"
+        f"kept: contracted axes {lay.axis} do not lead the kernel {tuple(leaf.shape)}"
+        + (f" after its stack axes {lay.stack}" if lay.stack else "")
+        + " (not a Dense/DenseGeneral/Einsum kernel layout)"
       )
       out.append(leaf)
       continue
@@ -170,7 +175,10 @@ def sparsify(
       report[path] = f"kept: {skip}"
       out.append(leaf)
       continue
-    new, line = _compress_leaf(path, leaf, a, dtype, keep_dense, a_order, compact)
+    if st:
+      new, line = _compress_stack(path, leaf, st, a, dtype, keep_dense, a_order, compact)
+    else:
+      new, line = _compress_leaf(path, leaf, a, dtype, keep_dense, a_order, compact)
     report[path] = line
     out.append(new)
   return jax.tree_util.tree_unflatten(treedef, out), report
@@ -207,6 +215,35 @@ def _contract(
   lead = x.shape[: x.ndim - len(axes)]
   y = autotune.matmul(x.reshape(*lead, w.k), w, bias, policy=policy, bias_epilogue=bias_epilogue)
   return y.reshape(*lead, *w.out_shape).astype(out_dtype)
+
+
+def _compress_stack(
+  path: str,
+  w: jax.Array,
+  stack: int,
+  in_axes: int,
+  dtype,
+  keep_dense: bool,
+  a_order: int,
+  compact: bool,
+) -> tuple[Any, str]:
+  """(new leaf, report line) for a kernel stacked over its ``stack`` leading axes (the
+  kernels of scanned layers): each layer compressed alone, the layers' SparseWeights
+  stacked along the same axes. Kept whole if any layer is kept."""
+  lead = w.shape[:stack]
+  layers = w.reshape(-1, *w.shape[stack:])
+  results = [
+    _compress_leaf(f"{path}[{i}]", layer, in_axes, dtype, keep_dense, a_order, compact)
+    for i, layer in enumerate(layers)
+  ]
+  for i, (new, line) in enumerate(results):
+    if not isinstance(new, compress_lib.SparseWeight):
+      return w, f"{line} (layer {i} of a stack of {len(layers)})"
+  sws = [new for new, _ in results]
+  if len({jax.tree.structure(sw) for sw in sws}) != 1:
+    return w, f"kept: the {len(layers)} stacked layers compressed to different forms"
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs).reshape(*lead, *xs[0].shape), *sws)
+  return stacked, f"{results[0][1]}; a stack of {len(layers)} layers"
 
 
 def _linen_out_dtype(mod, x) -> Any:
@@ -395,6 +432,10 @@ def sparsify_nnx(
 ) -> dict[str, str]:
   """Replaces, in place, every 2:4 ``nnx.Linear``/``LinearGeneral`` by a :class:`SparseLinear`.
 
+  A layer whose kernel carries leading layer axes (blocks stacked by
+  ``nnx.vmap`` and run by ``nnx.scan``) gets a stacked SparseWeight, compressed
+  layer by layer, as :func:`sparsify` does.
+
   Args:
     model: an nnx module, already pruned (its kernels 2:4 along the input axes).
     dtype, keep_dense, include, exclude, a_order, compact: as :func:`sparsify`.
@@ -430,13 +471,11 @@ def sparsify_nnx(
       in_axes = len(node.in_features)
       axis = tuple(node.axis)
       layer_ndim = in_axes + len(node.out_features)
-    if w.ndim > layer_ndim:
-      report[name] = (
-        f"kept: a stack of {math.prod(w.shape[: w.ndim - layer_ndim])} layers' kernels "
-        f"{tuple(w.shape)} (nnx.vmap / nnx.scan); jasp.sparse runs unstacked kernels only"
-      )
-      continue
-    new, line = _compress_leaf(name, w, in_axes, dtype, keep_dense, a_order, compact)
+    if w.ndim > layer_ndim:  # the kernels of layers stacked by nnx.vmap, run by nnx.scan
+      stack = w.ndim - layer_ndim
+      new, line = _compress_stack(name, w, stack, in_axes, dtype, keep_dense, a_order, compact)
+    else:
+      new, line = _compress_leaf(name, w, in_axes, dtype, keep_dense, a_order, compact)
     report[name] = line
     if not isinstance(new, compress_lib.SparseWeight):
       continue
