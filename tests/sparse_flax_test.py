@@ -291,6 +291,23 @@ def test_linen_scanned_decoder_runs_sparse_layer_by_layer(monkeypatch):
     sparse.matmul(jnp.ones((1, 32), BF16), sp_vars["params"]["layers"]["q"]["kernel"])
 
 
+@pytest.mark.gpu
+def test_linen_scanned_decoder_sparse_kernel_gpu():
+  """cuSPARSELt's compressed bytes stacked per layer, sliced by nn.scan into the FFI call."""
+  from zoo import decoder_linen
+
+  model, variables = decoder_linen.build()
+  tokens = decoder_linen.tokens(0)
+  layouts = jasp.trace_layouts(model.apply, variables, tokens)
+  pruned, _ = jasp.prune(variables, layouts=layouts)
+  sp_vars, report = sparse.sparsify(pruned, layouts=layouts, dtype=BF16)
+  q = sp_vars["params"]["layers"]["q"]["kernel"]
+  assert q.is_compressed and q.stack == (2,) and q.compressed.ndim == 2, report
+  policy = sparse.MatmulPolicy(mode="sparse")
+  y = jax.jit(lambda v, t: sparse.apply(model, v, t, policy=policy))(sp_vars, tokens)
+  _close(y, model.apply(pruned, tokens))
+
+
 class ScannedMLP(nnx.Module):
   """nnx blocks of ``nnx.Linear`` layers stacked by ``nnx.vmap`` and run by ``nnx.scan``."""
 
