@@ -389,3 +389,56 @@ def test_nnx_scanned_blocks_with_the_compact_format(monkeypatch):
   y = model(x)
   assert sorted(set(shapes)) == [(2, 8, 64), (2, 16, 32)]  # one layer's up and down
   _close(y, ref)
+
+
+def test_nnx_scanned_decoder_einsum_mlp_runs_sparse(monkeypatch):
+  """The zoo's nnx decoder: its gated MLP's nnx.Einsum kernels (stacked by nnx.vmap, run by
+  nnx.scan) become SparseEinsum layers; the attention's raw einsum Params stay as they are."""
+  from zoo import decoder_nnx
+
+  from jasp.sparse import autotune
+
+  model = decoder_nnx.build()
+  tokens = decoder_nnx.tokens(0)
+  pruned, _ = jasp.prune(nnx.state(model, nnx.Param), layouts=jasp.trace_layouts(model, tokens))
+  nnx.update(model, pruned)
+  ref = model(tokens)
+  report = sparse.sparsify_nnx(model, dtype=BF16)
+  assert sorted(report) == [f"blocks/mlp/{n}/kernel" for n in ("down", "gate", "up")]
+  assert all(r.endswith("; a stack of 2 layers") for r in report.values()), report
+  for n in ("gate", "up", "down"):
+    layer = getattr(model.blocks.mlp, n)
+    assert isinstance(layer, sparse.SparseEinsum) and layer.kernel.get_value().stack == (2,)
+  assert isinstance(model.blocks.attn.q, nnx.Param)
+  seen = set()
+  real = autotune.matmul
+  monkeypatch.setattr(autotune, "matmul", lambda *a, **k: seen.add(a[1].shape) or real(*a, **k))
+  y = nnx.jit(lambda m, t: m(t))(model, tokens)
+  assert seen == {(32, 64), (64, 32)}
+  _close(y, ref)
+
+
+class EinsumNNX(nnx.Module):
+  def __init__(self, rngs):
+    self.heads = nnx.Einsum("btd,dhe->bhte", (32, 2, 16), (2, 16), dtype=BF16, rngs=rngs)
+    self.back = nnx.Einsum("btf,df->btd", (32, 32), rngs=rngs)  # contracts the kernel's axis 1
+
+  def __call__(self, x):
+    h = self.heads(x).reshape(x.shape[0], x.shape[1], 32)
+    return self.back(h)
+
+
+def test_nnx_einsum_forms():
+  model = EinsumNNX(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 2, 32))
+  state = nnx.state(model, nnx.Param)
+  state = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), state)
+  nnx.update(model, state)
+  pruned, _ = jasp.prune(nnx.state(model, nnx.Param), layouts=jasp.trace_layouts(model, x))
+  nnx.update(model, pruned)
+  ref = model(x)
+  report = sparse.sparsify_nnx(model, dtype=BF16)
+  assert isinstance(model.heads, sparse.SparseEinsum)  # bias (2, 16), output reordered
+  assert report["back/kernel"].startswith("kept: einsum 'btf,df->btd' has no sparse form")
+  assert isinstance(model.back, nnx.Einsum)
+  _close(model(x), ref)

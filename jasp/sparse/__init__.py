@@ -28,6 +28,7 @@ from jasp.sparse.autotune import Choice
 from jasp.sparse.autotune import MatmulPolicy
 from jasp.sparse.autotune import matmul
 from jasp.sparse.autotune import tune
+from jasp.sparse.flax import SparseEinsum
 from jasp.sparse.flax import SparseLinear
 from jasp.sparse.flax import apply
 from jasp.sparse.flax import intercept
@@ -39,6 +40,7 @@ __all__ = [
   "A_ROW",
   "Choice",
   "MatmulPolicy",
+  "SparseEinsum",
   "SparseLinear",
   "SparseUnavailable",
   "SparseWeight",

@@ -12,8 +12,8 @@ nnx (modules swapped in place)::
     report = jasp.sparse.sparsify_nnx(model, dtype=jnp.bfloat16)
     y = model(x)
 
-Every ``Dense``/``DenseGeneral``/``Einsum`` (linen) or ``Linear``/``LinearGeneral``
-(nnx) whose kernel is 2:4 along its input axes is compressed
+Every ``Dense``/``DenseGeneral``/``Einsum`` (linen) or ``Linear``/``LinearGeneral``/
+``Einsum`` (nnx) whose kernel is 2:4 along its input axes is compressed
 (:func:`jasp.sparse.compress`); the others, and every other leaf, stay as
 they are, and the report says why. Attention projections are
 ``DenseGeneral``/``LinearGeneral`` layers, so they are covered. linen's
@@ -51,7 +51,7 @@ from jasp.sparse import _compress as compress_lib
 from jasp.sparse import autotune
 from jasp.typing import PyTree
 
-__all__ = ["sparsify", "apply", "intercept", "SparseLinear", "sparsify_nnx"]
+__all__ = ["sparsify", "apply", "intercept", "SparseEinsum", "SparseLinear", "sparsify_nnx"]
 
 _SIXTEEN = ("bfloat16", "float16")
 
@@ -250,18 +250,10 @@ def _linen_out_dtype(mod, x) -> Any:
   return mod.dtype if mod.dtype is not None else jnp.result_type(x.dtype, mod.param_dtype)
 
 
-def _einsum(mod, x, eq, kernel, policy, bias_epilogue) -> jax.Array:
-  """``nn.Einsum`` with a SparseWeight kernel: ``eq`` must contract the kernel's leading
-  axes with axes of ``x`` and keep every other axis of either operand."""
-  import opt_einsum  # a dependency of jax
-
-  eq = eq.replace(" ", "")
-  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, x.dtype))
-  try:
-    operands, out, _ = opt_einsum.parser.parse_einsum_input((eq, *shapes))
-    lhs, rhs = operands.split(",")
-  except ValueError as e:
-    raise ValueError(f"{mod.name}: einsum {eq!r} with the input {x.shape}: {e}") from None
+def _einsum_contracted(lhs: str, rhs: str, out: str) -> int | None:
+  """How many leading kernel axes the equation ``lhs,rhs->out`` contracts, or None when
+  it has no sparse form: it must contract the kernel's leading axes with axes of the
+  input and keep every other axis of either operand."""
   contracted = [c for c in rhs if c not in out]
   free = [c for c in rhs if c in out]
   kept = [c for c in lhs if c not in contracted]
@@ -271,21 +263,42 @@ def _einsum(mod, x, eq, kernel, policy, bias_epilogue) -> jax.Array:
     or any(c in lhs for c in free)
     or sorted(kept + free) != sorted(out)
     or len(set(lhs)) != len(lhs)
+    or len(set(rhs)) != len(rhs)
   ):
-    raise ValueError(
-      f"{mod.name}: einsum {eq!r} has no sparse form (jasp.sparse runs equations that "
-      "contract the kernel's leading axes with input axes and keep every other axis, "
-      "e.g. 'btd,df->btf'); keep this kernel dense (sparsify(..., exclude=[...]))."
-    )
+    return None
+  return len(contracted)
+
+
+def _no_sparse_form(name: str, eq: str) -> str:
+  return (
+    f"{name}: einsum {eq!r} has no sparse form (jasp.sparse runs equations that contract "
+    "the kernel's leading axes with input axes and keep every other axis, e.g. "
+    "'btd,df->btf'); keep this kernel dense (sparsify(..., exclude=[...]))."
+  )
+
+
+def _einsum(name, x, eq, kernel, bias, out_dtype, policy, bias_epilogue) -> jax.Array:
+  """An ``Einsum`` layer (linen or nnx) with a SparseWeight kernel; see :func:`_einsum_contracted`."""
+  import opt_einsum  # a dependency of jax
+
+  eq = eq.replace(" ", "")
+  shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(kernel.shape, x.dtype))
+  try:
+    operands, out, _ = opt_einsum.parser.parse_einsum_input((eq, *shapes))
+    lhs, rhs = operands.split(",")
+  except ValueError as e:
+    raise ValueError(f"{name}: einsum {eq!r} with the input {x.shape}: {e}") from None
+  if _einsum_contracted(lhs, rhs, out) is None:
+    raise ValueError(_no_sparse_form(name, eq))
+  contracted = [c for c in rhs if c not in out]
+  free = [c for c in rhs if c in out]
   axes = tuple(lhs.index(c) for c in contracted)
-  out_dtype = _linen_out_dtype(mod, x)
   y = _contract(x, kernel, axes, None, out_dtype, policy, bias_epilogue)
-  have = kept + free
+  have = [c for c in lhs if c not in contracted] + free
   y = jnp.transpose(y, [have.index(c) for c in out])
-  if mod.use_bias:
-    bias = jnp.asarray(mod.get_variable("params", "bias"))
+  if bias is not None:
     shape = [kernel.shape[rhs.index(c)] if c in free else 1 for c in out]
-    y = y + bias.reshape(shape).astype(y.dtype)
+    y = y + jnp.asarray(bias).reshape(shape).astype(y.dtype)
   return y
 
 
@@ -304,7 +317,11 @@ def _interceptor(policy, bias_epilogue):
     x = jnp.asarray(args[0] if args else kwargs["inputs"])
     if isinstance(mod, nn.Einsum):
       eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-      return _einsum(mod, x, eq or mod.einsum_str, kernel, policy, bias_epilogue)
+      bias = mod.get_variable("params", "bias") if mod.use_bias else None
+      out_dtype = _linen_out_dtype(mod, x)
+      return _einsum(
+        mod.name, x, eq or mod.einsum_str, kernel, bias, out_dtype, policy, bias_epilogue
+      )
     bias = mod.get_variable("params", "bias") if mod.use_bias else None
     if isinstance(mod, nn.Dense):
       axes = (x.ndim - 1,)
@@ -404,6 +421,62 @@ class SparseLinear(nnx.Module):
     return y
 
 
+class SparseEinsum(nnx.Module):
+  """An ``nnx.Einsum`` whose kernel is a :class:`jasp.sparse.SparseWeight`.
+
+  Runs the equations whose kernel contraction is sparse (the kernel's leading
+  axes contracted with input axes, every other axis kept, as in
+  ``"btd,df->btf"``); another equation raises ValueError. Built by
+  :func:`sparsify_nnx`.
+
+  Attributes:
+    kernel: ``nnx.Param`` holding the SparseWeight.
+    bias: ``nnx.Param`` of the kernel's free axes, or None.
+    einsum_str: the equation (a call may pass another).
+    dtype, param_dtype: as ``nnx.Einsum``'s.
+    policy, bias_epilogue: as :func:`jasp.sparse.matmul`.
+  """
+
+  def __init__(
+    self,
+    kernel: compress_lib.SparseWeight,
+    bias: jax.Array | None,
+    *,
+    einsum_str: str,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    policy: autotune.MatmulPolicy | None = None,
+    bias_epilogue: bool = False,
+  ):
+    self.kernel = nnx.Param(kernel)
+    self.bias = nnx.Param(bias) if bias is not None else None
+    self.einsum_str = einsum_str
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.policy = policy
+    self.bias_epilogue = bias_epilogue
+
+  def __call__(self, inputs: jax.Array, einsum_str: str | None = None, out_sharding=None):
+    """``einsum(einsum_str, inputs, kernel) (+ bias)``; ``out_sharding`` a constraint."""
+    eq = einsum_str or self.einsum_str
+    x = jnp.asarray(inputs)
+    bias = self.bias.get_value() if self.bias is not None else None
+    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
+    y = _einsum(
+      "SparseEinsum",
+      x,
+      eq,
+      self.kernel.get_value(),
+      bias,
+      out_dtype,
+      self.policy,
+      self.bias_epilogue,
+    )
+    if out_sharding is not None:
+      y = jax.lax.with_sharding_constraint(y, out_sharding)
+    return y
+
+
 def _nnx_parent(root, path: tuple) -> Any:
   node = root
   for key in path:
@@ -418,6 +491,19 @@ def _nnx_set(parent, key, value) -> None:
     parent[key] = value
 
 
+def _nnx_einsum_form(node) -> tuple[str, int]:
+  """``(why not, contracted kernel axes)`` of an ``nnx.Einsum`` (``why`` empty: it has a sparse form)."""
+  eq = node.einsum_str
+  lhs, _, out = eq.partition("->")
+  lhs, _, rhs = lhs.partition(",")
+  a = (
+    None if "." in rhs else _einsum_contracted(lhs.replace("...", ""), rhs, out.replace("...", ""))
+  )
+  if not a:
+    return "kept: " + _no_sparse_form("einsum", eq).split(": ", 1)[1], 0
+  return "", a
+
+
 def sparsify_nnx(
   model: nnx.Module,
   *,
@@ -430,7 +516,8 @@ def sparsify_nnx(
   a_order: int = compress_lib.DEFAULT_A_ORDER,
   compact: bool = False,
 ) -> dict[str, str]:
-  """Replaces, in place, every 2:4 ``nnx.Linear``/``LinearGeneral`` by a :class:`SparseLinear`.
+  """Replaces, in place, every 2:4 ``nnx.Linear``/``LinearGeneral`` by a :class:`SparseLinear`,
+  and every 2:4 ``nnx.Einsum`` whose equation has a sparse form by a :class:`SparseEinsum`.
 
   A layer whose kernel carries leading layer axes (blocks stacked by
   ``nnx.vmap`` and run by ``nnx.scan``) gets a stacked SparseWeight, compressed
@@ -442,7 +529,7 @@ def sparsify_nnx(
     policy, bias_epilogue: stored on each SparseLinear (see :func:`jasp.sparse.matmul`).
 
   Returns:
-    ``{kernel path: what happened}`` for every Linear/LinearGeneral.
+    ``{kernel path: what happened}`` for every Linear/LinearGeneral/Einsum.
 
   Raises:
     ValueError, TypeError: for ``include``/``exclude`` as :func:`sparsify`.
@@ -451,7 +538,8 @@ def sparsify_nnx(
   exclude = pruning_policy.as_patterns(exclude, "exclude")
   found, seen = [], set()
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, (nnx.Linear, nnx.LinearGeneral)) and id(node) not in seen and path:
+    kinds = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+    if isinstance(node, kinds) and id(node) not in seen and path:
       seen.add(id(node))
       found.append((tuple(path), node))
   report = {}
@@ -462,7 +550,13 @@ def sparsify_nnx(
       report[name] = f"kept: {skip}"
       continue
     w = node.kernel.get_value()
-    if isinstance(node, nnx.Linear):
+    if isinstance(node, nnx.Einsum):
+      why, in_axes = _nnx_einsum_form(node)
+      if why:
+        report[name] = why
+        continue
+      axis, layer_ndim = None, len(node.kernel_shape)
+    elif isinstance(node, nnx.Linear):
       in_axes, axis, layer_ndim = 1, (-1,), 2
     else:
       if node.batch_axis:
@@ -478,6 +572,19 @@ def sparsify_nnx(
       new, line = _compress_leaf(name, w, in_axes, dtype, keep_dense, a_order, compact)
     report[name] = line
     if not isinstance(new, compress_lib.SparseWeight):
+      continue
+    if isinstance(node, nnx.Einsum):
+      bias = node.bias.get_value() if node.bias is not None else None
+      layer = SparseEinsum(
+        new,
+        bias,
+        einsum_str=node.einsum_str,
+        dtype=node.dtype,
+        param_dtype=node.param_dtype,
+        policy=policy,
+        bias_epilogue=bias_epilogue,
+      )
+      _nnx_set(_nnx_parent(model, path[:-1]), path[-1], layer)
       continue
     bias = node.bias.get_value() if node.use_bias and node.bias is not None else None
     layer = SparseLinear(
