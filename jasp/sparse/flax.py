@@ -373,7 +373,30 @@ def apply(
 # nnx: a module that replaces Linear / LinearGeneral.
 
 
-class SparseLinear(nnx.Module):
+class _SparseLayer(nnx.Module):
+  """What :class:`SparseLinear` and :class:`SparseEinsum` share: the kernel, the bias,
+  the output dtype rule and the matmul policy."""
+
+  def __init__(self, kernel, bias, *, dtype, param_dtype, policy, bias_epilogue):
+    self.kernel = nnx.Param(kernel)
+    self.bias = nnx.Param(bias) if bias is not None else None
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.policy = policy
+    self.bias_epilogue = bias_epilogue
+
+  def _operands(self, x: jax.Array) -> tuple[compress_lib.SparseWeight, Any, Any]:
+    """``(kernel, bias or None, output dtype)`` for the input ``x``."""
+    bias = self.bias.get_value() if self.bias is not None else None
+    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
+    return self.kernel.get_value(), bias, out_dtype
+
+
+def _constrain(y: jax.Array, out_sharding) -> jax.Array:
+  return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
+
+
+class SparseLinear(_SparseLayer):
   """An nnx ``Linear``/``LinearGeneral`` whose kernel is a :class:`jasp.sparse.SparseWeight`.
 
   Contracts ``axis`` of the input (sizes ``kernel.in_shape``) and returns
@@ -399,29 +422,26 @@ class SparseLinear(nnx.Module):
     policy: autotune.MatmulPolicy | None = None,
     bias_epilogue: bool = False,
   ):
-    self.kernel = nnx.Param(kernel)
-    self.bias = nnx.Param(bias) if bias is not None else None
+    super().__init__(
+      kernel,
+      bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      policy=policy,
+      bias_epilogue=bias_epilogue,
+    )
     self.axis = tuple(int(a) for a in axis)
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.policy = policy
-    self.bias_epilogue = bias_epilogue
 
   def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
     """``x`` contracted over ``axis``; ``out_sharding`` as in ``nnx.Linear`` (a constraint)."""
     x = jnp.asarray(x)
-    w = self.kernel.get_value()
-    bias = self.bias.get_value() if self.bias is not None else None
-    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
-    y = _contract(
-      x, w, _norm_axes(self.axis, x.ndim), bias, out_dtype, self.policy, self.bias_epilogue
-    )
-    if out_sharding is not None:
-      y = jax.lax.with_sharding_constraint(y, out_sharding)
-    return y
+    w, bias, out_dtype = self._operands(x)
+    axes = _norm_axes(self.axis, x.ndim)
+    y = _contract(x, w, axes, bias, out_dtype, self.policy, self.bias_epilogue)
+    return _constrain(y, out_sharding)
 
 
-class SparseEinsum(nnx.Module):
+class SparseEinsum(_SparseLayer):
   """An ``nnx.Einsum`` whose kernel is a :class:`jasp.sparse.SparseWeight`.
 
   Runs the equations whose kernel contraction is sparse (the kernel's leading
@@ -448,33 +468,23 @@ class SparseEinsum(nnx.Module):
     policy: autotune.MatmulPolicy | None = None,
     bias_epilogue: bool = False,
   ):
-    self.kernel = nnx.Param(kernel)
-    self.bias = nnx.Param(bias) if bias is not None else None
+    super().__init__(
+      kernel,
+      bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      policy=policy,
+      bias_epilogue=bias_epilogue,
+    )
     self.einsum_str = einsum_str
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.policy = policy
-    self.bias_epilogue = bias_epilogue
 
   def __call__(self, inputs: jax.Array, einsum_str: str | None = None, out_sharding=None):
     """``einsum(einsum_str, inputs, kernel) (+ bias)``; ``out_sharding`` a constraint."""
-    eq = einsum_str or self.einsum_str
     x = jnp.asarray(inputs)
-    bias = self.bias.get_value() if self.bias is not None else None
-    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
-    y = _einsum(
-      "SparseEinsum",
-      x,
-      eq,
-      self.kernel.get_value(),
-      bias,
-      out_dtype,
-      self.policy,
-      self.bias_epilogue,
-    )
-    if out_sharding is not None:
-      y = jax.lax.with_sharding_constraint(y, out_sharding)
-    return y
+    w, bias, out_dtype = self._operands(x)
+    eq = einsum_str or self.einsum_str
+    y = _einsum("SparseEinsum", x, eq, w, bias, out_dtype, self.policy, self.bias_epilogue)
+    return _constrain(y, out_sharding)
 
 
 def _nnx_parent(root, path: tuple) -> Any:
@@ -555,7 +565,7 @@ def sparsify_nnx(
       if why:
         report[name] = why
         continue
-      axis, layer_ndim = None, len(node.kernel_shape)
+      axis, layer_ndim = (), len(node.kernel_shape)
     elif isinstance(node, nnx.Linear):
       in_axes, axis, layer_ndim = 1, (-1,), 2
     else:
@@ -573,28 +583,13 @@ def sparsify_nnx(
     report[name] = line
     if not isinstance(new, compress_lib.SparseWeight):
       continue
-    if isinstance(node, nnx.Einsum):
-      bias = node.bias.get_value() if node.bias is not None else None
-      layer = SparseEinsum(
-        new,
-        bias,
-        einsum_str=node.einsum_str,
-        dtype=node.dtype,
-        param_dtype=node.param_dtype,
-        policy=policy,
-        bias_epilogue=bias_epilogue,
-      )
-      _nnx_set(_nnx_parent(model, path[:-1]), path[-1], layer)
-      continue
-    bias = node.bias.get_value() if node.use_bias and node.bias is not None else None
-    layer = SparseLinear(
-      new,
-      bias,
-      axis=axis,
-      dtype=node.dtype,
-      param_dtype=node.param_dtype,
-      policy=policy,
-      bias_epilogue=bias_epilogue,
+    bias = node.bias.get_value() if node.bias is not None else None
+    common = dict(
+      dtype=node.dtype, param_dtype=node.param_dtype, policy=policy, bias_epilogue=bias_epilogue
     )
+    if isinstance(node, nnx.Einsum):
+      layer = SparseEinsum(new, bias, einsum_str=node.einsum_str, **common)
+    else:
+      layer = SparseLinear(new, bias, axis=axis, **common)
     _nnx_set(_nnx_parent(model, path[:-1]), path[-1], layer)
   return report
