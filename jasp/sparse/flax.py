@@ -250,8 +250,8 @@ def _linen_out_dtype(mod, x) -> Any:
   return mod.dtype if mod.dtype is not None else jnp.result_type(x.dtype, mod.param_dtype)
 
 
-def _einsum_contracted(lhs: str, rhs: str, out: str) -> int | None:
-  """How many leading kernel axes the equation ``lhs,rhs->out`` contracts, or None when
+def _einsum_split(lhs: str, rhs: str, out: str) -> tuple[str, str] | None:
+  """``(contracted, free)`` kernel letters of the equation ``lhs,rhs->out``, or None when
   it has no sparse form: it must contract the kernel's leading axes with axes of the
   input and keep every other axis of either operand."""
   contracted = [c for c in rhs if c not in out]
@@ -266,7 +266,7 @@ def _einsum_contracted(lhs: str, rhs: str, out: str) -> int | None:
     or len(set(rhs)) != len(rhs)
   ):
     return None
-  return len(contracted)
+  return "".join(contracted), "".join(free)
 
 
 def _no_sparse_form(name: str, eq: str) -> str:
@@ -278,7 +278,7 @@ def _no_sparse_form(name: str, eq: str) -> str:
 
 
 def _einsum(name, x, eq, kernel, bias, out_dtype, policy, bias_epilogue) -> jax.Array:
-  """An ``Einsum`` layer (linen or nnx) with a SparseWeight kernel; see :func:`_einsum_contracted`."""
+  """An ``Einsum`` layer (linen or nnx) with a SparseWeight kernel; see :func:`_einsum_split`."""
   import opt_einsum  # a dependency of jax
 
   eq = eq.replace(" ", "")
@@ -288,13 +288,13 @@ def _einsum(name, x, eq, kernel, bias, out_dtype, policy, bias_epilogue) -> jax.
     lhs, rhs = operands.split(",")
   except ValueError as e:
     raise ValueError(f"{name}: einsum {eq!r} with the input {x.shape}: {e}") from None
-  if _einsum_contracted(lhs, rhs, out) is None:
+  split = _einsum_split(lhs, rhs, out)
+  if split is None:
     raise ValueError(_no_sparse_form(name, eq))
-  contracted = [c for c in rhs if c not in out]
-  free = [c for c in rhs if c in out]
+  contracted, free = split
   axes = tuple(lhs.index(c) for c in contracted)
   y = _contract(x, kernel, axes, None, out_dtype, policy, bias_epilogue)
-  have = [c for c in lhs if c not in contracted] + free
+  have = [c for c in lhs if c not in contracted] + list(free)
   y = jnp.transpose(y, [have.index(c) for c in out])
   if bias is not None:
     shape = [kernel.shape[rhs.index(c)] if c in free else 1 for c in out]
@@ -506,12 +506,10 @@ def _nnx_einsum_form(node) -> tuple[str, int]:
   eq = node.einsum_str
   lhs, _, out = eq.partition("->")
   lhs, _, rhs = lhs.partition(",")
-  a = (
-    None if "." in rhs else _einsum_contracted(lhs.replace("...", ""), rhs, out.replace("...", ""))
-  )
-  if not a:
+  split = None if "." in rhs else _einsum_split(lhs.replace("...", ""), rhs, out.replace("...", ""))
+  if split is None or not split[0]:
     return "kept: " + _no_sparse_form("einsum", eq).split(": ", 1)[1], 0
-  return "", a
+  return "", len(split[0])
 
 
 def sparsify_nnx(
