@@ -671,7 +671,7 @@ def matmul_24(
     raise RuntimeError(kernel.unbuildable)
   lead = x.shape[:-1]
   t = math.prod(lead)
-  plan_for(c, max(t, 1), **tuning)  # checks the weight and the tuning before tracing
+  _plan(kernel, c, max(t, 1), tuning)  # checks the shape and the tuning before tracing
   if t == 0:
     return jnp.zeros((*lead, n), x.dtype)
   f = _batched((k, n), c.tile, c.layout, interpret, tuple(sorted(tuning.items())))
@@ -694,7 +694,11 @@ def plan_for(c: Compressed24, t: int, **tuning) -> Any:
       shape, or the tuning does not apply (see the plan functions).
   """
   _check_compressed(c)
-  kernel = _kernel_of(c.layout)
+  return _plan(_kernel_of(c.layout), c, t, tuning)
+
+
+def _plan(kernel: _Kernel, c: Compressed24, t: int, tuning: dict) -> Any:
+  """:func:`plan_for` of a checked ``c`` whose layout's entry is ``kernel``."""
   k, n = c.shape
   ok, why = kernel.shape_ok(k, n, c.dtype)
   if not ok:
