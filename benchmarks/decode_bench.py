@@ -3,8 +3,10 @@
 ``y = x @ W`` with ``x (T, K)`` bf16, ``T`` from 1 to 256 tokens, and ``W (K, N)``
 2:4 along ``K``. Dense: ``jnp.dot(x, W)`` of the masked dense weight. Compressed:
 :func:`jasp.kernels.decode24.matmul_24` of :func:`~jasp.kernels.decode24.compress_24`
-(kept values and 2-bit positions, 56% of the dense bytes), default plan, plus the
-``--sweep`` tuning variants.
+(kept values and 2-bit positions, 56% of the dense bytes): ``default`` is the
+product's layout for the shape (``"nk"``, Mosaic GPU, on Hopper; else ``"kn"``,
+Triton) and plan; the other layout is timed too, plus the ``--sweep`` tuning
+variants, or only the ``--variants`` given.
 
 Run on the device machine::
 
@@ -12,6 +14,7 @@ Run on the device machine::
     python3 benchmarks/decode_bench.py --quick --out $OUT/decode.json     # 2 shapes x 3 T
     python3 benchmarks/decode_bench.py --sweep --quick                    # tuning variants too
     python3 benchmarks/decode_bench.py --probe --quick                    # the selects' share
+    python3 benchmarks/decode_bench.py --quick --variants 'layout=nk,block_n=128;layout=kn'
     python3 benchmarks/decode_bench.py --smoke                            # CPU, interpret mode
 
 Before timing, every output is checked against a float32 ``Precision.HIGHEST``
@@ -67,23 +70,24 @@ SMOKE_SHAPES = ((256, 128), (160, 96))
 SMOKE_TOKENS = (1, 3, 16)
 L2_BYTES = 50 << 20
 
-#: Variants always timed besides ``default`` (the ``"kn"`` layout, Triton):
-#: the ``"nk"`` layout's Mosaic GPU kernel, where it compiles (Hopper) or in the smoke run.
-LAYOUT_VARIANTS = ({"layout": "nk"},)
+#: Variants always timed besides ``default`` (the product's: :func:`compress_24`'s
+#: layout for the shape, the ``"nk"`` Mosaic GPU kernel on Hopper, else ``"kn"``
+#: (Triton)): the other layout, where its kernel compiles (or in the smoke run).
+LAYOUT_VARIANTS = ({"layout": "kn"}, {"layout": "nk"})
 
 #: ``--sweep`` variants: plan overrides, and ``tile`` (a different format).
 SWEEP = (
-  {"block_g": 16},
-  {"block_g": 64},
-  {"num_warps": 8},
-  {"num_stages": 2},
-  {"num_stages": 4},
-  {"target_programs": 132},
-  {"target_programs": 528},
-  {"tile": 64},
-  {"tile": 256},
+  {"layout": "kn", "block_g": 16},
+  {"layout": "kn", "block_g": 64},
+  {"layout": "kn", "num_warps": 8},
+  {"layout": "kn", "num_stages": 2},
+  {"layout": "kn", "num_stages": 4},
+  {"layout": "kn", "target_programs": 132},
+  {"layout": "kn", "target_programs": 528},
+  {"layout": "kn", "tile": 64},
+  {"layout": "kn", "tile": 256},
   {"layout": "nk", "stages": 2},
-  {"layout": "nk", "target_programs": 132},
+  {"layout": "nk", "target_programs": 264},
   {"layout": "nk", "target_programs": 528},
   {"layout": "nk", "tile": 64},
   {"layout": "nk", "accumulators": 2},
@@ -92,6 +96,8 @@ SWEEP = (
   {"layout": "nk", "tile": 64, "accumulators": 4},
   {"layout": "nk", "stages": 3},
   {"layout": "nk", "stages": 4},
+  {"layout": "nk", "block_n": 128},
+  {"layout": "nk", "tile": 64, "block_n": 128},
 )
 
 
@@ -150,18 +156,46 @@ def check(y: jax.Array, x: jax.Array, w: jax.Array, what: str) -> float:
   return rel
 
 
-def variants(sweep: bool) -> list[tuple[str, dict]]:
-  name = lambda t: ",".join(f"{k}={v}" for k, v in t.items())
-  out = [("default", {})] + [(name(t), t) for t in LAYOUT_VARIANTS]
-  if sweep:
-    out += [(name(t), t) for t in SWEEP]
-  return out
+def variant_name(tuning: dict) -> str:
+  return ",".join(f"{k}={v}" for k, v in tuning.items())
+
+
+def parse_variants(text: str) -> tuple[dict, ...]:
+  """``"layout=nk,block_n=128;layout=kn"`` -> ``({"layout": "nk", "block_n": 128}, {"layout": "kn"})``.
+
+  Raises:
+    ValueError: an entry is not ``key=value`` or names no layout.
+  """
+  out = []
+  for entry in filter(None, (e.strip() for e in text.split(";"))):
+    tuning = {}
+    for item in entry.split(","):
+      key, sep, value = item.partition("=")
+      if not sep or not key.strip():
+        raise ValueError(f"variant entries are key=value, got {item!r} in {entry!r}")
+      value = value.strip()
+      tuning[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+    if tuning.get("layout") not in decode24.LAYOUTS:
+      raise ValueError(f"each variant names its layout ({decode24.LAYOUTS}), got {entry!r}")
+    out.append(tuning)
+  return tuple(out)
+
+
+def variants(sweep: bool, default_layout: str, chosen: tuple[dict, ...] = ()) -> list:
+  """``[(name, tuning)]`` to time: ``default`` (the product's format and plan, in
+  ``default_layout``), then ``chosen`` if given, else the other layout and, with
+  ``sweep``, :data:`SWEEP`."""
+  extra = list(chosen) if chosen else [t for t in LAYOUT_VARIANTS if t["layout"] != default_layout]
+  if sweep and not chosen:
+    extra += SWEEP
+  return [("default", {})] + [(variant_name(t), t) for t in extra]
 
 
 def applies(k: int, n: int, tuning: dict, smoke: bool) -> bool:
   """Whether a variant runs on ``(K, N)`` here: its format and kernel take the shape, and
   its kernel compiles here (or the smoke run interprets it)."""
-  layout, tile = tuning.get("layout", "kn"), tuning.get("tile")
+  layout = tuning.get("layout") or decode24.default_layout(k, n, jnp.bfloat16)
+  tile = tuning.get("tile")
   if not decode24.shape_ok(k, n, jnp.bfloat16, layout)[0]:
     return False
   if not (smoke or layout == "kn" or decode24.native(layout)):
@@ -184,10 +218,11 @@ def bench_shape(k: int, n: int, args, clock: DeviceClock, copy_bw: float, record
   dense = jax.jit(lambda x, w: jnp.dot(x, w))
   formats: dict[tuple, list] = {}  # (layout, tile) -> one compressed weight per copy
   fns = []
-  for name, tuning in variants(args.sweep):
+  default_layout = decode24.default_layout(k, n, dtype)
+  for name, tuning in variants(args.sweep, default_layout, args.variants):
     if not applies(k, n, tuning, args.smoke):
       continue
-    fmt = (tuning.get("layout", "kn"), tuning.get("tile"))
+    fmt = (tuning.get("layout") or default_layout, tuning.get("tile"))
     if fmt not in formats:
       formats[fmt] = [decode24.compress_24(w, layout=fmt[0], tile=fmt[1]) for w in ws]
     plan_kw = {a: b for a, b in tuning.items() if a not in ("tile", "layout")}
@@ -270,6 +305,12 @@ def parse_args(argv=None):
   ap.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny shapes, interpret")
   ap.add_argument("--sweep", action="store_true", help="also time the tuning variants")
   ap.add_argument("--probe", action="store_true", help="also time one select per code")
+  ap.add_argument(
+    "--variants",
+    default="",
+    help="time these instead of the other layout and the sweep, e.g. "
+    "'layout=nk,block_n=128;layout=kn,num_stages=2'",
+  )
   ap.add_argument("--reps", type=int, default=0, help="rounds over the weight copies")
   ap.add_argument("--budget-s", type=float, default=0, help="start no new row after this")
   ap.add_argument("--out", default="", help="JSON results file")
@@ -281,6 +322,10 @@ def parse_args(argv=None):
     shapes, tokens = SMOKE_SHAPES, SMOKE_TOKENS
   args.shapes = parse_shapes(args.shapes) or shapes
   args.tokens = tuple(int(v) for v in args.tokens.split(",") if v) or tokens
+  try:
+    args.variants = parse_variants(args.variants)
+  except ValueError as e:
+    ap.error(str(e))
   args.reps = args.reps or (2 if args.smoke else 20)
   args.deadline = time.time() + args.budget_s if args.budget_s else 0
   return args

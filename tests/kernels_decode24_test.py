@@ -581,6 +581,8 @@ def test_plan_for_and_tile_for_follow_the_layout():
     (3, 512, 64, {"splits": 1}),
     (16, 256, 64, {}),  # chunk of 64 groups
     (8, 1024, 64, {"accumulators": 4, "stages": 1}),
+    (16, 1024, 256, {"block_n": 128}),  # two multiplies per program
+    (5, 1024, 128, {"block_n": 128, "accumulators": 2, "splits": 1}),
     pytest.param(70, 512, 64, {}, marks=pytest.mark.slow),  # two token tiles (64 + 6)
   ],
 )
@@ -589,34 +591,66 @@ def test_nk_matmul_interpret(t, k, n, tuning):
   assert_product(y, x, w, jnp.bfloat16, msg)
 
 
+def _smem_bytes(p) -> int:
+  """Shared memory of a plan, counted from scratch: the stages' x, values and codes, and
+  the float32 output tile."""
+  x = 4 * p.tokens * p.tile * 2
+  values, codes = 2 * p.block_n * p.tile * 2, p.block_n * p.tile // 2
+  return p.stages * (x + values + codes) + 4 * p.block_n * p.tokens
+
+
 def test_nk_plans():
-  p = decode24.decode24_mosaic.plan(1, 8192, 8192, 128)
-  assert (p.tokens, p.token_tiles, p.chunks) == (8, 1, 16)
+  plan = decode24.decode24_mosaic.plan
+  p = plan(1, 8192, 8192, 128)
+  assert (p.tokens, p.token_tiles, p.chunks, p.block_n) == (8, 1, 16, 64)
   assert p.chunks % p.splits == 0 and 128 * p.splits >= 132  # fills the GPU
   assert p.stages * p.stage_bytes <= 110 * 1024  # two programs per SM
-  p = decode24.decode24_mosaic.plan(100, 4096, 4096, 128)
+  assert p.stages >= 2
+  p = plan(100, 4096, 4096, 128)
   assert (p.tokens, p.token_tiles) == (64, 2)
-  assert decode24.decode24_mosaic.plan(64, 4096, 4096, 128, stages=9).stages < 9  # shared memory
-  big = decode24.decode24_mosaic.plan(16, 8192, 8192, 128, stages=3)
-  assert big.stages == 3 and 110 * 1024 < 3 * big.stage_bytes <= 200 * 1024
-  assert decode24.decode24_mosaic.plan(1, 4096, 4096, 128, accumulators=8).accumulators == 8
+  # 64 tokens: one stage of chunks of 128 groups fills half an SM, so two take the SM
+  for t, k, n in ((64, 4096, 4096), (64, 8192, 8192), (64, 16384, 16384)):
+    p = plan(t, k, n, 128)
+    assert p.stages == 2 and 110 * 1024 < _smem_bytes(p) <= 227 * 1024, p
+  for t, tile in ((1, 128), (16, 128), (16, 64), (32, 64)):  # two programs per SM
+    p = plan(t, 8192, 8192, tile)
+    assert p.stages >= 2 and _smem_bytes(p) <= 110 * 1024, p
+  p = plan(64, 4096, 4096, 64)  # with its 16 KiB output tile, two stages take 116 KiB
+  assert p.stages == 2 and _smem_bytes(p) <= 227 * 1024
+  assert plan(64, 4096, 4096, 128, stages=9).stages < 9  # shared memory
+  big = plan(16, 8192, 8192, 128, stages=3, splits=1)
+  assert big.stages == 3 and 110 * 1024 < 3 * big.stage_bytes and _smem_bytes(big) <= 227 * 1024
+  assert plan(1, 4096, 4096, 128, accumulators=8).accumulators == 8
   with pytest.raises(ValueError, match="accumulators must be"):
-    decode24.decode24_mosaic.plan(1, 4096, 4096, 128, accumulators=3)
+    plan(1, 4096, 4096, 128, accumulators=3)
+  # two multiplies per program: half the programs, the output tile and values twice as tall
+  wide = plan(16, 8192, 8192, 128, block_n=128)
+  assert wide.block_n == 128 and wide.stage_bytes == (4 * 16 + 2 * 128) * 128 * 2 + 128 * 64
+  assert 2 <= wide.stages and _smem_bytes(wide) <= 227 * 1024
+  assert plan(64, 8192, 8192, 64, block_n=128).stages == 2  # x shared by both multiplies
+  for bad in (96, 256):
+    with pytest.raises(ValueError, match="block_n must be one of"):
+      plan(1, 4096, 4096, 128, block_n=bad)
+  with pytest.raises(ValueError, match="divide N=192"):
+    plan(1, 4096, 192, 128, block_n=128)
 
 
 @pytest.mark.parametrize(
-  "t,k,n,accumulators",
+  "t,k,n,accumulators,block_n",
   [
-    (16, 1024, 128, 1),
-    (16, 1280, 384, 1),
-    (16, 1024, 64, 4),
-    (1, 1024, 128, 2),
-    (100, 1280, 384, 1),
+    (16, 1024, 128, 1, 64),
+    (16, 1280, 384, 1, 64),
+    (16, 1024, 64, 4, 64),
+    (1, 1024, 128, 2, 64),
+    (100, 1280, 384, 1, 64),
+    (64, 2048, 256, 2, 128),
+    (1, 1280, 384, 1, 128),
   ],
-)  # chunks of 128 and of 64 groups; 8, 16 and 64 tokens a program, one or two token tiles
-def test_nk_lowers_to_mosaic_gpu_for_cuda(t, k, n, accumulators):
+)  # chunks of 128 and of 64 groups; 8, 16 and 64 tokens a program, one or two token tiles;
+# one or two multiplies per program
+def test_nk_lowers_to_mosaic_gpu_for_cuda(t, k, n, accumulators, block_n):
   c = decode24.compress_24(jnp.zeros((k, n), jnp.bfloat16), layout="nk")
-  p = decode24.decode24_mosaic.plan(t, k, n, c.tile, accumulators=accumulators)
+  p = decode24.decode24_mosaic.plan(t, k, n, c.tile, accumulators=accumulators, block_n=block_n)
 
   def fn(x, v, m):  # the kernel itself: matmul_24 refuses to compile it off Hopper
     return decode24.decode24_mosaic.run(x, v, m, p=p, interpret=False)
@@ -649,6 +683,9 @@ def test_gpu_nk_matches_float64(t, k, n):
   wi = jnp.asarray(random_24(rng, k, n, jnp.float16, ints=True))
   yi = decode24.matmul_24(xi, decode24.compress_24(wi, layout="nk"))
   assert_product(yi, xi, wi, jnp.float16, f"fp16 ints seed={seed} T={t} {k}x{n}")
+  if n % 128 == 0:  # two multiplies per program
+    y2 = decode24.matmul_24(x, c, block_n=128)
+    assert_product(y2, x, w, jnp.bfloat16, f"block_n=128 seed={seed} T={t} {k}x{n}")
 
 
 def test_default_layout_is_nk_where_the_mosaic_kernel_compiles_and_fits(monkeypatch):

@@ -15,7 +15,8 @@ The kernel computes the transpose, ``y^T (N, T) = sum_j D_j^T (N, G) @ x_j^T
 (G, T)`` with ``x_j = x[:, j::4]`` and ``D_j = where(p0 == j, v0, where(p1 ==
 j, v1, 0))``, so that the weight is the warpgroup matrix multiply's left
 operand, which Hopper takes from registers: each program owns 64 columns of
-``W`` (the multiply's ``M``), streams chunks of values and codes through
+``W`` (the multiply's ``M``; or 128 in two multiplies, ``block_n``), streams
+chunks of values and codes through
 shared memory (TMA, a ``stages``-deep pipeline), builds the eight ``(64, C /
 2)`` tiles ``D_j`` of a chunk in registers with compares and selects
 (:func:`position_tile`: six selects per code, not eight), and
@@ -52,6 +53,7 @@ from jax.experimental import pallas as pl
 from jasp.kernels import mosaic
 
 __all__ = [
+  "BLOCK_NS",
   "NK_TILES",
   "Plan",
   "native",
@@ -67,14 +69,22 @@ NK_TILES = (128, 64)
 #: Dtypes of the warpgroup multiply at full input precision (fp32 would be TF32).
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
-_BLOCK_N = 64  # wgmma's M: columns of W per program
+_BLOCK_N = 64  # wgmma's M: columns of W per multiply
+BLOCK_NS = (64, 128)  # columns of W per program: one or two multiplies per step and position
 _MAX_TOKENS = 64  # tokens per program (wgmma's N)
-_TARGET_PROGRAMS = 264  # about two programs per SM of a 132-SM H100
-# Bytes of pipeline buffers per program: about half an SM's 227 KiB, so that two
-# programs share an SM. On an H100 (8192^2, 16 tokens) the plans that fit two
+# About two programs per SM of a 132-SM H100 or H200; the splits are the divisor of
+# the chunks nearest (log scale) this over the column tiles. On an H100 (8192^2, 1 and
+# 16 tokens) 256 programs (two splits) ran 1.37-1.40x dense, 512 (four) 1.29-1.32x.
+_TARGET_PROGRAMS = 264
+# Bytes of pipeline buffers and output tile per program: about half an SM's 228
+# KiB, so that two programs share an SM. On an H100 (8192^2, 16 tokens) the plans that fit two
 # programs per SM ran 1.12-1.13x dense, the one that fit one 0.95x.
 _SMEM_BUDGET = 110 * 1024
-_SMEM_MAX = 200 * 1024  # with an explicit ``stages``: one program per SM
+# When one stage fills that budget (64 tokens, chunks of 128 groups), two stages
+# within this, with the output tile (one program per SM), instead: on an H100 at 64
+# tokens, 8192^2 ran 1.03x dense with two, 0.80x with one; 4096^2 1.05x and 0.88x.
+# Also the cap of an explicit ``stages``. (An SM block may take 227 KiB.)
+_SMEM_MAX = 220 * 1024
 _STAGES = 4
 
 
@@ -97,7 +107,7 @@ def shape_ok(k: int, n: int, dtype) -> tuple[bool, str]:
   return True, ""
 
 
-def pick_splits(chunks: int, want: int) -> int:
+def pick_splits(chunks: int, want: float) -> int:
   """The divisor of ``chunks`` closest to ``want`` splits (log scale), at least 1.
 
   The split-K rule of both decode kernels (:func:`jasp.kernels.decode24.plan` too).
@@ -154,11 +164,15 @@ class Plan:
     token_tiles: programs along ``T``.
     splits: programs sharing one output tile (split-K); a divisor of the chunks.
     stages: chunks in flight per program (shared memory buffers): by default
-      up to 4 within 110 KiB (two programs per SM); an explicit ``stages``
-      is capped at 200 KiB.
+      up to 4 within 110 KiB with the float32 output tile (two programs per
+      SM), or 2 within 220 KiB where 110 KiB holds one; an explicit
+      ``stages`` is capped at 220 KiB.
     accumulators: float32 accumulators the eight multiplies of a chunk
       rotate over (1, 2, 4 or 8): more break the chain of multiplies that
       wait on one accumulator, at 8 registers per thread each (16 tokens).
+    block_n: columns of ``W`` per program (64 or 128, :data:`BLOCK_NS`): at
+      128 each chunk of ``x`` read into shared memory serves two multiplies,
+      halving ``x``'s reads (at 64 tokens they outweigh the weight's).
   """
 
   t: int
@@ -170,6 +184,7 @@ class Plan:
   splits: int
   stages: int
   accumulators: int = 1
+  block_n: int = _BLOCK_N
 
   @property
   def chunks(self) -> int:
@@ -181,12 +196,12 @@ class Plan:
 
   @property
   def stage_bytes(self) -> int:
-    return _stage_bytes(self.tokens, self.tile)
+    return _stage_bytes(self.tokens, self.tile, self.block_n)
 
 
-def _stage_bytes(tokens: int, tile: int) -> int:
+def _stage_bytes(tokens: int, tile: int, block_n: int = _BLOCK_N) -> int:
   """Shared memory of one pipeline stage: ``x``'s chunk, both slots' values (16-bit) and the codes."""
-  return (4 * tokens + 2 * _BLOCK_N) * tile * 2 + _BLOCK_N * tile // 2
+  return (4 * tokens + 2 * block_n) * tile * 2 + block_n * tile // 2
 
 
 def plan(
@@ -199,32 +214,44 @@ def plan(
   stages: int | None = None,
   accumulators: int | None = None,
   target_programs: int | None = None,
+  block_n: int | None = None,
 ) -> Plan:
   """The launch plan of ``x (t, k) @ W (k, n)`` for a format of group chunk ``tile``.
 
   Raises:
     ValueError: the shape has no ``"nk"`` layout of ``tile``, or ``splits``
-      does not divide the chunks, ``stages < 1``, or ``accumulators`` is not
-      1, 2, 4 or 8.
+      does not divide the chunks, ``stages < 1``, ``accumulators`` is not
+      1, 2, 4 or 8, or ``block_n`` is not in :data:`BLOCK_NS` or does not
+      divide ``n``.
   """
   if tile not in NK_TILES or (k // 4) % tile or k % 4 or n % _BLOCK_N or t < 1:
     raise ValueError(f"no 'nk' plan for T={t}, K={k}, N={n}, tile={tile} (tiles {NK_TILES}).")
+  block_n = _BLOCK_N if block_n is None else block_n
+  if block_n not in BLOCK_NS or n % block_n:
+    raise ValueError(f"block_n must be one of {BLOCK_NS} and divide N={n}, got {block_n!r}.")
   tokens = min(_MAX_TOKENS, -(-t // 8) * 8)
   token_tiles = -(-t // tokens)
   chunks = (k // 4) // tile
-  programs = (n // _BLOCK_N) * token_tiles
+  programs = (n // block_n) * token_tiles
   if splits is None:
-    splits = pick_splits(chunks, -(-(target_programs or _TARGET_PROGRAMS) // programs))
+    splits = pick_splits(chunks, (target_programs or _TARGET_PROGRAMS) / programs)
   elif splits < 1 or chunks % splits:
     raise ValueError(f"splits must divide the {chunks} chunks of {tile} groups, got {splits}.")
   if stages is not None and stages < 1:
     raise ValueError(f"stages must be >= 1, got {stages}.")
   if accumulators not in (None, 1, 2, 4, 8):
     raise ValueError(f"accumulators must be 1, 2, 4 or 8, got {accumulators!r}.")
-  # An explicit ``stages`` may take up to the whole SM (one program per SM).
-  fit = max(1, (_SMEM_MAX if stages else _SMEM_BUDGET) // _stage_bytes(tokens, tile))
-  stages = max(1, min(stages or _STAGES, fit, chunks // splits))
-  return Plan(t, k, n, tile, tokens, token_tiles, splits, stages, accumulators or 1)
+  size, out = _stage_bytes(tokens, tile, block_n), 4 * block_n * tokens  # out: the f32 tile
+  whole = (_SMEM_MAX - out) // size
+  if stages:  # an explicit ``stages`` may take up to the whole SM (one program per SM)
+    fit = whole
+  else:  # two programs per SM, unless that leaves a single stage (no overlap)
+    stages = _STAGES
+    fit = (_SMEM_BUDGET - out) // size
+    if fit < 2:
+      fit = min(2, whole)
+  stages = max(1, min(stages, fit, chunks // splits))
+  return Plan(t, k, n, tile, tokens, token_tiles, splits, stages, accumulators or 1, block_n)
 
 
 def _transforms(minor: int, dtype):
@@ -239,7 +266,8 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
   """One program: column tile ``"n"``, token tile ``"t"``, split ``"s"`` (see :class:`Plan`)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  bn, tp, c, h = _BLOCK_N, p.tokens, p.tile, p.tile // 2
+  bn, tp, c, h = p.block_n, p.tokens, p.tile, p.tile // 2
+  rows, a = bn // _BLOCK_N, p.accumulators  # multiplies per position; accumulators per multiply
   dtype = v_gmem.dtype
   ni, ti, si = lax.axis_index("n"), lax.axis_index("t"), lax.axis_index("s")
   groups = pl.ds(si * p.per_split * c, p.per_split * c)
@@ -251,32 +279,34 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
   ]
 
   def step(accs, x_smem, v_smem, m_smem):
-    codes = m_smem[...].astype(jnp.int16)  # 8-bit registers allow bitwise ops only
-    for half in range(2):
-      code = (codes & 15) if half == 0 else (codes >> 4)
-      p0, p1 = code & 3, code >> 2
-      part = pl.ds(half * h, h)
-      v0, v1 = v_smem[0, :, part], v_smem[1, :, part]
-      for j in range(4):
-        d = position_tile(j, p0, p1, v0, v1)
-        acc_ref = accs[(4 * half + j) % len(accs)]
-        if interpret:
-          xj = x_smem[j, :, part]
-          acc_ref[...] += lax.dot_general(
-            d, xj, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-          )
-        else:
-          plgpu.wgmma(acc_ref, d, x_smem.at[j, :, part].transpose((1, 0)))
+    for r in range(rows):
+      sub = pl.ds(r * _BLOCK_N, _BLOCK_N)
+      codes = m_smem[sub, :].astype(jnp.int16)  # 8-bit registers allow bitwise ops only
+      for half in range(2):
+        code = (codes & 15) if half == 0 else (codes >> 4)
+        p0, p1 = code & 3, code >> 2
+        part = pl.ds(half * h, h)
+        v0, v1 = v_smem[0, sub, part], v_smem[1, sub, part]
+        for j in range(4):
+          d = position_tile(j, p0, p1, v0, v1)
+          acc_ref = accs[r * a + (4 * half + j) % a]
+          if interpret:
+            xj = x_smem[j, :, part]
+            acc_ref[...] += lax.dot_general(
+              d, xj, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )
+          else:
+            plgpu.wgmma(acc_ref, d, x_smem.at[j, :, part].transpose((1, 0)))
     if not interpret:
       plgpu.wgmma_wait(0)
 
-  acc_type = (plgpu.SMEM if interpret else plgpu.ACC)((bn, tp), jnp.float32)
+  acc_type = (plgpu.SMEM if interpret else plgpu.ACC)((_BLOCK_N, tp), jnp.float32)
 
-  @functools.partial(pl.run_scoped, accs=tuple(acc_type for _ in range(p.accumulators)))
+  @functools.partial(pl.run_scoped, accs=tuple(acc_type for _ in range(rows * a)))
   def _(accs):
     if interpret:
       for acc_ref in accs:
-        acc_ref[...] = jnp.zeros((bn, tp), jnp.float32)
+        acc_ref[...] = jnp.zeros((_BLOCK_N, tp), jnp.float32)
     plgpu.emit_pipeline(
       lambda _, *refs: step(accs, *refs),
       grid=(p.per_split,),
@@ -287,10 +317,11 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
       v_gmem.at[:, cols, groups],
       m_gmem.at[cols, pl.ds(si * p.per_split * h, p.per_split * h)],
     )
-    total = accs[0][...]
-    for acc_ref in accs[1:]:
-      total = total + acc_ref[...]
-    out_smem[...] = total
+    for r in range(rows):
+      total = accs[r * a][...]
+      for acc_ref in accs[r * a + 1 : (r + 1) * a]:
+        total = total + acc_ref[...]
+      out_smem[pl.ds(r * _BLOCK_N, _BLOCK_N), :] = total
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, cols, pl.ds(ti * tp, tp)])
     plgpu.wait_smem_to_gmem(0)
@@ -306,10 +337,10 @@ def run(x2: jax.Array, values: jax.Array, meta: jax.Array, *, p: Plan, interpret
   out = plgpu.kernel(
     functools.partial(_kernel, p=p, interpret=interpret),
     out_type=jax.ShapeDtypeStruct((p.splits, p.n, tpad), jnp.float32),
-    grid=(p.n // _BLOCK_N, p.token_tiles, p.splits),
+    grid=(p.n // p.block_n, p.token_tiles, p.splits),
     grid_names=("n", "t", "s"),
     compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    scratch_types=dict(out_smem=plgpu.SMEM((_BLOCK_N, p.tokens), jnp.float32)),
+    scratch_types=dict(out_smem=plgpu.SMEM((p.block_n, p.tokens), jnp.float32)),
     interpret=mosaic.interpret_params() if interpret else None,
     kernel_name="jasp_matmul_24_nk",
   )(xg, values, meta)
