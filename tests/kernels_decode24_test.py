@@ -612,6 +612,20 @@ def test_nk_plans():
   for t, k, n in ((64, 4096, 4096), (64, 8192, 8192), (64, 16384, 16384)):
     p = plan(t, k, n, 128)
     assert p.stages == 2 and 110 * 1024 < _smem_bytes(p) <= 227 * 1024, p
+  # split-K: the largest divisor of the chunks within about two programs per SM
+  splits = {
+    (k, n): plan(16, k, n, 128).splits
+    for k, n in ((4096, 4096), (8192, 8192), (16384, 16384), (4096, 14336), (14336, 4096))
+  }
+  assert splits == {
+    (4096, 4096): 4,
+    (8192, 8192): 2,
+    (16384, 16384): 2,
+    (4096, 14336): 2,
+    (14336, 4096): 4,
+  }
+  assert decode24.decode24_mosaic.pick_splits(16, 3, at_most=True) == 2
+  assert decode24.decode24_mosaic.pick_splits(16, 3) == 4  # nearest on a log scale
   for t, tile in ((1, 128), (16, 128), (16, 64), (32, 64)):  # two programs per SM
     p = plan(t, 8192, 8192, tile)
     assert p.stages >= 2 and _smem_bytes(p) <= 110 * 1024, p

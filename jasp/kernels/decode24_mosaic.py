@@ -72,9 +72,10 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _BLOCK_N = 64  # wgmma's M: columns of W per multiply
 BLOCK_NS = (64, 128)  # columns of W per program: one or two multiplies per step and position
 _MAX_TOKENS = 64  # tokens per program (wgmma's N)
-# About two programs per SM of a 132-SM H100 or H200; the splits are the divisor of
-# the chunks nearest (log scale) this over the column tiles. On an H100 (8192^2, 1 and
-# 16 tokens) 256 programs (two splits) ran 1.37-1.40x dense, 512 (four) 1.29-1.32x.
+# About two programs per SM of a 132-SM H100 or H200: the splits are the largest
+# divisor of the chunks not above this over the column tiles, rounded up. On an H100
+# (8192^2, 1 and 16 tokens) 256 programs (two splits) ran 1.37-1.40x dense, 512 (four,
+# the nearest divisor) 1.29-1.32x.
 _TARGET_PROGRAMS = 264
 # Bytes of pipeline buffers and output tile per program: about half an SM's 228
 # KiB, so that two programs share an SM. On an H100 (8192^2, 16 tokens) the plans that fit two
@@ -107,14 +108,18 @@ def shape_ok(k: int, n: int, dtype) -> tuple[bool, str]:
   return True, ""
 
 
-def pick_splits(chunks: int, want: float) -> int:
-  """The divisor of ``chunks`` closest to ``want`` splits (log scale), at least 1.
+def pick_splits(chunks: int, want: int, at_most: bool = False) -> int:
+  """The divisor of ``chunks`` closest to ``want`` splits (log scale), at least 1; with
+  ``at_most``, the largest divisor not above ``want``.
 
-  The split-K rule of both decode kernels (:func:`jasp.kernels.decode24.plan` too).
+  The split-K rule of both decode kernels (:func:`jasp.kernels.decode24.plan` too;
+  ``at_most`` is this kernel's).
   """
   if chunks <= 1 or want <= 1:
     return 1
   divisors = [d for d in range(1, chunks + 1) if chunks % d == 0]
+  if at_most:
+    return max(d for d in divisors if d <= want)
   return min(divisors, key=lambda d: (abs(math.log(d / want)), -d))
 
 
@@ -234,7 +239,7 @@ def plan(
   chunks = (k // 4) // tile
   programs = (n // block_n) * token_tiles
   if splits is None:
-    splits = pick_splits(chunks, (target_programs or _TARGET_PROGRAMS) / programs)
+    splits = pick_splits(chunks, -(-(target_programs or _TARGET_PROGRAMS) // programs), True)
   elif splits < 1 or chunks % splits:
     raise ValueError(f"splits must divide the {chunks} chunks of {tile} groups, got {splits}.")
   if stages is not None and stages < 1:
