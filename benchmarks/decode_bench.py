@@ -21,9 +21,10 @@ Before timing, every output is checked against a float32 ``Precision.HIGHEST``
 product of the same bf16 operands; a mismatch beyond bf16 output rounding stops
 the run (exit status 1) after recording it.
 
-Timing: every function is jitted and warmed up; ``W`` rotates over enough
-copies to exceed 4x the 50 MB L2 (a decode step reads each layer's weight from
-HBM once). Where PyTorch is importable, its CUPTI profiler sums the durations of
+Timing: every function is jitted and warmed up; ``W`` rotates over copies
+that span 256 MiB, 5x the 50 MB L2 (a decode step reads each layer's weight
+from HBM once), as the ``jasp.sparse`` policy measures
+(:func:`jasp.sparse.autotune.weight_copies`). Where PyTorch is importable, its CUPTI profiler sums the durations of
 every kernel run per call ("device": the kernel and its split-K reduction for
 the compressed path, XLA's GEMM and any helper kernels for dense); else host
 wall time per call, which at these sizes measures dispatch as much as the
@@ -43,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -61,6 +61,7 @@ from _bench_util import timed  # noqa: E402
 import jasp  # noqa: E402
 from jasp.kernels import decode24  # noqa: E402
 from jasp.kernels import decode24_mosaic  # noqa: E402
+from jasp.sparse import autotune  # noqa: E402
 
 SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096), (16384, 16384))
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -68,7 +69,6 @@ QUICK_SHAPES = ((4096, 4096), (14336, 4096))
 QUICK_TOKENS = (1, 16, 256)
 SMOKE_SHAPES = ((256, 128), (160, 96))
 SMOKE_TOKENS = (1, 3, 16)
-L2_BYTES = 50 << 20
 
 #: Variants always timed besides ``default`` (the product's: :func:`compress_24`'s
 #: layout for the shape, the ``"nk"`` Mosaic GPU kernel on Hopper, else ``"kn"``
@@ -211,7 +211,7 @@ def bench_shape(k: int, n: int, args, clock: DeviceClock, copy_bw: float, record
   """Every token count of one ``(K, N)``: checks, then times, dense and each variant."""
   dtype = jnp.bfloat16
   dense_bytes = k * n * 2
-  copies = 1 if args.smoke else int(min(8, max(1, math.ceil(4 * L2_BYTES / dense_bytes))))
+  copies = 1 if args.smoke else autotune.weight_copies(dense_bytes)  # as jasp.sparse measures
   keys = jax.random.split(jax.random.key(k * 7 + n), copies + 1)
   ws = [weight_24(kk, k, n, dtype) for kk in keys[:copies]]
   interpret = True if args.smoke else None

@@ -209,10 +209,49 @@ def test_chained_program_makes_every_call(calls):
     policy_lib.chained(fn, 0)
 
 
+@pytest.mark.parametrize("copies", [2, 4])
+def test_chained_program_rotates_over_weight_copies(copies):
+  counter = []
+  fn = _counting_matmul(counter)
+  calls = 2 * policy_lib.UNROLL + 3
+  x = np.arange(12, dtype=np.float32).reshape(3, 4) / 11
+  ws = tuple(np.arange(8, dtype=np.float32).reshape(4, 2) / (7 + c) for c in range(copies))
+  y = jax.block_until_ready(policy_lib.chained(fn, calls)(x, ws))
+  assert len(counter) == calls
+  xi = x.astype(np.float64)
+  for i in range(calls):  # the loop's calls cycle over the copies, the tail restarts at 0
+    j = i % copies if i < calls - calls % policy_lib.UNROLL else (i % policy_lib.UNROLL) % copies
+    ref = xi @ ws[j]
+    xi[0, 0] = np.tanh(ref[0, 0])
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5)
+  with pytest.raises(ValueError, match="divisor of 8"):
+    policy_lib.chained(fn, 3)(x, ws[:1] * 3)
+
+
+def test_weight_copies_span_the_stream_bytes():
+  mib = 1 << 20
+  got = {b: policy_lib.weight_copies(b * mib) for b in (1, 18, 32, 64, 112, 128, 255, 256, 512)}
+  assert got == {1: 8, 18: 8, 32: 8, 64: 4, 112: 4, 128: 2, 255: 2, 256: 1, 512: 1}
+  for b, c in got.items():  # the fewest power-of-two copies spanning 256 MiB, 8 at most
+    assert c == 8 or c * b * mib >= policy_lib.STREAM_BYTES > c // 2 * b * mib
+  with pytest.raises(ValueError, match="nbytes"):
+    policy_lib.weight_copies(0)
+
+
+def test_measurement_copies_are_buffers_of_their_own():
+  w = {"a": jnp.arange(6.0).reshape(2, 3), "b": None}
+  c = policy_lib._copies(w, 4)
+  assert len(c) == 4 and c[0] is w
+  ptrs = {x["a"].unsafe_buffer_pointer() for x in c}
+  assert len(ptrs) == 4 and all(x["b"] is None for x in c)
+  for x in c:
+    np.testing.assert_array_equal(np.asarray(x["a"]), np.arange(6.0).reshape(2, 3))
+
+
 def test_device_seconds_measures_each_function():
   x = jnp.ones((64, 128), jnp.float32)
   w = jnp.ones((128, 96), jnp.float32)
-  fns = [(lambda x, w: x @ w, (x, w)), (lambda x, w: jnp.tanh(x @ w), (x, w))]
+  fns = [(lambda x, w: x @ w, (x, w)), (lambda x, w: jnp.tanh(x @ w), (x, (w, w + 1)))]
   secs = policy_lib.device_seconds(fns, rounds=2, target_s=2e-4, max_calls=16)
   assert len(secs) == 2 and all(np.isfinite(s) and s > 0 for s in secs)
 

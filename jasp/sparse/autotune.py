@@ -23,7 +23,10 @@ can neither hoist a call out of the loop, merge calls nor drop them), and
 takes the difference between 3 and 1 back-to-back executions of that program,
 each ending in one host sync: dispatch and the sync cancel,
 and inside the program the host launches kernels faster than the device runs
-them, so what is left is the device time per call. The alternative, CUDA
+them, so what is left is the device time per call. The calls rotate over copies
+of the weight spanning several times the L2 cache (:func:`weight_copies`): in a
+model each layer's weight comes from memory, and a weight that fits the L2
+measured alone favours whichever path reads more bytes. The alternative, CUDA
 events around the calls through the FFI extension, would need the dense path
 bracketed by custom calls that XLA may schedule away from the dot; CUPTI would
 need a profiler dependency. :func:`measure_gpu_host` (the former host-timed
@@ -68,6 +71,7 @@ __all__ = [
   "measure_gpu",
   "measure_gpu_host",
   "tune",
+  "weight_copies",
 ]
 
 Measure = Callable[[int, int, int, str], tuple[float, float]]
@@ -76,14 +80,23 @@ Measure = Callable[[int, int, int, str], tuple[float, float]]
 # entries from other methods (keys without it: the former host timing, or an
 # injected ``measure``) are never read as device times, and stay in the file
 # for the versions that wrote them.
-DEVICE_METHOD = "m=device-loop-v1"
+# v2: the calls rotate over copies of the weight (:func:`weight_copies`).
+DEVICE_METHOD = "m=device-loop-v2"
 
 # The same for the compact kernel's measurement (:func:`measure_compact_gpu`),
 # whose entries are keyed by the device, not the cuSPARSELt runtime.
-COMPACT_METHOD = "compact-device-loop-v1"
+COMPACT_METHOD = "compact-device-loop-v2"
 
 # Calls per loop iteration in :func:`chained` (amortises the loop counter's kernel).
 UNROLL = 8
+
+#: Bytes that the copies of a measured weight span at least (up to :data:`UNROLL`
+#: copies), so that each call reads its weight from memory and not from the L2
+#: cache (50 MB on an H100 or H200), as it does in a model whose weights together
+#: exceed the L2. On an H100 the loop on one copy put the 4096x4096 dense dot at 1
+#: token at 6.8 us and the compact kernel at 11.2 us (dense kept); over copies
+#: (decode_bench, CUPTI) they took 14.1 us and 13.5 us.
+STREAM_BYTES = 256 << 20
 
 #: The paths :func:`jasp.sparse.matmul` takes: XLA's dense dot, cuSPARSELt,
 #: jasp's decode-time kernel on the compact format.
@@ -413,10 +426,33 @@ def _feed_back(x: jax.Array, y: jax.Array) -> jax.Array:
   return jax.lax.dynamic_update_slice(x, corner, (0, 0))
 
 
+def weight_copies(nbytes: int) -> int:
+  """How many copies of a weight of ``nbytes`` a measurement rotates over: the fewest
+  of 1, 2, 4 or 8 (divisors of :data:`UNROLL`) that span :data:`STREAM_BYTES`, else 8.
+
+  Raises:
+    ValueError: ``nbytes < 1``.
+  """
+  if nbytes < 1:
+    raise ValueError(f"nbytes must be >= 1, got {nbytes}.")
+  copies = 1
+  while copies < UNROLL and copies * nbytes < STREAM_BYTES:
+    copies *= 2
+  return copies
+
+
+def _copies(w, n: int) -> tuple:
+  """``w`` and ``n - 1`` copies of it in buffers of their own (every array leaf copied)."""
+  copy = lambda a: jnp.array(a, copy=True) if isinstance(a, jax.Array) else a
+  return (w,) + tuple(jax.tree.map(copy, w) for _ in range(n - 1))
+
+
 def chained(fn: Callable[[jax.Array, object], jax.Array], calls: int) -> Callable:
   """A jitted ``prog(x, w)`` making ``calls`` dependent calls ``fn(x, w)``; the last one's output.
 
-  ``x (t, k)`` and ``fn(x, w) (t, n)`` are 2-D. A ``lax.fori_loop`` of
+  ``x (t, k)`` and ``fn(x, w) (t, n)`` are 2-D. ``w`` may be a tuple of copies
+  of the weight, whose number divides :data:`UNROLL`: call ``i`` then reads
+  copy ``i % len(w)``. A ``lax.fori_loop`` of
   ``calls // UNROLL`` iterations of :data:`UNROLL` calls each, then the
   remaining calls. Each call's input is the previous input with one element
   replaced by a function of the previous output (:func:`_feed_back`), so no
@@ -428,20 +464,24 @@ def chained(fn: Callable[[jax.Array, object], jax.Array], calls: int) -> Callabl
   kernel per call, the same on every path.
 
   Raises:
-    ValueError: ``calls < 1``.
+    ValueError: ``calls < 1``; (at the call) a tuple ``w`` whose length does not
+      divide :data:`UNROLL`.
   """
   if calls < 1:
     raise ValueError(f"calls must be >= 1, got {calls}.")
 
   def step(w, carry, count):
+    ws = w if isinstance(w, tuple) else (w,)
+    if not ws or UNROLL % len(ws):
+      raise ValueError(f"the copies of w must number a divisor of {UNROLL}, got {len(ws)}.")
     x, y = carry
-    for _ in range(count):
-      y = fn(x, w)
+    for i in range(count):
+      y = fn(x, ws[i % len(ws)])
       x = _feed_back(x, y)
     return x, y
 
   def prog(x, w):
-    y0 = jax.eval_shape(fn, x, w)
+    y0 = jax.eval_shape(fn, x, w[0] if isinstance(w, tuple) else w)
     carry = (x, jnp.zeros(y0.shape, y0.dtype))
     if calls >= UNROLL:
       body = lambda _, c: step(w, c, UNROLL)
@@ -463,6 +503,8 @@ def _executions_s(prog, args, n: int) -> float:
 
 def _calls_for(fn, args, target_s: float, max_calls: int) -> int:
   """Warms ``jit(fn)`` up and sizes a program of about ``target_s`` of calls (host-estimated)."""
+  x, w = args
+  args = (x, w[0] if isinstance(w, tuple) else w)
   one = jax.jit(fn)
   jax.block_until_ready(one(*args))  # compile; the sparse plan search happens here
   per_call = _time_calls(one, args, 3)  # >= the device time (dispatch included)
@@ -486,7 +528,8 @@ def device_seconds(
   one). The median round, over the calls per execution.
 
   Args:
-    runs: ``[(fn, (x, w)), ...]``; ``fn(x, w)`` returns an array.
+    runs: ``[(fn, (x, w)), ...]``; ``fn(x, w)`` returns an array; ``w`` may be a
+      tuple of copies of the weight that the calls rotate over (:func:`chained`).
     rounds: measurement rounds (the median is kept).
     target_s: the wanted device time of one execution.
     max_calls: calls per execution at most.
@@ -515,7 +558,10 @@ def measure_gpu(
 ) -> tuple[float, float]:
   """Device seconds per call of the dense XLA dot and the sparse kernel for ``(t, k) @ (k, n)``.
 
-  Random inputs (a random 2:4 weight); both paths as :func:`jasp.sparse.matmul`
+  Random inputs (a random 2:4 weight, with copies the calls rotate over so that
+  each reads its weight from memory, not the L2 cache: :func:`weight_copies`;
+  they hold up to :data:`STREAM_BYTES` more device memory during the
+  measurement); both paths as :func:`jasp.sparse.matmul`
   runs them (:func:`jasp.sparse.dense_matmul` on the kept masked weight,
   :func:`jasp.sparse.sparse_matmul` with its plan search), each measured by
   :func:`device_seconds` (many calls in one program, timed as the difference
@@ -528,8 +574,9 @@ def measure_gpu(
     SparseUnavailable: no sparse runtime here.
   """
   x, sw = _problem(k, n, t, dtype, a_order)
+  sws = _copies(sw, weight_copies(k * n * jnp.dtype(dtype).itemsize))
   dense_s, sparse_s = device_seconds(
-    [(_dense_call, (x, sw)), (_sparse_call, (x, sw))], rounds=rounds, target_s=target_s
+    [(_dense_call, (x, sws)), (_sparse_call, (x, sws))], rounds=rounds, target_s=target_s
   )
   return dense_s, sparse_s
 
@@ -567,8 +614,9 @@ def measure_compact_gpu(
   x, sw = _compact_problem(k, n, t, dtype)
   if not decode24.native(sw.compact.layout):
     raise RuntimeError("jasp.sparse: the compact kernel is measured on a GPU only.")
+  sws = _copies(sw, weight_copies(k * n * jnp.dtype(dtype).itemsize))
   dense_s, compact_s = device_seconds(
-    [(_dense_call, (x, sw)), (_compact_call, (x, sw))], rounds=rounds, target_s=target_s
+    [(_dense_call, (x, sws)), (_compact_call, (x, sws))], rounds=rounds, target_s=target_s
   )
   return dense_s, compact_s
 
