@@ -161,6 +161,44 @@ def test_a_sparse_weight_read_as_an_array_says_how_to_keep_it_dense():
   np.testing.assert_array_equal(sparse.apply(model, kept, x), model.apply(pruned, x))
 
 
+class ConvRawDense(nn.Module):
+  """A conv stem, a hand-written einsum over its own parameter, a norm and a Dense head."""
+
+  @nn.compact
+  def __call__(self, x):  # x (B, H, W, C)
+    h = nn.relu(nn.Conv(32, (3, 3))(x))
+    w = self.param("mix", nn.initializers.lecun_normal(), (32, 4, 8))  # (in, heads, dim)
+    h = jnp.einsum("bhwc,cnd->bhwnd", h, w).reshape(*h.shape[:-1], 32)
+    h = nn.LayerNorm()(h).mean(axis=(1, 2))
+    return nn.Dense(16)(h)
+
+
+def test_linen_report_names_the_pruned_weights_left_dense():
+  model = ConvRawDense()
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 8))
+  variables = model.init(jax.random.key(0), x)
+  layouts = jasp.trace_layouts(model.apply, variables, x)
+  pruned, masks = jasp.prune(variables, layouts=layouts)
+  sp_vars, report = sparse.sparsify(pruned, layouts=layouts, dtype=BF16)
+  # the oracle: the leaves jasp.prune masked, by path
+  masked = sorted(
+    "/".join(str(k.key) for k in p)
+    for p, m in jax.tree_util.tree_leaves_with_path(masks)
+    if m is not None
+  )
+  assert masked == ["params/Conv_0/kernel", "params/Dense_0/kernel", "params/mix"]
+  assert sorted(report) == masked  # every pruned weight, and nothing else (bias, norm scale)
+  assert report["params/Dense_0/kernel"].startswith(("compressed", "dense path"))
+  assert report["params/Conv_0/kernel"].startswith("kept dense: 2:4, but a convolution kernel")
+  assert report["params/mix"].startswith("kept dense: 2:4, but not a layer's kernel")
+  assert isinstance(sp_vars["params"]["Dense_0"]["kernel"], sparse.SparseWeight)
+  _close(sparse.apply(model, sp_vars, x), model.apply(pruned, x))
+  # a leaf that is 2:4 only because it is all zeros (a LoRA B at init, say) is not reported
+  zeros = jax.tree.map(lambda a: a, pruned)
+  zeros["params"]["mix"] = jnp.zeros_like(pruned["params"]["mix"])
+  assert "params/mix" not in sparse.sparsify(zeros, layouts=layouts, dtype=BF16)[1]
+
+
 def _nnx(policy, **kw):
   model = NNXNet(rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 8, 32))
@@ -404,8 +442,18 @@ def test_nnx_scanned_decoder_einsum_mlp_runs_sparse(monkeypatch):
   nnx.update(model, pruned)
   ref = model(tokens)
   report = sparse.sparsify_nnx(model, dtype=BF16)
-  assert sorted(report) == [f"blocks/mlp/{n}/kernel" for n in ("down", "gate", "up")]
-  assert all(r.endswith("; a stack of 2 layers") for r in report.values()), report
+  mlp = [f"blocks/mlp/{n}/kernel" for n in ("down", "gate", "up")]
+  # the attention's own Params were pruned (2:4 along d, or along (heads, head_dim) for o) and
+  # stay dense: the report names each; norms, embeddings and the head are not 2:4
+  raw = [f"blocks/attn/{n}" for n in ("k", "o", "q", "v")]
+  assert sorted(report) == sorted(mlp + raw), sorted(report)
+  assert all(report[n].endswith("; a stack of 2 layers") for n in mlp), report
+  for n in raw:
+    assert report[n].startswith("kept dense: 2:4, but a parameter its module reads itself"), n
+    w = np.asarray(getattr(model.blocks.attn, n[-1]).get_value(), np.float64)
+    axis = 2 if n.endswith("o") else 1  # stacked (2, ...): d of q/k/v, head_dim (inner) of o
+    groups = np.moveaxis(w, axis, -1).reshape(*np.moveaxis(w, axis, -1).shape[:-1], -1, 4)
+    assert ((groups != 0).sum(-1) <= 2).all() and (w != 0).any()  # the oracle: it is 2:4
   for n in ("gate", "up", "down"):
     layer = getattr(model.blocks.mlp, n)
     assert isinstance(layer, sparse.SparseEinsum) and layer.kernel.get_value().stack == (2,)

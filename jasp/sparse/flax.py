@@ -63,6 +63,22 @@ def _is_24(w: jax.Array, in_axes: int) -> bool:
   return bool(masks_lib.is_nm(w.reshape(k, -1), 2, 4, axis=0))
 
 
+def _left_24(w: Any) -> bool:
+  """Whether a parameter that no swapped layer reads is 2:4 along one of its axes (and not
+  all zeros): most likely a pruned weight, which then runs dense."""
+  if getattr(w, "ndim", 0) < 2 or not jnp.issubdtype(w.dtype, jnp.floating):
+    return False
+  if not bool(jnp.any(w != 0)):
+    return False
+  return any(w.shape[a] % 4 == 0 and bool(masks_lib.is_nm(w, 2, 4, axis=a)) for a in range(w.ndim))
+
+
+_LEFT = (
+  "kept dense: 2:4, but {what}; jasp.sparse swaps {layers} only "
+  "(a module that reads its own parameter computes with it as it is)"
+)
+
+
 def _matches(path: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> str | None:
   if include and not any(re.search(p, path) for p in include):
     return "not matched by include"
@@ -136,7 +152,9 @@ def sparsify(
 
   Returns:
     ``(params with SparseWeight leaves, {path: what happened})``: one report
-    line per ``kernel`` leaf that is a matmul weight.
+    line per ``kernel`` leaf that is a matmul weight, and per other leaf that
+    is 2:4 along an axis (a pruned weight kept dense: a convolution kernel, or
+    a parameter its module reads itself).
 
   Raises:
     ValueError: a pattern of ``include``/``exclude`` is not a valid regular
@@ -147,14 +165,20 @@ def sparsify(
   exclude = pruning_policy.as_patterns(exclude, "exclude")
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   out, report = [], {}
+  layers = "the kernels of Dense, DenseGeneral and Einsum layers"
   for p, leaf in flat:
     path = _tree.path_str(p)
     if not path.endswith("kernel") or not hasattr(leaf, "shape"):
+      if _left_24(leaf):
+        report[path] = _LEFT.format(what="not a layer's kernel", layers=layers)
       out.append(leaf)
       continue
     lay = layouts_lib.resolve(path, leaf, layouts)
     nd = leaf.ndim
     if lay.kind != "dot" or lay.axis is None:
+      if _left_24(leaf):
+        what = "a convolution kernel" if lay.kind == "conv" else "not a matmul kernel"
+        report[path] = _LEFT.format(what=what, layers=layers)
       out.append(leaf)
       continue
     a, st = len(lay.axis), len(lay.stack)
@@ -537,7 +561,10 @@ def sparsify_nnx(
     policy, bias_epilogue: stored on each SparseLinear (see :func:`jasp.sparse.matmul`).
 
   Returns:
-    ``{kernel path: what happened}`` for every Linear/LinearGeneral/Einsum.
+    ``{kernel path: what happened}`` for every Linear/LinearGeneral/Einsum,
+    and for every other ``nnx.Param`` that is 2:4 along an axis (a pruned
+    weight that its module reads itself: it stays dense, and the report says
+    so).
 
   Raises:
     ValueError, TypeError: for ``include``/``exclude`` as :func:`sparsify`.
@@ -590,4 +617,9 @@ def sparsify_nnx(
     else:
       layer = SparseLinear(new, bias, axis=axis, **common)
     _nnx_set(_nnx_parent(model, path[:-1]), path[-1], layer)
+  layers = "nnx.Linear, LinearGeneral and Einsum layers"
+  for path, node in nnx.iter_graph(model):
+    name = "/".join(str(p) for p in path)
+    if isinstance(node, nnx.Param) and name not in report and _left_24(node.get_value()):
+      report[name] = _LEFT.format(what="a parameter its module reads itself", layers=layers)
   return report
