@@ -193,6 +193,11 @@ def test_linen_report_names_the_pruned_weights_left_dense():
   assert report["params/mix"].startswith("kept dense: 2:4, but not a layer's kernel")
   assert isinstance(sp_vars["params"]["Dense_0"]["kernel"], sparse.SparseWeight)
   _close(sparse.apply(model, sp_vars, x), model.apply(pruned, x))
+  # sparsified again: the SparseWeight is kept whole, not read as its child arrays
+  again, report2 = sparse.sparsify(sp_vars, layouts=layouts, dtype=BF16)
+  assert report2["params/Dense_0/kernel"] == "kept: already a SparseWeight"
+  assert sorted(report2) == masked
+  assert again["params"]["Dense_0"]["kernel"] is sp_vars["params"]["Dense_0"]["kernel"]
   # a leaf that is 2:4 only because it is all zeros (a LoRA B at init, say) is not reported
   zeros = jax.tree.map(lambda a: a, pruned)
   zeros["params"]["mix"] = jnp.zeros_like(pruned["params"]["mix"])

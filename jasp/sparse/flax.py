@@ -40,6 +40,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jasp import _tree
@@ -66,7 +67,9 @@ def _is_24(w: jax.Array, in_axes: int) -> bool:
 def _left_24(w: Any) -> bool:
   """Whether a parameter that no swapped layer reads is 2:4 along one of its axes (and not
   all zeros): most likely a pruned weight, which then runs dense."""
-  if getattr(w, "ndim", 0) < 2 or not jnp.issubdtype(w.dtype, jnp.floating):
+  if not isinstance(w, (jax.Array, np.ndarray)) or w.ndim < 2:
+    return False
+  if not jnp.issubdtype(w.dtype, jnp.floating):
     return False
   if not bool(jnp.any(w != 0)):
     return False
@@ -163,11 +166,16 @@ def sparsify(
   """
   include = pruning_policy.as_patterns(include, "include")
   exclude = pruning_policy.as_patterns(exclude, "exclude")
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  is_sw = lambda x: isinstance(x, compress_lib.SparseWeight)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_sw)
   out, report = [], {}
   layers = "the kernels of Dense, DenseGeneral and Einsum layers"
   for p, leaf in flat:
     path = _tree.path_str(p)
+    if is_sw(leaf):
+      report[path] = "kept: already a SparseWeight"
+      out.append(leaf)
+      continue
     if not path.endswith("kernel") or not hasattr(leaf, "shape"):
       if _left_24(leaf):
         report[path] = _LEFT.format(what="not a layer's kernel", layers=layers)
