@@ -192,17 +192,19 @@ def variants(sweep: bool, default_layout: str, chosen: tuple[dict, ...] = ()) ->
 
 
 def applies(k: int, n: int, tuning: dict, smoke: bool) -> bool:
-  """Whether a variant runs on ``(K, N)`` here: its format and kernel take the shape, and
-  its kernel compiles here (or the smoke run interprets it)."""
+  """Whether a variant runs on ``(K, N)`` here: its format, kernel and plan take the shape,
+  and its kernel compiles here (or the smoke run interprets it)."""
   layout = tuning.get("layout") or decode24.default_layout(k, n, jnp.bfloat16)
   tile = tuning.get("tile")
   if not decode24.shape_ok(k, n, jnp.bfloat16, layout)[0]:
     return False
   if not (smoke or layout == "kn" or decode24.native(layout)):
     return False
+  planner = decode24_mosaic.plan if layout == "nk" else decode24.plan
+  knobs = {a: b for a, b in tuning.items() if a not in ("layout", "tile")}
   try:
-    decode24.tile_for(k, n, jnp.bfloat16, layout, tile)
-  except ValueError:
+    planner(1, k, n, decode24.tile_for(k, n, jnp.bfloat16, layout, tile), **knobs)
+  except ValueError:  # the format or the plan's knobs do not fit the shape
     return False
   return True
 

@@ -67,6 +67,9 @@ def test_variants_flag_times_only_the_variants_given():
   assert rows["layout=nk,block_n=128"]["plan"]["block_n"] == 128
   assert rows["layout=kn,block_g=16"]["plan"]["block_g"] == 16
   assert db.parse_variants("layout=nk,stages=2;;") == ({"layout": "nk", "stages": 2},)
+  # a variant whose plan does not fit the shape is left out, not an error: N = 192
+  assert not db.applies(1024, 192, {"layout": "nk", "block_n": 128}, smoke=True)
+  assert db.applies(1024, 192, {"layout": "nk"}, smoke=True)
   for bad, msg in (("stages=2", "names its layout"), ("layout=nk,stages", "key=value")):
     with pytest.raises(ValueError, match=msg):
       db.parse_variants(bad)
