@@ -560,8 +560,8 @@ def measure_gpu(
 
   Random inputs (a random 2:4 weight, with copies the calls rotate over so that
   each reads its weight from memory, not the L2 cache: :func:`weight_copies`;
-  they hold up to :data:`STREAM_BYTES` more device memory during the
-  measurement); both paths as :func:`jasp.sparse.matmul`
+  the copies of the dense and the sparse form hold up to about 1.6 times
+  :data:`STREAM_BYTES` during the measurement); both paths as :func:`jasp.sparse.matmul`
   runs them (:func:`jasp.sparse.dense_matmul` on the kept masked weight,
   :func:`jasp.sparse.sparse_matmul` with its plan search), each measured by
   :func:`device_seconds` (many calls in one program, timed as the difference
