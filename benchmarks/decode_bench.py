@@ -98,6 +98,7 @@ SWEEP = (
   {"layout": "nk", "stages": 4},
   {"layout": "nk", "block_n": 128},
   {"layout": "nk", "tile": 64, "block_n": 128},
+  {"layout": "nk", "block_n": 128, "half_chunks": True},
 )
 
 

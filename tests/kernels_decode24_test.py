@@ -583,6 +583,8 @@ def test_plan_for_and_tile_for_follow_the_layout():
     (8, 1024, 64, {"accumulators": 4, "stages": 1}),
     (16, 1024, 256, {"block_n": 128}),  # two multiplies per program
     (5, 1024, 128, {"block_n": 128, "accumulators": 2, "splits": 1}),
+    (16, 1024, 128, {"half_chunks": True}),  # pipeline steps of half a chunk
+    (5, 1024, 128, {"half_chunks": True, "block_n": 128, "accumulators": 2, "splits": 1}),
     pytest.param(70, 512, 64, {}, marks=pytest.mark.slow),  # two token tiles (64 + 6)
   ],
 )
@@ -594,8 +596,9 @@ def test_nk_matmul_interpret(t, k, n, tuning):
 def _smem_bytes(p) -> int:
   """Shared memory of a plan, counted from scratch: the stages' x, values and codes, and
   the float32 output tile."""
-  x = 4 * p.tokens * p.tile * 2
-  values, codes = 2 * p.block_n * p.tile * 2, p.block_n * p.tile // 2
+  groups = p.tile // 2 if p.half_chunks else p.tile  # per pipeline step
+  x = 4 * p.tokens * groups * 2
+  values, codes = 2 * p.block_n * groups * 2, p.block_n * p.tile // 2
   return p.stages * (x + values + codes) + 4 * p.block_n * p.tokens
 
 
@@ -647,6 +650,12 @@ def test_nk_plans():
       plan(1, 4096, 4096, 128, block_n=bad)
   with pytest.raises(ValueError, match="divide N=192"):
     plan(1, 4096, 192, 128, block_n=128)
+  # half chunks: x's and the values' halves per step, the chunk's codes whole
+  half = plan(64, 8192, 8192, 128, block_n=128, half_chunks=True)
+  assert half.stage_bytes == (4 * 64 + 2 * 128) * 64 * 2 + 128 * 64
+  assert half.steps == 2 * half.per_split and half.stages == 2
+  assert 110 * 1024 < _smem_bytes(half) <= 220 * 1024
+  assert plan(64, 8192, 8192, 128, block_n=128).stages == 1  # whole chunks: one stage fits
 
 
 @pytest.mark.parametrize(
@@ -659,12 +668,16 @@ def test_nk_plans():
     (100, 1280, 384, 1, 64),
     (64, 2048, 256, 2, 128),
     (1, 1280, 384, 1, 128),
+    (64, 2048, 256, -1, 128),  # half chunks: the codes' nibble picked by the step
+    (16, 1280, 384, -2, 64),
   ],
 )  # chunks of 128 and of 64 groups; 8, 16 and 64 tokens a program, one or two token tiles;
-# one or two multiplies per program
+# one or two multiplies per program; a negative accumulator count: -a with half chunks
 def test_nk_lowers_to_mosaic_gpu_for_cuda(t, k, n, accumulators, block_n):
   c = decode24.compress_24(jnp.zeros((k, n), jnp.bfloat16), layout="nk")
-  p = decode24.decode24_mosaic.plan(t, k, n, c.tile, accumulators=accumulators, block_n=block_n)
+  p = decode24.decode24_mosaic.plan(
+    t, k, n, c.tile, accumulators=abs(accumulators), block_n=block_n, half_chunks=accumulators < 0
+  )
 
   def fn(x, v, m):  # the kernel itself: matmul_24 refuses to compile it off Hopper
     return decode24.decode24_mosaic.run(x, v, m, p=p, interpret=False)
@@ -700,6 +713,8 @@ def test_gpu_nk_matches_float64(t, k, n):
   if n % 128 == 0:  # two multiplies per program
     y2 = decode24.matmul_24(x, c, block_n=128)
     assert_product(y2, x, w, jnp.bfloat16, f"block_n=128 seed={seed} T={t} {k}x{n}")
+    y3 = decode24.matmul_24(x, c, block_n=128, half_chunks=True)
+    assert_product(y3, x, w, jnp.bfloat16, f"half chunks seed={seed} T={t} {k}x{n}")
 
 
 def test_default_layout_is_nk_where_the_mosaic_kernel_compiles_and_fits(monkeypatch):

@@ -178,6 +178,10 @@ class Plan:
     block_n: columns of ``W`` per program (64 or 128, :data:`BLOCK_NS`): at
       128 each chunk of ``x`` read into shared memory serves two multiplies,
       halving ``x``'s reads (at 64 tokens they outweigh the weight's).
+    half_chunks: pipeline steps of half a chunk (``x``'s and the values'
+      halves; the chunk's codes, held at both steps): about half the shared
+      memory per stage, so that more stages fit (64 tokens with ``block_n=128``).
+      The multiplies of a step rotate over at most 4 accumulators then.
   """
 
   t: int
@@ -190,6 +194,7 @@ class Plan:
   stages: int
   accumulators: int = 1
   block_n: int = _BLOCK_N
+  half_chunks: bool = False
 
   @property
   def chunks(self) -> int:
@@ -200,13 +205,20 @@ class Plan:
     return self.chunks // self.splits
 
   @property
+  def steps(self) -> int:
+    """Pipeline steps per program."""
+    return self.per_split * (2 if self.half_chunks else 1)
+
+  @property
   def stage_bytes(self) -> int:
-    return _stage_bytes(self.tokens, self.tile, self.block_n)
+    return _stage_bytes(self.tokens, self.tile, self.block_n, self.half_chunks)
 
 
-def _stage_bytes(tokens: int, tile: int, block_n: int = _BLOCK_N) -> int:
-  """Shared memory of one pipeline stage: ``x``'s chunk, both slots' values (16-bit) and the codes."""
-  return (4 * tokens + 2 * block_n) * tile * 2 + block_n * tile // 2
+def _stage_bytes(tokens: int, tile: int, block_n: int = _BLOCK_N, half: bool = False) -> int:
+  """Shared memory of one pipeline stage: ``x``'s chunk (or half), both slots' values (16-bit,
+  chunk or half) and the chunk's codes."""
+  groups = tile // 2 if half else tile
+  return (4 * tokens + 2 * block_n) * groups * 2 + block_n * tile // 2
 
 
 def plan(
@@ -220,8 +232,12 @@ def plan(
   accumulators: int | None = None,
   target_programs: int | None = None,
   block_n: int | None = None,
+  half_chunks: bool = False,
 ) -> Plan:
   """The launch plan of ``x (t, k) @ W (k, n)`` for a format of group chunk ``tile``.
+
+  ``splits``, ``stages``, ``accumulators``, ``block_n``, ``half_chunks``:
+  see :class:`Plan`; ``target_programs`` (default 264) sets the splits.
 
   Raises:
     ValueError: the shape has no ``"nk"`` layout of ``tile``, or ``splits``
@@ -246,7 +262,8 @@ def plan(
     raise ValueError(f"stages must be >= 1, got {stages}.")
   if accumulators not in (None, 1, 2, 4, 8):
     raise ValueError(f"accumulators must be 1, 2, 4 or 8, got {accumulators!r}.")
-  size, out = _stage_bytes(tokens, tile, block_n), 4 * block_n * tokens  # out: the f32 tile
+  half_chunks = bool(half_chunks)
+  size, out = _stage_bytes(tokens, tile, block_n, half_chunks), 4 * block_n * tokens  # f32 out
   whole = (_SMEM_MAX - out) // size
   if stages:  # an explicit ``stages`` may take up to the whole SM (one program per SM)
     fit = whole
@@ -255,8 +272,11 @@ def plan(
     fit = (_SMEM_BUDGET - out) // size
     if fit < 2:
       fit = min(2, whole)
-  stages = max(1, min(stages, fit, chunks // splits))
-  return Plan(t, k, n, tile, tokens, token_tiles, splits, stages, accumulators or 1, block_n)
+  steps = chunks // splits * (2 if half_chunks else 1)
+  stages = max(1, min(stages, fit, steps))
+  return Plan(
+    t, k, n, tile, tokens, token_tiles, splits, stages, accumulators or 1, block_n, half_chunks
+  )
 
 
 def _transforms(minor: int, dtype):
@@ -277,24 +297,34 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
   ni, ti, si = lax.axis_index("n"), lax.axis_index("t"), lax.axis_index("s")
   groups = pl.ds(si * p.per_split * c, p.per_split * c)
   cols = pl.ds(ni * bn, bn)
+  g = h if p.half_chunks else c  # groups per pipeline step
   in_specs = [
-    plgpu.BlockSpec((4, tp, c), lambda i: (0, 0, i), transforms=_transforms(h, dtype)),
-    plgpu.BlockSpec((2, bn, c), lambda i: (0, 0, i), transforms=_transforms(h, dtype)),
-    plgpu.BlockSpec((bn, h), lambda i: (0, i), transforms=_transforms(h, jnp.uint8)),
+    plgpu.BlockSpec((4, tp, g), lambda i: (0, 0, i), transforms=_transforms(h, dtype)),
+    plgpu.BlockSpec((2, bn, g), lambda i: (0, 0, i), transforms=_transforms(h, dtype)),
+    plgpu.BlockSpec(
+      (bn, h),  # a chunk's codes: with half chunks, both steps of a chunk read them
+      (lambda i: (0, i // 2)) if p.half_chunks else (lambda i: (0, i)),
+      transforms=_transforms(h, jnp.uint8),
+    ),
   ]
 
-  def step(accs, x_smem, v_smem, m_smem):
+  def step(i, accs, x_smem, v_smem, m_smem):
+    # The halves of the chunk this step holds: static (both), or the step's own.
+    halves = [(None, 0)] if p.half_chunks else [(0, 0), (1, h)]
     for r in range(rows):
       sub = pl.ds(r * _BLOCK_N, _BLOCK_N)
       codes = m_smem[sub, :].astype(jnp.int16)  # 8-bit registers allow bitwise ops only
-      for half in range(2):
-        code = (codes & 15) if half == 0 else (codes >> 4)
+      for half, start in halves:
+        if half is None:  # low nibbles at even steps, high at odd ones
+          code = (codes >> (4 * (i % 2)).astype(jnp.int16)) & 15
+        else:
+          code = (codes & 15) if half == 0 else (codes >> 4)
         p0, p1 = code & 3, code >> 2
-        part = pl.ds(half * h, h)
+        part = pl.ds(start, h)
         v0, v1 = v_smem[0, sub, part], v_smem[1, sub, part]
         for j in range(4):
           d = position_tile(j, p0, p1, v0, v1)
-          acc_ref = accs[r * a + (4 * half + j) % a]
+          acc_ref = accs[r * a + (4 * (half or 0) + j) % a]
           if interpret:
             xj = x_smem[j, :, part]
             acc_ref[...] += lax.dot_general(
@@ -313,8 +343,8 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
       for acc_ref in accs:
         acc_ref[...] = jnp.zeros((_BLOCK_N, tp), jnp.float32)
     plgpu.emit_pipeline(
-      lambda _, *refs: step(accs, *refs),
-      grid=(p.per_split,),
+      lambda idx, *refs: step(idx[0], accs, *refs),
+      grid=(p.steps,),
       in_specs=in_specs,
       max_concurrent_steps=p.stages,
     )(
