@@ -69,11 +69,11 @@ def _left_24(w: Any) -> bool:
   all zeros): most likely a pruned weight, which then runs dense."""
   if not isinstance(w, (jax.Array, np.ndarray)) or w.ndim < 2:
     return False
-  if not jnp.issubdtype(w.dtype, jnp.floating):
+  axes = [a for a in range(w.ndim) if w.shape[a] % 4 == 0]
+  if not axes or not jnp.issubdtype(w.dtype, jnp.floating):
     return False
-  if not bool(jnp.any(w != 0)):
-    return False
-  return any(w.shape[a] % 4 == 0 and bool(masks_lib.is_nm(w, 2, 4, axis=a)) for a in range(w.ndim))
+  some_24 = jnp.stack([masks_lib.is_nm(w, 2, 4, axis=a) for a in axes]).any()
+  return bool(some_24 & jnp.any(w != 0))  # one read back
 
 
 _LEFT = (
@@ -278,8 +278,10 @@ def _compress_stack(
   return stacked, f"{results[0][1]}; a stack of {len(layers)} layers"
 
 
-def _linen_out_dtype(mod, x) -> Any:
-  return mod.dtype if mod.dtype is not None else jnp.result_type(x.dtype, mod.param_dtype)
+def _out_dtype(layer, x) -> Any:
+  """The output dtype of a linen layer or a sparse nnx layer: its ``dtype``, else the
+  promotion of ``x``'s and its ``param_dtype``, as flax does."""
+  return layer.dtype if layer.dtype is not None else jnp.result_type(x.dtype, layer.param_dtype)
 
 
 def _einsum_split(lhs: str, rhs: str, out: str) -> tuple[str, str] | None:
@@ -347,14 +349,13 @@ def _interceptor(policy, bias_epilogue):
     if not isinstance(kernel, compress_lib.SparseWeight):
       return next_fun(*args, **kwargs)
     x = jnp.asarray(args[0] if args else kwargs["inputs"])
+    bias = mod.get_variable("params", "bias") if mod.use_bias else None
+    out_dtype = _out_dtype(mod, x)
     if isinstance(mod, nn.Einsum):
       eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-      bias = mod.get_variable("params", "bias") if mod.use_bias else None
-      out_dtype = _linen_out_dtype(mod, x)
       return _einsum(
         mod.name, x, eq or mod.einsum_str, kernel, bias, out_dtype, policy, bias_epilogue
       )
-    bias = mod.get_variable("params", "bias") if mod.use_bias else None
     if isinstance(mod, nn.Dense):
       axes = (x.ndim - 1,)
     else:
@@ -364,7 +365,7 @@ def _interceptor(policy, bias_epilogue):
           "sparse form; keep it dense (sparsify(..., exclude=[...]))."
         )
       axes = _norm_axes(mod.axis, x.ndim)
-    return _contract(x, kernel, axes, bias, _linen_out_dtype(mod, x), policy, bias_epilogue)
+    return _contract(x, kernel, axes, bias, out_dtype, policy, bias_epilogue)
 
   return intercept_fn
 
@@ -420,8 +421,7 @@ class _SparseLayer(nnx.Module):
   def _operands(self, x: jax.Array) -> tuple[compress_lib.SparseWeight, Any, Any]:
     """``(kernel, bias or None, output dtype)`` for the input ``x``."""
     bias = self.bias.get_value() if self.bias is not None else None
-    out_dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
-    return self.kernel.get_value(), bias, out_dtype
+    return self.kernel.get_value(), bias, _out_dtype(self, x)
 
 
 def _constrain(y: jax.Array, out_sharding) -> jax.Array:
