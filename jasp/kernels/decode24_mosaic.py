@@ -262,21 +262,19 @@ def plan(
     raise ValueError(f"stages must be >= 1, got {stages}.")
   if accumulators not in (None, 1, 2, 4, 8):
     raise ValueError(f"accumulators must be 1, 2, 4 or 8, got {accumulators!r}.")
-  half_chunks = bool(half_chunks)
-  size, out = _stage_bytes(tokens, tile, block_n, half_chunks), 4 * block_n * tokens  # f32 out
-  whole = (_SMEM_MAX - out) // size
+  p = Plan(
+    t, k, n, tile, tokens, token_tiles, splits, 1, accumulators or 1, block_n, bool(half_chunks)
+  )
+  out = 4 * block_n * tokens  # the float32 output tile
+  whole = (_SMEM_MAX - out) // p.stage_bytes
   if stages:  # an explicit ``stages`` may take up to the whole SM (one program per SM)
     fit = whole
   else:  # two programs per SM, unless that leaves a single stage (no overlap)
     stages = _STAGES
-    fit = (_SMEM_BUDGET - out) // size
+    fit = (_SMEM_BUDGET - out) // p.stage_bytes
     if fit < 2:
       fit = min(2, whole)
-  steps = chunks // splits * (2 if half_chunks else 1)
-  stages = max(1, min(stages, fit, steps))
-  return Plan(
-    t, k, n, tile, tokens, token_tiles, splits, stages, accumulators or 1, block_n, half_chunks
-  )
+  return dataclasses.replace(p, stages=max(1, min(stages, fit, p.steps)))
 
 
 def _transforms(minor: int, dtype):
@@ -285,6 +283,14 @@ def _transforms(minor: int, dtype):
   bits = jnp.dtype(dtype).itemsize * 8
   swizzle = plgpu.find_swizzle(minor * bits)
   return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+
+def _nibble(codes: jax.Array, which) -> jax.Array:
+  """The low (``which`` 0) or high (1) 4-bit code of each byte of ``codes`` (int16);
+  ``which`` a static int or a traced scalar."""
+  if isinstance(which, int):
+    return codes & 15 if which == 0 else codes >> 4
+  return (codes >> (4 * which).astype(codes.dtype)) & 15
 
 
 def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: bool):
@@ -309,22 +315,21 @@ def _kernel(x_gmem, v_gmem, m_gmem, out_gmem, out_smem, *, p: Plan, interpret: b
   ]
 
   def step(i, accs, x_smem, v_smem, m_smem):
-    # The halves of the chunk this step holds: static (both), or the step's own.
-    halves = [(None, 0)] if p.half_chunks else [(0, 0), (1, h)]
+    # The halves of the chunk in this step, as (nibble, first group in the step's
+    # buffers, first multiply): both, or with half chunks the step's own (its
+    # nibble known at run time; its four multiplies rotate from the first accumulator).
+    halves = [(i % 2, 0, 0)] if p.half_chunks else [(0, 0, 0), (1, h, 4)]
     for r in range(rows):
       sub = pl.ds(r * _BLOCK_N, _BLOCK_N)
       codes = m_smem[sub, :].astype(jnp.int16)  # 8-bit registers allow bitwise ops only
-      for half, start in halves:
-        if half is None:  # low nibbles at even steps, high at odd ones
-          code = (codes >> (4 * (i % 2)).astype(jnp.int16)) & 15
-        else:
-          code = (codes & 15) if half == 0 else (codes >> 4)
+      for nibble, start, first in halves:
+        code = _nibble(codes, nibble)
         p0, p1 = code & 3, code >> 2
         part = pl.ds(start, h)
         v0, v1 = v_smem[0, sub, part], v_smem[1, sub, part]
         for j in range(4):
           d = position_tile(j, p0, p1, v0, v1)
-          acc_ref = accs[r * a + (4 * (half or 0) + j) % a]
+          acc_ref = accs[r * a + (first + j) % a]
           if interpret:
             xj = x_smem[j, :, part]
             acc_ref[...] += lax.dot_general(
