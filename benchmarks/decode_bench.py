@@ -35,8 +35,9 @@ kernels (the JSON says which). Bandwidth: bytes read and written per call
 ``--probe`` also times each layout's default format with the selects that
 build the dense tiles cut to one per code (:func:`one_select_per_code`): the
 same bytes with almost no work per weight, so wrong products (unchecked, kept
-apart under ``"probes"``). What the probe gains over the real kernel bounds
-what any cheaper decoding of the positions can gain.
+apart under ``"probes"``). What the probe gains over the real kernel is about
+the most that cheaper decoding of the positions can gain (the probe still
+does one select per code).
 """
 
 from __future__ import annotations
@@ -201,10 +202,15 @@ def applies(k: int, n: int, tuning: dict, smoke: bool) -> bool:
     return False
   if not (smoke or layout == "kn" or decode24.native(layout)):
     return False
-  planner = decode24_mosaic.plan if layout == "nk" else decode24.plan
   knobs = {a: b for a, b in tuning.items() if a not in ("layout", "tile")}
-  try:
-    planner(1, k, n, decode24.tile_for(k, n, jnp.bfloat16, layout, tile), **knobs)
+
+  def fmt():
+    w = jnp.zeros((k, n), jnp.bfloat16)
+    return decode24.compress_24(w, layout=layout, tile=tile, check=False)
+
+  try:  # the format and its plan, on abstract arrays (nothing is allocated)
+    c = jax.eval_shape(fmt)
+    decode24.plan_for(c, 1, **knobs)
   except ValueError:  # the format or the plan's knobs do not fit the shape
     return False
   return True
