@@ -219,9 +219,8 @@ def test_chained_program_rotates_over_weight_copies(copies):
   y = jax.block_until_ready(policy_lib.chained(fn, calls)(x, ws))
   assert len(counter) == calls
   xi = x.astype(np.float64)
-  for i in range(calls):  # the loop's calls cycle over the copies, the tail restarts at 0
-    j = i % copies if i < calls - calls % policy_lib.UNROLL else (i % policy_lib.UNROLL) % copies
-    ref = xi @ ws[j]
+  for i in range(calls):  # call i reads copy i % copies (copies divide the unrolled 8)
+    ref = xi @ ws[i % copies]
     xi[0, 0] = np.tanh(ref[0, 0])
   np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5)
   with pytest.raises(ValueError, match="divisor of 8"):
