@@ -203,7 +203,6 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, gro
   per inexact leaf (in ``cfg`` order), True where the leaf holds no NaN/Inf.
   """
   masks, pruned, finite = [], [], []
-  tiles, at = [], []  # the kernel's per-tile flags of fused leaves, and their places in finite
   fused_at = _fused(cfg, leaves, n, m, impl, packed, want_pruned, pattern, score_fn, group)
   for k, ((path, d), w) in enumerate(zip(cfg, leaves)):
     fused = fused_at.get(k)
@@ -211,9 +210,7 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, gro
       *pw, mask, ok = fused
       pruned += pw
       masks.append(mask)
-      tiles.append(ok.ravel())
-      at.append(len(finite))
-      finite.append(None)
+      finite.append(jnp.all(ok != 0))  # the kernel's per-tile flags
       continue
     if jnp.issubdtype(w.dtype, jnp.inexact):
       finite.append(jnp.all(jnp.isfinite(w)))
@@ -226,20 +223,7 @@ def _body(cfg, n, m, pattern, score_fn, impl, packed, want_pruned, in_force, gro
       if want_pruned:
         pruned.append(jnp.where(mask, w, jnp.zeros((), w.dtype)))
     masks.append(packing.pack(mask, d.axis) if packed else mask)
-  if tiles:  # one reduction for all fused leaves, not one per leaf (fewer launches)
-    per_leaf = _all_nonzero_per_segment(tiles)
-    for j, i in enumerate(at):
-      finite[i] = per_leaf[j]
   return masks, pruned, jnp.stack(finite) if finite else jnp.ones((0,), bool)
-
-
-def _all_nonzero_per_segment(parts: list[jax.Array]) -> jax.Array:
-  """``[jnp.all(p != 0) for p in parts]`` as one bool vector, from one concatenation and one
-  segment reduction (1-D ``parts``)."""
-  ids = np.repeat(np.arange(len(parts), dtype=np.int32), [p.size for p in parts])
-  zero = jnp.concatenate([(p == 0).astype(jnp.int32) for p in parts])
-  hits = jax.ops.segment_max(zero, ids, num_segments=len(parts), indices_are_sorted=True)
-  return hits == 0
 
 
 #: Same-shaped leaves share kernel launches (:func:`jasp.kernels.nm_mosaic.nm_mosaic_many`)

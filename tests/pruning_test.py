@@ -5,13 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-import testing
 from flax import nnx
 from zoo import basic
 
 import jasp
 from jasp import _tree
-from jasp import pruning
 
 
 def _check_pruned(params, pruned, masks, layouts):
@@ -323,13 +321,3 @@ def test_every_call_warns_about_weights_absent_from_the_layouts():
     with pytest.warns(UserWarning, match="absent from the given layouts"):
       _, masks = jasp.prune(variables, layouts=lay)
     assert _tree.leaves_by_path(masks, keep_none=True)["params/Dense_0/kernel"] is None
-
-
-def test_finiteness_flags_of_many_leaves_reduce_in_one_segment_pass():
-  rng, seed = testing.fresh_rng()
-  parts = [rng.integers(0, 3, size) for size in (1, 7, 64, 3, 130)]
-  parts[2][:] = 1  # all nonzero
-  parts[3][:] = 1
-  got = pruning._all_nonzero_per_segment([jnp.asarray(p, jnp.int32) for p in parts])
-  want = [bool(np.all(p != 0)) for p in parts]
-  assert got.dtype == jnp.bool_ and list(np.asarray(got)) == want, f"seed={seed}"
